@@ -1,0 +1,34 @@
+"""The pure streaming core: no I/O, no threads, no gRPC types.
+
+Per-series detectors take points one at a time (``update``) or in vectorised
+blocks (``update_many``) and return the events they caused; the run detector
+combines series evidence into phases. Every class keeps bounded state and can
+be saved with ``state()`` and restored with ``from_state()``.
+"""
+
+from detector.core.run import RunDetector, RunDetectorConfig
+from detector.core.types import (
+    Direction,
+    Event,
+    EventKind,
+    Phase,
+    Role,
+    Segment,
+    SeriesSpec,
+    Split,
+    infer_spec,
+)
+
+__all__ = [
+    "Direction",
+    "Event",
+    "EventKind",
+    "Phase",
+    "Role",
+    "RunDetector",
+    "RunDetectorConfig",
+    "Segment",
+    "SeriesSpec",
+    "Split",
+    "infer_spec",
+]

@@ -1,0 +1,36 @@
+"""Domain exceptions. The gRPC servicer maps each to one status code, in one table."""
+
+
+class PhasewatchError(Exception):
+    """Base class of every error phasewatch raises on purpose."""
+
+
+class InvalidArgument(PhasewatchError):
+    """Malformed input: bad run id or series name, mismatched lengths, bad config."""
+
+
+class NotFound(PhasewatchError):
+    """A query named a run the detector does not know."""
+
+
+class ResourceExhausted(PhasewatchError):
+    """A configured limit was hit (series per run, runs per server, message size)."""
+
+
+class FailedPrecondition(PhasewatchError):
+    """The request is valid but the run is not in a state to take it."""
+
+
+class Unauthenticated(PhasewatchError):
+    """Missing or wrong credentials."""
+
+
+class LogFileError(PhasewatchError):
+    """A run log file could not be read; the message names the file and line."""
+
+    def __init__(self, path: str, line: int | None, problem: str) -> None:
+        self.path = path
+        self.line = line
+        self.problem = problem
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {problem}")
