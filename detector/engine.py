@@ -130,7 +130,7 @@ class _Run:
             if name not in self.detector.specs:
                 self.declare(infer_spec(name))
             last = self.last_seen.get(name, -1)
-            for step, value in zip(steps, values):
+            for step, value in zip(steps, values, strict=True):
                 step = int(step)
                 if step < 0:
                     rejected["negative_step"] = rejected.get("negative_step", 0) + 1

@@ -1,43 +1,68 @@
-"""Run-level detection: per-series detectors plus the phase labeller.
+"""Run-level detection: one :class:`SeriesDetector` per series plus the labeller.
 
-(Interface in place; detection internals are being written.)
+``update(step, row)`` takes one logged line (every series' value at that step);
+lines must come in increasing step order (the engine's reorder buffer sees to
+that). Cost per line is O(series) plus the bounded localisation work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from detector.core.types import Event, Phase, Segment, SeriesSpec
+from detector.core.labeller import LabellerConfig, PhaseLabeller
+from detector.core.series import SeriesConfig, SeriesDetector
+from detector.core.types import Event, Phase, Segment, SeriesSpec, infer_spec
 
 
 @dataclass(frozen=True)
 class RunDetectorConfig:
-    pass
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    labeller: LabellerConfig = field(default_factory=LabellerConfig)
 
 
 class RunDetector:
+    """Phases and events of one run.
+
+    >>> det = RunDetector()
+    >>> for step in range(0, 200, 10):
+    ...     _ = det.update(step, {"train_loss": float("nan") if step >= 150 else 1.0 / (1 + step)})
+    >>> [(e.kind.value, e.step) for e in det.events_so_far if e.kind.value == "COLLAPSE_ONSET"]
+    [('COLLAPSE_ONSET', 150)]
+    >>> det.current_phase()[0].value
+    'collapse'
+    """
+
     def __init__(self, config: RunDetectorConfig | None = None) -> None:
         self.config = config or RunDetectorConfig()
         self.specs: dict[str, SeriesSpec] = {}
-        self._first_step: int | None = None
-        self._last_step: int | None = None
+        self.detectors: dict[str, SeriesDetector] = {}
+        self.labeller = PhaseLabeller(self.config.labeller)
+        self.events_so_far: list[Event] = []
 
     def add_series(self, spec: SeriesSpec) -> None:
+        if spec.name in self.specs:
+            return
         self.specs[spec.name] = spec
+        self.detectors[spec.name] = SeriesDetector(spec, self.config.series)
+        self.labeller.set_specs(self.specs)
 
     def update(self, step: int, row: Mapping[str, float]) -> list[Event]:
-        if self._first_step is None:
-            self._first_step = step
-        self._last_step = step
-        return []
+        """Take one line; returns the events it caused, series events first."""
+        series_events: list[Event] = []
+        for name in sorted(row):
+            if name not in self.detectors:
+                self.add_series(infer_spec(name))
+            series_events += self.detectors[name].update(step, float(row[name]))
+        run_events = self.labeller.update(step, row, self.detectors, series_events)
+        events = series_events + run_events
+        # Bounded: callers keep their own history; this is only for doctests and tools.
+        self.events_so_far = (self.events_so_far + events)[-1000:]
+        return events
 
     def current_phase(self) -> tuple[Phase | None, int, float]:
-        if self._first_step is None:
-            return None, 0, 0.0
-        return Phase.INSTABILITY, self._first_step, 0.5
+        return self.labeller.current()
 
     def segments(self) -> list[Segment]:
-        if self._first_step is None:
-            return []
-        return [Segment(self._first_step, self._last_step + 1, Phase.INSTABILITY, 0.5)]
+        return self.labeller.segments()
+

@@ -1,0 +1,436 @@
+"""The phase labeller: turns series evidence into run phases and run events.
+
+It speaks of roles, never of metric names: "the training loss-like series",
+"the validation accuracy-like series", "rank-like series". With only some roles
+present it uses what is there (losses alone still give collapse, spikes,
+plateaus and loss-based phases).
+
+Rules, each located at the step where the evidence begins:
+
+* memorisation: the training accuracy-like series reaches ``fitted_accuracy``
+  (or, without accuracy, the training loss falls below ``fitted_loss_fraction``
+  of its first value); part of ``instability``.
+* abstraction starts when the validation accuracy-like series rises
+  ``onset_rise`` above its baseline for ``onset_lines`` consecutive lines;
+  that is a ``GROKKING_ONSET`` when it comes after a memorised plateau at
+  least ``grokking_delay_ratio`` times as long as memorisation took.
+* ``HIDDEN_PROGRESS``: after memorisation and before onset, the validation
+  loss-like series falls with a significant Mann–Kendall trend while the
+  validation accuracy-like series is still flat.
+* stabilization: the validation accuracy-like series stays within
+  ``stable_tolerance`` of its best for ``stable_lines`` lines.
+* collapse: the training loss-like series turns non-finite, or exceeds both
+  ``collapse_factor`` × its running minimum and its minimum plus
+  ``collapse_margin`` × its first value, and does not fall back halfway (on
+  the log scale) within ``collapse_confirm_lines`` lines, or a rank-like series
+  drops below ``rank_collapse_fraction`` of its recent level meanwhile. An
+  excursion that falls back is a ``LOSS_SPIKE``.
+
+Every rule is O(1) per line; state is a few scalars and short deques.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.core.series import SeriesDetector, working_scale
+from detector.core.types import Event, EventKind, Phase, Role, Segment, SeriesSpec, Split
+from detector.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class LabellerConfig:
+    fitted_accuracy: float = 0.99
+    fitted_loss_fraction: float = 0.01
+    onset_rise: float = 0.10
+    onset_lines: int = 3
+    grokking_delay_ratio: float = 2.0
+    complete_fraction: float = 0.95
+    stable_tolerance: float = 0.01
+    stable_lines: int = 10
+    collapse_factor: float = 10.0
+    collapse_margin: float = 0.25
+    collapse_confirm_lines: int = 4
+    rank_collapse_fraction: float = 0.5
+    rank_history: int = 10
+    progress_p_value: float = 1e-3
+    progress_min_change: float = 0.1  # decades over the trend window
+    max_boundaries: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.onset_lines < 1 or self.stable_lines < 1 or self.collapse_confirm_lines < 1:
+            raise InvalidArgument("line counts must be at least 1")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which series play which part; resolved from specs whenever a series is added."""
+
+    train_loss: str | None
+    val_loss: str | None
+    train_acc: str | None
+    val_acc: str | None
+    ranks: tuple[str, ...]
+
+    @classmethod
+    def resolve(cls, specs: Mapping[str, SeriesSpec]) -> Roles:
+        def pick(role: Role, splits: Sequence[Split]) -> str | None:
+            for split in splits:
+                names = sorted(n for n, s in specs.items() if s.role is role and s.split is split)
+                if names:
+                    return names[0]
+            return None
+
+        held_out = (Split.VAL, Split.TEST)
+        return cls(
+            train_loss=pick(Role.LOSS, (Split.TRAIN,)),
+            val_loss=pick(Role.LOSS, held_out),
+            train_acc=pick(Role.ACCURACY, (Split.TRAIN,)),
+            val_acc=pick(Role.ACCURACY, held_out),
+            ranks=tuple(sorted(n for n, s in specs.items() if s.role is Role.RANK)),
+        )
+
+
+class PhaseLabeller:
+    """Combines per-series evidence, one logged line (step) at a time."""
+
+    def __init__(self, config: LabellerConfig | None = None) -> None:
+        self.config = config or LabellerConfig()
+        self.roles = Roles(None, None, None, None, ())
+        self.lines = 0
+        self.last_step: int | None = None
+        self.last_gap = 1
+        # phases: (start_step, phase, confidence), in order
+        self.boundaries: list[tuple[int, Phase, float]] = []
+        # memorisation and generalisation
+        self.memorised_at: int | None = None
+        self.memorised_line = 0
+        self.first_step = 0
+        self.val_first: deque[float] = deque(maxlen=3)
+        self.val_recent: deque[float] = deque(maxlen=3)
+        self.val_base: float | None = None
+        self.above_since: tuple[int, int] | None = None  # (step, line)
+        self.onset_at: int | None = None
+        self.grokking = False
+        self.complete_at: int | None = None
+        self.best_val = -math.inf
+        self.stable_since: int | None = None
+        self.stable_lines = 0
+        self.stable_min = math.inf
+        self.stable_at: int | None = None
+        self.hidden_progress_at: int | None = None
+        # collapse
+        self.loss_first = math.nan
+        self.loss_min = math.inf
+        self.loss_last_y = math.nan
+        self.excursion: dict | None = None
+        self.collapsed_at: int | None = None
+        self.rank_recent: dict[str, deque[float]] = {}
+        # loss-only phases
+        self.loss_plateau = False
+
+    def set_specs(self, specs: Mapping[str, SeriesSpec]) -> None:
+        self.roles = Roles.resolve(specs)
+
+    # --- the per-line rules -----------------------------------------------------
+
+    def update(
+        self,
+        step: int,
+        row: Mapping[str, float],
+        detectors: Mapping[str, SeriesDetector],
+        series_events: Sequence[Event],
+    ) -> list[Event]:
+        if self.last_step is not None and step > self.last_step:
+            self.last_gap = step - self.last_step
+        self.last_step = step
+        self.lines += 1
+        events: list[Event] = []
+        if not self.boundaries:
+            self.first_step = step
+            self.boundaries.append((step, Phase.INSTABILITY, 0.5))
+        if self.collapsed_at is None:
+            events += self._collapse(step, row)
+        self._track_ranks(row)
+        if self.collapsed_at is None:
+            events += self._memorisation(step, row)
+            events += self._generalisation(step, row, detectors)
+            events += self._loss_only_phases(step, series_events)
+        return events
+
+    def _collapse(self, step: int, row: Mapping[str, float]) -> list[Event]:
+        name = self.roles.train_loss or self.roles.val_loss
+        if name is None or name not in row:
+            return []
+        c = self.config
+        loss = row[name]
+        if not math.isfinite(loss):
+            located = self.excursion["step"] if self.excursion else step
+            return self._collapse_event(
+                located, step, name, 1.0, f"{name} became non-finite",
+                {"test": "non_finite", "value": str(loss)},
+            )
+        y = working_scale(Role.LOSS, loss)
+        if math.isnan(self.loss_first):
+            self.loss_first = loss
+        events: list[Event] = []
+        if self.excursion is not None:
+            ex = self.excursion
+            ex["lines"] += 1
+            ex["peak"] = max(ex["peak"], y)
+            halfway = (ex["before"] + ex["peak"]) / 2
+            rank = self._rank_drop(row)
+            if rank is not None:
+                events += self._collapse_event(
+                    ex["step"], step, name, 0.9,
+                    f"{name} jumped and {rank[0]} fell to {rank[1]:.0%} of its recent level",
+                    {"test": "loss_bound+rank_drop", "rank_series": rank[0],
+                     "rank_fraction": f"{rank[1]:.4g}", "bound": f"{ex['bound']:.4g}"},
+                )
+            elif y < halfway:
+                events.append(self._event(
+                    ex["step"], step, EventKind.LOSS_SPIKE, name, 0.8,
+                    f"{name} spiked at step {ex['step']} and recovered",
+                    {"test": "loss_bound", "bound": f"{ex['bound']:.4g}",
+                     "peak": f"{10 ** abs(ex['peak']) * 1e-10:.4g}", "recovered_lines": str(ex["lines"])},
+                ))
+                self.excursion = None
+            elif ex["lines"] >= self.config.collapse_confirm_lines:
+                events += self._collapse_event(
+                    ex["step"], step, name, 0.8,
+                    f"{name} diverged at step {ex['step']} and has not recovered",
+                    {"test": "loss_bound", "bound": f"{ex['bound']:.4g}",
+                     "lines_above": str(ex["lines"])},
+                )
+        elif math.isfinite(self.loss_min) and self.loss_min >= 0:
+            bound = max(c.collapse_factor * self.loss_min,
+                        self.loss_min + c.collapse_margin * abs(self.loss_first))
+            if loss > bound:
+                self.excursion = {"step": step, "before": self.loss_last_y, "peak": y,
+                                  "lines": 0, "bound": bound}
+                rank = self._rank_drop(row)
+                if rank is not None:
+                    events += self._collapse_event(
+                        step, step, name, 0.9,
+                        f"{name} jumped and {rank[0]} fell to {rank[1]:.0%} of its recent level",
+                        {"test": "loss_bound+rank_drop", "rank_series": rank[0],
+                         "rank_fraction": f"{rank[1]:.4g}", "bound": f"{bound:.4g}"},
+                    )
+        if self.excursion is None and self.collapsed_at is None:
+            self.loss_min = min(self.loss_min, loss)
+            self.loss_last_y = y
+        return events
+
+    def _rank_drop(self, row: Mapping[str, float]) -> tuple[str, float] | None:
+        for name in self.roles.ranks:
+            history = self.rank_recent.get(name)
+            value = row.get(name, math.nan)
+            if history and len(history) >= 3 and math.isfinite(value):
+                level = float(np.median(history))
+                if level > 0 and value < self.config.rank_collapse_fraction * level:
+                    return name, value / level
+        return None
+
+    def _track_ranks(self, row: Mapping[str, float]) -> None:
+        if self.excursion is not None:
+            return  # keep the pre-excursion level as the reference
+        for name in self.roles.ranks:
+            value = row.get(name, math.nan)
+            if math.isfinite(value):
+                history = self.rank_recent.setdefault(name, deque(maxlen=self.config.rank_history))
+                history.append(value)
+
+    def _collapse_event(self, located: int, step: int, series: str, confidence: float,
+                        message: str, evidence: dict[str, str]) -> list[Event]:
+        self.collapsed_at = located
+        self.excursion = None
+        event = self._event(located, step, EventKind.COLLAPSE_ONSET, series, confidence,
+                            message, evidence, Phase.COLLAPSE)
+        return [event, *self._enter(Phase.COLLAPSE, located, step, confidence, series)]
+
+    def _memorisation(self, step: int, row: Mapping[str, float]) -> list[Event]:
+        if self.memorised_at is not None:
+            return []
+        c = self.config
+        fitted = False
+        acc = self.roles.train_acc
+        if acc is not None:
+            value = row.get(acc, math.nan)
+            fitted = math.isfinite(value) and _as_fraction(value) >= c.fitted_accuracy
+        elif self.roles.train_loss is not None:
+            value = row.get(self.roles.train_loss, math.nan)
+            fitted = (math.isfinite(value) and math.isfinite(self.loss_first)
+                      and value <= c.fitted_loss_fraction * self.loss_first)
+        if fitted:
+            self.memorised_at = step
+            self.memorised_line = self.lines
+            if self.val_recent:
+                base = float(np.median(self.val_recent))
+                self.val_base = base if self.val_base is None else min(self.val_base, base)
+        return []
+
+    def _generalisation(self, step: int, row: Mapping[str, float],
+                        detectors: Mapping[str, SeriesDetector]) -> list[Event]:
+        name = self.roles.val_acc
+        if name is None:
+            return []
+        value = row.get(name, math.nan)
+        if not math.isfinite(value):
+            return []
+        value = _as_fraction(value)
+        c = self.config
+        events: list[Event] = []
+        if self.val_base is None:
+            self.val_first.append(value)
+            if len(self.val_first) == self.val_first.maxlen:
+                self.val_base = float(np.median(self.val_first))
+        self.val_recent.append(value)
+        if self.onset_at is None:
+            events += self._hidden_progress(step, value, detectors)
+            if self.val_base is not None and value >= self.val_base + c.onset_rise:
+                if self.above_since is None:
+                    self.above_since = (step, self.lines)
+                if self.lines - self.above_since[1] + 1 >= c.onset_lines:
+                    events += self._onset(step, value, name)
+            else:
+                self.above_since = None
+            return events
+        # After onset: grokking completes, then stabilises.
+        train = row.get(self.roles.train_acc, math.nan) if self.roles.train_acc else 1.0
+        train = _as_fraction(train) if math.isfinite(train) else 1.0
+        if self.grokking and self.complete_at is None and value >= c.complete_fraction * train:
+            self.complete_at = step
+            events.append(self._event(
+                step, step, EventKind.GROKKING_COMPLETE, name, 0.9,
+                f"{name} reached {value:.3f}: grokking complete",
+                {"test": "threshold", "value": f"{value:.4g}", "train_value": f"{train:.4g}"},
+            ))
+        if value > self.best_val:
+            self.best_val = value
+        if self.stable_since is None or value < self.best_val - c.stable_tolerance or (
+            self.stable_min < self.best_val - c.stable_tolerance
+        ):
+            self.stable_since, self.stable_lines, self.stable_min = step, 0, value
+        self.stable_lines += 1
+        self.stable_min = min(self.stable_min, value)
+        if self.stable_at is None and self.stable_lines >= c.stable_lines:
+            self.stable_at = self.stable_since
+            events += self._enter(Phase.STABILIZATION, self.stable_since, step, 0.8, name)
+        return events
+
+    def _onset(self, step: int, value: float, name: str) -> list[Event]:
+        c = self.config
+        located = self.above_since[0] if self.above_since else step
+        self.onset_at = located
+        events: list[Event] = []
+        evidence = {"test": "sustained_rise", "baseline": f"{self.val_base:.4g}",
+                    "value": f"{value:.4g}", "rise": f"{c.onset_rise:.4g}",
+                    "lines": str(c.onset_lines)}
+        if self.memorised_at is not None:
+            took = self.memorised_at - self.first_step
+            waited = located - self.memorised_at
+            evidence["memorised_at_step"] = str(self.memorised_at)
+            if took > 0 and waited >= c.grokking_delay_ratio * took:
+                self.grokking = True
+                events.append(self._event(
+                    located, step, EventKind.GROKKING_ONSET, name,
+                    min(1.0, 0.5 + waited / (4 * took * c.grokking_delay_ratio)),
+                    f"grokking started: {name} rising at step {located}, "
+                    f"{waited} steps after memorisation",
+                    {**evidence, "delay_ratio": f"{waited / took:.3g}"},
+                    Phase.ABSTRACTION,
+                ))
+        return events + self._enter(Phase.ABSTRACTION, located, step, 0.8, name)
+
+    def _hidden_progress(self, step: int, value: float,
+                         detectors: Mapping[str, SeriesDetector]) -> list[Event]:
+        c = self.config
+        loss = self.roles.val_loss
+        if (self.hidden_progress_at is not None or self.memorised_at is None or loss is None
+                or loss not in detectors or self.val_base is None
+                or value >= self.val_base + c.onset_rise / 2):
+            return []
+        det = detectors[loss]
+        window = det.config.trend_window
+        trend = det.trend
+        if trend is None or self.lines - self.memorised_line < window:
+            return []
+        change = trend.slope * (window - 1)
+        if trend.statistic < 0 and trend.p_value < c.progress_p_value and change < -c.progress_min_change:
+            self.hidden_progress_at = step
+            return [self._event(
+                step, step, EventKind.HIDDEN_PROGRESS, loss, min(1.0, 1 - trend.p_value),
+                f"{loss} is falling while {self.roles.val_acc} is flat: a transition may be coming",
+                {"test": trend.test, "tau": f"{trend.statistic:.4g}", "p_value": f"{trend.p_value:.3g}",
+                 "change_decades": f"{change:.4g}", "window": str(window)},
+            )]
+        return []
+
+    def _loss_only_phases(self, step: int, series_events: Sequence[Event]) -> list[Event]:
+        if self.roles.val_acc is not None:
+            return []
+        headline = self.roles.val_loss or self.roles.train_loss
+        events: list[Event] = []
+        for event in series_events:
+            if event.series != headline:
+                continue
+            if event.kind is EventKind.PLATEAU_START and self.lines > 40:
+                events += self._enter(Phase.STABILIZATION, event.step, step, 0.6, headline)
+            elif (event.kind is EventKind.CHANGE_POINT and event.evidence.get("direction") == "down"
+                  and self.phase is Phase.STABILIZATION):
+                events += self._enter(Phase.ABSTRACTION, event.step, step, 0.6, headline)
+        return events
+
+    # --- phases -------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase | None:
+        return self.boundaries[-1][1] if self.boundaries else None
+
+    def _enter(self, phase: Phase, located: int, step: int, confidence: float,
+               series: str) -> list[Event]:
+        if self.phase is phase:
+            return []
+        previous = self.phase
+        located = max(located, self.boundaries[-1][0]) if self.boundaries else located
+        if self.boundaries and self.boundaries[-1][0] == located:
+            self.boundaries[-1] = (located, phase, confidence)
+        else:
+            self.boundaries.append((located, phase, confidence))
+        if len(self.boundaries) > self.config.max_boundaries:
+            del self.boundaries[1]
+        return [self._event(
+            located, step, EventKind.PHASE_CHANGE, series, confidence,
+            f"phase {previous.value if previous else 'none'} -> {phase.value} at step {located}",
+            {"from": previous.value if previous else "", "to": phase.value}, phase,
+        )]
+
+    def current(self) -> tuple[Phase | None, int, float]:
+        if not self.boundaries:
+            return None, 0, 0.0
+        start, phase, confidence = self.boundaries[-1]
+        return phase, start, confidence
+
+    def segments(self) -> list[Segment]:
+        if not self.boundaries or self.last_step is None:
+            return []
+        ends = [b[0] for b in self.boundaries[1:]] + [self.last_step + self.last_gap]
+        return [Segment(start, end, phase, conf)
+                for (start, phase, conf), end in zip(self.boundaries, ends, strict=True)]
+
+    @staticmethod
+    def _event(located: int, step: int, kind: EventKind, series: str, confidence: float,
+               message: str, evidence: dict[str, str], phase: Phase | None = None) -> Event:
+        return Event(step=located, kind=kind, detected_at=step, series=series,
+                     confidence=float(confidence), message=message, phase=phase,
+                     evidence={**evidence, "detected_at_step": str(step)})
+
+
+def _as_fraction(value: float) -> float:
+    """Accuracy logged in percent is read as a fraction."""
+    return value / 100.0 if value > 1.5 else value
