@@ -94,6 +94,8 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+_RELEASED_MEMORY = 4096
+
 Columns = Mapping[str, tuple[Sequence[int] | np.ndarray, Sequence[float] | np.ndarray]]
 
 
@@ -109,6 +111,12 @@ class _Run:
         self.pending: dict[int, dict[str, float]] = {}
         self.released_through: int | None = None  # every step <= this went to the detector
         self.last_seen: dict[str, int] = {}  # per series, the greatest step accepted
+        # Recently released steps tell a resent point (idempotent) from a new one that
+        # came too late; older than this bounded memory, a point at or below the
+        # series' last step is taken as resent.
+        self.released_recent: deque[int] = deque()
+        self.released_set: set[int] = set()
+        self.released_floor = -1
         self.max_step = -1
         self.ended = False
         self.recent: deque[Event] = deque(maxlen=config.recent_events)
@@ -136,7 +144,7 @@ class _Run:
                     rejected["negative_step"] = rejected.get("negative_step", 0) + 1
                     continue
                 if self.released_through is not None and step <= self.released_through:
-                    if step <= last:
+                    if step <= last and (step in self.released_set or step < self.released_floor):
                         accepted += 1  # a resent point: idempotent
                     else:
                         rejected["out_of_order"] = rejected.get("out_of_order", 0) + 1
@@ -162,6 +170,12 @@ class _Run:
         events: list[Event] = []
         for step in steps:
             events.extend(self.detector.update(step, self.pending.pop(step)))
+            self.released_recent.append(step)
+            self.released_set.add(step)
+            if len(self.released_recent) > _RELEASED_MEMORY:
+                oldest = self.released_recent.popleft()
+                self.released_set.discard(oldest)
+                self.released_floor = oldest + 1
         self.released_through = steps[-1]
         self.recent.extend(events)
         self.events.extend(events)

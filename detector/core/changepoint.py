@@ -35,8 +35,8 @@ class CusumTrigger:
     """
 
     drift: float = 0.5
-    threshold: float = 6.0
-    alpha: float = 0.3
+    threshold: float = 5.0
+    alpha: float = 0.1
     beta: float = 0.05
     warmup: int = 8
     scale_rate: float = 0.05

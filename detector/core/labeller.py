@@ -31,6 +31,7 @@ Every rule is O(1) per line; state is a few scalars and short deques.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -133,6 +134,16 @@ class PhaseLabeller:
         self.rank_recent: dict[str, deque[float]] = {}
         # loss-only phases
         self.loss_plateau = False
+
+    def state(self) -> dict:
+        """A deep copy of the labeller's few scalars and short deques."""
+        return copy.deepcopy(vars(self))
+
+    @classmethod
+    def from_state(cls, state: dict) -> PhaseLabeller:
+        labeller = cls(state["config"])
+        vars(labeller).update(copy.deepcopy(state))
+        return labeller
 
     def set_specs(self, specs: Mapping[str, SeriesSpec]) -> None:
         self.roles = Roles.resolve(specs)

@@ -60,6 +60,24 @@ class RunDetector:
         self.events_so_far = (self.events_so_far + events)[-1000:]
         return events
 
+    def state(self) -> dict:
+        """Everything needed to resume this run's detection (a checkpoint)."""
+        return {
+            "series": {name: det.state() for name, det in self.detectors.items()},
+            "labeller": self.labeller.state(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, config: RunDetectorConfig | None = None) -> RunDetector:
+        det = cls(config)
+        for name, series_state in state["series"].items():
+            series = SeriesDetector.from_state(series_state, det.config.series)
+            det.specs[name] = series.spec
+            det.detectors[name] = series
+        det.labeller = PhaseLabeller.from_state(state["labeller"])
+        det.labeller.set_specs(det.specs)
+        return det
+
     def current_phase(self) -> tuple[Phase | None, int, float]:
         return self.labeller.current()
 

@@ -70,7 +70,7 @@ class SeriesDetector:
     """Change points, plateaus and trends of one series, one point at a time.
 
     >>> import numpy as np
-    >>> rng = np.random.default_rng(1)
+    >>> rng = np.random.default_rng(2)
     >>> values = np.r_[rng.normal(0, 1, 80), rng.normal(6, 1, 80)]
     >>> det = SeriesDetector(SeriesSpec("value", Role.OTHER, Split.TRAIN, Direction.MINIMIZE))
     >>> events = det.update_many(np.arange(160), values)

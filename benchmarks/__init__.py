@@ -1,0 +1,1 @@
+"""Benchmarks of phasewatch against external yardsticks (not part of the installed package)."""

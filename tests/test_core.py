@@ -1,0 +1,207 @@
+"""Conformance and behaviour of the pure core, and the engine's batching invariance."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from detector.core import EventKind, Phase, Role, RunDetector, SeriesSpec, infer_spec
+from detector.core.changepoint import CusumTrigger, WindowLocaliser
+from detector.core.series import SeriesDetector
+from detector.core.types import Direction, Split
+from detector.engine import Engine
+from tests.helpers import read_rows, rows_to_columns, shared_dir
+
+
+def _signal(seed: int, n: int = 400) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y = rng.normal(0, 1, n)
+    y[n // 3 :] += 4
+    y[2 * n // 3 :] += np.linspace(0, 8, n - 2 * n // 3)
+    y[n // 2] = math.nan
+    y[n // 2 + 5] = math.inf
+    return y
+
+
+SPECS = [
+    SeriesSpec("value", Role.OTHER, Split.TRAIN, Direction.MINIMIZE),
+    SeriesSpec("train_loss", Role.LOSS, Split.TRAIN, Direction.MINIMIZE),
+    SeriesSpec("val_acc", Role.ACCURACY, Split.VAL, Direction.MAXIMIZE),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_update_many_equals_repeated_update(spec: SeriesSpec) -> None:
+    y = np.abs(_signal(1)) if spec.role is Role.LOSS else _signal(1)
+    steps = np.arange(len(y)) * 10
+    one = SeriesDetector(spec)
+    by_point = [e for s, v in zip(steps, y, strict=True) for e in one.update(int(s), float(v))]
+    many = SeriesDetector(spec)
+    by_block = many.update_many(steps[:150], y[:150]) + many.update_many(steps[150:], y[150:])
+    assert by_point == by_block
+    assert any(e.kind is EventKind.CHANGE_POINT for e in by_point)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_state_round_trip_resumes_identically(spec: SeriesSpec) -> None:
+    y = np.abs(_signal(2)) if spec.role is Role.LOSS else _signal(2)
+    steps = np.arange(len(y))
+    reference = SeriesDetector(spec)
+    expected = reference.update_many(steps, y)
+    for cut in (0, 1, 37, 200, len(y) - 1):
+        first = SeriesDetector(spec)
+        events = first.update_many(steps[:cut], y[:cut])
+        restored = SeriesDetector.from_state(pickle.loads(pickle.dumps(first.state())))
+        events += restored.update_many(steps[cut:], y[cut:])
+        assert events == expected, f"resume after {cut} points diverged"
+
+
+def test_online_events_on_every_prefix_equal_batch() -> None:
+    """Events emitted by a prefix never change when more data arrives (never rewritten)."""
+    y = _signal(3)
+    steps = np.arange(len(y))
+    full = SeriesDetector(SPECS[0]).update_many(steps, y)
+    for cut in range(0, len(y), 23):
+        prefix = SeriesDetector(SPECS[0]).update_many(steps[:cut], y[:cut])
+        assert prefix == [e for e in full if e.detected_at < cut]
+
+
+def test_nonfinite_values_never_enter_statistics() -> None:
+    det = SeriesDetector(SPECS[0])
+    det.update_many(np.arange(50), np.r_[np.zeros(25), [math.nan, math.inf, -math.inf], np.zeros(22)])
+    assert det.n_nonfinite == 3 and det.n_finite == 47
+    assert math.isfinite(det.trigger.level) and math.isfinite(det.trigger.scale)
+
+
+def test_memory_is_bounded_in_run_length() -> None:
+    det = SeriesDetector(SPECS[0])
+    rng = np.random.default_rng(0)
+    det.update_many(np.arange(20_000), rng.normal(size=20_000))
+    assert det._values.shape == (det.config.window,)
+    assert len(pickle.dumps(det.state())) < 20 * det.config.window * 8
+
+
+def test_settings_are_checked_at_construction() -> None:
+    from detector.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        CusumTrigger(threshold=-1)
+    with pytest.raises(InvalidArgument):
+        WindowLocaliser().locate(np.zeros(3)) or CusumTrigger(alpha=2)
+
+
+def test_no_change_on_stationary_noise_and_power_law() -> None:
+    rng = np.random.default_rng(7)
+    n = 2000
+    noise = rng.normal(0, 1, n)
+    loss = 3.0 * (1 + np.arange(n)) ** -0.5 * np.exp(rng.normal(0, 0.02, n))
+    for spec, y in ((SPECS[0], noise), (SPECS[1], loss)):
+        events = SeriesDetector(spec).update_many(np.arange(n), y)
+        cps = [e for e in events if e.kind is EventKind.CHANGE_POINT]
+        assert len(cps) <= 2, (spec.name, [e.step for e in cps])
+
+
+def test_run_detector_state_round_trip() -> None:
+    path = shared_dir("runs", "collapse_lr_0.jsonl")
+    rows = read_rows(path)
+    def feed(det: RunDetector, part: list[dict]) -> list:
+        out = []
+        for row in part:
+            r = {k: (math.nan if v is None else float(v)) for k, v in row.items() if k != "step"}
+            out += det.update(row["step"], r)
+        return out
+
+    whole = feed(RunDetector(), rows)
+    first = RunDetector()
+    events = feed(first, rows[:100])
+    restored = RunDetector.from_state(pickle.loads(pickle.dumps(first.state())))
+    events += feed(restored, rows[100:])
+    assert events == whole
+
+
+def _analyse(columns, batches: list[tuple[int, int]] | None = None, reorder_window: int = 2):
+    from detector.engine import EngineConfig
+
+    engine = Engine(EngineConfig(reorder_window=reorder_window))
+    engine.start_run("r")
+    n = len(next(iter(columns.values()))[0])
+    for lo, hi in batches or [(0, n)]:
+        engine.ingest("r", {k: (s[lo:hi], v[lo:hi]) for k, (s, v) in columns.items()})
+    engine.end_run("r")
+    return engine.timeline("r")
+
+
+@pytest.mark.parametrize("name", ["grok_add_0", "collapse_lr_0", "nogrok_add_0"])
+def test_engine_output_does_not_depend_on_batching(name: str) -> None:
+    rows = read_rows(shared_dir("runs", f"{name}.jsonl"))
+    columns = rows_to_columns(rows)
+    expected = _analyse(columns)
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    n = len(rows)
+    for _ in range(6):
+        cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(1, 30), replace=False))
+        bounds = list(zip(np.r_[0, cuts], np.r_[cuts, n], strict=True))
+        assert _analyse(columns, bounds) == expected
+
+
+def test_engine_reorders_within_window_and_rejects_beyond() -> None:
+    engine = Engine()
+    engine.start_run("r")
+    engine.ingest("r", {"train_loss": ([0, 10, 30], [1.0, 0.9, 0.8])})
+    late = engine.ingest("r", {"train_loss": ([20], [0.85])})  # within the held window
+    assert (late.accepted, late.rejected) == (1, 0)
+    engine.ingest("r", {"train_loss": ([40, 50, 60], [0.7, 0.6, 0.5])})
+    too_late = engine.ingest("r", {"train_loss": ([5], [0.95])})
+    assert (too_late.accepted, too_late.rejected) == (0, 1)
+    duplicate = engine.ingest("r", {"train_loss": ([10], [0.9])})
+    assert (duplicate.accepted, duplicate.rejected) == (1, 0)
+
+
+def test_grokking_found_in_shared_run() -> None:
+    rows = read_rows(shared_dir("runs", "grok_add_0.jsonl"))
+    segments, events = _analyse(rows_to_columns(rows))
+    onsets = [e for e in events if e.kind is EventKind.GROKKING_ONSET]
+    assert len(onsets) == 1
+    assert abs(onsets[0].step - 1400) <= 0.15 * (2660 - 1400)
+    assert onsets[0].detected_at >= onsets[0].step
+    assert any(e.kind is EventKind.HIDDEN_PROGRESS and e.step < onsets[0].step for e in events)
+    assert [s.phase for s in segments][:2] == [Phase.INSTABILITY, Phase.ABSTRACTION]
+
+
+def test_collapse_found_and_spike_is_not_collapse() -> None:
+    _, events = _analyse(rows_to_columns(read_rows(shared_dir("runs", "collapse_lr_0.jsonl"))))
+    collapses = [e for e in events if e.kind is EventKind.COLLAPSE_ONSET]
+    assert len(collapses) == 1 and abs(collapses[0].step - 1220) <= 50
+    assert collapses[0].detected_at - collapses[0].step <= 50
+    _, events = _analyse(rows_to_columns(read_rows(shared_dir("runs", "nogrok_add_0.jsonl"))))
+    assert not [e for e in events if e.kind is EventKind.COLLAPSE_ONSET]
+    assert [e.step for e in events if e.kind is EventKind.LOSS_SPIKE] == [4480]
+    assert not [e for e in events if e.kind in (EventKind.GROKKING_ONSET, EventKind.HIDDEN_PROGRESS)]
+
+
+def test_roles_are_inferred_from_names() -> None:
+    assert infer_spec("val_acc").role is Role.ACCURACY
+    assert infer_spec("val_acc").split is Split.VAL
+    assert infer_spec("train_loss").direction is Direction.MINIMIZE
+    assert infer_spec("grad_norm").role is Role.NORM
+    assert infer_spec("lr").role is Role.LEARNING_RATE
+    assert infer_spec("repr_eff_rank").role is Role.RANK
+    assert infer_spec("test_loss").split is Split.TEST
+
+
+def test_core_imports_no_adapters() -> None:
+    code = (
+        "import sys, detector.core, detector.engine\n"
+        "bad = [m for m in ('grpc', 'prometheus_client', 'sqlite3') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "import detector; assert 'detector.core' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import sys, detector; assert 'numpy' not in sys.modules"], check=True
+    )
