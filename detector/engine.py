@@ -62,6 +62,9 @@ class RunStatus:
 
 @dataclass(frozen=True)
 class IngestResult:
+    """What one ``ingest`` did. ``through_step``: every point at or below it has been
+    processed by the detector (points held for reordering are above it); -1 if none."""
+
     accepted: int
     rejected: int
     through_step: int
@@ -276,6 +279,7 @@ class Engine:
                 )
             accepted, rejected, events = run.ingest(columns)
             status = run.status
+            through = -1 if run.released_through is None else run.released_through
             segments = run.detector.segments() if events else None
         elapsed = time.perf_counter() - started
         self._record(accepted, rejected, events, elapsed)
@@ -283,7 +287,7 @@ class Engine:
         return IngestResult(
             accepted=accepted,
             rejected=sum(rejected.values()),
-            through_step=status.last_step,
+            through_step=through,
             events=tuple(events),
             rejected_by_reason=rejected,
         )

@@ -6,7 +6,8 @@ combines series evidence into phases. Every class keeps bounded state and can
 be saved with ``state()`` and restored with ``from_state()``.
 """
 
-from detector.core.run import RunDetector, RunDetectorConfig
+from typing import TYPE_CHECKING
+
 from detector.core.types import (
     Direction,
     Event,
@@ -18,6 +19,20 @@ from detector.core.types import (
     Split,
     infer_spec,
 )
+
+if TYPE_CHECKING:
+    from detector.core.run import RunDetector, RunDetectorConfig
+
+
+def __getattr__(name: str) -> object:
+    # The detectors pull in scipy and ruptures (about a second); commands that only
+    # query a server should not pay for them.
+    if name in ("RunDetector", "RunDetectorConfig"):
+        from detector.core import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'detector.core' has no attribute {name!r}")
+
 
 __all__ = [
     "Direction",

@@ -1,0 +1,565 @@
+"""The ``phasewatch`` command line: serve, analyze, replay, query, watch, demo.
+
+Exit codes: 0 success (and Ctrl-C in ``watch``); 1 a runtime failure (no
+detector listening, the detector failed, cannot listen); 2 a usage or data
+mistake (bad flags, a bad log file, an unknown run, a bad request); 130
+interrupted. Every failure is one line on stderr, ``phasewatch: <problem>``,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy is first imported: one BLAS thread per process. With a pool per
+# RPC thread the SVDs oversubscribe the cores (3x slower on 2 cores).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import argparse
+import inspect
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+import detector
+from detector._proto.phasewatch.v1 import detector_pb2 as pb
+from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
+from detector.convert import kind_to_proto, phase_to_proto
+from detector.core.types import EventKind, Phase, check_name
+from detector.demo import run_demo
+from detector.engine import Engine
+from detector.errors import InvalidArgument, PhasewatchError
+from detector.logfile import Columns, count_points, iter_batches, read_log
+from detector.plot import PlotUnavailable, plot_timeline
+from detector.replay import DEFAULT_BATCH_POINTS, stream_log
+from detector.report import (
+    View,
+    event_view,
+    event_view_from_proto,
+    format_event,
+    format_run,
+    format_runs,
+    format_timeline,
+    run_view_from_proto,
+    segment_view,
+    segment_view_from_proto,
+    timeline_document,
+)
+from detector.server import serve
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9109"
+DEFAULT_TIMEOUT = 5.0
+# analyze feeds the engine in big batches: the engine's output does not depend
+# on batching, and fewer calls mean less per-call overhead.
+ANALYZE_BATCH_POINTS = 65_536
+
+
+class CliError(Exception):
+    """A failure to report as one line, with the exit code it deserves."""
+
+    def __init__(self, message: str, code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# --- entry point -----------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``phasewatch`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, usage errors (already printed)
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    try:
+        return args.handler(args)
+    except CliError as error:
+        return _fail(error.message, error.code)
+    except PhasewatchError as error:  # LogFileError, InvalidArgument, ...: the user's to fix
+        return _fail(str(error), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error. Point stdout at devnull
+        # so the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"phasewatch: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phasewatch",
+        description="Phase-transition detection for ML training runs.",
+    )
+    parser.add_argument("--version", action="version", version=f"phasewatch {detector.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = _client_options()
+    _add_serve(commands)
+    _add_analyze(commands)
+    _add_replay(commands, client)
+    _add_status(commands, client)
+    _add_runs(commands, client)
+    _add_watch(commands, client)
+    _add_demo(commands)
+    return parser
+
+
+def _client_options() -> argparse.ArgumentParser:
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        metavar="HOST:PORT",
+        help=f"the detector's gRPC address (default {DEFAULT_TARGET})",
+    )
+    client.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"deadline of a query (default {DEFAULT_TIMEOUT:g})",
+    )
+    client.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return client
+
+
+# --- serve -----------------------------------------------------------------
+
+# Flags whose feature lives in detector.server.serve: passed on when serve has
+# a parameter of that name, refused with a clear error while it has not.
+_SERVE_PASSTHROUGH = {
+    "alertmanager_url": "--alertmanager-url",
+    "webhook_url": "--webhook-url",
+    "auth_token_file": "--auth-token-file",
+}
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="run the detector (gRPC and Prometheus /metrics)")
+    serve.add_argument("--listen", default=DEFAULT_TARGET, metavar="HOST:PORT",
+                       help=f"gRPC address (default {DEFAULT_TARGET})")
+    serve.add_argument("--metrics-listen", default=DEFAULT_METRICS_LISTEN, metavar="HOST:PORT",
+                       help=f"Prometheus /metrics address (default {DEFAULT_METRICS_LISTEN}; "
+                       "'' for none)")
+    serve.add_argument("--store", default=None, metavar="URL",
+                       help="sqlite:///PATH or postgresql://... (default: a SQLite file "
+                       "under the user's data directory)")
+    serve.add_argument("--alertmanager-url", metavar="URL", help="send alerts to Alertmanager")
+    serve.add_argument("--webhook-url", metavar="URL", help="POST alerts to this URL")
+    serve.add_argument("--auth-token-file", metavar="PATH",
+                       help="require this bearer token from clients")
+    serve.add_argument("--tls-cert", metavar="PATH", help="serve TLS with this certificate (PEM)")
+    serve.add_argument("--tls-key", metavar="PATH", help="private key of --tls-cert (PEM)")
+    serve.add_argument("--tls-client-ca", metavar="PATH",
+                       help="require client certificates signed by this CA (PEM)")
+    serve.add_argument("--grace", type=_positive_float, default=5.0, metavar="SECONDS",
+                       help="on shutdown, let RPCs finish for this long (default 5)")
+    serve.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {"grace": args.grace}
+    accepted = inspect.signature(serve).parameters
+    for name, flag in _SERVE_PASSTHROUGH.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            raise CliError(f"{flag} is not supported yet", EXIT_USAGE)
+        options[name] = value
+    credentials = _server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if credentials is not None:
+        options["credentials"] = credentials
+    try:
+        serve(args.listen, args.metrics_listen or None, args.store, **options)
+    except OSError as error:  # cannot listen: port taken, bad address, unknown host
+        message = str(error) if str(error).startswith("cannot") else (
+            f"cannot start the detector: {error.strerror or error}"
+        )
+        raise CliError(message) from None
+    return EXIT_OK
+
+
+def _server_credentials(
+    cert: str | None, key: str | None, client_ca: str | None
+) -> grpc.ServerCredentials | None:
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise CliError("--tls-client-ca needs --tls-cert and --tls-key", EXIT_USAGE)
+        return None
+    if cert is None or key is None:
+        raise CliError("--tls-cert and --tls-key go together", EXIT_USAGE)
+    ca = _read_bytes(client_ca, "--tls-client-ca") if client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read_bytes(key, "--tls-key"), _read_bytes(cert, "--tls-cert"))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def _read_bytes(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise CliError(f"{flag} {path}: {error.strerror or error}", EXIT_USAGE) from None
+
+
+# --- analyze ---------------------------------------------------------------
+
+
+def _add_analyze(commands: Any) -> None:
+    analyze = commands.add_parser(
+        "analyze", help="detect phases and events in a run log, offline (no server)"
+    )
+    analyze.add_argument("file", metavar="FILE", help="run log: JSON Lines or CSV with a step column")
+    analyze.add_argument("--json", action="store_true",
+                         help="print one JSON document: segments, events, change_points")
+    analyze.add_argument("--plot", metavar="OUT.png",
+                         help="also draw the series with phases and events (needs matplotlib)")
+    analyze.set_defaults(handler=cmd_analyze)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    columns = read_log(args.file)
+    segments, events, rejected = analyze_columns(columns, run_id_for(args.file))
+    if rejected:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items()))
+        print(f"phasewatch: warning: points not used: {reasons}", file=sys.stderr)
+    if args.json:
+        _print_json(timeline_document(segments, events, columns))
+    else:
+        print(_describe_log(args.file, columns), end="\n\n")
+        print(format_timeline(segments, events, columns))
+    if args.plot:
+        _plot(columns, segments, events, args.plot, title=Path(args.file).name)
+    return EXIT_OK
+
+
+def analyze_columns(
+    columns: Columns, run_id: str = "run"
+) -> tuple[list[View], list[View], Counter[str]]:
+    """Run the engine over columns as one run.
+
+    Returns the segment and event views and the points the engine did not
+    use, counted by reason.
+    """
+    engine = Engine()
+    engine.start_run(run_id)
+    rejected: Counter[str] = Counter()
+    for batch in iter_batches(columns, ANALYZE_BATCH_POINTS):
+        rejected.update(engine.ingest(run_id, batch).rejected_by_reason)
+    engine.end_run(run_id)
+    segments, events = engine.timeline(run_id)
+    return [segment_view(s) for s in segments], [event_view(e) for e in events], rejected
+
+
+def run_id_for(path: str) -> str:
+    """A run id from a file name (``runs/grok_add_0.jsonl`` -> ``grok_add_0``)."""
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".csv"):
+        name = name.removesuffix(suffix)
+    return name if check_name("run id", name) is None else "run"
+
+
+def _describe_log(path: str, columns: Columns) -> str:
+    steps = [s for s, _ in columns.values() if len(s)]
+    span = f", steps {min(s.min() for s in steps)}-{max(s.max() for s in steps)}" if steps else ""
+    return f"{path}: {len(columns)} series, {count_points(columns)} points{span}"
+
+
+def _plot(
+    columns: Columns, segments: list[View], events: list[View], out: str, *, title: str
+) -> None:
+    try:
+        plot_timeline(columns, segments, events, out, title=title)
+    except PlotUnavailable as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    except OSError as error:
+        raise CliError(f"cannot write {out}: {error.strerror or error}", EXIT_USAGE) from None
+    except ValueError as error:  # an image format matplotlib does not know
+        raise CliError(f"cannot write {out}: {error}", EXIT_USAGE) from None
+    print(f"phasewatch: wrote {out}", file=sys.stderr)
+
+
+# --- replay ----------------------------------------------------------------
+
+
+def _add_replay(commands: Any, client: argparse.ArgumentParser) -> None:
+    replay = commands.add_parser(
+        "replay", parents=[client], help="stream a run log to a detector, as a training job would"
+    )
+    replay.add_argument("file", metavar="FILE", help="run log: JSON Lines or CSV")
+    replay.add_argument("--run-id", metavar="ID", help="run id (default: the file name)")
+    replay.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_POINTS,
+                        metavar="N", help=f"points per batch (default {DEFAULT_BATCH_POINTS})")
+    replay.add_argument("--label", type=_label, action="append", default=[], metavar="K=V",
+                        help="a label of the run (repeatable)")
+    replay.set_defaults(handler=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    run_id = args.run_id or run_id_for(args.file)
+    _check_run_id(run_id)
+    columns = read_log(args.file)  # read it all first: a bad line sends nothing
+    on_event = None if args.json else lambda view: print(format_event(view), flush=True)
+    with _detector(args.target, None) as stub:
+        result = stream_log(
+            stub, run_id, columns, batch_size=args.batch_size, labels=dict(args.label),
+            on_event=on_event,
+        )
+    if args.json:
+        _print_json({**result.summary(), "events": result.events})
+        return EXIT_OK
+    summary = result.summary()
+    print(
+        f"\nsent {summary['points_sent']} points in {summary['batches']} batches to "
+        f"{args.target} as run {run_id!r}: {summary['accepted']} accepted, "
+        f"{summary['rejected']} rejected, {len(result.events)} events, "
+        f"{summary['seconds']:.2f} s ({summary['points_per_second']:.0f} points/s)"
+    )
+    return EXIT_OK
+
+
+# --- status, runs, watch ---------------------------------------------------
+
+
+def _add_status(commands: Any, client: argparse.ArgumentParser) -> None:
+    status = commands.add_parser("status", parents=[client], help="the current phase of a run")
+    status.add_argument("run_id", metavar="RUN_ID")
+    status.add_argument("--timeline", action="store_true",
+                        help="also print the run's phase segments and events")
+    status.set_defaults(handler=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _check_run_id(args.run_id)
+    with _detector(args.target, args.timeout) as stub:
+        run = run_view_from_proto(
+            stub.GetPhase(pb.GetPhaseRequest(run_id=args.run_id), timeout=args.timeout)
+        )
+        timeline = (
+            stub.GetTimeline(pb.GetTimelineRequest(run_id=args.run_id), timeout=args.timeout)
+            if args.timeline
+            else None
+        )
+    if timeline is not None:
+        run["segments"] = [segment_view_from_proto(s) for s in timeline.segments]
+        run["events"] = [event_view_from_proto(e) for e in timeline.events]
+    if args.json:
+        _print_json(run)
+        return EXIT_OK
+    print(format_run(run))
+    if timeline is not None:
+        print()
+        print(format_timeline(run["segments"], run["events"]))
+    return EXIT_OK
+
+
+def _add_runs(commands: Any, client: argparse.ArgumentParser) -> None:
+    runs = commands.add_parser("runs", parents=[client], help="list runs and their phases")
+    runs.add_argument("--label", type=_label, action="append", default=[], metavar="K=V",
+                      help="only runs with this label (repeatable: all must match)")
+    runs.add_argument("--phase", choices=[p.value for p in Phase], help="only runs in this phase")
+    runs.set_defaults(handler=cmd_runs)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    request = pb.ListRunsRequest(
+        label_selector=dict(args.label),
+        phase=phase_to_proto(Phase(args.phase)) if args.phase else 0,
+    )
+    with _detector(args.target, args.timeout) as stub:
+        response = stub.ListRuns(request, timeout=args.timeout)
+    runs = [run_view_from_proto(r) for r in response.runs]
+    if args.json:
+        _print_json({"runs": runs})
+    else:
+        print(format_runs(runs))
+    return EXIT_OK
+
+
+def _add_watch(commands: Any, client: argparse.ArgumentParser) -> None:
+    watch = commands.add_parser(
+        "watch", parents=[client], help="print events as they are detected, until Ctrl-C"
+    )
+    watch.add_argument("run_id", nargs="?", default="", metavar="RUN_ID",
+                       help="the run to watch (default: every run)")
+    watch.add_argument("--kind", type=_event_kind, action="append", default=[], metavar="K",
+                       help="only events of this kind, e.g. GROKKING_ONSET (repeatable)")
+    watch.set_defaults(handler=cmd_watch)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    if args.run_id:
+        _check_run_id(args.run_id)
+    request = pb.WatchEventsRequest(
+        run_id=args.run_id, kinds=[kind_to_proto(kind) for kind in args.kind]
+    )
+    with _detector(args.target, None) as stub:
+        call = stub.WatchEvents(request, wait_for_ready=False)
+        try:
+            _print_watch(call, args)
+        except KeyboardInterrupt:
+            call.cancel()
+            return EXIT_OK
+    print("phasewatch: the detector ended the watch", file=sys.stderr)
+    return EXIT_OK
+
+
+def _print_watch(call: Any, args: argparse.Namespace) -> None:
+    # Headers arrive once the detector has subscribed us: from then on no
+    # event is missed. A call that could not connect is already over.
+    call.initial_metadata()
+    if call.done():
+        for _ in call:  # raises the call's error (UNAVAILABLE: nothing listening)
+            pass
+        return
+    what = f"run {args.run_id!r}" if args.run_id else "every run"
+    print(f"phasewatch: watching {what} at {args.target} (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
+    try:
+        for message in call:
+            view = event_view_from_proto(message)
+            print(json.dumps(view) if args.json else format_event(view, with_run=True),
+                  flush=True)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            raise CliError(f"lost the connection to the detector at {args.target}") from None
+        raise
+
+
+# --- demo ------------------------------------------------------------------
+
+
+def _add_demo(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo", help="replay a bundled real training run through an in-process detector"
+    )
+    demo.add_argument("--speed", type=_positive_float, default=1.0, metavar="X",
+                      help="replay speed factor (default 1: about 5 s of streaming; "
+                      "'inf' for no pacing)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(speed=args.speed, progress=not args.no_progress)
+    return EXIT_OK
+
+
+# --- talking to a detector -------------------------------------------------
+
+
+@contextmanager
+def _detector(target: str, timeout: float | None) -> Iterator[pb_grpc.PhaseDetectorStub]:
+    """A stub on a fresh channel; RPC failures become one-line CliErrors."""
+    channel = grpc.insecure_channel(target)
+    try:
+        yield pb_grpc.PhaseDetectorStub(channel)
+    except grpc.RpcError as error:
+        raise rpc_problem(error, target, timeout) from None
+    finally:
+        channel.close()
+
+
+def rpc_problem(error: grpc.RpcError, target: str, timeout: float | None = None) -> CliError:
+    """The one-line message and exit code for a failed RPC."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (error.details() if isinstance(error, grpc.Call) else None) or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return CliError(f"no detector listening at {target}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        within = f" within {timeout:g} s" if timeout is not None else " in time"
+        return CliError(f"no answer from the detector at {target}{within}")
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+        return CliError(details or code.name.lower(), EXIT_USAGE)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return CliError(f"the detector at {target} refused the request: {details}", EXIT_USAGE)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return CliError(f"{target} does not implement this call (is it a phasewatch detector?)")
+    return CliError(f"the detector at {target} failed: {code.name}: {details}")
+
+
+# --- small helpers ---------------------------------------------------------
+
+
+def _print_json(document: Any) -> None:
+    # allow_nan=False: the views already turn NaN into null; this keeps it so.
+    print(json.dumps(document, indent=2, allow_nan=False))
+
+
+def _check_run_id(run_id: str) -> None:
+    problem = check_name("run id", run_id)
+    if problem is not None:
+        raise InvalidArgument(problem)
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap a parser so that ValueError becomes argparse's usage error (exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = parse.__name__.lstrip("_")
+    return convert
+
+
+@_argument_type
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be greater than 0, got {text}")
+    return value
+
+
+@_argument_type
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {text}")
+    return value
+
+
+@_argument_type
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+@_argument_type
+def _event_kind(text: str) -> EventKind:
+    name = text.strip().upper().removeprefix("EVENT_KIND_")
+    try:
+        return EventKind(name)
+    except ValueError:
+        choices = ", ".join(kind.value for kind in EventKind)
+        raise ValueError(f"unknown event kind {text!r}; one of {choices}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""The gRPC adapter: validate, convert, call the engine, map errors to statuses.
+
+Business logic lives in :mod:`detector.engine`; conversions in
+:mod:`detector.convert`; the only error handling here is one table from
+domain exceptions to status codes. ``create_server`` builds a server (tests
+run it on port 0); ``serve`` is the ``phasewatch serve`` process around it.
+
+Stream acknowledgements: every request message on ``Stream`` is answered, in
+order, by the events it caused followed by exactly one ``Ack`` (the client SDK
+counts on this to match answers to requests):
+
+- ``start``: ``Ack(through_step=<run's last step, -1 if none>, 0, 0)``, so a
+  resuming client learns where the detector is;
+- ``batch``: ``accepted``/``rejected`` count the points of *that batch*
+  (per batch, not cumulative; resent duplicates count as accepted);
+- ``end``: the events of the final flush, then ``Ack(through_step, 0, 0)``.
+
+When the client half-closes without ``end``, held points are flushed and one
+more ``Ack(through_step, 0, 0)`` follows the events of that flush.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from detector._proto.phasewatch.v1 import detector_pb2 as pb
+from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
+from detector.convert import (
+    batch_to_columns,
+    event_to_proto,
+    kind_from_proto,
+    phase_from_proto,
+    segment_to_proto,
+    spec_from_proto,
+    status_to_proto,
+)
+from detector.core.types import Event, EventKind, check_name
+from detector.engine import Engine, EngineConfig, RunStatus
+from detector.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PhasewatchError,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
+log = logging.getLogger("phasewatch.server")
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["PhaseDetector"].full_name
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Stream and WatchEvents hold a worker thread for their whole life, so this is
+# also the number of concurrent streams; past it, new RPCs get
+# RESOURCE_EXHAUSTED at once instead of queueing behind streams that never end.
+DEFAULT_MAX_WORKERS = 256
+
+# The one table from domain exceptions to gRPC status codes.
+STATUS_CODES: dict[type[PhasewatchError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def status_code(error: PhasewatchError) -> grpc.StatusCode:
+    """The status for a domain error: its nearest class in :data:`STATUS_CODES`."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+    if isinstance(error, PhasewatchError):
+        context.abort(status_code(error), str(error))
+    # A bug, not bad input: keep the traceback here, do not leak it to the client.
+    log.error("unexpected error in an RPC", exc_info=error)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__})")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _unary(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as error:  # every error becomes a status
+            _abort(context, error)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _streaming(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except grpc.RpcError:
+            # Raised by the request iterator when the client cancelled: nobody
+            # is left to tell, and the run's held points stay for a resume.
+            return
+        except Exception as error:  # every error becomes a status
+            _abort(context, error)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _check_run_id(run_id: str) -> None:
+    problem = check_name("run id", run_id)
+    if problem is not None:
+        raise InvalidArgument(problem)
+
+
+# --- event bus -----------------------------------------------------------------
+
+
+class Subscription:
+    """One watcher's bounded queue of events; filled by :class:`EventBus`."""
+
+    def __init__(
+        self, bus: EventBus, run_id: str, kinds: Collection[EventKind], maxsize: int
+    ) -> None:
+        self.run_id = run_id
+        self.kinds = frozenset(kinds)
+        self.dropped = 0  # written under the bus lock
+        self.closed = False
+        self._bus = bus
+        self._queue: queue.Queue[pb.PhaseEvent | None] = queue.Queue(maxsize)
+
+    def wants(self, run_id: str, kind: EventKind) -> bool:
+        return (not self.run_id or self.run_id == run_id) and (
+            not self.kinds or kind in self.kinds
+        )
+
+    def get(self, timeout: float | None = None) -> pb.PhaseEvent | None:
+        """The next event, or None on timeout or once closed."""
+        if self.closed:
+            return None
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Unsubscribe and wake a blocked ``get``; idempotent, any thread."""
+        if self.closed:
+            return
+        self.closed = True
+        self._bus._remove(self)
+        # Wakes a blocked get(); a full queue means get() is not blocked anyway.
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+
+
+class EventBus:
+    """In-process fan-out of live events to watchers.
+
+    ``publish`` never blocks: a watcher whose queue is full loses the event,
+    and the loss is counted (``Subscription.dropped``, ``EventBus.dropped``).
+    Publishing is O(subscribers × events); events are rare next to points.
+
+    >>> from detector.core.types import Event, EventKind
+    >>> bus = EventBus()
+    >>> sub = bus.subscribe("run-1", kinds={EventKind.LOSS_SPIKE})
+    >>> _ = bus.publish("run-1", [Event(step=7, kind=EventKind.LOSS_SPIKE, detected_at=9)])
+    >>> sub.get(timeout=1).step
+    7
+    """
+
+    def __init__(self, maxsize: int = 1024) -> None:
+        if maxsize < 1:
+            raise InvalidArgument(f"maxsize must be at least 1, got {maxsize}")
+        self.maxsize = maxsize
+        self.dropped = 0
+        self._subscribers: list[Subscription] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def subscribe(self, run_id: str = "", kinds: Collection[EventKind] = ()) -> Subscription:
+        """Watch one run (all when ``run_id`` is empty), only ``kinds`` if given."""
+        sub = Subscription(self, run_id, kinds, self.maxsize)
+        with self._lock:
+            if not self._closed:
+                self._subscribers.append(sub)
+                return sub
+        sub.close()  # the bus is shutting down: the watch ends at once
+        return sub
+
+    def publish(
+        self, run_id: str, events: Sequence[Event], at: float | None = None
+    ) -> list[pb.PhaseEvent]:
+        """Convert ``events`` (stamped ``at``, default now) and offer them to watchers.
+
+        Returns the converted messages, so callers send the same ones.
+        """
+        stamp = time.time() if at is None else at
+        messages = [event_to_proto(run_id, e, stamp) for e in events]
+        if not messages:
+            return messages
+        with self._lock:
+            for event, message in zip(events, messages, strict=True):
+                for sub in self._subscribers:
+                    if not sub.wants(run_id, event.kind):
+                        continue
+                    try:
+                        sub._queue.put_nowait(message)
+                    except queue.Full:
+                        if sub.dropped == 0:
+                            log.warning("a slow watcher of %r is dropping events", sub.run_id)
+                        sub.dropped += 1
+                        self.dropped += 1
+        return messages
+
+    @property
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+    def close(self) -> None:
+        """End every watch (the server is stopping); later subscriptions end at once."""
+        with self._lock:
+            self._closed = True
+            subscribers = list(self._subscribers)
+        for sub in subscribers:
+            sub.close()
+
+    def _remove(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subscribers:
+                self._subscribers.remove(sub)
+
+
+# --- servicer ----------------------------------------------------------------------
+
+
+def _ack(through_step: int, accepted: int = 0, rejected: int = 0) -> pb.StreamResponse:
+    return pb.StreamResponse(
+        ack=pb.Ack(through_step=through_step, accepted=accepted, rejected=rejected)
+    )
+
+
+class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
+    """``phasewatch.v1.PhaseDetector`` on an :class:`Engine`; events go to ``bus``."""
+
+    def __init__(
+        self, engine: Engine, bus: EventBus | None = None, *, watch_poll_seconds: float = 1.0
+    ) -> None:
+        self.engine = engine
+        self.bus = bus if bus is not None else EventBus()
+        # A safety net only: cancellation and bus.close() wake watchers at once.
+        self.watch_poll_seconds = watch_poll_seconds
+
+    def _start(self, start: pb.RunStart, run_id: str) -> RunStatus:
+        return self.engine.start_run(
+            run_id,
+            labels=dict(start.labels),
+            series=[spec_from_proto(s) for s in start.series],
+            resume=start.resume,
+        )
+
+    @_streaming
+    def Stream(
+        self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamResponse]:
+        run_id: str | None = None
+        ended = False
+        for request in request_iterator:
+            which = request.WhichOneof("msg")
+            if which is None:
+                raise InvalidArgument("empty StreamRequest: set start, batch or end")
+            if run_id is None and which != "start":
+                raise InvalidArgument(f"the first message of a stream must be start, not {which}")
+            if which == "start":
+                if run_id is not None and request.start.run_id != run_id:
+                    raise InvalidArgument(
+                        f"this stream is for run {run_id!r}; open another stream for "
+                        f"{request.start.run_id!r}"
+                    )
+                status = self._start(request.start, request.start.run_id)
+                run_id, ended = status.run_id, False
+                yield _ack(status.last_step)
+            elif which == "batch":
+                if ended:
+                    raise FailedPrecondition(
+                        f"run {run_id!r} was ended on this stream; send start to resume it"
+                    )
+                result = self.engine.ingest(run_id, batch_to_columns(request.batch))
+                for message in self.bus.publish(run_id, result.events):
+                    yield pb.StreamResponse(event=message)
+                yield _ack(result.through_step, result.accepted, result.rejected)
+            else:
+                events = self.engine.end_run(run_id, request.end.final_step)
+                ended = True
+                for message in self.bus.publish(run_id, events):
+                    yield pb.StreamResponse(event=message)
+                yield _ack(self.engine.status(run_id).last_step)
+        if run_id is not None and not ended:
+            # Half-closed without end (e.g. the job exited): release held points
+            # so the last steps are detected, but leave the run open to resume.
+            for message in self.bus.publish(run_id, self.engine.flush(run_id)):
+                yield pb.StreamResponse(event=message)
+            yield _ack(self.engine.status(run_id).last_step)
+
+    @_unary
+    def Log(self, request: pb.LogRequest, context: grpc.ServicerContext) -> pb.LogResponse:
+        run_id = request.run_id
+        if request.HasField("start"):
+            if run_id and request.start.run_id and request.start.run_id != run_id:
+                raise InvalidArgument(
+                    f"run_id {run_id!r} and start.run_id {request.start.run_id!r} differ"
+                )
+            run_id = run_id or request.start.run_id
+            self._start(request.start, run_id)
+        result = self.engine.ingest(run_id, batch_to_columns(request.batch))
+        return pb.LogResponse(
+            ack=pb.Ack(
+                through_step=result.through_step,
+                accepted=result.accepted,
+                rejected=result.rejected,
+            ),
+            events=self.bus.publish(run_id, result.events),
+        )
+
+    @_unary
+    def GetPhase(
+        self, request: pb.GetPhaseRequest, context: grpc.ServicerContext
+    ) -> pb.RunPhase:
+        _check_run_id(request.run_id)
+        return status_to_proto(self.engine.status(request.run_id))
+
+    @_unary
+    def GetTimeline(
+        self, request: pb.GetTimelineRequest, context: grpc.ServicerContext
+    ) -> pb.Timeline:
+        _check_run_id(request.run_id)
+        segments, events = self.engine.timeline(request.run_id)
+        return pb.Timeline(
+            run_id=request.run_id,
+            segments=[segment_to_proto(s) for s in segments],
+            events=[event_to_proto(request.run_id, e) for e in events],
+        )
+
+    @_unary
+    def ListRuns(
+        self, request: pb.ListRunsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRunsResponse:
+        runs = self.engine.list_runs(
+            label_selector=dict(request.label_selector), phase=phase_from_proto(request.phase)
+        )
+        return pb.ListRunsResponse(runs=[status_to_proto(r) for r in runs])
+
+    @_streaming
+    def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.PhaseEvent]:
+        if request.run_id:
+            _check_run_id(request.run_id)
+        kinds = {kind_from_proto(value) for value in request.kinds}
+        if None in kinds:
+            raise InvalidArgument("kinds must not contain EVENT_KIND_UNSPECIFIED")
+        sub = self.bus.subscribe(request.run_id, kinds)  # type: ignore[arg-type]
+        # Cancellation and server stop run the callbacks: the blocked get() wakes.
+        context.add_callback(sub.close)
+        try:
+            # Headers tell the client it is subscribed: events published after
+            # initial_metadata() returns will reach it.
+            context.send_initial_metadata(())
+            while not sub.closed and context.is_active():
+                message = sub.get(timeout=self.watch_poll_seconds)
+                if message is not None:
+                    yield message
+        finally:
+            sub.close()
+            if sub.dropped:
+                log.warning("a watcher of %r dropped %d events", sub.run_id, sub.dropped)
+
+
+# --- server ------------------------------------------------------------------------
+
+
+def create_server(
+    engine: Engine,
+    listen: str = "127.0.0.1:0",
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    bus: EventBus | None = None,
+    health_servicer: health.HealthServicer | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> tuple[grpc.Server, int]:
+    """A started gRPC server for ``engine`` on ``listen``; returns (server, bound port).
+
+    Registers the PhaseDetector servicer (publishing to ``bus``), the stock
+    health servicer (SERVING for ``""`` and ``phasewatch.v1.PhaseDetector``;
+    pass ``health_servicer`` to control it at shutdown) and reflection.
+    Messages over ``max_message_bytes`` get RESOURCE_EXHAUSTED from gRPC
+    itself. With ``credentials`` the port is TLS.
+    """
+    if max_message_bytes < 1 or max_workers < 1:
+        raise InvalidArgument("max_message_bytes and max_workers must be at least 1")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="phasewatch-rpc"),
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Two detectors must not silently share a port.
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=max_workers,
+    )
+    pb_grpc.add_PhaseDetectorServicer_to_server(PhaseDetectorServicer(engine, bus), server)
+    if health_servicer is None:
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
+    except RuntimeError as error:  # grpc >= 1.50 raises; older versions return 0
+        raise OSError(f"cannot listen on {listen!r}: {error}") from error
+    if port == 0:
+        raise OSError(f"cannot listen on {listen!r}")
+    server.start()
+    return server, port
+
+
+def serve(
+    listen: str = "127.0.0.1:50051",
+    metrics_listen: str | None = "127.0.0.1:9109",
+    store_url: str | None = None,
+    *,
+    config: EngineConfig | None = None,
+    grace: float = 5.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the detector until SIGINT/SIGTERM (or until ``stop`` is set).
+
+    Opens the store (``None``: the default SQLite file), starts gRPC on
+    ``listen`` and Prometheus ``/metrics`` on ``metrics_listen`` (``None`` or
+    ``""``: none), and on shutdown reports NOT_SERVING, ends watches, lets
+    RPCs finish for ``grace`` seconds and closes the store.
+
+    Set ``OPENBLAS_NUM_THREADS=1`` in the environment before numpy is first
+    imported (the CLI does): BLAS threads per RPC thread oversubscribe the
+    cores. By the time this module runs, numpy is already loaded.
+    """
+    from detector.exporter import start_metrics_server
+    from detector.store import open_store
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
+        )
+    stop = stop or threading.Event()
+    store = open_store(store_url)
+    metrics_server = None
+    try:
+        engine = Engine(config, store=store)
+        bus = EventBus()
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+        server, port = create_server(
+            engine,
+            listen,
+            max_message_bytes=max_message_bytes,
+            max_workers=max_workers,
+            bus=bus,
+            health_servicer=health_servicer,
+            credentials=credentials,
+            interceptors=interceptors,
+        )
+        host = listen.rpartition(":")[0]
+        log.info("phasewatch gRPC listening on %s:%d (store %r)", host, port, store)
+        if metrics_listen:
+            metrics_server, metrics_port = start_metrics_server(engine, metrics_listen)
+            log.info(
+                "phasewatch metrics on http://%s:%d/metrics",
+                metrics_listen.rpartition(":")[0],
+                metrics_port,
+            )
+        previous = _install_signal_handlers(stop)
+        try:
+            stop.wait()
+        finally:
+            _restore_signal_handlers(previous)
+        log.info("phasewatch shutting down (grace %.1fs)", grace)
+        health_servicer.enter_graceful_shutdown()  # NOT_SERVING: balancers move away
+        bus.close()  # watches end with OK instead of being cancelled
+        server.stop(grace).wait()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        store.close()
+    log.info("phasewatch stopped")
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
+    # signal.signal only works in the main thread; elsewhere `stop` is the way out.
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
