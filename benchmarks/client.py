@@ -13,7 +13,9 @@ What it measures, with ``--metrics`` metrics a call (10 by default):
   returns with every point acknowledged, to a real detector in this process
   and to one in a separate process (``--no-subprocess`` skips it);
 - the engine alone ingesting the same points in columnar batches, the
-  ceiling that the end-to-end numbers approach.
+  ceiling that the end-to-end numbers approach;
+- end to end to a detector whose engine only counts points (no detection):
+  the ceiling of the client, gRPC and the servicer themselves.
 
 Usage::
 
@@ -101,11 +103,38 @@ def bench_no_server(rows: list[dict[str, float]], metrics: int, full: bool) -> d
         run.close(timeout=0)
 
 
-def start_in_process_server() -> tuple[Any, int, Any]:
+def null_engine() -> Any:
+    """An engine that accepts points without detecting anything."""
+    from dataclasses import replace
+
+    from detector.engine import Engine, IngestResult
+
+    class NullEngine(Engine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.last: dict[str, int] = {}
+
+        def ingest(self, run_id: str, columns: Any) -> IngestResult:
+            points = 0
+            last = self.last.get(run_id, -1)
+            for steps, _ in columns.values():
+                points += len(steps)
+                if len(steps):
+                    last = max(last, int(max(steps)))
+            self.last[run_id] = last
+            return IngestResult(accepted=points, rejected=0, through_step=last, events=())
+
+        def status(self, run_id: str) -> Any:
+            return replace(super().status(run_id), last_step=self.last.get(run_id, -1))
+
+    return NullEngine()
+
+
+def start_in_process_server(null: bool = False) -> tuple[Any, int, Any]:
     from detector.engine import Engine
     from detector.server import create_server
 
-    engine = Engine()
+    engine = null_engine() if null else Engine()
     server, port = create_server(engine, "127.0.0.1:0")
     return server, port, engine
 
@@ -124,7 +153,8 @@ def bench_in_process(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def end_to_end(target: str, run_id: str, rows: list[dict[str, float]]) -> dict[str, Any]:
-    run = connect(target, run_id)
+    capacity = len(rows) * len(rows[0]) + 1  # measure throughput, not the drop policy
+    run = connect(target, run_id, config=ClientConfig(max_buffered_points=capacity))
     started = time.perf_counter()
     for step, row in enumerate(rows):
         run.log(step, **row)
@@ -142,8 +172,8 @@ def end_to_end(target: str, run_id: str, rows: list[dict[str, float]]) -> dict[s
     }
 
 
-def bench_e2e_in_process(rows: list[dict[str, float]]) -> dict[str, Any]:
-    server, port, _ = start_in_process_server()
+def bench_e2e_in_process(rows: list[dict[str, float]], null: bool = False) -> dict[str, Any]:
+    server, port, _ = start_in_process_server(null)
     try:
         return end_to_end(f"127.0.0.1:{port}", "bench-e2e", rows)
     finally:
@@ -199,16 +229,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200_000, help="log() calls timed")
     parser.add_argument("--metrics", type=int, default=10, help="metrics per call")
     parser.add_argument(
-        "--e2e-calls", type=int, default=50_000, help="log() calls in the end-to-end runs"
+        "--e2e-calls",
+        type=int,
+        default=5_000,
+        help="log() calls in the end-to-end runs with the real engine (slow: it detects)",
+    )
+    parser.add_argument(
+        "--null-calls",
+        type=int,
+        default=100_000,
+        help="log() calls in the end-to-end run with the counting engine",
     )
     parser.add_argument("--no-subprocess", action="store_true", help="skip the separate process")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
     args = parser.parse_args(argv)
 
-    rows = metric_rows(args.calls, args.metrics)
-    e2e_rows = rows[: args.e2e_calls] if args.e2e_calls <= len(rows) else metric_rows(
-        args.e2e_calls, args.metrics
-    )
+    rows = metric_rows(max(args.calls, args.e2e_calls, args.null_calls), args.metrics)
+    e2e_rows = rows[: args.e2e_calls]
+    null_rows = rows[: args.null_calls]
+    rows = rows[: args.calls]
     results: dict[str, Any] = {
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -223,22 +262,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_subprocess:
         results["e2e_server_in_subprocess"] = bench_e2e_subprocess(e2e_rows)
     results["engine_only"] = bench_engine_only(e2e_rows, ClientConfig().batch_points)
+    results["e2e_in_process_counting_engine"] = bench_e2e_in_process(null_rows, null=True)
 
-    print(f"log() with {args.metrics} metrics, {args.calls} calls "
-          f"(timer overhead {results['timer_overhead_us']:.3f} µs, included):")
+    print(
+        f"log() with {args.metrics} metrics, {args.calls} calls "
+        f"(timer overhead {results['timer_overhead_us']:.3f} µs, included):"
+    )
     for key in ("log_no_server", "log_no_server_buffer_full", "log_in_process_server"):
         r = results[key]
         print(
-            f"  {key:28s} median {r['median_us']:6.2f} µs  p99 {r['p99_us']:6.2f} µs  "
+            f"  {key:31s} median {r['median_us']:6.2f} µs  p99 {r['p99_us']:6.2f} µs  "
             f"mean {r['mean_us']:6.2f} µs  max {r['max_us'] / 1000:7.2f} ms"
         )
     print("end to end (first log() until close() returns, every point acknowledged):")
-    for key in ("e2e_in_process_server", "e2e_server_in_subprocess", "engine_only"):
+    for key in (
+        "e2e_in_process_server",
+        "e2e_server_in_subprocess",
+        "engine_only",
+        "e2e_in_process_counting_engine",
+    ):
         if key in results:
             r = results[key]
             extra = "" if key == "engine_only" else f"  acknowledged: {r['all_acknowledged']}"
             print(
-                f"  {key:28s} {r['points_per_s']:12,.0f} points/s  "
+                f"  {key:31s} {r['points_per_s']:12,.0f} points/s  "
                 f"({r['points']:,} points in {r['seconds']:.2f} s){extra}"
             )
     if args.json is not None:
