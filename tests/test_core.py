@@ -205,3 +205,154 @@ def test_core_imports_no_adapters() -> None:
     subprocess.run(
         [sys.executable, "-c", "import sys, detector; assert 'numpy' not in sys.modules"], check=True
     )
+
+
+# --- conformance of every detector class of the core ------------------------------------------
+
+
+def _random_blocks(n: int, seed: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, 40), replace=False))
+    return list(zip(np.r_[0, cuts], np.r_[cuts, n], strict=True))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_series_update_many_equals_update_on_random_blocks(spec: SeriesSpec, seed: int) -> None:
+    y = np.exp(_signal(seed) / 2) if spec.role is Role.LOSS else _signal(seed)
+    steps = np.arange(len(y)) * 3
+    one = SeriesDetector(spec)
+    by_point = [e for s, v in zip(steps, y, strict=True) for e in one.update(int(s), float(v))]
+    many = SeriesDetector(spec)
+    blocks = _random_blocks(len(y), seed)
+    by_block = [e for lo, hi in blocks for e in many.update_many(steps[lo:hi], y[lo:hi])]
+    assert by_point == by_block
+    a, b = one.state(), many.state()
+    assert a["trigger"] == b["trigger"] and a["scalars"] == b["scalars"]
+    assert np.array_equal(a["values"], b["values"]) and np.array_equal(a["steps"], b["steps"])
+
+
+def test_trigger_scan_equals_update_and_round_trips() -> None:
+    y = _signal(4)
+    y = y[np.isfinite(y)]
+    one = CusumTrigger()
+    alarms_one = []
+    for i, v in enumerate(y.tolist()):
+        if one.update(v):
+            alarms_one.append(i)
+            one.clear()
+    block = CusumTrigger()
+    alarms_block: list[int] = []
+    for lo, hi in _random_blocks(len(y), 4):
+        i = lo
+        while i < hi:
+            hit = block.scan(y[i:hi])
+            if hit is None:
+                break
+            alarms_block.append(i + hit)
+            block.clear()
+            i += hit + 1
+        if len(alarms_block) == 3:  # a checkpoint in the middle resumes identically
+            restored = CusumTrigger()
+            restored.load(pickle.loads(pickle.dumps(block.state())))
+            block = restored
+    assert alarms_one == alarms_block and alarms_one
+    assert one.state() == block.state()
+
+
+def test_multi_resolution_is_batch_invariant_and_bounded() -> None:
+    from detector.core.summaries import MultiResolution
+
+    y = np.random.default_rng(5).normal(size=30_000)
+    whole = MultiResolution(base=4, per_level=8, levels=4)
+    whole.update_many(y)
+    parts = MultiResolution(base=4, per_level=8, levels=4)
+    for lo, hi in _random_blocks(len(y), 5):
+        parts.update_many(y[lo:hi])
+    assert np.array_equal(whole.sizes, parts.sizes) and np.array_equal(whole.closed, parts.closed)
+    assert np.allclose(whole.blocks, parts.blocks)
+    restored = MultiResolution(base=4, per_level=8, levels=4)
+    restored.load(pickle.loads(pickle.dumps(whole.state())))
+    assert np.array_equal(restored.coarse(3), whole.coarse(3))
+    assert whole.blocks.nbytes == 4 * 8 * 5 * 8  # constant, whatever the run length
+    closed = len(y) // 32 * 32  # the last 16 points are in blocks not closed yet
+    assert np.allclose(whole.coarse(3), y[closed - 8 * 32 : closed].reshape(8, 32).mean(axis=1))
+
+
+def test_plateau_sliding_equals_one_window_at_a_time() -> None:
+    from detector.core.trend import PlateauTest
+
+    rng = np.random.default_rng(6)
+    for mode in ("rel", "abs"):
+        test = PlateauTest(0.05, 20, mode)
+        ramp = np.where(np.arange(400) > 200, 0.05 * np.arange(400), 0)
+        y = 5 + 0.01 * rng.normal(size=400).cumsum() + ramp
+        sliding = test.test_sliding(y)
+        assert all(test.test(y[i : i + 20]) == sliding[i] for i in range(len(y) - 19))
+        assert sliding.is_plateau.any() and not sliding.is_plateau.all()
+
+
+def test_every_detector_class_documents_and_checks_its_settings() -> None:
+    from detector.core.series import SeriesConfig
+    from detector.core.summaries import MultiResolution
+    from detector.core.trend import PlateauTest
+    from detector.errors import InvalidArgument
+
+    for cls in (CusumTrigger, WindowLocaliser, SeriesDetector, SeriesConfig, MultiResolution, PlateauTest,
+                RunDetector):
+        assert cls.__doc__ and len(cls.__doc__) > 40, cls
+    for make in (lambda: CusumTrigger(scale_rate=0), lambda: WindowLocaliser(penalty=0),
+                 lambda: MultiResolution(per_level=3), lambda: PlateauTest(threshold_mode="max"),
+                 lambda: SeriesConfig(window=10), lambda: SeriesConfig(recheck=-1)):
+        with pytest.raises(InvalidArgument):
+            make()
+    # Default settings are shared templates: a detector never mutates them.
+    det = SeriesDetector(SPECS[0])
+    det.update_many(np.arange(300), _signal(1)[:300])
+    assert det.config.trigger.n == 0 and det.trigger is not det.config.trigger
+
+
+def test_state_size_is_constant_in_run_length() -> None:
+    rng = np.random.default_rng(8)
+    sizes = []
+    det = SeriesDetector(SPECS[1])
+    y = 2.0 * (10 + np.arange(200_000)) ** -0.3 * np.exp(rng.normal(0, 0.05, 200_000))
+    for lo in range(0, len(y), 4096):
+        det.update_many(np.arange(lo, min(lo + 4096, len(y))), y[lo : lo + 4096])
+        if lo in (20_480, 102_400, 196_608):
+            sizes.append(len(pickle.dumps(det.state())))
+    assert max(sizes) - min(sizes) < 0.1 * max(sizes), sizes
+    assert det.summaries.closed[0] * det.summaries.base <= len(y) and det.summaries.sizes.max() <= 64
+
+
+def test_synthetic_changes_are_found_where_they_are() -> None:
+    from detector.core import synthetic
+
+    for seed in range(5):
+        y, bkps = synthetic.mean_shifts(n=1200, n_bkps=2, delta=6.0, seed=seed)
+        events = SeriesDetector(SPECS[0]).update_many(np.arange(len(y)), y)
+        cps = {e.step: e.evidence["direction"] for e in events if e.kind is EventKind.CHANGE_POINT}
+        for true, direction in zip(bkps, ("up", "down"), strict=True):
+            near = [s for s in cps if abs(s - true) <= 2]
+            assert near and cps[near[0]] == direction, (seed, bkps, cps)
+            assert all(at >= s for s, at in ((e.step, e.detected_at) for e in events))
+    y, bkps = synthetic.plateau_drop(n=1000, seed=1)
+    events = SeriesDetector(SPECS[1]).update_many(np.arange(len(y)), 10.0**y)
+    cps = [e for e in events if e.kind is EventKind.CHANGE_POINT]
+    drop = [e for e in cps if abs(e.step - bkps[0]) <= 3]
+    assert len(drop) == 1 and drop[0].evidence["direction"] == "down" and len(cps) <= 2
+    plateau = [e for e in events if e.kind in (EventKind.PLATEAU_START, EventKind.PLATEAU_END)]
+    assert plateau[0].kind is EventKind.PLATEAU_START and plateau[0].step < bkps[0]
+    assert plateau[0].evidence["test"] == "slope_equivalence" and "min_delta" in plateau[0].evidence
+
+
+def test_trend_tests_on_bounded_windows_carry_statistics() -> None:
+    from detector.core.trend import THEIL_SEN_MAX_POINTS, adf, kpss, mann_kendall_tau, theil_sen
+
+    rng = np.random.default_rng(9)
+    y = 0.01 * np.arange(3000) + rng.normal(size=3000)
+    ts = theil_sen(y)
+    assert abs(ts.slope - 0.01) < 1e-3 and ts.p_value < 1e-6 and THEIL_SEN_MAX_POINTS == 1000
+    assert mann_kendall_tau(y).statistic > 0.5
+    noise = rng.normal(size=500)
+    assert adf(noise).p_value < 0.01 and kpss(noise).p_value > 0.05

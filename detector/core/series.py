@@ -1,18 +1,25 @@
 """Per-series detection: change points, plateaus and trends on one metric.
 
-A :class:`SeriesDetector` takes ``(step, value)`` points in step order. Non-finite
-values are counted and routed away before any statistic. Finite values are
-mapped to a working scale chosen by the series' role (log scale for losses,
-norms and ranks, whose changes are multiplicative) and feed three parts:
+A :class:`SeriesDetector` takes ``(step, value)`` points in step order, one at a
+time (``update``) or in blocks (``update_many``, vectorised; the same events and
+state whatever the batching). Non-finite values are counted and routed away
+before any statistic. Finite values are mapped to a working scale chosen by the
+series' role (log scale for losses, norms and ranks, whose changes are
+multiplicative) and feed:
 
-* :class:`~detector.core.changepoint.CusumTrigger` on every point, O(1);
-* :class:`~detector.core.changepoint.WindowLocaliser` on the bounded segment
-  window when the trigger alarms (a few hundred points at most);
-* :class:`~detector.core.trend.PlateauTest` on the last ``patience`` points and
-  a Mann–Kendall trend test on the last ``trend_window`` points every
-  ``trend_every`` points.
+* :class:`~detector.core.changepoint.CusumTrigger` on every point, O(1)
+  amortised, scanned over whole blocks in numpy;
+* :class:`~detector.core.changepoint.WindowLocaliser` on the current segment
+  (at most ``window`` points) ``lag`` points after an alarm, and again on each of
+  the next ``recheck`` points while nothing is confirmed, O(window) each;
+* :class:`~detector.core.trend.PlateauTest` on every window of ``patience``
+  points (all windows of a block at once) and a Mann–Kendall trend test on the
+  last ``trend_window`` points every ``trend_every`` points;
+* :class:`~detector.core.summaries.MultiResolution` summaries for horizons
+  beyond the window.
 
-Memory per series is O(``window``), independent of run length.
+Memory per series is O(``window``) plus the constant-size summaries,
+independent of run length.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from detector.core.changepoint import CusumTrigger, WindowLocaliser
-from detector.core.trend import PlateauTest, TrendResult, mann_kendall
+from detector.core.changepoint import CusumTrigger, WindowLocaliser, history_scale, point_noise
+from detector.core.summaries import MultiResolution
+from detector.core.trend import PlateauResult, PlateauTest, TrendResult, mann_kendall
 from detector.core.types import Direction, Event, EventKind, Role, SeriesSpec, Split
 from detector.errors import InvalidArgument
 
@@ -33,30 +41,51 @@ _SYMLOG_EPS = 1e-10
 
 def working_scale(role: Role, value: float) -> float:
     """Map a finite value to the scale its statistics use (symmetric log for multiplicative roles)."""
+    return float(working_scale_many(role, np.array([value], dtype=float))[0])
+
+
+def working_scale_many(role: Role, values: np.ndarray) -> np.ndarray:
+    """:func:`working_scale` of an array of finite values, in numpy."""
     if role in _LOG_ROLES:
-        return math.copysign(math.log10(1.0 + abs(value) / _SYMLOG_EPS), value)
-    return value
+        return np.copysign(np.log10(1.0 + np.abs(values) / _SYMLOG_EPS), values)
+    return np.asarray(values, dtype=float)
 
 
 @dataclass(frozen=True)
 class SeriesConfig:
-    """Settings of one series detector. Plateau margins are on the working scale."""
+    """Settings of one series detector. Plateau margins are on the working scale.
 
-    window: int = 256
+    ``window`` points are kept for localisation (and for the penalty's scale);
+    ``lag`` points after a trigger alarm are waited for before localising, and
+    when nothing is confirmed the window is localised again on each of the next
+    ``recheck`` points (a forecast that adapts to a shift would not alarm twice);
+    ``summary_*`` size the multi-resolution summaries (long horizons).
+    """
+
+    window: int = 1024
     trigger: CusumTrigger = field(default_factory=CusumTrigger)
     localiser: WindowLocaliser = field(default_factory=WindowLocaliser)
+    lag: int = 4
+    recheck: int = 8
     patience: int = 20
     min_delta_log: float = 0.05  # decades, for log-scale roles (abs mode)
     min_delta_accuracy: float = 0.01  # accuracy units (abs mode)
     min_delta_rel: float = 0.05  # other roles (rel mode)
     trend_window: int = 30
     trend_every: int = 5
+    summary_base: int = 16
+    summary_blocks: int = 64
+    summary_levels: int = 8
 
     def __post_init__(self) -> None:
-        if self.window < 2 * self.patience or self.window < self.trend_window:
-            raise InvalidArgument("window must hold at least 2 × patience and trend_window points")
-        if self.trend_every < 1:
-            raise InvalidArgument("trend_every must be at least 1")
+        needed = max(self.patience, self.trend_window, 2 * self.localiser.min_size + 1 + self.lag)
+        if self.window < 2 * needed or self.window % 2:
+            raise InvalidArgument(
+                "window must be even and hold at least "
+                "2 × max(patience, trend_window, 2 × min_size + 1 + lag)"
+            )
+        if self.trend_every < 1 or self.lag < 0 or self.recheck < 0:
+            raise InvalidArgument("trend_every must be at least 1, lag and recheck at least 0")
 
     def plateau_test(self, role: Role) -> PlateauTest:
         if role in _LOG_ROLES:
@@ -66,8 +95,19 @@ class SeriesConfig:
         return PlateauTest(self.min_delta_rel, self.patience, "rel")
 
 
+_CP, _PLATEAU = 0, 1  # event order within one point: change points, then plateaus
+
+
 class SeriesDetector:
-    """Change points, plateaus and trends of one series, one point at a time.
+    """Change points, plateaus and trends of one series, in blocks of points.
+
+    ``update_many`` takes a block: non-finite values are counted and dropped
+    first; the trigger scans the block in numpy and Python runs only at alarms
+    (localisation) and at plateau transitions; the plateau test is evaluated on
+    every sliding window of the block at once; the trend test once per block.
+    ``update`` is the one-point form and gives the same events and state.
+    Cost: O(1) amortised per point plus O(window) per alarm; memory O(window)
+    plus the constant-size summaries, independent of run length.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(2)
@@ -81,15 +121,18 @@ class SeriesDetector:
     def __init__(self, spec: SeriesSpec, config: SeriesConfig | None = None) -> None:
         self.spec = spec
         self.config = config or SeriesConfig()
-        self._plateau = self.config.plateau_test(spec.role)
-        self.trigger = CusumTrigger(**_trigger_settings(self.config.trigger))
-        w = self.config.window
-        self._steps = np.zeros(w, dtype=np.int64)
-        self._values = np.zeros(w, dtype=np.float64)
-        self._size = 0  # points held, oldest at index 0 (shifted on overflow)
-        self._segment_start = 0  # index in the buffer where the current segment starts
+        c = self.config
+        self._plateau = c.plateau_test(spec.role)
+        self.trigger = CusumTrigger(**_trigger_settings(c.trigger))
+        self.summaries = MultiResolution(c.summary_base, c.summary_blocks, c.summary_levels)
+        self._steps = np.zeros(c.window, dtype=np.int64)
+        self._values = np.zeros(c.window, dtype=np.float64)
+        self._size = 0  # points held, oldest at index 0
+        self._segment_start = 0  # finite-point index where the current segment starts
         self._pending_alarm: int | None = None  # points to wait before localising
         self._alarm_statistic = 0.0
+        self._rechecks = 0  # localisations left after an unconfirmed one
+        self._alarm_noise: float | None = None  # point noise at this alarm (for the penalty)
         self.n_finite = 0
         self.n_nonfinite = 0
         self.last_step: int | None = None
@@ -104,41 +147,41 @@ class SeriesDetector:
 
     def update(self, step: int, value: float) -> list[Event]:
         """Take one point; return the events it caused (possibly located earlier)."""
-        self.last_step = step
-        self.last_value = value
-        if not math.isfinite(value):
-            self.n_nonfinite += 1
-            return []
-        if self.n_finite == 0:
-            self.first_value = value
-        self.n_finite += 1
-        self.min_value = min(self.min_value, value)
-        self.max_value = max(self.max_value, value)
-        y = working_scale(self.spec.role, value)
-        self._append(step, y)
-        events: list[Event] = []
-        alarm = self.trigger.update(y)
-        if self._pending_alarm is None and alarm:
-            self._pending_alarm = self.config.localiser.min_size
-            self._alarm_statistic = self.trigger.statistic
-        if self._pending_alarm is not None:
-            self._pending_alarm -= 1
-            if self._pending_alarm <= 0:
-                self._pending_alarm = None
-                events.extend(self._localise(step))
-        events.extend(self._check_plateau(step))
-        if self.n_finite % self.config.trend_every == 0 and self._size >= self.config.trend_window:
-            self.trend = mann_kendall(self._values[self._size - self.config.trend_window : self._size])
-        return events
+        return self.update_many(np.array([step], dtype=np.int64), np.array([value], dtype=float))
 
     def update_many(self, steps: np.ndarray, values: np.ndarray) -> list[Event]:
-        """Equal to calling :meth:`update` on each point in order."""
-        events: list[Event] = []
-        for step, value in zip(
-            np.asarray(steps).tolist(), np.asarray(values, dtype=float).tolist(), strict=True
-        ):
-            events.extend(self.update(step, value))
-        return events
+        """Take a block of points in step order; equal to :meth:`update` on each in turn."""
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        values = np.asarray(values, dtype=float).reshape(-1)
+        if len(steps) != len(values):
+            raise InvalidArgument("steps and values must have the same length")
+        if len(values) == 0:
+            return []
+        self.last_step = int(steps[-1])
+        self.last_value = float(values[-1])
+        finite = np.isfinite(values)
+        self.n_nonfinite += int(len(values) - np.count_nonzero(finite))
+        if not finite.all():
+            steps, values = steps[finite], values[finite]
+        if len(values) == 0:
+            return []
+        if self.n_finite == 0:
+            self.first_value = float(values[0])
+        self.min_value = min(self.min_value, float(values.min()))
+        self.max_value = max(self.max_value, float(values.max()))
+        y = working_scale_many(self.spec.role, values)
+        history = max(self._plateau.patience, self.config.trend_window) - 1
+        prior = min(history, self._size)
+        ext_values = np.concatenate([self._values[self._size - prior : self._size], y])
+        ext_steps = np.concatenate([self._steps[self._size - prior : self._size], steps])
+        n_before = self.n_finite
+
+        tagged = self._change_points(steps, y)
+        tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
+        self._trend(ext_values, prior, n_before)
+        self.summaries.update_many(y)
+        tagged.sort(key=lambda item: (item[0], item[1]))
+        return [event for _, _, event in tagged]
 
     # --- readouts for the labeller ---------------------------------------------
 
@@ -146,91 +189,164 @@ class SeriesDetector:
         """The last ``count`` finite values on the working scale (fewer early on)."""
         return self._values[max(0, self._size - count) : self._size].copy()
 
-    # --- internals -------------------------------------------------------------
+    # --- change points -----------------------------------------------------------
 
-    def _append(self, step: int, y: float) -> None:
+    def _change_points(self, steps: np.ndarray, y: np.ndarray) -> list[tuple[int, int, Event]]:
+        tagged: list[tuple[int, int, Event]] = []
+        base = self.n_finite
+        i, m = 0, len(y)
+        while i < m:
+            if self._pending_alarm is not None:
+                j = min(m, i + self._pending_alarm)
+                self.trigger.absorb(y[i:j])
+                self._append(steps[i:j], y[i:j])
+                self._pending_alarm -= j - i
+            else:
+                hit = self.trigger.scan(y[i:])
+                j = m if hit is None else i + hit + 1
+                self._append(steps[i:j], y[i:j])
+                if hit is not None:
+                    self._alarm_statistic = self.trigger.statistic
+                    self._pending_alarm = self.config.lag
+                    self._rechecks = self.config.recheck
+                    self._alarm_noise = None
+            i = j
+            if self._pending_alarm == 0:
+                found = self._localise(int(steps[j - 1]))
+                tagged += [(base + j - 1, _CP, e) for e in found]
+                if found or self._rechecks == 0:
+                    self._pending_alarm = None
+                    self._rechecks = 0
+                else:
+                    self._rechecks -= 1
+                    self._pending_alarm = 1
+        return tagged
+
+    def _append(self, steps: np.ndarray, y: np.ndarray) -> None:
+        """Append like one point at a time with a half-window shift when full (amortised O(1))."""
+        k = len(y)
+        if k == 0:
+            return
         w = self.config.window
-        if self._size == w:
-            # Shift by half a window at once: amortised O(1) per point.
-            half = w // 2
-            self._steps[: w - half] = self._steps[half:]
-            self._values[: w - half] = self._values[half:]
-            self._size -= half
-            self._segment_start = max(0, self._segment_start - half)
-        self._steps[self._size] = step
-        self._values[self._size] = y
-        self._size += 1
+        total = self.n_finite + k
+        size = total if total <= w else w // 2 + (total - w - 1) % (w // 2) + 1
+        keep = size - k  # old points still held
+        if keep <= 0:
+            self._steps[:size] = steps[k - size :]
+            self._values[:size] = y[k - size :]
+        else:
+            if self._size > keep:
+                self._steps[:keep] = self._steps[self._size - keep : self._size]
+                self._values[:keep] = self._values[self._size - keep : self._size]
+            self._steps[keep:size] = steps
+            self._values[keep:size] = y
+        self._size = size
+        self.n_finite = total
 
     def _localise(self, step: int) -> list[Event]:
-        start = self._segment_start
+        oldest = self.n_finite - self._size
+        start = max(0, self._segment_start - oldest)
         segment = self._values[start : self._size]
-        split = self.config.localiser.locate(segment)
+        held = self._values[: self._size]
+        if self._alarm_noise is None:  # once per alarm (a median); rechecks reuse it
+            self._alarm_noise = point_noise(held)
+        splits = self.config.localiser.locate(segment, history_scale(held), self._alarm_noise)
         statistic = self._alarm_statistic
-        self.trigger.pos = self.trigger.neg = 0.0
-        if split is None or not split.confirmed:
+        self.trigger.clear()
+        if not splits:
             return []
-        index = start + split.index
-        before = float(np.median(segment[: split.index][-10:]))
-        after = float(np.median(segment[split.index :][:10]))
-        self._segment_start = index
-        # Re-warm the trigger on the new segment so it forecasts from the new regime.
-        self.trigger.reset()
-        for y in self._values[index : self._size].tolist():
-            self.trigger.update(y)
-        self.trigger.pos = self.trigger.neg = 0.0
-        located = int(self._steps[index])
-        return [
-            Event(
+        events = []
+        edges = [0, *(s.index for s in splits), len(segment)]
+        for k, split in enumerate(splits):
+            before = float(np.median(segment[edges[k] : split.index][-10:]))
+            after = float(np.median(segment[split.index : edges[k + 2]][:10]))
+            direction = "up" if after > before else "down"
+            located = int(self._steps[start + split.index])
+            events.append(Event(
                 step=located,
                 kind=EventKind.CHANGE_POINT,
                 detected_at=step,
                 series=self.spec.name,
                 confidence=float(min(1.0, split.gain / (2.0 * split.penalty))),
-                message=f"{self.spec.name} changed {'up' if after > before else 'down'} at step {located}",
+                message=f"{self.spec.name} changed {direction} at step {located}",
                 evidence={
                     "test": "cusum+binseg_linear",
                     "cusum_statistic": f"{statistic:.4g}",
                     "cost_gain": f"{split.gain:.4g}",
                     "penalty": f"{split.penalty:.4g}",
                     "noise": f"{split.noise:.4g}",
-                    "direction": "up" if after > before else "down",
+                    "direction": direction,
                     "detected_at_step": str(step),
                 },
-            )
-        ]
+            ))
+        index = start + splits[-1].index
+        self._segment_start = oldest + index
+        # Re-warm the trigger on the new segment so it forecasts from the new regime.
+        self.trigger.reset()
+        self.trigger.absorb(self._values[index : self._size])
+        self.trigger.clear()
+        return events
 
-    def _check_plateau(self, step: int) -> list[Event]:
+    # --- plateaus and trends -------------------------------------------------------
+
+    def _plateaus(self, ext_steps: np.ndarray, ext_values: np.ndarray, prior: int,
+                  n_before: int) -> list[tuple[int, int, Event]]:
         p = self._plateau.patience
-        if self._size < p:
+        skip = max(0, prior - (p - 1))  # windows ending before this block were tested already
+        ext_steps, ext_values, prior, n_before = ext_steps[skip:], ext_values[skip:], prior - skip, n_before
+        if len(ext_values) < p:
             return []
-        result = self._plateau.test(self._values[self._size - p : self._size])
-        started = not self.in_plateau and result.is_plateau
-        # Hysteresis: a plateau ends only when the change is significantly beyond the margin.
-        ended = self.in_plateau and (result.ci_low > result.bound or result.ci_high < -result.bound)
-        if not (started or ended):
-            return []
-        self.in_plateau = started
+        result = self._plateau.test_sliding(ext_values)
+        # Window w ends at ext index w + p - 1, i.e. finite point n_before - prior + w + p - 1.
+        first_end = n_before - prior + p - 1
+        starts = result.is_plateau
+        ends = (result.ci_low > result.bound) | (result.ci_high < -result.bound)
+        tagged: list[tuple[int, int, Event]] = []
+        w = 0
+        while True:
+            candidates = ends if self.in_plateau else starts
+            hits = np.flatnonzero(candidates[w:])
+            if len(hits) == 0:
+                break
+            w += int(hits[0])
+            started = not self.in_plateau
+            self.in_plateau = started
+            step = int(ext_steps[w + p - 1])
+            located = int(ext_steps[w]) if started else step
+            tagged.append((first_end + w, _PLATEAU, self._plateau_event(result[w], started, located, step)))
+            w += 1
+        return tagged
+
+    def _plateau_event(self, result: PlateauResult, started: bool, located: int, step: int) -> Event:
         kind = EventKind.PLATEAU_START if started else EventKind.PLATEAU_END
-        located = int(self._steps[self._size - p]) if started else step
-        return [
-            Event(
-                step=located,
-                kind=kind,
-                detected_at=step,
-                series=self.spec.name,
-                confidence=0.95,
-                message=f"{self.spec.name} {'reached a plateau' if started else 'left its plateau'}",
-                evidence={
-                    "test": "slope_equivalence",
-                    "slope": f"{result.slope:.4g}",
-                    "change_ci_low": f"{result.ci_low:.4g}",
-                    "change_ci_high": f"{result.ci_high:.4g}",
-                    "min_delta": f"{result.bound:.4g}",
-                    "patience": str(p),
-                    "detected_at_step": str(step),
-                },
-            )
-        ]
+        return Event(
+            step=located,
+            kind=kind,
+            detected_at=step,
+            series=self.spec.name,
+            confidence=0.95,
+            message=f"{self.spec.name} {'reached a plateau' if started else 'left its plateau'}",
+            evidence={
+                "test": "slope_equivalence",
+                "slope": f"{result.slope:.4g}",
+                "change_ci_low": f"{result.ci_low:.4g}",
+                "change_ci_high": f"{result.ci_high:.4g}",
+                "min_delta": f"{result.bound:.4g}",
+                "threshold_mode": self._plateau.threshold_mode,
+                "patience": str(self._plateau.patience),
+                "detected_at_step": str(step),
+            },
+        )
+
+    def _trend(self, ext_values: np.ndarray, prior: int, n_before: int) -> None:
+        """Mann–Kendall on the last ``trend_window`` points, as of the last multiple of
+        ``trend_every`` in the block (earlier ones would be overwritten unread)."""
+        every, window = self.config.trend_every, self.config.trend_window
+        last = (self.n_finite // every) * every  # finite count at the last due point
+        if last <= n_before or last < window:
+            return
+        end = prior + (last - n_before)  # ext index just past that point
+        self.trend = mann_kendall(ext_values[end - window : end])
 
     # --- checkpoints -------------------------------------------------------------
 
@@ -239,12 +355,14 @@ class SeriesDetector:
         return {
             "spec": asdict(self.spec),
             "trigger": self.trigger.state(),
+            "summaries": self.summaries.state(),
             "steps": self._steps[: self._size].copy(),
             "values": self._values[: self._size].copy(),
             "scalars": {
                 k: getattr(self, k)
                 for k in (
-                    "_segment_start", "_pending_alarm", "_alarm_statistic", "n_finite",
+                    "_segment_start", "_pending_alarm", "_alarm_statistic", "_rechecks", "_alarm_noise",
+                    "n_finite",
                     "n_nonfinite", "last_step", "last_value", "first_value", "min_value",
                     "max_value", "in_plateau", "trend",
                 )
@@ -260,6 +378,8 @@ class SeriesDetector:
             config,
         )
         det.trigger.load(state["trigger"])
+        if "summaries" in state:
+            det.summaries.load(state["summaries"])
         size = len(state["steps"])
         det._steps[:size] = state["steps"]
         det._values[:size] = state["values"]
@@ -271,4 +391,3 @@ class SeriesDetector:
 
 def _trigger_settings(trigger: CusumTrigger) -> dict:
     return {k: getattr(trigger, k) for k in ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate")}
-

@@ -1,0 +1,100 @@
+"""Amortised cost per point and memory per series of the series detector.
+
+Feeds one series of n points (n = 10³ … 10⁶) to a default
+:class:`~detector.core.series.SeriesDetector` through ``update_many`` in
+columnar batches (``--batch`` points, 1 024 by default, as the gRPC path
+delivers them) and reports the wall time per point and the bytes the detector
+holds: its pickled checkpoint (``state()``) and its numpy buffers. Two signals:
+a noisy power-law training loss (role ``loss``) with a spike and a level drop
+every 100 000 points, and stationary Gaussian noise (role ``other``). The
+per-point ``update`` path is timed on the first 10⁴ points for reference.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from detector.core.series import SeriesDetector
+from detector.core.types import Direction, EventKind, Role, SeriesSpec, Split
+
+LOSS = SeriesSpec("train_loss", Role.LOSS, Split.TRAIN, Direction.MINIMIZE)
+NOISE = SeriesSpec("value", Role.OTHER, Split.TRAIN, Direction.MINIMIZE)
+
+
+def training_loss(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n, dtype=float)
+    y = 3.0 * (10.0 + t) ** -0.3 * np.exp(rng.normal(0.0, 0.05, n))
+    for start in range(50_000, n, 100_000):
+        y[start : start + 5] *= 20.0  # a transient spike
+        y[start + 25_000 :] *= 0.5  # a drop that stays
+    return y
+
+
+def nbytes(det: SeriesDetector) -> tuple[int, int]:
+    """(pickled checkpoint bytes, bytes of the detector's numpy buffers)."""
+    arrays = [det._steps, det._values, det.summaries.blocks, det.trigger.zi, det.trigger.zs]
+    return len(pickle.dumps(det.state())), sum(a.nbytes for a in arrays)
+
+
+def measure(spec: SeriesSpec, y: np.ndarray, batch: int) -> dict:
+    det = SeriesDetector(spec)
+    steps = np.arange(len(y), dtype=np.int64)
+    events = 0
+    start = time.perf_counter()
+    for lo in range(0, len(y), batch):
+        events += sum(e.kind is EventKind.CHANGE_POINT for e in det.update_many(steps[lo : lo + batch],
+                                                                                y[lo : lo + batch]))
+    seconds = time.perf_counter() - start
+    state, buffers = nbytes(det)
+    return {"points": len(y), "us_per_point": 1e6 * seconds / len(y), "change_points": events,
+            "state_bytes": state, "buffer_bytes": buffers}
+
+
+def measure_update(spec: SeriesSpec, y: np.ndarray) -> float:
+    det = SeriesDetector(spec)
+    start = time.perf_counter()
+    for i, v in enumerate(y.tolist()):
+        det.update(i, v)
+    return 1e6 * (time.perf_counter() - start) / len(y)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cost", description=__doc__.split("\n")[0])
+    parser.add_argument("--max-exp", type=int, default=6, help="largest n is 10**MAX_EXP (default 6)")
+    parser.add_argument("--batch", type=int, default=1024, help="points per update_many call (default 1024)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write all numbers to OUT")
+    args = parser.parse_args(argv)
+    doc: dict = {"batch": args.batch, "update_many": {}, "update_us_per_point": {}}
+    print(f"SeriesDetector cost, update_many in batches of {args.batch} points")
+    print(f"  {'signal':<14} {'n':>9} {'µs/point':>9} {'#cp':>5} {'state B':>8} {'buffers B':>9}")
+    for name, spec, make in (("training_loss", LOSS, training_loss),
+                             ("noise", NOISE, lambda n: np.random.default_rng(1).normal(size=n))):
+        rows = []
+        for exp in range(3, args.max_exp + 1):
+            r = measure(spec, make(10**exp), args.batch)
+            rows.append(r)
+            print(f"  {name:<14} {r['points']:>9} {r['us_per_point']:>9.3f} {r['change_points']:>5}"
+                  f" {r['state_bytes']:>8} {r['buffer_bytes']:>9}")
+        doc["update_many"][name] = rows
+        doc["update_us_per_point"][name] = measure_update(spec, make(10_000))
+    print("update() one point at a time, first 10⁴ points: "
+          + ", ".join(f"{k} {v:.1f} µs/point" for k, v in doc["update_us_per_point"].items()))
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
