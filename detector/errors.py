@@ -21,6 +21,14 @@ class FailedPrecondition(PhasewatchError):
     """The request is valid but the run is not in a state to take it."""
 
 
+class Aborted(PhasewatchError):
+    """A conflict with another writer (a run owned by another replica); retry later."""
+
+
+class Unavailable(PhasewatchError):
+    """A dependency (the store) cannot be reached now; retry later."""
+
+
 class Unauthenticated(PhasewatchError):
     """Missing or wrong credentials."""
 

@@ -1,23 +1,88 @@
-"""The SQLite store, alone and under a restarted server."""
+"""The stores, alone and under a restarted server: one suite, SQLite and PostgreSQL.
+
+Tests taking the ``backend`` fixture run against both; each PostgreSQL test
+gets a fresh schema on the test server (``tests/pg.py``).
+"""
 
 from __future__ import annotations
 
+import pickle
 import sqlite3
 import threading
+import zlib
+from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
 from detector.core.types import Event, EventKind, Phase, Segment
-from detector.engine import Engine, RunStatus
-from detector.errors import FailedPrecondition, InvalidArgument
+from detector.engine import Engine, RunStatus, Store
+from detector.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from detector.logfile import iter_batches, read_log
 from detector.server import create_server
 from detector.store import SqliteStore, default_store_url, open_store
 from detector.store.sqlite import SCHEMA_VERSION
+from tests.helpers import shared_dir
+from tests.pg import fresh_schema, terminate_backend
 
 TIMEOUT = 10.0
+
+
+class Backend:
+    """One store URL and a way to open stores on it; every store opened is closed."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name = name
+        self.url = url
+        self.opened: list[Store] = []
+
+    def open(self, **options: object) -> Store:
+        if self.name == "sqlite":
+            store: Store = SqliteStore(self.url.removeprefix("sqlite:///"), **options)
+        else:
+            from detector.store.postgres import PostgresStore
+
+            store = PostgresStore(self.url, **options)
+        self.opened.append(store)
+        return store
+
+    def set_schema_version(self, version: int) -> None:
+        if self.name == "sqlite":
+            with sqlite3.connect(self.url.removeprefix("sqlite:///")) as conn:
+                conn.execute(f"PRAGMA user_version = {version}")
+        else:
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute("CREATE TABLE phasewatch_schema (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO phasewatch_schema VALUES (%s)", (version,))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        backend = Backend("sqlite", f"sqlite:///{tmp_path / 'pw.db'}")
+        yield backend
+        for store in backend.opened:
+            store.close()
+        return
+    with fresh_schema() as url:
+        backend = Backend("postgres", url)
+        yield backend
+        for store in backend.opened:
+            store.close()
+
+
+@pytest.fixture
+def postgres() -> Iterator[Backend]:
+    with fresh_schema() as url:
+        backend = Backend("postgres", url)
+        yield backend
+        for store in backend.opened:
+            store.close()
 
 
 def _status(run_id: str, **changes) -> RunStatus:
@@ -44,7 +109,7 @@ EVENTS = [
 SEGMENTS = [Segment(0, 40, Phase.INSTABILITY, 0.5), Segment(40, 100, Phase.ABSTRACTION, 0.75)]
 
 
-def _fill(store: SqliteStore) -> None:
+def _fill(store: Store) -> None:
     store.upsert_run(_status("run-1"))
     store.upsert_run(_status("run-0", phase=None, last_step=-1, labels={}))
     store.add_events("run-1", EVENTS[:2])
@@ -54,7 +119,7 @@ def _fill(store: SqliteStore) -> None:
     store.replace_segments("run-1", SEGMENTS)  # replaces, not appends
 
 
-def _check(store: SqliteStore) -> None:
+def _check(store: Store) -> None:
     run = store.get_run("run-1")
     assert run == _status("run-1", recent_events=tuple(EVENTS))
     assert [r.run_id for r in store.list_runs()] == ["run-0", "run-1"]
@@ -69,42 +134,48 @@ def test_round_trip_in_memory():
     store = SqliteStore(":memory:")
     _fill(store)
     _check(store)
+    store.close()
+
+
+def test_round_trip(backend: Backend):
+    store = backend.open()
+    _fill(store)
+    _check(store)
     store.upsert_run(_status("run-1", ended=True, phase=Phase.COLLAPSE, last_step=120))
     updated = store.get_run("run-1")
     assert (updated.ended, updated.phase, updated.last_step) == (True, Phase.COLLAPSE, 120)
-    store.close()
 
 
-def test_round_trip_survives_reopen(tmp_path):
-    path = tmp_path / "nested" / "phasewatch.db"
-    store = open_store(f"sqlite:///{path}")
+def test_round_trip_survives_reopen(backend: Backend):
+    store = backend.open()
     _fill(store)
     store.close()
-    reopened = open_store(f"sqlite:///{path}")
-    _check(reopened)
-    reopened.close()
+    _check(backend.open())
+
+
+def test_sqlite_file_is_versioned_wal_in_a_created_directory(tmp_path):
+    path = tmp_path / "nested" / "phasewatch.db"
+    open_store(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_recent_events_are_the_last_ones():
-    store = SqliteStore(":memory:", recent_events=2)
+def test_recent_events_are_the_last_ones(backend: Backend):
+    store = backend.open(recent_events=2)
     store.upsert_run(_status("r"))
     store.add_events("r", EVENTS)
     assert store.get_run("r").recent_events == tuple(EVENTS[1:])
 
 
-def test_newer_schema_is_refused(tmp_path):
-    path = tmp_path / "future.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(FailedPrecondition, match="schema version"):
-        SqliteStore(path)
+def test_newer_schema_is_refused(backend: Backend):
+    backend.set_schema_version(99)
+    with pytest.raises(FailedPrecondition, match="schema version 99"):
+        backend.open()
 
 
-def test_many_threads_write_safely():
-    store = SqliteStore(":memory:")
+def test_many_threads_write_safely(backend: Backend):
+    store = backend.open()
 
     def writer(i: int) -> None:
         for j in range(20):
@@ -133,8 +204,7 @@ def test_memory_urls(url):
 @pytest.mark.parametrize(
     "url, match",
     [
-        ("postgresql://user:secret@db/phasewatch", "PostgreSQL"),
-        ("postgres://db/phasewatch", "postgres"),
+        ("postgresql://user:secret@127.0.0.1/db?bogus=1", "bogus"),
         ("mysql://db", "unsupported"),
         ("/tmp/x.db", "unsupported"),
     ],
@@ -155,11 +225,16 @@ def test_default_url_is_a_file_under_the_user_data_dir(monkeypatch, tmp_path):
     store.close()
 
 
-def test_server_restart_on_the_same_file_keeps_runs(tmp_path):
-    url = f"sqlite:///{tmp_path / 'pw.db'}"
+def test_unreachable_postgres_is_unavailable_without_the_password():
+    # Port 1 on loopback: refused at once, no DNS, no timeout.
+    with pytest.raises(Unavailable, match="127.0.0.1") as info:
+        open_store("postgresql://user:secret@127.0.0.1:1/phasewatch")
+    assert "secret" not in str(info.value) and "***" in str(info.value)
 
-    def start() -> tuple[grpc.Server, grpc.Channel, SqliteStore, Engine]:
-        store = open_store(url)
+
+def test_server_restart_on_the_same_store_keeps_runs(backend: Backend):
+    def start() -> tuple[grpc.Server, grpc.Channel, Store, Engine]:
+        store = backend.open()
         engine = Engine(store=store)
         server, port = create_server(engine)
         return server, grpc.insecure_channel(f"127.0.0.1:{port}"), store, engine
@@ -208,3 +283,211 @@ def test_server_restart_on_the_same_file_keeps_runs(tmp_path):
         channel.close()
         server.stop(None)
         store.close()
+
+
+# --- checkpoints ---------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_with_its_batch(backend: Backend):
+    store = backend.open()
+    assert store.load_checkpoint("run-1") is None
+    store.save_checkpoint("run-1", b"state-1", 40, status=_status("run-1"), events=EVENTS[:1],
+                          segments=SEGMENTS[:1])
+    store.save_checkpoint("run-1", b"\x00state-2\xff", 99, events=EVENTS[1:], segments=SEGMENTS)
+    store.save_checkpoint("run-0", b"other", 3)
+    store.close()
+    store = backend.open()
+    assert store.load_checkpoint("run-1") == (b"\x00state-2\xff", 99)  # replaced, bytes intact
+    assert store.load_checkpoint("run-0") == (b"other", 3)
+    assert store.get_events("run-1") == EVENTS and store.get_segments("run-1") == SEGMENTS
+    assert store.get_run("run-1") == _status("run-1", recent_events=tuple(EVENTS))
+
+
+class _FailingStore:
+    """A store whose next ``save_checkpoint`` fails, as a dropped connection would."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.fail_next = False
+        self.shared = inner.shared
+
+    def save_checkpoint(self, *args, **kwargs) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise Unavailable("store is down")
+        self.inner.save_checkpoint(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def _timeline(engine: Engine, run_id: str) -> tuple:
+    segments, events = engine.timeline(run_id)
+    return segments, [(e.step, e.kind, e.series, e.detected_at, e.confidence, e.evidence)
+                      for e in events]
+
+
+def _grok_batches(size: int) -> list:
+    return list(iter_batches(read_log(shared_dir("runs", "grok_add_0.jsonl")), size))
+
+
+def _reference(batches: list) -> tuple:
+    engine = Engine()
+    for batch in batches:
+        engine.ingest("ref", batch)
+    engine.end_run("ref")
+    return _timeline(engine, "ref")
+
+
+def test_a_new_process_resumes_from_the_checkpoint(backend: Backend):
+    """Replica A dies mid-run; B, on the same store, restores A's checkpoint and the
+    client's replay of unacknowledged batches: the timeline is the uninterrupted one."""
+    batches = _grok_batches(97)
+    expected = _reference(batches)
+    a = Engine(store=backend.open(), replica="A")
+    claim = a.claim("grok")
+    a.start_run("grok", labels={"team": "x"})
+    cut = len(batches) // 2
+    acked = -1
+    for batch in batches[:cut]:
+        acked = a.ingest("grok", batch).through_step
+    assert backend.opened[0].load_checkpoint("grok")[1] == acked  # ack == checkpoint
+    del a, claim  # no end, no release: a crash; closing the store ends its sessions
+    backend.opened[0].close()
+
+    b = Engine(store=backend.open(), replica="B")
+    with_claim = b.claim("grok")
+    status = b.start_run("grok", labels={"team": "x"}, resume=True)
+    assert status.last_step >= acked and status.labels == {"team": "x"}
+    # The client replays from the first batch not wholly acknowledged.
+    replay_from = next(i for i, batch in enumerate(batches)
+                       if max(int(np.max(s)) for s, _ in batch.values()) > acked)
+    assert replay_from < cut
+    results = [b.ingest("grok", batch) for batch in batches[replay_from:]]
+    assert sum(r.rejected for r in results) == 0
+    b.end_run("grok")
+    assert _timeline(b, "grok") == expected
+    with_claim.release()
+    # Queries answer from the store once the run has left memory (or from memory).
+    c = Engine(store=backend.open(), replica="C")
+    assert _timeline(c, "grok") == expected
+    assert c.status("grok").ended and c.status("grok").last_step == 416 * 10
+
+
+def test_a_failed_store_write_drops_the_run_and_the_replay_repairs_it(backend: Backend):
+    batches = _grok_batches(64)
+    expected = _reference(batches)
+    store = _FailingStore(backend.open())
+    engine = Engine(store=store)
+    acked = -1
+    for i, batch in enumerate(batches):
+        if i == len(batches) // 3:
+            store.fail_next = True
+            with pytest.raises(Unavailable):
+                engine.ingest("grok", batch)
+            assert engine.snapshot().runs == ()  # ahead of its checkpoint: dropped
+            assert store.load_checkpoint("grok")[1] == acked
+        result = engine.ingest("grok", batch)  # restored from the checkpoint, then resent
+        assert result.rejected == 0
+        acked = result.through_step
+    engine.end_run("grok")
+    assert _timeline(engine, "grok") == expected
+
+
+def test_checkpoint_is_versioned(backend: Backend):
+    store = backend.open()
+    store.save_checkpoint("old", zlib.compress(pickle.dumps({"version": 0})), 5)
+    with pytest.raises(FailedPrecondition, match="checkpoint version 0"):
+        Engine(store=store).start_run("old")
+    store.save_checkpoint("torn", b"not a checkpoint", 5)
+    with pytest.raises(FailedPrecondition, match="unreadable checkpoint"):
+        Engine(store=store).start_run("torn")
+
+
+# --- ownership -----------------------------------------------------------------
+
+
+def test_sqlite_claims_are_always_granted(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'pw.db'}")
+    assert not store.shared
+    first, second = store.claim_run("r", "A"), store.claim_run("r", "B")
+    assert first.release() and second.release()
+    store.close()
+
+
+def test_postgres_ownership_is_exclusive_and_names_the_owner(postgres: Backend):
+    a, b = postgres.open(), postgres.open()
+    assert a.shared
+    claim = a.claim_run("run-x", "replica-a:50051")
+    again = a.claim_run("run-x", "replica-a:50051")  # the same process: stacked
+    with pytest.raises(Aborted, match=r"owned by replica replica-a:50051 \(since "):
+        b.claim_run("run-x", "replica-b:50051")
+    other = b.claim_run("run-y", "replica-b:50051")  # other runs are free
+    assert claim.release() is False  # one claim still open
+    with pytest.raises(Aborted):
+        b.claim_run("run-x", "replica-b:50051")
+    assert again.release() is True and again.release() is True  # idempotent
+    taken = b.claim_run("run-x", "replica-b:50051")
+    assert b.owner_of("run-x")[:2] == ("replica-b:50051", 2)
+    taken.release()
+    other.release()
+
+
+def test_postgres_a_dead_owner_session_frees_its_runs_and_is_fenced(postgres: Backend):
+    a, b = postgres.open(), postgres.open()
+    a.claim_run("run-x", "A")
+    a.save_checkpoint("run-x", b"from-a", 10)
+    with pytest.raises(Aborted):
+        b.claim_run("run-x", "B")
+    terminate_backend(a._lock_conn.info.backend_pid)  # A's lock session dies; A lives on
+    b.claim_run("run-x", "B")  # at once: PostgreSQL released A's lock with its session
+    b.save_checkpoint("run-x", b"from-b", 20)
+    # A does not know yet; its next write must not overwrite B's checkpoint.
+    with pytest.raises(Aborted, match="taken over by replica 'B'"):
+        a.save_checkpoint("run-x", b"stale", 11)
+    assert b.load_checkpoint("run-x") == (b"from-b", 20)
+
+
+def test_postgres_store_closing_releases_claims(postgres: Backend):
+    a, b = postgres.open(), postgres.open()
+    a.claim_run("run-x", "A")
+    a.close()
+    b.claim_run("run-x", "B").release()
+
+
+def test_a_stream_open_on_one_replica_is_refused_by_another(postgres: Backend):
+    servers = []
+    for name in ("A", "B"):
+        engine = Engine(store=postgres.open(), replica=f"replica-{name}")
+        server, port = create_server(engine)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        servers.append((server, channel, pb_grpc.PhaseDetectorStub(channel)))
+    try:
+        (_, _, stub_a), (_, _, stub_b) = servers
+        start = pb.StreamRequest(start=pb.RunStart(run_id="shared-run"))
+        gate = threading.Event()
+
+        def held() -> Iterator[pb.StreamRequest]:
+            yield start
+            gate.wait(TIMEOUT)  # keep A's stream open
+
+        open_stream = stub_a.Stream(held(), timeout=TIMEOUT)
+        assert next(open_stream).ack.through_step == -1
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub_b.Stream(iter([start]), timeout=TIMEOUT))
+        assert info.value.code() == grpc.StatusCode.ABORTED
+        assert "replica-A" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub_b.Log(pb.LogRequest(run_id="shared-run"), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.ABORTED
+        # Queries answer from any replica.
+        assert stub_b.GetPhase(pb.GetPhaseRequest(run_id="shared-run"), timeout=TIMEOUT).run_id
+        gate.set()
+        assert [r.WhichOneof("msg") for r in open_stream] == ["ack"]  # the half-close flush
+        # A's stream has ended: B may take the run now.
+        responses = list(stub_b.Stream(iter([start]), timeout=TIMEOUT))
+        assert [r.WhichOneof("msg") for r in responses] == ["ack", "ack"]
+    finally:
+        for server, channel, _ in servers:
+            channel.close()
+            server.stop(None)

@@ -1,4 +1,4 @@
-"""Stores: where runs, events and segments survive restarts.
+"""Stores: where runs, events, segments and checkpoints survive restarts.
 
 ``open_store(url)`` picks the backend from the URL scheme:
 
@@ -7,7 +7,8 @@
   ``sqlite:////var/lib/phasewatch.db`` absolute, as in SQLAlchemy);
 - ``sqlite://``, ``sqlite://:memory:`` or ``sqlite:///:memory:``: in memory,
   gone when closed (for tests and demos);
-- ``postgresql://…``: not available yet.
+- ``postgresql://…`` or ``postgres://…``: PostgreSQL (libpq URL), shared by
+  replicas; needs the ``postgres`` extra (``pip install 'phasewatch[postgres]'``).
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ def open_store(url: str | None) -> Store:
     if url.startswith("sqlite:///"):
         return SqliteStore(url.removeprefix("sqlite:///"))
     scheme = url.partition("://")[0].lower()
-    if scheme.startswith(("postgresql", "postgres")):
-        raise InvalidArgument(
-            f"store {_redact(url)!r}: the PostgreSQL store is not available yet "
-            "(it will need the 'postgres' extra: pip install 'phasewatch[postgres]'); "
-            "use sqlite:///PATH"
-        )
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from detector.store.postgres import PostgresStore
+        except ImportError as error:  # psycopg is an optional dependency
+            raise InvalidArgument(
+                f"store {_redact(url)!r}: the PostgreSQL store needs psycopg "
+                f"({error}): pip install 'phasewatch[postgres]'"
+            ) from None
+        return PostgresStore(url)
     raise InvalidArgument(
         f"store {_redact(url)!r}: unsupported URL; use sqlite:///PATH, sqlite://:memory: "
         "or postgresql://…"

@@ -1,22 +1,35 @@
-"""SQLite store: runs, events and segments that survive a restart.
+"""SQLite store: runs, events, segments and checkpoints that survive a restart.
 
 One connection, guarded by one lock: SQLite serialises writers anyway, and a
 single connection keeps ``:memory:`` databases shared between threads. File
 databases use WAL so readers (other processes, ``sqlite3`` in a shell) do not
 block the detector's writes.
+
+SQLite serves one detector process (``shared = False``): run claims always
+succeed, and nothing else writes the runs.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from detector.core.types import Event, EventKind, Phase, Segment
+from detector.core.types import Event, Segment
 from detector.engine import RunStatus
 from detector.errors import FailedPrecondition
+from detector.store.rows import (
+    EVENT_COLUMNS,
+    RUN_COLUMNS,
+    event_from_row,
+    event_row,
+    run_from_row,
+    run_row,
+    segment_from_row,
+    segment_rows,
+)
 
 # Each entry upgrades the schema from version i to i + 1 (PRAGMA user_version).
 # Append new migrations; never edit one that has shipped.
@@ -55,12 +68,17 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, ordinal)
     );
     """,
+    """
+    CREATE TABLE checkpoints (
+        run_id TEXT PRIMARY KEY,
+        through_step INTEGER NOT NULL,
+        state BLOB NOT NULL,           -- pickled engine run state (detector.engine._Run)
+        saved_at REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
-
-_RUN_COLUMNS = "run_id, labels, phase, since_step, confidence, last_step, ended, updated_at"
-_EVENT_COLUMNS = "step, detected_at, kind, series, confidence, message, phase, evidence"
 
 
 class SqliteStore:
@@ -70,12 +88,15 @@ class SqliteStore:
     ``recent_events`` is how many of a run's last events ``get_run`` returns
     as ``recent_events``; ``list_runs`` returns none, to stay one cheap query.
 
+    >>> from detector.core.types import EventKind
     >>> store = SqliteStore(":memory:")
     >>> store.add_events("r", [Event(step=5, kind=EventKind.CHANGE_POINT, detected_at=9)])
     >>> [e.step for e in store.get_events("r")]
     [5]
     >>> store.close()
     """
+
+    shared = False  # one process: claims always succeed
 
     def __init__(self, path: str | Path, *, recent_events: int = 20) -> None:
         path = str(path)
@@ -114,90 +135,108 @@ class SqliteStore:
     # --- writes -------------------------------------------------------------
 
     def upsert_run(self, status: RunStatus) -> None:
-        row = (
-            status.run_id,
-            json.dumps(dict(status.labels), sort_keys=True),
-            None if status.phase is None else status.phase.value,
-            status.since_step,
-            status.confidence,
-            status.last_step,
-            int(status.ended),
-            status.updated_at,
-        )
         with self._lock, self._conn:
-            self._conn.execute(
-                f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (run_id) DO UPDATE SET labels = excluded.labels, "
-                "phase = excluded.phase, since_step = excluded.since_step, "
-                "confidence = excluded.confidence, last_step = excluded.last_step, "
-                "ended = excluded.ended, updated_at = excluded.updated_at",
-                row,
-            )
+            self._upsert_run(status)
 
     def add_events(self, run_id: str, events: Sequence[Event]) -> None:
-        rows = [
-            (
-                run_id,
-                e.step,
-                e.detected_at,
-                e.kind.value,
-                e.series,
-                e.confidence,
-                e.message,
-                None if e.phase is None else e.phase.value,
-                json.dumps(e.evidence, sort_keys=True),
-            )
-            for e in events
-        ]
         with self._lock, self._conn:
-            self._conn.executemany(
-                f"INSERT INTO events (run_id, {_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            self._add_events(run_id, events)
 
     def replace_segments(self, run_id: str, segments: Sequence[Segment]) -> None:
-        rows = [
-            (run_id, i, s.start_step, s.end_step, s.phase.value, s.confidence)
-            for i, s in enumerate(segments)
-        ]
         with self._lock, self._conn:  # one transaction: readers never see a half timeline
-            self._conn.execute("DELETE FROM segments WHERE run_id = ?", (run_id,))
-            self._conn.executemany(
-                "INSERT INTO segments (run_id, ordinal, start_step, end_step, phase, confidence) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
+            self._replace_segments(run_id, segments)
+
+    def save_checkpoint(
+        self,
+        run_id: str,
+        blob: bytes,
+        through_step: int,
+        *,
+        status: RunStatus | None = None,
+        events: Sequence[Event] = (),
+        segments: Sequence[Segment] | None = None,
+    ) -> None:
+        """Store a checkpoint with the status, events and segments it goes with, atomically."""
+        with self._lock, self._conn:
+            if status is not None:
+                self._upsert_run(status)
+            self._add_events(run_id, events)
+            if segments is not None:
+                self._replace_segments(run_id, segments)
+            self._conn.execute(
+                "INSERT INTO checkpoints (run_id, through_step, state, saved_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                "through_step = excluded.through_step, state = excluded.state, "
+                "saved_at = excluded.saved_at",
+                (run_id, through_step, blob, time.time()),
             )
+
+    def load_checkpoint(self, run_id: str) -> tuple[bytes, int] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT state, through_step FROM checkpoints WHERE run_id = ?", (run_id,)
+            ).fetchone()
+        return None if row is None else (bytes(row[0]), row[1])
+
+    def claim_run(self, run_id: str, owner: str) -> _LocalClaim:
+        """Always granted: only this process writes a SQLite store."""
+        return _LocalClaim()
+
+    def _upsert_run(self, status: RunStatus) -> None:
+        self._conn.execute(
+            f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (run_id) DO UPDATE SET labels = excluded.labels, "
+            "phase = excluded.phase, since_step = excluded.since_step, "
+            "confidence = excluded.confidence, last_step = excluded.last_step, "
+            "ended = excluded.ended, updated_at = excluded.updated_at",
+            run_row(status),
+        )
+
+    def _add_events(self, run_id: str, events: Sequence[Event]) -> None:
+        if events:
+            self._conn.executemany(
+                f"INSERT INTO events (run_id, {EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, *event_row(e)) for e in events],
+            )
+
+    def _replace_segments(self, run_id: str, segments: Sequence[Segment]) -> None:
+        self._conn.execute("DELETE FROM segments WHERE run_id = ?", (run_id,))
+        self._conn.executemany(
+            "INSERT INTO segments (run_id, ordinal, start_step, end_step, phase, confidence) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            segment_rows(run_id, segments),
+        )
 
     # --- reads --------------------------------------------------------------
 
     def get_run(self, run_id: str) -> RunStatus | None:
         with self._lock:
             row = self._conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
             if row is None:
                 return None
             recent = self._conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY id DESC LIMIT ?",
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY id DESC LIMIT ?",
                 (run_id, self.recent_events),
             ).fetchall()
-        return _run(row, tuple(_event(r) for r in reversed(recent)))
+        return run_from_row(row, tuple(event_from_row(r) for r in reversed(recent)))
 
     def list_runs(self) -> list[RunStatus]:
         """Every stored run, by run id, without recent events. O(runs)."""
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY run_id"
+                f"SELECT {RUN_COLUMNS} FROM runs ORDER BY run_id"
             ).fetchall()
-        return [_run(row, ()) for row in rows]
+        return [run_from_row(row, ()) for row in rows]
 
     def get_events(self, run_id: str) -> list[Event]:
         """A run's events in the order they were added."""
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY id", (run_id,)
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY id", (run_id,)
             ).fetchall()
-        return [_event(r) for r in rows]
+        return [event_from_row(r) for r in rows]
 
     def get_segments(self, run_id: str) -> list[Segment]:
         with self._lock:
@@ -206,7 +245,7 @@ class SqliteStore:
                 "WHERE run_id = ? ORDER BY ordinal",
                 (run_id,),
             ).fetchall()
-        return [Segment(start, end, Phase(phase), conf) for start, end, phase, conf in rows]
+        return [segment_from_row(row) for row in rows]
 
     def close(self) -> None:
         """Close the connection; idempotent."""
@@ -217,30 +256,7 @@ class SqliteStore:
         return f"SqliteStore({self.path!r})"
 
 
-def _run(row: tuple, recent: tuple[Event, ...]) -> RunStatus:
-    run_id, labels, phase, since, confidence, last, ended, updated = row
-    return RunStatus(
-        run_id=run_id,
-        labels=json.loads(labels),
-        phase=None if phase is None else Phase(phase),
-        since_step=since,
-        confidence=confidence,
-        last_step=last,
-        ended=bool(ended),
-        recent_events=recent,
-        updated_at=updated,
-    )
 
-
-def _event(row: tuple) -> Event:
-    step, detected_at, kind, series, confidence, message, phase, evidence = row
-    return Event(
-        step=step,
-        kind=EventKind(kind),
-        detected_at=detected_at,
-        series=series,
-        confidence=confidence,
-        message=message,
-        phase=None if phase is None else Phase(phase),
-        evidence=json.loads(evidence),
-    )
+class _LocalClaim:
+    def release(self) -> bool:
+        return True

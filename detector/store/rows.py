@@ -1,0 +1,87 @@
+"""Rows of the store tables, shared by the SQLite and PostgreSQL stores.
+
+Labels and evidence are JSON text in both (one format to read with ``sqlite3``
+or ``psql``); enums are stored by value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from detector.core.types import Event, EventKind, Phase, Segment
+from detector.engine import RunStatus
+
+RUN_COLUMNS = "run_id, labels, phase, since_step, confidence, last_step, ended, updated_at"
+EVENT_COLUMNS = "step, detected_at, kind, series, confidence, message, phase, evidence"
+
+
+def run_row(status: RunStatus) -> tuple[Any, ...]:
+    """The ``runs`` row of a status, in :data:`RUN_COLUMNS` order."""
+    return (
+        status.run_id,
+        json.dumps(dict(status.labels), sort_keys=True),
+        None if status.phase is None else status.phase.value,
+        status.since_step,
+        status.confidence,
+        status.last_step,
+        int(status.ended),
+        status.updated_at,
+    )
+
+
+def run_from_row(row: Sequence[Any], recent: tuple[Event, ...]) -> RunStatus:
+    run_id, labels, phase, since, confidence, last, ended, updated = row
+    return RunStatus(
+        run_id=run_id,
+        labels=json.loads(labels),
+        phase=None if phase is None else Phase(phase),
+        since_step=since,
+        confidence=confidence,
+        last_step=last,
+        ended=bool(ended),
+        recent_events=recent,
+        updated_at=updated,
+    )
+
+
+def event_row(event: Event) -> tuple[Any, ...]:
+    """An ``events`` row without its run id, in :data:`EVENT_COLUMNS` order."""
+    return (
+        event.step,
+        event.detected_at,
+        event.kind.value,
+        event.series,
+        event.confidence,
+        event.message,
+        None if event.phase is None else event.phase.value,
+        json.dumps(event.evidence, sort_keys=True),
+    )
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    step, detected_at, kind, series, confidence, message, phase, evidence = row
+    return Event(
+        step=step,
+        kind=EventKind(kind),
+        detected_at=detected_at,
+        series=series,
+        confidence=confidence,
+        message=message,
+        phase=None if phase is None else Phase(phase),
+        evidence=json.loads(evidence),
+    )
+
+
+def segment_rows(run_id: str, segments: Sequence[Segment]) -> list[tuple[Any, ...]]:
+    """``segments`` rows: run id, ordinal, start, end, phase, confidence."""
+    return [
+        (run_id, i, s.start_step, s.end_step, s.phase.value, s.confidence)
+        for i, s in enumerate(segments)
+    ]
+
+
+def segment_from_row(row: Sequence[Any]) -> Segment:
+    start, end, phase, confidence = row
+    return Segment(start, end, Phase(phase), confidence)
