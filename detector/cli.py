@@ -152,21 +152,36 @@ _SERVE_PASSTHROUGH = {
     "alertmanager_url": "--alertmanager-url",
     "webhook_url": "--webhook-url",
     "auth_token_file": "--auth-token-file",
+    "alert_resend_interval": "--alert-resend-interval",
+    "alert_runbook_url": "--alert-runbook-url",
+    "metrics_retention": "--metrics-retention",
 }
 
 
 def _add_serve(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the detector (gRPC and Prometheus /metrics)")
-    serve.add_argument("--listen", default=DEFAULT_TARGET, metavar="HOST:PORT",
-                       help=f"gRPC address (default {DEFAULT_TARGET})")
-    serve.add_argument("--metrics-listen", default=DEFAULT_METRICS_LISTEN, metavar="HOST:PORT",
-                       help=f"Prometheus /metrics address (default {DEFAULT_METRICS_LISTEN}; "
-                       "'' for none)")
-    serve.add_argument("--store", default=None, metavar="URL",
-                       help="sqlite:///PATH or postgresql://... (default: a SQLite file "
-                       "under the user's data directory)")
-    serve.add_argument("--alertmanager-url", metavar="URL", help="send alerts to Alertmanager")
-    serve.add_argument("--webhook-url", metavar="URL", help="POST alerts to this URL")
+    # Each default may come from the environment (PHASEWATCH_LISTEN, ...): how a
+    # container image and a Kubernetes Secret set them without replacing the args.
+    serve.add_argument("--listen", default=os.environ.get("PHASEWATCH_LISTEN", DEFAULT_TARGET),
+                       metavar="HOST:PORT",
+                       help=f"gRPC address (default $PHASEWATCH_LISTEN or {DEFAULT_TARGET})")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       default=os.environ.get("PHASEWATCH_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
+                       help="Prometheus /metrics address (default $PHASEWATCH_METRICS_LISTEN or "
+                       f"{DEFAULT_METRICS_LISTEN}; '' for none)")
+    serve.add_argument("--store", default=os.environ.get("PHASEWATCH_STORE"), metavar="URL",
+                       help="sqlite:///PATH or postgresql://... (default $PHASEWATCH_STORE, "
+                       "else a SQLite file under the user's data directory)")
+    serve.add_argument("--alertmanager-url", metavar="URL",
+                       help="send alerts to Alertmanager (API v2); comma-separated for a cluster")
+    serve.add_argument("--webhook-url", metavar="URL",
+                       help="POST alerts to this URL in Alertmanager's webhook format")
+    serve.add_argument("--alert-resend-interval", type=_resend_interval, metavar="SECONDS",
+                       help="re-send active alerts to Alertmanager this often (30-180, default 60)")
+    serve.add_argument("--alert-runbook-url", metavar="TEMPLATE",
+                       help="runbook_url annotation, e.g. https://wiki/phasewatch#{alertname}")
+    serve.add_argument("--metrics-retention", type=_positive_float, metavar="SECONDS",
+                       help="keep ended runs in /metrics this long (default 600)")
     serve.add_argument("--auth-token-file", metavar="PATH",
                        help="require this bearer token from clients")
     serve.add_argument("--tls-cert", metavar="PATH", help="serve TLS with this certificate (PEM)")
@@ -532,6 +547,15 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError(f"must be greater than 0, got {text}")
+    return value
+
+
+@_argument_type
+def _resend_interval(text: str) -> float:
+    # Alertmanager asks its clients to re-send every 30 s to 3 min.
+    value = float(text)
+    if not 30 <= value <= 180:
+        raise ValueError(f"must be between 30 and 180 seconds, got {text}")
     return value
 
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -49,14 +51,16 @@ from detector.convert import (
     status_to_proto,
 )
 from detector.core.types import Event, EventKind, check_name
-from detector.engine import Engine, EngineConfig, RunStatus
+from detector.engine import Engine, EngineConfig, RunClaim, RunStatus
 from detector.errors import (
+    Aborted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PhasewatchError,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 
 log = logging.getLogger("phasewatch.server")
@@ -74,6 +78,10 @@ STATUS_CODES: dict[type[PhasewatchError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    # A run whose stream is open on another replica: retryable, unlike
+    # FAILED_PRECONDITION, since it clears by itself when that stream ends.
+    Aborted: grpc.StatusCode.ABORTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,  # the store is down: retry
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
@@ -176,6 +184,8 @@ class EventBus:
     ``publish`` never blocks: a watcher whose queue is full loses the event,
     and the loss is counted (``Subscription.dropped``, ``EventBus.dropped``).
     Publishing is O(subscribers × events); events are rare next to points.
+    Listeners (``add_listener``; the alert dispatcher) get every published
+    batch as domain events, and must not block either.
 
     >>> from detector.core.types import Event, EventKind
     >>> bus = EventBus()
@@ -191,8 +201,14 @@ class EventBus:
         self.maxsize = maxsize
         self.dropped = 0
         self._subscribers: list[Subscription] = []
+        self._listeners: list[Callable[[str, Sequence[Event], float], object]] = []
         self._lock = threading.Lock()
         self._closed = False
+
+    def add_listener(self, listener: Callable[[str, Sequence[Event], float], object]) -> None:
+        """Call ``listener(run_id, events, at)`` on every publish; it must return at once."""
+        with self._lock:
+            self._listeners.append(listener)
 
     def subscribe(self, run_id: str = "", kinds: Collection[EventKind] = ()) -> Subscription:
         """Watch one run (all when ``run_id`` is empty), only ``kinds`` if given."""
@@ -227,6 +243,12 @@ class EventBus:
                             log.warning("a slow watcher of %r is dropping events", sub.run_id)
                         sub.dropped += 1
                         self.dropped += 1
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(run_id, events, stamp)
+            except Exception:  # a listener's bug must not fail the RPC that published
+                log.exception("an event listener failed")
         return messages
 
     @property
@@ -280,6 +302,18 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
     def Stream(
         self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.StreamResponse]:
+        # The run is this replica's while its stream is open (engine.claim), and
+        # given back before the stream's final status goes out.
+        claims: list[RunClaim] = []
+        try:
+            yield from self._stream(request_iterator, claims)
+        finally:
+            for claim in claims:
+                claim.release()
+
+    def _stream(
+        self, request_iterator: Iterator[pb.StreamRequest], claims: list[RunClaim]
+    ) -> Iterator[pb.StreamResponse]:
         run_id: str | None = None
         ended = False
         for request in request_iterator:
@@ -294,6 +328,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                         f"this stream is for run {run_id!r}; open another stream for "
                         f"{request.start.run_id!r}"
                     )
+                if not claims:
+                    claims.append(self.engine.claim(request.start.run_id))
                 status = self._start(request.start, request.start.run_id)
                 run_id, ended = status.run_id, False
                 yield _ack(status.last_step)
@@ -321,6 +357,13 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
 
     @_unary
     def Log(self, request: pb.LogRequest, context: grpc.ServicerContext) -> pb.LogResponse:
+        claim = self.engine.claim(request.run_id or request.start.run_id)
+        try:
+            return self._log(request)
+        finally:
+            claim.release()
+
+    def _log(self, request: pb.LogRequest) -> pb.LogResponse:
         run_id = request.run_id
         if request.HasField("start"):
             if run_id and request.start.run_id and request.start.run_id != run_id:
@@ -466,6 +509,11 @@ def serve(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     stop: threading.Event | None = None,
+    alertmanager_url: str | None = None,
+    webhook_url: str | None = None,
+    alert_resend_interval: float = 60.0,
+    alert_runbook_url: str | None = None,
+    metrics_retention: float = 600.0,
 ) -> None:
     """Run the detector until SIGINT/SIGTERM (or until ``stop`` is set).
 
@@ -474,10 +522,18 @@ def serve(
     ``""``: none), and on shutdown reports NOT_SERVING, ends watches, lets
     RPCs finish for ``grace`` seconds and closes the store.
 
+    Alerts go to ``alertmanager_url`` (comma-separated for an Alertmanager
+    cluster) and ``webhook_url`` (see :mod:`detector.alerts`), active ones
+    re-sent to Alertmanager every ``alert_resend_interval`` seconds;
+    ``alert_runbook_url`` is a ``{alertname}`` template for the annotation.
+    Ended runs leave ``/metrics`` ``metrics_retention`` seconds after their
+    last update.
+
     Set ``OPENBLAS_NUM_THREADS=1`` in the environment before numpy is first
     imported (the CLI does): BLAS threads per RPC thread oversubscribe the
     cores. By the time this module runs, numpy is already loaded.
     """
+    from detector.alerts import AlertDispatcher, AlertPolicy, build_sinks
     from detector.exporter import start_metrics_server
     from detector.store import open_store
 
@@ -486,11 +542,21 @@ def serve(
             stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
         )
     stop = stop or threading.Event()
+    # Bad alert settings fail before anything is opened.
+    sinks = build_sinks(alertmanager_url, webhook_url, resend_interval=alert_resend_interval)
+    policy = AlertPolicy(runbook_url=alert_runbook_url)
     store = open_store(store_url)
     metrics_server = None
+    dispatcher = None
     try:
         engine = Engine(config, store=store)
         bus = EventBus()
+        if sinks:
+            dispatcher = AlertDispatcher(
+                sinks, engine=engine, policy=policy, resend_interval=alert_resend_interval
+            )
+            bus.add_listener(dispatcher.submit)
+            log.info("phasewatch alerts to %s", ", ".join(map(repr, sinks)))
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         server, port = create_server(
             engine,
@@ -503,9 +569,13 @@ def serve(
             interceptors=interceptors,
         )
         host = listen.rpartition(":")[0]
+        # Named to clients refused a run this replica owns; a pod's hostname is its name.
+        engine.replica = os.environ.get("PHASEWATCH_REPLICA") or f"{socket.gethostname()}:{port}"
         log.info("phasewatch gRPC listening on %s:%d (store %r)", host, port, store)
         if metrics_listen:
-            metrics_server, metrics_port = start_metrics_server(engine, metrics_listen)
+            metrics_server, metrics_port = start_metrics_server(
+                engine, metrics_listen, alerts=dispatcher, retention=metrics_retention
+            )
             log.info(
                 "phasewatch metrics on http://%s:%d/metrics",
                 metrics_listen.rpartition(":")[0],
@@ -521,6 +591,8 @@ def serve(
         bus.close()  # watches end with OK instead of being cancelled
         server.stop(grace).wait()
     finally:
+        if dispatcher is not None:
+            dispatcher.close(timeout=grace)  # one last delivery; resolves nothing
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
