@@ -4,11 +4,13 @@ What it measures, with ``--metrics`` metrics a call (10 by default):
 
 - ``log()`` time per call (median, p99, mean, in µs), timed one call at a time
   with ``perf_counter_ns`` (the timer's own cost is reported and not
-  subtracted), in three settings: no detector listening (the buffer holds
+  subtracted), in four settings: no detector listening (the buffer holds
   every point, so this is the append path), no detector with the buffer full
-  (the drop path), and a real detector in this process (its gRPC threads and
-  the engine compete with the training thread for the GIL, as they would in a
-  job that runs its own detector);
+  (the drop path), and a detector in this process, whose gRPC threads, the
+  client's sender and the engine compete with the training thread for the
+  GIL: once with an engine that only counts points (it keeps up with a tight
+  loop, ``--calls``), once with the real engine (which detects at a few
+  thousand points a second, so fewer calls, ``--e2e-calls``);
 - end-to-end points per second from the first ``log()`` until ``close()``
   returns with every point acknowledged, to a real detector in this process
   and to one in a separate process (``--no-subprocess`` skips it);
@@ -139,12 +141,15 @@ def start_in_process_server(null: bool = False) -> tuple[Any, int, Any]:
     return server, port, engine
 
 
-def bench_in_process(rows: list[dict[str, float]]) -> dict[str, Any]:
-    server, port, engine = start_in_process_server()
+def bench_in_process(rows: list[dict[str, float]], null: bool) -> dict[str, Any]:
+    server, port, engine = start_in_process_server(null)
     try:
-        run = connect(f"127.0.0.1:{port}", "bench-timed")
+        capacity = len(rows) * len(rows[0]) + 1  # time the append path, never the drop path
+        run = connect(
+            f"127.0.0.1:{port}", "bench-timed", config=ClientConfig(max_buffered_points=capacity)
+        )
         result = time_calls(run, rows)
-        closed = run.close(timeout=600)
+        closed = run.close(timeout=300)
         stats = run.stats
         result.update(all_acknowledged=closed, acknowledged_points=stats.acknowledged)
         return result
@@ -159,7 +164,7 @@ def end_to_end(target: str, run_id: str, rows: list[dict[str, float]]) -> dict[s
     for step, row in enumerate(rows):
         run.log(step, **row)
     logged = time.perf_counter() - started
-    closed = run.close(timeout=600)
+    closed = run.close(timeout=300)
     elapsed = time.perf_counter() - started
     stats = run.stats
     return {
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     results["log_no_server"] = bench_no_server(rows, args.metrics, full=False)
     results["log_no_server_buffer_full"] = bench_no_server(rows, args.metrics, full=True)
-    results["log_in_process_server"] = bench_in_process(rows)
+    results["log_in_process_counting_engine"] = bench_in_process(rows, null=True)
+    results["log_in_process_real_engine"] = bench_in_process(e2e_rows, null=False)
     results["e2e_in_process_server"] = bench_e2e_in_process(e2e_rows)
     if not args.no_subprocess:
         results["e2e_server_in_subprocess"] = bench_e2e_subprocess(e2e_rows)
@@ -268,11 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         f"log() with {args.metrics} metrics, {args.calls} calls "
         f"(timer overhead {results['timer_overhead_us']:.3f} µs, included):"
     )
-    for key in ("log_no_server", "log_no_server_buffer_full", "log_in_process_server"):
+    for key in (
+        "log_no_server",
+        "log_no_server_buffer_full",
+        "log_in_process_counting_engine",
+        "log_in_process_real_engine",
+    ):
         r = results[key]
         print(
             f"  {key:31s} median {r['median_us']:6.2f} µs  p99 {r['p99_us']:6.2f} µs  "
-            f"mean {r['mean_us']:6.2f} µs  max {r['max_us'] / 1000:7.2f} ms"
+            f"mean {r['mean_us']:6.2f} µs  max {r['max_us'] / 1000:7.2f} ms  "
+            f"({r['calls']:,} calls)"
         )
     print("end to end (first log() until close() returns, every point acknowledged):")
     for key in (
