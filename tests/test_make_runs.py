@@ -1,0 +1,234 @@
+"""The run generator (examples/make_runs.py): its labels reproduce the shared runs' labels.
+
+The label code is a pure function of the logged records, so each shared run's
+``labels.json`` must come back exactly from its ``.jsonl``. None of this needs
+torch; the one training smoke test is skipped without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SCRIPT = REPO / "examples" / "make_runs.py"
+
+LABEL_KEYS = (
+    "memorisation_step",
+    "grokking_onset_step",
+    "grokking_step",
+    "stabilization_step",
+    "collapse_step",
+    "collapse_kind",
+    "collapse_recovered_step",
+    "is_grokking",
+    "grokking_delay",
+    "chance_acc",
+    "phases",
+    "label_rules_version",
+    "label_rules",
+)
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("phasewatch_make_runs", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+mr = _load()
+
+
+def _runs_dir() -> Path:
+    path = SHARED / "runs"
+    if not path.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing in CI")
+        pytest.skip(f"{path} not present")
+    return path
+
+
+def _shared_names() -> list[str]:
+    path = SHARED / "runs"
+    names = sorted(p.name[: -len(".labels.json")] for p in path.glob("*.labels.json"))
+    return names or ["<none>"]
+
+
+def _read(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    runs = _runs_dir()
+    if not (runs / f"{name}.jsonl").exists():
+        pytest.skip(f"no shared run {name}")
+    records = [json.loads(x) for x in (runs / f"{name}.jsonl").read_text().splitlines() if x]
+    labels = json.loads((runs / f"{name}.labels.json").read_text())
+    return records, labels
+
+
+@pytest.mark.parametrize("name", _shared_names())
+def test_labels_reproduce_shared_run(name: str) -> None:
+    records, expected = _read(name)
+    got = mr.labels_from_records(records, expected["chance_acc"], log_every=expected["log_every"])
+    for key in LABEL_KEYS:
+        assert got[key] == expected[key], f"{name}: {key}"
+    assert got["phases"][-1][1] == expected["last_step"] + expected["log_every"]
+
+
+@pytest.mark.parametrize("name", _shared_names())
+def test_labels_document_has_the_shared_keys(name: str) -> None:
+    records, expected = _read(name)
+    meta = {
+        k: expected[k]
+        for k in ("num_classes", "n_train", "n_test", "log_every", "last_step", "runtime_s", "torch_threads")
+    }
+    doc = mr.build_labels(
+        records,
+        scenario=expected["scenario"],
+        seed=expected["seed"],
+        config=expected["config"],
+        meta=meta,
+    )
+    assert set(doc) == set(expected)
+    assert doc["run_id"] == expected["run_id"]
+    assert {k: doc[k] for k in LABEL_KEYS} == {k: expected[k] for k in LABEL_KEYS}
+
+
+# Scenarios whose default config departs from the shared run's (which these values restore).
+SHARED_RUN_OVERRIDES: dict[str, dict[str, Any]] = {
+    "nogrok_add": {"max_steps": 5000},  # 8000 by default: every seed then shows a transient spike
+}
+
+
+@pytest.mark.parametrize("name", _shared_names())
+def test_scenario_config_and_phenomenon_match_shared_run(name: str) -> None:
+    records, expected = _read(name)
+    scenario = mr.SCENARIOS[expected["scenario"]]
+    assert {**scenario.config, **SHARED_RUN_OVERRIDES.get(scenario.name, {})} == expected["config"]
+    assert list(records[0]) == list(mr.FIELDS)
+    for r in records:
+        assert r["lr"] == mr.lr_at(scenario.config, r["step"])
+    assert mr.check_run(scenario.name, expected, records) == []
+
+
+def _rec(
+    step: int, loss: float | None, train_acc: float | None = 0.5, test_acc: float | None = 0.1
+) -> dict[str, Any]:
+    return {"step": step, "train_loss": loss, "train_acc": train_acc, "test_acc": test_acc}
+
+
+def test_transient_spike_recovers_and_phase_resumes() -> None:
+    losses = [4.0, 1.0, 0.1, 0.01, 0.01, 3.0, 0.02] + [0.01] * 30
+    records = [_rec(10 * i, x, train_acc=1.0 if i >= 2 else 0.5) for i, x in enumerate(losses)]
+    lab = mr.labels_from_records(records, 0.1)
+    assert lab["collapse_step"] == 50
+    assert lab["collapse_kind"] == "transient_spike"
+    assert lab["collapse_recovered_step"] == 60
+    assert lab["phases"] == [
+        [0, 20, "instability"],
+        [20, 50, "memorisation"],
+        [50, 60, "collapse"],
+        [60, 370, "memorisation"],
+    ]
+
+
+def test_nonfinite_divergence_and_sustained_collapse() -> None:
+    losses = [2.0, 1.0, 0.5, 0.4, 5.0, 50.0, None, None]
+    lab = mr.labels_from_records([_rec(10 * i, x) for i, x in enumerate(losses)], 0.1)
+    assert (lab["collapse_step"], lab["collapse_kind"]) == (40, "divergence_nonfinite")
+    assert lab["phases"] == [[0, 40, "instability"], [40, 80, "collapse"]]
+
+    losses = [2.0, 1.0, 0.01] + [3.0] * 30
+    lab = mr.labels_from_records([_rec(10 * i, x) for i, x in enumerate(losses)], 0.1)
+    assert (lab["collapse_step"], lab["collapse_kind"]) == (30, "sustained_collapse")
+    assert lab["collapse_recovered_step"] is None
+
+
+def test_spike_too_close_to_the_end_is_not_a_recovery() -> None:
+    losses = [2.0, 0.01, 0.01, 3.0] + [0.01] * 5  # the run ends before 200 steps pass
+    lab = mr.labels_from_records([_rec(10 * i, x) for i, x in enumerate(losses)], 0.1)
+    assert lab["collapse_kind"] == "sustained_collapse"
+
+
+def test_grokking_labels_on_a_synthetic_curve() -> None:
+    steps = list(range(0, 3010, 10))
+    test_acc = [0.0 if s < 1000 else min(1.0, (s - 1000) / 1000 + 0.005) for s in steps]
+    records = [_rec(s, 0.001, 1.0 if s >= 100 else 0.2, a) for s, a in zip(steps, test_acc, strict=True)]
+    lab = mr.labels_from_records(records, 0.01)
+    assert lab["memorisation_step"] == 100
+    assert lab["grokking_onset_step"] == 1110  # first line >= chance + 0.10
+    assert lab["grokking_step"] == 1950
+    assert lab["stabilization_step"] == 1990
+    assert lab["is_grokking"] is True
+    assert [p[2] for p in lab["phases"]] == ["instability", "memorisation", "abstraction", "stabilization"]
+
+
+def test_label_code_imports_without_torch() -> None:
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(SCRIPT)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['m'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "r = [{'step': 0, 'train_loss': 1.0, 'train_acc': 0.1, 'test_acc': 0.1}]\n"
+        "m.labels_from_records(r, 0.1)\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_spectral_metrics_match_an_svd() -> None:
+    rng = np.random.default_rng(0)
+    for shape in ((59, 64), (512, 96), (30, 8)):
+        m = rng.standard_normal(shape) * rng.uniform(0.1, 3.0, shape[1])
+        s = np.linalg.svd(m, compute_uv=False)
+        p = s / s.sum()
+        assert mr.effective_rank(mr.squared_singular_values(m)) == pytest.approx(
+            math.exp(-(p * np.log(p)).sum()), rel=1e-9
+        )
+        assert math.sqrt(mr.squared_singular_values(m)[0]) == pytest.approx(s[0], rel=1e-12)
+    # a covariance with eigenvalues i^-2 has alpha 2
+    q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    z = rng.standard_normal((4096, 64))
+    z = (z - z.mean(0)) @ np.linalg.inv(np.linalg.cholesky(np.cov(z.T, bias=True))).T
+    h = z @ np.diag(np.arange(1, 65, dtype=float) ** -1.0) @ q.T
+    assert mr.alpha_req(h) == pytest.approx(2.0, abs=1e-6)
+    assert mr.alpha_req(np.zeros((10, 4))) is None
+    assert mr.effective_rank(mr.squared_singular_values(np.zeros((5, 3)))) is None
+    assert mr.squared_singular_values(np.array([[np.nan, 1.0]])) is None
+
+
+def test_training_reproduces_the_start_of_shared_runs() -> None:
+    """The first lines of two scenarios retrace the shared runs (seed 0); training is
+    deterministic and the seed matters. Needs torch (most of the time is its import)."""
+    pytest.importorskip("torch")
+    runs = _runs_dir()
+    for scenario, max_steps in (("grok_add", 10), ("smooth_teacher", 0)):
+        path = runs / f"{scenario}_0.jsonl"
+        if not path.exists():
+            continue
+        shared = [json.loads(x) for x in path.read_text().splitlines()[: max_steps // 10 + 1]]
+        config = {**mr.SCENARIOS[scenario].config, "max_steps": max_steps}
+        records, meta = mr.train(config, 0)
+        assert meta["last_step"] == max_steps and meta["torch_threads"] == 1
+        assert len(records) == len(shared)
+        for got, want in zip(records, shared, strict=True):
+            assert list(got) == list(mr.FIELDS)
+            for key in mr.FIELDS:
+                if want[key] is None:
+                    assert got[key] is None, (scenario, got["step"], key)
+                else:
+                    assert got[key] == pytest.approx(want[key], rel=1e-5), (scenario, key)
+        if max_steps:
+            assert mr.train(config, 0)[0] == records
+            assert mr.train(config, 1)[0][-1]["train_loss"] != records[-1]["train_loss"]
