@@ -356,3 +356,69 @@ def test_trend_tests_on_bounded_windows_carry_statistics() -> None:
     assert mann_kendall_tau(y).statistic > 0.5
     noise = rng.normal(size=500)
     assert adf(noise).p_value < 0.01 and kpss(noise).p_value > 0.05
+
+
+# --- change-point trigger bank, curvature check and the end-of-run pass ------------------------
+
+
+def test_slow_bank_finds_a_small_shift_the_fast_trigger_misses() -> None:
+    rng = np.random.default_rng(11)
+    y = np.r_[rng.normal(0, 1, 600), rng.normal(1.5, 1, 200)]
+    fast_only = CusumTrigger(bank_drifts=(), bank_thresholds=())
+    with_bank = CusumTrigger()
+
+    def first_alarm(trigger: CusumTrigger) -> int | None:
+        i = 0
+        while i < len(y):
+            hit = trigger.scan(y[i:])
+            if hit is None:
+                return None
+            if i + hit >= 600:
+                return i + hit
+            trigger.clear()
+            i += hit + 1
+        return None
+
+    found = first_alarm(with_bank)
+    assert found is not None and found - 600 <= 40
+    missed = first_alarm(fast_only)
+    assert missed is None or missed > found
+
+
+def test_trigger_loads_a_checkpoint_without_the_bank() -> None:
+    trigger = CusumTrigger()
+    trigger.absorb(np.random.default_rng(3).normal(size=50))
+    old = {k: v for k, v in trigger.state().items()
+           if k in ("n", "zi", "zs", "log_scale", "pos", "neg", "last_z")}
+    from detector.errors import InvalidArgument
+
+    restored = CusumTrigger()
+    restored.load(old)
+    assert restored.n == 50 and restored.scan(np.zeros(3)) in (None, 0, 1, 2)
+    with pytest.raises(InvalidArgument):
+        CusumTrigger(bank_drifts=(0.5,), bank_thresholds=(1.0, 2.0))
+
+
+def test_power_law_is_not_cut_into_lines() -> None:
+    rng = np.random.default_rng(12)
+    t = np.arange(3000)
+    for noise in (0.02, 0.1):
+        loss = 3.0 * (10 + t) ** -0.5 * np.exp(rng.normal(0, noise, len(t)))
+        det = SeriesDetector(SPECS[1])
+        cps = [e for e in det.update_many(t, loss) + det.finish() if e.kind is EventKind.CHANGE_POINT]
+        assert len(cps) <= 1, [e.step for e in cps]
+
+
+def test_finish_localises_the_points_after_the_last_alarm() -> None:
+    rng = np.random.default_rng(13)
+    # A slow ramp to a new level late in the run: no alarm, but a clear break at the end.
+    y = np.r_[rng.normal(0, 0.5, 300), np.linspace(0, 2.5, 15) + rng.normal(0, 0.5, 15),
+              2.5 + rng.normal(0, 0.5, 40)]
+    steps = np.arange(len(y))
+    det = SeriesDetector(SPECS[0])
+    online = [e for e in det.update_many(steps, y) if e.kind is EventKind.CHANGE_POINT]
+    final = det.finish()
+    assert all(e.kind is EventKind.CHANGE_POINT and e.detected_at == len(y) - 1 for e in final)
+    located = [e.step for e in online + final]
+    assert any(295 <= s <= 320 for s in located), located
+    assert SeriesDetector(SPECS[0]).finish() == []  # nothing to localise before any point

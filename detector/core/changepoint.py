@@ -4,10 +4,13 @@
 and memory per point: a Holt (level + trend) one-step-ahead forecast written as
 a linear filter (``scipy.signal.lfilter``), innovations standardised by a
 log-domain EWMA scale (also a linear filter, and robust: one outlier moves it
-by a bounded factor), and a two-sided CUSUM on those standardised innovations.
-The CUSUM runs on a fixed-point grid (integers), so a block computed with
-``cumsum``/``minimum.accumulate`` gives exactly the same statistics as point by
-point: how points are batched never changes a result.
+by a bounded factor), and a two-sided CUSUM on those standardised innovations
+(fast: abrupt changes); beside it a small bank of two-sided CUSUMs (one drift
+per shift size) on the errors of a slowly discounted least-squares line fitted
+since the last reset (slow: small shifts, which a fast forecast absorbs before
+its CUSUM can see them). Every CUSUM runs on a fixed-point grid (integers), so
+a block computed with ``cumsum``/``minimum.accumulate`` gives exactly the same
+statistics as point by point: how points are batched never changes a result.
 
 When it alarms, :class:`WindowLocaliser` segments a bounded recent window
 (ruptures ``Binseg`` over :class:`CostPiecewiseLinear`, vectorised split
@@ -16,7 +19,9 @@ search) and confirms each break only if its cost gain beats a penalty
 that survives trends and seasonality (see :func:`history_scale`). Slope changes
 and level shifts both show as runs of same-signed innovations; a smooth decay
 (a training loss) is absorbed by the forecast's trend term and, being smooth,
-gains little from a break.
+gains little from a break; and a break that a single parabola over its two
+segments explains nearly as well is dropped (``curvature_penalty``), so a
+power-law decay is not cut into lines.
 """
 
 from __future__ import annotations
@@ -39,13 +44,29 @@ _TINY = 1e-300
 
 @dataclass
 class CusumTrigger:
-    """Two-sided CUSUM on standardised Holt innovations. O(1) amortised per point.
+    """Two CUSUM triggers on one series, both O(1) amortised per point, in numpy.
 
-    ``drift`` (k) and ``threshold`` (h) are in units of the innovation scale;
-    ``alpha``/``beta`` smooth level and trend; ``scale_rate`` is the EWMA rate of
-    ``log |innovation|``; ``warmup`` points set the first scale before any alarm.
+    *Fast*: a two-sided CUSUM (``drift`` k, ``threshold`` h) on Holt
+    (``alpha``/``beta``) one-step innovations standardised by a log-domain EWMA
+    scale (rate ``scale_rate``). It follows trends and absorbs a level shift in
+    a few points, so it catches abrupt changes and slope changes of trending
+    series, but not small shifts.
+
+    *Slow*: a bank of two-sided CUSUMs (drifts ``bank_drifts``, thresholds
+    ``bank_thresholds``, one pair per size of shift) on the one-step errors of a
+    discounted least-squares line fitted since the last reset (memory
+    ``memory`` points), each error divided by its exact standard error under
+    white noise (the line's extrapolation variance counts, so the first points
+    of a segment are not over-weighted) and by a log-domain EWMA scale (rate
+    ``bank_scale_rate``). The reference adapts slowly, so a small shift keeps
+    its full size for tens of points and each CUSUM reaches its optimal delay
+    (k = δ/2 for a shift δ); the line follows smooth trends.
+
+    ``warmup`` points after a reset set the first scales before any alarm.
     :meth:`scan` takes a block and stops at the first alarm (numpy, no Python per
-    point); :meth:`update` is the one-point form and gives identical results.
+    point); :meth:`update` is the one-point form and gives identical results
+    (the CUSUMs run on a fixed-point integer grid, the filters carry their state
+    exactly).
 
     >>> trigger = CusumTrigger()
     >>> values = [0.0, 0.1, -0.1, 0.05] * 10 + [3.0] * 10
@@ -59,14 +80,25 @@ class CusumTrigger:
     beta: float = 0.05
     warmup: int = 8
     scale_rate: float = 0.05
+    memory: float = 100.0
+    bank_drifts: tuple[float, ...] = (0.5, 1.0, 1.5)
+    bank_thresholds: tuple[float, ...] = (8.0, 5.0, 3.5)
+    bank_scale_rate: float = 0.02
+    bank_gate: float = 1.3
 
     def __post_init__(self) -> None:
         if not (0 < self.alpha <= 1 and 0 <= self.beta <= 1):
             raise InvalidArgument("alpha must be in (0, 1] and beta in [0, 1]")
         if self.threshold <= 0 or self.drift < 0 or self.warmup < 2:
             raise InvalidArgument("threshold must be > 0, drift >= 0, warmup >= 2")
-        if not 0 < self.scale_rate < 1:
-            raise InvalidArgument("scale_rate must be in (0, 1)")
+        if not 0 < self.scale_rate < 1 or not 0 < self.bank_scale_rate < 1:
+            raise InvalidArgument("scale_rate and bank_scale_rate must be in (0, 1)")
+        self.bank_drifts = tuple(float(k) for k in self.bank_drifts)
+        self.bank_thresholds = tuple(float(h) for h in self.bank_thresholds)
+        if (len(self.bank_drifts) != len(self.bank_thresholds) or self.memory <= 1
+                or any(k < 0 for k in self.bank_drifts) or any(h <= 0 for h in self.bank_thresholds)):
+            raise InvalidArgument("memory must be > 1 and bank_drifts (>= 0) and bank_thresholds (> 0) "
+                                  "must have the same length")
         # Holt's innovations are an ARIMA(0,2,2) filter of the values:
         # (1 - B)² y_t = (1 - θ1 B - θ2 B²) e_t, θ1 = 2 - α - αβ, θ2 = α - 1.
         a, b = self.alpha, self.beta
@@ -76,6 +108,17 @@ class CusumTrigger:
         self._sa = np.array([1.0, -(1.0 - self.scale_rate)])
         self._hq = int(round(self.threshold * _Q))
         self._kq = int(round(self.drift * _Q))
+        # The discounted line: S0 = Σ λ^j y_{t-j}, S1 = Σ λ^j (-j) y_{t-j}, first-order filters.
+        lam = 1.0 - 1.0 / self.memory
+        self._lam = lam
+        self._d0 = (np.array([1.0]), np.array([1.0, -lam]))
+        self._d1 = (np.array([0.0, -lam]), np.array([1.0, -lam]))
+        self._bb = np.array([self.bank_scale_rate])
+        self._ba = np.array([1.0, -(1.0 - self.bank_scale_rate)])
+        self._table = _line_table(lam)
+        self._gate = math.log(self.bank_gate) if self.bank_gate > 0 else -math.inf
+        self._bank_hq = np.array([int(round(h * _Q)) for h in self.bank_thresholds], dtype=np.int64)[:, None]
+        self._bank_kq = np.array([int(round(k * _Q)) for k in self.bank_drifts], dtype=np.int64)[:, None]
         self.reset()
 
     def reset(self) -> None:
@@ -86,12 +129,23 @@ class CusumTrigger:
         self.pos = 0  # CUSUM sums on the fixed-point grid
         self.neg = 0
         self.last_z = 0.0
+        # The slow line: its sums after the last point, their filters' states, its error scale.
+        self.s0 = self.s1 = 0.0
+        self.z0, self.z1 = np.zeros(1), np.zeros(1)
+        self.bank_log_scale = 0.0
+        self.bz = np.zeros(1)
+        nk = len(self.bank_drifts)
+        self.bank_pos = np.zeros(nk, dtype=np.int64)
+        self.bank_neg = np.zeros(nk, dtype=np.int64)
 
     # --- readouts --------------------------------------------------------------
 
     @property
     def statistic(self) -> float:
-        return max(self.pos, self.neg) / _Q
+        """The largest CUSUM sum, as a fraction of its threshold times the fast threshold."""
+        ratios = [max(self.pos, self.neg) / self._hq]
+        ratios += (np.maximum(self.bank_pos, self.bank_neg) / self._bank_hq[:, 0]).tolist()
+        return max(ratios) * self.threshold
 
     @property
     def level(self) -> float:
@@ -104,13 +158,15 @@ class CusumTrigger:
         return math.exp(self.log_scale - _LOG_ABS_Z_MEAN) if self.n > 1 else 0.0
 
     def clear(self) -> None:
-        """Zero both CUSUM sums (after an alarm has been dealt with)."""
+        """Zero every CUSUM sum (after an alarm has been dealt with)."""
         self.pos = self.neg = 0
+        self.bank_pos = np.zeros_like(self.bank_pos)
+        self.bank_neg = np.zeros_like(self.bank_neg)
 
     # --- update ----------------------------------------------------------------
 
     def update(self, y: float) -> bool:
-        """Take one finite value; return True when the CUSUM crosses its threshold."""
+        """Take one finite value; return True when a CUSUM crosses its threshold."""
         return self.scan(np.array([y], dtype=float)) == 0
 
     def scan(self, values: np.ndarray) -> int | None:
@@ -142,40 +198,82 @@ class CusumTrigger:
         if i < len(values):
             self._scan_block(values[i:], stop=False)
 
+    def _line_errors(self, y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Standardised one-step errors of the slow line on ``y`` and the new sums/states."""
+        s0, z0 = lfilter(*self._d0, y, zi=self.z0 if self.n else np.zeros(1))
+        s1, z1 = lfilter(*self._d1, s0, zi=self.z1)
+        prev0 = np.empty_like(s0)
+        prev1 = np.empty_like(s1)
+        prev0[0], prev1[0] = self.s0, self.s1
+        prev0[1:], prev1[1:] = s0[:-1], s1[:-1]
+        v0, v1, sf = self._table
+        idx = np.minimum(np.arange(self.n, self.n + len(y)), len(v0) - 1)
+        e = (y - (v0[idx] * prev0 + v1[idx] * prev1)) / sf[idx]
+        if self.n == 0:
+            e[0] = 0.0  # no forecast for the first point of a segment
+        return e, s0, s1, z0, z1
+
     def _warm(self, y: float) -> None:
+        arr = np.array([y])
+        e_line, s0, s1, z0, z1 = self._line_errors(arr)
+        self.s0, self.s1, self.z0, self.z1 = float(s0[0]), float(s1[0]), z0, z1
         self.n += 1
         if self.n == 1:
             # Start flat at the first value: past inputs y, y and past innovations 0.
             self.zi = lfiltic(self._b, self._a, [0.0, 0.0], [y, y])
             return
-        e, self.zi = lfilter(self._b, self._a, np.array([y]), zi=self.zi)
+        e, self.zi = lfilter(self._b, self._a, arr, zi=self.zi)
         log_abs = math.log(max(abs(float(e[0])), _TINY))
         # Warm-up: the mean of log |innovation| so far sets the initial scale.
         self.log_scale += (log_abs - self.log_scale) / (self.n - 1)
+        line_abs = math.log(max(abs(float(e_line[0])), _TINY))
+        self.bank_log_scale += (line_abs - self.bank_log_scale) / (self.n - 1)
         if self.n == self.warmup:
             self.zs = np.array([(1.0 - self.scale_rate) * self.log_scale])
+            self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
 
     def _scan_block(self, y: np.ndarray, stop: bool = True) -> int | None:
         e, zi = lfilter(self._b, self._a, y, zi=self.zi)
         log_abs = np.log(np.maximum(np.abs(e), _TINY))
         log_s, zs = lfilter(self._sb, self._sa, log_abs, zi=self.zs)
-        lagged = np.empty_like(log_s)
-        lagged[0] = self.log_scale
-        lagged[1:] = log_s[:-1]
-        forecast = y - e
-        floor = np.log(np.maximum(1e-12 * np.maximum(1.0, np.abs(forecast)), _TINY))
-        z = e / np.exp(np.maximum(lagged, floor) - _LOG_ABS_Z_MEAN)
+        z = e / np.exp(np.maximum(_lagged(log_s, self.log_scale), _floor(y - e)) - _LOG_ABS_Z_MEAN)
         zq = np.rint(np.clip(z, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
         pos = _lindley(zq - self._kq, self.pos)
         neg = _lindley(-zq - self._kq, self.neg)
-        over = np.flatnonzero((pos > self._hq) | (neg > self._hq)) if stop else ()
+        # The slow line and its bank of CUSUMs.
+        el, s0, s1, z0, z1 = self._line_errors(y)
+        line_abs = np.log(np.maximum(np.abs(el), _TINY))
+        bank_s, bz = lfilter(self._bb, self._ba, line_abs, zi=self.bz)
+        lagged_bank = _lagged(bank_s, self.bank_log_scale)
+        zl = el / np.exp(np.maximum(lagged_bank, _floor(y - el)) - _LOG_ABS_Z_MEAN)
+        # The bank only watches while the slow line explains the series about as well
+        # as the fast forecast: where it does not (random walks, seasonality, fast
+        # curvature) its errors are structure, not shifts.
+        # Nor before it has ``memory`` points of the segment behind it.
+        watch = lagged_bank - _lagged(log_s, self.log_scale) < self._gate
+        watch &= np.arange(self.n, self.n + len(y)) >= self.memory
+        zl = np.where(watch, zl, 0.0)
+        zlq = np.rint(np.clip(zl, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
+        bpos = _lindley2(zlq[None, :] - self._bank_kq, self.bank_pos)
+        bneg = _lindley2(-zlq[None, :] - self._bank_kq, self.bank_neg)
+        if stop:
+            hit = (pos > self._hq) | (neg > self._hq)
+            hit |= ((bpos > self._bank_hq) | (bneg > self._bank_hq)).any(axis=0)
+            over = np.flatnonzero(hit)
+        else:
+            over = ()
         if len(over) == 0:
             self._commit(len(y), zi, zs, float(log_s[-1]), int(pos[-1]), int(neg[-1]), float(z[-1]))
+            self._commit_bank(s0, s1, z0, z1, bz, float(bank_s[-1]), bpos[:, -1], bneg[:, -1])
             return None
         k = int(over[0])
         # Rerun the linear filters to the alarm so their state stops exactly there.
         _, zi = lfilter(self._b, self._a, y[: k + 1], zi=self.zi)
         _, zs = lfilter(self._sb, self._sa, log_abs[: k + 1], zi=self.zs)
+        _, z0 = lfilter(*self._d0, y[: k + 1], zi=self.z0)
+        _, z1 = lfilter(*self._d1, s0[: k + 1], zi=self.z1)
+        _, bz = lfilter(self._bb, self._ba, line_abs[: k + 1], zi=self.bz)
+        self._commit_bank(s0[: k + 1], s1[: k + 1], z0, z1, bz, float(bank_s[k]), bpos[:, k], bneg[:, k])
         self._commit(k + 1, zi, zs, float(log_s[k]), int(pos[k]), int(neg[k]), float(z[k]))
         return k
 
@@ -185,24 +283,92 @@ class CusumTrigger:
         self.zi, self.zs, self.log_scale = zi, zs, log_scale
         self.pos, self.neg, self.last_z = pos, neg, z
 
+    def _commit_bank(self, s0: np.ndarray, s1: np.ndarray, z0: np.ndarray, z1: np.ndarray, bz: np.ndarray,
+                     log_scale: float, pos: np.ndarray, neg: np.ndarray) -> None:
+        self.s0, self.s1, self.z0, self.z1 = float(s0[-1]), float(s1[-1]), z0, z1
+        self.bz, self.bank_log_scale = bz, log_scale
+        self.bank_pos, self.bank_neg = pos.copy(), neg.copy()
+
     # --- checkpoints -----------------------------------------------------------
 
     def state(self) -> dict:
         return {
             "n": self.n, "zi": self.zi.tolist(), "zs": self.zs.tolist(), "log_scale": self.log_scale,
             "pos": self.pos, "neg": self.neg, "last_z": self.last_z,
+            "s0": self.s0, "s1": self.s1, "z0": self.z0.tolist(), "z1": self.z1.tolist(),
+            "bz": self.bz.tolist(), "bank_log_scale": self.bank_log_scale,
+            "bank_pos": self.bank_pos.tolist(), "bank_neg": self.bank_neg.tolist(),
         }
 
     def load(self, state: dict) -> None:
         self.n, self.log_scale = state["n"], state["log_scale"]
         self.zi, self.zs = np.array(state["zi"], dtype=float), np.array(state["zs"], dtype=float)
         self.pos, self.neg, self.last_z = state["pos"], state["neg"], state["last_z"]
+        if "s0" in state:  # checkpoints from before the slow bank start it afresh
+            self.s0, self.s1 = state["s0"], state["s1"]
+            self.z0, self.z1 = np.array(state["z0"], dtype=float), np.array(state["z1"], dtype=float)
+            self.bz, self.bank_log_scale = np.array(state["bz"], dtype=float), state["bank_log_scale"]
+            self.bank_pos = np.array(state["bank_pos"], dtype=np.int64)
+            self.bank_neg = np.array(state["bank_neg"], dtype=np.int64)
+
+
+def _lagged(x: np.ndarray, first: float) -> np.ndarray:
+    """``x`` shifted one place later, ``first`` in front (the value before each point)."""
+    out = np.empty_like(x)
+    out[0] = first
+    out[1:] = x[:-1]
+    return out
+
+
+def _floor(forecast: np.ndarray) -> np.ndarray:
+    """A log-scale floor relative to the forecast's magnitude (constant series)."""
+    return np.log(np.maximum(1e-12 * np.maximum(1.0, np.abs(forecast)), _TINY))
+
+
+_LINE_TABLES: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _line_table(lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per number n of points fitted: the forecast weights (v0, v1) of the sums and
+    the forecast error's standard deviation factor, for the discounted line.
+
+    The forecast of the next point from a line fitted with weights λ^j to the last
+    n points is ``v0 · S0 + v1 · S1``; its error has variance ``σ² (1 + v'Qv)``
+    under white noise (Q the same moments with weights λ^{2j}). Beyond the table
+    (λ^n below float resolution) the last entry holds. Computed once per λ.
+    """
+    if lam in _LINE_TABLES:
+        return _LINE_TABLES[lam]
+    size = int(min(200_000, max(64, math.ceil(40.0 / max(1.0 - lam, 1e-9)))))
+    j = np.arange(size, dtype=float)
+    out = []
+    for w in (lam, lam * lam):
+        pw = w**j
+        out.append((np.cumsum(pw), -np.cumsum(j * pw), np.cumsum(j * j * pw)))
+    (w0, w1, w2), (q0, q1, q2) = out
+    # n points fitted -> index n; n = 0 has no forecast (weights 0, factor 1).
+    w0, w1, w2 = np.r_[0.0, w0], np.r_[0.0, w1], np.r_[0.0, w2]
+    q0, q1, q2 = np.r_[0.0, q0], np.r_[0.0, q1], np.r_[0.0, q2]
+    det = w0 * w2 - w1 * w1
+    line = det > 1e-9 * np.maximum(w0 * w2, _TINY)
+    safe = np.where(line, det, 1.0)
+    v0 = np.where(line, (w2 - w1) / safe, np.where(w0 > 0, 1.0 / np.maximum(w0, _TINY), 0.0))
+    v1 = np.where(line, (w0 - w1) / safe, 0.0)
+    sf = np.sqrt(1.0 + q0 * v0 * v0 + 2.0 * q1 * v0 * v1 + q2 * v1 * v1)
+    _LINE_TABLES[lam] = (v0, v1, sf)
+    return v0, v1, sf
 
 
 def _lindley(x: np.ndarray, start: int) -> np.ndarray:
     """``s_t = max(0, s_{t-1} + x_t)`` from ``s_0 = start``, on int64: exact, O(m) in numpy."""
     c = np.cumsum(x)
     return c - np.minimum(np.minimum.accumulate(c), -start)
+
+
+def _lindley2(x: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """:func:`_lindley` of each row of ``x`` (shape (k, m)) from ``start`` (shape (k,))."""
+    c = np.cumsum(x, axis=1)
+    return c - np.minimum(np.minimum.accumulate(c, axis=1), -start[:, None])
 
 
 @dataclass(frozen=True)
@@ -281,6 +447,20 @@ class _VectorBinseg(rpt.Binseg):
         return int(candidates[best]), float(gains[best])
 
 
+def _parabola_sse(y: np.ndarray) -> float:
+    """Squared error of the least-squares parabola through ``y``. O(n)."""
+    n = len(y)
+    if n <= 3:
+        return 0.0
+    t = np.arange(n, dtype=float) - (n - 1) / 2.0
+    t /= max(1.0, (n - 1) / 2.0)
+    x = np.stack([np.ones(n), t, t * t], axis=1)
+    yc = y - y.mean()
+    coef, *_ = np.linalg.lstsq(x, yc, rcond=None)
+    r = yc - x @ coef
+    return float(r @ r)
+
+
 def history_scale(history: np.ndarray) -> float:
     """Spread of the recent history used to scale the penalty: its standard deviation. O(n).
 
@@ -316,8 +496,12 @@ class WindowLocaliser:
     points: ``scale`` from :func:`history_scale` (the spread of the caller's
     recent history: structure counts as variation) and ``noise`` from
     :func:`point_noise` (a floor for structureless noise, where the spread alone
-    would let the maximum over split points through too often). O(n) per break found,
-    n capped by the caller (the series window), independent of run length.
+    would let the maximum over split points through too often). With
+    ``curvature_penalty`` c set, a break is kept only if its two lines also beat
+    one parabola over its two segments by c times that penalty (a smooth curve
+    such as a power-law decay is not a change; ``None`` turns the check off).
+    O(n) per break found, n capped by the caller (the series window),
+    independent of run length.
 
     >>> loc = WindowLocaliser()
     >>> rng = np.random.default_rng(0)
@@ -329,6 +513,7 @@ class WindowLocaliser:
     penalty: float = 2.0
     noise_penalty: float = 4.0
     min_size: int = 4
+    curvature_penalty: float | None = 0.25
 
     def __post_init__(self) -> None:
         if self.penalty <= 0 or self.noise_penalty < 0 or self.min_size < 3:
@@ -349,10 +534,35 @@ class WindowLocaliser:
         algo = _VectorBinseg(custom_cost=cost, min_size=self.min_size, jump=1).fit(y)
         if algo.single_bkp(0, n)[1] <= penalty:
             return []  # Binseg's first split is the best single one: nothing would be confirmed
-        bkps = algo.predict(pen=penalty)[:-1]
+        bkps = [int(b) for b in algo.predict(pen=penalty)[:-1]]
+        if self.curvature_penalty is not None:
+            bkps = self._not_curvature(y, bkps, cost, self.curvature_penalty * penalty)
         splits = []
         edges = [0, *bkps, n]
         for left, index, right in zip(edges, edges[1:], edges[2:], strict=False):
             gain = cost.error(left, right) - cost.error(left, index) - cost.error(index, right)
             splits.append(Split(index=int(index), gain=float(gain), penalty=float(penalty), noise=scale))
         return splits
+
+    @staticmethod
+    def _not_curvature(y: np.ndarray, bkps: list[int], cost: CostPiecewiseLinear,
+                       penalty: float) -> list[int]:
+        """Drop breaks that one smooth curve explains: each kept break's two lines must
+        beat a single parabola over both its segments by ``penalty``. O(n) per pass.
+
+        A power-law or exponential decay is curved everywhere; binary segmentation
+        cuts it into lines wherever the noise is small against the curvature. A
+        real break (a level shift, a plateau that ends in a drop, a kink seen from
+        both sides) is not a parabola either, so it survives.
+        """
+        while bkps:
+            edges = [0, *bkps, len(y)]
+            margins = []
+            for left, index, right in zip(edges, edges[1:], edges[2:], strict=False):
+                lines = cost.error(left, index) + cost.error(index, right)
+                margins.append(_parabola_sse(y[left:right]) - lines)
+            worst = int(np.argmin(margins))
+            if margins[worst] > penalty:
+                return bkps
+            del bkps[worst]
+        return bkps

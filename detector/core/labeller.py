@@ -13,17 +13,25 @@ Rules, each located at the step where the evidence begins:
 * abstraction starts when the validation accuracy-like series rises
   ``onset_rise`` above its baseline for ``onset_lines`` consecutive lines;
   that is a ``GROKKING_ONSET`` when it comes after a memorised plateau at
-  least ``grokking_delay_ratio`` times as long as memorisation took.
+  least ``grokking_delay_ratio`` times as long as memorisation took, or, for a
+  rise that starts early but creeps, once ``grokking_min_lines`` lines (and as
+  many as memorisation took) have passed since memorisation with the
+  validation accuracy risen twice ``onset_rise`` yet still short of
+  ``complete_fraction`` of the training accuracy (located at the onset).
 * ``HIDDEN_PROGRESS``: after memorisation and before onset, the validation
   loss-like series falls with a significant Mann–Kendall trend while the
   validation accuracy-like series is still flat.
 * stabilization: the validation accuracy-like series stays within
-  ``stable_tolerance`` of its best for ``stable_lines`` lines.
+  ``stable_tolerance`` of its best, and its best rises by no more than that,
+  for ``stable_lines`` lines (``grokking_min_lines`` before it has reached
+  ``complete_fraction`` of the training accuracy: a slow creep is not stable).
 * collapse: the training loss-like series turns non-finite, or exceeds both
   ``collapse_factor`` × its running minimum and its minimum plus
-  ``collapse_margin`` × its first value, and does not fall back halfway (on
-  the log scale) within ``collapse_confirm_lines`` lines, or a rank-like series
-  drops below ``rank_collapse_fraction`` of its recent level meanwhile. An
+  ``collapse_margin`` × its first value (the bound), and is above the bound on
+  ``collapse_confirm_lines`` lines of the excursion before it has stayed under
+  it for ``recovered_lines`` lines in a row or fallen back halfway (on the log
+  scale) to where it was, or a rank-like series drops below
+  ``rank_collapse_fraction`` of its recent level meanwhile. An
   excursion that falls back is a ``LOSS_SPIKE``.
 
 Every rule is O(1) per line; state is a few scalars and short deques.
@@ -34,12 +42,13 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from detector.core.series import SeriesDetector, working_scale
+from detector.core.trend import TrendResult
 from detector.core.types import Event, EventKind, Phase, Role, Segment, SeriesSpec, Split
 from detector.errors import InvalidArgument
 
@@ -57,6 +66,8 @@ class LabellerConfig:
     collapse_factor: float = 10.0
     collapse_margin: float = 0.25
     collapse_confirm_lines: int = 4
+    recovered_lines: int = 10
+    grokking_min_lines: int = 50
     rank_collapse_fraction: float = 0.5
     rank_history: int = 10
     progress_p_value: float = 1e-3
@@ -123,6 +134,8 @@ class PhaseLabeller:
         self.stable_since: int | None = None
         self.stable_lines = 0
         self.stable_min = math.inf
+        self.stable_best = -math.inf
+        self.generalised = False
         self.stable_at: int | None = None
         self.hidden_progress_at: int | None = None
         # collapse
@@ -141,8 +154,11 @@ class PhaseLabeller:
 
     @classmethod
     def from_state(cls, state: dict) -> PhaseLabeller:
-        labeller = cls(state["config"])
-        vars(labeller).update(copy.deepcopy(state))
+        # Settings added since the checkpoint was written take their defaults.
+        saved = vars(state["config"])
+        config = LabellerConfig(**{f.name: saved[f.name] for f in fields(LabellerConfig) if f.name in saved})
+        labeller = cls(config)
+        vars(labeller).update(copy.deepcopy({k: v for k, v in state.items() if k != "config"}))
         return labeller
 
     def set_specs(self, specs: Mapping[str, SeriesSpec]) -> None:
@@ -156,7 +172,12 @@ class PhaseLabeller:
         row: Mapping[str, float],
         detectors: Mapping[str, SeriesDetector],
         series_events: Sequence[Event],
+        trend_of: Callable[[str], TrendResult | None] | None = None,
     ) -> list[Event]:
+        """One line: ``row`` its values, ``series_events`` what the series detectors
+        found at it (series in name order). ``trend_of(name)``, when given, is a
+        series' trend as of this line (the run detector's block path, where
+        ``detectors`` have already taken later lines); else ``detectors[name].trend``."""
         if self.last_step is not None and step > self.last_step:
             self.last_gap = step - self.last_step
         self.last_step = step
@@ -170,9 +191,15 @@ class PhaseLabeller:
         self._track_ranks(row)
         if self.collapsed_at is None:
             events += self._memorisation(step, row)
-            events += self._generalisation(step, row, detectors)
+            events += self._generalisation(step, row, detectors, trend_of)
             events += self._loss_only_phases(step, series_events)
         return events
+
+    def finish(self, step: int, series_events: Sequence[Event]) -> list[Event]:
+        """Series events found when the run ended (see ``RunDetector.finish``)."""
+        if self.collapsed_at is not None:
+            return []
+        return self._loss_only_phases(step, series_events)
 
     def _collapse(self, step: int, row: Mapping[str, float]) -> list[Event]:
         name = self.roles.train_loss or self.roles.val_loss
@@ -194,6 +221,11 @@ class PhaseLabeller:
             ex = self.excursion
             ex["lines"] += 1
             ex["peak"] = max(ex["peak"], y)
+            if loss > ex["bound"]:
+                ex["above"] = ex.get("above", 1) + 1
+                ex["below"] = 0
+            else:
+                ex["below"] = ex.get("below", 0) + 1
             halfway = (ex["before"] + ex["peak"]) / 2
             rank = self._rank_drop(row)
             if rank is not None:
@@ -203,27 +235,28 @@ class PhaseLabeller:
                     {"test": "loss_bound+rank_drop", "rank_series": rank[0],
                      "rank_fraction": f"{rank[1]:.4g}", "bound": f"{ex['bound']:.4g}"},
                 )
-            elif y < halfway:
+            elif y < halfway or ex["below"] >= c.recovered_lines:
                 events.append(self._event(
                     ex["step"], step, EventKind.LOSS_SPIKE, name, 0.8,
                     f"{name} spiked at step {ex['step']} and recovered",
                     {"test": "loss_bound", "bound": f"{ex['bound']:.4g}",
-                     "peak": f"{10 ** abs(ex['peak']) * 1e-10:.4g}", "recovered_lines": str(ex["lines"])},
+                     "peak": f"{10 ** abs(ex['peak']) * 1e-10:.4g}", "recovered_lines": str(ex["lines"]),
+                     "recovery": "halfway" if y < halfway else "below_bound"},
                 ))
                 self.excursion = None
-            elif ex["lines"] >= self.config.collapse_confirm_lines:
+            elif ex["above"] >= c.collapse_confirm_lines:
                 events += self._collapse_event(
                     ex["step"], step, name, 0.8,
                     f"{name} diverged at step {ex['step']} and has not recovered",
                     {"test": "loss_bound", "bound": f"{ex['bound']:.4g}",
-                     "lines_above": str(ex["lines"])},
+                     "lines_above": str(ex["above"]), "lines": str(ex["lines"] + 1)},
                 )
         elif math.isfinite(self.loss_min) and self.loss_min >= 0:
             bound = max(c.collapse_factor * self.loss_min,
                         self.loss_min + c.collapse_margin * abs(self.loss_first))
             if loss > bound:
                 self.excursion = {"step": step, "before": self.loss_last_y, "peak": y,
-                                  "lines": 0, "bound": bound}
+                                  "lines": 0, "bound": bound, "above": 1, "below": 0}
                 rank = self._rank_drop(row)
                 if rank is not None:
                     events += self._collapse_event(
@@ -286,7 +319,8 @@ class PhaseLabeller:
         return []
 
     def _generalisation(self, step: int, row: Mapping[str, float],
-                        detectors: Mapping[str, SeriesDetector]) -> list[Event]:
+                        detectors: Mapping[str, SeriesDetector],
+                        trend_of: Callable[[str], TrendResult | None] | None = None) -> list[Event]:
         name = self.roles.val_acc
         if name is None:
             return []
@@ -302,7 +336,7 @@ class PhaseLabeller:
                 self.val_base = float(np.median(self.val_first))
         self.val_recent.append(value)
         if self.onset_at is None:
-            events += self._hidden_progress(step, value, detectors)
+            events += self._hidden_progress(step, value, detectors, trend_of)
             if self.val_base is not None and value >= self.val_base + c.onset_rise:
                 if self.above_since is None:
                     self.above_since = (step, self.lines)
@@ -314,6 +348,13 @@ class PhaseLabeller:
         # After onset: grokking completes, then stabilises.
         train = row.get(self.roles.train_acc, math.nan) if self.roles.train_acc else 1.0
         train = _as_fraction(train) if math.isfinite(train) else 1.0
+        if (not self.grokking and not self.generalised and self.memorised_at is not None
+                and self.lines - self.memorised_line >= max(c.grokking_min_lines, self.memorised_line)
+                and value >= self.val_base + 2 * c.onset_rise
+                and value < c.complete_fraction * train):
+            events += self._late_grokking(step, value, name)
+        if value >= c.complete_fraction * train:
+            self.generalised = True
         if self.grokking and self.complete_at is None and value >= c.complete_fraction * train:
             self.complete_at = step
             events.append(self._event(
@@ -325,11 +366,14 @@ class PhaseLabeller:
             self.best_val = value
         if self.stable_since is None or value < self.best_val - c.stable_tolerance or (
             self.stable_min < self.best_val - c.stable_tolerance
-        ):
+        ) or self.best_val > self.stable_best + c.stable_tolerance:  # still climbing
             self.stable_since, self.stable_lines, self.stable_min = step, 0, value
+            self.stable_best = self.best_val
         self.stable_lines += 1
         self.stable_min = min(self.stable_min, value)
-        if self.stable_at is None and self.stable_lines >= c.stable_lines:
+        # Before it generalises, a slow creep must stop for longer to count as stable.
+        needed = c.stable_lines if self.generalised else max(c.stable_lines, c.grokking_min_lines)
+        if self.stable_at is None and self.stable_lines >= needed:
             self.stable_at = self.stable_since
             events += self._enter(Phase.STABILIZATION, self.stable_since, step, 0.8, name)
         return events
@@ -358,8 +402,25 @@ class PhaseLabeller:
                 ))
         return events + self._enter(Phase.ABSTRACTION, located, step, 0.8, name)
 
+    def _late_grokking(self, step: int, value: float, name: str) -> list[Event]:
+        """Generalisation that began early but still lags memorisation by the grokking
+        delay: grokking, known only now, located at the onset."""
+        self.grokking = True
+        located = self.onset_at if self.onset_at is not None else step
+        waited = step - self.memorised_at
+        return [self._event(
+            located, step, EventKind.GROKKING_ONSET, name, 0.7,
+            f"grokking: {name} has risen slowly since step {located} and is still at "
+            f"{value:.3f}, {waited} steps after memorisation",
+            {"test": "delayed_generalisation", "baseline": f"{self.val_base:.4g}",
+             "value": f"{value:.4g}", "memorised_at_step": str(self.memorised_at),
+             "lines_since_memorisation": str(self.lines - self.memorised_line)},
+            Phase.ABSTRACTION,
+        )]
+
     def _hidden_progress(self, step: int, value: float,
-                         detectors: Mapping[str, SeriesDetector]) -> list[Event]:
+                         detectors: Mapping[str, SeriesDetector],
+                         trend_of: Callable[[str], TrendResult | None] | None = None) -> list[Event]:
         c = self.config
         loss = self.roles.val_loss
         if (self.hidden_progress_at is not None or self.memorised_at is None or loss is None
@@ -368,7 +429,7 @@ class PhaseLabeller:
             return []
         det = detectors[loss]
         window = det.config.trend_window
-        trend = det.trend
+        trend = det.trend if trend_of is None else trend_of(loss)
         if trend is None or self.lines - self.memorised_line < window:
             return []
         change = trend.slope * (window - 1)

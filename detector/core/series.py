@@ -11,7 +11,9 @@ multiplicative) and feed:
   amortised, scanned over whole blocks in numpy;
 * :class:`~detector.core.changepoint.WindowLocaliser` on the current segment
   (at most ``window`` points) ``lag`` points after an alarm, and again on each of
-  the next ``recheck`` points while nothing is confirmed, O(window) each;
+  the next ``recheck`` points while nothing is confirmed, O(window) each, and
+  once more by :meth:`SeriesDetector.finish` when the run ends (the points
+  after the last alarm);
 * :class:`~detector.core.trend.PlateauTest` on every window of ``patience``
   points (all windows of a block at once) and a Mann–Kendall trend test on the
   last ``trend_window`` points every ``trend_every`` points;
@@ -40,8 +42,14 @@ _SYMLOG_EPS = 1e-10
 
 
 def working_scale(role: Role, value: float) -> float:
-    """Map a finite value to the scale its statistics use (symmetric log for multiplicative roles)."""
-    return float(working_scale_many(role, np.array([value], dtype=float))[0])
+    """Map a finite value to the scale its statistics use (symmetric log for multiplicative roles).
+
+    The same numbers as :func:`working_scale_many` (numpy's ufuncs on a scalar), in
+    about a microsecond: the labeller calls it on every line.
+    """
+    if role in _LOG_ROLES:
+        return float(np.copysign(np.log10(1.0 + abs(value) / _SYMLOG_EPS), value))
+    return float(value)
 
 
 def working_scale_many(role: Role, values: np.ndarray) -> np.ndarray:
@@ -142,6 +150,8 @@ class SeriesDetector:
         self.max_value: float = -math.inf
         self.in_plateau = False
         self.trend: TrendResult | None = None
+        # trend_as_of's last answer (due point, result); not state: derived from values.
+        self._trend_cache: tuple[int, TrendResult | None] | None = None
 
     # --- update ---------------------------------------------------------------
 
@@ -188,6 +198,63 @@ class SeriesDetector:
     def recent(self, count: int) -> np.ndarray:
         """The last ``count`` finite values on the working scale (fewer early on)."""
         return self._values[max(0, self._size - count) : self._size].copy()
+
+    def trend_as_of(self, n_finite: int) -> TrendResult | None:
+        """:attr:`trend` as it was when this detector had taken ``n_finite`` finite points.
+
+        ``update`` recomputes the trend every ``trend_every`` finite points, so a
+        block update leaves only the block's last one in :attr:`trend`; a caller
+        going through the block line by line (the run detector's labeller) asks
+        for the one of each line here. It is recomputed from the held values
+        (Mann–Kendall on ``trend_window`` points, O(trend_window²), cached per
+        due point), so the points it needs must still be held: the last
+        ``window // 2`` finite points always are, which is why block updates
+        that read this are cut into chunks of at most
+        :func:`trend_chunk_points` points. Raises InvalidArgument otherwise.
+        """
+        every, window = self.config.trend_every, self.config.trend_window
+        last = (n_finite // every) * every
+        if n_finite > self.n_finite or n_finite < 0:
+            raise InvalidArgument(f"n_finite {n_finite} is not in 0..{self.n_finite}")
+        if last < window:
+            return None
+        if last == (self.n_finite // every) * every:
+            return self.trend  # the block's last one: computed already
+        cache = self._trend_cache
+        if cache is not None and cache[0] == last:
+            return cache[1]
+        start = last - window - (self.n_finite - self._size)  # held index of the window start
+        if start < 0:
+            raise InvalidArgument(
+                f"the trend as of point {n_finite} needs points no longer held; "
+                "update in smaller blocks"
+            )
+        trend = mann_kendall(self._values[start : start + window])
+        self._trend_cache = (last, trend)
+        return trend
+
+    # --- end of a run -------------------------------------------------------------
+
+    def finish(self) -> list[Event]:
+        """Localise the current segment once more at the end of a run; return what it confirms.
+
+        Points after the last trigger alarm are otherwise never localised: a
+        change late in a run, or one the trigger saw too faintly, would go
+        unreported. Call it once, when the run ends (after the last point); the
+        events it returns are located earlier, and ``detected_at`` is the last
+        step. O(window). A pending alarm's localisation is done here too.
+        """
+        if self._size == 0 or self.last_step is None:
+            return []
+        c = self.config
+        if self.n_finite - self._segment_start < 2 * c.localiser.min_size + 1:
+            return []
+        self._alarm_statistic = self.trigger.statistic
+        self._alarm_noise = None
+        self._pending_alarm = None
+        self._rechecks = 0
+        found = self._localise(int(self._steps[self._size - 1]))
+        return found
 
     # --- change points -----------------------------------------------------------
 
@@ -389,5 +456,14 @@ class SeriesDetector:
         return det
 
 
+def trend_chunk_points(config: SeriesConfig) -> int:
+    """The most finite points a block may add for :meth:`SeriesDetector.trend_as_of`
+    to answer for any point of it: the trend window of the block's first point
+    must still be held after the block (at least ``window // 2 + 1`` are)."""
+    return max(1, config.window // 2 + 2 - config.trend_window - config.trend_every)
+
+
 def _trigger_settings(trigger: CusumTrigger) -> dict:
-    return {k: getattr(trigger, k) for k in ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate")}
+    return {k: getattr(trigger, k) for k in ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate",
+                                             "memory", "bank_drifts", "bank_thresholds", "bank_scale_rate",
+                                             "bank_gate")}

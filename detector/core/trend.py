@@ -37,16 +37,24 @@ def mann_kendall(y: np.ndarray) -> TrendResult:
     n = len(y)
     if n < 3:
         return TrendResult("mann_kendall", 0.0, 1.0, 0.0)
-    i, j = np.triu_indices(n, k=1)
-    s = float(np.sign(y[j] - y[i]).sum())
+    i, j, gaps = _pairs(n)
+    diffs = y[j] - y[i]
+    s = float(np.sign(diffs).sum())
     _, ties = np.unique(y, return_counts=True)
     var = (n * (n - 1) * (2 * n + 5) - float(np.sum(ties * (ties - 1) * (2 * ties + 5)))) / 18.0
     if var <= 0:  # constant window
         return TrendResult("mann_kendall", 0.0, 1.0, 0.0)
     z = (s - math.copysign(1.0, s)) / math.sqrt(var) if s != 0 else 0.0
     p = math.erfc(abs(z) / math.sqrt(2.0))
-    slopes = (y[j] - y[i]) / (j - i)
+    slopes = diffs / gaps
     return TrendResult("mann_kendall", s / (n * (n - 1) / 2), p, float(np.median(slopes)))
+
+
+@functools.lru_cache(maxsize=8)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The index pairs i < j of n points and their gaps j - i (as floats), built once per n."""
+    i, j = np.triu_indices(n, k=1)
+    return i, j, (j - i).astype(float)
 
 
 THEIL_SEN_MAX_POINTS = 1000
