@@ -33,6 +33,7 @@ may write it next.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import pickle
 import socket
@@ -48,7 +49,14 @@ import numpy as np
 
 from detector.core import Event, Phase, RunDetector, RunDetectorConfig, Segment, SeriesSpec
 from detector.core.types import Role, Split, check_name, infer_spec
-from detector.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from detector.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PhasewatchError,
+    ResourceExhausted,
+)
+from detector.limits import RunRateLimiter
 
 
 @dataclass(frozen=True)
@@ -62,11 +70,17 @@ class EngineConfig:
     reorder_window: int = 2
     recent_events: int = 20
     detector: RunDetectorConfig = field(default_factory=RunDetectorConfig)
+    # Points a second per run (a token bucket, see detector.limits); None: no limit.
+    max_points_per_second: float | None = None
+    # The bucket's size in points; None: one second's worth.
+    points_burst: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_series_per_run", "max_runs", "reorder_window", "recent_events"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_points_per_second is not None:
+            RunRateLimiter(self.max_points_per_second, self.points_burst)  # validates both
 
 
 @dataclass(frozen=True)
@@ -180,16 +194,30 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+log = logging.getLogger("phasewatch.engine")
+
 _RELEASED_MEMORY = 4096
 # Bump when the checkpoint's layout changes; older checkpoints are then refused
-# with a clear error instead of being misread.
-CHECKPOINT_VERSION = 1
+# with a clear error instead of being misread (version 1, the per-step dict
+# reorder buffer, is still read: see _Run.restore).
+CHECKPOINT_VERSION = 2
 
 Columns = Mapping[str, tuple[Sequence[int] | np.ndarray, Sequence[float] | np.ndarray]]
 
 
 class _Run:
-    """Per-run state: the reorder buffer and the run detector."""
+    """Per-run state: the reorder buffer and the run detector.
+
+    The reorder buffer is columnar: per series, the held points as sorted,
+    distinct (steps, values) arrays, and the sorted distinct steps held by any
+    series (``pending_steps``; their count is what ``reorder_window`` bounds).
+    Each ingest sorts, deduplicates and merges a batch in numpy, then releases
+    the oldest held steps as one block to ``RunDetector.update_many``. Cost per
+    batch: O(points log points) in numpy plus O(series) Python calls, no Python
+    object per point; per released line, the labeller's O(1) state machine.
+    The released-steps memory (the last 4096 released steps, sorted since steps
+    are released in order) tells a resent point from a new one that came too late.
+    """
 
     def __init__(self, run_id: str, labels: Mapping[str, str], config: EngineConfig) -> None:
         self.run_id = run_id
@@ -197,14 +225,15 @@ class _Run:
         self.config = config
         self.detector = RunDetector(config=config.detector)
         self.lock = threading.Lock()
-        self.pending: dict[int, dict[str, float]] = {}
+        # Held points per series: sorted distinct steps and their first values.
+        self.pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.pending_steps = _EMPTY_STEPS  # sorted distinct steps held by any series
         self.released_through: int | None = None  # every step <= this went to the detector
         self.last_seen: dict[str, int] = {}  # per series, the greatest step accepted
-        # Recently released steps tell a resent point (idempotent) from a new one that
-        # came too late; older than this bounded memory, a point at or below the
-        # series' last step is taken as resent.
-        self.released_recent: deque[int] = deque()
-        self.released_set: set[int] = set()
+        # Recently released steps (sorted) tell a resent point (idempotent) from a new
+        # one that came too late; older than this bounded memory, a point at or below
+        # the series' last step is taken as resent.
+        self.released_recent = _EMPTY_STEPS
         self.released_floor = -1
         self.max_step = -1
         self.ended = False
@@ -231,9 +260,10 @@ class _Run:
             "labels": self.labels,
             "detector": self.detector.state(),
             "pending": self.pending,
+            "pending_steps": self.pending_steps,
             "released_through": self.released_through,
             "last_seen": self.last_seen,
-            "released_recent": list(self.released_recent),
+            "released_recent": self.released_recent,
             "released_floor": self.released_floor,
             "max_step": self.max_step,
             "ended": self.ended,
@@ -256,17 +286,19 @@ class _Run:
         except (zlib.error, pickle.UnpicklingError, EOFError) as error:
             raise FailedPrecondition(f"unreadable checkpoint: {error}") from None
         version = state.get("version") if isinstance(state, dict) else None
-        if version != CHECKPOINT_VERSION:
+        if version == 1:
+            state = _checkpoint_v1_to_v2(state)
+        elif version != CHECKPOINT_VERSION:
             raise FailedPrecondition(
                 f"checkpoint version {version!r}, this phasewatch reads {CHECKPOINT_VERSION}"
             )
         run = cls(state["run_id"], state["labels"], config)
         run.detector = RunDetector.from_state(state["detector"], config.detector)
         run.pending = state["pending"]
+        run.pending_steps = state["pending_steps"]
         run.released_through = state["released_through"]
         run.last_seen = state["last_seen"]
-        run.released_recent = deque(state["released_recent"])
-        run.released_set = set(run.released_recent)
+        run.released_recent = state["released_recent"]
         run.released_floor = state["released_floor"]
         run.max_step = state["max_step"]
         run.ended = state["ended"]
@@ -285,53 +317,111 @@ class _Run:
             self.detector.add_series(spec)
 
     def ingest(self, columns: Columns) -> tuple[int, dict[str, int], list[Event]]:
+        """Hold a batch's points, then release all but ``reorder_window`` held steps.
+
+        Per series, in numpy: negative steps are rejected; a point at or below
+        ``through_step`` is a resent one (accepted, ignored) when the series had
+        already been sent that step or later and the step was released (or is
+        older than the released-steps memory), else rejected as out of order; the
+        rest are held, a step already held for the series keeping its first
+        value. O(points log points) per batch, plus the release.
+        """
         accepted = 0
         rejected: dict[str, int] = {}
+        through = self.released_through
+        held: list[np.ndarray] = []
         for name, (steps, values) in columns.items():
             if name not in self.detector.specs:
                 self.declare(infer_spec(name))
             last = self.last_seen.get(name, -1)
-            for step, value in zip(steps, values, strict=True):
-                step = int(step)
-                if step < 0:
-                    rejected["negative_step"] = rejected.get("negative_step", 0) + 1
-                    continue
-                if self.released_through is not None and step <= self.released_through:
-                    if step <= last and (step in self.released_set or step < self.released_floor):
-                        accepted += 1  # a resent point: idempotent
-                    else:
-                        rejected["out_of_order"] = rejected.get("out_of_order", 0) + 1
-                    continue
-                row = self.pending.setdefault(step, {})
-                if name not in row:  # duplicates keep the first value
-                    row[name] = float(value)
-                    self.changes += 1
-                accepted += 1
-                if step > last:
-                    last = step
-                if step > self.max_step:
-                    self.max_step = step
-            self.last_seen[name] = last
-        events = self._release(len(self.pending) - self.config.reorder_window)
+            steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            if len(steps) == 0:
+                self.last_seen[name] = last
+                continue
+            negative = int(np.count_nonzero(steps < 0))
+            if negative:
+                rejected["negative_step"] = rejected.get("negative_step", 0) + negative
+            hold = steps >= 0 if through is None else steps > through
+            if through is not None:
+                late = (steps >= 0) & ~hold
+                if late.any():
+                    # "step <= last" with last as it stood at that point of the batch:
+                    # the series' last step, raised by the held points before it.
+                    running = np.maximum.accumulate(np.where(hold, steps, -1))
+                    last_before = np.maximum(last, np.r_[-1, running[:-1]])
+                    late_steps = steps[late]
+                    known = late_steps < self.released_floor
+                    if len(self.released_recent):
+                        at = np.searchsorted(self.released_recent, late_steps)
+                        at = np.minimum(at, len(self.released_recent) - 1)
+                        known |= self.released_recent[at] == late_steps
+                    resent = int(np.count_nonzero(known & (late_steps <= last_before[late])))
+                    accepted += resent
+                    if len(late_steps) > resent:
+                        rejected["out_of_order"] = (
+                            rejected.get("out_of_order", 0) + len(late_steps) - resent
+                        )
+            if not hold.all():
+                steps, values = steps[hold], values[hold]
+            if len(steps) == 0:
+                self.last_seen[name] = last
+                continue
+            accepted += len(steps)
+            top = int(steps.max())
+            self.last_seen[name] = max(last, top)
+            self.max_step = max(self.max_step, top)
+            # Distinct steps, first value of each (np.unique's index is the first occurrence).
+            if len(steps) > 1 and not (steps[1:] > steps[:-1]).all():
+                steps, first = np.unique(steps, return_index=True)
+                values = values[first]
+            old = self.pending.get(name)
+            if old is not None:
+                new = ~_isin_sorted(steps, old[0])
+                if not new.all():
+                    steps, values = steps[new], values[new]
+                if len(steps):
+                    merged = np.concatenate((old[0], steps))
+                    order = np.argsort(merged, kind="stable")
+                    steps, values = merged[order], np.concatenate((old[1], values))[order]
+                else:
+                    steps, values = old
+            if len(steps) != (0 if old is None else len(old[0])):
+                self.changes += len(steps) - (0 if old is None else len(old[0]))
+                self.pending[name] = (steps, values)
+                held.append(steps)
+        if held:
+            self.pending_steps = np.unique(np.concatenate([self.pending_steps, *held]))
+        events = self._release(len(self.pending_steps) - self.config.reorder_window)
         return accepted, rejected, events
 
     def flush(self) -> list[Event]:
-        return self._release(len(self.pending))
+        return self._release(len(self.pending_steps))
 
     def _release(self, count: int) -> list[Event]:
+        """Give the ``count`` oldest held steps to the detector, as one block."""
         if count <= 0:
             return []
-        steps = sorted(self.pending)[:count]
-        events: list[Event] = []
-        for step in steps:
-            events.extend(self.detector.update(step, self.pending.pop(step)))
-            self.released_recent.append(step)
-            self.released_set.add(step)
-            if len(self.released_recent) > _RELEASED_MEMORY:
-                oldest = self.released_recent.popleft()
-                self.released_set.discard(oldest)
-                self.released_floor = oldest + 1
-        self.released_through = steps[-1]
+        lines = self.pending_steps[:count]
+        self.pending_steps = self.pending_steps[count:]
+        cut = int(lines[-1])
+        block: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, (steps, values) in list(self.pending.items()):
+            k = int(np.searchsorted(steps, cut, side="right"))
+            if k == 0:
+                continue
+            block[name] = (steps[:k], values[:k])
+            if k == len(steps):
+                del self.pending[name]
+            else:
+                self.pending[name] = (steps[k:], values[k:])
+        events = self.detector.update_many(block, lines)
+        memory = np.concatenate((self.released_recent, lines))
+        if len(memory) > _RELEASED_MEMORY:
+            self.released_floor = int(memory[len(memory) - _RELEASED_MEMORY - 1]) + 1
+            memory = memory[len(memory) - _RELEASED_MEMORY :].copy()
+        self.released_recent = memory
+        self.released_through = cut
         self.changes += 1
         self.recent.extend(events)
         self.events.extend(events)
@@ -385,6 +475,8 @@ class Engine:
         self._detection_seconds = 0.0
         self._detection_batches = 0
         self._detection_counts = [0] * (len(DETECTION_BUCKETS) + 1)
+        rate = self.config.max_points_per_second
+        self._rate = None if rate is None else RunRateLimiter(rate, self.config.points_burst)
 
     # --- writes -------------------------------------------------------------
 
@@ -407,6 +499,7 @@ class Engine:
             for spec in specs:
                 run.declare(spec)
             run.ended = False
+            run.changes += 1  # labels, series, ended: the next commit checkpoints them
             run.status = run._make_status()
             status = run.status
             if self.store is not None:
@@ -425,6 +518,8 @@ class Engine:
                 raise InvalidArgument(
                     f"series {name!r} has {len(steps)} steps but {len(values)} values"
                 )
+        if self._rate is not None:  # RateLimited before anything of the batch goes in
+            self._rate.take(run_id, sum(len(steps) for steps, _ in columns.values()))
         if run_id not in self._runs:
             self.start_run(run_id)  # declares it, or restores it from its checkpoint
         run = self._acquire(run_id, labels={})
@@ -458,6 +553,11 @@ class Engine:
         started = time.perf_counter()
         try:
             events = run.flush()
+            if not run.ended:  # a second end must not localise again
+                finished = run.detector.finish()
+                run.recent.extend(finished)
+                run.events.extend(finished)
+                events += finished
             run.ended = True
             run.changes += 1
             run.status = run._make_status()
@@ -477,6 +577,31 @@ class Engine:
             run.lock.release()
         self._record(0, {}, events, 0.0)
         return events
+
+    def checkpoint_all(self) -> int:
+        """Write the checkpoint of every in-memory run not yet saved as it is (shutdown).
+
+        Every ingest already checkpoints what it changed; this catches the rest
+        (labels and series declared by a ``start_run`` with no points since).
+        Runs another replica took over are skipped with a warning. Returns how
+        many checkpoints were written.
+        """
+        if self.store is None:
+            return 0
+        written = 0
+        for run in list(self._runs.values()):
+            with run.lock:
+                if run.defunct or self._runs.get(run.run_id) is not run:
+                    continue
+                if run.changes == run.saved_changes:
+                    continue
+                try:
+                    self._commit(run, (), None)
+                except PhasewatchError as error:
+                    log.warning("run %r not checkpointed at shutdown: %s", run.run_id, error)
+                    continue
+                written += 1
+        return written
 
     def claim(self, run_id: str) -> RunClaim:
         """Hold ``run_id`` for writing until ``release()`` (a stream's lifetime).
@@ -646,6 +771,38 @@ class _EngineClaim:
         if last and store is not None and store.shared:
             self._engine.forget(self._run_id)
         return last
+
+
+_EMPTY_STEPS = np.zeros(0, dtype=np.int64)
+
+
+def _isin_sorted(needles: np.ndarray, haystack: np.ndarray) -> np.ndarray:
+    """``np.isin`` for a sorted ``haystack``: O(n log m) by binary search."""
+    if len(haystack) == 0:
+        return np.zeros(len(needles), dtype=bool)
+    at = np.minimum(np.searchsorted(haystack, needles), len(haystack) - 1)
+    return haystack[at] == needles
+
+
+def _checkpoint_v1_to_v2(state: dict) -> dict:
+    """A version-1 checkpoint (reorder buffer as {step: {series: value}}) as version 2."""
+    per_series: dict[str, tuple[list[int], list[float]]] = {}
+    for step in sorted(state["pending"]):
+        for name, value in state["pending"][step].items():
+            steps, values = per_series.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(value)
+    pending = {
+        name: (np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64))
+        for name, (steps, values) in per_series.items()
+    }
+    return {
+        **state,
+        "version": 2,
+        "pending": pending,
+        "pending_steps": np.asarray(sorted(state["pending"]), dtype=np.int64),
+        "released_recent": np.asarray(state["released_recent"], dtype=np.int64),
+    }
 
 
 def _headline_series(detector: RunDetector) -> tuple[SeriesStatus, ...]:
