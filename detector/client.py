@@ -98,10 +98,13 @@ __all__ = [
     "Event",
     "Run",
     "SeriesSpecLike",
+    "bearer_interceptor",
     "channel_options",
     "connect",
     "create_channel",
+    "read_token",
     "service_config",
+    "tls_credentials",
 ]
 
 logger = logging.getLogger("phasewatch.client")
@@ -121,6 +124,13 @@ _POISON_CODES = frozenset(
         grpc.StatusCode.OUT_OF_RANGE,
     }
 )
+
+
+# A token for connect() and the CLI when none is given explicitly.
+TOKEN_ENV = "PHASEWATCH_TOKEN"
+# Trailer of a RESOURCE_EXHAUSTED that clears by itself (the detector's
+# points-per-second limit): such a batch is retried, not dropped.
+_RETRY_AFTER_KEY = "phasewatch-retry-after-ms"
 
 
 class ClientConfigError(ValueError):
@@ -420,6 +430,121 @@ def create_channel(
     return grpc.secure_channel(target, credentials, options=options)
 
 
+def read_token(token: str | None = None, token_file: str | os.PathLike[str] | None = None) -> str | None:
+    """The bearer token to send: ``token``, else the first token in ``token_file``,
+    else ``$PHASEWATCH_TOKEN``, else None (no token).
+
+    A token file is the detector's format: one token a line, ``#`` comments.
+    """
+    if token:
+        _check_token(token, "token")
+        return token
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise ClientConfigError(f"cannot read the token file {os.fspath(token_file)}: {reason}") from None
+        for line in lines:
+            if line.strip() and not line.strip().startswith("#"):
+                _check_token(line.strip(), f"the token in {os.fspath(token_file)}")
+                return line.strip()
+        raise ClientConfigError(f"the token file {os.fspath(token_file)} has no token")
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _check_token(token: str, what: str) -> None:
+    if not isinstance(token, str) or not token.isascii() or not token.isprintable() or (
+        any(c.isspace() for c in token)
+    ):
+        raise ClientConfigError(f"{what} must be printable ASCII without spaces")
+
+
+def tls_credentials(
+    root_ca: str | os.PathLike[str] | bytes | None = None,
+    client_cert: str | os.PathLike[str] | bytes | None = None,
+    client_key: str | os.PathLike[str] | bytes | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files (paths) or PEM bytes.
+
+    ``root_ca`` verifies the detector's certificate (None: the system's
+    roots); ``client_cert`` and ``client_key`` (together) are for a detector
+    that requires mutual TLS (``phasewatch serve --tls-client-ca``).
+    """
+    if (client_cert is None) != (client_key is None):
+        raise ClientConfigError("client_cert and client_key go together")
+
+    def pem(source: str | os.PathLike[str] | bytes | None, what: str) -> bytes | None:
+        if source is None or isinstance(source, bytes):
+            return source
+        try:
+            with open(source, "rb") as file:
+                return file.read()
+        except OSError as error:
+            raise ClientConfigError(
+                f"cannot read the {what} {os.fspath(source)}: {error.strerror or error}"
+            ) from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=pem(root_ca, "root CA"),
+        private_key=pem(client_key, "client key"),
+        certificate_chain=pem(client_cert, "client certificate"),
+    )
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        return _CallDetails(
+            details.method, details.timeout, [*metadata, self._entry], details.credentials,
+            getattr(details, "wait_for_ready", None), getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+def bearer_interceptor(token: str) -> grpc.UnaryUnaryClientInterceptor:
+    """A client interceptor sending ``token`` with every call, for ``grpc.intercept_channel``.
+
+    >>> import grpc
+    >>> channel = grpc.intercept_channel(grpc.insecure_channel("127.0.0.1:1"), bearer_interceptor("t"))
+    >>> channel.close()
+    """
+    _check_token(token, "token")
+    return _BearerToken(token)
+
+
 def connect(
     target: str,
     run_id: str,
@@ -430,6 +555,11 @@ def connect(
     resume: bool = False,
     credentials: grpc.ChannelCredentials | None = None,
     token: str | None = None,
+    token_file: str | os.PathLike[str] | None = None,
+    tls: bool = False,
+    tls_root_ca: str | os.PathLike[str] | bytes | None = None,
+    tls_client_cert: str | os.PathLike[str] | bytes | None = None,
+    tls_client_key: str | os.PathLike[str] | bytes | None = None,
     config: ClientConfig | None = None,
 ) -> Run:
     """Start streaming a run to the detector at ``target``; returns at once.
@@ -454,9 +584,16 @@ def connect(
     resume
         Declare the run as resumed (a restarted job continuing a run).
     credentials
-        TLS channel credentials; plaintext if None.
-    token
-        Bearer token, sent as ``authorization: Bearer <token>`` metadata.
+        TLS channel credentials; plaintext if None and no ``tls*`` argument is given.
+    token, token_file
+        Bearer token, sent as ``authorization: Bearer <token>`` metadata: the
+        token itself, or a file holding it (first line that is not a ``#``
+        comment); with neither, ``$PHASEWATCH_TOKEN`` if set.
+    tls, tls_root_ca, tls_client_cert, tls_client_key
+        TLS without building ``credentials``: ``tls=True`` verifies the
+        detector against the system's roots, ``tls_root_ca`` (a PEM path or
+        bytes; implies TLS) against that CA; the client certificate and key
+        are for mutual TLS. See :func:`tls_credentials`.
     config
         Buffer, batching, backoff and timeout settings.
 
@@ -465,6 +602,10 @@ def connect(
     ClientConfigError
         If the run id, a label, a series spec or a setting is invalid.
     """
+    if tls or tls_root_ca is not None or tls_client_cert is not None or tls_client_key is not None:
+        if credentials is not None:
+            raise ClientConfigError("give credentials or the tls* arguments, not both")
+        credentials = tls_credentials(tls_root_ca, tls_client_cert, tls_client_key)
     return Run(
         target,
         run_id,
@@ -473,7 +614,7 @@ def connect(
         on_event=on_event,
         resume=resume,
         credentials=credentials,
-        token=token,
+        token=read_token(token, token_file),
         config=config,
     )
 
@@ -536,6 +677,15 @@ class _Stream:
             with contextlib.suppress(Exception):
                 return code()  # type: ignore[no-any-return]
         return None
+
+    def retry_later(self) -> bool:
+        """Whether the detector said to retry the refused request later (a rate limit)."""
+        trailers = getattr(self.error, "trailing_metadata", None)
+        if not callable(trailers):
+            return False
+        with contextlib.suppress(Exception):
+            return any(key == _RETRY_AFTER_KEY for key, _ in trailers() or ())
+        return False
 
     def details(self) -> str:
         error = self.error
@@ -1087,7 +1237,7 @@ class Run:
         code = stream.code()
         # The detector answers requests in order, so when it has accepted the
         # start, the request it refused is the oldest unacknowledged batch.
-        if code in _POISON_CODES and stream.acks and self._inflight:
+        if code in _POISON_CODES and stream.acks and self._inflight and not stream.retry_later():
             bad = self._inflight.pop(0)
             self._held -= bad.points
             self._stats["rejected"] += bad.points

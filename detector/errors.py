@@ -14,7 +14,20 @@ class NotFound(PhasewatchError):
 
 
 class ResourceExhausted(PhasewatchError):
-    """A configured limit was hit (series per run, runs per server, message size)."""
+    """A configured limit was hit (series per run, runs per server, message size, rate)."""
+
+
+class RateLimited(ResourceExhausted):
+    """A run sent points faster than its configured points-per-second limit.
+
+    Nothing of the refused batch was ingested; ``retry_after`` is how many
+    seconds to wait before sending it again (the server passes it to clients in
+    the ``phasewatch-retry-after-ms`` trailer).
+    """
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class FailedPrecondition(PhasewatchError):
