@@ -1,0 +1,188 @@
+"""A Lightning callback that streams a training run to a phasewatch detector.
+
+``pip install 'phasewatch[lightning]'``; works with ``lightning.pytorch`` (or,
+when only that is installed, ``pytorch_lightning``)::
+
+    from lightning.pytorch import Trainer
+    from detector.integrations.lightning import PhasewatchCallback
+
+    trainer = Trainer(callbacks=[PhasewatchCallback("detector:50051", run_id="exp-42",
+                                                    stop_on_collapse=True)])
+
+What it sends, at ``trainer.global_step``:
+
+- after every ``every``-th training step (default: the trainer's
+  ``log_every_n_steps``, 50 unless set, as for Lightning's own loggers: each
+  send reads the values, a device sync on a GPU), the scalars in
+  ``trainer.callback_metrics`` (everything the module logged with
+  ``self.log``); after validation and at the end of each epoch, the same
+  again. Lightning keeps a metric in ``callback_metrics`` until it is logged
+  anew, so a series is only sent when its value differs from the last value
+  sent for it (a stale validation metric is not repeated at every training
+  step; the price is that an exactly repeated value is skipped, which the
+  detector does not miss);
+- with ``probe_layers`` and ``probe_batch`` (or a ready ``probe``), the
+  :class:`~detector.probe.SpectralProbe` values every ``probe_every`` steps.
+
+The run is opened when training starts (on the global-zero process only) and
+closed when it ends, on an exception too. With ``stop_on_collapse=True`` the
+trainer stops (``trainer.should_stop``) after the detector reports
+``COLLAPSE_ONSET``; :attr:`PhasewatchCallback.stop_event` holds that event.
+No hook raises into the trainer or waits on the network, except ``close`` at
+the end (at most ``close_timeout`` seconds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        from pytorch_lightning import Callback
+    except ImportError:
+        raise ImportError(
+            "detector.integrations.lightning needs Lightning: pip install 'phasewatch[lightning]'"
+        ) from None
+
+from detector.client import ClientConfig, Event, SeriesSpecLike
+from detector.integrations._common import TrainingSession, guarded, probe_factory
+
+__all__ = ["PhasewatchCallback"]
+
+
+class PhasewatchCallback(Callback):  # type: ignore[misc]
+    """Stream a Lightning run's logged metrics (and spectral probes) to a detector.
+
+    Parameters
+    ----------
+    target
+        The detector's ``HOST:PORT``.
+    run_id
+        The run's id; default ``lightning-<date>-<time>-<pid>``.
+    labels, series, on_event, token, credentials, config
+        As for :func:`detector.client.connect`.
+    stop_on_collapse
+        Stop training once the detector reports ``COLLAPSE_ONSET``.
+    every
+        Send ``callback_metrics`` every ``every`` training steps; default the
+        trainer's ``log_every_n_steps``.
+    probe, probe_layers, probe_batch, probe_every, probe_kwargs
+        A :class:`~detector.probe.SpectralProbe`, or the layers and fixed batch
+        to build one on the LightningModule when training starts.
+    exclude
+        Metric names never sent.
+    close_timeout
+        Seconds the end of training may wait for the detector to acknowledge.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        run_id: str | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        series: Iterable[SeriesSpecLike] = (),
+        on_event: Callable[[Event], object] | None = None,
+        stop_on_collapse: bool = False,
+        every: int | None = None,
+        probe: Any = None,
+        probe_layers: Sequence[str] | None = None,
+        probe_batch: Any = None,
+        probe_every: int = 100,
+        probe_kwargs: Mapping[str, Any] | None = None,
+        exclude: Iterable[str] = (),
+        token: str | None = None,
+        credentials: Any = None,
+        config: ClientConfig | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.every = every
+        self.session = TrainingSession(
+            target,
+            run_id,
+            default_prefix="lightning",
+            labels=labels,
+            series=series,
+            on_event=on_event,
+            stop_on_collapse=stop_on_collapse,
+            token=token,
+            credentials=credentials,
+            config=config,
+            close_timeout=close_timeout,
+            exclude=exclude,
+            dedupe=True,
+        )
+        self._probe_factory = probe_factory(probe, probe_layers, probe_batch, probe_every, probe_kwargs)
+
+    @property
+    def run(self) -> Any:
+        """The :class:`detector.client.Run` while training, else None."""
+        return self.session.run
+
+    @property
+    def run_id(self) -> str:
+        return self.session.run_id
+
+    @property
+    def probe(self) -> Any:
+        return self.session.probe
+
+    @property
+    def stop_event(self) -> Event | None:
+        """The ``COLLAPSE_ONSET`` event received, if any."""
+        return self.session.stop_event
+
+    def _send(self, trainer: Any) -> None:
+        self.session.log(trainer.global_step, dict(trainer.callback_metrics))
+
+    def _check_stop(self, trainer: Any) -> None:
+        if self.session.should_stop():
+            trainer.should_stop = True
+
+    @guarded
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if getattr(trainer, "is_global_zero", True):
+            self.session.start(pl_module, self._probe_factory)
+
+    @guarded
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.session.run is None:
+            return
+        step = trainer.global_step
+        every = self.every or getattr(trainer, "log_every_n_steps", None) or 1
+        if step % every == 0:
+            self._send(trainer)
+        self.session.probe_step(step)
+        self._check_stop(trainer)
+
+    @guarded
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.session.run is not None and not getattr(trainer, "sanity_checking", False):
+            self._send(trainer)
+            self._check_stop(trainer)
+
+    @guarded
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.session.run is not None:
+            self._send(trainer)
+            self._check_stop(trainer)
+
+    @guarded
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        try:
+            if self.session.run is not None:
+                self._send(trainer)
+        finally:
+            self.session.close()
+
+    @guarded
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.session.close()
