@@ -32,10 +32,11 @@ import grpc
 import detector
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import ClientConfigError, bearer_interceptor, read_token, tls_credentials
 from detector.convert import kind_to_proto, phase_to_proto
 from detector.core.types import EventKind, Phase, check_name
 from detector.demo import run_demo
-from detector.engine import Engine
+from detector.engine import Engine, EngineConfig
 from detector.errors import InvalidArgument, PhasewatchError
 from detector.logfile import Columns, count_points, iter_batches, read_log
 from detector.plot import PlotUnavailable, plot_timeline
@@ -53,7 +54,7 @@ from detector.report import (
     segment_view_from_proto,
     timeline_document,
 )
-from detector.server import serve
+from detector.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WORKERS, serve
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -141,6 +142,17 @@ def _client_options() -> argparse.ArgumentParser:
         help=f"deadline of a query (default {DEFAULT_TIMEOUT:g})",
     )
     client.add_argument("--json", action="store_true", help="print JSON instead of text")
+    client.add_argument("--token-file", metavar="PATH",
+                        default=os.environ.get("PHASEWATCH_TOKEN_FILE"),
+                        help="send the bearer token in this file (default $PHASEWATCH_TOKEN_FILE, "
+                        "else the token in $PHASEWATCH_TOKEN, if set)")
+    client.add_argument("--tls", action="store_true",
+                        help="connect with TLS, verifying the detector against the system's roots")
+    client.add_argument("--tls-ca", metavar="PATH",
+                        help="connect with TLS, verifying the detector against this CA (PEM)")
+    client.add_argument("--tls-client-cert", metavar="PATH",
+                        help="client certificate (PEM) for a detector that requires mutual TLS")
+    client.add_argument("--tls-client-key", metavar="PATH", help="private key of --tls-client-cert")
     return client
 
 
@@ -183,11 +195,35 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--metrics-retention", type=_positive_float, metavar="SECONDS",
                        help="keep ended runs in /metrics this long (default 600)")
     serve.add_argument("--auth-token-file", metavar="PATH",
-                       help="require this bearer token from clients")
+                       default=os.environ.get("PHASEWATCH_AUTH_TOKEN_FILE"),
+                       help="require a bearer token from this file (one a line; re-read when it "
+                       "changes) on every RPC but health checks (default "
+                       "$PHASEWATCH_AUTH_TOKEN_FILE)")
     serve.add_argument("--tls-cert", metavar="PATH", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", metavar="PATH", help="private key of --tls-cert (PEM)")
     serve.add_argument("--tls-client-ca", metavar="PATH",
                        help="require client certificates signed by this CA (PEM)")
+    serve.add_argument("--max-series-per-run", type=_positive_int, metavar="N",
+                       help=f"refuse a run's series past this many (RESOURCE_EXHAUSTED; default "
+                       f"{EngineConfig.max_series_per_run})")
+    serve.add_argument("--max-runs", type=_positive_int, metavar="N",
+                       help=f"refuse new runs past this many in memory (RESOURCE_EXHAUSTED; "
+                       f"default {EngineConfig.max_runs})")
+    serve.add_argument("--max-message-bytes", type=_positive_int, metavar="BYTES",
+                       help="refuse larger request messages (RESOURCE_EXHAUSTED; default "
+                       f"{DEFAULT_MAX_MESSAGE_BYTES})")
+    serve.add_argument("--max-concurrent-rpcs", "--max-concurrent-streams", type=_positive_int,
+                       dest="max_concurrent_rpcs", metavar="N",
+                       help="RPCs served at once: open streams (Stream, WatchEvents; one worker "
+                       "thread each for their whole life) plus unary RPCs in flight; past it, "
+                       "new RPCs get RESOURCE_EXHAUSTED (default "
+                       f"{DEFAULT_MAX_WORKERS}; allow for a few more than the training jobs)")
+    serve.add_argument("--max-points-per-second", type=_positive_float, metavar="N",
+                       help="refuse a run's batches beyond this rate (RESOURCE_EXHAUSTED, with a "
+                       "retry delay; a token bucket; default: no limit)")
+    serve.add_argument("--points-burst", type=_positive_float, metavar="N",
+                       help="bucket size of --max-points-per-second in points (default: one "
+                       "second's worth)")
     serve.add_argument("--grace", type=_positive_float, default=5.0, metavar="SECONDS",
                        help="on shutdown, let RPCs finish for this long (default 5)")
     serve.set_defaults(handler=cmd_serve)
@@ -206,6 +242,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     credentials = _server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     if credentials is not None:
         options["credentials"] = credentials
+    limits = {
+        name: getattr(args, name)
+        for name in ("max_series_per_run", "max_runs", "max_points_per_second")
+        if getattr(args, name) is not None
+    }
+    if args.points_burst is not None:
+        if args.max_points_per_second is None:
+            raise CliError("--points-burst needs --max-points-per-second", EXIT_USAGE)
+        limits["points_burst"] = args.points_burst
+    if limits:
+        options["config"] = EngineConfig(**limits)
+    if args.max_message_bytes is not None:
+        options["max_message_bytes"] = args.max_message_bytes
+    if args.max_concurrent_rpcs is not None:
+        options["max_workers"] = args.max_concurrent_rpcs
     try:
         serve(args.listen, args.metrics_listen or None, args.store, **options)
     except OSError as error:  # cannot listen: port taken, bad address, unknown host
@@ -338,7 +389,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     _check_run_id(run_id)
     columns = read_log(args.file)  # read it all first: a bad line sends nothing
     on_event = None if args.json else lambda view: print(format_event(view), flush=True)
-    with _detector(args.target, None) as stub:
+    with _detector(args, None) as stub:
         result = stream_log(
             stub, run_id, columns, batch_size=args.batch_size, labels=dict(args.label),
             on_event=on_event,
@@ -369,7 +420,7 @@ def _add_status(commands: Any, client: argparse.ArgumentParser) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     _check_run_id(args.run_id)
-    with _detector(args.target, args.timeout) as stub:
+    with _detector(args, args.timeout) as stub:
         run = run_view_from_proto(
             stub.GetPhase(pb.GetPhaseRequest(run_id=args.run_id), timeout=args.timeout)
         )
@@ -404,7 +455,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         label_selector=dict(args.label),
         phase=phase_to_proto(Phase(args.phase)) if args.phase else 0,
     )
-    with _detector(args.target, args.timeout) as stub:
+    with _detector(args, args.timeout) as stub:
         response = stub.ListRuns(request, timeout=args.timeout)
     runs = [run_view_from_proto(r) for r in response.runs]
     if args.json:
@@ -431,7 +482,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     request = pb.WatchEventsRequest(
         run_id=args.run_id, kinds=[kind_to_proto(kind) for kind in args.kind]
     )
-    with _detector(args.target, None) as stub:
+    with _detector(args, None) as stub:
         call = stub.WatchEvents(request, wait_for_ready=False)
         try:
             _print_watch(call, args)
@@ -487,23 +538,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _detector(target: str, timeout: float | None) -> Iterator[pb_grpc.PhaseDetectorStub]:
-    """A stub on a fresh channel; RPC failures become one-line CliErrors."""
-    channel = grpc.insecure_channel(target)
+def _detector(args: argparse.Namespace, timeout: float | None) -> Iterator[pb_grpc.PhaseDetectorStub]:
+    """A stub on a fresh channel (TLS and token from the flags); RPC failures
+    become one-line CliErrors."""
+    target = args.target
+    tls = bool(args.tls or args.tls_ca or args.tls_client_cert or args.tls_client_key)
+    try:
+        token = read_token(token_file=args.token_file)
+        credentials = (
+            tls_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key) if tls else None
+        )
+    except ClientConfigError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    channel = (
+        grpc.secure_channel(target, credentials) if credentials is not None
+        else grpc.insecure_channel(target)
+    )
+    if token is not None:
+        channel = grpc.intercept_channel(channel, bearer_interceptor(token))
     try:
         yield pb_grpc.PhaseDetectorStub(channel)
     except grpc.RpcError as error:
-        raise rpc_problem(error, target, timeout) from None
+        raise rpc_problem(error, target, timeout, tls=tls) from None
     finally:
         channel.close()
 
 
-def rpc_problem(error: grpc.RpcError, target: str, timeout: float | None = None) -> CliError:
+def rpc_problem(
+    error: grpc.RpcError, target: str, timeout: float | None = None, *, tls: bool = False
+) -> CliError:
     """The one-line message and exit code for a failed RPC."""
     code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (error.details() if isinstance(error, grpc.Call) else None) or ""
     if code == grpc.StatusCode.UNAVAILABLE:
+        if tls:  # a refused handshake looks like nothing listening: say both
+            return CliError(
+                f"no detector listening at {target}, or the TLS handshake failed ({details})"
+            )
         return CliError(f"no detector listening at {target}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return CliError(f"the detector at {target} refused the request: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         within = f" within {timeout:g} s" if timeout is not None else " in time"
         return CliError(f"no answer from the detector at {target}{within}")

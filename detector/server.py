@@ -58,6 +58,7 @@ from detector.errors import (
     InvalidArgument,
     NotFound,
     PhasewatchError,
+    RateLimited,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -94,8 +95,18 @@ def status_code(error: PhasewatchError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+# Trailing metadata of a RESOURCE_EXHAUSTED that clears by itself (a rate limit):
+# how long to wait, in whole milliseconds. The client SDK retries such a batch
+# after a backoff instead of dropping it.
+RETRY_AFTER_KEY = "phasewatch-retry-after-ms"
+
+
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     if isinstance(error, PhasewatchError):
+        if isinstance(error, RateLimited):
+            context.set_trailing_metadata(
+                ((RETRY_AFTER_KEY, str(max(1, round(error.retry_after * 1000)))),)
+            )
         context.abort(status_code(error), str(error))
     # A bug, not bad input: keep the traceback here, do not leak it to the client.
     log.error("unexpected error in an RPC", exc_info=error)
@@ -508,6 +519,7 @@ def serve(
     max_workers: int = DEFAULT_MAX_WORKERS,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    auth_token_file: str | None = None,
     stop: threading.Event | None = None,
     alertmanager_url: str | None = None,
     webhook_url: str | None = None,
@@ -529,6 +541,21 @@ def serve(
     Ended runs leave ``/metrics`` ``metrics_retention`` seconds after their
     last update.
 
+    With ``auth_token_file`` every RPC but health checks needs a bearer token
+    from that file (:mod:`detector.auth`); ``credentials`` make the port TLS.
+    Limits (series per run, runs, points per second per run) are in
+    ``config``; ``max_message_bytes`` bounds one request, ``max_workers`` the
+    RPCs served at once (``phasewatch serve --max-concurrent-rpcs``): an open
+    Stream or WatchEvents holds a worker thread for its life, so it is also
+    the number of training jobs that can stream at once.
+
+    Shutdown, on SIGTERM/SIGINT: health goes NOT_SERVING at once (load
+    balancers and probes move away), watches end, new RPCs are refused and
+    open streams get ``grace`` seconds to finish; what is still open then is
+    cancelled (the SDK reconnects elsewhere and replays what was not
+    acknowledged). Every run in memory is then checkpointed to the store,
+    which is closed, and the call returns (exit 0).
+
     Set ``OPENBLAS_NUM_THREADS=1`` in the environment before numpy is first
     imported (the CLI does): BLAS threads per RPC thread oversubscribe the
     cores. By the time this module runs, numpy is already loaded.
@@ -542,8 +569,13 @@ def serve(
             stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
         )
     stop = stop or threading.Event()
-    # Bad alert settings fail before anything is opened.
+    # Bad alert and auth settings fail before anything is opened.
     sinks = build_sinks(alertmanager_url, webhook_url, resend_interval=alert_resend_interval)
+    interceptors = list(interceptors)
+    if auth_token_file:
+        from detector.auth import BearerTokenInterceptor
+
+        interceptors.insert(0, BearerTokenInterceptor(token_file=auth_token_file))
     policy = AlertPolicy(runbook_url=alert_runbook_url)
     store = open_store(store_url)
     metrics_server = None
@@ -571,7 +603,11 @@ def serve(
         host = listen.rpartition(":")[0]
         # Named to clients refused a run this replica owns; a pod's hostname is its name.
         engine.replica = os.environ.get("PHASEWATCH_REPLICA") or f"{socket.gethostname()}:{port}"
-        log.info("phasewatch gRPC listening on %s:%d (store %r)", host, port, store)
+        log.info(
+            "phasewatch gRPC listening on %s:%d (store %r%s%s)", host, port, store,
+            ", TLS" if credentials is not None else "",
+            ", bearer token required" if auth_token_file else "",
+        )
         if metrics_listen:
             metrics_server, metrics_port = start_metrics_server(
                 engine, metrics_listen, alerts=dispatcher, retention=metrics_retention
@@ -590,6 +626,9 @@ def serve(
         health_servicer.enter_graceful_shutdown()  # NOT_SERVING: balancers move away
         bus.close()  # watches end with OK instead of being cancelled
         server.stop(grace).wait()
+        # Every ingest checkpointed what it acknowledged; this writes the rest
+        # (e.g. a run declared with no points since), under each run's lock.
+        log.info("phasewatch checkpointed %d runs", engine.checkpoint_all())
     finally:
         if dispatcher is not None:
             dispatcher.close(timeout=grace)  # one last delivery; resolves nothing
