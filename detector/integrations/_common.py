@@ -219,6 +219,30 @@ class TrainingSession:
         logger.warning(message, *args, exc_info=True)
 
 
+class SessionView:
+    """What both callbacks expose of their :class:`TrainingSession` (``self.session``)."""
+
+    session: TrainingSession
+
+    @property
+    def run(self) -> Any:
+        """The :class:`detector.client.Run` while training, else None."""
+        return self.session.run
+
+    @property
+    def run_id(self) -> str:
+        return self.session.run_id
+
+    @property
+    def probe(self) -> Any:
+        return self.session.probe
+
+    @property
+    def stop_event(self) -> Event | None:
+        """The ``COLLAPSE_ONSET`` event received, if any."""
+        return self.session.stop_event
+
+
 def guarded(method: F) -> F:
     """Run a callback hook, and log (once per hook) instead of raising into the trainer."""
 

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
     ) from None
 
 from detector.client import ClientConfig, Event, SeriesSpecLike
-from detector.integrations._common import TrainingSession, guarded, probe_factory
+from detector.integrations._common import SessionView, TrainingSession, guarded, probe_factory
 
 __all__ = ["DEFAULT_EXCLUDE", "PhasewatchCallback"]
 
@@ -50,7 +50,7 @@ DEFAULT_EXCLUDE = frozenset({"epoch", "total_flos", "step"})
 _SUMMARY_KEY = "train_runtime"  # only the end-of-training summary has it
 
 
-class PhasewatchCallback(TrainerCallback):  # type: ignore[misc]
+class PhasewatchCallback(SessionView, TrainerCallback):  # type: ignore[misc]
     """Stream a Hugging Face Trainer's logs (and spectral probes) to a detector.
 
     Parameters
@@ -108,24 +108,6 @@ class PhasewatchCallback(TrainerCallback):  # type: ignore[misc]
             exclude=exclude,
         )
         self._probe_factory = probe_factory(probe, probe_layers, probe_batch, probe_every, probe_kwargs)
-
-    @property
-    def run(self) -> Any:
-        """The :class:`detector.client.Run` while training, else None."""
-        return self.session.run
-
-    @property
-    def run_id(self) -> str:
-        return self.session.run_id
-
-    @property
-    def probe(self) -> Any:
-        return self.session.probe
-
-    @property
-    def stop_event(self) -> Event | None:
-        """The ``COLLAPSE_ONSET`` event received, if any."""
-        return self.session.stop_event
 
     @guarded
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

@@ -48,12 +48,12 @@ except ImportError:  # pragma: no cover - depends on what is installed
         ) from None
 
 from detector.client import ClientConfig, Event, SeriesSpecLike
-from detector.integrations._common import TrainingSession, guarded, probe_factory
+from detector.integrations._common import SessionView, TrainingSession, guarded, probe_factory
 
 __all__ = ["PhasewatchCallback"]
 
 
-class PhasewatchCallback(Callback):  # type: ignore[misc]
+class PhasewatchCallback(SessionView, Callback):  # type: ignore[misc]
     """Stream a Lightning run's logged metrics (and spectral probes) to a detector.
 
     Parameters
@@ -119,24 +119,6 @@ class PhasewatchCallback(Callback):  # type: ignore[misc]
             dedupe=True,
         )
         self._probe_factory = probe_factory(probe, probe_layers, probe_batch, probe_every, probe_kwargs)
-
-    @property
-    def run(self) -> Any:
-        """The :class:`detector.client.Run` while training, else None."""
-        return self.session.run
-
-    @property
-    def run_id(self) -> str:
-        return self.session.run_id
-
-    @property
-    def probe(self) -> Any:
-        return self.session.probe
-
-    @property
-    def stop_event(self) -> Event | None:
-        """The ``COLLAPSE_ONSET`` event received, if any."""
-        return self.session.stop_event
 
     def _send(self, trainer: Any) -> None:
         self.session.log(trainer.global_step, dict(trainer.callback_metrics))
