@@ -90,7 +90,6 @@ import grpc
 from detector import __version__
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
-from detector.core.types import check_name
 
 __all__ = [
     "ClientConfig",
@@ -112,6 +111,7 @@ logger = logging.getLogger("phasewatch.client")
 
 _SERVICE = "phasewatch.v1.PhaseDetector"
 _UNARY_METHODS = ("Log", "GetPhase", "GetTimeline", "ListRuns")
+MAX_NAME_LENGTH = 256  # the detector's limit on run ids and series names
 _MAX_NAME_CACHE = 4096  # distinct series names remembered as valid
 
 # Status codes after which the oldest unacknowledged batch is presumed to be
@@ -350,10 +350,18 @@ def _series_spec(spec: SeriesSpecLike) -> pb.SeriesSpec:
 
 
 def _name_problem(kind: str, name: object) -> str | None:
-    """Why ``name`` is not a valid run id or series name (the detector's own rules)."""
+    """Why ``name`` is not a valid run id or series name: the rules of
+    ``detector.core.types.check_name``, repeated so that the SDK imports neither
+    the core nor numpy into a training job (tests/test_client.py checks both)."""
     if not isinstance(name, str):
         return f"{kind} {name!r} is not a string"
-    return check_name(kind, name)
+    if not name:
+        return f"{kind} is empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"{kind} is longer than {MAX_NAME_LENGTH} characters"
+    if not name.isprintable() or any(c.isspace() for c in name):
+        return f"{kind} {name!r} has whitespace or non-printable characters"
+    return None
 
 
 def service_config(config: ClientConfig | None = None) -> str:

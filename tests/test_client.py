@@ -611,3 +611,11 @@ def test_fork_child_gets_its_own_sender(detectors: Detectors, runs: list[Run]) -
     assert run.stats.acknowledged == 3 * 160  # the parent's own points
     assert_points(detector.engine.points, expected_points(range(200)))
     assert detector.engine.status("run-f").ended
+
+
+@pytest.mark.parametrize("name", ["ok", "", "x" * 256, "x" * 257, "a b", "tab\there", "bell\a", "ünïcode"])
+def test_client_name_rules_are_the_detectors(name: str) -> None:
+    from detector.client import _name_problem
+    from detector.core.types import check_name
+
+    assert _name_problem("run id", name) == check_name("run id", name)
