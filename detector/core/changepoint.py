@@ -40,6 +40,7 @@ _Q = 1 << 16  # fixed-point grid of the CUSUM (1/65536 of an innovation scale)
 _Z_CLIP = 1e4  # |z| cap: keeps the int64 sums exact for any run length we will see
 _LOG_ABS_Z_MEAN = -0.6351814227307391  # E[log |N(0,1)|] = -(γ + log 2) / 2
 _TINY = 1e-300
+_GATE_CLOSED = 1e9  # a gate input that keeps the slow bank closed
 
 
 @dataclass
@@ -80,15 +81,18 @@ class CusumTrigger:
     beta: float = 0.05
     warmup: int = 8
     scale_rate: float = 0.05
-    memory: float = 100.0
+    memory: float = 400.0
     bank_drifts: tuple[float, ...] = (0.5, 1.0, 1.5)
     bank_thresholds: tuple[float, ...] = (8.0, 5.0, 3.5)
     bank_scale_rate: float = 0.02
     bank_gate: float = 1.3
+    gate_lag: int = 50
 
     def __post_init__(self) -> None:
         if not (0 < self.alpha <= 1 and 0 <= self.beta <= 1):
             raise InvalidArgument("alpha must be in (0, 1] and beta in [0, 1]")
+        if self.gate_lag < 1:
+            raise InvalidArgument("gate_lag must be at least 1")
         if self.threshold <= 0 or self.drift < 0 or self.warmup < 2:
             raise InvalidArgument("threshold must be > 0, drift >= 0, warmup >= 2")
         if not 0 < self.scale_rate < 1 or not 0 < self.bank_scale_rate < 1:
@@ -134,6 +138,8 @@ class CusumTrigger:
         self.z0, self.z1 = np.zeros(1), np.zeros(1)
         self.bank_log_scale = 0.0
         self.bz = np.zeros(1)
+        # The gate's inputs of the last ``gate_lag`` points (closed until then).
+        self.gate = np.full(self.gate_lag, _GATE_CLOSED)
         nk = len(self.bank_drifts)
         self.bank_pos = np.zeros(nk, dtype=np.int64)
         self.bank_neg = np.zeros(nk, dtype=np.int64)
@@ -146,6 +152,12 @@ class CusumTrigger:
         ratios = [max(self.pos, self.neg) / self._hq]
         ratios += (np.maximum(self.bank_pos, self.bank_neg) / self._bank_hq[:, 0]).tolist()
         return max(ratios) * self.threshold
+
+    @property
+    def alarmed(self) -> bool:
+        """Whether any CUSUM is above its threshold now."""
+        return (self.pos > self._hq or self.neg > self._hq
+                or bool(((self.bank_pos > self._bank_hq[:, 0]) | (self.bank_neg > self._bank_hq[:, 0])).any()))
 
     @property
     def level(self) -> float:
@@ -250,7 +262,11 @@ class CusumTrigger:
         # as the fast forecast: where it does not (random walks, seasonality, fast
         # curvature) its errors are structure, not shifts.
         # Nor before it has ``memory`` points of the segment behind it.
-        watch = lagged_bank - _lagged(log_s, self.log_scale) < self._gate
+        # The comparison is taken ``gate_lag`` points late: right after a shift the
+        # slow line is worse than the fast forecast because of the shift itself, and
+        # the bank must keep watching for as long as it needs to detect it.
+        gate_full = np.concatenate([self.gate, lagged_bank - _lagged(log_s, self.log_scale)])
+        watch = gate_full[: len(y)] < self._gate
         watch &= np.arange(self.n, self.n + len(y)) >= self.memory
         zl = np.where(watch, zl, 0.0)
         zlq = np.rint(np.clip(zl, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
@@ -263,10 +279,12 @@ class CusumTrigger:
         else:
             over = ()
         if len(over) == 0:
+            self.gate = gate_full[len(gate_full) - self.gate_lag :].copy()
             self._commit(len(y), zi, zs, float(log_s[-1]), int(pos[-1]), int(neg[-1]), float(z[-1]))
             self._commit_bank(s0, s1, z0, z1, bz, float(bank_s[-1]), bpos[:, -1], bneg[:, -1])
             return None
         k = int(over[0])
+        self.gate = gate_full[k + 1 : k + 1 + self.gate_lag].copy()
         # Rerun the linear filters to the alarm so their state stops exactly there.
         _, zi = lfilter(self._b, self._a, y[: k + 1], zi=self.zi)
         _, zs = lfilter(self._sb, self._sa, log_abs[: k + 1], zi=self.zs)
@@ -298,6 +316,7 @@ class CusumTrigger:
             "s0": self.s0, "s1": self.s1, "z0": self.z0.tolist(), "z1": self.z1.tolist(),
             "bz": self.bz.tolist(), "bank_log_scale": self.bank_log_scale,
             "bank_pos": self.bank_pos.tolist(), "bank_neg": self.bank_neg.tolist(),
+            "gate": self.gate.tolist(),
         }
 
     def load(self, state: dict) -> None:
@@ -310,6 +329,8 @@ class CusumTrigger:
             self.bz, self.bank_log_scale = np.array(state["bz"], dtype=float), state["bank_log_scale"]
             self.bank_pos = np.array(state["bank_pos"], dtype=np.int64)
             self.bank_neg = np.array(state["bank_neg"], dtype=np.int64)
+        if len(state.get("gate", ())) == self.gate_lag:
+            self.gate = np.array(state["gate"], dtype=float)
 
 
 def _lagged(x: np.ndarray, first: float) -> np.ndarray:
@@ -461,6 +482,36 @@ def _parabola_sse(y: np.ndarray) -> float:
     return float(r @ r)
 
 
+def shift_gains(y: np.ndarray, min_size: int, last_min_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Gain of a level shift at each candidate index of ``y``, against one line. O(n).
+
+    The model is one line plus a step (``a + b t + c [t ≥ τ]``): the slope is
+    shared, so a mean shift of a trending series costs one parameter, not the
+    two of a new line, and is placed where it happened (two free lines put the
+    break of a small shift tens of points early, letting the new line's slope
+    take up the step). Returns ``(candidates, gains)``; the gain is the drop in
+    squared error, ``(Σ_{t≥τ} e_t)² / ‖u⊥‖²`` with ``e`` the residuals of the
+    single line and ``u⊥`` the step indicator orthogonal to ``[1, t]``, all from
+    cumulative sums. ``last_min_size`` (default ``min_size``) lets the new
+    segment be shorter than the first, so a shift near the end is seen early.
+    """
+    n = len(y)
+    last = min_size if last_min_size is None else last_min_size
+    candidates = np.arange(min_size, n - last + 1)
+    if len(candidates) == 0 or n < 3:
+        return candidates, np.zeros(0)
+    t = np.arange(n, dtype=float) - (n - 1) / 2.0
+    stt = float(t @ t)
+    yc = y - y.mean()
+    e = yc - t * (float(t @ yc) / stt)
+    tail_e = np.cumsum(e[::-1])[::-1]  # Σ_{t ≥ τ} e_t
+    tail_t = np.cumsum(t[::-1])[::-1]
+    m = (n - candidates).astype(float)
+    norm = m - m * m / n - tail_t[candidates] ** 2 / stt
+    gains = np.where(norm > 1e-9, tail_e[candidates] ** 2 / np.maximum(norm, 1e-9), 0.0)
+    return candidates, gains
+
+
 def history_scale(history: np.ndarray) -> float:
     """Spread of the recent history used to scale the penalty: its standard deviation. O(n).
 
@@ -514,13 +565,24 @@ class WindowLocaliser:
     noise_penalty: float = 4.0
     min_size: int = 4
     curvature_penalty: float | None = 0.25
+    shift_penalty: float | None = 0.6
+    shift_min_size: int = 2
 
     def __post_init__(self) -> None:
         if self.penalty <= 0 or self.noise_penalty < 0 or self.min_size < 3:
             raise InvalidArgument("penalty must be > 0, noise_penalty >= 0 and min_size >= 3")
+        if (self.shift_penalty is not None and self.shift_penalty <= 0) or self.shift_min_size < 2:
+            raise InvalidArgument("shift_penalty must be > 0 (or None) and shift_min_size >= 2")
 
-    def locate(self, y: np.ndarray, scale: float | None = None, noise: float | None = None) -> list[Split]:
-        """Confirmed breaks of ``y`` in order (empty when none beats the penalty)."""
+    def locate(self, y: np.ndarray, scale: float | None = None, noise: float | None = None,
+               final: bool = True) -> list[Split]:
+        """Confirmed breaks of ``y`` in order (empty when none beats the penalty).
+
+        With ``final`` False (more points will come), a last break at the latest
+        index its model allows is left for the next call: the new segment may be
+        cut short there, and a big shift seen on its first points would be placed
+        a point or two early.
+        """
         n = len(y)
         if n < 2 * self.min_size + 1:
             return []
@@ -532,17 +594,72 @@ class WindowLocaliser:
         penalty = (self.penalty * scale * scale + self.noise_penalty * noise * noise) * math.log(n)
         cost = CostPiecewiseLinear()
         algo = _VectorBinseg(custom_cost=cost, min_size=self.min_size, jump=1).fit(y)
-        if algo.single_bkp(0, n)[1] <= penalty:
-            return []  # Binseg's first split is the best single one: nothing would be confirmed
-        bkps = [int(b) for b in algo.predict(pen=penalty)[:-1]]
-        if self.curvature_penalty is not None:
-            bkps = self._not_curvature(y, bkps, cost, self.curvature_penalty * penalty)
+        bkps: list[int] = []
+        if algo.single_bkp(0, n)[1] > penalty:  # else Binseg would confirm nothing
+            bkps = [int(b) for b in algo.predict(pen=penalty)[:-1]]
+            if self.curvature_penalty is not None:
+                bkps = self._not_curvature(y, bkps, cost, self.curvature_penalty * penalty)
+        if self.shift_penalty is None:
+            shifts: dict[int, float] = {}
+        elif bkps:
+            bkps, shifts = self._refine_shifts(y, bkps, cost, penalty)
+        else:
+            bkps, shifts = self._single_shift(y, penalty)
+        if bkps and not final:
+            # A shift at the last index allowed, or a new line on fewer than 2 ×
+            # min_size points, may be the first points of something else (a step
+            # seen on its first two points looks like a steep line).
+            last = bkps[-1]
+            if last >= n - (self.shift_min_size if last in shifts else 2 * self.min_size - 1):
+                bkps = bkps[:-1]
         splits = []
         edges = [0, *bkps, n]
         for left, index, right in zip(edges, edges[1:], edges[2:], strict=False):
+            if index in shifts:
+                splits.append(Split(index=int(index), gain=shifts[index],
+                                    penalty=float(self.shift_penalty * penalty), noise=scale))
+                continue
             gain = cost.error(left, right) - cost.error(left, index) - cost.error(index, right)
             splits.append(Split(index=int(index), gain=float(gain), penalty=float(penalty), noise=scale))
         return splits
+
+    def _single_shift(self, y: np.ndarray, penalty: float) -> tuple[list[int], dict[int, float]]:
+        """The best level shift of the whole window, if it beats ``shift_penalty × penalty``
+        (and, with ``curvature_penalty``, one parabola too). O(n)."""
+        candidates, gains = shift_gains(y, self.min_size, self.shift_min_size)
+        if len(gains) == 0:
+            return [], {}
+        best = len(gains) - 1 - int(np.argmax(gains[::-1]))
+        gain = float(gains[best])
+        if gain <= self.shift_penalty * penalty:
+            return [], {}
+        if self.curvature_penalty is not None:
+            line_sse = CostPiecewiseLinear().fit(y).error(0, len(y))
+            if _parabola_sse(y) - (line_sse - gain) <= self.curvature_penalty * penalty:
+                return [], {}
+        index = int(candidates[best])
+        return [index], {index: gain}
+
+    def _refine_shifts(self, y: np.ndarray, bkps: list[int], cost: CostPiecewiseLinear,
+                       penalty: float) -> tuple[list[int], dict[int, float]]:
+        """Move each break to its best level shift where that model is as good, counting
+        its one parameter fewer (gain − shift penalty ≥ two-line gain − penalty). O(n)."""
+        out: list[int] = []
+        shifts: dict[int, float] = {}
+        edges = [0, *bkps, len(y)]
+        for k in range(1, len(edges) - 1):
+            left = out[-1] if out else 0
+            index, right = edges[k], edges[k + 1]
+            lines = cost.error(left, right) - cost.error(left, index) - cost.error(index, right)
+            last = self.shift_min_size if right == len(y) else self.min_size
+            candidates, gains = shift_gains(y[left:right], self.min_size, last)
+            if len(gains):
+                best = len(gains) - 1 - int(np.argmax(gains[::-1]))
+                if gains[best] - self.shift_penalty * penalty >= lines - penalty:
+                    index = left + int(candidates[best])
+                    shifts[index] = float(gains[best])
+            out.append(index)
+        return out, shifts
 
     @staticmethod
     def _not_curvature(y: np.ndarray, bkps: list[int], cost: CostPiecewiseLinear,

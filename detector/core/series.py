@@ -73,8 +73,9 @@ class SeriesConfig:
     window: int = 1024
     trigger: CusumTrigger = field(default_factory=CusumTrigger)
     localiser: WindowLocaliser = field(default_factory=WindowLocaliser)
-    lag: int = 4
+    lag: int = 0
     recheck: int = 8
+    recheck_limit: int = 64
     patience: int = 20
     min_delta_log: float = 0.05  # decades, for log-scale roles (abs mode)
     min_delta_accuracy: float = 0.01  # accuracy units (abs mode)
@@ -253,8 +254,7 @@ class SeriesDetector:
         self._alarm_noise = None
         self._pending_alarm = None
         self._rechecks = 0
-        found = self._localise(int(self._steps[self._size - 1]))
-        return found
+        return self._localise(int(self._steps[self._size - 1]), final=True)
 
     # --- change points -----------------------------------------------------------
 
@@ -281,7 +281,13 @@ class SeriesDetector:
             if self._pending_alarm == 0:
                 found = self._localise(int(steps[j - 1]))
                 tagged += [(base + j - 1, _CP, e) for e in found]
-                if found or self._rechecks == 0:
+                # Keep looking while the trigger still alarms (a small shift keeps
+                # adding evidence; clearing it would make the CUSUM start over),
+                # for at least ``recheck`` and at most ``recheck_limit`` points.
+                alarmed = self.trigger.alarmed and self._rechecks > self.config.recheck - self.config.recheck_limit
+                if found or (self._rechecks <= 0 and not alarmed):
+                    if not found:
+                        self.trigger.clear()
                     self._pending_alarm = None
                     self._rechecks = 0
                 else:
@@ -310,16 +316,15 @@ class SeriesDetector:
         self._size = size
         self.n_finite = total
 
-    def _localise(self, step: int) -> list[Event]:
+    def _localise(self, step: int, final: bool = False) -> list[Event]:
         oldest = self.n_finite - self._size
         start = max(0, self._segment_start - oldest)
         segment = self._values[start : self._size]
         held = self._values[: self._size]
         if self._alarm_noise is None:  # once per alarm (a median); rechecks reuse it
             self._alarm_noise = point_noise(held)
-        splits = self.config.localiser.locate(segment, history_scale(held), self._alarm_noise)
+        splits = self.config.localiser.locate(segment, history_scale(held), self._alarm_noise, final=final)
         statistic = self._alarm_statistic
-        self.trigger.clear()
         if not splits:
             return []
         events = []
@@ -466,4 +471,4 @@ def trend_chunk_points(config: SeriesConfig) -> int:
 def _trigger_settings(trigger: CusumTrigger) -> dict:
     return {k: getattr(trigger, k) for k in ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate",
                                              "memory", "bank_drifts", "bank_thresholds", "bank_scale_rate",
-                                             "bank_gate")}
+                                             "bank_gate", "gate_lag")}
