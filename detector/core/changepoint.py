@@ -156,8 +156,9 @@ class CusumTrigger:
     @property
     def alarmed(self) -> bool:
         """Whether any CUSUM is above its threshold now."""
+        bank = self._bank_hq[:, 0]
         return (self.pos > self._hq or self.neg > self._hq
-                or bool(((self.bank_pos > self._bank_hq[:, 0]) | (self.bank_neg > self._bank_hq[:, 0])).any()))
+                or bool(((self.bank_pos > bank) | (self.bank_neg > bank)).any()))
 
     @property
     def level(self) -> float:
@@ -482,7 +483,8 @@ def _parabola_sse(y: np.ndarray) -> float:
     return float(r @ r)
 
 
-def shift_gains(y: np.ndarray, min_size: int, last_min_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def shift_gains(y: np.ndarray, min_size: int,
+                last_min_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Gain of a level shift at each candidate index of ``y``, against one line. O(n).
 
     The model is one line plus a step (``a + b t + c [t ≥ τ]``): the slope is

@@ -284,7 +284,8 @@ class SeriesDetector:
                 # Keep looking while the trigger still alarms (a small shift keeps
                 # adding evidence; clearing it would make the CUSUM start over),
                 # for at least ``recheck`` and at most ``recheck_limit`` points.
-                alarmed = self.trigger.alarmed and self._rechecks > self.config.recheck - self.config.recheck_limit
+                extra = self.config.recheck - self._rechecks  # rechecks done so far
+                alarmed = self.trigger.alarmed and extra < self.config.recheck_limit
                 if found or (self._rechecks <= 0 and not alarmed):
                     if not found:
                         self.trigger.clear()
