@@ -233,8 +233,13 @@ def test_series_update_many_equals_update_on_random_blocks(spec: SeriesSpec, see
 
 
 def test_trigger_scan_equals_update_and_round_trips() -> None:
-    y = _signal(4)
-    y = y[np.isfinite(y)]
+    # Long enough for the slow bank to watch (after bank_after points), with small and
+    # large shifts so that both the fast CUSUM and the bank alarm.
+    rng = np.random.default_rng(4)
+    y = rng.normal(0, 1, 1600)
+    y[600:] += 1.5
+    y[1000:] += 4.0
+    y[1300:] += np.linspace(0, 6, 300)
     one = CusumTrigger()
     alarms_one = []
     for i, v in enumerate(y.tolist()):

@@ -76,8 +76,8 @@ class CusumTrigger:
     """
 
     drift: float = 0.5
-    threshold: float = 5.0
-    alpha: float = 0.3
+    threshold: float = 6.0
+    alpha: float = 0.2
     beta: float = 0.05
     warmup: int = 8
     scale_rate: float = 0.05
@@ -87,6 +87,7 @@ class CusumTrigger:
     bank_scale_rate: float = 0.02
     bank_gate: float = 1.3
     gate_lag: int = 50
+    bank_after: int = 400
 
     def __post_init__(self) -> None:
         if not (0 < self.alpha <= 1 and 0 <= self.beta <= 1):
@@ -201,15 +202,26 @@ class CusumTrigger:
         alarm = self._scan_block(block)
         return None if alarm is None else i + alarm
 
-    def absorb(self, values: np.ndarray) -> None:
-        """Consume every value without stopping at alarms. O(m) in numpy."""
+    def absorb(self, values: np.ndarray) -> np.ndarray:
+        """Consume every value without stopping at alarms; return, per value, whether
+        any CUSUM was above its threshold after it (:attr:`alarmed`). O(m) in numpy."""
         values = np.asarray(values, dtype=float)
+        flags = np.zeros(len(values), dtype=bool)
         i = 0
         while i < len(values) and self.n < self.warmup:
-            self._warm(values[i])
+            self._warm(values[i])  # the sums stay zero during warm-up
             i += 1
         if i < len(values):
-            self._scan_block(values[i:], stop=False)
+            flags[i:] = self._scan_block(values[i:], stop=False)
+        return flags
+
+    def snapshot(self) -> dict:
+        """The state as it is now, for :meth:`restore` (O(1): arrays are replaced, never
+        written in place, so references suffice)."""
+        return dict(self.__dict__)
+
+    def restore(self, snapshot: dict) -> None:
+        self.__dict__.update(snapshot)
 
     def _line_errors(self, y: np.ndarray) -> tuple[np.ndarray, ...]:
         """Standardised one-step errors of the slow line on ``y`` and the new sums/states."""
@@ -220,8 +232,12 @@ class CusumTrigger:
         prev0[0], prev1[0] = self.s0, self.s1
         prev0[1:], prev1[1:] = s0[:-1], s1[:-1]
         v0, v1, sf = self._table
-        idx = np.minimum(np.arange(self.n, self.n + len(y)), len(v0) - 1)
-        e = (y - (v0[idx] * prev0 + v1[idx] * prev1)) / sf[idx]
+        lo, hi = self.n, self.n + len(y)
+        if hi <= len(v0):  # slices, not gathers: the common case
+            e = (y - (v0[lo:hi] * prev0 + v1[lo:hi] * prev1)) / sf[lo:hi]
+        else:
+            idx = np.minimum(np.arange(lo, hi), len(v0) - 1)
+            e = (y - (v0[idx] * prev0 + v1[idx] * prev1)) / sf[idx]
         if self.n == 0:
             e[0] = 0.0  # no forecast for the first point of a segment
         return e, s0, s1, z0, z1
@@ -245,11 +261,12 @@ class CusumTrigger:
             self.zs = np.array([(1.0 - self.scale_rate) * self.log_scale])
             self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
 
-    def _scan_block(self, y: np.ndarray, stop: bool = True) -> int | None:
+    def _scan_block(self, y: np.ndarray, stop: bool = True) -> int | np.ndarray | None:
         e, zi = lfilter(self._b, self._a, y, zi=self.zi)
         log_abs = np.log(np.maximum(np.abs(e), _TINY))
         log_s, zs = lfilter(self._sb, self._sa, log_abs, zi=self.zs)
-        z = e / np.exp(np.maximum(_lagged(log_s, self.log_scale), _floor(y - e)) - _LOG_ABS_Z_MEAN)
+        floor = _floor(y)
+        z = e / np.exp(np.maximum(_lagged(log_s, self.log_scale), floor) - _LOG_ABS_Z_MEAN)
         zq = np.rint(np.clip(z, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
         pos = _lindley(zq - self._kq, self.pos)
         neg = _lindley(-zq - self._kq, self.neg)
@@ -258,7 +275,7 @@ class CusumTrigger:
         line_abs = np.log(np.maximum(np.abs(el), _TINY))
         bank_s, bz = lfilter(self._bb, self._ba, line_abs, zi=self.bz)
         lagged_bank = _lagged(bank_s, self.bank_log_scale)
-        zl = el / np.exp(np.maximum(lagged_bank, _floor(y - el)) - _LOG_ABS_Z_MEAN)
+        zl = el / np.exp(np.maximum(lagged_bank, floor) - _LOG_ABS_Z_MEAN)
         # The bank only watches while the slow line explains the series about as well
         # as the fast forecast: where it does not (random walks, seasonality, fast
         # curvature) its errors are structure, not shifts.
@@ -268,22 +285,19 @@ class CusumTrigger:
         # the bank must keep watching for as long as it needs to detect it.
         gate_full = np.concatenate([self.gate, lagged_bank - _lagged(log_s, self.log_scale)])
         watch = gate_full[: len(y)] < self._gate
-        watch &= np.arange(self.n, self.n + len(y)) >= self.memory
+        watch &= np.arange(self.n, self.n + len(y)) >= self.bank_after
         zl = np.where(watch, zl, 0.0)
         zlq = np.rint(np.clip(zl, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
         bpos = _lindley2(zlq[None, :] - self._bank_kq, self.bank_pos)
         bneg = _lindley2(-zlq[None, :] - self._bank_kq, self.bank_neg)
-        if stop:
-            hit = (pos > self._hq) | (neg > self._hq)
-            hit |= ((bpos > self._bank_hq) | (bneg > self._bank_hq)).any(axis=0)
-            over = np.flatnonzero(hit)
-        else:
-            over = ()
+        hit = (pos > self._hq) | (neg > self._hq)
+        hit |= ((bpos > self._bank_hq) | (bneg > self._bank_hq)).any(axis=0)
+        over = np.flatnonzero(hit) if stop else ()
         if len(over) == 0:
             self.gate = gate_full[len(gate_full) - self.gate_lag :].copy()
             self._commit(len(y), zi, zs, float(log_s[-1]), int(pos[-1]), int(neg[-1]), float(z[-1]))
             self._commit_bank(s0, s1, z0, z1, bz, float(bank_s[-1]), bpos[:, -1], bneg[:, -1])
-            return None
+            return None if stop else hit
         k = int(over[0])
         self.gate = gate_full[k + 1 : k + 1 + self.gate_lag].copy()
         # Rerun the linear filters to the alarm so their state stops exactly there.
@@ -342,9 +356,10 @@ def _lagged(x: np.ndarray, first: float) -> np.ndarray:
     return out
 
 
-def _floor(forecast: np.ndarray) -> np.ndarray:
-    """A log-scale floor relative to the forecast's magnitude (constant series)."""
-    return np.log(np.maximum(1e-12 * np.maximum(1.0, np.abs(forecast)), _TINY))
+def _floor(y: np.ndarray) -> np.ndarray:
+    """A log-scale floor of the innovation scale, relative to the values' magnitude
+    (a constant series has innovations at rounding level, not zero)."""
+    return np.log(1e-12 * np.maximum(1.0, np.abs(y)))
 
 
 _LINE_TABLES: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -412,7 +427,8 @@ class CostPiecewiseLinear(BaseCost):
 
     The same cost as ruptures' ``CostLinear`` with regressors ``[1, t]``, without a
     least-squares solve per candidate: fit is O(n), each ``error`` O(1), and
-    :meth:`errors` scores many segments at once in numpy.
+    :meth:`errors`, :meth:`split_gains` and :meth:`shift_gains` score many
+    segments or split points at once in numpy.
     """
 
     model = "piecewise_linear"
@@ -421,34 +437,87 @@ class CostPiecewiseLinear(BaseCost):
     def fit(self, signal: np.ndarray) -> CostPiecewiseLinear:
         y = np.asarray(signal, dtype=float).reshape(-1)
         self.signal = y.reshape(-1, 1)  # ruptures' searches read the length from here
-        # Centre values and times on the window so the sums stay well conditioned.
         n = len(y)
+        # Values centred on the window keep the sums well conditioned; the sums of
+        # 1, t and t² over the first k points are closed forms (exact in float64).
         y = y - (y.mean() if n else 0.0)
-        t = np.arange(n, dtype=float) - (n - 1) / 2.0
-        terms = np.empty((6, n))
-        terms[0], terms[1], terms[2], terms[3], terms[4], terms[5] = 1.0, t, t * t, y, t * y, y * y
-        self._s = np.zeros((6, n + 1))
-        np.cumsum(terms, axis=1, out=self._s[:, 1:])
+        t = np.arange(n, dtype=float)
+        k = np.arange(n + 1, dtype=float)
+        self._s = np.empty((6, n + 1))
+        self._s[0] = k
+        self._s[1] = k * (k - 1.0) / 2.0
+        self._s[2] = (k - 1.0) * k * (2.0 * k - 1.0) / 6.0
+        self._s[3:, 0] = 0.0
+        np.cumsum(y, out=self._s[3, 1:])
+        np.cumsum(t * y, out=self._s[4, 1:])
+        np.cumsum(y * y, out=self._s[5, 1:])
         return self
 
-    def errors(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        n, st, stt, sy, sty, syy = self._s[:, ends] - self._s[:, starts]
-        mean_t, mean_y = st / n, sy / n
-        vtt = stt - n * mean_t * mean_t
-        vty = sty - n * mean_t * mean_y
-        vyy = syy - n * mean_y * mean_y
+    @staticmethod
+    def _sse(sums: np.ndarray) -> np.ndarray:
+        """Squared error of the least-squares line from its sums (rows n, Σt, Σt², Σy, Σty, Σy²)."""
+        n, st, stt, sy, sty, syy = sums
+        n = np.maximum(n, 1.0)
+        vtt = stt - st * st / n
+        vty = sty - st * sy / n
+        vyy = syy - sy * sy / n
         safe = np.where(vtt > 0, vtt, 1.0)
         return np.maximum(np.where(vtt > 0, vyy - vty * vty / safe, vyy), 0.0)
 
+    def errors(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        return self._sse(self._s[:, ends] - self._s[:, starts])
+
     def error(self, start: int, end: int) -> float:
-        return float(self.errors(np.array([start]), np.array([end]))[0])
+        return float(self._sse(self._s[:, end] - self._s[:, start]))
+
+    def split_gains(self, start: int, end: int, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Gain of one line → two lines at every split of ``[start, end)``, each side at
+        least ``min_size`` points: ``(candidates, gains)``. O(end − start), slices only."""
+        lo, hi = start + min_size, end - min_size + 1
+        if hi <= lo:
+            return np.arange(0), np.zeros(0)
+        first = self._s[:, lo:hi]
+        whole = self._sse(self._s[:, end] - self._s[:, start])
+        left = self._sse(first - self._s[:, start : start + 1])
+        right = self._sse(self._s[:, end : end + 1] - first)
+        return np.arange(lo, hi), whole - left - right
+
+    def shift_gains(self, start: int, end: int, min_size: int,
+                    last_min_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Gain of one line → one line plus a level step at every index of ``[start, end)``.
+
+        The slope is shared, so a mean shift of a trending series costs one
+        parameter, not the two of a new line, and is placed where it happened
+        (two free lines put the break of a small shift tens of points early,
+        letting the new line's slope take up the step). The gain is
+        ``(Σ_{t≥τ} e_t)² / ‖u⊥‖²`` with ``e`` the residuals of the single line and
+        ``u⊥`` the step indicator orthogonal to ``[1, t]``. ``last_min_size``
+        (default ``min_size``) lets the new segment be shorter than the first,
+        so a shift near the end is seen early. O(end − start), slices only.
+        """
+        last = min_size if last_min_size is None else last_min_size
+        lo, hi = start + min_size, end - last + 1
+        n = end - start
+        if hi <= lo or n < 3:
+            return np.arange(0), np.zeros(0)
+        whole = self._s[:, end] - self._s[:, start]
+        tail = self._s[:, end : end + 1] - self._s[:, lo:hi]  # sums over [τ, end)
+        mean_t, mean_y = whole[1] / n, whole[3] / n
+        stt = whole[2] - n * mean_t * mean_t
+        slope = (whole[4] - n * mean_t * mean_y) / stt
+        m = tail[0]
+        tail_t = tail[1] - m * mean_t  # Σ_{t≥τ} (t − t̄)
+        tail_e = tail[3] - m * mean_y - slope * tail_t
+        norm = m - m * m / n - tail_t * tail_t / stt
+        gains = np.where(norm > 1e-9, tail_e * tail_e / np.maximum(norm, 1e-9), 0.0)
+        return np.arange(lo, hi), gains
 
 
 class _VectorBinseg(rpt.Binseg):
     """ruptures' binary segmentation with the split search of one segment in numpy.
 
     Same result as ``rpt.Binseg`` with ``jump=1`` (largest gain, ties to the later
-    index) for a cost with a vectorised ``errors``; O(n) per segment searched.
+    index) for :class:`CostPiecewiseLinear`; O(n) per segment searched.
     """
 
     def fit(self, signal: np.ndarray) -> _VectorBinseg:
@@ -459,59 +528,41 @@ class _VectorBinseg(rpt.Binseg):
         return self
 
     def single_bkp(self, start: int, end: int) -> tuple[int | None, float]:
-        candidates = np.arange(start + self.min_size, end - self.min_size + 1)
+        candidates, gains = self.cost.split_gains(start, end, self.min_size)
         if len(candidates) == 0:
             return None, 0
-        whole = self.cost.errors(np.array([start]), np.array([end]))[0]
-        gains = (whole - self.cost.errors(np.full_like(candidates, start), candidates)
-                 - self.cost.errors(candidates, np.full_like(candidates, end)))
         best = len(gains) - 1 - int(np.argmax(gains[::-1]))
         return int(candidates[best]), float(gains[best])
 
 
+def shift_gains(y: np.ndarray, min_size: int,
+                last_min_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`CostPiecewiseLinear.shift_gains` over the whole of ``y``. O(n).
+
+    >>> y = np.r_[np.zeros(20), np.ones(10)] + 0.05 * np.arange(30)
+    >>> candidates, gains = shift_gains(y, 4)
+    >>> int(candidates[np.argmax(gains)])
+    20
+    """
+    return CostPiecewiseLinear().fit(y).shift_gains(0, len(y), min_size, last_min_size)
+
+
 def _parabola_sse(y: np.ndarray) -> float:
-    """Squared error of the least-squares parabola through ``y``. O(n)."""
+    """Squared error of the least-squares parabola through ``y``. O(n).
+
+    On times centred on the window, 1, t and t² − mean(t²) are orthogonal, so the
+    fit is three projections (no least-squares solve).
+    """
     n = len(y)
     if n <= 3:
         return 0.0
     t = np.arange(n, dtype=float) - (n - 1) / 2.0
     t /= max(1.0, (n - 1) / 2.0)
-    x = np.stack([np.ones(n), t, t * t], axis=1)
+    q = t * t
+    q -= q.mean()
     yc = y - y.mean()
-    coef, *_ = np.linalg.lstsq(x, yc, rcond=None)
-    r = yc - x @ coef
-    return float(r @ r)
-
-
-def shift_gains(y: np.ndarray, min_size: int,
-                last_min_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Gain of a level shift at each candidate index of ``y``, against one line. O(n).
-
-    The model is one line plus a step (``a + b t + c [t ≥ τ]``): the slope is
-    shared, so a mean shift of a trending series costs one parameter, not the
-    two of a new line, and is placed where it happened (two free lines put the
-    break of a small shift tens of points early, letting the new line's slope
-    take up the step). Returns ``(candidates, gains)``; the gain is the drop in
-    squared error, ``(Σ_{t≥τ} e_t)² / ‖u⊥‖²`` with ``e`` the residuals of the
-    single line and ``u⊥`` the step indicator orthogonal to ``[1, t]``, all from
-    cumulative sums. ``last_min_size`` (default ``min_size``) lets the new
-    segment be shorter than the first, so a shift near the end is seen early.
-    """
-    n = len(y)
-    last = min_size if last_min_size is None else last_min_size
-    candidates = np.arange(min_size, n - last + 1)
-    if len(candidates) == 0 or n < 3:
-        return candidates, np.zeros(0)
-    t = np.arange(n, dtype=float) - (n - 1) / 2.0
-    stt = float(t @ t)
-    yc = y - y.mean()
-    e = yc - t * (float(t @ yc) / stt)
-    tail_e = np.cumsum(e[::-1])[::-1]  # Σ_{t ≥ τ} e_t
-    tail_t = np.cumsum(t[::-1])[::-1]
-    m = (n - candidates).astype(float)
-    norm = m - m * m / n - tail_t[candidates] ** 2 / stt
-    gains = np.where(norm > 1e-9, tail_e[candidates] ** 2 / np.maximum(norm, 1e-9), 0.0)
-    return candidates, gains
+    a, b, c = float(yc @ yc), float(yc @ t), float(yc @ q)
+    return max(a - b * b / float(t @ t) - c * c / float(q @ q), 0.0)
 
 
 def history_scale(history: np.ndarray) -> float:
@@ -606,7 +657,7 @@ class WindowLocaliser:
         elif bkps:
             bkps, shifts = self._refine_shifts(y, bkps, cost, penalty)
         else:
-            bkps, shifts = self._single_shift(y, penalty)
+            bkps, shifts = self._single_shift(y, cost, penalty)
         if bkps and not final:
             # A shift at the last index allowed, or a new line on fewer than 2 ×
             # min_size points, may be the first points of something else (a step
@@ -625,10 +676,11 @@ class WindowLocaliser:
             splits.append(Split(index=int(index), gain=float(gain), penalty=float(penalty), noise=scale))
         return splits
 
-    def _single_shift(self, y: np.ndarray, penalty: float) -> tuple[list[int], dict[int, float]]:
+    def _single_shift(self, y: np.ndarray, cost: CostPiecewiseLinear,
+                      penalty: float) -> tuple[list[int], dict[int, float]]:
         """The best level shift of the whole window, if it beats ``shift_penalty × penalty``
         (and, with ``curvature_penalty``, one parabola too). O(n)."""
-        candidates, gains = shift_gains(y, self.min_size, self.shift_min_size)
+        candidates, gains = cost.shift_gains(0, len(y), self.min_size, self.shift_min_size)
         if len(gains) == 0:
             return [], {}
         best = len(gains) - 1 - int(np.argmax(gains[::-1]))
@@ -636,7 +688,7 @@ class WindowLocaliser:
         if gain <= self.shift_penalty * penalty:
             return [], {}
         if self.curvature_penalty is not None:
-            line_sse = CostPiecewiseLinear().fit(y).error(0, len(y))
+            line_sse = cost.error(0, len(y))
             if _parabola_sse(y) - (line_sse - gain) <= self.curvature_penalty * penalty:
                 return [], {}
         index = int(candidates[best])
@@ -654,11 +706,11 @@ class WindowLocaliser:
             index, right = edges[k], edges[k + 1]
             lines = cost.error(left, right) - cost.error(left, index) - cost.error(index, right)
             last = self.shift_min_size if right == len(y) else self.min_size
-            candidates, gains = shift_gains(y[left:right], self.min_size, last)
+            candidates, gains = cost.shift_gains(left, right, self.min_size, last)
             if len(gains):
                 best = len(gains) - 1 - int(np.argmax(gains[::-1]))
                 if gains[best] - self.shift_penalty * penalty >= lines - penalty:
-                    index = left + int(candidates[best])
+                    index = int(candidates[best])
                     shifts[index] = float(gains[best])
             out.append(index)
         return out, shifts

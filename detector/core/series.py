@@ -74,8 +74,9 @@ class SeriesConfig:
     trigger: CusumTrigger = field(default_factory=CusumTrigger)
     localiser: WindowLocaliser = field(default_factory=WindowLocaliser)
     lag: int = 0
-    recheck: int = 8
-    recheck_limit: int = 64
+    recheck: int = 6
+    recheck_limit: int = 16
+    min_history: int = 100
     patience: int = 20
     min_delta_log: float = 0.05  # decades, for log-scale roles (abs mode)
     min_delta_accuracy: float = 0.01  # accuracy units (abs mode)
@@ -120,11 +121,11 @@ class SeriesDetector:
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(2)
-    >>> values = np.r_[rng.normal(0, 1, 80), rng.normal(6, 1, 80)]
+    >>> values = np.r_[rng.normal(0, 1, 150), rng.normal(6, 1, 80)]
     >>> det = SeriesDetector(SeriesSpec("value", Role.OTHER, Split.TRAIN, Direction.MINIMIZE))
-    >>> events = det.update_many(np.arange(160), values)
-    >>> [e.step for e in events if e.kind is EventKind.CHANGE_POINT]
-    [80]
+    >>> events = det.update_many(np.arange(230), values)
+    >>> [(e.step, e.detected_at) for e in events if e.kind is EventKind.CHANGE_POINT]
+    [(150, 152)]
     """
 
     def __init__(self, spec: SeriesSpec, config: SeriesConfig | None = None) -> None:
@@ -259,13 +260,50 @@ class SeriesDetector:
     # --- change points -----------------------------------------------------------
 
     def _change_points(self, steps: np.ndarray, y: np.ndarray) -> list[tuple[int, int, Event]]:
+        """Scan with the trigger; after an alarm, localise on each point of the episode.
+
+        During an episode the trigger absorbs the rest of the block at once
+        (``ahead``: its state before, and where that was); if the episode ends
+        without a confirmed break, the trigger is restored and advanced to the
+        episode's last point, so the result is that of point-by-point updates.
+        """
         tagged: list[tuple[int, int, Event]] = []
         base = self.n_finite
         i, m = 0, len(y)
-        while i < m:
+        ahead: tuple[dict, int] | None = None
+        flags = np.zeros(0, dtype=bool)
+        while True:
+            if self._pending_alarm == 0:
+                alarmed = self.trigger.alarmed if ahead is None else bool(flags[i - 1 - ahead[1]])
+                found = self._localise(int(steps[i - 1]))
+                tagged += [(base + i - 1, _CP, e) for e in found]
+                # Keep looking while the trigger still alarms (a small shift keeps
+                # adding evidence; clearing it would make the CUSUM start over),
+                # for at least ``recheck`` and at most ``recheck_limit`` points.
+                extra = self.config.recheck - self._rechecks  # rechecks done so far
+                alarmed = alarmed and extra < self.config.recheck_limit
+                if found:
+                    ahead = None  # the trigger was restarted on the new segment, up to here
+                    self._pending_alarm = None
+                    self._rechecks = 0
+                elif self._rechecks <= 0 and not alarmed:
+                    if ahead is not None:
+                        self.trigger.restore(ahead[0])
+                        self.trigger.absorb(y[ahead[1] : i])
+                        ahead = None
+                    self.trigger.clear()
+                    self._pending_alarm = None
+                    self._rechecks = 0
+                else:
+                    self._rechecks -= 1
+                    self._pending_alarm = 1
+            if i >= m:
+                return tagged
             if self._pending_alarm is not None:
+                if ahead is None:
+                    ahead = (self.trigger.snapshot(), i)
+                    flags = self.trigger.absorb(y[i:])
                 j = min(m, i + self._pending_alarm)
-                self.trigger.absorb(y[i:j])
                 self._append(steps[i:j], y[i:j])
                 self._pending_alarm -= j - i
             else:
@@ -278,23 +316,6 @@ class SeriesDetector:
                     self._rechecks = self.config.recheck
                     self._alarm_noise = None
             i = j
-            if self._pending_alarm == 0:
-                found = self._localise(int(steps[j - 1]))
-                tagged += [(base + j - 1, _CP, e) for e in found]
-                # Keep looking while the trigger still alarms (a small shift keeps
-                # adding evidence; clearing it would make the CUSUM start over),
-                # for at least ``recheck`` and at most ``recheck_limit`` points.
-                extra = self.config.recheck - self._rechecks  # rechecks done so far
-                alarmed = self.trigger.alarmed and extra < self.config.recheck_limit
-                if found or (self._rechecks <= 0 and not alarmed):
-                    if not found:
-                        self.trigger.clear()
-                    self._pending_alarm = None
-                    self._rechecks = 0
-                else:
-                    self._rechecks -= 1
-                    self._pending_alarm = 1
-        return tagged
 
     def _append(self, steps: np.ndarray, y: np.ndarray) -> None:
         """Append like one point at a time with a half-window shift when full (amortised O(1))."""
@@ -318,6 +339,8 @@ class SeriesDetector:
         self.n_finite = total
 
     def _localise(self, step: int, final: bool = False) -> list[Event]:
+        if self._size < self.config.min_history and not final:
+            return []  # too little history for the penalty's scale to mean anything
         oldest = self.n_finite - self._size
         start = max(0, self._segment_start - oldest)
         segment = self._values[start : self._size]
@@ -472,4 +495,4 @@ def trend_chunk_points(config: SeriesConfig) -> int:
 def _trigger_settings(trigger: CusumTrigger) -> dict:
     return {k: getattr(trigger, k) for k in ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate",
                                              "memory", "bank_drifts", "bank_thresholds", "bank_scale_rate",
-                                             "bank_gate", "gate_lag")}
+                                             "bank_gate", "gate_lag", "bank_after")}

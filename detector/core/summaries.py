@@ -59,9 +59,11 @@ class MultiResolution:
         closed = np.empty((1 + len(full), _FIELDS))
         closed[0] = self.open
         if len(full):
-            closed[1:] = np.column_stack([np.full(len(full), float(self.base)), full.sum(axis=1),
-                                          np.einsum("ij,ij->i", full, full), full.min(axis=1),
-                                          full.max(axis=1)])
+            closed[1:, 0] = float(self.base)
+            closed[1:, 1] = full.sum(axis=1)
+            closed[1:, 2] = np.einsum("ij,ij->i", full, full)
+            closed[1:, 3] = full.min(axis=1)
+            closed[1:, 4] = full.max(axis=1)
         self._push(closed)
         tail = rest[whole:]
         self.open[:] = (len(tail), tail.sum(), tail @ tail, np.inf, -np.inf)
@@ -82,9 +84,13 @@ class MultiResolution:
             self.sizes[level] = len(merged)
             self.closed[level] = before + len(blocks)
             pairs = len(seq) // 2
+            if pairs == 0:
+                return
             a, b = seq[0 : 2 * pairs : 2], seq[1 : 2 * pairs : 2]
-            blocks = np.column_stack([a[:, 0] + b[:, 0], a[:, 1] + b[:, 1], a[:, 2] + b[:, 2],
-                                      np.minimum(a[:, 3], b[:, 3]), np.maximum(a[:, 4], b[:, 4])])
+            blocks = np.empty((pairs, _FIELDS))
+            np.add(a[:, :3], b[:, :3], out=blocks[:, :3])
+            np.minimum(a[:, 3], b[:, 3], out=blocks[:, 3])
+            np.maximum(a[:, 4], b[:, 4], out=blocks[:, 4])
 
     def coarse(self, level: int) -> np.ndarray:
         """Means of the closed blocks of ``level`` (oldest first)."""

@@ -205,22 +205,17 @@ class PlateauTest:
 
 
 def _plateau_windows(y: np.ndarray, n: int, test: PlateauTest) -> PlateauArrays:
+    # Row sums of the (windows × n) view: numpy reduces each row with the same
+    # pairwise summation whatever the number of rows, so a window's result depends
+    # only on its points (a block gives what one window at a time gives).
     t = np.arange(n, dtype=float) - (n - 1) / 2.0
     stt = float(np.sum(t * t))
-    if len(y) == n:  # one window: the same operations on Python floats (IEEE, no fusion), faster
-        return _plateau_one(y.tolist(), t.tolist(), stt, n, test)
     windows = np.lib.stride_tricks.sliding_window_view(y, n)
-    total = windows[:, 0].copy()
-    for j in range(1, n):
-        total += windows[:, j]
-    mean = total / n
-    sty = t[0] * (windows[:, 0] - mean)
-    for j in range(1, n):
-        sty += t[j] * (windows[:, j] - mean)
-    slope = sty / stt
-    rss = np.square(windows[:, 0] - mean - slope * t[0])
-    for j in range(1, n):
-        rss += np.square(windows[:, j] - mean - slope * t[j])
+    mean = windows.sum(axis=1) / n
+    centred = windows - mean[:, None]
+    slope = (centred * t).sum(axis=1) / stt
+    resid = centred - slope[:, None] * t
+    rss = (resid * resid).sum(axis=1)
     se = np.sqrt(rss / max(n - 2, 1) / stt)
     q = _t_quantile(0.5 + test.confidence / 2, max(n - 2, 1))
     span = n - 1
@@ -229,24 +224,3 @@ def _plateau_windows(y: np.ndarray, n: int, test: PlateauTest) -> PlateauArrays:
     return PlateauArrays((-bound <= low) & (high <= bound), slope, low, high, bound)
 
 
-def _plateau_one(w: list[float], t: list[float], stt: float, n: int, test: PlateauTest) -> PlateauArrays:
-    total = w[0]
-    for j in range(1, n):
-        total += w[j]
-    mean = total / n
-    sty = t[0] * (w[0] - mean)
-    for j in range(1, n):
-        sty += t[j] * (w[j] - mean)
-    slope = sty / stt
-    d = w[0] - mean - slope * t[0]
-    rss = d * d  # not d ** 2: libm's pow need not round like a product
-    for j in range(1, n):
-        d = w[j] - mean - slope * t[j]
-        rss += d * d
-    se = math.sqrt(rss / max(n - 2, 1) / stt)
-    q = _t_quantile(0.5 + test.confidence / 2, max(n - 2, 1))
-    span = n - 1
-    low, high = (slope - q * se) * span, (slope + q * se) * span
-    bound = test.min_delta * (abs(mean) if test.threshold_mode == "rel" else 1.0)
-    return PlateauArrays(np.array([-bound <= low and high <= bound]), np.array([slope]), np.array([low]),
-                         np.array([high]), np.array([bound]))
