@@ -11,7 +11,7 @@ per-point ``update`` path is timed on the first 10⁴ points for reference.
 
 Usage (from the repository root)::
 
-    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--json OUT]
+    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--repeats 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -48,18 +48,22 @@ def nbytes(det: SeriesDetector) -> tuple[int, int]:
     return len(pickle.dumps(det.state())), sum(a.nbytes for a in arrays)
 
 
-def measure(spec: SeriesSpec, y: np.ndarray, batch: int) -> dict:
-    det = SeriesDetector(spec)
+def measure(spec: SeriesSpec, y: np.ndarray, batch: int, repeats: int = 3) -> dict:
+    """Best and median of ``repeats`` runs (best: the least disturbed, as timeit reports)."""
     steps = np.arange(len(y), dtype=np.int64)
-    events = 0
-    start = time.perf_counter()
-    for lo in range(0, len(y), batch):
-        events += sum(e.kind is EventKind.CHANGE_POINT for e in det.update_many(steps[lo : lo + batch],
-                                                                                y[lo : lo + batch]))
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        det = SeriesDetector(spec)
+        events = 0
+        start = time.perf_counter()
+        for lo in range(0, len(y), batch):
+            found = det.update_many(steps[lo : lo + batch], y[lo : lo + batch])
+            events += sum(e.kind is EventKind.CHANGE_POINT for e in found)
+        times.append(time.perf_counter() - start)
     state, buffers = nbytes(det)
-    return {"points": len(y), "us_per_point": 1e6 * seconds / len(y), "change_points": events,
-            "state_bytes": state, "buffer_bytes": buffers}
+    return {"points": len(y), "us_per_point": 1e6 * min(times) / len(y),
+            "us_per_point_median": 1e6 * float(np.median(times)) / len(y), "repeats": repeats,
+            "change_points": events, "state_bytes": state, "buffer_bytes": buffers}
 
 
 def measure_update(spec: SeriesSpec, y: np.ndarray) -> float:
@@ -74,18 +78,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cost", description=__doc__.split("\n")[0])
     parser.add_argument("--max-exp", type=int, default=6, help="largest n is 10**MAX_EXP (default 6)")
     parser.add_argument("--batch", type=int, default=1024, help="points per update_many call (default 1024)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per size; best and median shown (default 3)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write all numbers to OUT")
     args = parser.parse_args(argv)
     doc: dict = {"batch": args.batch, "update_many": {}, "update_us_per_point": {}}
-    print(f"SeriesDetector cost, update_many in batches of {args.batch} points")
-    print(f"  {'signal':<14} {'n':>9} {'µs/point':>9} {'#cp':>5} {'state B':>8} {'buffers B':>9}")
+    print(f"SeriesDetector cost, update_many in batches of {args.batch} points, best of {args.repeats}")
+    print(f"  {'signal':<14} {'n':>9} {'µs/point':>9} {'median':>7} {'#cp':>5} {'state B':>8}"
+          f" {'buffers B':>9}")
     for name, spec, make in (("training_loss", LOSS, training_loss),
                              ("noise", NOISE, lambda n: np.random.default_rng(1).normal(size=n))):
         rows = []
         for exp in range(3, args.max_exp + 1):
-            r = measure(spec, make(10**exp), args.batch)
+            r = measure(spec, make(10**exp), args.batch, args.repeats)
             rows.append(r)
-            print(f"  {name:<14} {r['points']:>9} {r['us_per_point']:>9.3f} {r['change_points']:>5}"
+            print(f"  {name:<14} {r['points']:>9} {r['us_per_point']:>9.3f} {r['us_per_point_median']:>7.3f}"
+                  f" {r['change_points']:>5}"
                   f" {r['state_bytes']:>8} {r['buffer_bytes']:>9}")
         doc["update_many"][name] = rows
         doc["update_us_per_point"][name] = measure_update(spec, make(10_000))

@@ -476,11 +476,24 @@ class CostPiecewiseLinear(BaseCost):
         lo, hi = start + min_size, end - min_size + 1
         if hi <= lo:
             return np.arange(0), np.zeros(0)
-        first = self._s[:, lo:hi]
         whole = self._sse(self._s[:, end] - self._s[:, start])
-        left = self._sse(first - self._s[:, start : start + 1])
-        right = self._sse(self._s[:, end : end + 1] - first)
+        # Σ(t − t̄)² of consecutive times depends on the length only: L (L² − 1) / 12.
+        sy, sty, syy = self._s[3:, lo:hi]
+        lengths = np.arange(lo - start, hi - start, dtype=float)
+        left = self._line_sse(lengths, start + (lengths - 1.0) / 2.0,
+                              sy - self._s[3, start], sty - self._s[4, start], syy - self._s[5, start])
+        lengths = end - np.arange(lo, hi, dtype=float)
+        right = self._line_sse(lengths, (np.arange(lo, hi) + end - 1) / 2.0,
+                               self._s[3, end] - sy, self._s[4, end] - sty, self._s[5, end] - syy)
         return np.arange(lo, hi), whole - left - right
+
+    @staticmethod
+    def _line_sse(n: np.ndarray, mean_t: np.ndarray, sy: np.ndarray, sty: np.ndarray,
+                  syy: np.ndarray) -> np.ndarray:
+        """:meth:`_sse` of segments of consecutive times (n ≥ 2 points, mean time ``mean_t``)."""
+        vtt = n * (n * n - 1.0) / 12.0
+        vty = sty - mean_t * sy
+        return np.maximum(syy - sy * sy / n - vty * vty / vtt, 0.0)
 
     def shift_gains(self, start: int, end: int, min_size: int,
                     last_min_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

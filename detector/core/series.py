@@ -295,8 +295,9 @@ class SeriesDetector:
                     self._pending_alarm = None
                     self._rechecks = 0
                 else:
+                    # Every point for the first ``recheck``, then every other point.
+                    self._pending_alarm = 1 if self._rechecks > 0 else 2
                     self._rechecks -= 1
-                    self._pending_alarm = 1
             if i >= m:
                 return tagged
             if self._pending_alarm is not None:

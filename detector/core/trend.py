@@ -39,8 +39,10 @@ def mann_kendall(y: np.ndarray) -> TrendResult:
         return TrendResult("mann_kendall", 0.0, 1.0, 0.0)
     i, j, gaps = _pairs(n)
     diffs = y[j] - y[i]
-    s = float(np.sign(diffs).sum())
-    _, ties = np.unique(y, return_counts=True)
+    s = float(np.count_nonzero(diffs > 0) - np.count_nonzero(diffs < 0))
+    ordered = np.sort(y)
+    edges = np.flatnonzero(np.diff(ordered) != 0)
+    ties = np.diff(np.concatenate(([-1], edges, [n - 1]))).astype(float)  # sizes of runs of equal values
     var = (n * (n - 1) * (2 * n + 5) - float(np.sum(ties * (ties - 1) * (2 * ties + 5)))) / 18.0
     if var <= 0:  # constant window
         return TrendResult("mann_kendall", 0.0, 1.0, 0.0)
@@ -213,9 +215,10 @@ def _plateau_windows(y: np.ndarray, n: int, test: PlateauTest) -> PlateauArrays:
     windows = np.lib.stride_tricks.sliding_window_view(y, n)
     mean = windows.sum(axis=1) / n
     centred = windows - mean[:, None]
-    slope = (centred * t).sum(axis=1) / stt
-    resid = centred - slope[:, None] * t
-    rss = (resid * resid).sum(axis=1)
+    sty = (centred * t).sum(axis=1)
+    slope = sty / stt
+    # Σ residual² = Σ centred² − slope · Σ t·centred (t is centred too).
+    rss = np.maximum((centred * centred).sum(axis=1) - slope * sty, 0.0)
     se = np.sqrt(rss / max(n - 2, 1) / stt)
     q = _t_quantile(0.5 + test.confidence / 2, max(n - 2, 1))
     span = n - 1
