@@ -16,7 +16,10 @@ When it alarms, :class:`WindowLocaliser` segments a bounded recent window
 (ruptures ``Binseg`` over :class:`CostPiecewiseLinear`, vectorised split
 search) and confirms each break only if its cost gain beats a penalty
 ``penalty × scale² × log n``, with ``scale`` a spread of the recent history
-that survives trends and seasonality (see :func:`history_scale`). Slope changes
+that survives trends and seasonality (see :func:`history_scale`); a level
+shift on a shared slope (one parameter, not a new line's two) is tested
+beside it with ``shift_penalty`` times that penalty, and placed where the step
+is (two free lines put a small step's break tens of points early). Slope changes
 and level shifts both show as runs of same-signed innovations; a smooth decay
 (a training loss) is absorbed by the forecast's trend term and, being smooth,
 gains little from a break; and a break that a single parabola over its two
@@ -61,7 +64,11 @@ class CusumTrigger:
     of a segment are not over-weighted) and by a log-domain EWMA scale (rate
     ``bank_scale_rate``). The reference adapts slowly, so a small shift keeps
     its full size for tens of points and each CUSUM reaches its optimal delay
-    (k = δ/2 for a shift δ); the line follows smooth trends.
+    (k = δ/2 for a shift δ); the line follows smooth trends. The bank watches
+    from ``bank_after`` points into a segment, and only while the line's error
+    scale is within ``bank_gate`` times the fast forecast's, both taken
+    ``gate_lag`` points back (right after a shift the line is worse because of
+    the shift itself; random walks and seasonality keep it worse for good).
 
     ``warmup`` points after a reset set the first scales before any alarm.
     :meth:`scan` takes a block and stops at the first alarm (numpy, no Python per
@@ -617,6 +624,11 @@ class WindowLocaliser:
     ``curvature_penalty`` c set, a break is kept only if its two lines also beat
     one parabola over its two segments by c times that penalty (a smooth curve
     such as a power-law decay is not a change; ``None`` turns the check off).
+    With ``shift_penalty`` s set, each break moves to its best level shift on a
+    shared slope where that model does as well counting its one parameter
+    fewer, and when no two-line break passes, the best level shift of the
+    window is confirmed if it beats s times the penalty (and the parabola);
+    the new segment of a shift may be as short as ``shift_min_size`` points.
     O(n) per break found, n capped by the caller (the series window),
     independent of run length.
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector.core.labeller import LabellerConfig, PhaseLabeller
-from detector.core.series import SeriesConfig, SeriesDetector, trend_chunk_points
+from detector.core.series import SeriesConfig, SeriesDetector
 from detector.core.trend import TrendResult
 from detector.core.types import Event, Phase, Segment, SeriesSpec, infer_spec
 from detector.errors import InvalidArgument
@@ -80,11 +80,9 @@ class RunDetector:
         labeller runs line by line over the block, with each line's series events
         (found by their ``detected_at``, series in name order), a lazy view of
         the line's values and the val-loss trend as of that line
-        (:meth:`SeriesDetector.trend_as_of`). Blocks are cut into chunks of
-        :func:`~detector.core.series.trend_chunk_points` lines so that trend is
-        still held, and where a series not seen before starts (roles change
-        there in the per-line path too). O(points) in numpy plus O(lines) in
-        Python; no Python object per point.
+        (:meth:`SeriesDetector.trend_as_of`). Blocks are cut where a series not
+        seen before starts (roles change there in the per-line path too).
+        O(points) in numpy plus O(lines) in Python; no Python object per point.
         """
         cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, (steps, values) in columns.items():
@@ -104,12 +102,11 @@ class RunDetector:
             if name not in self.detectors:
                 joins.setdefault(int(cols[name][0][0]), []).append(name)
         cuts = sorted(int(np.searchsorted(lines, step)) for step in joins)
-        chunk = trend_chunk_points(self.config.series)
         events: list[Event] = []
         lo = 0
         for hi in [*cuts, len(lines)]:
-            for start in range(lo, hi, chunk):
-                events += self._update_chunk(lines[start : min(hi, start + chunk)], cols)
+            if hi > lo:
+                events += self._update_chunk(lines[lo:hi], cols)
             if hi < len(lines):
                 for name in joins[int(lines[hi])]:
                     self.add_series(infer_spec(name))

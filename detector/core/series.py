@@ -10,10 +10,10 @@ multiplicative) and feed:
 * :class:`~detector.core.changepoint.CusumTrigger` on every point, O(1)
   amortised, scanned over whole blocks in numpy;
 * :class:`~detector.core.changepoint.WindowLocaliser` on the current segment
-  (at most ``window`` points) ``lag`` points after an alarm, and again on each of
-  the next ``recheck`` points while nothing is confirmed, O(window) each, and
-  once more by :meth:`SeriesDetector.finish` when the run ends (the points
-  after the last alarm);
+  (at most ``window`` points) ``lag`` points after an alarm, and again on the
+  next points while nothing is confirmed (at most ``recheck_limit``), O(window)
+  each, and once more by :meth:`SeriesDetector.finish` when the run ends (the
+  points after the last alarm);
 * :class:`~detector.core.trend.PlateauTest` on every window of ``patience``
   points (all windows of a block at once) and a Mann–Kendall trend test on the
   last ``trend_window`` points every ``trend_every`` points;
@@ -66,8 +66,13 @@ class SeriesConfig:
     ``window`` points are kept for localisation (and for the penalty's scale);
     ``lag`` points after a trigger alarm are waited for before localising, and
     when nothing is confirmed the window is localised again on each of the next
-    ``recheck`` points (a forecast that adapts to a shift would not alarm twice);
-    ``summary_*`` size the multi-resolution summaries (long horizons).
+    ``recheck`` points (a forecast that adapts to a shift would not alarm twice),
+    then on every other point while the trigger stays above its threshold, up to
+    ``recheck_limit`` points after the alarm (a small shift keeps adding
+    evidence); nothing is confirmed online before ``min_history`` finite points
+    are held (the penalty's scale and noise estimates need them; the end of a
+    run localises whatever is held); ``summary_*`` size the multi-resolution
+    summaries (long horizons).
     """
 
     window: int = 1024
@@ -96,6 +101,8 @@ class SeriesConfig:
             )
         if self.trend_every < 1 or self.lag < 0 or self.recheck < 0:
             raise InvalidArgument("trend_every must be at least 1, lag and recheck at least 0")
+        if self.recheck_limit < self.recheck or self.min_history < 0:
+            raise InvalidArgument("recheck_limit must be at least recheck, min_history at least 0")
 
     def plateau_test(self, role: Role) -> PlateauTest:
         if role in _LOG_ROLES:
@@ -152,8 +159,10 @@ class SeriesDetector:
         self.max_value: float = -math.inf
         self.in_plateau = False
         self.trend: TrendResult | None = None
-        # trend_as_of's last answer (due point, result); not state: derived from values.
+        # trend_as_of's last answer (due point, result) and the last block's values with
+        # their history (finite index of the first, values); not state: derived from values.
         self._trend_cache: tuple[int, TrendResult | None] | None = None
+        self._block: tuple[int, np.ndarray] | None = None
 
     # --- update ---------------------------------------------------------------
 
@@ -182,11 +191,15 @@ class SeriesDetector:
         self.min_value = min(self.min_value, float(values.min()))
         self.max_value = max(self.max_value, float(values.max()))
         y = working_scale_many(self.spec.role, values)
-        history = max(self._plateau.patience, self.config.trend_window) - 1
+        # Enough history for the plateau windows, the trend test and trend_as_of of
+        # every point of the block (its due point may lie trend_every points back).
+        c = self.config
+        history = max(self._plateau.patience - 1, c.trend_window + c.trend_every)
         prior = min(history, self._size)
         ext_values = np.concatenate([self._values[self._size - prior : self._size], y])
         ext_steps = np.concatenate([self._steps[self._size - prior : self._size], steps])
         n_before = self.n_finite
+        self._block = (n_before - prior, ext_values)
 
         tagged = self._change_points(steps, y)
         tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
@@ -207,12 +220,11 @@ class SeriesDetector:
         ``update`` recomputes the trend every ``trend_every`` finite points, so a
         block update leaves only the block's last one in :attr:`trend`; a caller
         going through the block line by line (the run detector's labeller) asks
-        for the one of each line here. It is recomputed from the held values
-        (Mann–Kendall on ``trend_window`` points, O(trend_window²), cached per
-        due point), so the points it needs must still be held: the last
-        ``window // 2`` finite points always are, which is why block updates
-        that read this are cut into chunks of at most
-        :func:`trend_chunk_points` points. Raises InvalidArgument otherwise.
+        for the one of each line here. It is recomputed from the last block's
+        values with their history, or from the held values (Mann–Kendall on
+        ``trend_window`` points, O(trend_window²), cached per due point), so it
+        answers for any point of the last block, whatever its length, and for
+        held points before it. Raises InvalidArgument otherwise.
         """
         every, window = self.config.trend_every, self.config.trend_window
         last = (n_finite // every) * every
@@ -225,13 +237,16 @@ class SeriesDetector:
         cache = self._trend_cache
         if cache is not None and cache[0] == last:
             return cache[1]
-        start = last - window - (self.n_finite - self._size)  # held index of the window start
+        first, values = self._block if self._block is not None else (0, np.zeros(0))
+        start = last - window - first  # index in the last block's values (with its history)
+        if start < 0 or last - first > len(values):
+            values = self._values
+            start = last - window - (self.n_finite - self._size)  # held index of the window start
         if start < 0:
             raise InvalidArgument(
-                f"the trend as of point {n_finite} needs points no longer held; "
-                "update in smaller blocks"
+                f"the trend as of point {n_finite} needs points no longer held"
             )
-        trend = mann_kendall(self._values[start : start + window])
+        trend = mann_kendall(values[start : start + window])
         self._trend_cache = (last, trend)
         return trend
 
@@ -484,13 +499,6 @@ class SeriesDetector:
         for key, value in state["scalars"].items():
             setattr(det, key, value)
         return det
-
-
-def trend_chunk_points(config: SeriesConfig) -> int:
-    """The most finite points a block may add for :meth:`SeriesDetector.trend_as_of`
-    to answer for any point of it: the trend window of the block's first point
-    must still be held after the block (at least ``window // 2 + 1`` are)."""
-    return max(1, config.window // 2 + 2 - config.trend_window - config.trend_every)
 
 
 def _trigger_settings(trigger: CusumTrigger) -> dict:
