@@ -131,6 +131,7 @@ class CusumTrigger:
         self._gate = math.log(self.bank_gate) if self.bank_gate > 0 else -math.inf
         self._bank_hq = np.array([int(round(h * _Q)) for h in self.bank_thresholds], dtype=np.int64)[:, None]
         self._bank_kq = np.array([int(round(k * _Q)) for k in self.bank_drifts], dtype=np.int64)[:, None]
+        self._all_hq = np.r_[self._hq, self._hq, self._bank_hq[:, 0], self._bank_hq[:, 0]][:, None]
         self.reset()
 
     def reset(self) -> None:
@@ -269,52 +270,55 @@ class CusumTrigger:
             self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
 
     def _scan_block(self, y: np.ndarray, stop: bool = True) -> int | np.ndarray | None:
+        m = len(y)
         e, zi = lfilter(self._b, self._a, y, zi=self.zi)
         log_abs = np.log(np.maximum(np.abs(e), _TINY))
         log_s, zs = lfilter(self._sb, self._sa, log_abs, zi=self.zs)
         floor = _floor(y)
-        z = e / np.exp(np.maximum(_lagged(log_s, self.log_scale), floor) - _LOG_ABS_Z_MEAN)
-        zq = np.rint(np.clip(z, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
-        pos = _lindley(zq - self._kq, self.pos)
-        neg = _lindley(-zq - self._kq, self.neg)
+        lagged_fast = _lagged(log_s, self.log_scale)
         # The slow line and its bank of CUSUMs.
         el, s0, s1, z0, z1 = self._line_errors(y)
         line_abs = np.log(np.maximum(np.abs(el), _TINY))
         bank_s, bz = lfilter(self._bb, self._ba, line_abs, zi=self.bz)
         lagged_bank = _lagged(bank_s, self.bank_log_scale)
-        zl = el / np.exp(np.maximum(lagged_bank, floor) - _LOG_ABS_Z_MEAN)
+        # Both standardised error series at once: row 0 the fast one, row 1 the line's.
+        z = np.stack([e, el]) / np.exp(np.maximum(np.stack([lagged_fast, lagged_bank]), floor)
+                                       - _LOG_ABS_Z_MEAN)
         # The bank only watches while the slow line explains the series about as well
         # as the fast forecast: where it does not (random walks, seasonality, fast
-        # curvature) its errors are structure, not shifts.
-        # Nor before it has ``memory`` points of the segment behind it.
-        # The comparison is taken ``gate_lag`` points late: right after a shift the
-        # slow line is worse than the fast forecast because of the shift itself, and
-        # the bank must keep watching for as long as it needs to detect it.
-        gate_full = np.concatenate([self.gate, lagged_bank - _lagged(log_s, self.log_scale)])
-        watch = gate_full[: len(y)] < self._gate
-        watch &= np.arange(self.n, self.n + len(y)) >= self.bank_after
-        zl = np.where(watch, zl, 0.0)
-        zlq = np.rint(np.clip(zl, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
-        bpos = _lindley2(zlq[None, :] - self._bank_kq, self.bank_pos)
-        bneg = _lindley2(-zlq[None, :] - self._bank_kq, self.bank_neg)
-        hit = (pos > self._hq) | (neg > self._hq)
-        hit |= ((bpos > self._bank_hq) | (bneg > self._bank_hq)).any(axis=0)
+        # curvature) its errors are structure, not shifts; nor before ``bank_after``
+        # points of the segment. The comparison is taken ``gate_lag`` points late:
+        # right after a shift the slow line is worse than the fast forecast because
+        # of the shift itself, and the bank must keep watching long enough to see it.
+        gate_full = np.concatenate([self.gate, lagged_bank - lagged_fast])
+        watch = gate_full[:m] < self._gate
+        watch &= np.arange(self.n, self.n + m) >= self.bank_after
+        z[1, ~watch] = 0.0
+        zq = np.rint(np.clip(z, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
+        # Every CUSUM in one pass: rows fast +, fast −, bank + (one per drift), bank −.
+        nk = len(self.bank_drifts)
+        steps = np.empty((2 + 2 * nk, m), dtype=np.int64)
+        steps[0] = zq[0] - self._kq
+        steps[1] = -zq[0] - self._kq
+        steps[2 : 2 + nk] = zq[1] - self._bank_kq
+        steps[2 + nk :] = -zq[1] - self._bank_kq
+        sums = _lindley2(steps, np.r_[self.pos, self.neg, self.bank_pos, self.bank_neg])
+        hit = (sums > self._all_hq).any(axis=0)
         over = np.flatnonzero(hit) if stop else ()
-        if len(over) == 0:
-            self.gate = gate_full[len(gate_full) - self.gate_lag :].copy()
-            self._commit(len(y), zi, zs, float(log_s[-1]), int(pos[-1]), int(neg[-1]), float(z[-1]))
-            self._commit_bank(s0, s1, z0, z1, bz, float(bank_s[-1]), bpos[:, -1], bneg[:, -1])
-            return None if stop else hit
-        k = int(over[0])
+        k = m - 1 if len(over) == 0 else int(over[0])
         self.gate = gate_full[k + 1 : k + 1 + self.gate_lag].copy()
-        # Rerun the linear filters to the alarm so their state stops exactly there.
-        _, zi = lfilter(self._b, self._a, y[: k + 1], zi=self.zi)
-        _, zs = lfilter(self._sb, self._sa, log_abs[: k + 1], zi=self.zs)
-        _, z0 = lfilter(*self._d0, y[: k + 1], zi=self.z0)
-        _, z1 = lfilter(*self._d1, s0[: k + 1], zi=self.z1)
-        _, bz = lfilter(self._bb, self._ba, line_abs[: k + 1], zi=self.bz)
-        self._commit_bank(s0[: k + 1], s1[: k + 1], z0, z1, bz, float(bank_s[k]), bpos[:, k], bneg[:, k])
-        self._commit(k + 1, zi, zs, float(log_s[k]), int(pos[k]), int(neg[k]), float(z[k]))
+        bank = sums[2:, k]
+        if k < m - 1:
+            # Rerun the linear filters to the alarm so their state stops exactly there.
+            _, zi = lfilter(self._b, self._a, y[: k + 1], zi=self.zi)
+            _, zs = lfilter(self._sb, self._sa, log_abs[: k + 1], zi=self.zs)
+            _, z0 = lfilter(*self._d0, y[: k + 1], zi=self.z0)
+            _, z1 = lfilter(*self._d1, s0[: k + 1], zi=self.z1)
+            _, bz = lfilter(self._bb, self._ba, line_abs[: k + 1], zi=self.bz)
+        self._commit_bank(s0[: k + 1], s1[: k + 1], z0, z1, bz, float(bank_s[k]), bank[:nk], bank[nk:])
+        self._commit(k + 1, zi, zs, float(log_s[k]), int(sums[0, k]), int(sums[1, k]), float(z[0, k]))
+        if len(over) == 0:
+            return None if stop else hit
         return k
 
     def _commit(self, count: int, zi: np.ndarray, zs: np.ndarray, log_scale: float,
@@ -403,14 +407,9 @@ def _line_table(lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return v0, v1, sf
 
 
-def _lindley(x: np.ndarray, start: int) -> np.ndarray:
-    """``s_t = max(0, s_{t-1} + x_t)`` from ``s_0 = start``, on int64: exact, O(m) in numpy."""
-    c = np.cumsum(x)
-    return c - np.minimum(np.minimum.accumulate(c), -start)
-
-
 def _lindley2(x: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """:func:`_lindley` of each row of ``x`` (shape (k, m)) from ``start`` (shape (k,))."""
+    """``s_t = max(0, s_{t-1} + x_t)`` along each row of ``x`` (shape (k, m)) from
+    ``start`` (shape (k,)), on int64: exact, O(k m) in numpy."""
     c = np.cumsum(x, axis=1)
     return c - np.minimum(np.minimum.accumulate(c, axis=1), -start[:, None])
 
@@ -661,9 +660,15 @@ class WindowLocaliser:
         cut short there, and a big shift seen on its first points would be placed
         a point or two early.
         """
+        return self.locate_with_evidence(y, scale, noise, final)[0]
+
+    def locate_with_evidence(self, y: np.ndarray, scale: float | None = None, noise: float | None = None,
+                             final: bool = True) -> tuple[list[Split], float]:
+        """:meth:`locate`, and the best single break's gain as a fraction of what it
+        needed (≥ 1 when one passed its penalty): how close the window came."""
         n = len(y)
         if n < 2 * self.min_size + 1:
-            return []
+            return [], 0.0
         if scale is None:
             scale = history_scale(y)
         if noise is None:
@@ -673,7 +678,8 @@ class WindowLocaliser:
         cost = CostPiecewiseLinear()
         algo = _VectorBinseg(custom_cost=cost, min_size=self.min_size, jump=1).fit(y)
         bkps: list[int] = []
-        if algo.single_bkp(0, n)[1] > penalty:  # else Binseg would confirm nothing
+        evidence = algo.single_bkp(0, n)[1] / penalty
+        if evidence > 1.0:  # else Binseg would confirm nothing
             bkps = [int(b) for b in algo.predict(pen=penalty)[:-1]]
             if self.curvature_penalty is not None:
                 bkps = self._not_curvature(y, bkps, cost, self.curvature_penalty * penalty)
@@ -682,7 +688,8 @@ class WindowLocaliser:
         elif bkps:
             bkps, shifts = self._refine_shifts(y, bkps, cost, penalty)
         else:
-            bkps, shifts = self._single_shift(y, cost, penalty)
+            bkps, shifts, best = self._single_shift(y, cost, penalty)
+            evidence = max(evidence, best / (self.shift_penalty * penalty))
         if bkps and not final:
             # A shift at the last index allowed, or a new line on fewer than 2 ×
             # min_size points, may be the first points of something else (a step
@@ -699,25 +706,25 @@ class WindowLocaliser:
                 continue
             gain = cost.error(left, right) - cost.error(left, index) - cost.error(index, right)
             splits.append(Split(index=int(index), gain=float(gain), penalty=float(penalty), noise=scale))
-        return splits
+        return splits, evidence
 
     def _single_shift(self, y: np.ndarray, cost: CostPiecewiseLinear,
-                      penalty: float) -> tuple[list[int], dict[int, float]]:
+                      penalty: float) -> tuple[list[int], dict[int, float], float]:
         """The best level shift of the whole window, if it beats ``shift_penalty × penalty``
-        (and, with ``curvature_penalty``, one parabola too). O(n)."""
+        (and, with ``curvature_penalty``, one parabola too), and its gain. O(n)."""
         candidates, gains = cost.shift_gains(0, len(y), self.min_size, self.shift_min_size)
         if len(gains) == 0:
-            return [], {}
+            return [], {}, 0.0
         best = len(gains) - 1 - int(np.argmax(gains[::-1]))
         gain = float(gains[best])
         if gain <= self.shift_penalty * penalty:
-            return [], {}
+            return [], {}, gain
         if self.curvature_penalty is not None:
             line_sse = cost.error(0, len(y))
             if _parabola_sse(y) - (line_sse - gain) <= self.curvature_penalty * penalty:
-                return [], {}
+                return [], {}, gain
         index = int(candidates[best])
-        return [index], {index: gain}
+        return [index], {index: gain}, gain
 
     def _refine_shifts(self, y: np.ndarray, bkps: list[int], cost: CostPiecewiseLinear,
                        penalty: float) -> tuple[list[int], dict[int, float]]:

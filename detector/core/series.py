@@ -81,6 +81,7 @@ class SeriesConfig:
     lag: int = 0
     recheck: int = 6
     recheck_limit: int = 16
+    recheck_evidence: float = 0.5
     min_history: int = 100
     patience: int = 20
     min_delta_log: float = 0.05  # decades, for log-scale roles (abs mode)
@@ -150,6 +151,7 @@ class SeriesDetector:
         self._alarm_statistic = 0.0
         self._rechecks = 0  # localisations left after an unconfirmed one
         self._alarm_noise: float | None = None  # point noise at this alarm (for the penalty)
+        self._evidence = 0.0  # the last localisation's best gain / its penalty (transient)
         self.n_finite = 0
         self.n_nonfinite = 0
         self.last_step: int | None = None
@@ -297,11 +299,12 @@ class SeriesDetector:
                 # for at least ``recheck`` and at most ``recheck_limit`` points.
                 extra = self.config.recheck - self._rechecks  # rechecks done so far
                 alarmed = alarmed and extra < self.config.recheck_limit
+                weak = self._evidence < self.config.recheck_evidence  # nothing building up
                 if found:
                     ahead = None  # the trigger was restarted on the new segment, up to here
                     self._pending_alarm = None
                     self._rechecks = 0
-                elif self._rechecks <= 0 and not alarmed:
+                elif (self._rechecks <= 0 or weak) and not alarmed:
                     if ahead is not None:
                         self.trigger.restore(ahead[0])
                         self.trigger.absorb(y[ahead[1] : i])
@@ -356,6 +359,7 @@ class SeriesDetector:
 
     def _localise(self, step: int, final: bool = False) -> list[Event]:
         if self._size < self.config.min_history and not final:
+            self._evidence = 0.0
             return []  # too little history for the penalty's scale to mean anything
         oldest = self.n_finite - self._size
         start = max(0, self._segment_start - oldest)
@@ -363,7 +367,8 @@ class SeriesDetector:
         held = self._values[: self._size]
         if self._alarm_noise is None:  # once per alarm (a median); rechecks reuse it
             self._alarm_noise = point_noise(held)
-        splits = self.config.localiser.locate(segment, history_scale(held), self._alarm_noise, final=final)
+        splits, self._evidence = self.config.localiser.locate_with_evidence(
+            segment, history_scale(held), self._alarm_noise, final=final)
         statistic = self._alarm_statistic
         if not splits:
             return []
