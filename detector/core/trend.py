@@ -207,18 +207,27 @@ class PlateauTest:
 
 
 def _plateau_windows(y: np.ndarray, n: int, test: PlateauTest) -> PlateauArrays:
-    # Row sums of the (windows × n) view: numpy reduces each row with the same
-    # pairwise summation whatever the number of rows, so a window's result depends
-    # only on its points (a block gives what one window at a time gives).
+    # Column by column (window offset j): each window's sums are taken in the same
+    # order whatever the number of windows, so a block gives exactly what one window
+    # at a time gives; 3n vector operations of length len(y) - n + 1.
     t = np.arange(n, dtype=float) - (n - 1) / 2.0
     stt = float(np.sum(t * t))
-    windows = np.lib.stride_tricks.sliding_window_view(y, n)
-    mean = windows.sum(axis=1) / n
-    centred = windows - mean[:, None]
-    sty = (centred * t).sum(axis=1)
+    m = len(y) - n + 1
+    total = y[0:m].copy()
+    for j in range(1, n):
+        total += y[j : j + m]
+    mean = total / n
+    sty = t[0] * y[0:m]
+    for j in range(1, n):
+        sty += t[j] * y[j : j + m]  # Σ t (y − mean) = Σ t y, as Σ t = 0
     slope = sty / stt
-    # Σ residual² = Σ centred² − slope · Σ t·centred (t is centred too).
-    rss = np.maximum((centred * centred).sum(axis=1) - slope * sty, 0.0)
+    d = y[0:m] - mean
+    ss = d * d
+    for j in range(1, n):
+        d = y[j : j + m] - mean
+        ss += d * d
+    # Σ residual² = Σ (y − mean)² − slope · Σ t y.
+    rss = np.maximum(ss - slope * sty, 0.0)
     se = np.sqrt(rss / max(n - 2, 1) / stt)
     q = _t_quantile(0.5 + test.confidence / 2, max(n - 2, 1))
     span = n - 1
