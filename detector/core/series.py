@@ -304,7 +304,7 @@ class SeriesDetector:
                     ahead = None  # the trigger was restarted on the new segment, up to here
                     self._pending_alarm = None
                     self._rechecks = 0
-                elif (self._rechecks <= 0 or weak) and not alarmed:
+                elif weak or (self._rechecks <= 0 and not alarmed):
                     if ahead is not None:
                         self.trigger.restore(ahead[0])
                         self.trigger.absorb(y[ahead[1] : i])
