@@ -44,11 +44,12 @@ _SYMLOG_EPS = 1e-10
 def working_scale(role: Role, value: float) -> float:
     """Map a finite value to the scale its statistics use (symmetric log for multiplicative roles).
 
-    The same numbers as :func:`working_scale_many` (numpy's ufuncs on a scalar), in
-    about a microsecond: the labeller calls it on every line.
+    :func:`working_scale_many` for one value, with the math module (the labeller
+    calls it on every line; its values are only compared with each other, so
+    libm's last-digit rounding, which may differ from numpy's, does not matter).
     """
     if role in _LOG_ROLES:
-        return float(np.copysign(np.log10(1.0 + abs(value) / _SYMLOG_EPS), value))
+        return math.copysign(math.log10(1.0 + abs(value) / _SYMLOG_EPS), value)
     return float(value)
 
 
