@@ -99,9 +99,11 @@ class CusumTrigger:
     its full size for tens of points and each CUSUM reaches its optimal delay
     (k = δ/2 for a shift δ); the line follows smooth trends. The bank watches
     from ``bank_after`` points into a segment, and only while the line's error
-    scale is within ``bank_gate`` times the fast forecast's, both taken
-    ``gate_lag`` points back (right after a shift the line is worse because of
-    the shift itself; random walks and seasonality keep it worse for good).
+    scale is within ``bank_gate`` times the fast forecast's and the EWMA (rate
+    ``bias_rate``) of its standardised errors stays within ±``bias_gate``, both
+    taken ``gate_lag`` points back (right after a shift the line is worse because
+    of the shift itself; random walks, seasonality and curves the line cannot
+    follow, such as the steep start of a power-law loss, keep it worse for good).
 
     ``warmup`` points after a reset set the first scales before any alarm.
     :meth:`scan` takes a block and stops at the first alarm (numpy, no Python per
@@ -127,13 +129,15 @@ class CusumTrigger:
     bank_scale_rate: float = 0.02
     bank_gate: float = 1.3
     gate_lag: int = 50
+    bias_rate: float = 0.02
+    bias_gate: float = 0.25
     bank_after: int = 400
 
     def __post_init__(self) -> None:
         if not (0 < self.alpha <= 1 and 0 <= self.beta <= 1):
             raise InvalidArgument("alpha must be in (0, 1] and beta in [0, 1]")
-        if self.gate_lag < 1:
-            raise InvalidArgument("gate_lag must be at least 1")
+        if self.gate_lag < 1 or not 0 < self.bias_rate < 1 or self.bias_gate <= 0:
+            raise InvalidArgument("gate_lag must be at least 1, bias_rate in (0, 1), bias_gate > 0")
         if self.threshold <= 0 or self.drift < 0 or self.warmup < 2:
             raise InvalidArgument("threshold must be > 0, drift >= 0, warmup >= 2")
         if not 0 < self.scale_rate < 1 or not 0 < self.bank_scale_rate < 1:
@@ -162,6 +166,8 @@ class CusumTrigger:
         self._ba = np.array([1.0, -(1.0 - self.bank_scale_rate)])
         self._table = _line_table(lam)
         self._gate = math.log(self.bank_gate) if self.bank_gate > 0 else -math.inf
+        self._bias_b = np.array([self.bias_rate])
+        self._bias_a = np.array([1.0, -(1.0 - self.bias_rate)])
         self._bank_hq = np.array([int(round(h * _Q)) for h in self.bank_thresholds], dtype=np.int64)[:, None]
         self._bank_kq = np.array([int(round(k * _Q)) for k in self.bank_drifts], dtype=np.int64)[:, None]
         self._all_hq = np.r_[self._hq, self._hq, self._bank_hq[:, 0], self._bank_hq[:, 0]][:, None]
@@ -180,8 +186,10 @@ class CusumTrigger:
         self.z0, self.z1 = np.zeros(1), np.zeros(1)
         self.bank_log_scale = 0.0
         self.bz = np.zeros(1)
-        # The gate's inputs of the last ``gate_lag`` points (closed until then).
+        # The gate's inputs of the last ``gate_lag`` points (closed until then; open
+        # where negative), and the EWMA of the line's standardised errors (its bias).
         self.gate = np.full(self.gate_lag, _GATE_CLOSED)
+        self.bias_zi = np.zeros(1)
         nk = len(self.bank_drifts)
         self.bank_pos = np.zeros(nk, dtype=np.int64)
         self.bank_neg = np.zeros(nk, dtype=np.int64)
@@ -323,8 +331,15 @@ class CusumTrigger:
         # points of the segment. The comparison is taken ``gate_lag`` points late:
         # right after a shift the slow line is worse than the fast forecast because
         # of the shift itself, and the bank must keep watching long enough to see it.
-        gate_full = np.concatenate([self.gate, lagged_bank - lagged_fast])
-        watch = gate_full[:m] < self._gate
+        # Nor while its errors keep one sign (a mean of ``bias_gate`` σ or more over the
+        # last ~1/bias_rate points): a curve the line cannot follow, such as the steep
+        # start of a power-law loss, not a shift (a shift is caught before that lasts
+        # ``gate_lag`` points).
+        line_z = np.clip(z[1], -3.0, 3.0)  # one outlier must not close the gate for long
+        bias, bias_zi = _filter(self._bias_b, self._bias_a, line_z, self.bias_zi)
+        gate_in = np.maximum(lagged_bank - lagged_fast - self._gate, np.abs(bias) - self.bias_gate)
+        gate_full = np.concatenate([self.gate, gate_in])
+        watch = gate_full[:m] < 0.0
         watch &= np.arange(self.n, self.n + m) >= self.bank_after
         z[1, ~watch] = 0.0
         zq = np.rint(np.clip(z, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
@@ -348,6 +363,8 @@ class CusumTrigger:
             _, z0 = _filter(*self._d0, y[: k + 1], self.z0)
             _, z1 = _filter(*self._d1, s0[: k + 1], self.z1)
             _, bz = _filter(self._bb, self._ba, line_abs[: k + 1], self.bz)
+            _, bias_zi = _filter(self._bias_b, self._bias_a, line_z[: k + 1], self.bias_zi)
+        self.bias_zi = bias_zi
         self._commit_bank(s0[: k + 1], s1[: k + 1], z0, z1, bz, float(bank_s[k]), bank[:nk], bank[nk:])
         self._commit(k + 1, zi, zs, float(log_s[k]), int(sums[0, k]), int(sums[1, k]), float(z[0, k]))
         if len(over) == 0:
@@ -375,7 +392,7 @@ class CusumTrigger:
             "s0": self.s0, "s1": self.s1, "z0": self.z0.tolist(), "z1": self.z1.tolist(),
             "bz": self.bz.tolist(), "bank_log_scale": self.bank_log_scale,
             "bank_pos": self.bank_pos.tolist(), "bank_neg": self.bank_neg.tolist(),
-            "gate": self.gate.tolist(),
+            "gate_open": self.gate.tolist(), "bias_zi": self.bias_zi.tolist(),
         }
 
     def load(self, state: dict) -> None:
@@ -388,8 +405,9 @@ class CusumTrigger:
             self.bz, self.bank_log_scale = np.array(state["bz"], dtype=float), state["bank_log_scale"]
             self.bank_pos = np.array(state["bank_pos"], dtype=np.int64)
             self.bank_neg = np.array(state["bank_neg"], dtype=np.int64)
-        if len(state.get("gate", ())) == self.gate_lag:
-            self.gate = np.array(state["gate"], dtype=float)
+        if len(state.get("gate_open", ())) == self.gate_lag:  # older checkpoints: closed for a while
+            self.gate = np.array(state["gate_open"], dtype=float)
+            self.bias_zi = np.array(state["bias_zi"], dtype=float)
 
 
 def _lagged(x: np.ndarray, first: float) -> np.ndarray:

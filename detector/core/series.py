@@ -510,4 +510,5 @@ class SeriesDetector:
 def _trigger_settings(trigger: CusumTrigger) -> dict:
     return {k: getattr(trigger, k) for k in ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate",
                                              "memory", "bank_drifts", "bank_thresholds", "bank_scale_rate",
-                                             "bank_gate", "gate_lag", "bank_after")}
+                                             "bank_gate", "gate_lag", "bank_after", "bias_rate",
+                                             "bias_gate")}
