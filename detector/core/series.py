@@ -70,7 +70,9 @@ class SeriesConfig:
     ``recheck`` points (a forecast that adapts to a shift would not alarm twice),
     then on every other point while the trigger stays above its threshold, up to
     ``recheck_limit`` points after the alarm (a small shift keeps adding
-    evidence); nothing is confirmed online before ``min_history`` finite points
+    evidence), stopping as soon as the window's best break gains less than
+    ``recheck_evidence`` of its penalty (nothing is building up: on noise most
+    alarms end after one look); nothing is confirmed online before ``min_history`` finite points
     are held (the penalty's scale and noise estimates need them; the end of a
     run localises whatever is held); ``summary_*`` size the multi-resolution
     summaries (long horizons).
