@@ -457,3 +457,46 @@ def test_bank_stays_closed_on_a_curve_the_line_cannot_follow_but_sees_a_small_sh
     y = rng.normal(0, 1, 2000)
     y[1500:] += 1.0
     assert any(1500 <= a < 1560 for a in _trigger_alarms(CusumTrigger(), y))
+
+
+def test_a_small_shift_is_placed_where_the_step_is() -> None:
+    # Seen on its first 20 points, two free lines put a 2-sigma step's break early
+    # (the new line's slope takes up the step); the level-shift model places it.
+    rng = np.random.default_rng(11)
+    errors_shift, errors_lines = [], []
+    for _ in range(20):
+        y = np.r_[rng.normal(0, 1, 300), rng.normal(2.0, 1, 20)]
+        with_shift = WindowLocaliser().locate(y, scale=1.0, noise=1.0)
+        lines_only = WindowLocaliser(shift_penalty=None).locate(y, scale=1.0, noise=1.0)
+        errors_shift.append(abs(with_shift[-1].index - 300) if with_shift else 999)
+        errors_lines.append(abs(lines_only[-1].index - 300) if lines_only else 999)
+    assert max(errors_shift) <= 5, errors_shift  # measured: at most 4
+    assert sum(e > 10 for e in errors_lines) >= 2, errors_lines  # measured: 33, 68, 17 off
+
+
+def test_locate_with_evidence_says_how_close_the_window_came() -> None:
+    rng = np.random.default_rng(12)
+    loc = WindowLocaliser()
+    noise = [loc.locate_with_evidence(rng.normal(0, 1, 500), 1.0, 1.0)[1] for _ in range(20)]
+    assert np.median(noise) < 0.5, noise  # rechecks stop at once on most noise windows
+    splits, evidence = loc.locate_with_evidence(np.r_[rng.normal(0, 1, 400), rng.normal(3, 1, 30)], 1.0, 1.0)
+    assert splits and evidence >= 1.0
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"recheck": 8, "recheck_limit": 4}, {"min_history": -1},
+])
+def test_series_config_rejects_inconsistent_settings(kwargs: dict) -> None:
+    from detector.core.series import SeriesConfig
+    from detector.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        SeriesConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"gate_lag": 0}, {"bias_rate": 0.0}, {"bias_gate": 0.0}])
+def test_trigger_rejects_bad_gate_settings(kwargs: dict) -> None:
+    from detector.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        CusumTrigger(**kwargs)
