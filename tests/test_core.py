@@ -484,7 +484,7 @@ def test_locate_with_evidence_says_how_close_the_window_came() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"recheck": 8, "recheck_limit": 4}, {"min_history": -1},
+    {"recheck": 8, "recheck_limit": 4}, {"min_history": -1}, {"recheck_evidence": -0.1},
 ])
 def test_series_config_rejects_inconsistent_settings(kwargs: dict) -> None:
     from detector.core.series import SeriesConfig

@@ -484,8 +484,13 @@ class CostPiecewiseLinear(BaseCost):
 
     The same cost as ruptures' ``CostLinear`` with regressors ``[1, t]``, without a
     least-squares solve per candidate: fit is O(n), each ``error`` O(1), and
-    :meth:`errors`, :meth:`split_gains` and :meth:`shift_gains` score many
-    segments or split points at once in numpy.
+    :meth:`split_gains` and :meth:`shift_gains` score every split point of a
+    segment at once in numpy.
+
+    >>> y = np.r_[np.zeros(20), np.ones(10)] + 0.05 * np.arange(30)
+    >>> candidates, gains = CostPiecewiseLinear().fit(y).shift_gains(0, 30, 4)
+    >>> int(candidates[_last_argmax(gains)])
+    20
     """
 
     model = "piecewise_linear"
@@ -521,9 +526,6 @@ class CostPiecewiseLinear(BaseCost):
         safe = np.where(vtt > 0, vtt, 1.0)
         return np.maximum(np.where(vtt > 0, vyy - vty * vty / safe, vyy), 0.0)
 
-    def errors(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        return self._sse(self._s[:, ends] - self._s[:, starts])
-
     def error(self, start: int, end: int) -> float:
         return float(self._sse(self._s[:, end] - self._s[:, start]))
 
@@ -536,13 +538,13 @@ class CostPiecewiseLinear(BaseCost):
         whole = self._sse(self._s[:, end] - self._s[:, start])
         # Σ(t − t̄)² of consecutive times depends on the length only: L (L² − 1) / 12.
         sy, sty, syy = self._s[3:, lo:hi]
-        lengths = np.arange(lo - start, hi - start, dtype=float)
-        left = self._line_sse(lengths, start + (lengths - 1.0) / 2.0,
+        candidates = np.arange(lo, hi)
+        splits = candidates.astype(float)
+        left = self._line_sse(splits - start, (start + splits - 1.0) / 2.0,
                               sy - self._s[3, start], sty - self._s[4, start], syy - self._s[5, start])
-        lengths = end - np.arange(lo, hi, dtype=float)
-        right = self._line_sse(lengths, (np.arange(lo, hi) + end - 1) / 2.0,
+        right = self._line_sse(end - splits, (splits + end - 1.0) / 2.0,
                                self._s[3, end] - sy, self._s[4, end] - sty, self._s[5, end] - syy)
-        return np.arange(lo, hi), whole - left - right
+        return candidates, whole - left - right
 
     @staticmethod
     def _line_sse(n: np.ndarray, mean_t: np.ndarray, sy: np.ndarray, sty: np.ndarray,
@@ -601,20 +603,13 @@ class _VectorBinseg(rpt.Binseg):
         candidates, gains = self.cost.split_gains(start, end, self.min_size)
         if len(candidates) == 0:
             return None, 0
-        best = len(gains) - 1 - int(np.argmax(gains[::-1]))
+        best = _last_argmax(gains)
         return int(candidates[best]), float(gains[best])
 
 
-def shift_gains(y: np.ndarray, min_size: int,
-                last_min_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`CostPiecewiseLinear.shift_gains` over the whole of ``y``. O(n).
-
-    >>> y = np.r_[np.zeros(20), np.ones(10)] + 0.05 * np.arange(30)
-    >>> candidates, gains = shift_gains(y, 4)
-    >>> int(candidates[np.argmax(gains)])
-    20
-    """
-    return CostPiecewiseLinear().fit(y).shift_gains(0, len(y), min_size, last_min_size)
+def _last_argmax(values: np.ndarray) -> int:
+    """Index of the largest value, ties to the later one (as ruptures' Binseg). O(n)."""
+    return len(values) - 1 - int(np.argmax(values[::-1]))
 
 
 def _parabola_sse(y: np.ndarray) -> float:
@@ -766,7 +761,7 @@ class WindowLocaliser:
         candidates, gains = cost.shift_gains(0, len(y), self.min_size, self.shift_min_size)
         if len(gains) == 0:
             return [], {}, 0.0
-        best = len(gains) - 1 - int(np.argmax(gains[::-1]))
+        best = _last_argmax(gains)
         gain = float(gains[best])
         if gain <= self.shift_penalty * penalty:
             return [], {}, gain
@@ -791,7 +786,7 @@ class WindowLocaliser:
             last = self.shift_min_size if right == len(y) else self.min_size
             candidates, gains = cost.shift_gains(left, right, self.min_size, last)
             if len(gains):
-                best = len(gains) - 1 - int(np.argmax(gains[::-1]))
+                best = _last_argmax(gains)
                 if gains[best] - self.shift_penalty * penalty >= lines - penalty:
                     index = int(candidates[best])
                     shifts[index] = float(gains[best])

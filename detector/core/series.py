@@ -72,10 +72,10 @@ class SeriesConfig:
     ``recheck_limit`` points after the alarm (a small shift keeps adding
     evidence), stopping as soon as the window's best break gains less than
     ``recheck_evidence`` of its penalty (nothing is building up: on noise most
-    alarms end after one look); nothing is confirmed online before ``min_history`` finite points
-    are held (the penalty's scale and noise estimates need them; the end of a
-    run localises whatever is held); ``summary_*`` size the multi-resolution
-    summaries (long horizons).
+    alarms end after one look); nothing is confirmed online before
+    ``min_history`` finite points are held (the penalty's scale and noise
+    estimates need them; the end of a run localises whatever is held);
+    ``summary_*`` size the multi-resolution summaries (long horizons).
     """
 
     window: int = 1024
@@ -105,8 +105,9 @@ class SeriesConfig:
             )
         if self.trend_every < 1 or self.lag < 0 or self.recheck < 0:
             raise InvalidArgument("trend_every must be at least 1, lag and recheck at least 0")
-        if self.recheck_limit < self.recheck or self.min_history < 0:
-            raise InvalidArgument("recheck_limit must be at least recheck, min_history at least 0")
+        if self.recheck_limit < self.recheck or self.min_history < 0 or self.recheck_evidence < 0:
+            raise InvalidArgument("recheck_limit must be at least recheck, min_history and "
+                                  "recheck_evidence at least 0")
 
     def plateau_test(self, role: Role) -> PlateauTest:
         if role in _LOG_ROLES:
@@ -297,9 +298,10 @@ class SeriesDetector:
                 alarmed = self.trigger.alarmed if ahead is None else bool(flags[i - 1 - ahead[1]])
                 found = self._localise(int(steps[i - 1]))
                 tagged += [(base + i - 1, _CP, e) for e in found]
-                # Keep looking while the trigger still alarms (a small shift keeps
-                # adding evidence; clearing it would make the CUSUM start over),
-                # for at least ``recheck`` and at most ``recheck_limit`` points.
+                # Keep looking while the window shows evidence building up and either
+                # the first ``recheck`` looks are not done or the trigger still alarms
+                # (a small shift keeps adding evidence; clearing the CUSUM would make
+                # it start over), at most ``recheck_limit`` looks.
                 extra = self.config.recheck - self._rechecks  # rechecks done so far
                 alarmed = alarmed and extra < self.config.recheck_limit
                 weak = self._evidence < self.config.recheck_evidence  # nothing building up

@@ -234,5 +234,3 @@ def _plateau_windows(y: np.ndarray, n: int, test: PlateauTest) -> PlateauArrays:
     low, high = (slope - q * se) * span, (slope + q * se) * span
     bound = test.min_delta * (np.abs(mean) if test.threshold_mode == "rel" else np.ones_like(mean))
     return PlateauArrays((-bound <= low) & (high <= bound), slope, low, high, bound)
-
-
