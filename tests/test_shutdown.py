@@ -126,7 +126,7 @@ def test_sigterm_drains_streams_checkpoints_and_exits_0(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{db}")
     try:
         checkpoint = store.load_checkpoint("draining")
-        assert checkpoint is not None and checkpoint[1] == 19  # every acknowledged step
+        assert checkpoint is not None and checkpoint.through_step == 19  # every acknowledged step
         assert store.get_run("draining").last_step == 19
         # The run with no points was checkpointed at shutdown: a new detector
         # restores its labels and its declared series.

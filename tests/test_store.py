@@ -19,7 +19,7 @@ import pytest
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
 from detector.core.types import Event, EventKind, Phase, Segment
-from detector.engine import Engine, RunStatus, Store
+from detector.engine import Checkpoint, Engine, EngineConfig, RunStatus, Store
 from detector.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from detector.logfile import iter_batches, read_log
 from detector.server import create_server
@@ -297,10 +297,58 @@ def test_checkpoint_round_trip_with_its_batch(backend: Backend):
     store.save_checkpoint("run-0", b"other", 3)
     store.close()
     store = backend.open()
-    assert store.load_checkpoint("run-1") == (b"\x00state-2\xff", 99)  # replaced, bytes intact
-    assert store.load_checkpoint("run-0") == (b"other", 3)
+    assert store.load_checkpoint("run-1") == Checkpoint(b"\x00state-2\xff", 99)  # replaced, bytes intact
+    assert store.load_checkpoint("run-0") == Checkpoint(b"other", 3)
     assert store.get_events("run-1") == EVENTS and store.get_segments("run-1") == SEGMENTS
     assert store.get_run("run-1") == _status("run-1", recent_events=tuple(EVENTS))
+
+
+def test_checkpoint_log_appends_and_a_full_checkpoint_clears_it(backend: Backend):
+    store = backend.open()
+    with pytest.raises(FailedPrecondition, match="no checkpoint to append"):
+        store.save_checkpoint("run-1", b"entry-0", 5, append=True)
+    store.save_checkpoint("run-1", b"state-1", 10, status=_status("run-1"))
+    store.save_checkpoint("run-1", b"entry-1", 20, events=EVENTS[:1], append=True)
+    store.save_checkpoint("run-1", b"\x00entry-2\xff", 30, events=EVENTS[1:], segments=SEGMENTS,
+                          append=True)
+    store.save_checkpoint("run-0", b"other", 1)
+    store.save_checkpoint("run-0", b"other-entry", 2, append=True)
+    store.close()
+    store = backend.open()
+    assert store.load_checkpoint("run-1") == Checkpoint(b"state-1", 30, (b"entry-1", b"\x00entry-2\xff"))
+    assert store.get_events("run-1") == EVENTS and store.get_segments("run-1") == SEGMENTS
+    store.save_checkpoint("run-1", b"state-2", 40)  # a full one: its log starts again
+    store.save_checkpoint("run-1", b"entry-3", 50, append=True)
+    assert store.load_checkpoint("run-1") == Checkpoint(b"state-2", 50, (b"entry-3",))
+    assert store.load_checkpoint("run-0") == Checkpoint(b"other", 2, (b"other-entry",))
+
+
+@pytest.mark.parametrize("log_points", [0, 300, 16384])
+def test_a_restore_replays_the_checkpoint_log_to_the_uninterrupted_timeline(
+    backend: Backend, log_points: int
+):
+    """Between full checkpoints the engine logs batches; a new engine restores the
+    state and replays the log, and the run goes on as if never interrupted. The
+    log never holds more than ``checkpoint_log_points`` points."""
+    batches = _grok_batches(97)
+    expected = _reference(batches)
+    config = EngineConfig(checkpoint_log_points=log_points)
+    store = backend.open()
+    first = Engine(config, store=store)
+    cut = 2 * len(batches) // 3
+    for batch in batches[:cut]:
+        acked = first.ingest("grok", batch).through_step
+    saved = store.load_checkpoint("grok")
+    logged = [len(steps) for entry in saved.log for columns in pickle.loads(entry)
+              for steps, _ in columns.values()]
+    assert saved.through_step == acked and sum(logged) <= log_points
+    assert (len(saved.log) > 0) == (log_points > 0)
+    second = Engine(config, store=store)
+    assert second.status("grok").last_step == first.status("grok").last_step
+    for batch in batches[cut:]:
+        assert second.ingest("grok", batch).rejected == 0
+    second.end_run("grok")
+    assert _timeline(second, "grok") == expected
 
 
 class _FailingStore:
@@ -445,7 +493,9 @@ def test_postgres_a_dead_owner_session_frees_its_runs_and_is_fenced(postgres: Ba
     # A does not know yet; its next write must not overwrite B's checkpoint.
     with pytest.raises(Aborted, match="taken over by replica 'B'"):
         a.save_checkpoint("run-x", b"stale", 11)
-    assert b.load_checkpoint("run-x") == (b"from-b", 20)
+    with pytest.raises(Aborted, match="taken over by replica 'B'"):
+        a.save_checkpoint("run-x", b"stale log entry", 12, append=True)
+    assert b.load_checkpoint("run-x") == Checkpoint(b"from-b", 20)
 
 
 def test_postgres_store_closing_releases_claims(postgres: Backend):

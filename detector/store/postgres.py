@@ -45,7 +45,7 @@ import psycopg
 from psycopg import conninfo
 
 from detector.core.types import Event, Segment
-from detector.engine import RunStatus
+from detector.engine import Checkpoint, RunStatus
 from detector.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from detector.store import _redact
 from detector.store.rows import (
@@ -108,6 +108,14 @@ _MIGRATIONS: tuple[str, ...] = (
         owner TEXT NOT NULL,
         epoch BIGINT NOT NULL,
         since DOUBLE PRECISION NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE checkpoint_log (
+        run_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        entry BYTEA NOT NULL,
+        PRIMARY KEY (run_id, seq)
     );
     """,
 )
@@ -228,6 +236,7 @@ class PostgresStore:
         status: RunStatus | None = None,
         events: Sequence[Event] = (),
         segments: Sequence[Segment] | None = None,
+        append: bool = False,
     ) -> None:
         """Store a checkpoint with its status, events and segments in one transaction.
 
@@ -251,20 +260,29 @@ class PostgresStore:
             self._add_events(conn, run_id, events)
             if segments is not None:
                 self._replace_segments(conn, run_id, segments)
-            conn.execute(
-                "INSERT INTO checkpoints (run_id, through_step, state, saved_at) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO UPDATE SET "
-                "through_step = excluded.through_step, state = excluded.state, "
-                "saved_at = excluded.saved_at",
-                (run_id, through_step, blob, time.time()),
-            )
+            if append:
+                _append_log(conn, run_id, blob, through_step)
+            else:
+                conn.execute(
+                    "INSERT INTO checkpoints (run_id, through_step, state, saved_at) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO UPDATE SET "
+                    "through_step = excluded.through_step, state = excluded.state, "
+                    "saved_at = excluded.saved_at",
+                    (run_id, through_step, blob, time.time()),
+                )
+                conn.execute("DELETE FROM checkpoint_log WHERE run_id = %s", (run_id,))
 
-    def load_checkpoint(self, run_id: str) -> tuple[bytes, int] | None:
-        with self._data() as conn:
+    def load_checkpoint(self, run_id: str) -> Checkpoint | None:
+        with self._data() as conn, conn.transaction():  # the state and its log agree
             row = conn.execute(
                 "SELECT state, through_step FROM checkpoints WHERE run_id = %s", (run_id,)
             ).fetchone()
-        return None if row is None else (bytes(row[0]), row[1])
+            log = conn.execute(
+                "SELECT entry FROM checkpoint_log WHERE run_id = %s ORDER BY seq", (run_id,)
+            ).fetchall()
+        if row is None:
+            return None
+        return Checkpoint(bytes(row[0]), row[1], tuple(bytes(e) for (e,) in log))
 
     @staticmethod
     def _upsert_run(conn: psycopg.Connection[Any], status: RunStatus) -> None:
@@ -492,3 +510,18 @@ class _PostgresClaim:
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _append_log(conn: Any, run_id: str, entry: bytes, through_step: int) -> None:
+    """Add ``entry`` to the log of the run's stored checkpoint and move its step."""
+    moved = conn.execute(
+        "UPDATE checkpoints SET through_step = %s, saved_at = %s WHERE run_id = %s",
+        (through_step, time.time(), run_id),
+    ).rowcount
+    if moved != 1:
+        raise FailedPrecondition(f"run {run_id!r} has no checkpoint to append a log entry to")
+    conn.execute(
+        "INSERT INTO checkpoint_log (run_id, seq, entry) VALUES (%s, "
+        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint_log WHERE run_id = %s), %s)",
+        (run_id, run_id, entry),
+    )

@@ -16,9 +16,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from detector.core.types import Event, Segment
-from detector.engine import RunStatus
+from detector.engine import Checkpoint, RunStatus
 from detector.errors import FailedPrecondition
 from detector.store.rows import (
     EVENT_COLUMNS,
@@ -74,6 +75,14 @@ _MIGRATIONS: tuple[str, ...] = (
         through_step INTEGER NOT NULL,
         state BLOB NOT NULL,           -- pickled engine run state (detector.engine._Run)
         saved_at REAL NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE checkpoint_log (      -- batches ingested since the checkpoint's state
+        run_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        entry BLOB NOT NULL,           -- pickled list of batches (detector.engine._Run.replay)
+        PRIMARY KEY (run_id, seq)
     );
     """,
 )
@@ -155,6 +164,7 @@ class SqliteStore:
         status: RunStatus | None = None,
         events: Sequence[Event] = (),
         segments: Sequence[Segment] | None = None,
+        append: bool = False,
     ) -> None:
         """Store a checkpoint with the status, events and segments it goes with, atomically."""
         with self._lock, self._conn:
@@ -163,20 +173,29 @@ class SqliteStore:
             self._add_events(run_id, events)
             if segments is not None:
                 self._replace_segments(run_id, segments)
-            self._conn.execute(
-                "INSERT INTO checkpoints (run_id, through_step, state, saved_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
-                "through_step = excluded.through_step, state = excluded.state, "
-                "saved_at = excluded.saved_at",
-                (run_id, through_step, blob, time.time()),
-            )
+            if append:
+                _append_log(self._conn, run_id, blob, through_step)
+            else:
+                self._conn.execute(
+                    "INSERT INTO checkpoints (run_id, through_step, state, saved_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                    "through_step = excluded.through_step, state = excluded.state, "
+                    "saved_at = excluded.saved_at",
+                    (run_id, through_step, blob, time.time()),
+                )
+                self._conn.execute("DELETE FROM checkpoint_log WHERE run_id = ?", (run_id,))
 
-    def load_checkpoint(self, run_id: str) -> tuple[bytes, int] | None:
-        with self._lock:
+    def load_checkpoint(self, run_id: str) -> Checkpoint | None:
+        with self._lock, self._conn:  # one transaction: the state and its log agree
             row = self._conn.execute(
                 "SELECT state, through_step FROM checkpoints WHERE run_id = ?", (run_id,)
             ).fetchone()
-        return None if row is None else (bytes(row[0]), row[1])
+            log = self._conn.execute(
+                "SELECT entry FROM checkpoint_log WHERE run_id = ? ORDER BY seq", (run_id,)
+            ).fetchall()
+        if row is None:
+            return None
+        return Checkpoint(bytes(row[0]), row[1], tuple(bytes(e) for (e,) in log))
 
     def claim_run(self, run_id: str, owner: str) -> _LocalClaim:
         """Always granted: only this process writes a SQLite store."""
@@ -260,3 +279,18 @@ class SqliteStore:
 class _LocalClaim:
     def release(self) -> bool:
         return True
+
+
+def _append_log(conn: Any, run_id: str, entry: bytes, through_step: int) -> None:
+    """Add ``entry`` to the log of the run's stored checkpoint and move its step."""
+    moved = conn.execute(
+        "UPDATE checkpoints SET through_step = ?, saved_at = ? WHERE run_id = ?",
+        (through_step, time.time(), run_id),
+    ).rowcount
+    if moved != 1:
+        raise FailedPrecondition(f"run {run_id!r} has no checkpoint to append a log entry to")
+    conn.execute(
+        "INSERT INTO checkpoint_log (run_id, seq, entry) VALUES (?, "
+        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint_log WHERE run_id = ?), ?)",
+        (run_id, run_id, entry),
+    )
