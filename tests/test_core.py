@@ -274,6 +274,12 @@ def test_multi_resolution_is_batch_invariant_and_bounded() -> None:
     parts = MultiResolution(base=4, per_level=8, levels=4)
     for lo, hi in _random_blocks(len(y), 5):
         parts.update_many(y[lo:hi])
+    parts.variance(0)  # a readout folds in what is held
+    assert parts.held == [] and whole.held == []
+    small = MultiResolution(base=4, per_level=8, levels=4)
+    small.update_many(y[:20])
+    assert small.closed[0] == 0 and len(small.held) == 1  # held until 32 points have come
+    assert np.allclose(small.coarse(0), y[:20].reshape(5, 4).mean(axis=1))
     assert np.array_equal(whole.sizes, parts.sizes) and np.array_equal(whole.closed, parts.closed)
     assert np.allclose(whole.blocks, parts.blocks)
     restored = MultiResolution(base=4, per_level=8, levels=4)

@@ -220,26 +220,27 @@ class PlateauTest:
         return _plateau_windows(np.asarray(y, dtype=float), self.patience, self)
 
 
+def _row_after_row(a: np.ndarray) -> np.ndarray:
+    """Column sums of a C-ordered 2-D array, adding its rows in order."""
+    return np.cumsum(a, axis=0)[-1] if a.shape[1] == 1 else a.sum(axis=0)
+
+
 def _plateau_windows(y: np.ndarray, n: int, test: PlateauTest) -> PlateauArrays:
-    # Column by column (window offset j): each window's sums are taken in the same
-    # order whatever the number of windows, so a block gives exactly what one window
-    # at a time gives; 3n vector operations of length len(y) - n + 1.
+    # Sums over the window offset j of the (n, m) array whose row j is y[j : j + m]:
+    # numpy reduces axis 0 of a C-ordered array by adding row after row, so each
+    # window's sums are taken in the same order whatever the number of windows, and
+    # a block gives exactly what one window at a time gives; a few calls instead of
+    # 3n vector operations. (For m = 1 numpy would sum the one column pairwise:
+    # cumsum keeps it row after row.)
     t = np.arange(n, dtype=float) - (n - 1) / 2.0
     stt = float(np.sum(t * t))
     m = len(y) - n + 1
-    total = y[0:m].copy()
-    for j in range(1, n):
-        total += y[j : j + m]
-    mean = total / n
-    sty = t[0] * y[0:m]
-    for j in range(1, n):
-        sty += t[j] * y[j : j + m]  # Σ t (y − mean) = Σ t y, as Σ t = 0
+    shifted = np.lib.stride_tricks.sliding_window_view(y, m).copy()  # (n, m), C order
+    mean = _row_after_row(shifted) / n
+    sty = _row_after_row(shifted * t[:, None])  # Σ t (y − mean) = Σ t y, as Σ t = 0
     slope = sty / stt
-    d = y[0:m] - mean
-    ss = d * d
-    for j in range(1, n):
-        d = y[j : j + m] - mean
-        ss += d * d
+    d = shifted - mean
+    ss = _row_after_row(d * d)
     # Σ residual² = Σ (y − mean)² − slope · Σ t y.
     rss = np.maximum(ss - slope * sty, 0.0)
     se = np.sqrt(rss / max(n - 2, 1) / stt)
