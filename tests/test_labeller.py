@@ -164,3 +164,64 @@ def test_only_losses_still_give_collapse_and_phases() -> None:
     assert kinds(det, EventKind.COLLAPSE_ONSET) == [("COLLAPSE_ONSET", 2500)]
     phases = [s.phase for s in det.segments()]
     assert phases[0] is Phase.INSTABILITY and phases[-1] is Phase.COLLAPSE
+
+
+# --- the block path ------------------------------------------------------------------
+
+
+def _variants() -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Runs that walk every regime of the labeller: real runs (grokking, no grokking,
+    collapses), the same with losses only, accuracies in percent, and sparse lines
+    with non-finite values; a long synthetic grokking run that stabilises."""
+    from benchmarks.workload import block
+    from tests.helpers import read_rows, rows_to_columns, shared_dir
+
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for name in ("grok_add_0", "nogrok_add_0", "collapse_lr_0", "collapse_sgd_0"):
+        cols = rows_to_columns(read_rows(shared_dir("runs", f"{name}.jsonl")))
+        out[name] = cols
+        out[f"{name}-losses"] = {n: c for n, c in cols.items() if "acc" not in n}
+        out[f"{name}-percent"] = {n: (s, v * 100 if "acc" in n else v) for n, (s, v) in cols.items()}
+        rng = np.random.default_rng(3)
+        sparse = {}
+        for n, (s, v) in cols.items():
+            keep = rng.random(len(s)) > 0.2
+            v = np.where(rng.random(len(v)) < 0.01, np.nan, v)
+            sparse[n] = (s[keep], v[keep])
+        out[f"{name}-sparse"] = sparse
+    out["synthetic-long"] = block(seed=4, first_line=0, lines=6000)
+    return out
+
+
+def _in_blocks(columns: dict, size: int, skip: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    from detector.core.labeller import PhaseLabeller
+
+    monkeypatch.setattr(PhaseLabeller, "skip_quiet_lines", skip)
+    det = RunDetector()
+    lines = np.unique(np.concatenate([s for s, _ in columns.values()]))
+    rng = np.random.default_rng(size)
+    events, lo = [], 0
+    while lo < len(lines):
+        hi = min(len(lines), lo + int(rng.integers(1, 2 * size)))
+        first, last = lines[lo], lines[hi - 1]
+        block = {}
+        for name, (steps, values) in columns.items():
+            a, b = np.searchsorted(steps, (first, last + 1))
+            if b > a:
+                block[name] = (steps[a:b], values[a:b])
+        events += det.update_many(block)
+        lo = hi
+    events += det.finish()
+    state = {k: (list(v) if hasattr(v, "maxlen") else v) for k, v in vars(det.labeller).items()}
+    state["rank_recent"] = {k: list(v) for k, v in det.labeller.rank_recent.items()}
+    return [(e.step, e.kind, e.series, e.detected_at, e.confidence, e.message, e.evidence)
+            for e in events], state
+
+
+@pytest.mark.parametrize("size", [3, 64, 900])
+def test_quiet_lines_taken_in_bulk_leave_what_line_by_line_leaves(size, monkeypatch):
+    """The block path skips stretches where no rule can fire; its events and its
+    whole state must be those of taking every line, in every regime."""
+    for name, columns in _variants().items():
+        assert _in_blocks(columns, size, True, monkeypatch) == _in_blocks(
+            columns, size, False, monkeypatch), name

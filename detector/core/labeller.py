@@ -44,6 +44,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 
@@ -194,6 +195,213 @@ class PhaseLabeller:
             events += self._generalisation(step, row, detectors, trend_of)
             events += self._loss_only_phases(step, series_events)
         return events
+
+    # --- a block of lines -----------------------------------------------------------
+
+    # Class-level so that tests can compare the block path with line-by-line updates.
+    skip_quiet_lines = True
+
+    def update_block(
+        self,
+        steps: np.ndarray,
+        view: LineBlock,
+        detectors: Mapping[str, SeriesDetector],
+        at_line: dict[int, list[Event]],
+    ) -> list[Event]:
+        """:meth:`update` on every line of a block, series events first on each line.
+
+        ``view`` is the block's rows (``view.line`` selects one) and columns;
+        ``at_line`` the series events by step (popped as their lines are taken).
+        Stretches of lines on which no rule can fire (no collapse bound crossed,
+        no memorisation, no onset, no hidden-progress trend, and, once the run
+        has stabilised, only the stability bookkeeping) are found with a few
+        numpy calls and taken in bulk, with the state they leave exactly what
+        :meth:`update` line by line leaves; the other lines go through
+        :meth:`update`. After a short stretch, the next lines are taken one at a
+        time for a while (up to 256) before looking again, so a busy block costs
+        little more than line by line. O(lines) in numpy plus O(1) Python per
+        line that can fire (or per ``stable`` bookkeeping line).
+        """
+        events: list[Event] = []
+        step_list = steps.tolist()
+        n = len(step_list)
+        no_events: list[Event] = []
+        i, burst, backoff = 0, 0 if self.skip_quiet_lines else n, 4
+        while i < n:
+            if burst <= 0:
+                j = self._quiet_until(i, steps, view, detectors, at_line)
+                if j > i:
+                    events += self._skip(i, j, step_list, view, at_line)
+                if j - i < 32:
+                    burst, backoff = backoff, min(2 * backoff, 256)
+                else:
+                    backoff = 4
+                i = j
+                if i == n:
+                    break
+            view.line = i
+            step = step_list[i]
+            series_events = at_line.pop(step, no_events) if at_line else no_events
+            run_events = self.update(step, view, detectors, series_events, view.trend_of)
+            if series_events:
+                events += series_events
+            if run_events:
+                events += run_events
+            i += 1
+            burst -= 1
+        return events
+
+    def _quiet_until(self, i: int, steps: np.ndarray, view: LineBlock,
+                     detectors: Mapping[str, SeriesDetector], at_line: Mapping[int, list[Event]]) -> int:
+        """The first line at or after ``i`` on which a rule may fire (``len(steps)``: none)."""
+        if not self.boundaries or self.last_step is None:
+            return i
+        roles, c = self.roles, self.config
+        quiet = np.ones(len(steps) - i, dtype=bool)
+        if self.collapsed_at is None:
+            loss_name = roles.train_loss or roles.val_loss
+            col = None if loss_name is None else view.column(loss_name)
+            if col is not None:
+                if (self.excursion is not None or math.isnan(self.loss_first)
+                        or not math.isfinite(self.loss_min)):
+                    return i
+                loss, present = col[0][i:], col[1][i:]
+                # The running minimum before each line, as _collapse keeps it.
+                before = np.minimum.accumulate(np.r_[self.loss_min, np.where(present, loss, np.inf)])[:-1]
+                bound = np.maximum(c.collapse_factor * before,
+                                   before + c.collapse_margin * abs(self.loss_first))
+                with np.errstate(invalid="ignore"):
+                    calm = np.isfinite(loss) & ((before < 0) | (loss <= bound))
+                quiet &= ~present | calm
+            if self.memorised_at is None:
+                fitted = None
+                if roles.train_acc is not None:
+                    col = view.column(roles.train_acc)
+                    if col is not None:
+                        values, present = col[0][i:], col[1][i:]
+                        with np.errstate(invalid="ignore"):
+                            fitted = present & np.isfinite(values) & (
+                                _as_fractions(values) >= c.fitted_accuracy)
+                elif roles.train_loss is not None:
+                    col = view.column(roles.train_loss)
+                    if col is not None:
+                        if not math.isfinite(self.loss_first):
+                            return i
+                        values, present = col[0][i:], col[1][i:]
+                        with np.errstate(invalid="ignore"):
+                            fitted = present & np.isfinite(values) & (
+                                values <= c.fitted_loss_fraction * self.loss_first)
+                if fitted is not None:
+                    quiet &= ~fitted
+            if roles.val_acc is not None:
+                col = view.column(roles.val_acc)
+                if col is not None:
+                    values, present = col[0][i:], col[1][i:]
+                    finite = present & np.isfinite(values)
+                    value = _as_fractions(values)
+                    if self.val_base is None:
+                        return i
+                    if self.onset_at is None:
+                        with np.errstate(invalid="ignore"):
+                            quiet &= ~(finite & (value >= self.val_base + c.onset_rise))
+                        self._quiet_of_hidden_progress(i, quiet, finite, value, view, detectors)
+                    elif not self._stabilised():
+                        quiet &= ~finite
+            elif at_line:  # loss-only phases follow the series events
+                quiet &= ~np.isin(steps[i:], np.fromiter(at_line, dtype=np.int64))
+        loud = np.flatnonzero(~quiet)
+        return i + int(loud[0]) if len(loud) else len(steps)
+
+    def _quiet_of_hidden_progress(self, i: int, quiet: np.ndarray, finite: np.ndarray,
+                                  value: np.ndarray, view: LineBlock,
+                                  detectors: Mapping[str, SeriesDetector]) -> None:
+        """Clear ``quiet`` at the first line of the block (from ``i``) where
+        :meth:`_hidden_progress` would fire; its trend is looked up once per
+        trend update, not per line."""
+        c, loss = self.config, self.roles.val_loss
+        if (self.hidden_progress_at is not None or self.memorised_at is None or loss is None
+                or loss not in detectors):
+            return
+        det = detectors[loss]
+        window = det.config.trend_window
+        lines_then = self.lines + 1 + np.arange(len(quiet))  # self.lines after each line's update
+        with np.errstate(invalid="ignore"):
+            candidate = (finite & (value < self.val_base + c.onset_rise / 2)
+                         & (lines_then - self.memorised_line >= window))
+        loud = np.flatnonzero(~quiet)
+        if len(loud):
+            candidate[loud[0]:] = False  # past the first loud line nothing is decided here
+        at = np.flatnonzero(candidate)
+        if len(at) == 0:
+            return
+        due = view.trend_due(loss, det.config.trend_every)
+        due = np.zeros(len(at), dtype=np.int64) if due is None else due[i:][at]
+        for k in at[np.r_[True, due[1:] != due[:-1]]].tolist():  # first line of each trend
+            view.line = i + k
+            trend = view.trend_of(loss)
+            if trend is not None and (trend.statistic < 0 and trend.p_value < c.progress_p_value
+                                      and trend.slope * (window - 1) < -c.progress_min_change):
+                quiet[k] = False
+                return
+
+    def _stabilised(self) -> bool:
+        """After onset, nothing the validation accuracy does fires any more: stable,
+        generalised, and grokking (if any) complete."""
+        return (self.stable_at is not None and self.generalised
+                and (not self.grokking or self.complete_at is not None))
+
+    def _skip(self, i: int, j: int, step_list: list[int], view: LineBlock,
+              at_line: dict[int, list[Event]]) -> list[Event]:
+        """Lines ``i .. j - 1``, on which no rule fires, in bulk: the state
+        :meth:`update` would leave, and the series events found on them."""
+        events: list[Event] = []
+        if at_line:
+            lo, hi = step_list[i], step_list[j - 1]
+            for step in sorted(s for s in at_line if lo <= s <= hi):
+                events += at_line.pop(step)
+        self.last_gap = step_list[j - 1] - (step_list[j - 2] if j - 1 > i else self.last_step)
+        self.last_step = step_list[j - 1]
+        self.lines += j - i
+        roles = self.roles
+        loss_name = roles.train_loss or roles.val_loss
+        if self.collapsed_at is None and loss_name is not None:
+            values = _finite_in(view, loss_name, i, j)
+            if values is not None:
+                self.loss_min = min(self.loss_min, float(values.min()))
+                self.loss_last_y = working_scale(Role.LOSS, float(values[-1]))
+        for name in roles.ranks:
+            values = _finite_in(view, name, i, j)
+            if values is not None:
+                history = self.rank_recent.setdefault(name, deque(maxlen=self.config.rank_history))
+                history.extend(values[-self.config.rank_history:].tolist())
+        if self.collapsed_at is None and roles.val_acc is not None:
+            values = _finite_in(view, roles.val_acc, i, j, with_steps=True)
+            if values is not None:
+                value_steps, values = values
+                fractions = _as_fractions(values).tolist()
+                self.val_recent.extend(fractions[-3:])
+                if self.onset_at is None:
+                    self.above_since = None
+                else:  # stabilised: only the stability bookkeeping of _generalisation
+                    self._track_stability(value_steps.tolist(), fractions)
+        return events
+
+    def _track_stability(self, step_list: list[int], values: list[float]) -> None:
+        """The best-value and stable-stretch bookkeeping of :meth:`_generalisation`, line by line."""
+        tolerance = self.config.stable_tolerance
+        best, since, count = self.best_val, self.stable_since, self.stable_lines
+        low, best_then = self.stable_min, self.stable_best
+        for step, value in zip(step_list, values, strict=True):
+            if value > best:
+                best = value
+            if since is None or value < best - tolerance or low < best - tolerance or (
+                best > best_then + tolerance
+            ):
+                since, count, low, best_then = step, 0, value, best
+            count += 1
+            low = min(low, value)
+        self.best_val, self.stable_since, self.stable_lines = best, since, count
+        self.stable_min, self.stable_best = low, best_then
 
     def finish(self, step: int, series_events: Sequence[Event]) -> list[Event]:
         """Series events found when the run ended (see ``RunDetector.finish``)."""
@@ -506,3 +714,44 @@ class PhaseLabeller:
 def _as_fraction(value: float) -> float:
     """Accuracy logged in percent is read as a fraction."""
     return value / 100.0 if value > 1.5 else value
+
+
+def _as_fractions(values: np.ndarray) -> np.ndarray:
+    """:func:`_as_fraction` of each value (the same floats)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(values > 1.5, values / 100.0, values)
+
+
+def _finite_in(view: LineBlock, name: str, i: int, j: int, with_steps: bool = False):
+    """The finite values of series ``name`` on lines ``i .. j - 1`` (with their
+    steps if asked), or None when there are none."""
+    col = view.column(name)
+    if col is None:
+        return None
+    values, present = col[0][i:j], col[1][i:j]
+    keep = present & np.isfinite(values)
+    if not keep.any():
+        return None
+    if with_steps:
+        return view.steps[i:j][keep], values[keep]
+    return values[keep]
+
+
+class LineBlock(Protocol):
+    """A block of lines as :meth:`PhaseLabeller.update_block` reads it: a row
+    (``line`` selects it, read as a mapping of series to value), columns, and
+    the trend of a series as of the selected line."""
+
+    line: int
+    steps: np.ndarray
+
+    def __getitem__(self, name: str) -> float: ...
+    def get(self, name: str, default: float | None = None) -> float | None: ...
+    def __contains__(self, name: object) -> bool: ...
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Values on every line (NaN where absent) and where present; None if absent throughout."""
+        ...
+    def trend_of(self, name: str) -> TrendResult | None: ...
+    def trend_due(self, name: str, every: int) -> np.ndarray | None:
+        """Per line, the finite count of ``name``'s last trend update (None: no points here)."""
+        ...

@@ -5,7 +5,9 @@
 events and state. Lines must come in increasing step order (the engine's
 reorder buffer sees to that). Cost per line is O(series) plus the bounded
 localisation work; in blocks, the series detectors run vectorised (about a
-microsecond a point) and only the labeller's O(1) state machine runs per line.
+microsecond a point) and the labeller takes stretches of lines where no rule
+can fire in bulk (``PhaseLabeller.update_block``), its O(1) state machine
+running only on the other lines.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class RunDetector:
         the line's values and the val-loss trend as of that line
         (:meth:`SeriesDetector.trend_as_of`). Blocks are cut where a series not
         seen before starts (roles change there in the per-line path too).
-        O(points) in numpy plus O(lines) in Python; no Python object per point.
+        O(points) in numpy plus O(1) Python per line a labeller rule may fire on;
+        no Python object per point.
         """
         cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, (steps, values) in columns.items():
@@ -134,17 +137,7 @@ class RunDetector:
                 # A series event is found at the point it is stamped detected_at.
                 at_line.setdefault(event.detected_at, []).append(event)
         view = _BlockView(lines, parts, finite_before, self.detectors)
-        labeller, detectors = self.labeller, self.detectors
-        no_events: list[Event] = []
-        events: list[Event] = []
-        for i, step in enumerate(lines.tolist()):
-            view.line = i
-            series_events = at_line.pop(step, no_events) if at_line else no_events
-            run_events = labeller.update(step, view, detectors, series_events, view.trend_of)
-            if series_events:
-                events += series_events
-            if run_events:
-                events += run_events
+        events = self.labeller.update_block(lines, view, self.detectors, at_line)
         if at_line:  # cannot happen: every event is stamped with one of its points' steps
             raise AssertionError(f"series events at steps outside the block: {sorted(at_line)}")
         return events
@@ -197,12 +190,13 @@ class _BlockView(Mapping[str, float]):
     have a point at it), read lazily from the block's columns; ``line`` moves it.
     O(1) a lookup; one object per block, none per point."""
 
-    __slots__ = ("line", "_names", "_matrix", "_present", "_dense", "_finite_steps",
+    __slots__ = ("line", "steps", "_names", "_matrix", "_present", "_dense", "_finite_steps",
                  "_finite_before", "_detectors", "_lines", "_counts")
 
     def __init__(self, lines: np.ndarray, parts: BlockColumns, finite_before: Mapping[str, int],
                  detectors: Mapping[str, SeriesDetector]) -> None:
         self.line = 0
+        self.steps = lines
         self._lines = lines
         self._names = {name: j for j, name in enumerate(parts)}
         matrix = np.full((len(lines), len(parts)), np.nan)
@@ -248,14 +242,31 @@ class _BlockView(Mapping[str, float]):
     def __len__(self) -> int:
         return int(self._present[self.line].sum())
 
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Series ``name`` on every line (NaN where absent) and where it is present."""
+        j = self._names.get(name)
+        if j is None:
+            return None
+        return self._matrix[:, j], self._present[:, j]
+
     def trend_of(self, name: str) -> TrendResult | None:
         """Series ``name``'s trend as of this line (its finite points up to it)."""
         det = self._detectors[name]
         if name not in self._names:  # no points in this chunk: its trend has not moved
             return det.trend
+        return det.trend_as_of(int(self._finite_counts(name)[self.line]))
+
+    def trend_due(self, name: str, every: int) -> np.ndarray | None:
+        """Per line, the finite count at ``name``'s last trend update (every ``every``
+        finite points): lines with the same one have the same trend. None: no points here."""
+        if name not in self._names:
+            return None
+        return self._finite_counts(name) // every * every
+
+    def _finite_counts(self, name: str) -> np.ndarray:
         counts = self._counts.get(name)
         if counts is None:
             counts = self._finite_before[name] + np.searchsorted(
                 self._finite_steps[name], self._lines, side="right")
             self._counts[name] = counts
-        return det.trend_as_of(int(counts[self.line]))
+        return counts
