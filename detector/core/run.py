@@ -79,7 +79,7 @@ class RunDetector:
 
         ``lines`` is the sorted union of the steps, if the caller has it. Each
         series detector takes its points in blocks (``update_many``); then the
-        labeller runs line by line over the block, with each line's series events
+        labeller runs over the block (quiet stretches in bulk), with each line's series events
         (found by their ``detected_at``, series in name order), a lazy view of
         the line's values and the val-loss trend as of that line
         (:meth:`SeriesDetector.trend_as_of`). Blocks are cut where a series not
