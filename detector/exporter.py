@@ -245,26 +245,44 @@ def _header(name: str, doc: str, kind: str = "gauge") -> str:
     return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
 
 
+# The phase samples' text before the run id, per phase (labels sorted: phase, run_id).
+_PHASE_PREFIXES = tuple((p, f'{_PHASE[0]}{{phase="{_escape(p.value)}",run_id="') for p in Phase)
+
+
 class _RunText:
-    """One run's exposition lines, valid while the engine's status object is the same."""
+    """One run's exposition lines, valid while the engine's status object is the same.
+
+    Made from the run's previous entry where it can: a new status (every batch
+    makes one) mostly moves the last step, so the phase lines are kept while
+    the phase is, and the info line while the labels are. Each line is what
+    :func:`_sample` writes, built by concatenation (a first scrape of 10 000
+    runs formats 70 000 of them).
+    """
 
     __slots__ = ("status", "phase", "last_step", "info", "_series")
 
-    def __init__(self, status: RunStatus) -> None:
+    def __init__(self, status: RunStatus, previous: _RunText | None = None) -> None:
         self.status = status  # held: its identity is the cache key, so it must stay alive
-        run_id = status.run_id
-        self.phase = "".join(
-            _sample(_PHASE[0], {"run_id": run_id, "phase": p.value}, float(status.phase is p))
-            for p in Phase
-        )
+        run_id = _escape(status.run_id)
+        old = None if previous is None else previous.status
+        if old is not None and old.phase is status.phase:
+            self.phase = previous.phase
+        else:
+            self.phase = "".join(
+                f'{prefix}{run_id}"}} {"1.0" if status.phase is p else "0.0"}\n'
+                for p, prefix in _PHASE_PREFIXES
+            )
         self.last_step = (
-            _sample(_LAST_STEP[0], {"run_id": run_id}, float(status.last_step))
+            f'{_LAST_STEP[0]}{{run_id="{run_id}"}} {floatToGoString(float(status.last_step))}\n'
             if status.last_step >= 0 else ""
         )
-        # InfoMetricFamily's labels: run_id, then the run's (prefixed, so never run_id).
-        self.info = _sample(
-            _INFO[0] + "_info", {"run_id": run_id, **_info_labels(status.labels)}, 1.0
-        )
+        if old is not None and old.labels == status.labels:
+            self.info = previous.info
+        else:
+            # InfoMetricFamily's labels: run_id, then the run's (prefixed, so never run_id).
+            self.info = _sample(
+                _INFO[0] + "_info", {"run_id": status.run_id, **_info_labels(status.labels)}, 1.0
+            )
         self._series: tuple[str, str, str, str] | None = None
 
     def series(self) -> tuple[str, str, str, str]:
@@ -328,7 +346,7 @@ class MetricsExposition:
                     continue
                 entry = old.get(status.run_id)
                 if entry is None or entry.status is not status:
-                    entry = _RunText(status)
+                    entry = _RunText(status, entry)
                 cache[status.run_id] = entry
                 texts.append(entry)
                 if not status.ended:

@@ -108,6 +108,11 @@ def test_every_render_matches_as_runs_change(engine: Engine) -> None:
     engine.flush("r1")
     engine.forget("r2")
     engine.start_run("new", labels={"a": "b"})
+    # New labels and a new phase on a run already shown: its cached lines must not stay.
+    engine.start_run("r3", labels={"team": "moved"})
+    engine.ingest("empty-run", {"train_loss": ([0, 1, 2], [1.0, 0.9, 0.8])})
+    engine.flush("empty-run")
+    assert engine.status("empty-run").phase != before["empty-run"].status.phase
     text = exposition.render().decode()
     assert _families(text) == _families(_old_text(engine))
     cache = exposition._cache
@@ -115,6 +120,9 @@ def test_every_render_matches_as_runs_change(engine: Engine) -> None:
     assert cache["r1"] is not before["r1"]
     assert "r2" not in cache and "new" in cache and "gone" not in cache
     assert 'phasewatch_run_last_step{run_id="r1"} 1.0000002e+07\n' in text
+    assert 'label_team="moved"' in cache["r3"].info
+    assert cache["empty-run"].phase != before["empty-run"].phase
+    assert cache["r1"].phase is before["r1"].phase  # same phase: the lines are kept
 
 
 def test_the_endpoint(engine: Engine) -> None:
