@@ -278,8 +278,10 @@ def test_multi_resolution_is_batch_invariant_and_bounded() -> None:
     assert parts.held == [] and whole.held == []
     small = MultiResolution(base=4, per_level=8, levels=4)
     small.update_many(y[:20])
-    assert small.closed[0] == 0 and len(small.held) == 1  # held until 32 points have come
+    assert small.closed[0] == 0 and len(small.held) == 1  # held until FOLD_POINTS have come
     assert np.allclose(small.coarse(0), y[:20].reshape(5, 4).mean(axis=1))
+    small.update_many(y[20:400])
+    assert small.held == [] and small.closed[0] == 100
     assert np.array_equal(whole.sizes, parts.sizes) and np.array_equal(whole.closed, parts.closed)
     assert np.allclose(whole.blocks, parts.blocks)
     restored = MultiResolution(base=4, per_level=8, levels=4)
