@@ -82,9 +82,13 @@ class EngineConfig:
     # this bounds restore time (~5 µs a point) against write volume (a full
     # checkpoint is ~40 kB a series, a logged point 16 bytes).
     checkpoint_log_points: int = 16384
+    # A run's events kept in memory for its timeline (the newest) when there is
+    # no store; with one, timelines are read from the store, which keeps them all.
+    max_timeline_events: int = 10_000
 
     def __post_init__(self) -> None:
-        for name in ("max_series_per_run", "max_runs", "reorder_window", "recent_events"):
+        for name in ("max_series_per_run", "max_runs", "reorder_window", "recent_events",
+                     "max_timeline_events"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_log_points < 0:
@@ -262,7 +266,9 @@ class _Run:
         self.max_step = -1
         self.ended = False
         self.recent: deque[Event] = deque(maxlen=config.recent_events)
-        self.events: list[Event] = []  # the run's events, for the timeline
+        # The run's newest events, for the timeline of a store-less engine (bounded:
+        # memory per run must not grow with its length).
+        self.events: deque[Event] = deque(maxlen=config.max_timeline_events)
         self.changes = 0  # bumped by every new point: a checkpoint is due when it moved
         self.saved_changes = 0
         # The batches ingested since the last commit, for the checkpoint log; None
@@ -334,7 +340,7 @@ class _Run:
         run.ended = state["ended"]
         run.recent.extend(state["recent"])
         run.changes = run.saved_changes = state["changes"]
-        run.events = list(events)
+        run.events.extend(events)
         run.unlogged = []  # the stored checkpoint is this state
         run.status = run._make_status()
         return run
@@ -346,7 +352,8 @@ class _Run:
         covered; the events it finds again are already in the stored timeline.
         O(points in the log), which ``checkpoint_log_points`` bounds.
         """
-        events, self.events = self.events, []  # the stored timeline has the replayed ones
+        # The stored timeline has the replayed ones.
+        events, self.events = self.events, deque(maxlen=self.events.maxlen)
         self.unlogged = None
         points = 0
         for entry in log:
@@ -714,7 +721,11 @@ class Engine:
         run = self._runs.get(run_id)
         if run is not None:
             with run.lock:
-                return run.detector.segments(), list(run.events)
+                segments = run.detector.segments()
+                if self.store is None:
+                    return segments, list(run.events)
+                # Under the run lock: the store holds exactly this state's events.
+                return segments, self.store.get_events(run_id)
         if self.store is not None and self.store.get_run(run_id) is not None:
             return self.store.get_segments(run_id), self.store.get_events(run_id)
         raise NotFound(f"unknown run {run_id!r}")
@@ -773,6 +784,8 @@ class Engine:
                                 f"the detector already has {self.config.max_runs} runs"
                             )
                         run = restored or _Run(run_id, labels or {}, self.config)
+                        if self.store is not None:  # timelines come from the store
+                            run.events = deque(maxlen=0)
                         self._runs[run_id] = run
             run.lock.acquire()
             if not run.defunct:

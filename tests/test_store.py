@@ -541,3 +541,19 @@ def test_a_stream_open_on_one_replica_is_refused_by_another(postgres: Backend):
         for server, channel, _ in servers:
             channel.close()
             server.stop(None)
+
+
+def test_timeline_memory_is_bounded_and_the_store_keeps_every_event(backend: Backend):
+    batches = _grok_batches(97)
+    config = EngineConfig(max_timeline_events=5)
+    memory_only, stored = Engine(config), Engine(config, store=backend.open())
+    for engine in (memory_only, stored):
+        for batch in batches:
+            engine.ingest("grok", batch)
+        engine.end_run("grok")
+    everything = _reference(batches)[1]
+    assert len(everything) > 5
+    assert len(memory_only._runs["grok"].events) == 5  # the newest, bounded
+    assert _timeline(memory_only, "grok")[1] == everything[-5:]
+    assert _timeline(stored, "grok")[1] == everything  # from the store, in full
+    assert len(stored._runs["grok"].events) == 0  # nothing of it held in memory
