@@ -251,7 +251,7 @@ class _Run:
         self.run_id = run_id
         self.labels = dict(labels)
         self.config = config
-        self.detector = RunDetector(config=config.detector)
+        self.detector = RunDetector(config=config.detector, keep_events=0)  # see self.events
         self.lock = threading.Lock()
         # Held points per series: sorted distinct steps and their first values.
         self.pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -329,7 +329,7 @@ class _Run:
                 f"checkpoint version {version!r}, this phasewatch reads {CHECKPOINT_VERSION}"
             )
         run = cls(state["run_id"], state["labels"], config)
-        run.detector = RunDetector.from_state(state["detector"], config.detector)
+        run.detector = RunDetector.from_state(state["detector"], config.detector, keep_events=0)
         run.pending = state["pending"]
         run.pending_steps = state["pending_steps"]
         run.released_through = state["released_through"]

@@ -12,6 +12,7 @@ running only on the other lines.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -44,12 +45,14 @@ class RunDetector:
     'collapse'
     """
 
-    def __init__(self, config: RunDetectorConfig | None = None) -> None:
+    def __init__(self, config: RunDetectorConfig | None = None, keep_events: int = 1000) -> None:
         self.config = config or RunDetectorConfig()
         self.specs: dict[str, SeriesSpec] = {}
         self.detectors: dict[str, SeriesDetector] = {}
         self.labeller = PhaseLabeller(self.config.labeller)
-        self.events_so_far: list[Event] = []
+        # The newest events, for doctests and tools (callers keep their own history;
+        # the engine keeps none here: ``keep_events=0``).
+        self.events_so_far: deque[Event] = deque(maxlen=keep_events)
 
     def add_series(self, spec: SeriesSpec) -> None:
         if spec.name in self.specs:
@@ -67,8 +70,7 @@ class RunDetector:
             series_events += self.detectors[name].update(step, float(row[name]))
         run_events = self.labeller.update(step, row, self.detectors, series_events)
         events = series_events + run_events
-        # Bounded: callers keep their own history; this is only for doctests and tools.
-        self.events_so_far = (self.events_so_far + events)[-1000:]
+        self.events_so_far.extend(events)
         return events
 
     def update_many(self, columns: BlockColumns, lines: np.ndarray | None = None) -> list[Event]:
@@ -114,7 +116,7 @@ class RunDetector:
                 for name in joins[int(lines[hi])]:
                     self.add_series(infer_spec(name))
             lo = hi
-        self.events_so_far = (self.events_so_far + events)[-1000:]
+        self.events_so_far.extend(events)
         return events
 
     def _update_chunk(self, lines: np.ndarray, cols: BlockColumns) -> list[Event]:
@@ -156,7 +158,7 @@ class RunDetector:
         if not series_events or self.labeller.last_step is None:
             return series_events
         events = series_events + self.labeller.finish(self.labeller.last_step, series_events)
-        self.events_so_far = (self.events_so_far + events)[-1000:]
+        self.events_so_far.extend(events)
         return events
 
     def state(self) -> dict:
@@ -167,8 +169,9 @@ class RunDetector:
         }
 
     @classmethod
-    def from_state(cls, state: dict, config: RunDetectorConfig | None = None) -> RunDetector:
-        det = cls(config)
+    def from_state(cls, state: dict, config: RunDetectorConfig | None = None,
+                   keep_events: int = 1000) -> RunDetector:
+        det = cls(config, keep_events)
         for name, series_state in state["series"].items():
             series = SeriesDetector.from_state(series_state, det.config.series)
             det.specs[name] = series.spec
