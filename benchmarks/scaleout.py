@@ -3,7 +3,7 @@
 ``python -m benchmarks.scaleout [--store URL]`` starts ``phasewatch serve`` on
 the store (default: a fresh SQLite file) and streams the bundled grokking run
 (417 logged lines × 12 series) as N concurrent runs, N = 1, 4, 16, printing
-points/s, and measures per-run memory and the per-batch checkpoint cost
+points/s, and measures per-run memory and the cost of a full checkpoint
 in-process.
 """
 
@@ -103,7 +103,8 @@ def main() -> None:
                 print(f"batch {batch:5d} points, {concurrency:2d} concurrent runs: {rate:8.0f} points/s")
     mib, kb, ms = memory_and_checkpoint()
     print(f"memory per run in memory {mib:.2f} MiB; "
-          f"checkpoint {kb:.0f} kB (pickle + zlib) made in {ms:.2f} ms")
+          f"full checkpoint {kb:.0f} kB (written every checkpoint_log_points points) "
+          f"made in {ms:.2f} ms")
 
 
 if __name__ == "__main__":
