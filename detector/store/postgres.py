@@ -51,6 +51,7 @@ from detector.store import _redact
 from detector.store.rows import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
+    append_checkpoint_log,
     event_from_row,
     event_row,
     run_from_row,
@@ -261,7 +262,7 @@ class PostgresStore:
             if segments is not None:
                 self._replace_segments(conn, run_id, segments)
             if append:
-                _append_log(conn, run_id, blob, through_step)
+                append_checkpoint_log(conn, "%s", run_id, blob, through_step)
             else:
                 conn.execute(
                     "INSERT INTO checkpoints (run_id, through_step, state, saved_at) "
@@ -510,18 +511,3 @@ class _PostgresClaim:
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _append_log(conn: Any, run_id: str, entry: bytes, through_step: int) -> None:
-    """Add ``entry`` to the log of the run's stored checkpoint and move its step."""
-    moved = conn.execute(
-        "UPDATE checkpoints SET through_step = %s, saved_at = %s WHERE run_id = %s",
-        (through_step, time.time(), run_id),
-    ).rowcount
-    if moved != 1:
-        raise FailedPrecondition(f"run {run_id!r} has no checkpoint to append a log entry to")
-    conn.execute(
-        "INSERT INTO checkpoint_log (run_id, seq, entry) VALUES (%s, "
-        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint_log WHERE run_id = %s), %s)",
-        (run_id, run_id, entry),
-    )

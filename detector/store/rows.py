@@ -7,11 +7,13 @@ or ``psql``); enums are stored by value.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from detector.core.types import Event, EventKind, Phase, Segment
 from detector.engine import RunStatus
+from detector.errors import FailedPrecondition
 
 RUN_COLUMNS = "run_id, labels, phase, since_step, confidence, last_step, ended, updated_at"
 EVENT_COLUMNS = "step, detected_at, kind, series, confidence, message, phase, evidence"
@@ -85,3 +87,19 @@ def segment_rows(run_id: str, segments: Sequence[Segment]) -> list[tuple[Any, ..
 def segment_from_row(row: Sequence[Any]) -> Segment:
     start, end, phase, confidence = row
     return Segment(start, end, Phase(phase), confidence)
+
+
+def append_checkpoint_log(conn: Any, mark: str, run_id: str, entry: bytes, through_step: int) -> None:
+    """Add ``entry`` to the log of the run's stored checkpoint and move its step, on
+    an open transaction of either store (``mark``: its parameter marker, ? or %s)."""
+    moved = conn.execute(
+        f"UPDATE checkpoints SET through_step = {mark}, saved_at = {mark} WHERE run_id = {mark}",
+        (through_step, time.time(), run_id),
+    ).rowcount
+    if moved != 1:
+        raise FailedPrecondition(f"run {run_id!r} has no checkpoint to append a log entry to")
+    conn.execute(
+        f"INSERT INTO checkpoint_log (run_id, seq, entry) VALUES ({mark}, "
+        f"(SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint_log WHERE run_id = {mark}), {mark})",
+        (run_id, run_id, entry),
+    )

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from detector.core.types import Event, Segment
 from detector.engine import Checkpoint, RunStatus
@@ -24,6 +23,7 @@ from detector.errors import FailedPrecondition
 from detector.store.rows import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
+    append_checkpoint_log,
     event_from_row,
     event_row,
     run_from_row,
@@ -174,7 +174,7 @@ class SqliteStore:
             if segments is not None:
                 self._replace_segments(run_id, segments)
             if append:
-                _append_log(self._conn, run_id, blob, through_step)
+                append_checkpoint_log(self._conn, "?", run_id, blob, through_step)
             else:
                 self._conn.execute(
                     "INSERT INTO checkpoints (run_id, through_step, state, saved_at) "
@@ -279,18 +279,3 @@ class SqliteStore:
 class _LocalClaim:
     def release(self) -> bool:
         return True
-
-
-def _append_log(conn: Any, run_id: str, entry: bytes, through_step: int) -> None:
-    """Add ``entry`` to the log of the run's stored checkpoint and move its step."""
-    moved = conn.execute(
-        "UPDATE checkpoints SET through_step = ?, saved_at = ? WHERE run_id = ?",
-        (through_step, time.time(), run_id),
-    ).rowcount
-    if moved != 1:
-        raise FailedPrecondition(f"run {run_id!r} has no checkpoint to append a log entry to")
-    conn.execute(
-        "INSERT INTO checkpoint_log (run_id, seq, entry) VALUES (?, "
-        "(SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint_log WHERE run_id = ?), ?)",
-        (run_id, run_id, entry),
-    )
