@@ -247,7 +247,8 @@ class _Run:
     are released in order) tells a resent point from a new one that came too late.
     """
 
-    def __init__(self, run_id: str, labels: Mapping[str, str], config: EngineConfig) -> None:
+    def __init__(self, run_id: str, labels: Mapping[str, str], config: EngineConfig,
+                 *, timeline: bool = True) -> None:
         self.run_id = run_id
         self.labels = dict(labels)
         self.config = config
@@ -266,9 +267,9 @@ class _Run:
         self.max_step = -1
         self.ended = False
         self.recent: deque[Event] = deque(maxlen=config.recent_events)
-        # The run's newest events, for the timeline of a store-less engine (bounded:
-        # memory per run must not grow with its length).
-        self.events: deque[Event] = deque(maxlen=config.max_timeline_events)
+        # The run's newest events, for its timeline (bounded: memory per run must not
+        # grow with its length); none without ``timeline``, when a store keeps them.
+        self.events: deque[Event] = deque(maxlen=config.max_timeline_events if timeline else 0)
         self.changes = 0  # bumped by every new point: a checkpoint is due when it moved
         self.saved_changes = 0
         # The batches ingested since the last commit, for the checkpoint log; None
@@ -309,8 +310,9 @@ class _Run:
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
-    def restore(cls, blob: bytes, config: EngineConfig, events: Sequence[Event]) -> _Run:
-        """The run a :meth:`checkpoint` was taken of; ``events`` is its stored timeline.
+    def restore(cls, blob: bytes, config: EngineConfig) -> _Run:
+        """The run a :meth:`checkpoint` was taken of. Its timeline is the store's, so
+        it keeps none in memory.
 
         The blob comes from the store, which is trusted like the detector's own
         memory: unpickling runs code, so only phasewatch may write the store.
@@ -328,7 +330,7 @@ class _Run:
             raise FailedPrecondition(
                 f"checkpoint version {version!r}, this phasewatch reads {CHECKPOINT_VERSION}"
             )
-        run = cls(state["run_id"], state["labels"], config)
+        run = cls(state["run_id"], state["labels"], config, timeline=False)
         run.detector = RunDetector.from_state(state["detector"], config.detector, keep_events=0)
         run.pending = state["pending"]
         run.pending_steps = state["pending_steps"]
@@ -340,7 +342,6 @@ class _Run:
         run.ended = state["ended"]
         run.recent.extend(state["recent"])
         run.changes = run.saved_changes = state["changes"]
-        run.events.extend(events)
         run.unlogged = []  # the stored checkpoint is this state
         run.status = run._make_status()
         return run
@@ -349,11 +350,10 @@ class _Run:
         """Ingest the batches of a checkpoint's log again, as they were first ingested.
 
         Detection is deterministic, so this rebuilds the state the log's last write
-        covered; the events it finds again are already in the stored timeline.
-        O(points in the log), which ``checkpoint_log_points`` bounds.
+        covered; the events it finds again are already in the stored timeline (a
+        restored run keeps none in memory). O(points in the log), which
+        ``checkpoint_log_points`` bounds.
         """
-        # The stored timeline has the replayed ones.
-        events, self.events = self.events, deque(maxlen=self.events.maxlen)
         self.unlogged = None
         points = 0
         for entry in log:
@@ -364,7 +364,6 @@ class _Run:
             for columns in batches:
                 self.ingest(columns)
                 points += sum(len(steps) for steps, _ in columns.values())
-        self.events = events
         self.unlogged = []
         self.logged_points = points
         self.saved_changes = self.changes
@@ -783,9 +782,9 @@ class Engine:
                             raise ResourceExhausted(
                                 f"the detector already has {self.config.max_runs} runs"
                             )
-                        run = restored or _Run(run_id, labels or {}, self.config)
-                        if self.store is not None:  # timelines come from the store
-                            run.events = deque(maxlen=0)
+                        # With a store, timelines are read from it.
+                        run = restored or _Run(run_id, labels or {}, self.config,
+                                               timeline=self.store is None)
                         self._runs[run_id] = run
             run.lock.acquire()
             if not run.defunct:
@@ -798,7 +797,7 @@ class Engine:
         saved = self.store.load_checkpoint(run_id)
         if saved is None:
             return None
-        run = _Run.restore(saved.state, self.config, self.store.get_events(run_id))
+        run = _Run.restore(saved.state, self.config)
         run.replay(saved.log)
         return run
 

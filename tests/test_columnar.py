@@ -231,7 +231,7 @@ def test_checkpoint_round_trips_mid_run_with_held_points() -> None:
         assert first.pending, "the checkpoint should hold points"
         blob = first.checkpoint()
         assert pickle.loads(blob)["version"] == CHECKPOINT_VERSION == 2
-        restored = _Run.restore(blob, config, events)
+        restored = _Run.restore(blob, config)
         for batch in batches[cut:]:
             events += restored.ingest(batch)[2]
         events += restored.flush()
@@ -258,7 +258,7 @@ def test_version_1_checkpoint_is_still_read() -> None:
     state.update(version=1, pending=pending, released_recent=first.released_recent.tolist())
     del state["pending_steps"]
     # Written compressed, as phasewatch wrote checkpoints then.
-    restored = _Run.restore(zlib.compress(pickle.dumps(state)), config, [])
+    restored = _Run.restore(zlib.compress(pickle.dumps(state)), config)
     for batch in batches[10:]:
         restored.ingest(batch)
     restored.flush()

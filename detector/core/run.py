@@ -194,13 +194,12 @@ class _BlockView(Mapping[str, float]):
     O(1) a lookup; one object per block, none per point."""
 
     __slots__ = ("line", "steps", "_names", "_matrix", "_present", "_dense", "_finite_steps",
-                 "_finite_before", "_detectors", "_lines", "_counts")
+                 "_finite_before", "_detectors", "_counts")
 
     def __init__(self, lines: np.ndarray, parts: BlockColumns, finite_before: Mapping[str, int],
                  detectors: Mapping[str, SeriesDetector]) -> None:
         self.line = 0
         self.steps = lines
-        self._lines = lines
         self._names = {name: j for j, name in enumerate(parts)}
         matrix = np.full((len(lines), len(parts)), np.nan)
         present = np.zeros((len(lines), len(parts)), dtype=bool)
@@ -270,6 +269,6 @@ class _BlockView(Mapping[str, float]):
         counts = self._counts.get(name)
         if counts is None:
             counts = self._finite_before[name] + np.searchsorted(
-                self._finite_steps[name], self._lines, side="right")
+                self._finite_steps[name], self.steps, side="right")
             self._counts[name] = counts
         return counts
