@@ -9,9 +9,18 @@ a noisy power-law training loss (role ``loss``) with a spike and a level drop
 every 100 000 points, and stationary Gaussian noise (role ``other``). The
 per-point ``update`` path is timed on the first 10⁴ points for reference.
 
+A last cell analyses each labelled run of ``--runs`` (``../shared/runs`` by
+default: six real runs) in-process, as ``phasewatch analyze`` does
+(``read_log`` then ``analyze_columns``: every series, the labeller, the end of
+the run), and reports µs per point by stage (reading the file, analysis, and
+the part of analysis spent in the change-point localiser), the points, and
+localisations per 1 000 points: calls of ``WindowLocaliser.locate_with_evidence``,
+counted by wrapping it for the duration of the cell (the core keeps no
+counter). Best of ``--repeats`` for the times.
+
 Usage (from the repository root)::
 
-    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--repeats 3] [--json OUT]
+    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--repeats 3] [--runs DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -25,11 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.core.changepoint import WindowLocaliser
 from detector.core.series import SeriesDetector
 from detector.core.types import Direction, EventKind, Role, SeriesSpec, Split
 
 LOSS = SeriesSpec("train_loss", Role.LOSS, Split.TRAIN, Direction.MINIMIZE)
 NOISE = SeriesSpec("value", Role.OTHER, Split.TRAIN, Direction.MINIMIZE)
+SHARED_RUNS = Path(__file__).resolve().parents[2] / "shared" / "runs"
 
 
 def training_loss(n: int, seed: int = 0) -> np.ndarray:
@@ -74,12 +85,94 @@ def measure_update(spec: SeriesSpec, y: np.ndarray) -> float:
     return 1e6 * (time.perf_counter() - start) / len(y)
 
 
+class LocaliserCounter:
+    """Counts and times ``WindowLocaliser.locate_with_evidence`` calls while active (a context manager)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seconds = 0.0
+        self._original = WindowLocaliser.locate_with_evidence
+
+    def __enter__(self) -> LocaliserCounter:
+        original, counter = self._original, self
+
+        def counted(localiser: WindowLocaliser, *args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return original(localiser, *args, **kwargs)
+            finally:
+                counter.calls += 1
+                counter.seconds += time.perf_counter() - start
+
+        WindowLocaliser.locate_with_evidence = counted  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        WindowLocaliser.locate_with_evidence = self._original  # type: ignore[method-assign]
+
+
+def measure_runs(folder: Path, repeats: int = 3) -> list[dict]:
+    """In-process ``analyze`` of every labelled run in ``folder``: µs per point by stage, localisations."""
+    from detector.cli import analyze_columns  # the analyze path (imports the server stack)
+    from detector.logfile import count_points, read_log
+
+    rows = []
+    for log in sorted(folder.glob("*.jsonl")):
+        if not log.with_name(log.stem + ".labels.json").exists():
+            continue
+        tries = []
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            columns = read_log(log)
+            read = time.perf_counter() - start
+            with LocaliserCounter() as counter:
+                start = time.perf_counter()
+                analyze_columns(columns, log.stem)
+                analysis = time.perf_counter() - start
+            tries.append({"run": log.stem, "points": count_points(columns), "read_s": read,
+                          "analyze_s": analysis, "localiser_s": counter.seconds,
+                          "localisations": counter.calls})
+        rows.append(min(tries, key=lambda r: r["read_s"] + r["analyze_s"]))
+    return rows
+
+
+STAGES = ("points", "read_s", "analyze_s", "localiser_s", "localisations")
+
+
+def _runs_line(name: str, r: dict) -> str:
+    us = 1e6 / max(r["points"], 1)
+    total = r["read_s"] + r["analyze_s"]
+    return (f"  {name:<18} {r['points']:>8} {us * total:>9.2f} {us * r['read_s']:>7.2f}"
+            f" {us * r['analyze_s']:>8.2f} {us * r['localiser_s']:>9.2f} {r['localisations']:>6}"
+            f" {1000 * r['localisations'] / max(r['points'], 1):>9.2f}")
+
+
+def print_runs(folder: Path, rows: list[dict]) -> dict:
+    print(f"analyze in-process on the runs in {folder}, best of the repeats")
+    print(f"  {'run':<18} {'points':>8} {'µs/point':>9} {'read':>7} {'analyze':>8} {'localiser':>9}"
+          f" {'#loc':>6} {'loc/1000':>9}")
+    for r in rows:
+        print(_runs_line(r["run"], r))
+    total = {k: sum(r[k] for r in rows) for k in STAGES}
+    print(_runs_line("all (amortised)", total))
+    points = max(total["points"], 1)
+    return {"folder": str(folder), "runs": rows, "points": total["points"],
+            "us_per_point": 1e6 * (total["read_s"] + total["analyze_s"]) / points,
+            "us_per_point_read": 1e6 * total["read_s"] / points,
+            "us_per_point_analyze": 1e6 * total["analyze_s"] / points,
+            "us_per_point_localiser": 1e6 * total["localiser_s"] / points,
+            "localisations": total["localisations"],
+            "localisations_per_1000_points": 1000 * total["localisations"] / points}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cost", description=__doc__.split("\n")[0])
     parser.add_argument("--max-exp", type=int, default=6, help="largest n is 10**MAX_EXP (default 6)")
     parser.add_argument("--batch", type=int, default=1024, help="points per update_many call (default 1024)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per size; best and median shown (default 3)")
+    parser.add_argument("--runs", type=Path, default=SHARED_RUNS, metavar="DIR",
+                        help=f"labelled runs to analyze in-process (default {SHARED_RUNS}; none: skipped)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write all numbers to OUT")
     args = parser.parse_args(argv)
     doc: dict = {"batch": args.batch, "update_many": {}, "update_us_per_point": {}}
@@ -99,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["update_us_per_point"][name] = measure_update(spec, make(10_000))
     print("update() one point at a time, first 10⁴ points: "
           + ", ".join(f"{k} {v:.1f} µs/point" for k, v in doc["update_us_per_point"].items()))
+    if args.runs.is_dir():
+        doc["runs"] = print_runs(args.runs, measure_runs(args.runs, args.repeats))
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

@@ -2,26 +2,78 @@
 
 Runs ``phasewatch analyze FILE --json`` (the public, offline path, default
 configuration) on every ``<name>.jsonl`` that has a ``<name>.labels.json``
-beside it (the format of ``../shared/runs`` and of ``examples/make_runs.py``)
-and compares events and segments with the labels:
+beside it, in each corpus folder (default: ``../shared/runs``,
+``../shared/real_runs`` and ``benchmarks/generated``, those that exist), and
+scores events and segments against the labels. Every criterion is computed
+only on the runs whose labels define it (any label field may be missing).
 
-* grokking (runs with ``is_grokking``): onset recall (a ``GROKKING_ONSET``),
-  onset error ``|event step - label onset| / (grokking_step - onset)``;
-  false grokking alarms: a ``GROKKING_ONSET`` on a run that does not grok;
-* early warning: a ``HIDDEN_PROGRESS`` detected before the label onset on a
-  grokking run, and its lead in steps; any ``HIDDEN_PROGRESS`` on a run that
-  does not grok is a false warning;
-* collapse (``sustained_collapse`` and ``divergence_nonfinite``): a
-  ``COLLAPSE_ONSET`` located within 5 log lines of the label, and the delay
-  ``detected_at_step - label``; a ``COLLAPSE_ONSET`` on any other run is false;
-* spikes (``transient_spike``): a ``LOSS_SPIKE`` within 5 lines of the label;
-* detection lag ``detected_at_step - step`` per event kind;
-* per-step phase agreement on grokking runs (``memorisation`` counts as
-  ``instability``).
+Notation: ``L`` is a run's logging interval (label ``log_every``, else the
+median step gap); an event's *step* is where it is located, ``detected_at`` when
+it was raised. A ``COLLAPSE_ONSET``'s scope is its evidence ``scope``
+(``training`` or ``generalization``); one without a scope counts as
+``training``. A ``COLLAPSE_ONSET`` is *ended* when a later ``COLLAPSE_END`` of
+the same scope closes it (onsets and ends of one scope are paired in step
+order, an end closing the newest open onset). The *tolerance* of a run is
+``max(5 L, 5% of its length in steps)``.
+
+1. Grokking: recall = runs with ``is_grokking`` true that have any
+   ``GROKKING_ONSET``; false grokking = runs with ``is_grokking`` false that have
+   one. Onset error ``|first onset - label onset| / (grokking_step - onset)``.
+2. ``HIDDEN_PROGRESS``: early = a grokking run with one whose ``detected_at`` <
+   ``grokking_onset_step`` (lead = label onset - its step); false = a run with
+   ``is_grokking`` false that has any.
+3. Sustained collapse: the label step is ``collapse_step`` when
+   ``collapse_kind`` is ``sustained_collapse`` or ``divergence_nonfinite``, else,
+   when ``train_collapse_kind`` is ``sustained``, the first step of the last
+   train-collapse episode. Found = a training-scope ``COLLAPSE_ONSET`` located
+   within the tolerance of it; delay = its ``detected_at`` - label step (median
+   over found runs).
+4. Standing: training-scope ``COLLAPSE_ONSET`` events that are not ended and
+   are not excused by a sustained-collapse label step <= their step +
+   tolerance; counted per run (should be 0). False collapses: training-scope
+   ``COLLAPSE_ONSET`` events on a *quiet* run (labels define collapses or spikes,
+   and there is no ``collapse_step``, no train-collapse episode, no ``spikes``
+   and no ``injected_spikes`` entry).
+5. Spikes: windows from ONE source per run: ``spikes`` entries with
+   ``recovered`` true (``peak_factor`` >= 2 for recall, >= 1.5 reported
+   separately), else recovered ``train_collapse_episodes``, else
+   ``collapse_kind == transient_spike`` ([collapse_step,
+   collapse_recovered_step]). Found = a ``LOSS_SPIKE``, or an ended
+   training-scope ``COLLAPSE_ONSET``, located in [first - 2 L, last + 2 L].
+6. Generalisation collapse: ``generalization_collapse_episodes`` with last -
+   first >= 2 L. Test-only (no train-collapse episode overlaps [first, last]):
+   found = a generalization-scope collapse open (from its ``COLLAPSE_ONSET`` to
+   its ``COLLAPSE_END``, or the end of the run) at some step of [first - 2 L,
+   last + 2 L]: the detector says "generalisation has collapsed" during the
+   flagged episode (it may flag a 0.05 fall before the authors' 0.90 line); with
+   train: found = a collapse of any scope open in that window.
+7. Event economy: per series, CHANGE_POINT + PLATEAU_START + PLATEAU_END per 100
+   logged lines of the run ("rate"); the max over series and the number of
+   series above 1. Stationary: the same counted only over the stationary
+   stretch: labelled ``stabilization`` phases when the labels have ``phases``,
+   else [grokking_step + 2000, end] on grokking runs; minus [first - 5 L, last +
+   20 L] around every collapse episode, spike and labelled collapse; scored when
+   it holds >= 50 lines. Brackets: pairs of consecutive CHANGE_POINTs of one
+   series located <= 2 L apart (a single-line outlier cut out twice).
+8. Cadence (runs with ``variant_of``): per base, the reference is the
+   ``<base>_c1`` run, else the finest ``cadence``; each other member must have,
+   for each of GROKKING_ONSET, COLLAPSE_ONSET/END (per scope), LOSS_SPIKE,
+   HIDDEN_PROGRESS and PHASE_CHANGE, the same count, and the i-th events located
+   within max(cadence_a, cadence_b) steps of each other. Pass/fail per base and
+   its worst mismatch (a count mismatch beats any step mismatch).
+9. Loss-only (``loss_only`` true): premature = a ``stabilization`` segment
+   starting before ``settled_step`` - 2 L. Streamed vs final (every run with
+   PHASE_CHANGE events): the streamed phase at a logged step is the ``to`` of
+   the last PHASE_CHANGE located at or before it (before the first: its
+   ``from``); mismatch = logged lines where it differs from the final segment's.
+10. Phase agreement: share of logged steps of a grokking run with ``phases``
+   whose segment phase equals the label's (``memorisation`` = ``instability``).
+   Seconds per run (the analyze subprocess, wall) and µs per point (points:
+   finite values in the file other than ``step``).
 
 Usage (from the repository root)::
 
-    python -m benchmarks.runs                          # ../shared/runs
+    python -m benchmarks.runs                          # every default corpus that exists
     python -m benchmarks.runs --runs /path/to/heldout --json out.json
 """
 
@@ -29,40 +81,88 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RUNS = REPO.parent / "shared" / "runs"
+DEFAULT_CORPORA = (REPO.parent / "shared" / "runs", REPO.parent / "shared" / "real_runs",
+                   REPO / "benchmarks" / "generated")
 CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-COLLAPSES = ("sustained_collapse", "divergence_nonfinite")
-WITHIN_LINES = 5
+SUSTAINED_KINDS = ("sustained_collapse", "divergence_nonfinite")
+ECONOMY_KINDS = ("CHANGE_POINT", "PLATEAU_START", "PLATEAU_END")
+CADENCE_KINDS = ("GROKKING_ONSET", "COLLAPSE_ONSET", "COLLAPSE_END", "LOSS_SPIKE", "HIDDEN_PROGRESS",
+                 "PHASE_CHANGE")
+SPIKE_LINES = 2  # a spike/episode window is widened by this many logging intervals each side
+MIN_STATIONARY_LINES = 50
+ECONOMY_LIMIT = 1.0  # events per 100 lines per series
 
 
-@dataclass
-class RunScore:
-    name: str
-    scenario: str
-    grokking: bool
-    seconds: float
-    onset_found: bool | None = None
-    onset_error: float | None = None
-    false_grokking: bool = False
-    warning_lead: int | None = None  # steps before the label onset; None: no warning in time
-    false_warning: bool = False
-    collapse_found: bool | None = None
-    collapse_delay: int | None = None
-    false_collapse: bool = False
-    spike_found: bool | None = None
-    phase_agreement: float | None = None
-    lags: dict[str, list[int]] = field(default_factory=dict)
+# --- small helpers ------------------------------------------------------------
+
+
+def log_interval(labels: dict, steps: Sequence[int]) -> int:
+    every = labels.get("log_every")
+    if isinstance(every, int | float) and every > 0:
+        return int(every)
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False) if b > a]
+    return int(statistics.median(gaps)) if gaps else 1
+
+
+def tolerance(steps: Sequence[int], every: int) -> float:
+    length = (steps[-1] - steps[0]) if steps else 0
+    return max(5 * every, 0.05 * length)
+
+
+def scope(event: dict) -> str:
+    """A COLLAPSE_* event's scope; none given counts as training."""
+    value = (event.get("evidence") or {}).get("scope")
+    return value if value in ("training", "generalization") else "training"
+
+
+def collapse_pairs(events: Sequence[dict]) -> list[tuple[dict, dict | None]]:
+    """Every COLLAPSE_ONSET with the COLLAPSE_END that closes it (or None), per scope in step order."""
+    pairs: list[tuple[dict, dict | None]] = []
+    by_scope: dict[str, list[dict]] = {}
+    for e in events:
+        if e["kind"] in ("COLLAPSE_ONSET", "COLLAPSE_END"):
+            by_scope.setdefault(scope(e), []).append(e)
+    for items in by_scope.values():
+        items.sort(key=lambda e: (e["step"], e["kind"] == "COLLAPSE_END", e.get("detected_at_step", 0)))
+        open_: list[dict] = []
+        for e in items:
+            if e["kind"] == "COLLAPSE_ONSET":
+                open_.append(e)
+            elif open_:
+                pairs.append((open_.pop(), e))
+        pairs += [(e, None) for e in open_]
+    pairs.sort(key=lambda p: p[0]["step"])
+    return pairs
+
+
+def _num(value: object) -> float | None:
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def cadence_of(labels: dict, steps: Sequence[int] = ()) -> int:
+    """A run's logging cadence in steps: ``cadence`` (a number, or the largest of a dict's), else L."""
+    raw = labels.get("cadence")
+    if isinstance(raw, dict):
+        values = [v for v in map(_num, raw.values()) if v]
+        raw = max(values) if values else None
+    value = _num(raw)
+    return int(value) if value and value > 0 else log_interval(labels, steps)
 
 
 def label_phase(phases: list, step: int) -> str | None:
@@ -79,51 +179,395 @@ def our_phase(segments: list[dict], step: int) -> str | None:
     return None
 
 
-def score_run(log: Path, labels: dict, doc: dict, seconds: float) -> RunScore:
-    events = doc["events"]
+def _episodes(labels: dict, key: str) -> list[tuple[int, int, bool]]:
+    out = []
+    for item in labels.get(key) or []:
+        if isinstance(item, list | tuple) and len(item) >= 2 and item[0] is not None:
+            last = item[1] if item[1] is not None else item[0]
+            out.append((int(item[0]), int(last), bool(item[2]) if len(item) > 2 else True))
+    return out
+
+
+def _spikes(labels: dict, key: str = "spikes") -> list[tuple[int, int, float, bool]]:
+    out = []
+    for item in labels.get(key) or []:
+        if isinstance(item, dict):
+            item = [item.get("first_step", item.get("step")), item.get("last_step"),
+                    item.get("peak_factor", item.get("factor")), item.get("recovered", True)]
+        if isinstance(item, list | tuple) and item and item[0] is not None:
+            last = item[1] if len(item) > 1 and item[1] is not None else item[0]
+            factor = _num(item[2]) if len(item) > 2 else None
+            recovered = bool(item[3]) if len(item) > 3 else True
+            out.append((int(item[0]), int(last), factor if factor is not None else math.inf, recovered))
+    return out
+
+
+# --- label-derived quantities -------------------------------------------------------
+
+
+def sustained_step(labels: dict) -> int | None:
+    """The step at which the training collapse that never recovers starts (criterion 3)."""
+    if labels.get("collapse_kind") in SUSTAINED_KINDS and labels.get("collapse_step") is not None:
+        return int(labels["collapse_step"])
+    if labels.get("train_collapse_kind") == "sustained":
+        episodes = _episodes(labels, "train_collapse_episodes")
+        if episodes:
+            return episodes[-1][0]
+    return None
+
+
+def spike_windows(labels: dict, min_factor: float = 2.0) -> list[tuple[int, int]] | None:
+    """Recovered excursions [first, last] to find (criterion 5); None when the labels define none."""
+    if "spikes" in labels:
+        return [(a, b) for a, b, f, rec in _spikes(labels) if rec and f >= min_factor]
+    if "train_collapse_episodes" in labels:
+        return [(a, b) for a, b, rec in _episodes(labels, "train_collapse_episodes") if rec]
+    if "collapse_kind" in labels:
+        if labels["collapse_kind"] == "transient_spike" and labels.get("collapse_step") is not None:
+            first = int(labels["collapse_step"])
+            last = labels.get("collapse_recovered_step")
+            return [(first, max(first, int(last)) if last is not None else first)]
+        return []
+    return None
+
+
+def is_quiet(labels: dict) -> bool | None:
+    """No training trouble at all (criterion 4's false collapses); None when the labels cannot say."""
+    keys = ("collapse_kind", "collapse_step", "train_collapse_episodes", "spikes")
+    if not any(k in labels for k in keys):
+        return None
+    return (labels.get("collapse_step") is None and not labels.get("train_collapse_episodes")
+            and not labels.get("spikes") and not labels.get("injected_spikes"))
+
+
+def trouble_windows(labels: dict, every: int) -> list[tuple[int, int]]:
+    """Step ranges kept out of the stationary stretch: episodes, spikes and labelled collapses."""
+    spans = [(a, b) for a, b, _ in _episodes(labels, "train_collapse_episodes")]
+    spans += [(a, b) for a, b, _ in _episodes(labels, "generalization_collapse_episodes")]
+    spans += [(a, b) for a, b, _, _ in _spikes(labels)]
+    spans += [(a, b) for a, b, _, _ in _spikes(labels, "injected_spikes")]
+    if labels.get("collapse_step") is not None:
+        first = int(labels["collapse_step"])
+        last = labels.get("collapse_recovered_step")
+        spans.append((first, int(last) if last is not None else math.inf))  # type: ignore[arg-type]
+    return [(a - 5 * every, b + 20 * every) for a, b in spans]
+
+
+def stationary_ranges(labels: dict, steps: Sequence[int]) -> list[tuple[float, float]] | None:
+    """[start, end) ranges of the long stationary stretch (criterion 7), before exclusions."""
+    if labels.get("phases"):
+        return [(s, e) for s, e, p in labels["phases"] if p == "stabilization"]
+    if labels.get("is_grokking") and labels.get("grokking_step") is not None and steps:
+        return [(labels["grokking_step"] + 2000, steps[-1] + 1)]
+    return None
+
+
+# --- per-run score ----------------------------------------------------------------
+
+
+@dataclass
+class RunScore:
+    name: str
+    corpus: str
+    scenario: str = ""
+    lines: int = 0
+    log_every: int = 1
+    points: int = 0
+    seconds: float = 0.0
+    us_per_point: float | None = None
+    # 1, 2
+    is_grokking: bool | None = None
+    onset_found: bool | None = None
+    onset_error: float | None = None
+    false_grokking: bool | None = None
+    warning_early: bool | None = None
+    warning_lead: int | None = None
+    false_warning: bool | None = None
+    # 3, 4
+    sustained_step: int | None = None
+    sustained_found: bool | None = None
+    sustained_delay: int | None = None
+    standing: int = 0
+    standing_steps: list[int] = field(default_factory=list)
+    false_collapses: int | None = None
+    # 5, 6
+    spikes: int | None = None
+    spikes_found: int | None = None
+    spikes15: int | None = None
+    spikes15_found: int | None = None
+    gen_episodes: int | None = None
+    gen_found: int | None = None
+    gen_train_episodes: int | None = None
+    gen_train_found: int | None = None
+    # 7
+    economy_max: float = 0.0
+    economy_max_series: str = ""
+    economy_over: int = 0
+    stationary_lines: int | None = None
+    stationary_max: float | None = None
+    stationary_over: int | None = None
+    brackets: int = 0
+    # 8 (membership only; scored across runs)
+    variant_of: str | None = None
+    cadence: int = 1
+    # 9, 10
+    loss_only: bool = False
+    premature: bool | None = None
+    stream_mismatch: int | None = None
+    phase_agreement: float | None = None
+    lags: dict[str, list[int]] = field(default_factory=dict)
+
+
+def score_run(name: str, corpus: str, labels: dict, doc: dict, steps: Sequence[int],
+              points: int = 0, seconds: float = 0.0) -> RunScore:
+    """Score one run's analyze document against its labels (pure)."""
+    events: list[dict] = doc.get("events", [])
+    segments: list[dict] = doc.get("segments", [])
+    steps = sorted(set(steps))
+    every = log_interval(labels, steps)
+    tol = tolerance(steps, every)
+    s = RunScore(name, corpus, str(labels.get("scenario") or labels.get("regime") or ""), len(steps), every,
+                 points, seconds, 1e6 * seconds / points if points else None)
     by_kind: dict[str, list[dict]] = {}
-    for event in events:
-        by_kind.setdefault(event["kind"], []).append(event)
-    grokking = bool(labels.get("is_grokking"))
-    score = RunScore(log.stem, labels.get("scenario", ""), grokking, seconds)
-    steps = sorted({s for s in _logged_steps(log)})
-    gap = (steps[1] - steps[0]) if len(steps) > 1 else 1
+    for e in events:
+        by_kind.setdefault(e["kind"], []).append(e)
+    for kind in by_kind.values():
+        kind.sort(key=lambda e: e["step"])
+    _score_grokking(s, labels, by_kind)
+    _score_collapses(s, labels, events, by_kind, tol)
+    _score_generalisation(s, labels, events)
+    _score_economy(s, labels, events, steps)
+    s.variant_of = labels.get("variant_of")
+    s.cadence = cadence_of(labels, steps)
+    _score_phases(s, labels, by_kind, segments, steps)
+    for e in events:
+        if e["kind"] not in ECONOMY_KINDS and e.get("detected_at_step") is not None:
+            s.lags.setdefault(e["kind"], []).append(e["detected_at_step"] - e["step"])
+    return s
+
+
+def _score_grokking(s: RunScore, labels: dict, by_kind: dict[str, list[dict]]) -> None:
     onsets = by_kind.get("GROKKING_ONSET", [])
     warnings = by_kind.get("HIDDEN_PROGRESS", [])
-    if grokking:
-        onset, grokked = labels["grokking_onset_step"], labels["grokking_step"]
-        score.onset_found = bool(onsets)
-        if onsets:
-            score.onset_error = abs(onsets[0]["step"] - onset) / max(grokked - onset, 1)
-        early = [w for w in warnings if w["detected_at_step"] < onset]
-        score.warning_lead = onset - early[0]["step"] if early else None
-        agree = [our_phase(doc["segments"], s) == label_phase(labels["phases"], s) for s in steps]
-        score.phase_agreement = sum(agree) / len(agree) if agree else None
-    else:
-        score.false_grokking = bool(onsets)
-        score.false_warning = bool(warnings)
-    kind = labels.get("collapse_kind")
-    collapses = by_kind.get("COLLAPSE_ONSET", [])
-    if kind in COLLAPSES:
-        near = [c for c in collapses if abs(c["step"] - labels["collapse_step"]) <= WITHIN_LINES * gap]
-        score.collapse_found = bool(near)
+    grok = labels.get("is_grokking")
+    s.is_grokking = None if grok is None else bool(grok)
+    if grok:
+        s.onset_found = bool(onsets)
+        onset, grokked = labels.get("grokking_onset_step"), labels.get("grokking_step")
+        if onsets and onset is not None and grokked is not None:
+            s.onset_error = abs(onsets[0]["step"] - onset) / max(grokked - onset, 1)
+        if onset is not None:
+            early = [w for w in warnings if w["detected_at_step"] < onset]
+            s.warning_early = bool(early)
+            s.warning_lead = onset - early[0]["step"] if early else None
+    elif grok is not None:
+        s.false_grokking = bool(onsets)
+        s.false_warning = bool(warnings)
+
+
+def _score_collapses(s: RunScore, labels: dict, events: list[dict], by_kind: dict[str, list[dict]],
+                     tol: float) -> None:
+    pairs = collapse_pairs(events)
+    training = [(on, end) for on, end in pairs if scope(on) == "training"]
+    label = sustained_step(labels)
+    s.sustained_step = label
+    if label is not None:
+        near = [on for on, _ in training if abs(on["step"] - label) <= tol]
+        s.sustained_found = bool(near)
         if near:
-            score.collapse_delay = near[0]["detected_at_step"] - labels["collapse_step"]
-    else:
-        score.false_collapse = bool(collapses)
-    if kind == "transient_spike":
-        spikes = by_kind.get("LOSS_SPIKE", [])
-        label = labels["collapse_step"]
-        score.spike_found = any(abs(s["step"] - label) <= WITHIN_LINES * gap for s in spikes)
-    for event in events:
-        if event["kind"] in ("CHANGE_POINT", "PLATEAU_START", "PLATEAU_END"):
+            s.sustained_delay = near[0]["detected_at_step"] - label
+    standing = [on for on, end in training
+                if end is None and not (label is not None and label <= on["step"] + tol)]
+    s.standing = len(standing)
+    s.standing_steps = [on["step"] for on in standing]
+    if is_quiet(labels):
+        s.false_collapses = len(training)
+    every = s.log_every
+    ended = [on for on, end in training if end is not None]
+    found_by = by_kind.get("LOSS_SPIKE", []) + ended
+    for attr, factor in (("spikes", 2.0), ("spikes15", 1.5)):
+        windows = spike_windows(labels, factor)
+        if windows is None or (attr == "spikes15" and "spikes" not in labels):
             continue
-        score.lags.setdefault(event["kind"], []).append(event["detected_at_step"] - event["step"])
-    return score
+        hits = sum(any(a - SPIKE_LINES * every <= e["step"] <= b + SPIKE_LINES * every for e in found_by)
+                   for a, b in windows)
+        setattr(s, attr, len(windows))
+        setattr(s, attr + "_found", hits)
 
 
-def _logged_steps(log: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()]
+def _overlaps(a: int, b: int, spans: Iterable[tuple[int, int, bool]]) -> bool:
+    return any(x <= b and a <= y for x, y, _ in spans)
+
+
+def _score_generalisation(s: RunScore, labels: dict, events: list[dict]) -> None:
+    if "generalization_collapse_episodes" not in labels:
+        return
+    every = s.log_every
+    train = _episodes(labels, "train_collapse_episodes")
+    # A collapse is open from its onset to its end (or the end of the run).
+    open_spans = [(onset["step"], math.inf if end is None else end["step"], scope(onset))
+                  for onset, end in collapse_pairs(events)]
+    s.gen_episodes = s.gen_found = s.gen_train_episodes = s.gen_train_found = 0
+    for a, b, _ in _episodes(labels, "generalization_collapse_episodes"):
+        if b - a < 2 * every:
+            continue
+        lo, hi = a - SPIKE_LINES * every, b + SPIKE_LINES * every
+        if _overlaps(a, b, train):
+            s.gen_train_episodes += 1
+            s.gen_train_found += any(x <= hi and lo <= y for x, y, _ in open_spans)
+        else:
+            s.gen_episodes += 1
+            s.gen_found += any(x <= hi and lo <= y and sc == "generalization" for x, y, sc in open_spans)
+
+
+def _score_economy(s: RunScore, labels: dict, events: list[dict], steps: Sequence[int]) -> None:
+    every = s.log_every
+    noisy = [e for e in events if e["kind"] in ECONOMY_KINDS]
+    per_series: dict[str, int] = {}
+    for e in noisy:
+        per_series[e["series"]] = per_series.get(e["series"], 0) + 1
+    if steps:
+        rates = {k: 100.0 * v / len(steps) for k, v in per_series.items()}
+        if rates:
+            s.economy_max_series, s.economy_max = max(rates.items(), key=lambda kv: kv[1])
+        s.economy_over = sum(r > ECONOMY_LIMIT for r in rates.values())
+    cps: dict[str, list[int]] = {}
+    for e in noisy:
+        if e["kind"] == "CHANGE_POINT":
+            cps.setdefault(e["series"], []).append(e["step"])
+    for located in cps.values():
+        located.sort()
+        s.brackets += sum(b - a <= SPIKE_LINES * every for a, b in zip(located, located[1:], strict=False))
+    ranges = stationary_ranges(labels, steps)
+    if ranges is None:
+        return
+    excluded = trouble_windows(labels, every)
+
+    def inside(step: int) -> bool:
+        return (any(a <= step < b for a, b in ranges)
+                and not any(a <= step <= b for a, b in excluded))
+
+    lines = sum(inside(t) for t in steps)
+    if lines < MIN_STATIONARY_LINES:
+        return
+    counts: dict[str, int] = {}
+    for e in noisy:
+        if inside(e["step"]):
+            counts[e["series"]] = counts.get(e["series"], 0) + 1
+    rates = [100.0 * v / lines for v in counts.values()]
+    s.stationary_lines = lines
+    s.stationary_max = max(rates, default=0.0)
+    s.stationary_over = sum(r > ECONOMY_LIMIT for r in rates)
+
+
+def streamed_mismatch(phase_changes: Sequence[dict], segments: Sequence[dict], steps: Sequence[int]) -> int:
+    """Logged lines where the phase rebuilt from PHASE_CHANGE events differs from the final segments."""
+    changes = sorted(phase_changes, key=lambda e: e["step"])
+    first = changes[0].get("evidence", {}).get("from") if changes else None
+    if first is None and segments:
+        first = segments[0]["phase"]
+    bad, k, current = 0, 0, first
+    for t in steps:
+        while k < len(changes) and changes[k]["step"] <= t:
+            current = changes[k].get("evidence", {}).get("to") or changes[k].get("phase")
+            k += 1
+        final = our_phase(list(segments), t)
+        bad += final is not None and final != current
+    return bad
+
+
+def _score_phases(s: RunScore, labels: dict, by_kind: dict[str, list[dict]], segments: list[dict],
+                  steps: Sequence[int]) -> None:
+    s.loss_only = bool(labels.get("loss_only"))
+    settled = labels.get("settled_step")
+    if s.loss_only and settled is not None:
+        s.premature = any(seg["phase"] == "stabilization" and seg["start_step"] < settled - 2 * s.log_every
+                          for seg in segments)
+    changes = by_kind.get("PHASE_CHANGE", [])
+    if changes:
+        s.stream_mismatch = streamed_mismatch(changes, segments, steps)
+    if labels.get("is_grokking") and labels.get("phases") and steps:
+        agree = [our_phase(segments, t) == label_phase(labels["phases"], t) for t in steps]
+        s.phase_agreement = sum(agree) / len(agree)
+
+
+# --- cadence consistency (across runs) ---------------------------------------------
+
+
+def _cadence_key(event: dict) -> str:
+    return f"{event['kind']}/{scope(event)}" if event["kind"].startswith("COLLAPSE_") else event["kind"]
+
+
+def compare_cadence(ref: Sequence[dict], other: Sequence[dict], tol: float) -> tuple[bool, float, str]:
+    """(pass, badness, worst mismatch) of ``other``'s events against ``ref``'s.
+
+    Badness: inf for a count mismatch, else the worst located-step gap / tol (> 1 fails).
+    """
+    def groups(events: Sequence[dict]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for e in events:
+            if e["kind"] in CADENCE_KINDS:
+                out.setdefault(_cadence_key(e), []).append(e["step"])
+        return {k: sorted(v) for k, v in out.items()}
+
+    a, b = groups(ref), groups(other)
+    worst, text = 0.0, ""
+    for key in sorted(set(a) | set(b)):
+        xs, ys = a.get(key, []), b.get(key, [])
+        if len(xs) != len(ys):
+            return False, math.inf, f"{key} count {len(xs)} vs {len(ys)}"
+        for x, y in zip(xs, ys, strict=True):
+            bad = abs(x - y) / tol
+            if bad > worst:
+                worst, text = bad, f"{key} at {x} vs {y} (tol {tol:g})"
+    return worst <= 1.0, worst, text
+
+
+def score_cadence(runs: dict[str, tuple[RunScore, list[dict]]]) -> dict[str, dict]:
+    """Per base run: pass/fail of every cadence variant against the reference (criterion 8)."""
+    groups: dict[str, list[str]] = {}
+    for name, (score, _) in runs.items():
+        if score.variant_of:
+            groups.setdefault(score.variant_of, []).append(name)
+    out = {}
+    for base, members in sorted(groups.items()):
+        if base in runs and base not in members:
+            members.append(base)
+        ref = f"{base}_c1" if f"{base}_c1" in members else min(members, key=lambda n: (runs[n][0].cadence, n))
+        result = {"reference": ref, "variants": len(members) - 1, "passed": True, "worst": "", "failures": []}
+        worst = -1.0
+        for name in sorted(members):
+            if name == ref:
+                continue
+            tol = max(runs[ref][0].cadence, runs[name][0].cadence)
+            ok, bad, text = compare_cadence(runs[ref][1], runs[name][1], tol)
+            if not ok:
+                result["passed"] = False
+                result["failures"].append(name)
+            if bad > worst and text:
+                worst, result["worst"] = bad, f"{name}: {text}"
+        out[base] = result
+    return out
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+def read_run(log: Path) -> tuple[list[int], int]:
+    """(logged steps, finite values other than ``step``)."""
+    steps, points = [], 0
+    with open(log, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            steps.append(row["step"])
+            points += sum(1 for k, v in row.items() if k != "step" and _finite(v))
+    return steps, points
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def analyze(log: Path, command: Sequence[str]) -> tuple[dict, float]:
@@ -137,103 +581,190 @@ def analyze(log: Path, command: Sequence[str]) -> tuple[dict, float]:
     return json.loads(proc.stdout), time.perf_counter() - started
 
 
-def _median(values: list[float]) -> float | None:
+# --- summaries and the table ------------------------------------------------------------
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
 
-def summarise(scores: list[RunScore]) -> dict:
-    grok = [s for s in scores if s.grokking]
-    nogrok = [s for s in scores if not s.grokking]
-    collapse = [s for s in scores if s.collapse_found is not None]
-    healthy = [s for s in scores if s.collapse_found is None]
-    spikes = [s for s in scores if s.spike_found is not None]
-    agreement = [s.phase_agreement for s in grok if s.phase_agreement is not None]
-    delays = [s.collapse_delay for s in collapse if s.collapse_delay is not None]
+def _count(flags: Iterable[bool | None]) -> tuple[int, int]:
+    flags = [f for f in flags if f is not None]
+    return sum(flags), len(flags)
+
+
+def _sum(values: Iterable[int | None]) -> int | None:
+    values = [v for v in values if v is not None]
+    return sum(values) if values else None
+
+
+def summarise(scores: list[RunScore], cadence: dict[str, dict] | None = None) -> dict:
+    grok = [s for s in scores if s.is_grokking]
     lags: dict[str, list[int]] = {}
     for s in scores:
         for kind, values in s.lags.items():
             lags.setdefault(kind, []).extend(values)
+    stationary = [s for s in scores if s.stationary_max is not None]
+    points = sum(s.points for s in scores)
+    seconds = sum(s.seconds for s in scores)
+    cadence = cadence or {}
     return {
         "runs": len(scores),
-        "grokking_runs": len(grok),
-        "grokking_recall": _frac([s.onset_found for s in grok]),
-        "median_onset_error": _median([s.onset_error for s in grok if s.onset_error is not None]),
-        "false_grokking_alarms": sum(s.false_grokking for s in nogrok),
-        "non_grokking_runs": len(nogrok),
-        "early_warning_rate": _frac([s.warning_lead is not None for s in grok]),
-        "median_warning_lead_steps": _median([s.warning_lead for s in grok if s.warning_lead is not None]),
-        "false_warnings": sum(s.false_warning for s in nogrok),
-        "collapse_runs": len(collapse),
-        "collapse_recall": _frac([s.collapse_found for s in collapse]),
-        "median_collapse_delay_steps": _median(delays),
-        "false_collapses": sum(s.false_collapse for s in healthy),
-        "healthy_runs": len(healthy),
-        "spike_runs": len(spikes),
-        "spike_recall": _frac([s.spike_found for s in spikes]),
-        "median_phase_agreement": _median(agreement),
-        "min_phase_agreement": min(agreement, default=None),
+        "grokking_recall": _count(s.onset_found for s in scores),
+        "false_grokking": _count(s.false_grokking for s in scores),
+        "median_onset_error": _median(s.onset_error for s in grok),
+        "hidden_progress_early": _count(s.warning_early for s in scores),
+        "median_warning_lead_steps": _median(s.warning_lead for s in scores),
+        "hidden_progress_false": _count(s.false_warning for s in scores),
+        "sustained_recall": _count(s.sustained_found for s in scores),
+        "median_sustained_delay_steps": _median(s.sustained_delay for s in scores),
+        "standing": sum(s.standing for s in scores),
+        "runs_with_standing": sum(s.standing > 0 for s in scores),
+        "false_collapses": _sum(s.false_collapses for s in scores),
+        "quiet_runs": sum(s.false_collapses is not None for s in scores),
+        "spike_recall": (_sum(s.spikes_found for s in scores), _sum(s.spikes for s in scores)),
+        "spike15_recall": (_sum(s.spikes15_found for s in scores), _sum(s.spikes15 for s in scores)),
+        "gen_collapse_recall": (_sum(s.gen_found for s in scores), _sum(s.gen_episodes for s in scores)),
+        "gen_with_train_recall": (_sum(s.gen_train_found for s in scores),
+                                  _sum(s.gen_train_episodes for s in scores)),
+        "economy_max_rate": max((s.economy_max for s in scores), default=None),
+        "economy_pairs_over_1": sum(s.economy_over for s in scores),
+        "stationary_runs": len(stationary),
+        "stationary_max_rate": max((s.stationary_max for s in stationary), default=None),
+        "stationary_pairs_over_1": sum(s.stationary_over or 0 for s in stationary),
+        "brackets": sum(s.brackets for s in scores),
+        "cadence_pass": (sum(r["passed"] for r in cadence.values()), len(cadence)),
+        "premature_stabilization": _count(s.premature for s in scores),
+        "stream_mismatch_runs": _count(None if s.stream_mismatch is None else s.stream_mismatch > 0
+                                       for s in scores),
+        "stream_mismatch_lines": _sum(s.stream_mismatch for s in scores),
+        "median_phase_agreement": _median(s.phase_agreement for s in scores),
+        "min_phase_agreement": min((s.phase_agreement for s in scores if s.phase_agreement is not None),
+                                   default=None),
+        "seconds": seconds,
+        "median_seconds_per_run": _median(s.seconds for s in scores),
+        "us_per_point": 1e6 * seconds / points if points else None,
+        "points": points,
         "detection_lag_median_steps": {k: _median(v) for k, v in sorted(lags.items())},
     }
-
-
-def _frac(flags: list[bool | None]) -> float | None:
-    flags = [f for f in flags if f is not None]
-    return sum(flags) / len(flags) if flags else None
 
 
 def _fmt(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
-        return "yes" if value else "no"
+        return "y" if value else "n"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    if isinstance(value, tuple | list) and len(value) == 2:
+        return "-" if value[1] in (None, 0) else f"{value[0]}/{value[1]}"
     return str(value)
 
 
-def format_report(scores: list[RunScore], summary: dict) -> str:
-    header = ("run", "scenario", "grok", "onset", "err", "lead", "falseG", "falseW", "collapse", "delay",
-              "falseC", "spike", "agree", "secs")
-    rows = [header]
+def _ratio(found: int | None, total: int | None) -> str:
+    return "-" if not total else f"{found}/{total}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+RUN_COLUMNS = ("run", "corpus", "grok", "onset", "falseG", "HPearly", "HPfalse", "sust", "delay", "stand",
+               "falseC", "spk", "spk1.5", "gen", "gen+tr", "econ", "stat", "brk", "prem", "stream", "agree",
+               "secs", "us/pt")
+SUMMARY_COLUMNS = ("corpus", "runs", "grok", "falseG", "HPearly", "HPfalse", "sust", "delay", "stand",
+                   "falseC", "spk", "spk1.5", "gen", "gen+tr", "econMax", "econ>1", "statMax", "stat>1",
+                   "brk", "cadence", "prem", "stream", "agree", "secs", "us/pt")
+
+
+def format_report(scores: list[RunScore], summaries: dict[str, dict]) -> str:
+    rows = [RUN_COLUMNS]
     for s in scores:
-        rows.append((s.name, s.scenario, _fmt(s.grokking), _fmt(s.onset_found), _fmt(s.onset_error),
-                     _fmt(s.warning_lead), _fmt(s.false_grokking), _fmt(s.false_warning),
-                     _fmt(s.collapse_found), _fmt(s.collapse_delay), _fmt(s.false_collapse),
-                     _fmt(s.spike_found), _fmt(s.phase_agreement), f"{s.seconds:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        rows.append((s.name, s.corpus, _fmt(s.is_grokking), _fmt(s.onset_found), _fmt(s.false_grokking),
+                     _fmt(s.warning_early), _fmt(s.false_warning), _fmt(s.sustained_found),
+                     _fmt(s.sustained_delay), str(s.standing), _fmt(s.false_collapses),
+                     _ratio(s.spikes_found, s.spikes), _ratio(s.spikes15_found, s.spikes15),
+                     _ratio(s.gen_found, s.gen_episodes), _ratio(s.gen_train_found, s.gen_train_episodes),
+                     f"{s.economy_max:.1f}", _fmt(s.stationary_max), str(s.brackets), _fmt(s.premature),
+                     _fmt(s.stream_mismatch), _fmt(s.phase_agreement), f"{s.seconds:.1f}",
+                     _fmt(s.us_per_point)))
+    lines = _table(rows)
     lines.append("")
-    lines += [f"{k:32s} {_fmt(v) if not isinstance(v, dict) else json.dumps(v)}" for k, v in summary.items()]
+    rows = [SUMMARY_COLUMNS]
+    for corpus, m in summaries.items():
+        rows.append((corpus, str(m["runs"]), _fmt(m["grokking_recall"]), _fmt(m["false_grokking"]),
+                     _fmt(m["hidden_progress_early"]), _fmt(m["hidden_progress_false"]),
+                     _fmt(m["sustained_recall"]), _fmt(m["median_sustained_delay_steps"]), str(m["standing"]),
+                     _fmt(m["false_collapses"]), _fmt(m["spike_recall"]), _fmt(m["spike15_recall"]),
+                     _fmt(m["gen_collapse_recall"]), _fmt(m["gen_with_train_recall"]),
+                     _fmt(m["economy_max_rate"]), str(m["economy_pairs_over_1"]),
+                     _fmt(m["stationary_max_rate"]), str(m["stationary_pairs_over_1"]),
+                     str(m["brackets"]), _fmt(m["cadence_pass"]),
+                     _fmt(m["premature_stabilization"]), _fmt(m["stream_mismatch_runs"]),
+                     _fmt(m["median_phase_agreement"]), f"{m['seconds']:.0f}", _fmt(m["us_per_point"])))
+    lines += _table(rows)
     return "\n".join(lines)
 
 
+def corpus_name(folder: Path) -> str:
+    return folder.resolve().name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, action="append", help=f"folder of runs (default {DEFAULT_RUNS})")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--json", type=Path, help="write per-run scores and the summary here")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.runs", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, action="append",
+                        help="a corpus folder, repeatable (default: those of "
+                             f"{', '.join(str(p) for p in DEFAULT_CORPORA)} that exist)")
+    parser.add_argument("--jobs", type=int, default=2, help="analyze processes at once (default 2)")
+    parser.add_argument("--json", type=Path, help="write per-run scores and the summaries here")
     parser.add_argument("--cmd", default=f"{sys.executable} -m detector.cli analyze",
                         help="the analyze command (FILE --json is appended)")
     args = parser.parse_args(argv)
-    folders = args.runs or [DEFAULT_RUNS]
-    logs = sorted(p for folder in folders for p in folder.glob("*.jsonl")
-                  if p.with_name(p.stem + ".labels.json").exists())
-    if not logs:
+    folders = args.runs or [p for p in DEFAULT_CORPORA if p.is_dir()]
+    jobs: list[tuple[str, Path]] = []
+    for folder in folders:
+        jobs += [(corpus_name(folder), p) for p in sorted(folder.glob("*.jsonl"))
+                 if p.with_name(p.stem + ".labels.json").exists()]
+    if not jobs:
         print(f"no labelled runs in {', '.join(map(str, folders))}", file=sys.stderr)
         return 2
     command = args.cmd.split()
 
-    def one(log: Path) -> RunScore:
-        doc, seconds = analyze(log, command)
+    def one(job: tuple[str, Path]) -> tuple[RunScore, list[dict]] | None:
+        corpus, log = job
+        try:
+            doc, seconds = analyze(log, command)
+        except (RuntimeError, json.JSONDecodeError) as exc:
+            print(f"FAILED {exc}", file=sys.stderr)
+            return None
         labels = json.loads(log.with_name(log.stem + ".labels.json").read_text())
-        return score_run(log, labels, doc, seconds)
+        steps, points = read_run(log)
+        return score_run(log.stem, corpus, labels, doc, steps, points, seconds), doc.get("events", [])
 
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        scores = list(pool.map(one, logs))
-    summary = summarise(scores)
-    print(format_report(scores, summary))
+    with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, 2))) as pool:
+        results = [r for r in pool.map(one, jobs) if r is not None]
+    if len(results) < len(jobs):
+        print(f"{len(jobs) - len(results)} of {len(jobs)} runs failed to analyze", file=sys.stderr)
+    if not results:
+        return 1
+    scores = [r[0] for r in results]
+    summaries: dict[str, dict] = {}
+    cadences: dict[str, dict] = {}
+    for corpus in dict.fromkeys(s.corpus for s in scores):
+        members = {s.name: (s, ev) for s, ev in results if s.corpus == corpus}
+        cadences[corpus] = score_cadence(members)
+        summaries[corpus] = summarise([s for s, _ in members.values()], cadences[corpus])
+    all_cadence = {f"{c}/{b}": r for c, rs in cadences.items() for b, r in rs.items()}
+    summaries["TOTAL"] = summarise(scores, all_cadence)
+    print(format_report(scores, summaries))
+    failed = {k: r for k, r in all_cadence.items() if not r["passed"]}
+    for key, r in failed.items():
+        print(f"cadence FAIL {key}: {r['worst']}")
     if args.json:
-        args.json.write_text(json.dumps({"runs": [asdict(s) for s in scores], "summary": summary}, indent=1))
+        args.json.write_text(json.dumps({"runs": [asdict(s) for s in scores], "cadence": all_cadence,
+                                         "summary": summaries}, indent=1) + "\n")
     return 0
 
 

@@ -56,11 +56,14 @@ The detector streams ``PhaseEvent`` messages back on the same stream. They
 arrive as :class:`Event` values, through ``on_event=callback`` (called on the
 client's reader thread: keep it short, and do not call ``close()`` from it),
 through ``run.poll_events()`` (non-blocking, for the training loop) or through
-the blocking iterator ``run.events()``, e.g. to stop a job that collapses::
+the blocking iterator ``run.events()``, e.g. to stop a job whose training
+collapses (a ``COLLAPSE_ONSET`` with ``scope=generalization`` is a held-out
+metric falling while training holds; ``COLLAPSE_END`` says a run recovered)::
 
     for step in range(steps):
         run.log(step, train_loss=loss)
-        if any(e.kind == "COLLAPSE_ONSET" for e in run.poll_events()):
+        if any(e.kind == "COLLAPSE_ONSET" and e.evidence.get("scope") != "generalization"
+               for e in run.poll_events()):
             break
 
 This module imports only the standard library, grpc, protobuf and the

@@ -28,6 +28,7 @@ _HEADLINE_KINDS = {
     EventKind.GROKKING_ONSET.value: "#1b5e20",
     EventKind.GROKKING_COMPLETE.value: "#0d47a1",
     EventKind.COLLAPSE_ONSET.value: "#b71c1c",
+    EventKind.COLLAPSE_END.value: "#00897b",
     EventKind.LOSS_SPIKE.value: "#e65100",
     EventKind.HIDDEN_PROGRESS.value: "#6a1b9a",
 }

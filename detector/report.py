@@ -33,11 +33,14 @@ ALERT_KINDS = frozenset(
         EventKind.GROKKING_ONSET.value,
         EventKind.GROKKING_COMPLETE.value,
         EventKind.COLLAPSE_ONSET.value,
+        EventKind.COLLAPSE_END.value,
         EventKind.LOSS_SPIKE.value,
         EventKind.HIDDEN_PROGRESS.value,
         EventKind.PHASE_CHANGE.value,
     }
 )
+# Kinds whose evidence carries a ``scope`` (``training`` or ``generalization``).
+_SCOPED_KINDS = frozenset({EventKind.COLLAPSE_ONSET.value, EventKind.COLLAPSE_END.value})
 _ALL_KINDS = frozenset(kind.value for kind in EventKind)
 _KIND_WIDTH = max(len(kind.value) for kind in EventKind)
 _PHASE_WIDTH = max(len(phase.value) for phase in Phase)
@@ -154,6 +157,9 @@ def format_event(event: View, *, with_run: bool = False) -> str:
     ).rstrip()
     if event["kind"] == EventKind.PHASE_CHANGE.value and event.get("phase") and not event["message"]:
         text += f"  -> {event['phase']}"
+    scope = (event.get("evidence") or {}).get("scope")
+    if event["kind"] in _SCOPED_KINDS and scope:
+        text += f"  [{scope}]"  # a training collapse, or a generalisation one
     if with_run:
         stamp = datetime.fromisoformat(event["time"]) if "time" in event else datetime.now()
         when = stamp.astimezone().strftime("%H:%M:%S")

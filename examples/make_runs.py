@@ -20,6 +20,23 @@ Usage::
     python examples/make_runs.py --scenario grok_add --seed 0 --out /tmp/runs
     python examples/make_runs.py --all --seeds 10,11,12,13 --jobs 2 --out /tmp/runs --check
 
+The benchmark corpus (gitignored; every scenario of :data:`CORPUS_SCENARIOS` with
+seeds 0, 1, 2, plus ``_c1``/``_c10``/``_c50``/``_e5`` variants of the seed-0 runs of
+:data:`CADENCE_SCENARIOS`; ~10 minutes on one core, most of it ``grok_add`` at cadence 1)::
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 .venv/bin/python examples/make_runs.py \
+        --corpus --out benchmarks/generated --check
+
+Every labels file also holds ``scenario``, ``seed``, ``log_every`` (= ``cadence``),
+``variant_of`` (the run id without the ``_c<k>``/``_e5`` suffix, or null),
+``injected_spikes`` (``[[start_step, end_step], ...]`` of induced spikes),
+``spikes`` (:func:`loss_spikes`), ``train_collapse_episodes`` /
+``generalization_collapse_episodes`` / ``train_collapse_kind``
+(:func:`collapse_episodes`, rules of ``../shared/real_runs/README.md``),
+``loss_only`` and ``settled_step`` (:func:`settled_step`, loss-only runs). A
+language-model run logs only ``step``, ``train_loss``, ``val_loss``, ``lr``; an
+``_e5`` line without held-out fields leaves those keys out.
+
 The label code at the top of this file needs only the standard library, so it
 can be imported (and tested) without PyTorch; ``torch`` is imported inside the
 training code only.
@@ -63,8 +80,13 @@ FIELDS: tuple[str, ...] = (
 )
 """The fields of every logged line, in order."""
 
+LM_FIELDS: tuple[str, ...] = ("step", "train_loss", "val_loss", "lr")
+"""The fields of a language-model run (no accuracy)."""
+
 LOG_EVERY = 10
-"""Optimiser steps between two logged lines."""
+"""Optimiser steps between two logged lines (by default), and between two
+computations of the spectral fields (which are null on the other lines when a run
+is logged more often)."""
 
 LINES_AFTER_DIVERGENCE = 20
 """Lines logged from the first one with a non-finite training loss (included)."""
@@ -322,7 +344,8 @@ def labels_from_records(
 
     memorisation = _first(steps, (a is not None and a >= MEMO_ACC for a in train_acc))
     grokking = _first(steps, (a is not None and a >= GROK_ACC for a in test_acc))
-    onset = grokking_onset(steps, test_acc, chance_acc)
+    held = [i for i, r in enumerate(records) if "test_acc" in r]  # lines where test was evaluated
+    onset = grokking_onset([steps[i] for i in held], [test_acc[i] for i in held], chance_acc)
     transient = [(e.index, r) for e in events if (r := e.recovered_index) is not None]
     horizon = final.index if final is not None else len(steps)
     stab = stabilization(steps, test_acc, grokking, horizon, transient)
@@ -368,7 +391,195 @@ def labels_from_records(
         "collapse_recovered_step": (
             steps[first.recovered_index] if first is not None and first.recovered_index is not None else None
         ),
+        **extra_labels(records),
     }
+
+
+# --------------------------------------------------------------------------------------
+# Further labels: loss spikes, collapse episodes, settling, cadence variants
+# --------------------------------------------------------------------------------------
+
+SPIKE_FACTOR = 1.5
+"""A line is high when its training loss exceeds this multiple of the reference median."""
+SPIKE_WINDOW = 200
+"""Steps before a line whose non-high losses form its reference median."""
+SPIKE_RECOVER = 200
+"""Steps the loss must stay non-high after a spike for it to count as recovered."""
+TRAIN_COLLAPSE_ARM = 0.999
+TRAIN_COLLAPSE_BELOW = 0.90
+GEN_COLLAPSE_ARM = 0.95
+GEN_COLLAPSE_BELOW = 0.90
+SETTLE_TOL = 0.05
+"""Nats (absolute) within which the loss counts as settled at its final value."""
+SETTLE_TAIL_FRAC = 0.05
+"""The final value is the minimum over this last fraction of the lines (at least one)."""
+HELD_OUT_PREFIXES = ("test_", "val_")
+"""Fields evaluated on held-out data (thinned out in the ``_e5`` variants)."""
+
+
+def _median(values: Sequence[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def loss_spikes(steps: Sequence[int], losses: Sequence[float | None]) -> list[list[Any]]:
+    """Every transient excursion of the training loss: ``[first_step, last_step,
+    peak_factor, recovered]``.
+
+    Rule: a line is *high* when its loss is non-finite (``None``), or when it exceeds
+    ``SPIKE_FACTOR`` (1.5) x the *reference*: the median of the finite losses of the
+    lines in the preceding ``SPIKE_WINDOW`` (200) steps, ``[step - 200, step)``, that
+    were not themselves high. When that window holds no such line, the last reference
+    computed is used (so a long excursion stays high); before any reference exists a
+    finite line is never high. An episode is a maximal run of consecutive high lines;
+    ``peak_factor`` is the largest finite loss in it over the reference at its first
+    line (``None`` when it has no finite loss or no reference). It is ``recovered``
+    when a later, non-high line exists and no line in the ``SPIKE_RECOVER`` (200)
+    steps from that line on is high, with the log reaching that far.
+    """
+    n = len(losses)
+    high = [False] * n
+    ref_at: list[float | None] = [None] * n
+    last_ref: float | None = None
+    lo = 0
+    for i in range(n):
+        while steps[lo] < steps[i] - SPIKE_WINDOW:
+            lo += 1
+        window = [x for j in range(lo, i) if not high[j] and (x := losses[j]) is not None]
+        if window:
+            last_ref = _median(window)
+        ref_at[i] = last_ref
+        x = losses[i]
+        high[i] = x is None or (last_ref is not None and x > SPIKE_FACTOR * last_ref)
+    spikes: list[list[Any]] = []
+    i = 0
+    while i < n:
+        if not high[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and high[j + 1]:
+            j += 1
+        finite = [x for x in losses[i : j + 1] if x is not None]
+        ref = ref_at[i]
+        peak = max(finite) / ref if finite and ref else None
+        recovered = False
+        r = j + 1
+        if r < n and steps[-1] >= steps[r] + SPIKE_RECOVER:
+            k = r
+            recovered = True
+            while k < n and steps[k] <= steps[r] + SPIKE_RECOVER:
+                if high[k]:
+                    recovered = False
+                    break
+                k += 1
+        spikes.append([steps[i], steps[j], peak, recovered])
+        i = j + 1
+    return spikes
+
+
+def collapse_episodes(records: Sequence[Record], key: str, arm: float, below: float) -> list[list[Any]]:
+    """``[first_flagged_step, last_flagged_step, recovered]`` per maximal run of flagged
+    lines (the rule of ``../shared/real_runs/README.md``).
+
+    A line is flagged when ``key`` is below ``below`` (or null: non-finite) after an
+    earlier line with ``key >= arm``. Lines without the key (not evaluated) are
+    skipped: they neither flag nor end an episode. An episode is ``recovered`` when a
+    later evaluated line is unflagged.
+    """
+    flags: list[tuple[int, bool]] = []
+    armed = False
+    for r in records:
+        if key not in r:
+            continue
+        x = _num(r[key])
+        flags.append((int(r["step"]), armed and (x is None or x < below)))
+        armed = armed or (x is not None and x >= arm)
+    episodes: list[list[Any]] = []
+    for i, (step, flagged) in enumerate(flags):
+        if not flagged:
+            if episodes and not episodes[-1][2]:
+                episodes[-1][2] = True
+            continue
+        if i > 0 and flags[i - 1][1]:
+            episodes[-1][1] = step
+        else:
+            episodes.append([step, step, False])
+    return episodes
+
+
+def collapse_kind_of(episodes: Sequence[Sequence[Any]]) -> str:
+    """``none``, ``transient`` (every episode recovered) or ``sustained`` (the last one
+    lasts to the end of the log)."""
+    if not episodes:
+        return "none"
+    return "transient" if all(e[2] for e in episodes) else "sustained"
+
+
+def settled_step(steps: Sequence[int], values: Sequence[float | None]) -> int | None:
+    """First step from which every finite value stays within ``SETTLE_TOL`` (0.05 nats,
+    absolute) of the final value, the minimum over the last ``SETTLE_TAIL_FRAC`` (5%,
+    at least one) of the lines with a finite value. A non-finite (``None``) line
+    is never within: a run ending non-finite has not settled (``None``, as without data).
+    Lines where the field is absent must be left out by the caller."""
+    pairs = [(s, v) for s, v in zip(steps, values, strict=True)]
+    finite = [v for _, v in pairs if v is not None]
+    if not finite:
+        return None
+    tail = max(1, math.ceil(SETTLE_TAIL_FRAC * len(finite)))
+    final = min(finite[-tail:])
+    result: int | None = None
+    for s, v in reversed(pairs):
+        if v is None or abs(v - final) > SETTLE_TOL:
+            break
+        result = s
+    return result
+
+
+def has_accuracy(records: Sequence[Record]) -> bool:
+    """Whether any line logs an accuracy field (``*_acc``) with a value."""
+    return any(k.endswith("_acc") and v is not None for r in records for k, v in r.items())
+
+
+def extra_labels(records: Sequence[Record]) -> dict[str, Any]:
+    """Loss spikes, train/generalisation collapse episodes, and for loss-only runs the
+    settling step (see :func:`loss_spikes`, :func:`collapse_episodes`,
+    :func:`settled_step`)."""
+    steps = [int(r["step"]) for r in records]
+    loss_only = not has_accuracy(records)
+    train = collapse_episodes(records, "train_acc", TRAIN_COLLAPSE_ARM, TRAIN_COLLAPSE_BELOW)
+    gen = collapse_episodes(records, "test_acc", GEN_COLLAPSE_ARM, GEN_COLLAPSE_BELOW)
+    settled = None
+    if loss_only:
+        key = "val_loss" if any("val_loss" in r for r in records) else "train_loss"
+        rows = [r for r in records if key in r]
+        settled = settled_step([int(r["step"]) for r in rows], [_num(r[key]) for r in rows])
+    return {
+        "spikes": loss_spikes(steps, [_num(r.get("train_loss")) for r in records]),
+        "train_collapse_episodes": train,
+        "generalization_collapse_episodes": gen,
+        "train_collapse_kind": collapse_kind_of(train),
+        "loss_only": loss_only,
+        "settled_step": settled,
+    }
+
+
+def subsample(records: Sequence[Record], cadence: int, *, held_out_every: int = 1) -> list[dict[str, Any]]:
+    """The lines at steps that are multiples of ``cadence`` (copies). With
+    ``held_out_every`` k > 1 the held-out fields (``test_*``, ``val_*``) are kept only
+    on every k-th of those lines (the 1st, (k+1)-th, ...) and dropped from the others."""
+    out: list[dict[str, Any]] = []
+    for r in records:
+        if int(r["step"]) % cadence:
+            continue
+        row = dict(r)
+        if len(out) % held_out_every:
+            for k in list(row):
+                if k.startswith(HELD_OUT_PREFIXES):
+                    del row[k]
+        out.append(row)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -505,6 +716,117 @@ def _check_parity(labels: Mapping[str, Any], records: Sequence[Record]) -> list[
     return problems
 
 
+def _spike_episodes(labels: Mapping[str, Any]) -> list[list[Any]]:
+    return [e for e in labels["spikes"] if e[0] > 0]
+
+
+def _check_injected(
+    labels: Mapping[str, Any], records: Sequence[Record], *, last_sustained: bool
+) -> list[str]:
+    """Every injected spike starts a spike episode; those recover (the last one
+    instead lasts to the end when ``last_sustained``)."""
+    problems = []
+    spikes = _spike_episodes(labels)
+    injected = labels.get("injected_spikes") or []
+    for a, b in injected:
+        hit = [e for e in spikes if a <= e[0] <= b + labels.get("log_every", LOG_EVERY)]
+        if not hit:
+            problems.append(f"no spike at the injection {a}-{b}")
+        elif not hit[0][3]:
+            problems.append(f"the spike at {a} does not recover")
+    if last_sustained:
+        if not spikes or spikes[-1][1] != records[-1]["step"] or spikes[-1][3]:
+            problems.append("no sustained instability at the end")
+    elif spikes and not spikes[-1][3]:
+        problems.append(f"an unrecovered excursion at {spikes[-1][0]}")
+    return problems
+
+
+def _check_spikes(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    problems = _check_injected(labels, records, last_sustained=False)
+    lengths = sorted(sum(1 for r in records if a <= r["step"] <= b) for a, b, _, _ in _spike_episodes(labels))
+    if not lengths or lengths[0] > 3 or lengths[-1] < 8:
+        problems.append(f"spike lengths {lengths} do not span 1-3 to 8+ lines")
+    return problems
+
+
+def _check_spikes_instability(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    return _check_injected(labels, records, last_sustained=True)
+
+
+def _check_gen_collapse(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    problems = []
+    if labels["grokking_step"] is None:
+        problems.append("never generalises")
+    long = [e for e in labels["generalization_collapse_episodes"] if _lines(records, e) >= 3]
+    if not long:
+        problems.append("no generalisation collapse of 3+ lines")
+    else:
+        a, b = long[0][0], long[0][1]
+        acc = [_num(r.get("train_acc")) for r in records if a <= r["step"] <= b]
+        if any(x is None or x < 0.98 for x in acc):
+            problems.append("training accuracy falls during the generalisation collapse")
+    return problems
+
+
+def _lines(records: Sequence[Record], episode: Sequence[Any]) -> int:
+    return sum(1 for r in records if episode[0] <= r["step"] <= episode[1])
+
+
+def _check_healthy_gap(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    problems = []
+    final = _num(records[-1].get("test_acc"))
+    if labels["memorisation_step"] is None:
+        problems.append("never fits the training set")
+    if final is None or not 0.75 <= final <= 0.93:
+        problems.append(f"final test accuracy {final} not in [0.75, 0.93]")
+    if labels["grokking_step"] is not None or labels["is_grokking"]:
+        problems.append("reaches 0.95 test accuracy")
+    onset = labels["grokking_onset_step"]
+    if onset is None or onset > 100:
+        problems.append(f"test accuracy does not rise with training (onset {onset})")
+    if labels["collapse_step"] is not None:
+        problems.append(f"loss excursion at {labels['collapse_step']}")
+    return problems
+
+
+def _check_fast_memorise(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    memo, grok = labels["memorisation_step"], labels["grokking_step"]
+    problems = []
+    if memo is None or not 20 <= memo <= 80:
+        problems.append(f"memorisation at {memo}, not within 20-80 steps")
+    if grok is None or memo is None or not 60 <= grok - memo <= 300:
+        problems.append(f"generalisation at {grok}, not 60-300 steps after memorisation")
+    if labels["is_grokking"]:
+        problems.append("labelled grokking")
+    return problems
+
+
+def _check_warmup_divergence(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    if labels["collapse_kind"] not in (COLLAPSE_NONFINITE, COLLAPSE_SUSTAINED):
+        return [f"collapse kind {labels['collapse_kind']}, no divergence"]
+    return []
+
+
+def _check_lm(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    problems = []
+    if not labels["loss_only"]:
+        problems.append("logs an accuracy")
+    val = [(r["step"], _num(r["val_loss"])) for r in records if "val_loss" in r]
+    warm = int(labels["config"]["warmup"])
+    at_warm = next((v for s, v in val if s >= warm and v is not None), None)
+    final = val[-1][1]
+    if at_warm is None or final is None or at_warm - final < 0.3:
+        problems.append(f"validation loss falls by less than 0.3 nats after warm-up ({at_warm} -> {final})")
+    if labels["settled_step"] is None or labels["settled_step"] < 2 * warm:
+        problems.append(f"settles early ({labels['settled_step']})")
+    if labels.get("injected_spikes"):
+        problems += _check_injected(labels, records, last_sustained=False)
+    elif labels["collapse_step"] is not None or _spike_episodes(labels):
+        problems.append("a loss spike without injection")
+    return problems
+
+
 def count_loss_spikes(records: Sequence[Record], after: int = 0, factor: float = 10.0) -> int:
     """Loss spikes after step ``after``: lines whose training loss is ``factor`` x the
     minimum of the previous 10 lines, counted once per excursion (slingshots)."""
@@ -549,6 +871,63 @@ def sudden_drop(
             return steps[starts[-1]], steps[j]
     return None
 
+
+_SMALL_MOD = {
+    "task": "modadd",
+    "loss": "ce",
+    "p": 31,
+    "d": 32,
+    "h": 128,
+    "opt": "adamw",
+    "betas": [0.9, 0.98],
+    "eps": 1e-08,
+    "momentum": 0.0,
+    "probe_n": 256,
+}
+_NOISY_TEACHER = {
+    "task": "teacher",
+    "loss": "ce",
+    "in_dim": 16,
+    "n_classes": 10,
+    "teacher_h": 0,
+    "n_train": 2000,
+    "n_test": 1000,
+    "h": 32,
+    "label_noise": 0.3,
+    "betas": [0.9, 0.999],
+    "eps": 1e-08,
+    "momentum": 0.0,
+    "probe_n": 256,
+    "opt": "adamw",
+    "lr": 0.003,
+    "wd": 0.1,
+    "sched": "const",
+}
+_LM = {
+    "task": "char_lm",
+    "loss": "ce",
+    "vocab": 24,
+    "order": 2,
+    "alpha": 0.05,
+    "text_seed": 0,
+    "ctx": 4,
+    "d": 16,
+    "h": 128,
+    "n_train": 100000,
+    "n_val": 4096,
+    "batch": 256,
+    "probe_n": 256,
+    "opt": "adamw",
+    "lr": 0.003,
+    "betas": [0.9, 0.99],
+    "eps": 1e-08,
+    "momentum": 0.0,
+    "wd": 0.01,
+    "sched": "warmup_cosine",
+    "warmup": 100,
+    "min_lr_frac": 0.1,
+    "max_steps": 2000,
+}
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -675,8 +1054,152 @@ SCENARIOS: dict[str, Scenario] = {
             },
             _check_grokking,
         ),
+        Scenario(
+            "spikes_recovered",
+            "teacher-student classifier (30% label noise, so the loss has a floor), AdamW: "
+            "trains fine; Gaussian weight perturbations of growing size induce loss spikes "
+            "from one line to tens of lines long, all recovering",
+            {
+                **_NOISY_TEACHER,
+                "max_steps": 2400,
+                "perturb": [[400, 0.15], [700, 0.3], [1000, 0.5], [1500, 0.8]],
+            },
+            _check_spikes,
+        ),
+        Scenario(
+            "spikes_then_instability",
+            "the spikes_recovered run with three recovered spikes, then the learning rate "
+            "jumps x100 at step 1300: the loss rises to chance and stays there (sustained collapse)",
+            {
+                **_NOISY_TEACHER,
+                "max_steps": 2000,
+                "perturb": [[400, 0.2], [700, 0.35], [1000, 0.2]],
+                "jump_at": 1300,
+                "jump_factor": 100.0,
+            },
+            _check_spikes_instability,
+        ),
+        Scenario(
+            "gen_collapse",
+            "modular addition p=31, 90% train, AdamW weight decay 1.0: generalises; 100 "
+            "steps later weight decay is switched off and the learning rate raised to 0.1: "
+            "test accuracy collapses while training accuracy stays at 1",
+            {
+                **_SMALL_MOD,
+                "lr": 0.003,
+                "sched": "const",
+                "wd": 1.0,
+                "frac": 0.9,
+                "max_steps": 1500,
+                "after_grok": {"delay": 100, "lr": 0.1, "wd": 0.0},
+            },
+            _check_gen_collapse,
+        ),
+        Scenario(
+            "healthy_gap",
+            "teacher-student with a one-hidden-layer teacher, 2000 examples, Adam: train "
+            "accuracy reaches 1 while test accuracy rises with it and settles clearly below",
+            {
+                "task": "teacher",
+                "loss": "ce",
+                "in_dim": 16,
+                "n_classes": 10,
+                "teacher_h": 32,
+                "n_train": 2000,
+                "n_test": 1000,
+                "h": 64,
+                "betas": [0.9, 0.999],
+                "eps": 1e-08,
+                "momentum": 0.0,
+                "probe_n": 256,
+                "opt": "adamw",
+                "lr": 0.003,
+                "wd": 0.0,
+                "sched": "const",
+                "max_steps": 1500,
+            },
+            _check_healthy_gap,
+        ),
+        Scenario(
+            "fast_memorise",
+            "modular addition p=31, 90% train, AdamW lr 0.02 with a 100-step linear warm-up: "
+            "memorises during the warm-up and generalises ~100 steps later (not grokking)",
+            {
+                **_SMALL_MOD,
+                "lr": 0.02,
+                "sched": "warmup",
+                "warmup": 100,
+                "wd": 1.0,
+                "frac": 0.9,
+                "max_steps": 600,
+            },
+            _check_fast_memorise,
+        ),
+        Scenario(
+            "warmup_divergence",
+            "linear teacher-student, SGD with momentum, squared loss, linear warm-up towards "
+            "lr 5: the warm-up crosses the stability limit and the loss diverges to non-finite",
+            {
+                "task": "teacher",
+                "loss": "mse",
+                "in_dim": 16,
+                "n_classes": 10,
+                "teacher_h": 0,
+                "n_train": 2000,
+                "n_test": 1000,
+                "h": 64,
+                "betas": [0.9, 0.999],
+                "eps": 1e-08,
+                "momentum": 0.9,
+                "probe_n": 256,
+                "opt": "sgd",
+                "lr": 5.0,
+                "wd": 0.0,
+                "sched": "warmup",
+                "warmup": 400,
+                "max_steps": 800,
+            },
+            _check_warmup_divergence,
+        ),
+        Scenario(
+            "lm_cosine",
+            "character-level MLP language model on a random order-2 Markov text (24 symbols), "
+            "minibatch AdamW, linear warm-up + cosine decay; logs train_loss, val_loss, lr only",
+            dict(_LM),
+            _check_lm,
+        ),
+        Scenario(
+            "lm_cosine_spikes",
+            "lm_cosine with Gaussian weight perturbations at steps 400, 700, 1100 inducing "
+            "recovered loss spikes",
+            {**_LM, "perturb": [[400, 0.5], [700, 0.8], [1100, 1.0]]},
+            _check_lm,
+        ),
     )
 }
+
+CORPUS_SCENARIOS = (
+    "spikes_recovered",
+    "spikes_then_instability",
+    "gen_collapse",
+    "healthy_gap",
+    "fast_memorise",
+    "warmup_divergence",
+    "lm_cosine",
+    "lm_cosine_spikes",
+)
+"""The scenarios of the benchmark corpus (``--corpus``), each with seeds 0, 1, 2."""
+
+CADENCE_SCENARIOS = ("grok_add", "spikes_recovered", "lm_cosine_spikes")
+"""Scenarios whose seed-0 run the corpus also holds at several cadences."""
+
+
+def injected_spikes(config: Mapping[str, Any]) -> list[list[int]]:
+    """``[start_step, end_step]`` of every induced spike: weight perturbations (one
+    step) and learning-rate bursts (``start`` to ``start + length - 1``)."""
+    spans = [[int(a), int(a)] for a, _ in config.get("perturb", ())]
+    spans += [[int(a), int(a) + int(n) - 1] for a, n, _ in config.get("lr_bursts", ())]
+    return sorted(spans)
 
 
 def check_run(scenario: str, labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
@@ -684,15 +1207,35 @@ def check_run(scenario: str, labels: Mapping[str, Any], records: Sequence[Record
     return SCENARIOS[scenario].check(labels, records)
 
 
-def lr_at(config: Mapping[str, Any], step: int) -> float:
+def lr_at(config: Mapping[str, Any], step: int, base: float | None = None) -> float:
     """Learning rate applied in the update after ``step`` updates.
 
-    ``const``: ``lr``. ``ramp``: ``lr`` until ``T0``, then ``lr * ramp_factor**(step - T0)``
-    capped at ``lr_max``.
+    ``base`` (default ``lr``) is the peak rate. ``sched``: ``const``: ``base``.
+    ``ramp``: ``base`` until ``T0``, then ``base * ramp_factor**(step - T0)`` capped at
+    ``lr_max``. ``warmup``: linear from ``base / warmup`` to ``base`` over ``warmup``
+    steps, then constant. ``warmup_cosine``: the same warm-up, then cosine decay to
+    ``min_lr_frac * base`` at ``max_steps``. Then, when the config has them, every
+    ``[start, length, factor]`` of ``lr_bursts`` multiplies the rate by ``factor``
+    for ``start <= step < start + length`` (induced loss spikes), and from
+    ``jump_at`` on the rate is multiplied by ``jump_factor`` for good.
     """
-    lr = float(config["lr"])
-    if config.get("sched", "const") == "ramp" and step >= config["T0"]:
-        return min(float(config["lr_max"]), lr * float(config["ramp_factor"]) ** (step - config["T0"]))
+    lr = float(config["lr"]) if base is None else base
+    sched = config.get("sched", "const")
+    if sched == "ramp" and step >= config["T0"]:
+        lr = min(float(config["lr_max"]), lr * float(config["ramp_factor"]) ** (step - config["T0"]))
+    elif sched in ("warmup", "warmup_cosine"):
+        warm = int(config["warmup"])
+        if step < warm:
+            lr = lr * (step + 1) / warm
+        elif sched == "warmup_cosine":
+            frac = min(1.0, (step - warm) / max(1, int(config["max_steps"]) - warm))
+            floor = float(config.get("min_lr_frac", 0.0))
+            lr = lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    for start, length, factor in config.get("lr_bursts", ()):
+        if start <= step < start + length:
+            lr *= float(factor)
+    if "jump_at" in config and step >= int(config["jump_at"]):
+        lr *= float(config["jump_factor"])
     return lr
 
 
@@ -793,6 +1336,8 @@ class Task:
     """E: the token embedding (modular tasks) or first-layer weight."""
     hidden: Callable[[torch.Tensor], torch.Tensor]
     """H: hidden activations of the model for a batch of inputs."""
+    lm: bool = False
+    """A language model: logs only :data:`LM_FIELDS` (the test split is the validation text)."""
 
 
 def _mlp_modular(config: Mapping[str, Any], seed: int) -> Task:
@@ -881,6 +1426,10 @@ def _teacher(config: Mapping[str, Any], seed: int) -> Task:
     else:
         y = (x @ torch.randn(d_in, k, generator=gen)).argmax(1)
     x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    noise = float(config.get("label_noise", 0.0))
+    if noise > 0:  # this fraction of the training labels replaced by random classes
+        flip = torch.rand(n_train, generator=gen) < noise
+        y_train = torch.where(flip, torch.randint(0, k, (n_train,), generator=gen), y_train)
     probe = x_test[: int(config["probe_n"])]
 
     def hidden(batch: torch.Tensor) -> torch.Tensor:
@@ -970,7 +1519,76 @@ def _transformer_add(config: Mapping[str, Any], seed: int) -> Task:
     return _split_pairs(config, seed, model, x, y, p, lambda: model.tok[:p], model.hidden)
 
 
+def markov_text(vocab: int, order: int, length: int, alpha: float, seed: int) -> list[int]:
+    """``length`` symbols of a random order-``order`` Markov chain over ``vocab``
+    symbols: every context gets next-symbol probabilities drawn from a symmetric
+    Dirichlet(``alpha``) (small ``alpha``: a peaked, learnable distribution)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(vocab, alpha), size=vocab**order)
+    cum = np.cumsum(probs, axis=1)
+    u = rng.random(length)
+    text = list(rng.integers(0, vocab, order))
+    ctx = 0
+    for c in text:
+        ctx = (ctx * vocab + int(c)) % vocab**order
+    for i in range(length - order):
+        c = min(int(np.searchsorted(cum[ctx], u[i], side="right")), vocab - 1)
+        text.append(c)
+        ctx = (ctx * vocab + c) % vocab**order
+    return [int(c) for c in text]
+
+
+def _char_lm(config: Mapping[str, Any], seed: int) -> Task:
+    """A character-level MLP language model (Bengio et al. 2003): the previous
+    ``ctx`` symbols embedded (``vocab`` x ``d``), concatenated, a GELU layer of width
+    ``h``, logits over the next symbol. The text is a random order-``order`` Markov
+    chain (:func:`markov_text`, fixed by ``text_seed``: the same corpus for every
+    seed); the first ``n_train`` positions are the training text, the last ``n_val``
+    the validation text. E is the embedding, H the GELU activations."""
+    import torch
+    from torch import nn
+
+    vocab, ctx, d, h = int(config["vocab"]), int(config["ctx"]), int(config["d"]), int(config["h"])
+    n_train, n_val = int(config["n_train"]), int(config["n_val"])
+    text = torch.tensor(
+        markov_text(
+            vocab,
+            int(config["order"]),
+            n_train + n_val + 2 * ctx,
+            float(config["alpha"]),
+            int(config["text_seed"]),
+        )
+    )
+    windows = text.unfold(0, ctx + 1, 1)
+    x, y = windows[:, :ctx], windows[:, ctx]
+    x_train, y_train = x[:n_train], y[:n_train]
+    x_val, y_val = x[-n_val:], y[-n_val:]
+
+    class MLPLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.l1 = nn.Linear(ctx * d, h)
+            self.l2 = nn.Linear(h, vocab)
+
+        def hidden(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.gelu(self.l1(self.emb(x).flatten(1)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l2(self.hidden(x))
+
+    torch.manual_seed(seed)
+    model = MLPLM()
+    probe = x_val[: int(config["probe_n"])]
+    return Task(
+        model, x_train, y_train, x_val, y_val, probe, vocab, lambda: model.emb.weight, model.hidden, lm=True
+    )
+
+
 TASKS: dict[str, Callable[[Mapping[str, Any], int], Task]] = {
+    "char_lm": _char_lm,
     "modadd": _mlp_modular,
     "moddiv": _mlp_modular,
     "teacher": _teacher,
@@ -1031,20 +1649,34 @@ def train(
     *,
     threads: int = 1,
     divergence_logging: str = "null",
+    log_every: int = LOG_EVERY,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train one run; return its logged records and metadata (sizes, runtime, threads).
 
-    Deterministic for a given ``config``, ``seed`` and ``threads``. The run stops at
-    ``max_steps``, ``stop_after_grok`` steps after test accuracy first reaches 0.95
-    (when the config has it), or 20 lines after the training loss first goes
-    non-finite. ``divergence_logging="null"`` logs only ``step`` and ``lr`` on those
-    20 lines (the README rule); ``"finite"`` keeps every value that is still finite.
+    Deterministic for a given ``config``, ``seed`` and ``threads``; ``log_every``
+    changes only which lines are logged (the spectral fields are computed every
+    ``LOG_EVERY`` steps, null on other lines). The run stops at ``max_steps``,
+    ``stop_after_grok`` steps after test accuracy first reaches 0.95 on a step that
+    is a multiple of ``LOG_EVERY`` (when the config has it), or 19 x ``LOG_EVERY``
+    steps after the training loss first goes non-finite (20 lines at the default
+    cadence). ``divergence_logging="null"`` logs only ``step`` and ``lr`` from then on
+    (the README rule); ``"finite"`` keeps every value that is still finite.
+
+    Optional config keys: ``batch`` (minibatches of that size drawn with a generator
+    seeded by ``seed``; the logged ``train_loss`` is that of the batch), ``after_grok``
+    (``{"delay", "lr", "wd"}``: ``delay`` steps after that grokking step the peak
+    learning rate and the weight decay become ``lr`` and ``wd``), and the schedule
+    keys of :func:`lr_at`, and ``perturb`` (``[[step, scale], ...]``: before the
+    update at ``step`` every parameter tensor gets Gaussian noise of ``scale`` x its
+    RMS, see :func:`_perturb`).
     """
     limit_native_threads(threads)
     import torch
 
     if divergence_logging not in ("null", "finite"):
         raise ValueError(f"divergence_logging must be 'null' or 'finite', not {divergence_logging!r}")
+    if log_every < 1 or (LOG_EVERY % log_every and log_every % LOG_EVERY):
+        raise ValueError(f"log_every must divide or be a multiple of {LOG_EVERY}, not {log_every}")
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     task = TASKS[config["task"]](config, seed)
@@ -1054,63 +1686,50 @@ def train(
     opt = _optimizer(config, params)
     max_steps = int(config["max_steps"])
     stop_after_grok = config.get("stop_after_grok")
+    after_grok = config.get("after_grok")
     n_train, n_test = task.y_train.shape[0], task.y_test.shape[0]
+    batch = config.get("batch")
+    batch_gen = torch.Generator().manual_seed(seed) if batch else None
+    fields = LM_FIELDS if task.lm else FIELDS
+    perturb = {int(a): float(b) for a, b in config.get("perturb", ())}
 
     records: list[dict[str, Any]] = []
     prev_embed: np.ndarray | None = None
     grok_step: int | None = None
-    diverged_at: int | None = None
+    diverged_step: int | None = None
+    base_lr: float | None = None
     step = 0
     while True:
-        lr = lr_at(config, step)
+        if after_grok is not None and grok_step is not None and step == grok_step + int(after_grok["delay"]):
+            base_lr = float(after_grok["lr"])
+            for group in opt.param_groups:
+                group["weight_decay"] = float(after_grok["wd"])
+        if step in perturb:
+            _perturb(params, perturb[step], seed * 100003 + step)
+        lr = lr_at(config, step, base_lr)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        out = model(task.x_train)
-        loss = loss_fn(out, task.y_train)
+        if batch_gen is not None:
+            idx = torch.randint(0, n_train, (int(batch),), generator=batch_gen)
+            x_batch, y_batch = task.x_train[idx], task.y_train[idx]
+        else:
+            x_batch, y_batch = task.x_train, task.y_train
+        out = model(x_batch)
+        loss = loss_fn(out, y_batch)
         loss.backward()
-        if step % LOG_EVERY == 0:
-            with torch.no_grad():
-                train_loss = _num(loss.item())
-                train_acc = (
-                    int((out.argmax(1) == task.y_train).sum()) / n_train if train_loss is not None else None
-                )
-                test_out = model(task.x_test)
-                test_loss = _num(loss_fn(test_out, task.y_test).item())
-                test_acc = (
-                    int((test_out.argmax(1) == task.y_test).sum()) / n_test if test_loss is not None else None
-                )
-                weight_norm = torch.sqrt(sum((q.double() ** 2).sum() for q in params)).item()
-                grad_norm = torch.sqrt(
-                    sum((q.grad.double() ** 2).sum() for q in params if q.grad is not None)
-                ).item()
-                embed = task.embedding().detach().double().numpy().copy()
-                hidden = task.hidden(task.probe).detach().double().numpy()
-            cos = embed_cosine(embed, prev_embed) if prev_embed is not None else None
-            prev_embed = embed
-            e_sq = squared_singular_values(embed)
-            h_sq = squared_singular_values(hidden)
-            record: dict[str, Any] = {
-                "step": step,
-                "train_loss": train_loss,
-                "test_loss": test_loss,
-                "train_acc": train_acc,
-                "test_acc": test_acc,
-                "weight_norm": _num(weight_norm),
-                "grad_norm": _num(grad_norm),
-                "lr": lr,
-                "embed_cos_stability": _num(cos),
-                "embed_eff_rank": effective_rank(e_sq),
-                "repr_eff_rank": effective_rank(h_sq),
-                "repr_alpha": alpha_req(hidden),
-                "top_sv": _num(math.sqrt(e_sq[0])) if e_sq is not None else None,
-            }
-            if train_loss is None and diverged_at is None:
-                diverged_at = len(records)
-            if diverged_at is not None and divergence_logging == "null":
-                record = {k: (record[k] if k in ("step", "lr") else None) for k in FIELDS}
+        if step % log_every == 0:
+            record = _log_line(task, params, loss_fn, out, y_batch, loss, step, lr, prev_embed)
+            if record.pop("_embed", None) is not None:
+                prev_embed = record.pop("_embed_value")
+            record.pop("_embed_value", None)
+            if record["train_loss"] is None and diverged_step is None:
+                diverged_step = step
+            if diverged_step is not None and divergence_logging == "null":
+                record = {k: (record[k] if k in ("step", "lr") else None) for k in fields}
             records.append(record)
-            if test_acc is not None and test_acc >= GROK_ACC and grok_step is None:
+            test_acc = record.get("test_acc")
+            if step % LOG_EVERY == 0 and test_acc is not None and test_acc >= GROK_ACC and grok_step is None:
                 grok_step = step
             if (
                 step >= max_steps
@@ -1119,7 +1738,10 @@ def train(
                     and grok_step is not None
                     and step >= grok_step + int(stop_after_grok)
                 )
-                or (diverged_at is not None and len(records) - diverged_at >= LINES_AFTER_DIVERGENCE)
+                or (
+                    diverged_step is not None
+                    and step >= diverged_step + (LINES_AFTER_DIVERGENCE - 1) * max(log_every, LOG_EVERY)
+                )
             ):
                 break
         opt.step()
@@ -1128,12 +1750,86 @@ def train(
         "num_classes": task.num_classes,
         "n_train": n_train,
         "n_test": n_test,
-        "log_every": LOG_EVERY,
+        "log_every": log_every,
         "last_step": records[-1]["step"],
         "runtime_s": round(time.perf_counter() - t0, 2),
         "torch_threads": threads,
     }
     return records, meta
+
+
+def _perturb(params: Sequence[torch.nn.Parameter], scale: float, seed: int) -> None:
+    """Add Gaussian noise of ``scale`` x its RMS to every parameter tensor (a weight
+    perturbation that induces a loss spike)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in params:
+            rms = q.double().pow(2).mean().sqrt().item()
+            q.add_(torch.randn(q.shape, generator=gen, dtype=q.dtype) * (scale * rms))
+
+
+def _log_line(
+    task: Task,
+    params: Sequence[torch.nn.Parameter],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    out: torch.Tensor,
+    y: torch.Tensor,
+    loss: torch.Tensor,
+    step: int,
+    lr: float,
+    prev_embed: np.ndarray | None,
+) -> dict[str, Any]:
+    """One logged line (fields in order). When the spectral fields were computed, the
+    private keys ``_embed`` / ``_embed_value`` carry the embedding for the next cosine."""
+    import torch
+
+    with torch.no_grad():
+        train_loss = _num(loss.item())
+        test_out = task.model(task.x_test)
+        test_loss = _num(loss_fn(test_out, task.y_test).item())
+        if task.lm:
+            return {"step": step, "train_loss": train_loss, "val_loss": test_loss, "lr": lr}
+        train_acc = int((out.argmax(1) == y).sum()) / y.shape[0] if train_loss is not None else None
+        n_test = task.y_test.shape[0]
+        test_acc = int((test_out.argmax(1) == task.y_test).sum()) / n_test if test_loss is not None else None
+        weight_norm = torch.sqrt(sum((q.double() ** 2).sum() for q in params)).item()
+        grad_norm = torch.sqrt(sum((q.grad.double() ** 2).sum() for q in params if q.grad is not None)).item()
+        record: dict[str, Any] = {
+            "step": step,
+            "train_loss": train_loss,
+            "test_loss": test_loss,
+            "train_acc": train_acc,
+            "test_acc": test_acc,
+            "weight_norm": _num(weight_norm),
+            "grad_norm": _num(grad_norm),
+            "lr": lr,
+            "embed_cos_stability": None,
+            "embed_eff_rank": None,
+            "repr_eff_rank": None,
+            "repr_alpha": None,
+            "top_sv": None,
+        }
+        if step % LOG_EVERY:
+            return record
+        embed = task.embedding().detach().double().numpy().copy()
+        hidden = task.hidden(task.probe).detach().double().numpy()
+    cos = embed_cosine(embed, prev_embed) if prev_embed is not None else None
+    e_sq = squared_singular_values(embed)
+    h_sq = squared_singular_values(hidden)
+    record.update(
+        {
+            "embed_cos_stability": _num(cos),
+            "embed_eff_rank": effective_rank(e_sq),
+            "repr_eff_rank": effective_rank(h_sq),
+            "repr_alpha": alpha_req(hidden),
+            "top_sv": _num(math.sqrt(e_sq[0])) if e_sq is not None else None,
+            "_embed": True,
+            "_embed_value": embed,
+        }
+    )
+    return record
 
 
 # --------------------------------------------------------------------------------------
@@ -1148,19 +1844,26 @@ def build_labels(
     seed: int,
     config: Mapping[str, Any],
     meta: Mapping[str, Any],
+    suffix: str = "",
 ) -> dict[str, Any]:
     """The ``labels.json`` document: labels plus run identity, config and metadata,
-    with keys in the order of the shared labels files."""
+    with keys in the order of the shared labels files, then ``variant_of`` (the run id
+    without ``suffix`` for a cadence variant, else null), ``cadence`` (= ``log_every``)
+    and ``injected_spikes`` (empty when nothing was induced)."""
     labels = labels_from_records(records, 1.0 / meta["num_classes"], log_every=int(meta["log_every"]))
     tail = {k: labels.pop(k) for k in ("collapse_kind", "collapse_recovered_step")}
+    base = f"{scenario}_{seed}"
     return {
         **labels,
-        "run_id": f"{scenario}_{seed}",
+        "run_id": base + suffix,
         "scenario": scenario,
         "seed": seed,
         "config": dict(config),
         **meta,
         **tail,
+        "variant_of": base if suffix else None,
+        "cadence": int(meta["log_every"]),
+        "injected_spikes": injected_spikes(config),
     }
 
 
@@ -1175,7 +1878,7 @@ def write_run(out: Path, records: Sequence[Record], labels: Mapping[str, Any]) -
     out.mkdir(parents=True, exist_ok=True)
     run_id = labels["run_id"]
     log = out / f"{run_id}.jsonl"
-    _write_atomic(log, "".join(json.dumps({k: r[k] for k in FIELDS}) + "\n" for r in records))
+    _write_atomic(log, "".join(json.dumps(dict(r)) + "\n" for r in records))
     _write_atomic(out / f"{run_id}.labels.json", json.dumps(labels, indent=1) + "\n")
     return log
 
@@ -1188,15 +1891,34 @@ def make_run(
     threads: int = 1,
     divergence_logging: str = "null",
     overrides: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train, label and write one run; return a summary with its labels and problems.
+    cadences: Sequence[int] = (),
+) -> list[dict[str, Any]]:
+    """Train, label and write one run; return summaries with labels and problems.
 
-    ``overrides`` replace values of the scenario's config (recorded in the labels)."""
+    ``overrides`` replace values of the scenario's config (recorded in the labels).
+    With ``cadences`` (e.g. ``(1, 10, 50)``) the run is trained once, logged every
+    ``min(cadences)`` steps, and written as ``<scenario>_<seed>`` (cadence 10),
+    ``<scenario>_<seed>_c<k>`` for every k (the lines at multiples of k, see
+    :func:`subsample`) and ``<scenario>_<seed>_e5`` (cadence 10, held-out fields only
+    on every 5th line)."""
     config = {**SCENARIOS[scenario].config, **(overrides or {})}
-    records, meta = train(config, seed, threads=threads, divergence_logging=divergence_logging)
-    labels = build_labels(records, scenario=scenario, seed=seed, config=config, meta=meta)
-    write_run(Path(out), records, labels)
-    return {"labels": labels, "problems": check_run(scenario, labels, records)}
+    log_every = min(cadences) if cadences else LOG_EVERY
+    records, meta = train(
+        config, seed, threads=threads, divergence_logging=divergence_logging, log_every=log_every
+    )
+    variants: list[tuple[str, int, int]] = [("", LOG_EVERY, 1)]
+    if cadences:
+        variants += [(f"_c{k}", k, 1) for k in cadences] + [("_e5", LOG_EVERY, 5)]
+    summaries = []
+    for suffix, cadence, every in variants:
+        if cadence % log_every:
+            raise ValueError(f"cadence {cadence} is not a multiple of {log_every}")
+        rows = subsample(records, cadence, held_out_every=every)
+        rmeta = {**meta, "log_every": cadence, "last_step": rows[-1]["step"]}
+        labels = build_labels(rows, scenario=scenario, seed=seed, config=config, meta=rmeta, suffix=suffix)
+        write_run(Path(out), rows, labels)
+        summaries.append({"labels": labels, "problems": check_run(scenario, labels, rows)})
+    return summaries
 
 
 def _summary_line(summary: Mapping[str, Any]) -> str:
@@ -1204,8 +1926,7 @@ def _summary_line(summary: Mapping[str, Any]) -> str:
     kind = lab["collapse_kind"] or "-"
     status = "ok" if not summary["problems"] else "PROBLEM: " + "; ".join(summary["problems"])
     cells = [
-        f"{lab['scenario']:<16}",
-        f"{lab['seed']:>4}",
+        f"{lab['run_id']:<28}",
         *(
             f"{'-' if lab[k] is None else lab[k]:>6}"
             for k in (
@@ -1217,6 +1938,8 @@ def _summary_line(summary: Mapping[str, Any]) -> str:
             )
         ),
         f"{kind:<21}",
+        f"{len(lab['spikes']):>3}",
+        f"{len(lab['generalization_collapse_episodes']):>3}",
         f"{lab['last_step']:>6}",
         f"{lab['runtime_s']:>7.1f}s",
         status,
@@ -1225,8 +1948,8 @@ def _summary_line(summary: Mapping[str, Any]) -> str:
 
 
 SUMMARY_HEADER = (
-    f"{'scenario':<16} {'seed':>4} {'memo':>6} {'onset':>6} {'grok':>6} {'stab':>6} "
-    f"{'coll':>6} {'collapse_kind':<21} {'last':>6} {'runtime':>8} check"
+    f"{'run':<28} {'memo':>6} {'onset':>6} {'grok':>6} {'stab':>6} "
+    f"{'coll':>6} {'collapse_kind':<21} {'spk':>3} {'gce':>3} {'last':>6} {'runtime':>8} check"
 )
 
 
@@ -1295,6 +2018,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the labels record the config used",
     )
     parser.add_argument(
+        "--cadences",
+        default=None,
+        help="e.g. 1,10,50: train once logging at the smallest and also write _c<k> and _e5 "
+        "variants (for --scenario runs; with --corpus, for the seed-0 runs of CADENCE_SCENARIOS)",
+    )
+    parser.add_argument(
+        "--corpus",
+        action="store_true",
+        help="the benchmark corpus: every scenario added after the shared runs with --seeds "
+        "(default 0,1,2), and the cadence variants (--cadences, default 1,10,50) of the "
+        "seed-0 runs of CADENCE_SCENARIOS",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="exit 1 if a run does not show its scenario's phenomenon",
@@ -1309,6 +2045,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out DIR is required")
     names = list(SCENARIOS) if args.all else [n for a in args.scenario for n in a.split(",") if n]
+    if args.corpus:
+        names = list(CORPUS_SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names:
         parser.error(
@@ -1325,7 +2063,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     seeds = _parse_seeds(args.seeds) if args.seeds else [args.seed if args.seed is not None else 0]
-    jobs = [(n, s) for n in names for s in seeds]
+    cadences = tuple(int(c) for c in args.cadences.split(",")) if args.cadences else ()
+    if args.corpus:
+        seeds = _parse_seeds(args.seeds or "0,1,2")
+        cadences = cadences or (1, 10, 50)
+        jobs = [(n, s, cadences if s == 0 and n in CADENCE_SCENARIOS else ()) for n in names for s in seeds]
+        jobs += [(n, 0, cadences) for n in CADENCE_SCENARIOS if n not in names]
+    else:
+        jobs = [(n, s, cadences) for n in names for s in seeds]
 
     print(SUMMARY_HEADER, flush=True)
     failed = 0
@@ -1336,21 +2081,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overrides": overrides,
     }
     if args.jobs <= 1 or len(jobs) == 1:
-        summaries = (make_run(n, s, args.out, **kwargs) for n, s in jobs)
-        for summary in summaries:
-            print(_summary_line(summary), flush=True)
-            failed += bool(summary["problems"])
+        for n, s, c in jobs:
+            for summary in make_run(n, s, args.out, cadences=c, **kwargs):
+                print(_summary_line(summary), flush=True)
+                failed += bool(summary["problems"])
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(make_run, n, s, args.out, **kwargs) for n, s in jobs]
+            futures = [pool.submit(make_run, n, s, args.out, cadences=c, **kwargs) for n, s, c in jobs]
             for fut in as_completed(futures):
-                summary = fut.result()
-                print(_summary_line(summary), flush=True)
-                failed += bool(summary["problems"])
+                for summary in fut.result():
+                    print(_summary_line(summary), flush=True)
+                    failed += bool(summary["problems"])
     print(
         f"{len(jobs)} run(s) in {time.perf_counter() - t0:.1f}s -> {args.out}"
         + (f"; {failed} without their phenomenon" if failed else ""),

@@ -94,12 +94,11 @@ def test_plateau_resolves_by_the_end_of_the_same_series():
     assert book.apply("other-run", ev(EventKind.PLATEAU_END, 90, "train_loss"), at=4.0) == []
 
 
-def test_grokking_resolves_when_complete_or_the_run_leaves_abstraction():
+def test_grokking_resolves_when_the_run_leaves_abstraction_not_when_complete():
     book = AlertBook()
-    book.apply("a", ev(EventKind.GROKKING_ONSET, 10, "val_acc"), at=1.0)
     book.apply("b", ev(EventKind.GROKKING_ONSET, 10, "val_acc"), at=1.0)
-    [done] = book.apply("a", ev(EventKind.GROKKING_COMPLETE, 20, "val_acc"), at=2.0)
-    assert done.labels["alertname"] == "GrokkingOnset" and done.resolved(now=2.0)
+    # Grokking is confirmed when it completes: both come on one line.
+    assert book.apply("b", ev(EventKind.GROKKING_COMPLETE, 20, "val_acc"), at=2.0) == []
     changes = book.apply("b", ev(EventKind.PHASE_CHANGE, 30, "val_acc", phase=Phase.STABILIZATION,
                                  evidence={"from": "abstraction", "to": "stabilization"}), at=3.0)
     assert [(a.labels["alertname"], a.resolved(3.0)) for a in changes] == [
@@ -117,6 +116,84 @@ def test_phase_change_replaces_the_previous_one_and_collapse_stays():
     assert sorted(a.labels["alertname"] for a in book.active()) == ["PhaseChange",
                                                                     "TrainingCollapse"]
     assert changes[1].annotations["phase"] == "collapse"
+
+
+TRAINING = {"scope": "training"}
+GENERALIZATION = {"scope": "generalization"}
+
+
+def test_collapse_alert_depends_on_its_scope():
+    book = AlertBook()
+    [training] = book.apply("r", ev(EventKind.COLLAPSE_ONSET, 20, "train_loss", evidence=TRAINING),
+                            at=1.0)
+    [held_out] = book.apply("r", ev(EventKind.COLLAPSE_ONSET, 30, "val_acc",
+                                    evidence=GENERALIZATION), at=2.0)
+    [no_scope] = book.apply("old", ev(EventKind.COLLAPSE_ONSET, 20, "train_loss"), at=3.0)
+    assert (training.labels["alertname"], training.labels["severity"]) == ("TrainingCollapse",
+                                                                           "critical")
+    assert (held_out.labels["alertname"], held_out.labels["severity"]) == (
+        "GeneralizationCollapse", "warning")
+    assert held_out.labels["series"] == "val_acc"
+    assert "val_acc" in held_out.annotations["summary"]
+    assert json.loads(held_out.annotations["evidence"]) == GENERALIZATION
+    # Stored events from before scopes existed are training collapses.
+    assert (no_scope.labels["alertname"], no_scope.labels["severity"]) == ("TrainingCollapse",
+                                                                           "critical")
+
+
+def test_a_generalization_collapse_raises_no_training_collapse():
+    book = AlertBook()
+    book.apply("r", ev(EventKind.COLLAPSE_ONSET, 30, "val_loss", evidence=GENERALIZATION), at=1.0)
+    assert [(a.labels["alertname"], a.labels["severity"]) for a in book.active()] == [
+        ("GeneralizationCollapse", "warning")]
+
+
+def test_collapse_end_resolves_the_collapse_of_its_scope_only():
+    book = AlertBook()
+    book.apply("r", ev(EventKind.COLLAPSE_ONSET, 20, "train_loss", evidence=TRAINING), at=1.0)
+    book.apply("r", ev(EventKind.COLLAPSE_ONSET, 30, "val_acc", evidence=GENERALIZATION), at=2.0)
+    book.apply("other", ev(EventKind.COLLAPSE_ONSET, 30, "val_acc", evidence=GENERALIZATION),
+               at=2.0)
+    # A generalisation collapse ending does not resolve the training collapse, nor
+    # another run's generalisation collapse; COLLAPSE_END itself raises nothing.
+    [ended] = book.apply("r", ev(EventKind.COLLAPSE_END, 80, "val_acc", evidence=GENERALIZATION),
+                         at=3.0)
+    assert ended.labels["alertname"] == "GeneralizationCollapse" and ended.resolved(3.0)
+    assert ended.annotations["resolved_because"] == "the run recovered from the collapse"
+    assert sorted((a.run_id, a.labels["alertname"]) for a in book.active()) == [
+        ("other", "GeneralizationCollapse"), ("r", "TrainingCollapse")]
+    # A training COLLAPSE_END of another series leaves it; the same series resolves it.
+    assert book.apply("r", ev(EventKind.COLLAPSE_END, 90, "train_acc", evidence=TRAINING),
+                      at=4.0) == []
+    [recovered] = book.apply("r", ev(EventKind.COLLAPSE_END, 90, "train_loss", evidence=TRAINING),
+                             at=5.0)
+    assert recovered.labels["alertname"] == "TrainingCollapse" and recovered.resolved(5.0)
+    assert [(a.run_id, a.labels["alertname"]) for a in book.active()] == [
+        ("other", "GeneralizationCollapse")]
+
+
+def test_a_training_collapse_end_leaves_a_generalization_collapse_firing():
+    book = AlertBook()
+    book.apply("r", ev(EventKind.COLLAPSE_ONSET, 30, "val_acc", evidence=GENERALIZATION), at=1.0)
+    book.apply("r", ev(EventKind.COLLAPSE_ONSET, 40, "train_loss"), at=2.0)  # no scope: training
+    [ended] = book.apply("r", ev(EventKind.COLLAPSE_END, 90, "train_loss"), at=3.0)
+    assert ended.labels["alertname"] == "TrainingCollapse"
+    assert [a.labels["alertname"] for a in book.active()] == ["GeneralizationCollapse"]
+    # A COLLAPSE_END without a series ends every collapse of its scope in the run.
+    [ended] = book.apply("r", ev(EventKind.COLLAPSE_END, 95, "", evidence=GENERALIZATION), at=4.0)
+    assert ended.labels["alertname"] == "GeneralizationCollapse" and book.active() == []
+
+
+def test_leaving_the_collapse_phase_resolves_only_the_training_collapse():
+    book = AlertBook()
+    book.apply("r", ev(EventKind.COLLAPSE_ONSET, 20, "train_loss", evidence=TRAINING), at=1.0)
+    book.apply("r", ev(EventKind.COLLAPSE_ONSET, 30, "val_acc", evidence=GENERALIZATION), at=1.0)
+    changes = book.apply("r", ev(EventKind.PHASE_CHANGE, 90, "train_loss",
+                                 phase=Phase.STABILIZATION), at=2.0)
+    assert [(a.labels["alertname"], a.resolved(2.0)) for a in changes] == [
+        ("TrainingCollapse", True), ("PhaseChange", False)]
+    assert sorted(a.labels["alertname"] for a in book.active()) == ["GeneralizationCollapse",
+                                                                    "PhaseChange"]
 
 
 def test_spike_alerts_expire_after_their_ttl():
@@ -175,7 +252,7 @@ def test_a_grokking_run_raises_and_resolves_grokking_onset():
             history.append((alert.labels["alertname"], alert.labels["series"],
                             alert.resolved(float(event.detected_at))))
     assert ("GrokkingOnset", "test_acc", False) in history
-    assert ("GrokkingOnset", "test_acc", True) in history  # by GROKKING_COMPLETE
+    assert ("GrokkingOnset", "test_acc", True) in history  # the run stabilised
     assert ("TrainingCollapse", "train_loss", False) not in history
     # Plateaus of lr, norms and ranks raise nothing.
     assert {s for name, s, _ in history if name == "TrainingPlateau"} <= {"train_loss", "test_loss"}
@@ -363,6 +440,25 @@ def test_dispatcher_resends_active_alerts_to_alertmanager_only():
             assert len(hook.requests) == 1  # a webhook hears of changes only
         finally:
             dispatcher.close()
+
+
+def test_dispatcher_resolves_a_generalization_collapse_by_its_end():
+    with Receiver() as hook:
+        dispatcher = _dispatcher(WebhookSink(hook.url))
+        try:
+            dispatcher.submit("r1", [ev(EventKind.COLLAPSE_ONSET, 30, "val_acc",
+                                        evidence=GENERALIZATION)])
+            assert dispatcher.flush(5)
+            dispatcher.submit("r1", [ev(EventKind.COLLAPSE_END, 90, "val_acc",
+                                        evidence=GENERALIZATION)])
+            assert dispatcher.flush(5)
+            assert dispatcher.active_alerts() == ()
+        finally:
+            dispatcher.close()
+    messages = hook.bodies()
+    assert [m["status"] for m in messages] == ["firing", "resolved"]
+    assert [_names(m["alerts"]) for m in messages] == [["GeneralizationCollapse"]] * 2
+    assert messages[0]["alerts"][0]["labels"]["severity"] == "warning"
 
 
 class _Stuck(AlertSink):

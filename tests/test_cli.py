@@ -216,6 +216,28 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_collapse_end_is_a_kind_to_filter_and_show() -> None:
+    from detector.cli import _event_kind
+    from detector.convert import event_to_proto
+    from detector.core.types import Event
+    from detector.report import ALERT_KINDS, event_view_from_proto, format_event, format_timeline
+
+    assert _event_kind("collapse_end") is EventKind.COLLAPSE_END
+    assert _event_kind("EVENT_KIND_COLLAPSE_END") is EventKind.COLLAPSE_END
+    assert "COLLAPSE_END" in ALERT_KINDS  # a recovery is news, as the onset was
+    onset = Event(step=300, kind=EventKind.COLLAPSE_ONSET, detected_at=320, series="val_acc",
+                  confidence=0.9, message="held-out accuracy fell",
+                  evidence={"scope": "generalization"})
+    end = Event(step=900, kind=EventKind.COLLAPSE_END, detected_at=950, series="val_acc",
+                confidence=0.8, message="recovered", evidence={"scope": "generalization"})
+    views = [event_view_from_proto(event_to_proto("r", e)) for e in (onset, end)]
+    lines = [format_event(v) for v in views]
+    assert "COLLAPSE_ONSET" in lines[0] and lines[0].endswith("[generalization]")
+    assert "COLLAPSE_END" in lines[1] and lines[1].endswith("[generalization]")
+    timeline = format_timeline([], views, kinds=ALERT_KINDS)
+    assert "COLLAPSE_END" in timeline and "not listed" not in timeline
+
+
 def test_no_answer_within_the_deadline(capsys: pytest.CaptureFixture[str],
                                        silent_port: int) -> None:
     started = time.monotonic()

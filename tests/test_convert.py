@@ -62,6 +62,20 @@ def test_event_carries_detected_at_and_time():
     assert event.evidence == {"test": "cusum"}  # the core event is not touched
 
 
+def test_collapse_end_round_trips_with_its_scope():
+    assert kind_to_proto(EventKind.COLLAPSE_END) == pb.EVENT_KIND_COLLAPSE_END == 10
+    assert kind_from_proto(10) is EventKind.COLLAPSE_END
+    event = Event(step=900, kind=EventKind.COLLAPSE_END, detected_at=950, series="val_acc",
+                  confidence=0.9, message="recovered", phase=Phase.STABILIZATION,
+                  evidence={"scope": "generalization"})
+    wire = pb.PhaseEvent.FromString(event_to_proto("r", event).SerializeToString())
+    assert (wire.kind, wire.series, wire.phase) == (
+        pb.EVENT_KIND_COLLAPSE_END, "val_acc", pb.PHASE_STABILIZATION)
+    assert pb.EventKind.Name(wire.kind) == "EVENT_KIND_COLLAPSE_END"
+    assert dict(wire.evidence) == {"scope": "generalization", "detected_at_step": "950"}
+    assert kind_from_proto(wire.kind) is EventKind.COLLAPSE_END
+
+
 def test_status_to_proto():
     status = RunStatus(run_id="r", labels={"a": "b"}, phase=None, since_step=0,
                        confidence=0.0, last_step=-1, ended=False,

@@ -70,6 +70,8 @@ class RecordingEngine(Engine):
 class CollapseEngine(RecordingEngine):
     """Also reports COLLAPSE_ONSET, once per run, in answer to the first batch reaching step 10."""
 
+    evidence: dict[str, str] = {"test": "stand-in"}  # no scope: a training collapse
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.collapsed: set[str] = set()
@@ -84,13 +86,19 @@ class CollapseEngine(RecordingEngine):
             step=top,
             kind=EventKind.COLLAPSE_ONSET,
             detected_at=top,
-            series="loss",
+            series="val_acc" if self.evidence.get("scope") == "generalization" else "loss",
             confidence=0.99,
             message="test collapse",
             phase=Phase.COLLAPSE,
-            evidence={"test": "stand-in"},
+            evidence=dict(self.evidence),
         )
         return dataclasses.replace(result, events=(*result.events, event))
+
+
+class GeneralizationCollapseEngine(CollapseEngine):
+    """Reports a generalisation collapse instead: it must not stop training."""
+
+    evidence = {"test": "stand-in", "scope": "generalization"}
 
 
 class Server:
@@ -110,6 +118,13 @@ def detector() -> Iterator[Server]:
 @pytest.fixture
 def collapse_detector() -> Iterator[Server]:
     server = Server(CollapseEngine())
+    yield server
+    server.server.stop(0).wait(5)
+
+
+@pytest.fixture
+def generalization_collapse_detector() -> Iterator[Server]:
+    server = Server(GeneralizationCollapseEngine())
     yield server
     server.server.stop(0).wait(5)
 
@@ -335,6 +350,22 @@ def test_lightning_stops_on_collapse(collapse_detector: Server) -> None:
     assert callback.stop_event is not None and callback.stop_event.kind == "COLLAPSE_ONSET"
     assert seen and seen[0].kind == "COLLAPSE_ONSET"
     assert 10 <= trainer.global_step < 600
+
+
+def test_lightning_does_not_stop_on_a_generalization_collapse(
+    generalization_collapse_detector: Server,
+) -> None:
+    pytest.importorskip("lightning.pytorch")
+    from detector.integrations.lightning import PhasewatchCallback
+
+    seen: list[Any] = []
+    callback = PhasewatchCallback(generalization_collapse_detector.target, "lightning-gen",
+                                  config=FAST, every=1, stop_on_collapse=True, on_event=seen.append)
+    trainer = _lightning_fit(callback, max_epochs=10, delay=0.01)  # 40 steps, time to hear back
+    assert trainer.global_step == 40  # trained to the end
+    assert callback.stop_event is None and not callback.session.should_stop()
+    onsets = [(e.kind, e.evidence.get("scope")) for e in seen if e.kind == "COLLAPSE_ONSET"]
+    assert onsets == [("COLLAPSE_ONSET", "generalization")]  # it was reported, and ignored
 
 
 def test_lightning_hooks_swallow_errors() -> None:

@@ -41,6 +41,19 @@ LABEL_KEYS = (
 )
 
 
+NEW_LABEL_KEYS = {
+    "spikes",
+    "train_collapse_episodes",
+    "generalization_collapse_episodes",
+    "train_collapse_kind",
+    "loss_only",
+    "settled_step",
+    "variant_of",
+    "cadence",
+    "injected_spikes",
+}
+
+
 def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("phasewatch_make_runs", SCRIPT)
     assert spec is not None and spec.loader is not None
@@ -100,7 +113,9 @@ def test_labels_document_has_the_shared_keys(name: str) -> None:
         config=expected["config"],
         meta=meta,
     )
-    assert set(doc) == set(expected)
+    assert set(expected) <= set(doc)
+    assert set(doc) - set(expected) <= NEW_LABEL_KEYS
+    assert doc["variant_of"] is None and doc["cadence"] == expected["log_every"]
     assert doc["run_id"] == expected["run_id"]
     assert {k: doc[k] for k in LABEL_KEYS} == {k: expected[k] for k in LABEL_KEYS}
 
@@ -232,3 +247,99 @@ def test_training_reproduces_the_start_of_shared_runs() -> None:
         if max_steps:
             assert mr.train(config, 0)[0] == records
             assert mr.train(config, 1)[0][-1]["train_loss"] != records[-1]["train_loss"]
+
+
+# --- spikes, collapse episodes, settling, cadence variants (no torch) ---
+
+
+def test_loss_spikes_rule() -> None:
+    steps = list(range(0, 1000, 10))
+    loss = [1.0] * len(steps)
+    loss[30] = 1.6  # one line, 1.6x the median: a recovered spike
+    loss[55:60] = [3.0, None, 2.0, 1.6, 1.4]  # five lines, one non-finite; 1.4 is not high
+    loss[90:] = [5.0] * 10  # to the end: not recovered
+    spikes = mr.loss_spikes(steps, loss)
+    assert spikes == [
+        [300, 300, pytest.approx(1.6), True],
+        [550, 580, pytest.approx(3.0), True],
+        [900, 990, 5.0, False],
+    ]
+    # exactly 1.5x is not high; a falling loss is never high
+    assert mr.loss_spikes(steps, [1.0] * 40 + [1.5] + [1.0] * 59) == []
+    assert mr.loss_spikes(steps, [10.0 / (1 + i) for i in range(100)]) == []
+
+
+def test_loss_spike_needs_200_quiet_steps_to_recover() -> None:
+    steps = list(range(0, 600, 10))
+    loss = [1.0] * 60
+    loss[20] = 2.0
+    loss[35] = 2.0  # within 200 steps of the end of the first spike
+    got = mr.loss_spikes(steps, loss)
+    assert [s[3] for s in got] == [False, True]
+    # a long excursion keeps the last reference: it stays one episode
+    loss = [1.0] * 20 + [2.0] * 30 + [1.0] * 10
+    assert mr.loss_spikes(steps, loss) == [[200, 490, 2.0, False]]
+
+
+def _acc(step: int, train: float | None, test: float | None = 1.0) -> dict[str, Any]:
+    return {"step": step, "train_loss": 0.1, "train_acc": train, "test_acc": test}
+
+
+def test_collapse_episodes_rule() -> None:
+    train = [0.5, 0.85, 0.999, 0.95, 0.8, 0.7, 1.0, 0.89, None, 0.5]
+    test = [0.1, 0.2, 0.96, 0.93, 0.5, 0.89, 0.99, 0.95, 0.9, 0.91]
+    records = [_acc(10 * i, a, b) for i, (a, b) in enumerate(zip(train, test, strict=True))]
+    assert mr.collapse_episodes(records, "train_acc", 0.999, 0.90) == [[40, 50, True], [70, 90, False]]
+    assert mr.collapse_episodes(records, "test_acc", 0.95, 0.90) == [[40, 50, True]]
+    labels = mr.extra_labels(records)
+    assert labels["train_collapse_kind"] == "sustained"
+    assert labels["generalization_collapse_episodes"] == [[40, 50, True]]
+    assert labels["loss_only"] is False and labels["settled_step"] is None
+    # before memorisation nothing is flagged; absent keys are skipped
+    records = [_acc(0, 0.5), _acc(10, 1.0), {"step": 20, "train_loss": 1.0}, _acc(30, 0.5), _acc(40, 1.0)]
+    assert mr.collapse_episodes(records, "train_acc", 0.999, 0.90) == [[30, 30, True]]
+    assert mr.collapse_kind_of([[30, 30, True]]) == "transient"
+    assert mr.collapse_kind_of([]) == "none"
+
+
+def test_settled_step_and_loss_only_labels() -> None:
+    steps = list(range(0, 1000, 10))
+    val = [3.0 - 0.02 * i for i in range(100)]  # 3.0 ... 1.02: final (min of last 5) 1.02
+    assert mr.settled_step(steps, val) == 970  # 1.06 at 970 is within 0.05; 1.08 at 960 is not
+    val[95] = None  # a non-finite line before the settling point does not matter ...
+    assert mr.settled_step(steps, val) == 970
+    val[-1] = None  # ... and at the end: not settled
+    assert mr.settled_step(steps, val) is None
+    assert mr.settled_step(steps, [None] * 100) is None
+    records = [
+        {"step": s, "train_loss": 2.0, "val_loss": v, "lr": 0.1} for s, v in zip(steps, val, strict=True)
+    ]
+    labels = mr.labels_from_records(records, 0.1)
+    assert labels["loss_only"] is True and labels["settled_step"] is None
+    records[-1]["val_loss"] = 1.02
+    assert mr.labels_from_records(records, 0.1)["settled_step"] == 970
+    assert labels["memorisation_step"] is None and labels["is_grokking"] is False
+    assert labels["train_collapse_episodes"] == [] and labels["generalization_collapse_episodes"] == []
+
+
+def test_subsample_cadence_and_held_out_thinning() -> None:
+    records = [{"step": s, "train_loss": 1.0, "test_acc": 0.5, "val_loss": 2.0} for s in range(0, 101)]
+    c10 = mr.subsample(records, 10)
+    assert [r["step"] for r in c10] == list(range(0, 101, 10))
+    assert [r["step"] for r in mr.subsample(records, 50)] == [0, 50, 100]
+    e5 = mr.subsample(records, 10, held_out_every=5)
+    assert [r["step"] for r in e5 if "test_acc" in r] == [0, 50, 100]
+    assert [r["step"] for r in e5 if "val_loss" in r] == [0, 50, 100]
+    assert all("train_loss" in r for r in e5)
+    assert "test_acc" in records[10]  # the input is not modified
+
+
+def test_lr_schedule_and_injected_spikes() -> None:
+    cfg = {"lr": 1.0, "sched": "warmup_cosine", "warmup": 10, "max_steps": 110, "min_lr_frac": 0.1}
+    assert mr.lr_at(cfg, 0) == pytest.approx(0.1)
+    assert mr.lr_at(cfg, 9) == pytest.approx(1.0)
+    assert mr.lr_at(cfg, 60) == pytest.approx(0.55)
+    assert mr.lr_at(cfg, 110) == pytest.approx(0.1)
+    cfg = {"lr": 1.0, "lr_bursts": [[5, 2, 10.0]], "jump_at": 20, "jump_factor": 3.0}
+    assert [mr.lr_at(cfg, s) for s in (4, 5, 6, 7, 19, 20)] == [1.0, 10.0, 10.0, 1.0, 1.0, 3.0]
+    assert mr.injected_spikes({"perturb": [[400, 0.1]], "lr_bursts": [[5, 2, 10.0]]}) == [[5, 6], [400, 400]]

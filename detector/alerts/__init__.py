@@ -15,7 +15,14 @@ with :func:`build_sinks`.
 from __future__ import annotations
 
 from detector.alerts.dispatcher import AlertDispatcher, AlertStats, SinkStats
-from detector.alerts.model import ALERT_RULES, Alert, AlertBook, AlertPolicy, AlertRule
+from detector.alerts.model import (
+    ALERT_NAMES,
+    ALERT_RULES,
+    Alert,
+    AlertBook,
+    AlertPolicy,
+    AlertRule,
+)
 from detector.alerts.sinks import AlertmanagerSink, AlertSink, SinkError, WebhookSink
 from detector.errors import InvalidArgument
 
@@ -58,6 +65,7 @@ def build_sinks(
 
 
 __all__ = [
+    "ALERT_NAMES",
     "ALERT_RULES",
     "DEFAULT_RESEND_INTERVAL",
     "RESEND_INTERVAL_RANGE",

@@ -38,9 +38,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from detector.alerts.model import ALERT_RULES, Alert, AlertBook, AlertKey, AlertPolicy
+from detector.alerts.model import (
+    ALERT_RULES,
+    RESOLVING_KINDS,
+    Alert,
+    AlertBook,
+    AlertKey,
+    AlertPolicy,
+)
 from detector.alerts.sinks import AlertSink, SinkError
-from detector.core.types import Event, EventKind, infer_spec
+from detector.core.types import Event, infer_spec
 from detector.errors import InvalidArgument, PhasewatchError
 
 if TYPE_CHECKING:
@@ -49,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("phasewatch.alerts")
 
 # Kinds that raise or resolve an alert; the others never reach the queue.
-_RELEVANT_KINDS = frozenset(ALERT_RULES) | {EventKind.PLATEAU_END, EventKind.GROKKING_COMPLETE}
+_RELEVANT_KINDS = frozenset(ALERT_RULES) | RESOLVING_KINDS
 _MAX_BATCH = 500  # alerts per request: bounded bodies even after a long outage
 _MAX_DRAIN = 10_000  # events taken off the queue per cycle
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from detector.core.economy import EventEconomy
 from detector.core.labeller import LabellerConfig, PhaseLabeller
 from detector.core.series import SeriesConfig, SeriesDetector
 from detector.core.trend import TrendResult
@@ -50,6 +51,8 @@ class RunDetector:
         self.specs: dict[str, SeriesSpec] = {}
         self.detectors: dict[str, SeriesDetector] = {}
         self.labeller = PhaseLabeller(self.config.labeller)
+        self.economy = EventEconomy()
+        self.lines = 0  # lines taken (the economy's clock)
         # The newest events, for doctests and tools (callers keep their own history;
         # the engine keeps none here: ``keep_events=0``).
         self.events_so_far: deque[Event] = deque(maxlen=keep_events)
@@ -69,7 +72,9 @@ class RunDetector:
                 self.add_series(infer_spec(name))
             series_events += self.detectors[name].update(step, float(row[name]))
         run_events = self.labeller.update(step, row, self.detectors, series_events)
+        self.lines += 1
         events = series_events + run_events
+        events = self.economy.filter(events, [self.lines] * len(events), self.specs)
         self.events_so_far.extend(events)
         return events
 
@@ -116,6 +121,10 @@ class RunDetector:
                 for name in joins[int(lines[hi])]:
                     self.add_series(infer_spec(name))
             lo = hi
+        # Each event's line: the economy counts in lines, whatever the batching.
+        at = (self.lines + 1 + np.searchsorted(lines, [e.detected_at for e in events])).tolist()
+        self.lines += len(lines)
+        events = self.economy.filter(events, at, self.specs)
         self.events_so_far.extend(events)
         return events
 
@@ -158,6 +167,7 @@ class RunDetector:
         if not series_events or self.labeller.last_step is None:
             return series_events
         events = series_events + self.labeller.finish(self.labeller.last_step, series_events)
+        events = self.economy.filter(events, [self.lines] * len(events), self.specs)
         self.events_so_far.extend(events)
         return events
 
@@ -166,6 +176,8 @@ class RunDetector:
         return {
             "series": {name: det.state() for name, det in self.detectors.items()},
             "labeller": self.labeller.state(),
+            "economy": self.economy.state(),
+            "lines": self.lines,
         }
 
     @classmethod
@@ -177,6 +189,9 @@ class RunDetector:
             det.specs[name] = series.spec
             det.detectors[name] = series
         det.labeller = PhaseLabeller.from_state(state["labeller"])
+        if "economy" in state:  # checkpoints before the economy have none: a fresh one
+            det.economy = EventEconomy.from_state(state["economy"])
+            det.lines = state["lines"]
         det.labeller.set_specs(det.specs)
         return det
 

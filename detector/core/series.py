@@ -398,6 +398,8 @@ class SeriesDetector:
                     "penalty": f"{split.penalty:.4g}",
                     "noise": f"{split.noise:.4g}",
                     "direction": direction,
+                    "before": f"{before:.6g}",
+                    "after": f"{after:.6g}",
                     "detected_at_step": str(step),
                 },
             ))

@@ -50,6 +50,7 @@ class EventKind(enum.Enum):
     GROKKING_COMPLETE = "GROKKING_COMPLETE"
     LOSS_SPIKE = "LOSS_SPIKE"
     COLLAPSE_ONSET = "COLLAPSE_ONSET"
+    COLLAPSE_END = "COLLAPSE_END"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 callback: it connects when training starts, turns a framework's logged
 metrics (tensors, numpy scalars, numbers, other things) into finite-or-not
 floats under valid series names, runs an optional :class:`SpectralProbe`,
-remembers whether the detector reported ``COLLAPSE_ONSET`` (so the callback
+remembers whether the detector reported a training collapse (so the callback
 can stop the trainer), and closes at the end. Every method catches its own
 errors: a failure is logged once on the ``phasewatch.integrations`` logger and
 training goes on.
@@ -29,6 +29,28 @@ logger = logging.getLogger("phasewatch.integrations")
 F = TypeVar("F", bound=Callable[..., Any])
 
 STOP_EVENTS = frozenset({"COLLAPSE_ONSET"})
+# The collapse scope that stops training. A ``COLLAPSE_ONSET`` with evidence
+# ``scope=generalization`` (a held-out metric lost its gains while the training
+# metric holds) does not: training still works, it may recover (COLLAPSE_END),
+# and whether to stop, roll back or keep the best checkpoint is the user's call
+# (``on_event`` sees it). An onset without a scope is a training collapse.
+STOP_SCOPE = "training"
+
+
+def stops_training(event: Event) -> bool:
+    """Whether ``event`` is a collapse of training itself (the only one that stops a run).
+
+    >>> onset = Event(run_id="r", step=9, kind="COLLAPSE_ONSET")
+    >>> stops_training(onset)
+    True
+    >>> stops_training(Event(run_id="r", step=9, kind="COLLAPSE_ONSET",
+    ...                      evidence={"scope": "generalization"}))
+    False
+    """
+    if event.kind not in STOP_EVENTS:
+        return False
+    scope = str(event.evidence.get("scope", "") or STOP_SCOPE).strip().lower()
+    return scope != "generalization"
 
 
 def default_run_id(prefix: str) -> str:
@@ -196,7 +218,7 @@ class TrainingSession:
     # --- events ----------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        if event.kind in STOP_EVENTS and self.stop_event is None:
+        if self.stop_event is None and stops_training(event):
             self.stop_event = event
             self._stop.set()
             if self.stop_on_collapse:
@@ -208,7 +230,10 @@ class TrainingSession:
             self.user_on_event(event)  # the client catches and reports its errors
 
     def should_stop(self) -> bool:
-        """True once a collapse was reported and ``stop_on_collapse`` is set."""
+        """True once a training collapse was reported and ``stop_on_collapse`` is set.
+
+        A generalisation collapse (``scope=generalization``) never stops training.
+        """
         return self.stop_on_collapse and self._stop.is_set()
 
     def warn_once(self, key: str, message: str, *args: object) -> None:
@@ -239,7 +264,11 @@ class SessionView:
 
     @property
     def stop_event(self) -> Event | None:
-        """The ``COLLAPSE_ONSET`` event received, if any."""
+        """The training-scope ``COLLAPSE_ONSET`` event received, if any.
+
+        Generalisation collapses are not kept here (they do not stop training);
+        ``on_event`` sees them.
+        """
         return self.session.stop_event
 
 

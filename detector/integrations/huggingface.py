@@ -22,9 +22,11 @@ learning rate, ``grad_norm`` a norm.
 
 The run is opened at ``on_train_begin`` (on the main process only) and closed
 at ``on_train_end``. With ``stop_on_collapse=True`` the Trainer stops
-(``control.should_training_stop``) after the detector reports
-``COLLAPSE_ONSET``. No hook raises into the Trainer or waits on the network,
-except the close at the end (at most ``close_timeout`` seconds).
+(``control.should_training_stop``) after the detector reports a training
+collapse (``COLLAPSE_ONSET`` with ``scope=training``; a generalisation
+collapse, ``scope=generalization``, does not stop it). No hook raises into
+the Trainer or waits on the network, except the close at the end (at most
+``close_timeout`` seconds).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class PhasewatchCallback(SessionView, TrainerCallback):  # type: ignore[misc]
     labels, series, on_event, token, credentials, config
         As for :func:`detector.client.connect`.
     stop_on_collapse
-        Stop training once the detector reports ``COLLAPSE_ONSET``.
+        Stop training once the detector reports a training collapse
+        (``COLLAPSE_ONSET`` with ``scope=training``); a generalisation
+        collapse does not stop it.
     probe, probe_layers, probe_batch, probe_every, probe_kwargs
         A :class:`~detector.probe.SpectralProbe`, or the layers and fixed batch
         (a tensor, tuple or keyword mapping for the model) to build one on the

@@ -26,8 +26,11 @@ What it sends, at ``trainer.global_step``:
 
 The run is opened when training starts (on the global-zero process only) and
 closed when it ends, on an exception too. With ``stop_on_collapse=True`` the
-trainer stops (``trainer.should_stop``) after the detector reports
-``COLLAPSE_ONSET``; :attr:`PhasewatchCallback.stop_event` holds that event.
+trainer stops (``trainer.should_stop``) after the detector reports a
+training collapse (``COLLAPSE_ONSET`` with ``scope=training``);
+:attr:`PhasewatchCallback.stop_event` holds that event. A generalisation
+collapse (``scope=generalization``: a held-out metric fell while training
+holds) does not stop training; ``on_event`` sees it.
 No hook raises into the trainer or waits on the network, except ``close`` at
 the end (at most ``close_timeout`` seconds).
 """
@@ -65,7 +68,9 @@ class PhasewatchCallback(SessionView, Callback):  # type: ignore[misc]
     labels, series, on_event, token, credentials, config
         As for :func:`detector.client.connect`.
     stop_on_collapse
-        Stop training once the detector reports ``COLLAPSE_ONSET``.
+        Stop training once the detector reports a training collapse
+        (``COLLAPSE_ONSET`` with ``scope=training``); a generalisation
+        collapse does not stop it.
     every
         Send ``callback_metrics`` every ``every`` training steps; default the
         trainer's ``log_every_n_steps``.

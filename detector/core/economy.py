@@ -1,0 +1,99 @@
+"""Event economy: change points and plateaus only where a person would draw a line.
+
+The series detectors report every statistically supported break and plateau;
+on real runs with dozens of series that is a flood. :class:`EventEconomy`
+decides which of those reach the user:
+
+* a ``CHANGE_POINT`` of an accuracy-like series pinned at its bound (both sides
+  within ``pinned_tolerance`` of 1, or of 100 for percent) says nothing;
+* parallel series of one kind (names equal once digits are blanked:
+  ``layer3.weight_norm`` and ``layer17.weight_norm``) share one allowance, so
+  44 per-layer norms speak as one;
+* each such group may report ``burst`` events at once, and then one per
+  ``lines_per_event`` logged lines (a token bucket counted in lines of the
+  run): on a long stationary stretch, at most 1 per 100 lines. The next event
+  let through says how many were held back (evidence ``suppressed``).
+
+Run-level events (phases, spikes, collapses, grokking) are never held back.
+O(1) an event; state: a few numbers per group.
+
+>>> from detector.core.types import Event, EventKind
+>>> economy = EventEconomy()
+>>> cps = [Event(step=s, kind=EventKind.CHANGE_POINT, detected_at=s, series=f"layer{s % 3}.norm")
+...        for s in range(10)]
+>>> [e.step for e in economy.filter(cps, [0] * 10)]
+[0, 1, 2]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+
+from detector.core.types import Event, EventKind, Role, SeriesSpec
+
+_SERIES_KINDS = frozenset({EventKind.CHANGE_POINT, EventKind.PLATEAU_START, EventKind.PLATEAU_END})
+_DIGITS = re.compile(r"\d+")
+
+
+def group_of(name: str) -> str:
+    """The kind of series ``name`` is one of (digits blanked)."""
+    return _DIGITS.sub("#", name)
+
+
+class EventEconomy:
+    """Holds back series events beyond each group's allowance (see the module)."""
+
+    def __init__(self, burst: int = 3, lines_per_event: int = 100, pinned_tolerance: float = 0.01) -> None:
+        self.burst = burst
+        self.lines_per_event = lines_per_event
+        self.pinned_tolerance = pinned_tolerance
+        self.groups: dict[str, list[float]] = {}  # group -> [tokens, line of last refill, held back]
+
+    def filter(self, events: Sequence[Event], lines: Sequence[int],
+               specs: dict[str, SeriesSpec] | None = None) -> list[Event]:
+        """The events to report; ``lines[i]`` is the run's line count when ``events[i]`` was found."""
+        out = []
+        for event, line in zip(events, lines, strict=True):
+            if event.kind not in _SERIES_KINDS:
+                out.append(event)
+                continue
+            if self._pinned(event, specs):
+                continue
+            group = self.groups.setdefault(group_of(event.series), [float(self.burst), line, 0])
+            group[0] = min(self.burst, group[0] + (line - group[1]) / self.lines_per_event)
+            group[1] = line
+            if group[0] < 1:
+                group[2] += 1
+                continue
+            group[0] -= 1
+            if group[2]:
+                event = replace(event, evidence={**event.evidence, "suppressed": str(int(group[2]))})
+                group[2] = 0
+            out.append(event)
+        return out
+
+    def _pinned(self, event: Event, specs: dict[str, SeriesSpec] | None) -> bool:
+        if event.kind is not EventKind.CHANGE_POINT or specs is None:
+            return False
+        spec = specs.get(event.series)
+        if spec is None or spec.role is not Role.ACCURACY:
+            return False
+        try:
+            before, after = float(event.evidence["before"]), float(event.evidence["after"])
+        except (KeyError, ValueError):
+            return False
+        bound = 100.0 if max(before, after) > 1.5 else 1.0
+        return min(before, after) >= bound * (1 - self.pinned_tolerance)
+
+    def state(self) -> dict:
+        return {"burst": self.burst, "lines_per_event": self.lines_per_event,
+                "pinned_tolerance": self.pinned_tolerance,
+                "groups": {k: list(v) for k, v in self.groups.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> EventEconomy:
+        economy = cls(state["burst"], state["lines_per_event"], state["pinned_tolerance"])
+        economy.groups = {k: list(v) for k, v in state["groups"].items()}
+        return economy

@@ -1,0 +1,280 @@
+"""The phase labeller: turns a run's lines into phases and run events.
+
+It speaks of roles, never of metric names: "the training loss-like series",
+"the held-out accuracy-like series". With only some roles present it uses what
+is there: losses alone still give spikes, collapse and loss-based phases.
+
+The rules live in :mod:`detector.core.labeller.rules`, one class each
+(training-loss excursions, generalisation collapse, generalisation and
+grokking, loss-only phases), the settings and the reasons for their defaults
+in :mod:`~detector.core.labeller.config`, the phase timeline (collapse is a
+phase that can end) in :mod:`~detector.core.labeller.timeline`. Every duration
+is in steps or relative to the run's own time scale, never in logged lines.
+
+Accuracies logged in percent are recognised per run: once any accuracy-like
+series shows a value above 1.5, every accuracy is read in percent (state kept
+so far is rescaled), so a held-out accuracy that never leaves 0.9 % is not
+read as 90 %.
+
+Cost: O(1) a line (see the rules); state is plain data (``state()`` is a
+dict of numbers, strings and lists), bounded whatever the run's length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import numpy as np
+
+from detector.core.labeller.config import LabellerConfig
+from detector.core.labeller.rules import (
+    Generalisation,
+    GeneralisationCollapse,
+    LossExcursions,
+    LossOnlyPhases,
+)
+from detector.core.labeller.timeline import Timeline
+from detector.core.trend import TrendResult
+from detector.core.types import Event, Phase, Role, Segment, SeriesSpec, Split
+
+__all__ = ["LabellerConfig", "LineBlock", "PhaseLabeller", "Roles"]
+
+STATE_VERSION = 3
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which series play which part; resolved from specs whenever a series is added."""
+
+    train_loss: str | None
+    val_loss: str | None
+    train_acc: str | None
+    val_acc: str | None
+    ranks: tuple[str, ...]
+
+    @classmethod
+    def resolve(cls, specs: Mapping[str, SeriesSpec]) -> Roles:
+        def pick(role: Role, splits: Sequence[Split]) -> str | None:
+            for split in splits:
+                names = sorted(n for n, s in specs.items() if s.role is role and s.split is split)
+                if names:
+                    return names[0]
+            return None
+
+        held_out = (Split.VAL, Split.TEST)
+        return cls(
+            train_loss=pick(Role.LOSS, (Split.TRAIN,)),
+            val_loss=pick(Role.LOSS, held_out),
+            train_acc=pick(Role.ACCURACY, (Split.TRAIN,)),
+            val_acc=pick(Role.ACCURACY, held_out),
+            ranks=tuple(sorted(n for n, s in specs.items() if s.role is Role.RANK)),
+        )
+
+    @property
+    def headline_loss(self) -> str | None:
+        return self.train_loss or self.val_loss
+
+
+class PhaseLabeller:
+    """Combines a run's role series into phases and run events, one line at a time.
+
+    >>> labeller = PhaseLabeller()
+    >>> labeller.set_specs({"train_loss": SeriesSpec("train_loss", Role.LOSS, Split.TRAIN, None)})
+    >>> events = []
+    >>> for step in range(0, 2000, 10):
+    ...     loss = 1.0 / (1 + step) * (40 if step == 1000 else 1)
+    ...     events += labeller.update(step, {"train_loss": loss}, {}, [])
+    >>> [(e.kind.value, e.step, e.evidence["factor"]) for e in events if e.kind.value == "LOSS_SPIKE"]
+    [('LOSS_SPIKE', 1000, '38')]
+    """
+
+    def __init__(self, config: LabellerConfig | None = None) -> None:
+        self.config = config or LabellerConfig()
+        c = self.config
+        self.roles = Roles(None, None, None, None, ())
+        self.last_step: int | None = None
+        self.last_gap = 1
+        self.first_step = 0
+        self.percent = False
+        self.timeline = Timeline(c.max_boundaries)
+        self.excursions = LossExcursions(c)
+        self.generalisation_collapse = GeneralisationCollapse(c)
+        self.generalisation = Generalisation(c)
+        self.loss_only = LossOnlyPhases(c)
+
+    # --- state ------------------------------------------------------------------
+
+    _RULES = ("excursions", "generalisation_collapse", "generalisation", "loss_only")
+
+    def state(self) -> dict:
+        """Plain data: numbers, strings, None, lists and dicts of those."""
+        return {
+            "version": STATE_VERSION,
+            "config": {f.name: getattr(self.config, f.name) for f in fields(LabellerConfig)},
+            "last_step": self.last_step, "last_gap": self.last_gap, "first_step": self.first_step,
+            "percent": self.percent, "timeline": self.timeline.state(),
+            **{name: getattr(self, name).state() for name in self._RULES},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> PhaseLabeller:
+        """Settings added since the state was written take their defaults. A state of
+        an older labeller (before version 3) gives a fresh labeller that keeps its
+        phase timeline: the rules' evidence starts again from the next line."""
+        saved = state["config"] if isinstance(state["config"], dict) else vars(state["config"])
+        config = LabellerConfig(**{f.name: saved[f.name] for f in fields(LabellerConfig) if f.name in saved})
+        labeller = cls(config)
+        if state.get("version") != STATE_VERSION:
+            labeller.last_step, labeller.last_gap = state.get("last_step"), state.get("last_gap", 1)
+            labeller.first_step = state.get("first_step", 0)
+            labeller.timeline.boundaries = list(state.get("boundaries", []))
+            return labeller
+        labeller.last_step, labeller.last_gap = state["last_step"], state["last_gap"]
+        labeller.first_step, labeller.percent = state["first_step"], state["percent"]
+        labeller.timeline = Timeline.from_state(state["timeline"])
+        for name in cls._RULES:
+            getattr(labeller, name).load(state[name])
+        return labeller
+
+    def set_specs(self, specs: Mapping[str, SeriesSpec]) -> None:
+        self.roles = Roles.resolve(specs)
+
+    # --- lines --------------------------------------------------------------------
+
+    def update(
+        self,
+        step: int,
+        row: Mapping[str, float],
+        detectors: Mapping | None = None,
+        series_events: Sequence[Event] = (),
+        trend_of: Callable[[str], TrendResult | None] | None = None,
+    ) -> list[Event]:
+        """One line: ``row`` its values (series without a value on it are absent).
+        ``detectors``, ``series_events`` and ``trend_of`` are accepted for the run
+        detector's calling convention; the rules read only the role series."""
+        r = self.roles
+        return self._line(step, _get(row, r.train_loss), _get(row, r.val_loss),
+                          _get(row, r.train_acc), _get(row, r.val_acc))
+
+    def _line(self, step: int, train_loss: float | None, val_loss: float | None,
+              train_acc: float | None, val_acc: float | None) -> list[Event]:
+        if self.last_step is not None and step > self.last_step:
+            self.last_gap = step - self.last_step
+        if self.last_step is None:
+            self.first_step = step
+            self.timeline.start(step)
+        self.last_step = step
+        train_acc = self._fraction(train_acc)
+        val_acc = self._fraction(val_acc)
+        r, timeline = self.roles, self.timeline
+        events: list[Event] = []
+        loss_name = r.headline_loss
+        loss = train_loss if r.train_loss else val_loss
+        gen = self.generalisation
+        memorised = None if gen.memorised_at is None else gen.memorised_at - self.first_step
+        if loss is not None:
+            events += self.excursions.update(step, loss, loss_name, self.first_step, memorised, timeline)
+        if val_acc is not None and r.val_acc:
+            events += self.generalisation_collapse.update(
+                step, val_acc, self.excursions.quiet, r.val_acc, timeline)
+        if timeline.collapsed:
+            return events
+        gen.memorisation(step, train_acc, train_loss, self.excursions.first)
+        if r.val_acc:
+            events += gen.update(step, val_acc, val_loss, self.first_step, r.val_acc, r.val_loss, timeline)
+        elif loss_name is not None and self.excursions.quiet:
+            headline = val_loss if r.val_loss else train_loss
+            if headline is not None:
+                events += self.loss_only.update(step, headline, self.first_step,
+                                                r.val_loss or r.train_loss, timeline)
+        return events
+
+    def _fraction(self, value: float | None) -> float | None:
+        if value is None:
+            return None
+        if not self.percent and value > 1.5 and math.isfinite(value):
+            self.percent = True
+            self.generalisation.scale(0.01)
+            self.generalisation_collapse.scale(0.01)
+        return value / 100.0 if self.percent else value
+
+    # --- a block of lines -----------------------------------------------------------
+
+    def update_block(
+        self,
+        steps: np.ndarray,
+        view: LineBlock,
+        detectors: Mapping | None,
+        at_line: dict[int, list[Event]],
+    ) -> list[Event]:
+        """:meth:`update` on every line of a block, each line's series events first.
+
+        ``view`` gives the block's columns; ``at_line`` the series events by step
+        (popped as their lines are taken). The role columns are read once into
+        Python lists, so a line costs only the rules' scalar work. O(lines).
+        """
+        r = self.roles
+        columns = [_column_list(view, name) for name in (r.train_loss, r.val_loss, r.train_acc, r.val_acc)]
+        events: list[Event] = []
+        for i, step in enumerate(steps.tolist()):
+            if at_line:
+                series_events = at_line.pop(step, None)
+                if series_events:
+                    events += series_events
+            run_events = self._line(step, *(None if col is None else col[i] for col in columns))
+            if run_events:
+                events += run_events
+        return events
+
+    def finish(self, step: int, series_events: Sequence[Event]) -> list[Event]:
+        """The run has ended (see ``RunDetector.finish``): no rule waits on the end."""
+        return []
+
+    # --- phases -------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase | None:
+        return self.timeline.phase
+
+    @property
+    def boundaries(self) -> list[tuple[int, Phase, float]]:
+        return self.timeline.boundaries
+
+    def current(self) -> tuple[Phase | None, int, float]:
+        return self.timeline.current()
+
+    def segments(self) -> list[Segment]:
+        if not self.timeline.boundaries or self.last_step is None:
+            return []
+        return self.timeline.segments(self.last_step + self.last_gap)
+
+
+def _get(row: Mapping[str, float], name: str | None) -> float | None:
+    if name is None:
+        return None
+    value = row.get(name)
+    return None if value is None else float(value)
+
+
+def _column_list(view: LineBlock, name: str | None) -> list[float | None] | None:
+    if name is None:
+        return None
+    col = view.column(name)
+    if col is None:
+        return None
+    values, present = col
+    if present.all():
+        return values.tolist()
+    return [v if p else None for v, p in zip(values.tolist(), present.tolist(), strict=True)]
+
+
+class LineBlock(Protocol):
+    """A block of lines as :meth:`PhaseLabeller.update_block` reads it: its steps
+    and, per series, its values on every line (NaN where absent) and where present."""
+
+    steps: np.ndarray
+
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None: ...

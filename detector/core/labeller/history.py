@@ -1,0 +1,154 @@
+"""Small, bounded summaries of one series that the labeller's rules read.
+
+* :class:`Band`: the recent level of a series (median of its last values that
+  were not part of an excursion) and its typical line-to-line change.
+* :class:`StepHistory`: the series' means over bins of steps, at most a fixed
+  number of bins since a start; bins widen as the run grows, so they cover equal
+  spans of steps whatever the logging cadence.
+
+Both are plain data (``state()`` / ``from_state()`` give and take dicts of
+numbers and lists).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections import deque
+
+import numpy as np
+
+
+class Band:
+    """Recent level and robust noise of a series, from the values it is given.
+
+    ``level`` is the median of the last ``size`` values; ``noise`` the
+    exponentially weighted (1/10 per value, plain mean over the first ten) mean
+    absolute difference of consecutive values. O(size) a value, O(size) memory.
+
+    >>> band = Band(5)
+    >>> for v in [1.0, 1.1, 0.9, 1.0, 1.05]:
+    ...     band.add(v)
+    >>> band.level, round(band.noise, 3)
+    (1.0, 0.113)
+    """
+
+    def __init__(self, size: int = 9) -> None:
+        self.size = size
+        self.values: deque[float] = deque(maxlen=size)
+        self.noise = 0.0
+        self.diffs = 0
+        self._level = math.nan
+
+    def add(self, value: float) -> None:
+        if self.values:
+            change = abs(value - self.values[-1])
+            self.diffs += 1
+            self.noise += (change - self.noise) / min(self.diffs, 10)
+        self.values.append(value)
+        self._level = math.nan
+
+    @property
+    def ready(self) -> bool:
+        return len(self.values) >= 3
+
+    @property
+    def level(self) -> float:
+        if math.isnan(self._level) and self.values:
+            ordered = sorted(self.values)
+            n = len(ordered)
+            self._level = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+        return self._level
+
+    def scale(self, factor: float) -> None:
+        """Rescale every value (an accuracy found to be in percent)."""
+        self.values = deque((v * factor for v in self.values), maxlen=self.size)
+        self.noise *= factor
+        self._level = math.nan
+
+    def state(self) -> dict:
+        return {"size": self.size, "values": list(self.values), "noise": self.noise, "diffs": self.diffs}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Band:
+        band = cls(state["size"])
+        band.values.extend(state["values"])
+        band.noise, band.diffs = state["noise"], state["diffs"]
+        return band
+
+
+class StepHistory:
+    """Means of a series over bins of steps: at most ``capacity`` bins.
+
+    Until the first merge a bin holds one value; when ``capacity`` is exceeded,
+    neighbouring bins are merged in pairs and the bin width (in steps) becomes
+    what holds the span in half the bins, doubling at every later merge. So the
+    bins cover about equal step spans whether the series was logged every step
+    or every 100. O(1) amortised a value, O(capacity) memory.
+
+    >>> h = StepHistory(8)
+    >>> for step in range(0, 100, 5):
+    ...     _ = h.add(step, float(step))
+    >>> len(h.starts) <= 8, h.starts[0], round(float(h.means()[-1]), 1)
+    (True, 0, 87.5)
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self.width = 0
+        self.starts: list[int] = []
+        self.sums: list[float] = []
+        self.counts: list[int] = []
+
+    def add(self, step: int, value: float) -> bool:
+        """Add a value; True when it opened a new bin."""
+        if self.starts and step < self.starts[-1] + self.width:
+            self.sums[-1] += value
+            self.counts[-1] += 1
+            return False
+        self.starts.append(step)
+        self.sums.append(value)
+        self.counts.append(1)
+        if len(self.starts) > self.capacity:
+            self._merge_pairs()
+        return True
+
+    def _merge_pairs(self) -> None:
+        span = self.starts[-1] - self.starts[0]
+        self.width = max(2 * self.width, math.ceil(span / (self.capacity // 2)), 1)
+        starts, sums, counts = [], [], []
+        for i in range(0, len(self.starts) - 1, 2):
+            starts.append(self.starts[i])
+            sums.append(self.sums[i] + self.sums[i + 1])
+            counts.append(self.counts[i] + self.counts[i + 1])
+        if len(self.starts) % 2:
+            starts.append(self.starts[-1])
+            sums.append(self.sums[-1])
+            counts.append(self.counts[-1])
+        self.starts, self.sums, self.counts = starts, sums, counts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def means(self) -> np.ndarray:
+        return np.asarray(self.sums) / np.asarray(self.counts)
+
+    def mean_at(self, step: int) -> float:
+        """The mean of the bin that holds ``step`` (the first bin before it starts)."""
+        if not self.starts:
+            return math.nan
+        i = max(0, bisect_right(self.starts, step) - 1)
+        return self.sums[i] / self.counts[i]
+
+    def state(self) -> dict:
+        return {"capacity": self.capacity, "width": self.width, "starts": list(self.starts),
+                "sums": list(self.sums), "counts": list(self.counts)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> StepHistory:
+        history = cls(state["capacity"])
+        history.width = state["width"]
+        history.starts, history.sums, history.counts = (
+            list(state["starts"]), list(state["sums"]), list(state["counts"]))
+        return history
+
