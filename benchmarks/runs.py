@@ -38,8 +38,9 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    ``recovered`` true (``peak_factor`` >= 2 for recall, >= 1.5 reported
    separately), else recovered ``train_collapse_episodes``, else
    ``collapse_kind == transient_spike`` ([collapse_step,
-   collapse_recovered_step]). Found = a ``LOSS_SPIKE``, or an ended
-   training-scope ``COLLAPSE_ONSET``, located in [first - 2 L, last + 2 L].
+   collapse_recovered_step]). Found = a ``LOSS_SPIKE`` located in [first - 2 L,
+   last + 2 L], or a training-scope collapse open during that window and ended
+   by ``COLLAPSE_END`` (a burst of excursions called one collapse that recovered).
 6. Generalisation collapse: ``generalization_collapse_episodes`` with last -
    first >= 2 L. Test-only (no train-collapse episode overlaps [first, last]):
    found = a generalization-scope collapse open (from its ``COLLAPSE_ONSET`` to
@@ -213,6 +214,11 @@ def sustained_step(labels: dict) -> int | None:
         episodes = _episodes(labels, "train_collapse_episodes")
         if episodes:
             return episodes[-1][0]
+    # Loss-only or never-memorising runs: a loss excursion that never recovers and
+    # lasts to the end of the log (generated ``spikes``).
+    spikes = _spikes(labels)
+    if spikes and not spikes[-1][3] and labels.get("last_step") in (None, spikes[-1][1]):
+        return int(spikes[-1][0])
     return None
 
 
@@ -383,13 +389,16 @@ def _score_collapses(s: RunScore, labels: dict, events: list[dict], by_kind: dic
     if is_quiet(labels):
         s.false_collapses = len(training)
     every = s.log_every
-    ended = [on for on, end in training if end is not None]
-    found_by = by_kind.get("LOSS_SPIKE", []) + ended
+    # A spike is found by a LOSS_SPIKE located in its window, or by a training
+    # collapse that was open during it and ended (a burst of excursions that the
+    # detector calls one collapse and its recovery).
+    spans = [(e["step"], e["step"]) for e in by_kind.get("LOSS_SPIKE", [])]
+    spans += [(on["step"], end["step"]) for on, end in training if end is not None]
     for attr, factor in (("spikes", 2.0), ("spikes15", 1.5)):
         windows = spike_windows(labels, factor)
         if windows is None or (attr == "spikes15" and "spikes" not in labels):
             continue
-        hits = sum(any(a - SPIKE_LINES * every <= e["step"] <= b + SPIKE_LINES * every for e in found_by)
+        hits = sum(any(x <= b + SPIKE_LINES * every and a - SPIKE_LINES * every <= y for x, y in spans)
                    for a, b in windows)
         setattr(s, attr, len(windows))
         setattr(s, attr + "_found", hits)
@@ -539,7 +548,9 @@ def score_cadence(runs: dict[str, tuple[RunScore, list[dict]]]) -> dict[str, dic
         for name in sorted(members):
             if name == ref:
                 continue
-            tol = max(runs[ref][0].cadence, runs[name][0].cadence)
+            # ``_e5`` variants log held-out series every 5th line: their interval.
+            tol = max(runs[ref][0].cadence * (5 if ref.endswith("_e5") else 1),
+                      runs[name][0].cadence * (5 if name.endswith("_e5") else 1))
             ok, bad, text = compare_cadence(runs[ref][1], runs[name][1], tol)
             if not ok:
                 result["passed"] = False

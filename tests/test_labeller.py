@@ -143,7 +143,7 @@ def test_generalising_soon_after_memorisation_is_not_grokking() -> None:
 
 
 def test_a_healthy_run_whose_test_accuracy_settles_below_training_is_not_grokking() -> None:
-    det = run(grokking_rows(mem_line=30, onset_line=200, n=600, settle=0.85))
+    det = run(grokking_rows(mem_line=30, onset_line=200, n=900, settle=0.85))
     assert kinds(det, EventKind.GROKKING_ONSET) == []
     assert det.current_phase()[0] is Phase.STABILIZATION
 

@@ -164,7 +164,7 @@ class RunDetector:
         series_events: list[Event] = []
         for name in sorted(self.detectors):
             series_events += self.detectors[name].finish()
-        if not series_events or self.labeller.last_step is None:
+        if self.labeller.last_step is None:
             return series_events
         events = series_events + self.labeller.finish(self.labeller.last_step, series_events)
         events = self.economy.filter(events, [self.lines] * len(events), self.specs)

@@ -99,6 +99,8 @@ class PhaseLabeller:
         self.last_gap = 1
         self.first_step = 0
         self.percent = False
+        self.train_recent: list[float] = []
+        self.train_best = -math.inf
         self.timeline = Timeline(c.max_boundaries)
         self.excursions = LossExcursions(c)
         self.generalisation_collapse = GeneralisationCollapse(c)
@@ -116,6 +118,7 @@ class PhaseLabeller:
             "config": {f.name: getattr(self.config, f.name) for f in fields(LabellerConfig)},
             "last_step": self.last_step, "last_gap": self.last_gap, "first_step": self.first_step,
             "percent": self.percent, "timeline": self.timeline.state(),
+            "train_recent": list(self.train_recent), "train_best": self.train_best,
             **{name: getattr(self, name).state() for name in self._RULES},
         }
 
@@ -134,6 +137,7 @@ class PhaseLabeller:
             return labeller
         labeller.last_step, labeller.last_gap = state["last_step"], state["last_gap"]
         labeller.first_step, labeller.percent = state["first_step"], state["percent"]
+        labeller.train_recent, labeller.train_best = list(state["train_recent"]), state["train_best"]
         labeller.timeline = Timeline.from_state(state["timeline"])
         for name in cls._RULES:
             getattr(labeller, name).load(state[name])
@@ -177,9 +181,12 @@ class PhaseLabeller:
         memorised = None if gen.memorised_at is None else gen.memorised_at - self.first_step
         if loss is not None:
             events += self.excursions.update(step, loss, loss_name, self.first_step, memorised, timeline)
+        if train_acc is not None and math.isfinite(train_acc):
+            self.train_recent = [*self.train_recent[-2:], train_acc]
+            self.train_best = max(self.train_best, sorted(self.train_recent)[len(self.train_recent) // 2])
         if val_acc is not None and r.val_acc:
             events += self.generalisation_collapse.update(
-                step, val_acc, self.excursions.quiet, r.val_acc, timeline)
+                step, val_acc, self._training_holds(), r.val_acc, timeline)
         if timeline.collapsed:
             return events
         gen.memorisation(step, train_acc, train_loss, self.excursions.first)
@@ -189,14 +196,26 @@ class PhaseLabeller:
             headline = val_loss if r.val_loss else train_loss
             if headline is not None:
                 events += self.loss_only.update(step, headline, self.first_step,
-                                                r.val_loss or r.train_loss, timeline)
+                                                r.val_loss or r.train_loss, timeline,
+                                                self.excursions.last_start)
         return events
+
+    def _training_holds(self) -> bool:
+        """The training metric holds: its accuracy (median of its last three values)
+        within ``generalisation_drop`` of the best it held, or, without accuracy, no
+        loss excursion open. A loss blip that leaves the accuracy at 1 holds."""
+        if self.roles.train_acc and self.train_recent:
+            level = sorted(self.train_recent)[len(self.train_recent) // 2]
+            return level >= self.train_best - self.config.generalisation_drop
+        return self.excursions.quiet
 
     def _fraction(self, value: float | None) -> float | None:
         if value is None:
             return None
         if not self.percent and value > 1.5 and math.isfinite(value):
             self.percent = True
+            self.train_recent = [v / 100 for v in self.train_recent]
+            self.train_best /= 100
             self.generalisation.scale(0.01)
             self.generalisation_collapse.scale(0.01)
         return value / 100.0 if self.percent else value
@@ -229,9 +248,10 @@ class PhaseLabeller:
                 events += run_events
         return events
 
-    def finish(self, step: int, series_events: Sequence[Event]) -> list[Event]:
-        """The run has ended (see ``RunDetector.finish``): no rule waits on the end."""
-        return []
+    def finish(self, step: int, series_events: Sequence[Event] = ()) -> list[Event]:
+        """The run has ended (see ``RunDetector.finish``): an excursion that was back
+        and settling is a spike (the run ended before it had settled for long)."""
+        return self.excursions.finish(self.roles.headline_loss or "")
 
     # --- phases -------------------------------------------------------------------
 

@@ -57,8 +57,8 @@ class LabellerConfig:
       least a tenth of the run's first loss (or is non-finite); a full-batch loss
       that creeps from 1e-7 to 1e-5 has not collapsed.
     * ``stable_fraction`` 0.25: a stable stretch must last a quarter of the time
-      since generalisation began (half, before it has reached
-      ``grokked_accuracy``: a slow creep must stop for longer).
+      since generalisation began (before it has reached ``grokked_accuracy``, as
+      long as the run took to get there: a slow creep must stop for longer).
     * ``progress_*``: hidden progress = after memorisation, the held-out loss
       falls by ``progress_min_change`` decades from its post-memorisation peak
       with a Mann–Kendall trend at ``progress_p_value``, over at least

@@ -94,7 +94,7 @@ class LossExcursions(_Plain):
     O(band_values) a line.
     """
 
-    _FIELDS = ("first", "run_min", "excursion", "collapse")
+    _FIELDS = ("first", "run_min", "excursion", "collapse", "last_start")
     _NESTED = {"band": Band, "interval": Interval}
 
     def __init__(self, config: LabellerConfig) -> None:
@@ -105,6 +105,7 @@ class LossExcursions(_Plain):
         self.interval = Interval()
         self.excursion: dict | None = None
         self.collapse: dict | None = None
+        self.last_start: int | None = None  # where the last excursion began
 
     @property
     def quiet(self) -> bool:
@@ -168,6 +169,7 @@ class LossExcursions(_Plain):
         if out:
             ref = self.band.level if self.band.ready else (y if finite else math.nan)
             horizon = self._horizon(step, first_step, memorised_steps)
+            self.last_start = step
             self.excursion = {
                 "start": step, "ref": ref, "ref_value": _unscale(ref), "thr": thr, "peak": y,
                 "peak_value": value, "bound": self._drift_bound(), "last_out": step, "last_y": y,
@@ -229,6 +231,13 @@ class LossExcursions(_Plain):
             Phase.COLLAPSE,
         )
         return [event, *timeline.open_collapse(TRAINING, ex["start"], step, 0.9, series)]
+
+    def finish(self, series: str) -> list[Event]:
+        """The run ended: an excursion back and settling is reported as a spike."""
+        ex = self.excursion
+        if ex is None or ex["back_at"] is None:
+            return []
+        return self._spike(self.interval.last, ex["last_y"], series)
 
     def _spike(self, step: int, y: float, series: str) -> list[Event]:
         ex = self.excursion
@@ -386,15 +395,17 @@ class Generalisation(_Plain):
       least max(``grokking_min_delay_steps``, the steps memorisation took) after
       memorisation (the labels' definition), located at the onset, with
       ``GROKKING_COMPLETE`` at that line;
-    * ``HIDDEN_PROGRESS``: after memorisation and before onset, the held-out
-      loss's step history (:class:`StepHistory`, reset at memorisation) falls
+    * ``HIDDEN_PROGRESS``: after memorisation, once as long as grokking's delay
+      (max(``grokking_min_delay_steps``, the steps memorisation took)), and before
+      onset, the held-out loss's step history (:class:`StepHistory`, reset at memorisation) falls
       ``progress_min_change`` decades from its peak with a Mann–Kendall trend,
       while the held-out accuracy is flat;
     * stabilisation: after onset, the held-out accuracy stays within
       ``stable_tolerance`` of its best, which rises no more than that, for
-      ``stable_fraction`` of the steps since onset (twice that before it
-      reaches ``grokked_accuracy``); a later rise of twice the tolerance is
-      abstraction again.
+      ``stable_fraction`` of the steps since onset (before it reaches
+      ``grokked_accuracy``: as many steps as it took from the onset, and a
+      quarter of the run so far); a later
+      rise of twice the tolerance is abstraction again.
     """
 
     _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "above_since", "onset_at",
@@ -455,7 +466,7 @@ class Generalisation(_Plain):
         events: list[Event] = []
         if (val_loss is not None and math.isfinite(val_loss) and self.progress is not None
                 and self.onset_at is None and self.hidden_progress_at is None):
-            events += self._hidden_progress(step, val_loss, loss_series)
+            events += self._hidden_progress(step, val_loss, first_step, loss_series)
         if val_acc is None or not math.isfinite(val_acc):
             return events
         c = self.config
@@ -514,8 +525,8 @@ class Generalisation(_Plain):
                    timeline: Timeline) -> list[Event]:
         c = self.config
         # Within the tolerance of its best, or of the series' own noise where a small
-        # test set makes it larger (the best of noisy values is itself high by ~4 sd).
-        tol = max(c.stable_tolerance, 4 * self.val_noise)
+        # test set makes it larger (the extremes of a long noisy stretch lie 5-6 sd apart).
+        tol = max(c.stable_tolerance, 5 * self.val_noise)
         value = _median(self.val_recent)  # the best of raw noisy values would creep up
         self.best = max(self.best, value)
         if (self.stable_since is None or value < self.best - tol
@@ -530,20 +541,29 @@ class Generalisation(_Plain):
         self.stable_min = min(self.stable_min, value)
         if timeline.phase is Phase.STABILIZATION:
             return []
-        # Relative to how long generalising took: from the onset once it has
-        # generalised, from the start of the run (twice as long) before.
+        # Relative to how long generalising took: a quarter of the time since the
+        # onset once it has generalised; before, as long as it took from the onset
+        # (and at least a quarter of the run so far).
         if self.best >= c.grokked_accuracy and self.onset_at is not None:
             span = c.stable_fraction * (self.stable_since - self.onset_at)
         else:
-            span = 2 * c.stable_fraction * (self.stable_since - first_step)
+            since_onset = self.stable_since - (self.onset_at if self.onset_at is not None else first_step)
+            span = max(4 * c.stable_fraction * since_onset,
+                       c.stable_fraction * (self.stable_since - first_step))
         needed = max(c.min_intervals * self.val_interval.gap, span)
         if step - self.stable_since >= needed:
             return timeline.enter(Phase.STABILIZATION, self.stable_since, step, 0.8, series)
         return []
 
-    def _hidden_progress(self, step: int, val_loss: float, series: str | None) -> list[Event]:
+    def _hidden_progress(self, step: int, val_loss: float, first_step: int,
+                         series: str | None) -> list[Event]:
         c = self.config
         if not self.progress.add(step, working_scale(Role.LOSS, val_loss)):
+            return []
+        # A warning of grokking, not of ordinary generalisation: only once a rise
+        # now could still be grokking's (the labels' delay has passed).
+        took = self.memorised_at - first_step
+        if step - self.memorised_at < max(c.grokking_min_delay_steps, took):
             return []
         means = self.progress.means()[:-1]  # complete bins only
         if len(means) < c.progress_min_bins:
@@ -582,7 +602,7 @@ class LossOnlyPhases(_Plain):
     Abstraction once the loss's step-history mean is ``settle_change`` × 5
     decades below its first bin (it is learning); stabilisation once it fell
     less than ``settle_change`` decades over the last ``settle_fraction`` of
-    the steps run (estimated from the means of the look-back's two halves);
+    the steps run (estimated from the medians of the look-back's two halves);
     abstraction again when it falls three times that. Located where found, never
     moved. O(history_bins) a line.
     """
@@ -597,7 +617,9 @@ class LossOnlyPhases(_Plain):
         self.first_mean = math.nan
 
     def update(self, step: int, loss: float, first_step: int, series: str,
-               timeline: Timeline) -> list[Event]:
+               timeline: Timeline, disturbed_at: int | None = None) -> list[Event]:
+        """``disturbed_at``: where the last loss excursion began; a look-back that
+        holds it compares a setback with its recovery, so it decides nothing."""
         if not math.isfinite(loss):
             return []
         c = self.config
@@ -616,16 +638,23 @@ class LossOnlyPhases(_Plain):
         look_back = c.settle_fraction * (step - first_step)
         if look_back < 2 * c.min_intervals * self.interval.gap:
             return []
-        # The fall over the look-back, from the means of its two halves (many bins
-        # each, so a noisy loss does not flip the phase): twice their difference.
+        if disturbed_at is not None and disturbed_at >= step - look_back:
+            return []
+        # The fall over the look-back, from the medians of its two halves' bins
+        # (many bins each, so neither noise nor a spike flips the phase): twice
+        # their difference.
         starts = np.asarray(self.history.starts)
         means = self.history.means()
         older = (starts >= step - look_back) & (starts < step - look_back / 2)
         newer = starts >= step - look_back / 2
         if older.sum() < 2 or newer.sum() < 2:
             return []
-        fall = 2 * float(means[older].mean() - means[newer].mean())
-        if phase is Phase.ABSTRACTION and fall < c.settle_change:
+        fall = 2 * float(np.median(means[older]) - np.median(means[newer]))
+        # Settled: it has stopped falling and its newest half is flat too (a
+        # setback and its recovery, below the spike threshold, is not settling).
+        newest = means[newer]
+        if (phase is Phase.ABSTRACTION and fall < c.settle_change
+                and float(newest.max() - newest.min()) <= 2 * c.settle_change):
             return timeline.enter(Phase.STABILIZATION, step, step, 0.6, series)
         if phase is Phase.STABILIZATION and fall > 3 * c.settle_change:
             return timeline.enter(Phase.ABSTRACTION, step, step, 0.6, series)
