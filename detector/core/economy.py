@@ -9,7 +9,7 @@ decides which of those reach the user:
 * parallel series of one kind (names equal once digits are blanked:
   ``layer3.weight_norm`` and ``layer17.weight_norm``) share one allowance, so
   44 per-layer norms speak as one;
-* each such group may report ``burst`` events at once, and then one per
+* each such group may report ``burst`` (8) events at once, and then one per
   ``lines_per_event`` logged lines (a token bucket counted in lines of the
   run): on a long stationary stretch, at most 1 per 100 lines. The next event
   let through says how many were held back (evidence ``suppressed``).
@@ -18,7 +18,7 @@ Run-level events (phases, spikes, collapses, grokking) are never held back.
 O(1) an event; state: a few numbers per group.
 
 >>> from detector.core.types import Event, EventKind
->>> economy = EventEconomy()
+>>> economy = EventEconomy(burst=3)
 >>> cps = [Event(step=s, kind=EventKind.CHANGE_POINT, detected_at=s, series=f"layer{s % 3}.norm")
 ...        for s in range(10)]
 >>> [e.step for e in economy.filter(cps, [0] * 10)]
@@ -45,7 +45,7 @@ def group_of(name: str) -> str:
 class EventEconomy:
     """Holds back series events beyond each group's allowance (see the module)."""
 
-    def __init__(self, burst: int = 3, lines_per_event: int = 100, pinned_tolerance: float = 0.01) -> None:
+    def __init__(self, burst: int = 8, lines_per_event: int = 100, pinned_tolerance: float = 0.01) -> None:
         self.burst = burst
         self.lines_per_event = lines_per_event
         self.pinned_tolerance = pinned_tolerance

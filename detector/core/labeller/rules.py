@@ -565,7 +565,7 @@ class Generalisation(_Plain):
         took = self.memorised_at - first_step
         if step - self.memorised_at < max(c.grokking_min_delay_steps, took):
             return []
-        means = self.progress.means()[:-1]  # complete bins only
+        means = self.progress.means()  # the newest bin may be partial: it is one value at least
         if len(means) < c.progress_min_bins:
             return []
         peak = int(means.argmax())
