@@ -270,14 +270,22 @@ class LossExcursions(_Plain):
         self.collapse = None
         self.band.add(y)
         located = col["back_since"]
-        event = make_event(
-            located, step, EventKind.COLLAPSE_END, series, 0.8,
+        return collapse_end(
+            timeline, TRAINING, col["start"], located, step, series,
             f"{series} is back near its level before the collapse of step {col['start']} "
-            f"since step {located}",
-            {"test": "recovered", "scope": TRAINING, "collapse_step": str(col["start"]),
-             "value": f"{value:.4g}", "level": f"{_unscale(ref):.4g}"},
-        )
-        return [event, *timeline.close_collapse(TRAINING, located, step, series)]
+            f"since step {located}", value, _unscale(ref))
+
+
+def collapse_end(timeline: Timeline, scope: str, began: int, located: int, step: int, series: str,
+                 message: str, value: float, level: float) -> list[Event]:
+    """``COLLAPSE_END`` of the ``scope`` collapse that began at ``began``, and the
+    phase change back to what the run was before (if no other collapse is open)."""
+    event = make_event(
+        located, step, EventKind.COLLAPSE_END, series, 0.8, message,
+        {"test": "recovered", "scope": scope, "collapse_step": str(began),
+         "value": f"{value:.4g}", "level": f"{level:.4g}"},
+    )
+    return [event, *timeline.close_collapse(scope, located, step, series)]
 
 
 def _unscale(y: float) -> float:
@@ -338,14 +346,10 @@ class GeneralisationCollapse(_Plain):
             located = col["back_since"]
             self.band.add(value)
             self.high = -math.inf
-            event = make_event(
-                located, step, EventKind.COLLAPSE_END, series, 0.8,
+            return collapse_end(
+                timeline, GENERALISATION, col["start"], located, step, series,
                 f"{series} is back to {value:.3f} (level {col['ref']:.3f} before the fall of step "
-                f"{col['start']}) since step {located}",
-                {"test": "recovered", "scope": GENERALISATION, "collapse_step": str(col["start"]),
-                 "value": f"{value:.4g}", "level": f"{col['ref']:.4g}"},
-            )
-            return [event, *timeline.close_collapse(GENERALISATION, located, step, series)]
+                f"{col['start']}) since step {located}", value, col["ref"])
         if self.dip is not None:
             dip = self.dip
             if value >= dip["ref"] - dip["thr"] / 2 or not training_holds:
