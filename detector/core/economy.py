@@ -9,9 +9,11 @@ decides which of those reach the user:
 * parallel series of one kind (names equal once digits are blanked:
   ``layer3.weight_norm`` and ``layer17.weight_norm``) share one allowance, so
   44 per-layer norms speak as one;
-* each such group may report ``burst`` (8) events at once, and then one per
-  ``lines_per_event`` logged lines (a token bucket counted in lines of the
-  run): on a long stationary stretch, at most 1 per 100 lines. The next event
+* each such group may report ``burst`` (8) change points at once (a run of
+  real changes: TCPD series hold up to about that many) but plateau starts and
+  ends one at a time (a slope test on a slowly drifting series flips back and
+  forth); then one event per ``lines_per_event`` logged lines in all (token
+  buckets counted in lines of the run). The next event
   let through says how many were held back (evidence ``suppressed``).
 
 Run-level events (phases, spikes, collapses, grokking) are never held back.
@@ -49,7 +51,8 @@ class EventEconomy:
         self.burst = burst
         self.lines_per_event = lines_per_event
         self.pinned_tolerance = pinned_tolerance
-        self.groups: dict[str, list[float]] = {}  # group -> [tokens, line of last refill, held back]
+        # group -> [tokens, line of last refill, held back, tokens for weak events]
+        self.groups: dict[str, list[float]] = {}
 
     def filter(self, events: Sequence[Event], lines: Sequence[int],
                specs: dict[str, SeriesSpec] | None = None) -> list[Event]:
@@ -61,13 +64,17 @@ class EventEconomy:
                 continue
             if self._pinned(event, specs):
                 continue
-            group = self.groups.setdefault(group_of(event.series), [float(self.burst), line, 0])
-            group[0] = min(self.burst, group[0] + (line - group[1]) / self.lines_per_event)
+            group = self.groups.setdefault(group_of(event.series), [float(self.burst), line, 0, 1.0])
+            refill = (line - group[1]) / self.lines_per_event
+            group[0] = min(self.burst, group[0] + refill)
+            group[3] = min(1.0, group[3] + refill)
             group[1] = line
-            if group[0] < 1:
+            plateau = event.kind is not EventKind.CHANGE_POINT
+            if group[0] < 1 or (plateau and group[3] < 1):
                 group[2] += 1
                 continue
             group[0] -= 1
+            group[3] = max(0.0, group[3] - 1)
             if group[2]:
                 event = replace(event, evidence={**event.evidence, "suppressed": str(int(group[2]))})
                 group[2] = 0
@@ -95,5 +102,5 @@ class EventEconomy:
     @classmethod
     def from_state(cls, state: dict) -> EventEconomy:
         economy = cls(state["burst"], state["lines_per_event"], state["pinned_tolerance"])
-        economy.groups = {k: list(v) for k, v in state["groups"].items()}
+        economy.groups = {k: [*v, 1.0][:4] for k, v in state["groups"].items()}
         return economy

@@ -1,0 +1,62 @@
+"""The event economy: which series events reach the user."""
+
+from __future__ import annotations
+
+import json
+
+from detector.core.economy import EventEconomy, group_of
+from detector.core.types import Event, EventKind, infer_spec
+
+
+def cp(step: int, series: str, **evidence: str) -> Event:
+    return Event(step=step, kind=EventKind.CHANGE_POINT, detected_at=step, series=series, evidence=evidence)
+
+
+def plateau(step: int, series: str, start: bool = True) -> Event:
+    kind = EventKind.PLATEAU_START if start else EventKind.PLATEAU_END
+    return Event(step=step, kind=kind, detected_at=step, series=series)
+
+
+def test_per_layer_series_share_one_allowance_and_the_next_event_says_what_was_held() -> None:
+    economy = EventEconomy(burst=2, lines_per_event=100)
+    events = [cp(10 * i, f"layer{i}.weight_norm") for i in range(6)]
+    kept = economy.filter(events, [1] * 6)
+    assert [e.series for e in kept] == ["layer0.weight_norm", "layer1.weight_norm"]
+    # 100 lines later one more token: the 4 held back are named on it.
+    [later] = economy.filter([cp(5000, "layer9.weight_norm")], [101])
+    assert later.evidence["suppressed"] == "4"
+    assert group_of("blocks.11.attn.norm") == group_of("blocks.3.attn.norm") != group_of("val_loss")
+
+
+def test_a_long_stationary_stretch_gets_at_most_one_event_per_100_lines() -> None:
+    economy = EventEconomy()
+    lines = list(range(1, 5001, 5))  # an event every 5 lines for 5000 lines
+    kept = economy.filter([cp(line, "grad_norm") for line in lines], lines)
+    assert len(kept) <= economy.burst + 5000 / 100
+
+
+def test_plateaus_come_one_at_a_time_change_points_in_a_burst() -> None:
+    economy = EventEconomy(burst=8)
+    flaps = [plateau(i, "weight_norm", start=i % 2 == 0) for i in range(6)]
+    assert len(economy.filter(flaps, [1] * 6)) == 1
+    economy = EventEconomy(burst=8)
+    assert len(economy.filter([cp(i, "test_loss") for i in range(6)], [1] * 6)) == 6
+
+
+def test_a_change_point_of_an_accuracy_pinned_at_its_bound_is_dropped() -> None:
+    economy = EventEconomy()
+    specs = {n: infer_spec(n) for n in ("train_acc", "train_pct_acc", "train_loss")}
+    events = [cp(1, "train_acc", before="0.999", after="1"),      # pinned at 1
+              cp(2, "train_pct_acc", before="99.95", after="100"),  # pinned at 100 %
+              cp(3, "train_acc", before="0.9", after="1"),          # a real rise
+              cp(4, "train_loss", before="0.999", after="1")]       # not an accuracy
+    assert [e.step for e in economy.filter(events, [1] * 4, specs)] == [3, 4]
+
+
+def test_run_level_events_pass_untouched_and_state_is_plain_data() -> None:
+    economy = EventEconomy(burst=1)
+    spike = Event(step=5, kind=EventKind.LOSS_SPIKE, detected_at=6, series="train_loss")
+    kept = economy.filter([cp(1, "a"), cp(2, "a"), spike], [1, 1, 1])
+    assert [e.kind for e in kept] == [EventKind.CHANGE_POINT, EventKind.LOSS_SPIKE]
+    restored = EventEconomy.from_state(json.loads(json.dumps(economy.state())))
+    assert restored.state() == economy.state()
