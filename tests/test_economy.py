@@ -41,6 +41,8 @@ def test_plateaus_come_one_at_a_time_change_points_in_a_burst() -> None:
     assert len(economy.filter(flaps, [1] * 6)) == 1
     economy = EventEconomy(burst=8)
     assert len(economy.filter([cp(i, "test_loss") for i in range(6)], [1] * 6)) == 6
+    # Change points do not use up the plateau's turn.
+    assert len(economy.filter([plateau(7, "test_loss")], [1])) == 1
 
 
 def test_a_change_point_of_an_accuracy_pinned_at_its_bound_is_dropped() -> None:

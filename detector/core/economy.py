@@ -74,7 +74,8 @@ class EventEconomy:
                 group[2] += 1
                 continue
             group[0] -= 1
-            group[3] = max(0.0, group[3] - 1)
+            if plateau:
+                group[3] -= 1
             if group[2]:
                 event = replace(event, evidence={**event.evidence, "suppressed": str(int(group[2]))})
                 group[2] = 0
