@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from detector.core import RunDetector
-from detector.core.series import SeriesDetector
 from detector.core.types import infer_spec
 from detector.engine import CHECKPOINT_VERSION, Engine, EngineConfig, _Run
 from tests.helpers import read_rows, rows_to_columns, shared_dir
@@ -192,27 +191,6 @@ def test_run_detector_update_many_equals_update_per_line() -> None:
         assert list(blocks.detectors) == list(per_line.detectors)  # series joined in the same order
         assert json.dumps(blocks.labeller.state()) == json.dumps(per_line.labeller.state())
     assert any(e.kind.value == "HIDDEN_PROGRESS" for e in expected)
-
-
-def test_trend_as_of_equals_trend_after_each_point() -> None:
-    spec = infer_spec("val_loss")
-    rng = np.random.default_rng(3)
-    values = np.exp(-np.arange(1500) / 400) * np.exp(rng.normal(0, 0.05, 1500))
-    values[rng.random(1500) < 0.03] = np.nan
-    one = SeriesDetector(spec)
-    trends = []
-    for i, value in enumerate(values):
-        one.update(i, float(value))
-        trends.append(one.trend)
-    block = SeriesDetector(spec)
-    chunk = 700  # longer than the window's half: answered from the block itself
-    for lo in range(0, 1500, chunk):
-        before = block.n_finite
-        part = values[lo : lo + chunk]
-        block.update_many(np.arange(lo, lo + len(part)), part)
-        counts = before + np.cumsum(np.isfinite(part))
-        for k, count in enumerate(counts):
-            assert block.trend_as_of(int(count)) == trends[lo + k]
 
 
 def test_checkpoint_round_trips_mid_run_with_held_points() -> None:

@@ -4,16 +4,16 @@
 ``update_many(columns)`` takes a block of lines as columns and gives the same
 events and state. Lines must come in increasing step order (the engine's
 reorder buffer sees to that). Cost per line is O(series) plus the bounded
-localisation work; in blocks, the series detectors run vectorised (about a
-microsecond a point) and the labeller takes stretches of lines where no rule
-can fire in bulk (``PhaseLabeller.update_block``), its O(1) state machine
-running only on the other lines.
+localisation work; in blocks, the series detectors run vectorised and the
+labeller (``PhaseLabeller.update_block``) reads its role columns once and runs
+its O(1) rules on each line; the event economy then decides which series
+events are reported (counted in lines, so whatever the batching).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +21,6 @@ import numpy as np
 from detector.core.economy import EventEconomy
 from detector.core.labeller import LabellerConfig, PhaseLabeller
 from detector.core.series import SeriesConfig, SeriesDetector
-from detector.core.trend import TrendResult
 from detector.core.types import Event, Phase, Segment, SeriesSpec, infer_spec
 from detector.errors import InvalidArgument
 
@@ -71,7 +70,7 @@ class RunDetector:
             if name not in self.detectors:
                 self.add_series(infer_spec(name))
             series_events += self.detectors[name].update(step, float(row[name]))
-        run_events = self.labeller.update(step, row, self.detectors, series_events)
+        run_events = self.labeller.update(step, row)
         self.lines += 1
         events = series_events + run_events
         events = self.economy.filter(events, [self.lines] * len(events), self.specs)
@@ -86,13 +85,11 @@ class RunDetector:
 
         ``lines`` is the sorted union of the steps, if the caller has it. Each
         series detector takes its points in blocks (``update_many``); then the
-        labeller runs over the block (quiet stretches in bulk), with each line's series events
-        (found by their ``detected_at``, series in name order), a lazy view of
-        the line's values and the val-loss trend as of that line
-        (:meth:`SeriesDetector.trend_as_of`). Blocks are cut where a series not
-        seen before starts (roles change there in the per-line path too).
-        O(points) in numpy plus O(1) Python per line a labeller rule may fire on;
-        no Python object per point.
+        labeller runs over the block line by line on its role columns, each
+        line's series events (found by their ``detected_at``, series in name
+        order) first. Blocks are cut where a series not seen before starts
+        (roles change there in the per-line path too). O(points) in numpy plus
+        O(1) Python per line; no Python object per point.
         """
         cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, (steps, values) in columns.items():
@@ -140,15 +137,11 @@ class RunDetector:
         if not parts:
             return []
         at_line: dict[int, list[Event]] = {}
-        finite_before: dict[str, int] = {}
         for name, (steps, values) in parts.items():
-            det = self.detectors[name]
-            finite_before[name] = det.n_finite
-            for event in det.update_many(steps, values):
+            for event in self.detectors[name].update_many(steps, values):
                 # A series event is found at the point it is stamped detected_at.
                 at_line.setdefault(event.detected_at, []).append(event)
-        view = _BlockView(lines, parts, finite_before, self.detectors)
-        events = self.labeller.update_block(lines, view, self.detectors, at_line)
+        events = self.labeller.update_block(lines, _BlockColumns(lines, parts), at_line)
         if at_line:  # cannot happen: every event is stamped with one of its points' steps
             raise AssertionError(f"series events at steps outside the block: {sorted(at_line)}")
         return events
@@ -166,7 +159,7 @@ class RunDetector:
             series_events += self.detectors[name].finish()
         if self.labeller.last_step is None:
             return series_events
-        events = series_events + self.labeller.finish(self.labeller.last_step, series_events)
+        events = series_events + self.labeller.finish()
         events = self.economy.filter(events, [self.lines] * len(events), self.specs)
         self.events_so_far.extend(events)
         return events
@@ -203,87 +196,27 @@ class RunDetector:
 
 
 
-class _BlockView(Mapping[str, float]):
-    """One line of a block as the labeller's ``row`` (the values of the series that
-    have a point at it), read lazily from the block's columns; ``line`` moves it.
-    O(1) a lookup; one object per block, none per point."""
+class _BlockColumns:
+    """A block's columns as the labeller reads them: per series, its values on
+    every line of the block (NaN where absent) and where it is present. Built only
+    for the series asked for (the labeller's roles), O(points) each."""
 
-    __slots__ = ("line", "steps", "_names", "_matrix", "_present", "_dense", "_finite_steps",
-                 "_finite_before", "_detectors", "_counts")
+    __slots__ = ("steps", "_parts")
 
-    def __init__(self, lines: np.ndarray, parts: BlockColumns, finite_before: Mapping[str, int],
-                 detectors: Mapping[str, SeriesDetector]) -> None:
-        self.line = 0
+    def __init__(self, lines: np.ndarray, parts: BlockColumns) -> None:
         self.steps = lines
-        self._names = {name: j for j, name in enumerate(parts)}
-        matrix = np.full((len(lines), len(parts)), np.nan)
-        present = np.zeros((len(lines), len(parts)), dtype=bool)
-        dense = True
-        for j, (steps, values) in enumerate(parts.values()):
-            if len(steps) == len(lines):
-                matrix[:, j] = values
-                present[:, j] = True
-            else:
-                dense = False
-                rows = np.searchsorted(lines, steps)
-                matrix[rows, j] = values
-                present[rows, j] = True
-        self._matrix = matrix
-        self._present = present
-        self._dense = dense
-        self._finite_steps = {name: steps[np.isfinite(values)] for name, (steps, values) in parts.items()}
-        self._finite_before = finite_before
-        self._detectors = detectors
-        self._counts: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> float:
-        j = self._names[name]  # KeyError: no such series in the block
-        if not self._dense and not self._present[self.line, j]:
-            raise KeyError(name)
-        return float(self._matrix[self.line, j])
-
-    def get(self, name: str, default: float | None = None) -> float | None:  # type: ignore[override]
-        j = self._names.get(name)
-        if j is None or (not self._dense and not self._present[self.line, j]):
-            return default
-        return float(self._matrix[self.line, j])
-
-    def __contains__(self, name: object) -> bool:
-        j = self._names.get(name)  # type: ignore[arg-type]
-        return j is not None and (self._dense or bool(self._present[self.line, j]))
-
-    def __iter__(self) -> Iterator[str]:
-        present = self._present[self.line]
-        return (name for name, j in self._names.items() if present[j])
-
-    def __len__(self) -> int:
-        return int(self._present[self.line].sum())
+        self._parts = parts
 
     def column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """Series ``name`` on every line (NaN where absent) and where it is present."""
-        j = self._names.get(name)
-        if j is None:
+        part = self._parts.get(name)
+        if part is None:
             return None
-        return self._matrix[:, j], self._present[:, j]
-
-    def trend_of(self, name: str) -> TrendResult | None:
-        """Series ``name``'s trend as of this line (its finite points up to it)."""
-        det = self._detectors[name]
-        if name not in self._names:  # no points in this chunk: its trend has not moved
-            return det.trend
-        return det.trend_as_of(int(self._finite_counts(name)[self.line]))
-
-    def trend_due(self, name: str, every: int) -> np.ndarray | None:
-        """Per line, the finite count at ``name``'s last trend update (every ``every``
-        finite points): lines with the same one have the same trend. None: no points here."""
-        if name not in self._names:
-            return None
-        return self._finite_counts(name) // every * every
-
-    def _finite_counts(self, name: str) -> np.ndarray:
-        counts = self._counts.get(name)
-        if counts is None:
-            counts = self._finite_before[name] + np.searchsorted(
-                self._finite_steps[name], self.steps, side="right")
-            self._counts[name] = counts
-        return counts
+        steps, values = part
+        if len(steps) == len(self.steps):
+            return values, np.ones(len(values), dtype=bool)
+        rows = np.searchsorted(self.steps, steps)
+        full = np.full(len(self.steps), np.nan)
+        present = np.zeros(len(self.steps), dtype=bool)
+        full[rows] = values
+        present[rows] = True
+        return full, present

@@ -53,6 +53,13 @@ def working_scale(role: Role, value: float) -> float:
     return float(value)
 
 
+def raw_scale(role: Role, y: float) -> float:
+    """The inverse of :func:`working_scale`: a working-scale value in the series' units."""
+    if role in _LOG_ROLES:
+        return math.copysign((10.0 ** min(abs(y), 300.0) - 1.0) * _SYMLOG_EPS, y)
+    return float(y)
+
+
 def working_scale_many(role: Role, values: np.ndarray) -> np.ndarray:
     """:func:`working_scale` of an array of finite values, in numpy."""
     if role in _LOG_ROLES:
@@ -165,10 +172,6 @@ class SeriesDetector:
         self.max_value: float = -math.inf
         self.in_plateau = False
         self.trend: TrendResult | None = None
-        # trend_as_of's last answer (due point, result) and the last block's values with
-        # their history (finite index of the first, values); not state: derived from values.
-        self._trend_cache: tuple[int, TrendResult | None] | None = None
-        self._block: tuple[int, np.ndarray] | None = None
 
     # --- update ---------------------------------------------------------------
 
@@ -197,15 +200,14 @@ class SeriesDetector:
         self.min_value = min(self.min_value, float(values.min()))
         self.max_value = max(self.max_value, float(values.max()))
         y = working_scale_many(self.spec.role, values)
-        # Enough history for the plateau windows, the trend test and trend_as_of of
-        # every point of the block (its due point may lie trend_every points back).
+        # Enough history for the plateau windows and the trend test at every due
+        # point of the block (one may lie trend_every points back).
         c = self.config
         history = max(self._plateau.patience - 1, c.trend_window + c.trend_every)
         prior = min(history, self._size)
         ext_values = np.concatenate([self._values[self._size - prior : self._size], y])
         ext_steps = np.concatenate([self._steps[self._size - prior : self._size], steps])
         n_before = self.n_finite
-        self._block = (n_before - prior, ext_values)
 
         tagged = self._change_points(steps, y)
         tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
@@ -219,42 +221,6 @@ class SeriesDetector:
     def recent(self, count: int) -> np.ndarray:
         """The last ``count`` finite values on the working scale (fewer early on)."""
         return self._values[max(0, self._size - count) : self._size].copy()
-
-    def trend_as_of(self, n_finite: int) -> TrendResult | None:
-        """:attr:`trend` as it was when this detector had taken ``n_finite`` finite points.
-
-        ``update`` recomputes the trend every ``trend_every`` finite points, so a
-        block update leaves only the block's last one in :attr:`trend`; a caller
-        going through the block line by line (the run detector's labeller) asks
-        for the one of each line here. It is recomputed from the last block's
-        values with their history, or from the held values (Mann–Kendall on
-        ``trend_window`` points, O(trend_window²), cached per due point), so it
-        answers for any point of the last block, whatever its length, and for
-        held points before it. Raises InvalidArgument otherwise.
-        """
-        every, window = self.config.trend_every, self.config.trend_window
-        last = (n_finite // every) * every
-        if n_finite > self.n_finite or n_finite < 0:
-            raise InvalidArgument(f"n_finite {n_finite} is not in 0..{self.n_finite}")
-        if last < window:
-            return None
-        if last == (self.n_finite // every) * every:
-            return self.trend  # the block's last one: computed already
-        cache = self._trend_cache
-        if cache is not None and cache[0] == last:
-            return cache[1]
-        first, values = self._block if self._block is not None else (0, np.zeros(0))
-        start = last - window - first  # index in the last block's values (with its history)
-        if start < 0 or last - first > len(values):
-            values = self._values
-            start = last - window - (self.n_finite - self._size)  # held index of the window start
-        if start < 0:
-            raise InvalidArgument(
-                f"the trend as of point {n_finite} needs points no longer held"
-            )
-        trend = mann_kendall(values[start : start + window])
-        self._trend_cache = (last, trend)
-        return trend
 
     # --- end of a run -------------------------------------------------------------
 
@@ -398,8 +364,8 @@ class SeriesDetector:
                     "penalty": f"{split.penalty:.4g}",
                     "noise": f"{split.noise:.4g}",
                     "direction": direction,
-                    "before": f"{before:.6g}",
-                    "after": f"{after:.6g}",
+                    "before": f"{raw_scale(self.spec.role, before):.6g}",  # in the series' units
+                    "after": f"{raw_scale(self.spec.role, after):.6g}",
                     "detected_at_step": str(step),
                 },
             ))

@@ -23,7 +23,7 @@ dict of numbers, strings and lists), bounded whatever the run's length.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -37,7 +37,6 @@ from detector.core.labeller.rules import (
     LossOnlyPhases,
 )
 from detector.core.labeller.timeline import Timeline
-from detector.core.trend import TrendResult
 from detector.core.types import Event, Phase, Role, Segment, SeriesSpec, Split
 
 __all__ = ["LabellerConfig", "LineBlock", "PhaseLabeller", "Roles"]
@@ -86,7 +85,7 @@ class PhaseLabeller:
     >>> events = []
     >>> for step in range(0, 2000, 10):
     ...     loss = 1.0 / (1 + step) * (40 if step == 1000 else 1)
-    ...     events += labeller.update(step, {"train_loss": loss}, {}, [])
+    ...     events += labeller.update(step, {"train_loss": loss})
     >>> [(e.kind.value, e.step, e.evidence["factor"]) for e in events if e.kind.value == "LOSS_SPIKE"]
     [('LOSS_SPIKE', 1000, '38')]
     """
@@ -148,17 +147,9 @@ class PhaseLabeller:
 
     # --- lines --------------------------------------------------------------------
 
-    def update(
-        self,
-        step: int,
-        row: Mapping[str, float],
-        detectors: Mapping | None = None,
-        series_events: Sequence[Event] = (),
-        trend_of: Callable[[str], TrendResult | None] | None = None,
-    ) -> list[Event]:
-        """One line: ``row`` its values (series without a value on it are absent).
-        ``detectors``, ``series_events`` and ``trend_of`` are accepted for the run
-        detector's calling convention; the rules read only the role series."""
+    def update(self, step: int, row: Mapping[str, float]) -> list[Event]:
+        """One line: ``row`` its values (series without a value on it are absent);
+        the rules read only the role series."""
         r = self.roles
         return self._line(step, _get(row, r.train_loss), _get(row, r.val_loss),
                           _get(row, r.train_acc), _get(row, r.val_acc))
@@ -226,7 +217,6 @@ class PhaseLabeller:
         self,
         steps: np.ndarray,
         view: LineBlock,
-        detectors: Mapping | None,
         at_line: dict[int, list[Event]],
     ) -> list[Event]:
         """:meth:`update` on every line of a block, each line's series events first.
@@ -248,7 +238,7 @@ class PhaseLabeller:
                 events += run_events
         return events
 
-    def finish(self, step: int, series_events: Sequence[Event] = ()) -> list[Event]:
+    def finish(self) -> list[Event]:
         """The run has ended (see ``RunDetector.finish``): an excursion that was back
         and settling is a spike (the run ended before it had settled for long)."""
         return self.excursions.finish(self.roles.headline_loss or "")

@@ -18,7 +18,7 @@ import numpy as np
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import Band, StepHistory
 from detector.core.labeller.timeline import Timeline, make_event
-from detector.core.series import working_scale
+from detector.core.series import raw_scale, working_scale
 from detector.core.trend import mann_kendall
 from detector.core.types import Event, EventKind, Phase, Role
 
@@ -171,8 +171,8 @@ class LossExcursions(_Plain):
             horizon = self._horizon(step, first_step, memorised_steps)
             self.last_start = step
             self.excursion = {
-                "start": step, "ref": ref, "ref_value": _unscale(ref), "thr": thr, "peak": y,
-                "peak_value": value, "bound": self._drift_bound(), "last_out": step, "last_y": y,
+                "start": step, "ref": ref, "ref_value": raw_scale(Role.LOSS, ref), "thr": thr, "peak": y,
+                "peak_value": value, "bound": self._drift_bound(), "last_y": y,
                 "horizon": horizon, "back_at": None,
                 "settle": horizon // 4,
             }
@@ -193,7 +193,7 @@ class LossExcursions(_Plain):
         ref = ex["ref"]
         if math.isnan(ref) and math.isfinite(y):
             ref = ex["ref"] = y
-            ex["ref_value"] = _unscale(y)
+            ex["ref_value"] = raw_scale(Role.LOSS, y)
         if ex["back_at"] is not None:
             # Settling: back, unless it jumps again before the settling time is up
             # (a loss that bounces back up has not recovered).
@@ -208,7 +208,6 @@ class LossExcursions(_Plain):
             if ex["settle"] <= 0:
                 return self._spike(step, y, series)
             return []
-        ex["last_out"] = step
         if ex["back_at"] is not None or step - ex["start"] < ex["horizon"]:
             return []
         self.excursion = None
@@ -226,7 +225,7 @@ class LossExcursions(_Plain):
             f"{series} {what} at step {ex['start']} and has not come back in {step - ex['start']} steps",
             {"test": "non_finite" if nonfinite else "excursion", "scope": TRAINING,
              "peak": f"{ex['peak_value']:.4g}",
-             "level": f"{_unscale(ref):.4g}" if math.isfinite(ref) else "nan",
+             "level": f"{raw_scale(Role.LOSS, ref):.4g}" if math.isfinite(ref) else "nan",
              "horizon_steps": str(ex["horizon"])},
             Phase.COLLAPSE,
         )
@@ -243,7 +242,7 @@ class LossExcursions(_Plain):
         ex = self.excursion
         self.excursion = None
         self.band.add(y)
-        self.run_min = min(self.run_min, _unscale(y))
+        self.run_min = min(self.run_min, raw_scale(Role.LOSS, y))
         ref = ex["ref"]
         factor = 10 ** min(ex["peak"] - ref, 300) if math.isfinite(ex["peak"]) else math.inf
         back = ex["back_at"]
@@ -273,7 +272,7 @@ class LossExcursions(_Plain):
         return collapse_end(
             timeline, TRAINING, col["start"], located, step, series,
             f"{series} is back near its level before the collapse of step {col['start']} "
-            f"since step {located}", value, _unscale(ref))
+            f"since step {located}", value, raw_scale(Role.LOSS, ref))
 
 
 def collapse_end(timeline: Timeline, scope: str, began: int, located: int, step: int, series: str,
@@ -286,11 +285,6 @@ def collapse_end(timeline: Timeline, scope: str, began: int, located: int, step:
          "value": f"{value:.4g}", "level": f"{level:.4g}"},
     )
     return [event, *timeline.close_collapse(scope, located, step, series)]
-
-
-def _unscale(y: float) -> float:
-    """The inverse of the working scale of a positive loss."""
-    return (10 ** y - 1) * 1e-10 if y < 300 else math.inf
 
 
 class GeneralisationCollapse(_Plain):
@@ -413,7 +407,7 @@ class Generalisation(_Plain):
     """
 
     _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "above_since", "onset_at",
-               "grokking", "complete_at", "best", "stable_since", "stable_best", "stable_min",
+               "complete_at", "best", "stable_since", "stable_best", "stable_min",
                "hidden_progress_at", "val_noise")
     _NESTED = {"val_interval": Interval, "progress": StepHistory}
 
@@ -425,7 +419,6 @@ class Generalisation(_Plain):
         self.val_base: float | None = None
         self.above_since: int | None = None
         self.onset_at: int | None = None
-        self.grokking = False
         self.complete_at: int | None = None
         self.best = -math.inf
         self.stable_since: int | None = None
@@ -510,7 +503,6 @@ class Generalisation(_Plain):
         waited = step - self.memorised_at
         if waited < max(c.grokking_min_delay_steps, took):
             return []
-        self.grokking = True
         located = self.onset_at if self.onset_at is not None else step
         evidence = {"baseline": f"{self.val_base:.4g}", "value": f"{value:.4g}",
                     "memorised_at_step": str(self.memorised_at), "grokked_at_step": str(step),
@@ -607,8 +599,8 @@ class LossOnlyPhases(_Plain):
     decades below its first bin (it is learning); stabilisation once it fell
     less than ``settle_change`` decades over the last ``settle_fraction`` of
     the steps run (estimated from the medians of the look-back's two halves);
-    abstraction again when it falls three times that. Located where found, never
-    moved. O(history_bins) a line.
+    abstraction again when it falls three times that, all decided when a step
+    bin opens. Located where found, never moved. O(1) amortised a line.
     """
 
     _FIELDS = ("first_mean",)
@@ -628,8 +620,9 @@ class LossOnlyPhases(_Plain):
             return []
         c = self.config
         self.interval.see(step)
-        self.history.add(step, working_scale(Role.LOSS, loss))
-        if len(self.history) < 2:
+        # Decided when a bin opens (O(history_bins), O(log lines) times a run):
+        # bins span equal steps, so that is cadence-free too.
+        if not self.history.add(step, working_scale(Role.LOSS, loss)) or len(self.history) < 2:
             return []
         if math.isnan(self.first_mean):
             self.first_mean = self.history.sums[0] / self.history.counts[0]
