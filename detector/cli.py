@@ -298,7 +298,10 @@ def _add_analyze(commands: Any) -> None:
     analyze = commands.add_parser(
         "analyze", help="detect phases and events in a run log, offline (no server)"
     )
-    analyze.add_argument("file", metavar="FILE", help="run log: JSON Lines or CSV with a step column")
+    analyze.add_argument("file", metavar="PATH",
+                         help="run log, told apart by content: JSON Lines, CSV (a Lightning "
+                         "metrics.csv), a Hugging Face trainer_state.json, TensorBoard event "
+                         "files, or a directory holding one of these")
     analyze.add_argument("--json", action="store_true",
                          help="print one JSON document: segments, events, change_points")
     analyze.add_argument("--plot", metavar="OUT.png",

@@ -1,14 +1,38 @@
-"""Read and write run logs: JSON Lines or CSV, one record per logged step.
+"""Read and write run logs: the files training jobs already write, one reader per format.
 
-JSON Lines: one object per line, ``{"step": 120, "train_loss": 0.41, ...}``.
-``null`` (or the strings ``"nan"``, ``"inf"``, ``"-inf"``) is a non-finite
-value, which is a point (NaN); a key absent from a line is no point for that
-series at that step. CSV: a header with a ``step`` column; an empty cell is no
-point, ``nan`` / ``inf`` are values, and ``None`` / ``null`` / ``NA`` / ``N/A``
-(what writers print for a missing value) are empty cells.
+Formats, told apart by content (the extension alone decides nothing):
 
-Logs as users have them (a PyTorch Lightning ``CSVLogger`` ``metrics.csv``, a
-pandas ``to_csv``, a JSONL with a timestamp) are read, with a warning for
+- **JSON Lines**: one object per line, ``{"step": 120, "train_loss": 0.41, ...}``.
+  The step is the first of ``step``, ``global_step``, ``trainer/global_step``,
+  ``train/global_step``, ``_step`` (W&B) that the first record has; the other
+  counters (``epoch``, W&B's ``_runtime`` and ``_timestamp``) are not series.
+  ``null`` (or the strings ``"nan"``, ``"inf"``, ``"-inf"``) is a non-finite
+  value, which is a point (NaN); a key absent from a line is no point for that
+  series at that step.
+- **CSV** (a PyTorch Lightning ``CSVLogger`` ``metrics.csv``, a pandas
+  ``to_csv``): a header with a step column (the same names as above); an
+  empty cell is no point, ``nan`` / ``inf`` are values, and ``None`` /
+  ``null`` / ``NA`` / ``N/A`` (what writers print for a missing value) are
+  empty cells.
+- **Hugging Face** ``trainer_state.json``: one JSON document whose
+  ``log_history`` entries are read like JSON Lines records (``loss``,
+  ``eval_loss``, ``learning_rate``, ``grad_norm``, ...). The end-of-training
+  summary entry (``train_runtime``, ``total_flos``, ...) and the throughput
+  keys (``*_runtime``, ``*_per_second``) are not series. A problem names the
+  entry, ``log_history[i]``.
+- **TensorBoard** event files (``events.out.tfevents.*``), or a directory of
+  them: scalar summaries, read with TensorBoard's own loader (the optional
+  ``tensorboard`` extra), see :mod:`detector.tblog`.
+
+A directory is read as its TensorBoard event files (subdirectories
+included: a subdirectory's tags are named ``SUBDIR/TAG``, as
+``add_scalars`` writes them); without any, as the one log file it holds
+(``metrics.csv``, ``trainer_state.json``, ``*.jsonl``; of several
+``trainer_state.json``, as in Hugging Face checkpoint folders, the newest,
+whose history holds the others').
+
+Each reader turns its file into blocks of rows, and one accumulator turns the
+blocks into columns. Logs as users have them are read, with a warning for
 what is not read, never silently:
 
 - Rows may be sparse (a training row without validation values, a validation
@@ -16,7 +40,6 @@ what is not read, never silently:
   point per step, the last value the file gives it there (the later row wins,
   as when a resumed run logs a step again). A series that repeats a step is
   named in a warning, as its earlier values are not read.
-- ``epoch`` is a counter, like ``step``: it is not a series.
 - Non-numeric columns (JSONL: keys) are skipped and named in a warning: those
   whose non-empty cells are all something other than a number (``nan``/
   ``null`` cells do not count as numbers here), such as a ``timestamp`` or
@@ -26,18 +49,18 @@ what is not read, never silently:
   values the user meant.
 - CSV: a repeated column name is read as a series of its own, named the
   pandas way (the second ``loss`` is ``loss.1``, the third ``loss.2``), so no
-  data is lost and the names tell the columns apart; a repeated ``step`` or
-  ``epoch`` is not read. A column without a name (the index column pandas
-  writes first) is not read. Both are named in a warning.
+  data is lost and the names tell the columns apart; a repeated counter is
+  not read. A column without a name (the index column pandas writes first)
+  is not read. Both are named in a warning.
 - Values are read as logged: accuracy in percent stays in percent (the
   detector decides that per series, never per value).
 
-The reader is linear and column-wise: lines are parsed in blocks, and each
-block is turned into numpy columns with one vectorised conversion per series,
-so the only per-point Python objects are the ones the JSON or CSV parser makes.
-Every problem raises :class:`~detector.errors.LogFileError` naming the file and
-the first bad line; warnings go to ``warn`` (by default, one line each on
-stderr).
+The text readers are linear and column-wise: lines are parsed in blocks, and
+each block is turned into numpy columns with one vectorised conversion per
+series, so the only per-point Python objects are the ones the JSON or CSV
+parser makes. Every problem raises :class:`~detector.errors.LogFileError`
+naming the file and the first bad line; warnings go to ``warn`` (by default,
+one line each on stderr).
 
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
@@ -54,6 +77,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -71,10 +95,16 @@ Columns = dict[str, tuple[np.ndarray, np.ndarray]]
 
 STEP = "step"
 EPOCH = "epoch"
-# Counters, not series: ``step`` is the key of every point, ``epoch`` is not read.
-COUNTERS = frozenset({STEP, EPOCH})
-JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-CSV_SUFFIXES = (".csv",)
+# Names of the step counter, in order of preference: the first one a log has is its step.
+STEP_KEYS = (STEP, "global_step", "trainer/global_step", "train/global_step", "_step")
+# Counters and clocks, not series: the step keys, the epoch, W&B's run clock.
+COUNTERS = frozenset({*STEP_KEYS, EPOCH, "_runtime", "_timestamp"})
+FORMATS = ("jsonl", "csv", "trainer_state", "tensorboard")
+# Hugging Face log_history keys that time the run rather than train it.
+_HF_TIMING = re.compile(r"(^|_)(runtime|per_second)$|^total_flos$")
+# Written only in the summary entry at the end of training.
+_HF_SUMMARY_KEY = "train_runtime"
+_TB_MAGIC = b"brain.Event:"
 
 # Lines parsed before they are converted to columns: bounds the memory held in
 # parsed Python objects, whatever the file size.
@@ -169,54 +199,177 @@ class _Block:
 
 
 def read_log(path: str | os.PathLike[str], *, warn: Warn | None = None) -> Columns:
-    """Read a JSON Lines or CSV run log into columns, keyed in order of first appearance.
+    """Read a run log (any of the module's formats, or a directory) into columns,
+    keyed in order of first appearance.
 
     Every series the file names is a key, even one without any point (a CSV
     column of empty cells). Each series has at most one point per step (the
     last the file gives it). What the file holds but is not read (see the
     module's docstring) is told to ``warn``, once per kind: by default a line
-    ``phasewatch: warning: FILE: ...`` on stderr.
+    ``phasewatch: warning: FILE: ...`` on stderr. O(size of the file).
     """
+    return _read(os.fspath(path), warn, complete_lines=False)
+
+
+def read_growing_log(path: str | os.PathLike[str], *, warn: Warn | None = None) -> Columns:
+    """:func:`read_log` for a file that is being written: a last line without its
+    newline is not read yet (the writer is half-way through it)."""
+    return _read(os.fspath(path), warn, complete_lines=True)
+
+
+def log_files(path: str | os.PathLike[str]) -> list[str]:
+    """The files :func:`read_log` reads for ``path``: the path itself for a
+    file, else the event files (or the one log file) of the directory."""
     name = os.fspath(path)
-    notes: list[str] = []
-    pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    seen = _Seen()
-    rows = 0
-    for block in _iter_blocks(name, notes, seen):
-        seen.update(block)
-        rows += len(block.steps)
+    if not os.path.isdir(name):
+        return [name]
+    events = _event_files(name)
+    return events if events else [_log_in_directory(name)]
+
+
+def detect_format(path: str) -> str:
+    """One of :data:`FORMATS`, from the file's first bytes (and, for JSON, the
+    first line): ``"tensorboard"`` for a TensorBoard record, ``"jsonl"`` when
+    the first non-blank line is a JSON value (or the file is empty),
+    ``"trainer_state"`` for a JSON document with a ``log_history``, else
+    ``"csv"``."""
+    if os.path.isdir(path):
+        return "tensorboard" if _event_files(path) else detect_format(_log_in_directory(path))
+    if _is_event_file(path):
+        return "tensorboard"
+    with _open_text(path) as handle:
+        try:
+            first = next((line for line in handle if line.strip()), "")
+        except UnicodeDecodeError as exc:
+            raise LogFileError(path, None, f"not UTF-8 text ({exc.reason})") from None
+        except OSError as exc:
+            raise LogFileError(path, None, _os_problem(exc)) from None
+    if not first or first.lstrip()[0] not in "{[":
+        return "csv" if first else "jsonl"
+    try:
+        json.loads(first)
+        return "jsonl"
+    except ValueError:
+        pass  # a document over many lines (trainer_state.json), or a bad first line
+    try:
+        with _open_text(path) as handle:
+            document = json.load(handle)
+    except (ValueError, OSError):
+        return "jsonl"  # the JSON Lines reader names the bad line
+    return "trainer_state" if isinstance(document, dict) and "log_history" in document else "jsonl"
+
+
+def _read(name: str, warn: Warn | None, *, complete_lines: bool) -> Columns:
+    if os.path.isdir(name) and not _event_files(name):
+        name = _log_in_directory(name)
+    fmt = detect_format(name)
+    rows = _Rows()
+    try:
+        if fmt == "tensorboard":
+            from detector import tblog  # the optional tensorboard package: only for these files
+
+            blocks = tblog.blocks(name, rows.notes)
+        elif fmt == "trainer_state":
+            blocks = _trainer_state_blocks(name, rows)
+        else:
+            blocks = _text_blocks(name, fmt, rows, complete_lines)
+        for block in blocks:
+            rows.add(block)
+    except UnicodeDecodeError as exc:
+        raise LogFileError(name, None, f"not UTF-8 text ({exc.reason})") from None
+    except (OSError, EOFError) as exc:
+        raise LogFileError(name, None, _os_problem(exc)) from None
+    return rows.columns(name, warn if warn is not None else _warn_on_stderr)
+
+
+class _Rows:
+    """The shared accumulator: blocks of rows in, columns out.
+
+    Per series it keeps the blocks' pieces and, at the end, one point per
+    step (the last). O(points) plus a sort for a series whose steps repeat.
+    """
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.seen = _Seen()
+        self.pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.count = 0
+
+    def add(self, block: _Block) -> None:
+        self.seen.update(block)
+        self.count += len(block.steps)
         for series, (index, values) in block.series.items():
             steps = block.steps if index is None else block.steps[index]
-            pieces.setdefault(series, []).append((steps, values))
+            self.pieces.setdefault(series, []).append((steps, values))
         for series in block.text:
-            pieces.setdefault(series, [])  # keeps the order of first appearance
-    text = seen.text
-    if rows == 0:
-        raise LogFileError(name, None, "the file has no records")
-    if text:
-        notes.append("non-numeric columns, not read: " + ", ".join(text))
-    columns: Columns = {}
-    repeated: list[str] = []
-    for series, parts in pieces.items():
-        if series in text:
+            self.pieces.setdefault(series, [])  # keeps the order of first appearance
+
+    def columns(self, name: str, warn: Warn) -> Columns:
+        text = self.seen.text
+        if self.count == 0:
+            raise LogFileError(name, None, "the file has no records")
+        notes = self.notes
+        if text:
+            notes.append("non-numeric columns, not read: " + ", ".join(text))
+        columns: Columns = {}
+        repeated: list[str] = []
+        for series, parts in self.pieces.items():
+            if series in text:
+                continue
+            if not parts:  # only in blocks where it had no cell at all (JSONL)
+                columns[series] = (np.zeros(0, np.int64), np.zeros(0, np.float64))
+                continue
+            steps = np.concatenate([s for s, _ in parts]).astype(np.int64, copy=False)
+            values = np.concatenate([v for _, v in parts]).astype(np.float64, copy=False)
+            columns[series] = _last_per_step(steps, values)
+            if len(columns[series][0]) < len(steps):
+                repeated.append(series)
+        if repeated:
+            notes.append(
+                "series with more than one value at a step (the last one is read): "
+                + ", ".join(repeated)
+            )
+        for note in notes:
+            warn(f"{name}: {note}")
+        return columns
+
+
+def _assemble(
+    path: str,
+    lines: Any,
+    steps: Callable[[], np.ndarray],
+    count: int,
+    series: Iterable[tuple[str, Callable[[], tuple[np.ndarray | None, np.ndarray] | _Text]]],
+    seen: _Seen,
+    problems: list[_Bad],
+) -> _Block:
+    """One block from a reader's per-column conversions: numeric columns become
+    series, all-text ones are set aside, and the first problem of the block
+    (by line) is raised, naming the file and line."""
+    try:
+        step_column = steps()
+    except _Bad as bad:
+        problems.append(bad)
+        step_column = np.zeros(count, dtype=np.int64)
+    numeric: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
+    text: dict[str, tuple[int, str]] = {}
+    for name, convert in series:
+        try:
+            got = convert()
+        except _Bad as bad:
+            problems.append(seen.earlier(name, bad))
             continue
-        if not parts:  # only in blocks where it had no cell at all (JSONL)
-            columns[series] = (np.zeros(0, np.int64), np.zeros(0, np.float64))
-            continue
-        steps = np.concatenate([s for s, _ in parts]).astype(np.int64, copy=False)
-        values = np.concatenate([v for _, v in parts]).astype(np.float64, copy=False)
-        columns[series] = _last_per_step(steps, values)
-        if len(columns[series][0]) < len(steps):
-            repeated.append(series)
-    if repeated:
-        notes.append(
-            "series with more than one value at a step (the last one is read): "
-            + ", ".join(repeated)
-        )
-    report = warn if warn is not None else _warn_on_stderr
-    for note in notes:
-        report(f"{name}: {note}")
-    return columns
+        bad_now = seen.check(name, got)
+        if bad_now is not None:
+            problems.append(bad_now)
+        elif isinstance(got, _Text):
+            text[name] = (int(lines[got.row]), got.shown)
+        else:
+            numeric[name] = got
+    if problems:
+        first = min(problems, key=lambda b: b.line_in(lines))
+        raise LogFileError(path, first.line_in(lines), first.problem)
+    return _Block(steps=step_column, series=numeric, text=text)
 
 
 def _warn_on_stderr(message: str) -> None:
@@ -287,41 +440,83 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]])
             out.write("\n")
 
 
-def detect_format(path: str) -> str:
-    """``"jsonl"`` or ``"csv"``: by extension, else by the first non-blank character."""
-    lower = path.lower().removesuffix(".gz")
-    if lower.endswith(JSON_SUFFIXES):
-        return "jsonl"
-    if lower.endswith(CSV_SUFFIXES):
-        return "csv"
-    with _open_text(path) as handle:
-        for line in handle:
-            stripped = line.lstrip()
-            if stripped:
-                return "jsonl" if stripped[0] in "{[" else "csv"
-    return "jsonl"
+
+# --- finding the log -------------------------------------------------------
 
 
-# --- reading ---------------------------------------------------------------
-
-
-def _iter_blocks(path: str, notes: list[str], seen: _Seen) -> Iterator[_Block]:
-    fmt = detect_format(path)
+def _is_event_file(path: str) -> bool:
+    """A TFRecord whose first record is a TensorBoard ``file_version`` event."""
     try:
-        with _open_text(path) as handle:
-            if fmt == "jsonl":
-                yield from _jsonl_blocks(path, handle, seen)
-            else:
-                yield from _csv_blocks(path, handle, notes, seen)
-    except UnicodeDecodeError as exc:
-        raise LogFileError(path, None, f"not UTF-8 text ({exc.reason})") from None
-    except (OSError, EOFError) as exc:
-        raise LogFileError(path, None, _os_problem(exc)) from None
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return False
+    return _TB_MAGIC in head[12:]  # after the record's length and its checksum
+
+
+def _event_files(directory: str) -> list[str]:
+    """Event files under a directory, each folder's in name order (the name
+    holds the time the writer opened it), the top folder's first."""
+    found: list[str] = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        found.extend(
+            os.path.join(root, f) for f in sorted(files) if _is_event_file(os.path.join(root, f))
+        )
+    return found
+
+
+_LOG_NAMES = ("metrics.csv", "trainer_state.json")
+_LOG_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".csv")
+
+
+def _log_in_directory(directory: str) -> str:
+    candidates: list[str] = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        candidates.extend(
+            os.path.join(root, f) for f in sorted(files)
+            if f in _LOG_NAMES or f.lower().endswith(_LOG_SUFFIXES)
+        )
+    if candidates and all(os.path.basename(c) == "trainer_state.json" for c in candidates):
+        return max(candidates, key=os.path.getmtime)  # the newest history holds the older ones
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise LogFileError(
+            directory, None, "no TensorBoard event files and no log file (metrics.csv, "
+            "trainer_state.json, *.jsonl, *.csv) in this directory"
+        )
+    shown = ", ".join(os.path.relpath(c, directory) for c in candidates[:4])
+    more = f" and {len(candidates) - 4} more" if len(candidates) > 4 else ""
+    raise LogFileError(directory, None, f"several log files here ({shown}{more}): name one")
+
+
+# --- JSON Lines and CSV ----------------------------------------------------
+
+
+def _text_blocks(path: str, fmt: str, rows: _Rows, complete_lines: bool) -> Iterator[_Block]:
+    with _open_text(path) as handle:
+        lines = _complete(handle) if complete_lines else handle
+        if fmt == "jsonl":
+            yield from _jsonl_blocks(path, lines, rows.seen)
+        else:
+            yield from _csv_blocks(path, lines, rows.notes, rows.seen)
+
+
+def _complete(handle: Iterable[str]) -> Iterator[str]:
+    """The lines that end in a newline: the last one may still be being written."""
+    for line in handle:
+        if not line.endswith(("\n", "\r")):
+            return
+        yield line
 
 
 def _open_text(path: str) -> io.TextIOBase:
     try:
-        if path.lower().endswith(".gz"):
+        with open(path, "rb") as probe:
+            gzipped = probe.read(2) == b"\x1f\x8b"
+        if gzipped:
             return gzip.open(path, "rt", encoding="utf-8-sig", newline="")  # type: ignore[return-value]
         return open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - returned to a with
     except OSError as exc:
@@ -335,25 +530,42 @@ def _os_problem(exc: BaseException) -> str:
         return "is a directory, not a log file"
     if isinstance(exc, PermissionError):
         return "permission denied"
+    if isinstance(exc, gzip.BadGzipFile):
+        return f"not a gzip file ({exc})"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
 
 
-def _jsonl_blocks(path: str, handle: io.TextIOBase, seen: _Seen) -> Iterator[_Block]:
+def _step_key(keys: Iterable[str]) -> str | None:
+    present = set(keys)
+    return next((key for key in STEP_KEYS if key in present), None)
+
+
+def _no_step(what: str) -> str:
+    others = ", ".join(STEP_KEYS[1:])
+    return f'no "{STEP}" {what} (nor {others})'
+
+
+def _jsonl_blocks(path: str, handle: Iterable[str], seen: _Seen) -> Iterator[_Block]:
     first_line = 1
+    key: str | None = None
     while True:
         chunk = list(islice(handle, _BLOCK_LINES))
         if not chunk:
             return
         records, lines, failure = _parse_json_lines(chunk, first_line)
         first_line += len(chunk)
+        if key is None and records and isinstance(records[0], dict):
+            key = _step_key(records[0])
+            if key is None:
+                raise LogFileError(path, int(lines[0]), _no_step("in this record"))
         if failure is not None:
             # Report the first problem in the file: rows before the bad line may hold one.
-            _jsonl_block(path, records, lines, seen)
+            _records_block(path, records, lines, seen, key or STEP)
             raise LogFileError(path, failure[0], failure[1])
         if records:
-            yield _jsonl_block(path, records, lines, seen)
+            yield _records_block(path, records, lines, seen, key or STEP)
 
 
 def _parse_json_lines(
@@ -388,7 +600,18 @@ def _json_problem(exc: ValueError) -> str:
     return f"not valid JSON ({exc})"
 
 
-def _jsonl_block(path: str, records: list[Any], lines: np.ndarray, seen: _Seen) -> _Block:
+
+def _json_problem(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    return f"not valid JSON ({exc})"
+
+
+def _records_block(
+    path: str, records: list[Any], lines: np.ndarray, seen: _Seen, key: str,
+    skip: frozenset[str] = COUNTERS,
+) -> _Block:
+    """JSON records (objects) as a block; ``key`` is the step, ``skip`` not series."""
     problems: list[_Bad] = []
     bad_type = next((i for i, r in enumerate(records) if type(r) is not dict), None)
     if bad_type is not None:
@@ -396,39 +619,26 @@ def _jsonl_block(path: str, records: list[Any], lines: np.ndarray, seen: _Seen) 
         problems.append(_Bad(bad_type, f"expected a JSON object, got {kind}"))
         records = records[:bad_type]  # rows after it cannot hold an earlier problem
     counts = Counter(chain.from_iterable(records))
-    steps = np.zeros(len(records), dtype=np.int64)
-    try:
-        steps = _json_steps(records, counts.get(STEP, 0))
-    except _Bad as bad:
-        problems.append(bad)
-    series: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
-    text: dict[str, tuple[int, str]] = {}
-    for name, count in counts.items():
-        if name in COUNTERS:
-            continue
-        try:
-            got = _json_series(name, records, count)
-        except _Bad as bad:
-            problems.append(seen.earlier(name, bad))
-            continue
-        bad_now = seen.check(name, got)
-        if bad_now is not None:
-            problems.append(bad_now)
-        elif isinstance(got, _Text):
-            text[name] = (int(lines[got.row]), got.shown)
-        else:
-            series[name] = got
-    if problems:
-        first = min(problems, key=lambda b: b.line_in(lines))
-        raise LogFileError(path, first.line_in(lines), first.problem)
-    return _Block(steps=steps, series=series, text=text)
+
+    def converter(name: str, count: int) -> Callable[[], Any]:
+        return lambda: _json_series(name, records, count)
+
+    return _assemble(
+        path,
+        lines,
+        lambda: _json_steps(records, counts.get(key, 0), key),
+        len(records),
+        ((name, converter(name, count)) for name, count in counts.items() if name not in skip),
+        seen,
+        problems,
+    )
 
 
-def _json_steps(records: list[dict[str, Any]], present: int) -> np.ndarray:
+def _json_steps(records: list[dict[str, Any]], present: int, key: str) -> np.ndarray:
     if present != len(records):
-        row = next(i for i, r in enumerate(records) if STEP not in r)
-        raise _Bad(row, f'no "{STEP}" in this record')
-    raw = [r[STEP] for r in records]
+        row = next(i for i, r in enumerate(records) if key not in r)
+        raise _Bad(row, f'no "{key}" in this record')
+    raw = [r[key] for r in records]
     if set(map(type, raw)) <= {int}:
         try:
             steps = np.array(raw, dtype=np.int64)
@@ -437,19 +647,19 @@ def _json_steps(records: list[dict[str, Any]], present: int) -> np.ndarray:
         else:
             if len(steps) == 0 or steps.min() >= 0:
                 return steps
-    return np.array([_json_step(i, v) for i, v in enumerate(raw)], dtype=np.int64)
+    return np.array([_json_step(i, v, key) for i, v in enumerate(raw)], dtype=np.int64)
 
 
-def _json_step(row: int, value: Any) -> int:
+def _json_step(row: int, value: Any, key: str) -> int:
     integral = isinstance(value, float) and value.is_integer()
     if type(value) is not int and not integral:
-        raise _Bad(row, f'"{STEP}" is not an integer: {_show(value)}')
-    return _checked_step(row, int(value))
+        raise _Bad(row, f'"{key}" is not an integer: {_show(value)}')
+    return _checked_step(row, int(value), key)
 
 
-def _checked_step(row: int, step: int) -> int:
+def _checked_step(row: int, step: int, key: str) -> int:
     if not 0 <= step < 2**63:
-        raise _Bad(row, f'"{STEP}" must be a non-negative 64-bit integer, got {step}')
+        raise _Bad(row, f'"{key}" must be a non-negative 64-bit integer, got {step}')
     return step
 
 
@@ -516,18 +726,57 @@ def _classified(name: str, values: np.ndarray, first_text: _Text | None) -> np.n
     raise _Bad(first_text.row, _not_a_number(name, first_text.shown))
 
 
+
+# --- Hugging Face trainer_state.json ---------------------------------------
+
+
+def _trainer_state_blocks(path: str, rows: _Rows) -> Iterator[_Block]:
+    """``log_history`` as one block of records. O(size of the file): the
+    document is parsed whole, as the Trainer rewrites it whole."""
+    try:
+        with _open_text(path) as handle:
+            document = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise LogFileError(path, exc.lineno, f"not valid JSON ({exc.msg})") from None
+    history = document.get("log_history") if isinstance(document, dict) else None
+    if not isinstance(history, list):
+        raise LogFileError(path, None, '"log_history" is not a list')
+    summary = [r for r in history if isinstance(r, dict) and _HF_SUMMARY_KEY in r]
+    records = [r for r in history if not (isinstance(r, dict) and _HF_SUMMARY_KEY in r)]
+    index = [i for i, r in enumerate(history) if not (isinstance(r, dict) and _HF_SUMMARY_KEY in r)]
+    keys = {k for r in records if isinstance(r, dict) for k in r}
+    timing = sorted(k for k in keys if _HF_TIMING.search(k))
+    if summary:
+        rows.notes.append("the end-of-training summary in log_history is not read")
+    if timing:
+        rows.notes.append("timing keys, not read: " + ", ".join(timing))
+    if not records:
+        return
+    try:
+        yield _records_block(
+            path, records, np.array(index, dtype=np.int64), rows.seen, STEP,
+            skip=COUNTERS | frozenset(timing),
+        )
+    except LogFileError as error:  # its "line" is the entry's index: say so
+        raise LogFileError(path, None, f"log_history[{error.line}]: {error.problem}") from None
+
+
+# --- CSV -------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class _Header:
-    """What to read of a CSV: the step's position, each series' position and name."""
+    """What to read of a CSV: the step's position and name, each series' position and name."""
 
     width: int
     step: int
+    key: str
     series: list[tuple[int, str]]
     bad_names: dict[str, str]  # name -> why it is not a series name
 
 
 def _csv_blocks(
-    path: str, handle: io.TextIOBase, notes: list[str], seen: _Seen
+    path: str, handle: Iterable[str], notes: list[str], seen: _Seen
 ) -> Iterator[_Block]:
     reader = csv.reader(handle)
     try:
@@ -558,8 +807,9 @@ def _csv_blocks(
 
 def _csv_header(path: str, names: list[str], notes: list[str]) -> _Header:
     """Name the columns to read: repeats get a suffix, counters and unnamed ones are left out."""
-    if STEP not in names:
-        raise LogFileError(path, 1, f'no "{STEP}" column in the header')
+    key = _step_key(names)
+    if key is None:
+        raise LogFileError(path, 1, _no_step("column in the header"))
     taken = set(names)
     seen: set[str] = set()
     series: list[tuple[int, str]] = []
@@ -591,7 +841,7 @@ def _csv_header(path: str, names: list[str], notes: list[str]) -> _Header:
         for _, name in series
         if (problem := check_name("series name", name)) is not None
     }
-    return _Header(len(names), names.index(STEP), series, bad_names)
+    return _Header(len(names), names.index(key), key, series, bad_names)
 
 
 def _csv_block(
@@ -604,36 +854,28 @@ def _csv_block(
             path, lines[row], f"{len(rows[row])} fields, but the header has {width}"
         )
     columns = list(zip(*rows, strict=True))
-    problems: list[_Bad] = []
-    steps = np.zeros(len(rows), dtype=np.int64)
-    try:
-        steps = _csv_steps(columns[header.step])
-    except _Bad as bad:
-        problems.append(bad)
-    series: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
-    text: dict[str, tuple[int, str]] = {}
-    for position, name in header.series:
-        try:
+
+    def converter(position: int, name: str) -> Callable[[], Any]:
+        def convert() -> tuple[np.ndarray | None, np.ndarray] | _Text:
             got = _csv_series(name, columns[position])
-        except _Bad as bad:
-            problems.append(seen.earlier(name, bad))
-            continue
-        bad_now = seen.check(name, got)
-        if bad_now is not None:
-            problems.append(bad_now)
-        elif isinstance(got, _Text):
-            text[name] = (lines[got.row], got.shown)
-        elif name in header.bad_names:
-            raise LogFileError(path, 1, header.bad_names[name])  # the header comes first
-        else:
-            series[name] = got
-    if problems:
-        first = min(problems, key=lambda b: b.line_in(lines))
-        raise LogFileError(path, first.line_in(lines), first.problem)
-    return _Block(steps=steps, series=series, text=text)
+            if not isinstance(got, _Text) and name in header.bad_names:
+                raise _Bad(0, header.bad_names[name], line=1)  # the header comes first
+            return got
+
+        return convert
+
+    return _assemble(
+        path,
+        lines,
+        lambda: _csv_steps(columns[header.step], header.key),
+        len(rows),
+        ((name, converter(position, name)) for position, name in header.series),
+        seen,
+        [],
+    )
 
 
-def _csv_steps(cells: tuple[str, ...]) -> np.ndarray:
+def _csv_steps(cells: tuple[str, ...], key: str) -> np.ndarray:
     try:
         steps = np.array(cells, dtype=np.int64)
     except (ValueError, OverflowError):
@@ -641,15 +883,15 @@ def _csv_steps(cells: tuple[str, ...]) -> np.ndarray:
     else:
         if steps.min() >= 0:
             return steps
-    return np.array([_csv_step(i, c) for i, c in enumerate(cells)], dtype=np.int64)
+    return np.array([_csv_step(i, c, key) for i, c in enumerate(cells)], dtype=np.int64)
 
 
-def _csv_step(row: int, cell: str) -> int:
+def _csv_step(row: int, cell: str, key: str) -> int:
     text = cell.strip()
     if not text:
-        raise _Bad(row, f'no "{STEP}" in this row')
+        raise _Bad(row, f'no "{key}" in this row')
     try:
-        return _checked_step(row, int(text))
+        return _checked_step(row, int(text), key)
     except ValueError:
         pass
     try:
@@ -657,8 +899,8 @@ def _csv_step(row: int, cell: str) -> int:
     except ValueError:
         value = math.nan
     if not value.is_integer():
-        raise _Bad(row, f'"{STEP}" is not an integer: {_show(text)}')
-    return _checked_step(row, int(value))
+        raise _Bad(row, f'"{key}" is not an integer: {_show(text)}')
+    return _checked_step(row, int(value), key)
 
 
 def _csv_series(
