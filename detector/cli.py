@@ -64,6 +64,7 @@ EXIT_INTERRUPTED = 130
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9109"
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_FOLLOW_INTERVAL = 2.0
 # analyze feeds the engine in big batches: the engine's output does not depend
 # on batching, and fewer calls mean less per-call overhead.
 ANALYZE_BATCH_POINTS = 65_536
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_analyze(commands)
     _add_replay(commands, client)
+    _add_follow(commands, client)
     _add_status(commands, client)
     _add_runs(commands, client)
     _add_watch(commands, client)
@@ -408,6 +410,90 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"{summary['seconds']:.2f} s ({summary['points_per_second']:.0f} points/s)"
     )
     return EXIT_OK
+
+
+# --- follow ----------------------------------------------------------------
+
+
+def _add_follow(commands: Any, client: argparse.ArgumentParser) -> None:
+    follow = commands.add_parser(
+        "follow", parents=[client],
+        help="stream a log as a training job writes it (resumes where it left off)",
+    )
+    follow.add_argument("file", metavar="PATH",
+                        help="the log a job is writing: any format analyze reads, or a "
+                        "TensorBoard directory")
+    follow.add_argument("--run-id", metavar="ID", help="run id (default: the file name)")
+    follow.add_argument("--interval", type=_positive_float, default=DEFAULT_FOLLOW_INTERVAL,
+                        metavar="SECONDS",
+                        help=f"look for changes this often (default {DEFAULT_FOLLOW_INTERVAL:g})")
+    follow.add_argument("--idle-exit", type=_positive_float, metavar="SECONDS",
+                        help="end the run and exit once the log has not changed for this long "
+                        "(default: follow until Ctrl-C)")
+    follow.add_argument("--label", type=_label, action="append", default=[], metavar="K=V",
+                        help="a label of the run (repeatable)")
+    follow.set_defaults(handler=cmd_follow)
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    from detector.client import connect
+    from detector.follow import Follower, follow
+
+    run_id = args.run_id or run_id_for(args.file)
+    _check_run_id(run_id)
+    resume_step = _last_step(args, run_id)
+    try:
+        run = connect(
+            args.target, run_id, labels=dict(args.label), resume=resume_step is not None,
+            token_file=args.token_file, tls=args.tls, tls_root_ca=args.tls_ca,
+            tls_client_cert=args.tls_client_cert, tls_client_key=args.tls_client_key,
+            on_event=None if args.json else _print_client_event,
+        )
+    except ClientConfigError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    where = "from the start" if resume_step is None else f"from step {resume_step} (resumed)"
+    print(f"phasewatch: following {args.file} into run {run_id!r} at {args.target}, {where}",
+          file=sys.stderr, flush=True)
+    follower = Follower(
+        args.file, run, resume_step=resume_step,
+        say=lambda line: print(f"phasewatch: {line}", file=sys.stderr, flush=True),
+    )
+    try:
+        follow(follower, interval=args.interval, idle_exit=args.idle_exit)
+    except KeyboardInterrupt:
+        pass  # stop following: what was read is delivered below
+    finally:
+        delivered = run.close()
+    stats = follower.stats
+    summary = {"run_id": run_id, "points_sent": stats.points, "rows": stats.rows,
+               "reads": stats.reads, "resumed_from": resume_step, "delivered": delivered,
+               "rejected": run.stats.rejected}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"sent {stats.points} points in {stats.rows} rows to {args.target} as run "
+              f"{run_id!r}; {run.stats.rejected} rejected", file=sys.stderr)
+    if not delivered:
+        raise CliError(f"not every point reached the detector at {args.target}; "
+                       "run follow again to resume")
+    return EXIT_OK
+
+
+def _last_step(args: argparse.Namespace, run_id: str) -> int | None:
+    """The run's last step at the detector, or None if it does not know the run."""
+    with _detector(args, args.timeout) as stub:
+        try:
+            return stub.GetPhase(pb.GetPhaseRequest(run_id=run_id), timeout=args.timeout).last_step
+        except grpc.RpcError as error:
+            if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+
+def _print_client_event(event: Any) -> None:
+    series = event.series or "-"
+    print(f"{event.step:>7}  {event.kind:<18} {series:<20} {event.confidence:.2f}  "
+          f"{event.message}".rstrip(), flush=True)
 
 
 # --- status, runs, watch ---------------------------------------------------

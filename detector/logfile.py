@@ -247,8 +247,8 @@ def detect_format(path: str) -> str:
     if not first or first.lstrip()[0] not in "{[":
         return "csv" if first else "jsonl"
     try:
-        json.loads(first)
-        return "jsonl"
+        record = json.loads(first)
+        return "trainer_state" if isinstance(record, dict) and "log_history" in record else "jsonl"
     except ValueError:
         pass  # a document over many lines (trainer_state.json), or a bad first line
     try:

@@ -19,7 +19,6 @@ from detector.errors import LogFileError
 from detector.logfile import detect_format, read_growing_log, read_log, write_jsonl
 
 
-
 def _read(path: Path | str) -> tuple[dict[str, tuple[list[int], list[float]]], list[str]]:
     notes: list[str] = []
     columns = read_log(path, warn=notes.append)
