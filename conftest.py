@@ -22,3 +22,6 @@ if _missing("lightning", "pytorch_lightning") or _missing("torch"):
     collect_ignore.append("detector/integrations/lightning.py")
 if _missing("transformers") or _missing("torch"):
     collect_ignore.append("detector/integrations/huggingface.py")
+# The notebook API's examples show pandas tables and a matplotlib figure.
+if _missing("pandas") or _missing("matplotlib"):
+    collect_ignore.append("detector/analysis.py")

@@ -21,7 +21,6 @@ import argparse
 import inspect
 import json
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,25 +31,24 @@ import grpc
 import detector
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
+from detector.analysis import analyze_columns
 from detector.client import ClientConfigError, bearer_interceptor, read_token, tls_credentials
 from detector.convert import kind_to_proto, phase_to_proto
 from detector.core.types import EventKind, Phase, check_name
 from detector.demo import run_demo
-from detector.engine import Engine, EngineConfig
+from detector.engine import EngineConfig
 from detector.errors import InvalidArgument, PhasewatchError
-from detector.logfile import Columns, count_points, iter_batches, read_log
+from detector.logfile import Columns, count_points, read_log
 from detector.plot import PlotUnavailable, plot_timeline
 from detector.replay import DEFAULT_BATCH_POINTS, stream_log
 from detector.report import (
     View,
-    event_view,
     event_view_from_proto,
     format_event,
     format_run,
     format_runs,
     format_timeline,
     run_view_from_proto,
-    segment_view,
     segment_view_from_proto,
     timeline_document,
 )
@@ -65,9 +63,6 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9109"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_FOLLOW_INTERVAL = 2.0
-# analyze feeds the engine in big batches: the engine's output does not depend
-# on batching, and fewer calls mean less per-call overhead.
-ANALYZE_BATCH_POINTS = 65_536
 
 
 class CliError(Exception):
@@ -325,24 +320,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(columns, segments, events, args.plot, title=Path(args.file).name)
     return EXIT_OK
-
-
-def analyze_columns(
-    columns: Columns, run_id: str = "run"
-) -> tuple[list[View], list[View], Counter[str]]:
-    """Run the engine over columns as one run.
-
-    Returns the segment and event views and the points the engine did not
-    use, counted by reason.
-    """
-    engine = Engine()
-    engine.start_run(run_id)
-    rejected: Counter[str] = Counter()
-    for batch in iter_batches(columns, ANALYZE_BATCH_POINTS):
-        rejected.update(engine.ingest(run_id, batch).rejected_by_reason)
-    engine.end_run(run_id)
-    segments, events = engine.timeline(run_id)
-    return [segment_view(s) for s in segments], [event_view(e) for e in events], rejected
 
 
 def run_id_for(path: str) -> str:

@@ -58,10 +58,25 @@ def plot_timeline(
     *,
     title: str = "",
 ) -> None:
-    """Write a figure with one panel per role group (loss, accuracy, rank, ...).
+    """Write :func:`timeline_figure` to ``out`` (the format from its extension).
 
     Raises :class:`PlotUnavailable` without matplotlib, and ``OSError`` or
     ``ValueError`` (unknown image format) from writing ``out``.
+    """
+    timeline_figure(columns, segments, events, title=title).savefig(out, dpi=110)
+
+
+def timeline_figure(
+    columns: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    segments: Sequence[View],
+    events: Sequence[View],
+    *,
+    title: str = "",
+) -> Any:
+    """A matplotlib ``Figure`` with one panel per role group (loss, accuracy, rank,
+    ...), phases shaded and events marked; on its own Agg canvas, no pyplot.
+
+    Raises :class:`PlotUnavailable` without matplotlib.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -69,7 +84,7 @@ def plot_timeline(
         from matplotlib.patches import Patch
     except ImportError:
         raise PlotUnavailable(
-            "--plot needs matplotlib: pip install 'phasewatch[plot]'"
+            "plotting needs matplotlib: pip install 'phasewatch[plot]'"
         ) from None
 
     groups = _group_by_role(columns)
@@ -86,7 +101,7 @@ def plot_timeline(
     figure.legend(handles=handles, loc="outside upper right", ncols=len(handles), fontsize=8)
     if title:
         figure.suptitle(title, x=0.01, ha="left", fontsize=10)
-    figure.savefig(out, dpi=110)
+    return figure
 
 
 def _group_by_role(
