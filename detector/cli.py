@@ -164,6 +164,7 @@ _SERVE_PASSTHROUGH = {
     "alert_resend_interval": "--alert-resend-interval",
     "alert_runbook_url": "--alert-runbook-url",
     "metrics_retention": "--metrics-retention",
+    "otlp": "--otlp",
 }
 
 
@@ -196,6 +197,10 @@ def _add_serve(commands: Any) -> None:
                        help="require a bearer token from this file (one a line; re-read when it "
                        "changes) on every RPC but health checks (default "
                        "$PHASEWATCH_AUTH_TOKEN_FILE)")
+    serve.add_argument("--otlp", action="store_true", default=None,
+                       help="also receive OpenTelemetry metrics (OTLP/gRPC) on the gRPC port: "
+                       "gauges and sums of a resource with a phasewatch.run_id attribute become "
+                       "that run's series (needs the otlp extra)")
     serve.add_argument("--tls-cert", metavar="PATH", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", metavar="PATH", help="private key of --tls-cert (PEM)")
     serve.add_argument("--tls-client-ca", metavar="PATH",
@@ -236,6 +241,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if name not in accepted:
             raise CliError(f"{flag} is not supported yet", EXIT_USAGE)
         options[name] = value
+    if args.otlp:
+        from detector.otlp import otlp_grpc
+
+        if otlp_grpc is None:
+            raise CliError("--otlp needs opentelemetry-proto: pip install 'phasewatch[otlp]'",
+                           EXIT_USAGE)
     credentials = _server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     if credentials is not None:
         options["credentials"] = credentials

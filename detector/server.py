@@ -460,6 +460,7 @@ def create_server(
     health_servicer: health.HealthServicer | None = None,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    otlp: bool = False,
 ) -> tuple[grpc.Server, int]:
     """A started gRPC server for ``engine`` on ``listen``; returns (server, bound port).
 
@@ -467,7 +468,8 @@ def create_server(
     health servicer (SERVING for ``""`` and ``phasewatch.v1.PhaseDetector``;
     pass ``health_servicer`` to control it at shutdown) and reflection.
     Messages over ``max_message_bytes`` get RESOURCE_EXHAUSTED from gRPC
-    itself. With ``credentials`` the port is TLS.
+    itself. With ``credentials`` the port is TLS. With ``otlp`` the port also
+    serves OpenTelemetry metrics (:mod:`detector.otlp`).
     """
     if max_message_bytes < 1 or max_workers < 1:
         raise InvalidArgument("max_message_bytes and max_workers must be at least 1")
@@ -481,7 +483,12 @@ def create_server(
         ],
         maximum_concurrent_rpcs=max_workers,
     )
-    pb_grpc.add_PhaseDetectorServicer_to_server(PhaseDetectorServicer(engine, bus), server)
+    servicer = PhaseDetectorServicer(engine, bus)
+    pb_grpc.add_PhaseDetectorServicer_to_server(servicer, server)
+    if otlp:
+        from detector.otlp import add_receiver
+
+        add_receiver(server, servicer)
     if health_servicer is None:
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -526,6 +533,7 @@ def serve(
     alert_resend_interval: float = 60.0,
     alert_runbook_url: str | None = None,
     metrics_retention: float = 600.0,
+    otlp: bool = False,
 ) -> None:
     """Run the detector until SIGINT/SIGTERM (or until ``stop`` is set).
 
@@ -598,6 +606,7 @@ def serve(
             bus=bus,
             health_servicer=health_servicer,
             credentials=credentials,
+            otlp=otlp,
             interceptors=interceptors,
         )
         host = listen.rpartition(":")[0]
