@@ -8,8 +8,9 @@ seconds the follower looks at the files' sizes and modification times; when
 one changed it re-reads the log (a half-written last line or record is left
 for the next look) and sends each series' points beyond the last step it
 sent for that series, row by row in step order, through :class:`Run`.
-A look costs one ``stat`` per file; a read is O(size of the log), which a
-log of a million points does in about a second. Polling rather than inotify
+A look costs one ``stat`` per file; a read is O(size of the log) for the text
+formats (about 0.6 s for 500 000 points of JSON Lines), and O(new records)
+for TensorBoard, whose loaders keep their place between reads. Polling rather than inotify
 (``watchdog``): it works the same on network file systems and in containers,
 and a read per change is what re-reading a rewritten ``trainer_state.json``
 or a new event file needs anyway.
@@ -80,6 +81,7 @@ class Follower:
         self._failures = 0
         self._say = say or (lambda _: None)
         self._warned: set[str] = set()
+        self._cache: dict[str, object] = {}  # a TensorBoard log's loaders, kept between reads
         self._room = max(1, room_points)
 
     def look(self) -> int:
@@ -93,7 +95,7 @@ class Follower:
         if signature is None or signature == self._signature:
             return 0
         try:
-            columns = read_growing_log(self.path, warn=self._warn_once)
+            columns = read_growing_log(self.path, warn=self._warn_once, cache=self._cache)
         except LogFileError as error:
             if error.problem == "the file has no records":
                 return 0  # created, not written yet

@@ -211,10 +211,16 @@ def read_log(path: str | os.PathLike[str], *, warn: Warn | None = None) -> Colum
     return _read(os.fspath(path), warn, complete_lines=False)
 
 
-def read_growing_log(path: str | os.PathLike[str], *, warn: Warn | None = None) -> Columns:
+def read_growing_log(
+    path: str | os.PathLike[str], *, warn: Warn | None = None, cache: dict[str, Any] | None = None
+) -> Columns:
     """:func:`read_log` for a file that is being written: a last line without its
-    newline is not read yet (the writer is half-way through it)."""
-    return _read(os.fspath(path), warn, complete_lines=True)
+    newline is not read yet (the writer is half-way through it).
+
+    ``cache``: a dict the caller keeps between calls on the same path; a
+    TensorBoard log then reads only the records written since the last call.
+    """
+    return _read(os.fspath(path), warn, complete_lines=True, cache=cache)
 
 
 def log_files(path: str | os.PathLike[str]) -> list[str]:
@@ -259,7 +265,9 @@ def detect_format(path: str) -> str:
     return "trainer_state" if isinstance(document, dict) and "log_history" in document else "jsonl"
 
 
-def _read(name: str, warn: Warn | None, *, complete_lines: bool) -> Columns:
+def _read(
+    name: str, warn: Warn | None, *, complete_lines: bool, cache: dict[str, Any] | None = None
+) -> Columns:
     if os.path.isdir(name) and not _event_files(name):
         name = _log_in_directory(name)
     fmt = detect_format(name)
@@ -268,7 +276,12 @@ def _read(name: str, warn: Warn | None, *, complete_lines: bool) -> Columns:
         if fmt == "tensorboard":
             from detector import tblog  # the optional tensorboard package: only for these files
 
-            blocks = tblog.blocks(name, rows.notes)
+            reader = (cache or {}).get(name)
+            if reader is None:
+                reader = tblog.TensorBoardLog(name)
+                if cache is not None:
+                    cache[name] = reader
+            blocks = reader.blocks(rows.notes)
         elif fmt == "trainer_state":
             blocks = _trainer_state_blocks(name, rows)
         else:

@@ -36,6 +36,8 @@ def _write_tensorboard(log_dir: Path, steps: int = 30) -> None:
     writer = SummaryWriter(str(log_dir))
     for step in range(steps):
         writer.add_scalar("train/loss", 2.0 / (step + 1), step)
+        # A tensor scalar with the scalars plugin's metadata, as tf.summary.scalar writes.
+        writer.add_scalar("tensor/lr", 0.1 * (step + 1), step, new_style=True)
         if step % 10 == 9:
             writer.add_scalar("val/acc", step / 100, step)
             writer.add_scalars("acc", {"train": step / 50, "val": step / 100}, step)
@@ -47,7 +49,8 @@ def _write_tensorboard(log_dir: Path, steps: int = 30) -> None:
 def test_tensorboard_directory_written_by_summary_writer(tmp_path: Path) -> None:
     _write_tensorboard(tmp_path / "tb")
     columns, notes = _read(tmp_path / "tb")
-    assert set(columns) == {"train/loss", "val/acc", "acc_train/acc", "acc_val/acc"}
+    assert set(columns) == {"train/loss", "tensor/lr", "val/acc", "acc_train/acc", "acc_val/acc"}
+    assert columns["tensor/lr"] == (list(range(30)), pytest.approx([0.1 * (i + 1) for i in range(30)]))
     steps, values = columns["train/loss"]
     assert steps == list(range(31))
     assert values[:3] == pytest.approx([2.0, 1.0, 2 / 3]) and math.isnan(values[-1])
@@ -64,7 +67,7 @@ def test_an_event_file_is_found_by_content_not_name(tmp_path: Path) -> None:
     shutil.copy(event_file, renamed)
     assert detect_format(str(renamed)) == "tensorboard"
     columns, _ = _read(renamed)
-    assert set(columns) == {"train/loss"}  # the add_scalars tags live in subfolders
+    assert set(columns) == {"train/loss", "tensor/lr"}  # add_scalars tags live in subfolders
     assert columns["train/loss"][0] == [0, 1, 2, 3, 4, 5]
     # A record cut half-way (a writer still at it) is read up to the last whole record.
     cut = tmp_path / "cut.tfevents"
@@ -78,7 +81,9 @@ def test_analyze_reads_a_tensorboard_directory(
     _write_tensorboard(tmp_path / "tb")
     assert main(["analyze", str(tmp_path / "tb"), "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert set(document["change_points"]) == {"train/loss", "val/acc", "acc_train/acc", "acc_val/acc"}
+    assert set(document["change_points"]) == {
+        "train/loss", "tensor/lr", "val/acc", "acc_train/acc", "acc_val/acc"
+    }
 
 
 # --- Lightning CSVLogger ---------------------------------------------------
@@ -232,3 +237,19 @@ def test_cli_names_the_file_for_a_missing_directory_log(
     assert main(["analyze", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"phasewatch: {tmp_path / 'empty'}: no TensorBoard") and "Traceback" not in err
+
+
+def test_a_tensorboard_log_is_read_incrementally(tmp_path: Path) -> None:
+    _write_tensorboard(tmp_path / "tb", steps=5)
+    event_file = next((tmp_path / "tb").glob("events.out.tfevents.*"))
+    data = event_file.read_bytes()
+    growing = tmp_path / "growing" / event_file.name
+    growing.parent.mkdir()
+    growing.write_bytes(data[:-7])  # the last record half-written
+    cache: dict = {}
+    assert read_growing_log(growing.parent, cache=cache)["train/loss"][0].tolist() == [0, 1, 2, 3, 4]
+    with growing.open("ab") as out:
+        out.write(data[-7:])  # the writer finishes it: the same loader picks it up
+    again = read_growing_log(growing.parent, cache=cache)
+    assert again["train/loss"][0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert np.isnan(again["train/loss"][1][-1])
