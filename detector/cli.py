@@ -368,7 +368,7 @@ def _add_replay(commands: Any, client: argparse.ArgumentParser) -> None:
     replay = commands.add_parser(
         "replay", parents=[client], help="stream a run log to a detector, as a training job would"
     )
-    replay.add_argument("file", metavar="FILE", help="run log: JSON Lines or CSV")
+    replay.add_argument("file", metavar="PATH", help="run log: any format analyze reads")
     replay.add_argument("--run-id", metavar="ID", help="run id (default: the file name)")
     replay.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_POINTS,
                         metavar="N", help=f"points per batch (default {DEFAULT_BATCH_POINTS})")
@@ -461,7 +461,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
     else:
         print(f"sent {stats.points} points in {stats.rows} rows to {args.target} as run "
               f"{run_id!r}; {run.stats.rejected} rejected", file=sys.stderr)
-    if not delivered:
+    if not delivered and stats.points:  # a run that never logged has nothing to deliver
         raise CliError(f"not every point reached the detector at {args.target}; "
                        "run follow again to resume")
     return EXIT_OK

@@ -92,7 +92,10 @@ class Follower:
         """
         self.stats.looks += 1
         signature = self._current_signature()
-        if signature is None or signature == self._signature:
+        if signature is None:
+            self._warn_once(f"{self.path}: no log there yet; waiting for it")
+            return 0
+        if signature == self._signature:
             return 0
         try:
             columns = read_growing_log(self.path, warn=self._warn_once, cache=self._cache)
@@ -155,7 +158,7 @@ class Follower:
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
-            self._say(f"warning: {message}")
+            self._say(message if message.endswith("waiting for it") else f"warning: {message}")
 
 
 def follow(

@@ -220,3 +220,16 @@ def test_follow_names_the_bad_line_without_a_traceback(tmp_path: Path, server: t
     )
     assert done.returncode == 2
     assert f"phasewatch: {path}:2: not valid JSON" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_follow_waits_for_a_log_that_is_not_there_yet(tmp_path: Path, server: tuple) -> None:
+    _, port, _ = server
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "detector", "follow", str(tmp_path / "later.jsonl"),
+         "--target", f"127.0.0.1:{port}", "--interval", "0.05", "--idle-exit", "0.3"],
+        env=env, capture_output=True, text=True, timeout=WAIT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no log there yet; waiting for it" in done.stderr
+    assert "sent 0 points" in done.stderr
