@@ -188,7 +188,7 @@ def test_serve_flag_sets_concurrent_rpcs(monkeypatch: pytest.MonkeyPatch) -> Non
     def fake_serve(listen, metrics_listen, store, **options):  # noqa: ANN001
         seen.update(options)
 
-    monkeypatch.setattr("detector.cli.serve", fake_serve)
+    monkeypatch.setattr("detector.server.serve", fake_serve)  # imported by cmd_serve when it runs
     assert main(["serve", "--store", "sqlite://:memory:", "--max-concurrent-streams", "1200"]) == 0
     assert seen["max_workers"] == 1200
     seen.clear()

@@ -339,6 +339,26 @@ def test_lightning_trains_to_the_end_without_a_detector(dead_target: str) -> Non
     assert time.monotonic() - t0 < 30
 
 
+def test_lightning_disabled_by_the_environment_connects_nowhere(
+    detector: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("lightning.pytorch")
+    from detector.integrations.lightning import PhasewatchCallback
+
+    monkeypatch.setenv("PHASEWATCH_TARGET", detector.target)
+    monkeypatch.setenv("PHASEWATCH_DISABLED", "1")
+    x, _ = _data()
+    callback = PhasewatchCallback(run_id="lightning-off", config=FAST, every=1,
+                                  probe_layers=["net.0"], probe_batch=x[:16], probe_every=1)
+    trainer = _lightning_fit(callback, max_epochs=2)
+    assert trainer.global_step == 8
+    assert callback.session.probe is None and detector.engine.series("lightning-off") == {}
+    monkeypatch.delenv("PHASEWATCH_DISABLED")
+    callback = PhasewatchCallback(run_id="lightning-env", config=FAST, every=1)  # $PHASEWATCH_TARGET
+    _lightning_fit(callback, max_epochs=2)
+    assert sorted(detector.engine.series("lightning-env")["train_loss"]) == list(range(1, 9))
+
+
 def test_lightning_stops_on_collapse(collapse_detector: Server) -> None:
     pytest.importorskip("lightning.pytorch")
     from detector.integrations.lightning import PhasewatchCallback

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from detector.client import ClientConfig, Event, Run, SeriesSpecLike, connect
+from detector.client import ClientConfig, Event, Run, SeriesSpecLike, connect, disabled_by_env
 from detector.core.types import check_name
 
 logger = logging.getLogger("phasewatch.integrations")
@@ -104,7 +104,7 @@ class TrainingSession:
 
     def __init__(
         self,
-        target: str,
+        target: str | None,
         run_id: str | None,
         *,
         default_prefix: str,
@@ -148,6 +148,10 @@ class TrainingSession:
         """Connect (returns at once, even with no detector) and build the probe."""
         if self.run is not None:
             return
+        if disabled_by_env():
+            self.warn_once("disabled", "phasewatch: $PHASEWATCH_DISABLED is set; run %r is not "
+                           "watched", self.run_id, level=logging.INFO)
+            return
         try:
             if probe_factory is not None and self.probe is None and model is not None:
                 self.probe = probe_factory(model)
@@ -168,6 +172,7 @@ class TrainingSession:
                 token=self.token,
                 credentials=self.credentials,
                 config=self.config,
+                disabled=False,  # checked above, before building the probe
             )
         except Exception:
             self.warn_once("connect", "phasewatch: could not start run %r; training goes on unwatched",
@@ -236,12 +241,12 @@ class TrainingSession:
         """
         return self.stop_on_collapse and self._stop.is_set()
 
-    def warn_once(self, key: str, message: str, *args: object) -> None:
+    def warn_once(self, key: str, message: str, *args: object, level: int = logging.WARNING) -> None:
         if key in self._warned:
             logger.debug(message, *args, exc_info=True)
             return
         self._warned.add(key)
-        logger.warning(message, *args, exc_info=True)
+        logger.log(level, message, *args, exc_info=level >= logging.WARNING)
 
 
 class SessionView:
