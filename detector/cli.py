@@ -172,6 +172,7 @@ _SERVE_PASSTHROUGH = {
     "alert_resend_interval": "--alert-resend-interval",
     "alert_runbook_url": "--alert-runbook-url",
     "metrics_retention": "--metrics-retention",
+    "metrics_auth_token_file": "--metrics-auth-token-file",
 }
 
 
@@ -202,6 +203,10 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--auth-token-file", metavar="PATH",
                        help="require a bearer token from this file (one a line; re-read when it "
                        "changes) on every RPC but health checks")
+    serve.add_argument("--metrics-auth-token-file", metavar="PATH",
+                       help="require a bearer token from this file on /metrics (default: the "
+                       "--auth-token-file, if any; 'none': no token, for a metrics port bound "
+                       "to a private interface)")
     serve.add_argument("--tls-cert", metavar="PATH", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", metavar="PATH", help="private key of --tls-cert (PEM)")
     serve.add_argument("--tls-client-ca", metavar="PATH",
