@@ -498,3 +498,137 @@ def test_huggingface_stops_on_collapse(collapse_detector: Server, tmp_path: Path
     trainer = _hf_train(callback, tmp_path, max_steps=1200, delay=0.003)
     assert callback.stop_event is not None and callback.stop_event.kind == "COLLAPSE_ONSET"
     assert 10 <= trainer.state.global_step < 600
+
+
+# --- Lightning: DDP, resume, Logger -------------------------------------------------------
+
+DDP_SCRIPT = '''
+import json, sys, time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+import lightning.pytorch as L
+
+from detector.client import ClientConfig
+from detector.integrations.lightning import PhasewatchCallback
+
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(8, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        time.sleep(0.005)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+target, out = sys.argv[1], Path(sys.argv[2])
+g = torch.Generator().manual_seed(1)
+x = torch.randn(64, 8, generator=g)
+y = (x[:, 0] > 0).long()
+callback = PhasewatchCallback(target, "ddp-collapse", every=2, stop_on_collapse=True,
+                              config=ClientConfig(batch_points=64, flush_interval=0.02))
+trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=400, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback])
+trainer.fit(Tiny(), DataLoader(TensorDataset(x, y), batch_size=16))
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+    {"step": trainer.global_step, "heard": callback.stop_event is not None}))
+'''
+
+
+def test_lightning_ddp_stops_every_rank_on_collapse(collapse_detector: Server, tmp_path: Path) -> None:
+    """Two CPU processes under strategy="ddp" (gloo): rank 0 hears the collapse, both stop
+    at the same step (a rank left training would hang the other in its next all-reduce)."""
+    pytest.importorskip("lightning.pytorch")
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), collapse_detector.target, str(tmp_path)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["heard"] and not ranks[1]["heard"]  # only rank 0 talks to the detector
+    assert ranks[0]["step"] == ranks[1]["step"]
+    assert 10 <= ranks[0]["step"] < 400  # 800 steps if it never stopped
+    assert sorted(collapse_detector.engine.series("ddp-collapse")["train_loss"])[0] <= 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _checkpointing_fit(callback: Any, tmp_path: Path, max_epochs: int, ckpt: Path | None) -> Any:
+    L = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _data()
+    trainer = L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        callbacks=[callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
+    trainer.fit(_lightning_module(), DataLoader(TensorDataset(x, y), batch_size=16),
+                ckpt_path=str(ckpt) if ckpt else None)
+    return trainer
+
+
+def test_lightning_resume_from_a_checkpoint_continues_the_run(detector: Server, tmp_path: Path) -> None:
+    pytest.importorskip("lightning.pytorch")
+    from detector.integrations.lightning import PhasewatchCallback
+
+    first = PhasewatchCallback(detector.target, config=FAST, every=1)  # a generated run id
+    # Generated ids hold the time in seconds and the pid: another process's differs.
+    first.session.run_id = "lightning-first-process"
+    _checkpointing_fit(first, tmp_path, max_epochs=2, ckpt=None)
+    second = PhasewatchCallback(detector.target, config=FAST, every=1)
+    assert second.run_id != first.run_id
+    trainer = _checkpointing_fit(second, tmp_path, max_epochs=4, ckpt=tmp_path / "last.ckpt")
+    assert trainer.global_step == 16
+    assert second.run_id == first.run_id  # restored from the checkpoint
+    assert sorted(detector.engine.series(first.run_id)["train_loss"]) == list(range(1, 17))
+    assert detector.engine.series(second.session.run_id) == detector.engine.series(first.run_id)
+    # An explicit, different run id is the user's choice: it is kept, not resumed.
+    third = PhasewatchCallback(detector.target, "chosen-id", config=FAST, every=1)
+    third.load_state_dict({"run_id": first.run_id})
+    assert third.run_id == "chosen-id" and not third.session.resume
+
+
+def test_lightning_logger_streams_what_lightning_logs(detector: Server) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from detector.integrations.lightning import PhasewatchLogger
+
+    x, y = _data()
+    logger = PhasewatchLogger(detector.target, "logger-run", config=FAST)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=logger,
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(_lightning_module(), DataLoader(TensorDataset(x, y), batch_size=16),
+                DataLoader(TensorDataset(x, y), batch_size=64))
+    assert logger.experiment is None and logger.version == "logger-run"  # finalized
+    got = detector.engine.series("logger-run")
+    assert len(got["train_loss"]) == 12 and "val_acc" in got and "epoch" not in got
