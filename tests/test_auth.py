@@ -297,7 +297,7 @@ def _script() -> str:
     if not script.exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"console script {script} is not installed")
-        pytest.skip(f"console script {script} is not installed")
+        pytest.skip(f"console script {script} is not installed (pip install -e '.[dev]')")
     return str(script)
 
 

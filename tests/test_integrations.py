@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip(
+    "torch", reason="torch is not installed: pip install torch, then -e '.[lightning,huggingface]' "
+    "(.ci/run installs the CPU wheel)")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -32,6 +34,9 @@ from detector.core.types import EventKind, Phase  # noqa: E402
 from detector.engine import Engine  # noqa: E402
 from detector.probe import SpectralProbe  # noqa: E402
 from detector.server import create_server  # noqa: E402
+
+NO_LIGHTNING = "Lightning is not installed: pip install -e '.[lightning]'"
+NO_TRANSFORMERS = "transformers is not installed: pip install -e '.[huggingface]'"
 
 FAST = ClientConfig(
     batch_points=256,
@@ -257,7 +262,7 @@ def test_probe_handles_sequence_outputs_and_declares_roles() -> None:
 
 
 def _lightning_module(delay: float = 0.0) -> Any:
-    L = pytest.importorskip("lightning.pytorch")
+    L = pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
 
     class Tiny(L.LightningModule):
         def __init__(self) -> None:
@@ -287,7 +292,7 @@ def _lightning_module(delay: float = 0.0) -> Any:
 
 
 def _lightning_fit(callback: Any, max_epochs: int = 5, delay: float = 0.0) -> Any:
-    L = pytest.importorskip("lightning.pytorch")
+    L = pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from torch.utils.data import DataLoader, TensorDataset
 
     x, y = _data()
@@ -308,7 +313,7 @@ def _lightning_fit(callback: Any, max_epochs: int = 5, delay: float = 0.0) -> An
 
 
 def test_lightning_callback_streams_logged_metrics_and_probe(detector: Server) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     x, _ = _data()
@@ -327,7 +332,7 @@ def test_lightning_callback_streams_logged_metrics_and_probe(detector: Server) -
 
 
 def test_lightning_trains_to_the_end_without_a_detector(dead_target: str) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     x, _ = _data()
@@ -342,7 +347,7 @@ def test_lightning_trains_to_the_end_without_a_detector(dead_target: str) -> Non
 def test_lightning_disabled_by_the_environment_connects_nowhere(
     detector: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     monkeypatch.setenv("PHASEWATCH_TARGET", detector.target)
@@ -360,7 +365,7 @@ def test_lightning_disabled_by_the_environment_connects_nowhere(
 
 
 def test_lightning_stops_on_collapse(collapse_detector: Server) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     seen: list[Any] = []
@@ -375,7 +380,7 @@ def test_lightning_stops_on_collapse(collapse_detector: Server) -> None:
 def test_lightning_does_not_stop_on_a_generalization_collapse(
     generalization_collapse_detector: Server,
 ) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     seen: list[Any] = []
@@ -389,7 +394,7 @@ def test_lightning_does_not_stop_on_a_generalization_collapse(
 
 
 def test_lightning_hooks_swallow_errors() -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     callback = PhasewatchCallback("127.0.0.1:1", "broken")
@@ -433,7 +438,7 @@ class _HFData(torch.utils.data.Dataset):
 
 
 def _hf_train(callback: Any, tmp_path: Path, max_steps: int = 20, delay: float = 0.0) -> Any:
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"),
         max_steps=max_steps,
@@ -458,7 +463,7 @@ def _hf_train(callback: Any, tmp_path: Path, max_steps: int = 20, delay: float =
 
 
 def test_huggingface_callback_streams_logs_and_probe(detector: Server, tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
     from detector.integrations.huggingface import PhasewatchCallback
 
     x, _ = _data()
@@ -477,7 +482,7 @@ def test_huggingface_callback_streams_logs_and_probe(detector: Server, tmp_path:
 
 
 def test_huggingface_trains_to_the_end_without_a_detector(dead_target: str, tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
     from detector.integrations.huggingface import PhasewatchCallback
 
     x, _ = _data()
@@ -490,7 +495,7 @@ def test_huggingface_trains_to_the_end_without_a_detector(dead_target: str, tmp_
 
 
 def test_huggingface_stops_on_collapse(collapse_detector: Server, tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
     from detector.integrations.huggingface import PhasewatchCallback
 
     callback = PhasewatchCallback(collapse_detector.target, "hf-collapse", config=FAST,
@@ -551,7 +556,7 @@ trainer.fit(Tiny(), DataLoader(TensorDataset(x, y), batch_size=16))
 def test_lightning_ddp_stops_every_rank_on_collapse(collapse_detector: Server, tmp_path: Path) -> None:
     """Two CPU processes under strategy="ddp" (gloo): rank 0 hears the collapse, both stop
     at the same step (a rank left training would hang the other in its next all-reduce)."""
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     import os
     import subprocess
     import sys
@@ -579,7 +584,7 @@ def _free_port() -> int:
 
 
 def _checkpointing_fit(callback: Any, tmp_path: Path, max_epochs: int, ckpt: Path | None) -> Any:
-    L = pytest.importorskip("lightning.pytorch")
+    L = pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -596,7 +601,7 @@ def _checkpointing_fit(callback: Any, tmp_path: Path, max_epochs: int, ckpt: Pat
 
 
 def test_lightning_resume_from_a_checkpoint_continues_the_run(detector: Server, tmp_path: Path) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     first = PhasewatchCallback(detector.target, config=FAST, every=1)  # a generated run id
@@ -617,7 +622,7 @@ def test_lightning_resume_from_a_checkpoint_continues_the_run(detector: Server, 
 
 
 def test_lightning_logger_streams_what_lightning_logs(detector: Server) -> None:
-    L = pytest.importorskip("lightning.pytorch")
+    L = pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from torch.utils.data import DataLoader, TensorDataset
 
     from detector.integrations.lightning import PhasewatchLogger

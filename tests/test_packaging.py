@@ -41,7 +41,7 @@ def test_the_sdk_does_not_import_the_server_stack(module: str) -> None:
 
 
 def test_the_probe_does_not_import_the_server_stack() -> None:
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="torch is not installed: pip install -e '.[torch]'")
     new = imported_after("import detector.probe", before="import torch")
     assert not new & set(SERVER_STACK), sorted(new & set(SERVER_STACK))
 
@@ -52,7 +52,8 @@ def test_the_probe_does_not_import_the_server_stack() -> None:
 ])
 def test_the_integrations_add_nothing_of_the_server_stack(module: str, framework: str) -> None:
     """Beyond what the framework itself imports (Lightning imports scipy)."""
-    pytest.importorskip(framework)
+    pytest.importorskip(framework, reason=f"{framework} is not installed (the [lightning] and "
+                        "[huggingface] extras)")
     new = imported_after(f"import {module}", before=f"import {framework}")
     assert not new & set(SERVER_STACK), sorted(new & set(SERVER_STACK))
 
