@@ -7,10 +7,11 @@ The names and labels are go-grpc-prometheus's (``grpc_server_started_total``,
 
 :class:`GrpcServerMetrics` is a server interceptor: put it first in the list,
 so that it also counts what later interceptors answer (``UNAUTHENTICATED``).
-An RPC's status code is read from its context when it terminates (a handler
-that aborts or sets a code), ``OK`` when it returned normally, ``UNKNOWN``
-when it raised without one, ``CANCELLED`` or ``DEADLINE_EXCEEDED`` when the
-client left first. Methods outside the server's services are counted as
+An RPC's status code is read from its context when its handler ends (a
+handler that aborts or sets a code), ``OK`` when it returned normally,
+``UNKNOWN`` when it raised without one; an RPC that terminates before its
+handler ended is ``CANCELLED`` or ``DEADLINE_EXCEEDED`` (the client left).
+Methods outside the server's services are counted as
 ``grpc_service="unknown", grpc_method="unknown"`` (their names come from
 clients: unbounded label values). O(1) per RPC.
 """
@@ -30,34 +31,35 @@ HANDLING_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 600.0, 3600.
 
 
 class _Call:
-    """One RPC's end, recorded once (by the handler's return or by termination)."""
+    """One RPC's end, recorded once: when its handler returns or raises (before
+    the client sees the status), else when the RPC terminates without the
+    handler having ended (the client cancelled, or its deadline passed)."""
 
-    __slots__ = ("metrics", "labels", "start", "context", "outcome", "_lock", "_done")
+    __slots__ = ("metrics", "labels", "start", "context", "_lock", "_done")
 
     def __init__(self, metrics: GrpcServerMetrics, labels: tuple[str, str, str],
                  context: grpc.ServicerContext) -> None:
         self.metrics, self.labels, self.context = metrics, labels, context
         self.start = time.perf_counter()
-        self.outcome: grpc.StatusCode | None = None  # set when the handler finished
         self._lock = threading.Lock()
         self._done = False
 
     def finished(self, raised: bool) -> None:
-        self.outcome = grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
+        code = _context_code(self.context)  # what the handler set, or aborted with
+        if code is None:
+            code = grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
+        self._record(code)
 
     def terminated(self) -> None:
+        remaining = _time_remaining(self.context)
+        self._record(grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                     else grpc.StatusCode.CANCELLED)
+
+    def _record(self, code: grpc.StatusCode) -> None:
         with self._lock:
             if self._done:
                 return
             self._done = True
-        code = _context_code(self.context)
-        if code is None:
-            if self.outcome is not None:
-                code = self.outcome
-            else:  # the client went away (or its deadline passed) before the handler ended
-                remaining = _time_remaining(self.context)
-                code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
-                        else grpc.StatusCode.CANCELLED)
         self.metrics.handled.labels(*self.labels, code.name).inc()
         self.metrics.seconds.labels(*self.labels).observe(time.perf_counter() - self.start)
 
