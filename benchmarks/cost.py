@@ -113,7 +113,7 @@ class LocaliserCounter:
 
 def measure_runs(folder: Path, repeats: int = 3) -> list[dict]:
     """In-process ``analyze`` of every labelled run in ``folder``: µs per point by stage, localisations."""
-    from detector.cli import analyze_columns  # the analyze path (imports the server stack)
+    from detector.analysis import analyze_columns  # the analyze path (imports the server stack)
     from detector.logfile import count_points, read_log
 
     rows = []

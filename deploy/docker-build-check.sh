@@ -5,8 +5,8 @@
 #    directory (so a file missing from them fails here as it would in
 #    `docker build`), and builds the wheel there in a clean venv with the same
 #    command, which generates the protobuf modules;
-# 2. the runtime stage: installs that wheel with the [postgres] extra into
-#    another clean venv;
+# 2. the runtime stage: installs that wheel with the [server,postgres] extras
+#    into another clean venv;
 # 3. runs the ENTRYPOINT with the image's ENV (ports moved to free ones, the
 #    store to a temporary file) and its HEALTHCHECK command, which must report
 #    SERVING; then SIGTERM must stop it cleanly.
@@ -58,6 +58,8 @@ build, runtime = stages[0], stages[-1]
 assert build["run"] and "python -m build --wheel" in build["run"][-1], build["run"]
 assert runtime["entrypoint"] == ["phasewatch", "serve"], runtime["entrypoint"]
 assert runtime["healthcheck"], "no HEALTHCHECK"
+assert not any("50051" in word for word in runtime["healthcheck"]), \
+    "the HEALTHCHECK must follow PHASEWATCH_LISTEN, not a fixed address"
 assert "USER 10001:10001" in text, "the runtime must run as the non-root uid 10001"
 (work / "copy.txt").write_text("".join(" ".join(srcs[:-1]) + "\n" for srcs in build["copy"]))
 (work / "env.sh").write_text("".join(f"export {k}={shlex.quote(v)}\n"
@@ -82,10 +84,10 @@ python3 -m venv "$work/build-venv"
 (cd "$work/src" && "$work/build-venv/bin/python" -m build -q --wheel --outdir "$work/dist" >/dev/null)
 ls "$work/dist"
 
-echo "== runtime stage: the wheel with [postgres] in a clean venv"
+echo "== runtime stage: the wheel with [server,postgres] in a clean venv"
 python3 -m venv "$work/runtime"
 for wheel in "$work"/dist/phasewatch-*.whl; do
-    "$work/runtime/bin/pip" install -q --no-cache-dir "${wheel}[postgres]"
+    "$work/runtime/bin/pip" install -q --no-cache-dir "${wheel}[server,postgres]"
 done
 "$work/runtime/bin/python" -c "import psycopg, detector._proto.phasewatch.v1.detector_pb2"
 
@@ -101,7 +103,6 @@ mapfile -t entrypoint < <(python3 -c 'import json,sys; print("\n".join(json.load
 PATH="$work/runtime/bin:$PATH" "${entrypoint[@]}" >"$work/serve.log" 2>&1 &
 server_pid=$!
 mapfile -t healthcheck < <(python3 -c 'import json,sys; print("\n".join(json.load(open(sys.argv[1]))))' "$work/healthcheck.json")
-healthcheck=("${healthcheck[@]//127.0.0.1:50051/127.0.0.1:$grpc_port}")
 healthy=""
 for _ in $(seq 60); do
     if PATH="$work/runtime/bin:$PATH" "${healthcheck[@]}" 2>/dev/null; then healthy=1; break; fi

@@ -112,8 +112,10 @@ checks = {
     == {"grpc", "metrics"},
     "container ports are named grpc and metrics": {p["name"] for p in container["ports"]}
     == {"grpc", "metrics"},
-    "probes are native gRPC": all("grpc" in container[p] for p in
-                                  ("startupProbe", "readinessProbe", "livenessProbe")),
+    "probes are native gRPC or `phasewatch health`": all(
+        "grpc" in container[p] or container[p].get("exec", {}).get("command", [None])[:2]
+        == ["phasewatch", "health"] for p in ("startupProbe", "readinessProbe", "livenessProbe")),
+    "no serve flag in args (PHASEWATCH_<FLAG> in the ConfigMap)": not container.get("args"),
     "ServiceMonitor scrapes the Service's metrics port": by_kind["ServiceMonitor"]["spec"][
         "endpoints"][0]["port"] == "metrics"
     and by_kind["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items()

@@ -18,41 +18,30 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
-import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 import detector
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
-from detector.analysis import analyze_columns
 from detector.client import ClientConfigError, bearer_interceptor, read_token, tls_credentials
-from detector.convert import kind_to_proto, phase_to_proto
 from detector.core.types import EventKind, Phase, check_name
-from detector.demo import run_demo
-from detector.engine import EngineConfig
 from detector.errors import InvalidArgument, PhasewatchError
-from detector.logfile import Columns, count_points, read_log
-from detector.plot import PlotUnavailable, plot_timeline
-from detector.replay import DEFAULT_BATCH_POINTS, stream_log
-from detector.report import (
-    View,
-    event_view_from_proto,
-    format_event,
-    format_run,
-    format_runs,
-    format_timeline,
-    run_view_from_proto,
-    segment_view_from_proto,
-    timeline_document,
-)
-from detector.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WORKERS, serve
+
+if TYPE_CHECKING:
+    from detector.logfile import Columns
+    from detector.report import View
+
+# The detector's own modules (engine, server, store, exporter, demo) are imported
+# by the commands that need them: they pull in the [server] extra (scipy,
+# ruptures, statsmodels, prometheus_client), which a client install lacks, and
+# `phasewatch health`, run by probes every few seconds, must start fast.
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -63,6 +52,19 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9109"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_FOLLOW_INTERVAL = 2.0
+# Shown in --help without importing the server: tests/test_packaging.py checks
+# them against detector.server and EngineConfig.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_WORKERS = 256
+DEFAULT_MAX_SERIES_PER_RUN = 1024
+DEFAULT_MAX_RUNS = 10_000
+DEFAULT_BATCH_POINTS = 2048  # detector.replay's
+# Modules of the [server] extra: a command that needs one of them and finds it
+# missing says which extra to install.
+_SERVER_EXTRA = frozenset(
+    {"scipy", "ruptures", "statsmodels", "prometheus_client", "grpc_reflection", "platformdirs"}
+)
+ENV_PREFIX = "PHASEWATCH_"
 
 
 class CliError(Exception):
@@ -79,7 +81,10 @@ class CliError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``phasewatch`` command; returns the exit code."""
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except CliError as error:  # a bad PHASEWATCH_<FLAG> switch
+        return _fail(error.message, error.code)
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, --version, usage errors (already printed)
@@ -120,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs(commands, client)
     _add_watch(commands, client)
     _add_demo(commands)
+    _add_health(commands)
     return parser
 
 
@@ -127,9 +133,9 @@ def _client_options() -> argparse.ArgumentParser:
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
         "--target",
-        default=DEFAULT_TARGET,
+        default=os.environ.get("PHASEWATCH_TARGET") or DEFAULT_TARGET,
         metavar="HOST:PORT",
-        help=f"the detector's gRPC address (default {DEFAULT_TARGET})",
+        help=f"the detector's gRPC address (default $PHASEWATCH_TARGET, else {DEFAULT_TARGET})",
     )
     client.add_argument(
         "--timeout",
@@ -165,23 +171,24 @@ _SERVE_PASSTHROUGH = {
     "alert_runbook_url": "--alert-runbook-url",
     "metrics_retention": "--metrics-retention",
     "otlp": "--otlp",
+    "metrics_auth_token_file": "--metrics-auth-token-file",
 }
 
 
 def _add_serve(commands: Any) -> None:
-    serve = commands.add_parser("serve", help="run the detector (gRPC and Prometheus /metrics)")
-    # Each default may come from the environment (PHASEWATCH_LISTEN, ...): how a
-    # container image and a Kubernetes Secret set them without replacing the args.
-    serve.add_argument("--listen", default=os.environ.get("PHASEWATCH_LISTEN", DEFAULT_TARGET),
-                       metavar="HOST:PORT",
-                       help=f"gRPC address (default $PHASEWATCH_LISTEN or {DEFAULT_TARGET})")
-    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
-                       default=os.environ.get("PHASEWATCH_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
-                       help="Prometheus /metrics address (default $PHASEWATCH_METRICS_LISTEN or "
-                       f"{DEFAULT_METRICS_LISTEN}; '' for none)")
-    serve.add_argument("--store", default=os.environ.get("PHASEWATCH_STORE"), metavar="URL",
-                       help="sqlite:///PATH or postgresql://... (default $PHASEWATCH_STORE, "
-                       "else a SQLite file under the user's data directory)")
+    serve = commands.add_parser(
+        "serve", help="run the detector (gRPC and Prometheus /metrics)",
+        description="Run the detector. Every flag may also come from the environment, as "
+        "PHASEWATCH_<FLAG> (--max-runs: PHASEWATCH_MAX_RUNS); a flag on the command line wins.",
+    )
+    serve.add_argument("--listen", default=DEFAULT_TARGET, metavar="HOST:PORT",
+                       help=f"gRPC address (default {DEFAULT_TARGET})")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT", default=DEFAULT_METRICS_LISTEN,
+                       help=f"Prometheus /metrics address (default {DEFAULT_METRICS_LISTEN}; "
+                       "'' for none)")
+    serve.add_argument("--store", metavar="URL",
+                       help="sqlite:///PATH or postgresql://... (default: a SQLite file under "
+                       "the user's data directory)")
     serve.add_argument("--alertmanager-url", metavar="URL",
                        help="send alerts to Alertmanager (API v2); comma-separated for a cluster")
     serve.add_argument("--webhook-url", metavar="URL",
@@ -193,10 +200,12 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--metrics-retention", type=_positive_float, metavar="SECONDS",
                        help="keep ended runs in /metrics this long (default 600)")
     serve.add_argument("--auth-token-file", metavar="PATH",
-                       default=os.environ.get("PHASEWATCH_AUTH_TOKEN_FILE"),
                        help="require a bearer token from this file (one a line; re-read when it "
-                       "changes) on every RPC but health checks (default "
-                       "$PHASEWATCH_AUTH_TOKEN_FILE)")
+                       "changes) on every RPC but health checks")
+    serve.add_argument("--metrics-auth-token-file", metavar="PATH",
+                       help="require a bearer token from this file on /metrics (default: the "
+                       "--auth-token-file, if any; 'none': no token, for a metrics port bound "
+                       "to a private interface)")
     serve.add_argument("--otlp", action="store_true", default=None,
                        help="also receive OpenTelemetry metrics (OTLP/gRPC) on the gRPC port: "
                        "gauges and sums of a resource with a phasewatch.run_id attribute become "
@@ -207,10 +216,10 @@ def _add_serve(commands: Any) -> None:
                        help="require client certificates signed by this CA (PEM)")
     serve.add_argument("--max-series-per-run", type=_positive_int, metavar="N",
                        help=f"refuse a run's series past this many (RESOURCE_EXHAUSTED; default "
-                       f"{EngineConfig.max_series_per_run})")
+                       f"{DEFAULT_MAX_SERIES_PER_RUN})")
     serve.add_argument("--max-runs", type=_positive_int, metavar="N",
                        help=f"refuse new runs past this many in memory (RESOURCE_EXHAUSTED; "
-                       f"default {EngineConfig.max_runs})")
+                       f"default {DEFAULT_MAX_RUNS})")
     serve.add_argument("--max-message-bytes", type=_positive_int, metavar="BYTES",
                        help="refuse larger request messages (RESOURCE_EXHAUSTED; default "
                        f"{DEFAULT_MAX_MESSAGE_BYTES})")
@@ -229,18 +238,13 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--grace", type=_positive_float, default=5.0, metavar="SECONDS",
                        help="on shutdown, let RPCs finish for this long (default 5)")
     serve.set_defaults(handler=cmd_serve)
+    env_defaults(serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import inspect
+
     options: dict[str, Any] = {"grace": args.grace}
-    accepted = inspect.signature(serve).parameters
-    for name, flag in _SERVE_PASSTHROUGH.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if name not in accepted:
-            raise CliError(f"{flag} is not supported yet", EXIT_USAGE)
-        options[name] = value
     if args.otlp:
         from detector.otlp import otlp_grpc
 
@@ -259,12 +263,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.max_points_per_second is None:
             raise CliError("--points-burst needs --max-points-per-second", EXIT_USAGE)
         limits["points_burst"] = args.points_burst
-    if limits:
-        options["config"] = EngineConfig(**limits)
     if args.max_message_bytes is not None:
         options["max_message_bytes"] = args.max_message_bytes
     if args.max_concurrent_rpcs is not None:
         options["max_workers"] = args.max_concurrent_rpcs
+    with _server_stack("serve"):
+        from detector.engine import EngineConfig
+        from detector.server import serve
+    accepted = inspect.signature(serve).parameters
+    for name, flag in _SERVE_PASSTHROUGH.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            raise CliError(f"{flag} is not supported yet", EXIT_USAGE)
+        options[name] = value
+    if limits:
+        options["config"] = EngineConfig(**limits)
     try:
         serve(args.listen, args.metrics_listen or None, args.store, **options)
     except OSError as error:  # cannot listen: port taken, bad address, unknown host
@@ -318,6 +333,11 @@ def _add_analyze(commands: Any) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from detector.logfile import read_log
+    from detector.report import format_timeline, timeline_document
+
+    with _server_stack("analyze"):
+        from detector.analysis import analyze_columns
     columns = read_log(args.file)
     segments, events, rejected = analyze_columns(columns, run_id_for(args.file))
     if rejected:
@@ -342,6 +362,8 @@ def run_id_for(path: str) -> str:
 
 
 def _describe_log(path: str, columns: Columns) -> str:
+    from detector.logfile import count_points
+
     steps = [s for s, _ in columns.values() if len(s)]
     span = f", steps {min(s.min() for s in steps)}-{max(s.max() for s in steps)}" if steps else ""
     return f"{path}: {len(columns)} series, {count_points(columns)} points{span}"
@@ -350,6 +372,8 @@ def _describe_log(path: str, columns: Columns) -> str:
 def _plot(
     columns: Columns, segments: list[View], events: list[View], out: str, *, title: str
 ) -> None:
+    from detector.plot import PlotUnavailable, plot_timeline
+
     try:
         plot_timeline(columns, segments, events, out, title=title)
     except PlotUnavailable as error:
@@ -378,6 +402,10 @@ def _add_replay(commands: Any, client: argparse.ArgumentParser) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from detector.logfile import read_log
+    from detector.replay import stream_log
+    from detector.report import format_event
+
     run_id = args.run_id or run_id_for(args.file)
     _check_run_id(run_id)
     columns = read_log(args.file)  # read it all first: a bad line sends nothing
@@ -496,6 +524,14 @@ def _add_status(commands: Any, client: argparse.ArgumentParser) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from detector.report import (
+        event_view_from_proto,
+        format_run,
+        format_timeline,
+        run_view_from_proto,
+        segment_view_from_proto,
+    )
+
     _check_run_id(args.run_id)
     with _detector(args, args.timeout) as stub:
         run = run_view_from_proto(
@@ -528,6 +564,9 @@ def _add_runs(commands: Any, client: argparse.ArgumentParser) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from detector.convert import phase_to_proto
+    from detector.report import format_runs, run_view_from_proto
+
     request = pb.ListRunsRequest(
         label_selector=dict(args.label),
         phase=phase_to_proto(Phase(args.phase)) if args.phase else 0,
@@ -554,6 +593,8 @@ def _add_watch(commands: Any, client: argparse.ArgumentParser) -> None:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from detector.convert import kind_to_proto
+
     if args.run_id:
         _check_run_id(args.run_id)
     request = pb.WatchEventsRequest(
@@ -571,6 +612,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def _print_watch(call: Any, args: argparse.Namespace) -> None:
+    from detector.report import event_view_from_proto, format_event
+
     # Headers arrive once the detector has subscribed us: from then on no
     # event is missed. A call that could not connect is already over.
     call.initial_metadata()
@@ -607,18 +650,194 @@ def _add_demo(commands: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    with _server_stack("demo"):
+        from detector.demo import run_demo
     run_demo(speed=args.speed, progress=not args.no_progress)
     return EXIT_OK
+
+
+# --- health ----------------------------------------------------------------
+
+DETECTOR_SERVICE = "phasewatch.v1.PhaseDetector"
+
+
+def _add_health(commands: Any) -> None:
+    health = commands.add_parser(
+        "health", help="ask a detector's gRPC health service; exit 0 when SERVING, else 1",
+        description="A gRPC health check (grpc.health.v1), for container HEALTHCHECKs and "
+        "Kubernetes exec probes (the native gRPC probe cannot speak TLS). Every flag may come "
+        "from the environment as PHASEWATCH_<FLAG>; without --target/$PHASEWATCH_TARGET it asks "
+        "the local address of $PHASEWATCH_LISTEN, the variable `phasewatch serve` listens on.",
+    )
+    health.add_argument("--target", default=_local_target(os.environ.get("PHASEWATCH_LISTEN")),
+                        metavar="HOST:PORT",
+                        help=f"the detector's gRPC address (default: $PHASEWATCH_LISTEN's port on "
+                        f"this host, else {DEFAULT_TARGET})")
+    health.add_argument("--service", default=DETECTOR_SERVICE, metavar="NAME",
+                        help=f"the service to ask about (default {DETECTOR_SERVICE}; '' for the "
+                        "whole server)")
+    health.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS", help=f"deadline (default {DEFAULT_TIMEOUT:g})")
+    health.add_argument("--token-file", metavar="PATH",
+                        help="send the bearer token in this file (health needs none; a proxy may)")
+    health.add_argument("--tls", action="store_true",
+                        help="connect with TLS, verifying the detector against the system's roots")
+    health.add_argument("--tls-ca", metavar="PATH",
+                        help="connect with TLS, verifying the detector against this CA (PEM)")
+    health.add_argument("--tls-client-cert", metavar="PATH",
+                        help="client certificate (PEM) for a detector that requires mutual TLS")
+    health.add_argument("--tls-client-key", metavar="PATH", help="private key of --tls-client-cert")
+    health.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name the detector's certificate must carry, when --target is "
+                        "an address it is not issued for (127.0.0.1 in a pod)")
+    health.add_argument("--json", action="store_true", help="print JSON instead of text")
+    health.set_defaults(handler=cmd_health)
+    env_defaults(health)
+
+
+def _local_target(listen: str | None) -> str:
+    """Where a probe in the same host or pod reaches a detector listening on ``listen``.
+
+    >>> _local_target("0.0.0.0:50051"), _local_target("[::]:7000"), _local_target(None)
+    ('127.0.0.1:50051', '[::1]:7000', '127.0.0.1:50051')
+    >>> _local_target("10.0.3.7:50051")
+    '10.0.3.7:50051'
+    """
+    if not listen:
+        return DEFAULT_TARGET
+    host, sep, port = listen.rpartition(":")
+    if not sep:
+        return DEFAULT_TARGET
+    if host in ("", "0.0.0.0", "*"):
+        return f"127.0.0.1:{port}"
+    if host in ("[::]", "::"):
+        return f"[::1]:{port}"
+    return listen
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    # grpcio-health-checking is a dependency of the client install too.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    options = []
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    with _channel(args, options) as (channel, tls):
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
+                               timeout=args.timeout)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+            if code == grpc.StatusCode.NOT_FOUND:
+                status = "SERVICE_UNKNOWN"  # the server does not know that service
+            else:
+                problem = rpc_problem(error, args.target, args.timeout, tls=tls)
+                status = "UNREACHABLE"
+                print(f"phasewatch: {problem.message}", file=sys.stderr)
+    service = args.service or "(server)"
+    if args.json:
+        _print_json({"target": args.target, "service": args.service, "status": status})
+    else:
+        print(f"{args.target} {service}: {status}")
+    return EXIT_OK if status == "SERVING" else EXIT_RUNTIME
+
+
+# --- the environment ---------------------------------------------------------
+
+
+class _FromEnv(str):
+    """A default read from an environment variable: a bad one is reported by name."""
+
+    variable: str
+
+
+def env_variable(flag: str) -> str:
+    """The variable of a long flag: ``--max-runs`` -> ``PHASEWATCH_MAX_RUNS``."""
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def env_defaults(parser: argparse.ArgumentParser, environ: Any = None) -> None:
+    """Let ``PHASEWATCH_<FLAG>`` give each long flag of ``parser`` its default.
+
+    One rule for every flag, so that an image or a Kubernetes ConfigMap/Secret
+    can set any of them without replacing the container's args. A flag given on
+    the command line wins (the variable is only the default). Values go through
+    the flag's own type, so ``PHASEWATCH_MAX_RUNS=0`` is refused as ``--max-runs
+    0`` would be, naming the variable; switches take 1/true/yes/on or
+    0/false/no/off/empty. O(flags).
+    """
+    environ = os.environ if environ is None else environ
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or isinstance(action, argparse._HelpAction):
+            continue
+        variable = env_variable(flags[0])
+        if action.help is not None and action.help is not argparse.SUPPRESS:
+            action.help += f" [${variable}]"
+        value = environ.get(variable)
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+            word = value.strip().lower()
+            if word not in _TRUE | _FALSE:
+                raise CliError(f"${variable}={value!r}: expected 1/true/yes/on or "
+                               "0/false/no/off", EXIT_USAGE)
+            action.default = action.const if word in _TRUE else not action.const
+        elif isinstance(action, argparse._StoreAction):
+            default = _FromEnv(value)
+            default.variable = variable
+            action.default = default
+            action.type = _env_checked(action.type, variable)
+            action.required = False
+
+
+def _env_checked(parse: Callable[[str], Any] | None, variable: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        if parse is None:
+            return str(text)
+        try:
+            return parse(text)
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            if isinstance(text, _FromEnv):
+                raise argparse.ArgumentTypeError(f"{error} (from ${variable})") from None
+            raise
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
 # --- talking to a detector -------------------------------------------------
 
 
 @contextmanager
-def _detector(args: argparse.Namespace, timeout: float | None) -> Iterator[pb_grpc.PhaseDetectorStub]:
-    """A stub on a fresh channel (TLS and token from the flags); RPC failures
-    become one-line CliErrors."""
-    target = args.target
+def _server_stack(command: str) -> Iterator[None]:
+    """Imports of the detector's own modules: a missing [server] dependency is the
+    user's install to fix, said in one line."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        root = (error.name or "").partition(".")[0]
+        if root not in _SERVER_EXTRA:
+            raise
+        raise CliError(
+            f"phasewatch {command} needs the detector's dependencies ({root} is not installed): "
+            "pip install 'phasewatch[server]'",
+            EXIT_USAGE,
+        ) from None
+
+
+@contextmanager
+def _channel(
+    args: argparse.Namespace, options: Sequence[tuple[str, Any]] = ()
+) -> Iterator[tuple[grpc.Channel, bool]]:
+    """A fresh channel to ``args.target`` with the TLS and token of the flags,
+    and whether it is TLS."""
     tls = bool(args.tls or args.tls_ca or args.tls_client_cert or args.tls_client_key)
     try:
         token = read_token(token_file=args.token_file)
@@ -628,17 +847,28 @@ def _detector(args: argparse.Namespace, timeout: float | None) -> Iterator[pb_gr
     except ClientConfigError as error:
         raise CliError(str(error), EXIT_USAGE) from None
     channel = (
-        grpc.secure_channel(target, credentials) if credentials is not None
-        else grpc.insecure_channel(target)
+        grpc.secure_channel(args.target, credentials, options=list(options))
+        if credentials is not None
+        else grpc.insecure_channel(args.target, options=list(options))
     )
+    closable = channel
     if token is not None:
         channel = grpc.intercept_channel(channel, bearer_interceptor(token))
     try:
-        yield pb_grpc.PhaseDetectorStub(channel)
-    except grpc.RpcError as error:
-        raise rpc_problem(error, target, timeout, tls=tls) from None
+        yield channel, tls
     finally:
-        channel.close()
+        closable.close()
+
+
+@contextmanager
+def _detector(args: argparse.Namespace, timeout: float | None) -> Iterator[pb_grpc.PhaseDetectorStub]:
+    """A stub on a fresh channel (TLS and token from the flags); RPC failures
+    become one-line CliErrors."""
+    with _channel(args) as (channel, tls):
+        try:
+            yield pb_grpc.PhaseDetectorStub(channel)
+        except grpc.RpcError as error:
+            raise rpc_problem(error, args.target, timeout, tls=tls) from None
 
 
 def rpc_problem(

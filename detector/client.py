@@ -98,6 +98,7 @@ __all__ = [
     "ClientConfig",
     "ClientConfigError",
     "ClientStats",
+    "DisabledRun",
     "Event",
     "Run",
     "SeriesSpecLike",
@@ -131,6 +132,13 @@ _POISON_CODES = frozenset(
 
 # A token for connect() and the CLI when none is given explicitly.
 TOKEN_ENV = "PHASEWATCH_TOKEN"
+# The detector's address when the code gives none (as MLFLOW_TRACKING_URI), and a
+# switch that turns every run into a no-op (as WANDB_MODE=disabled).
+TARGET_ENV = "PHASEWATCH_TARGET"
+DISABLED_ENV = "PHASEWATCH_DISABLED"
+DEFAULT_TARGET = "127.0.0.1:50051"
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 # Trailer of a RESOURCE_EXHAUSTED that clears by itself (the detector's
 # points-per-second limit): such a batch is retried, not dropped.
 _RETRY_AFTER_KEY = "phasewatch-retry-after-ms"
@@ -550,8 +558,93 @@ def bearer_interceptor(token: str) -> grpc.UnaryUnaryClientInterceptor:
     return _BearerToken(token)
 
 
+def resolve_target(target: str | None = None) -> str:
+    """``target``, else ``$PHASEWATCH_TARGET``, else ``127.0.0.1:50051``.
+
+    >>> resolve_target("detector:50051")
+    'detector:50051'
+    """
+    return target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+def disabled_by_env() -> bool:
+    """Whether ``$PHASEWATCH_DISABLED`` turns runs off (1/true/yes/on; 0/false/no/off
+    or unset: on). Any other value counts as disabled, with one warning: a switch
+    meant to turn monitoring off must not be ignored for a typo."""
+    value = os.environ.get(DISABLED_ENV)
+    if value is None:
+        return False
+    word = value.strip().lower()
+    if word in _FALSE_WORDS:
+        return False
+    if word not in _TRUE_WORDS:
+        logger.warning("phasewatch: $%s=%r is not 1/true/yes/on or 0/false/no/off; "
+                       "taken as disabled", DISABLED_ENV, value)
+    return True
+
+
+class DisabledRun:
+    """The run :func:`connect` returns when disabled: every call is a no-op.
+
+    Same interface as :class:`Run`, no thread, no connection, no validation
+    cost: ``log()`` returns True and keeps nothing, there are never events.
+
+    >>> run = DisabledRun("127.0.0.1:50051", "exp-42")
+    >>> run.log(0, train_loss=1.0), run.flush(), run.poll_events(), run.stats.logged
+    (True, True, [], 0)
+    >>> run.close(), run.closed
+    (True, True)
+    """
+
+    disabled = True
+
+    def __init__(self, target: str, run_id: str) -> None:
+        self._target, self._run_id, self._closed = target, run_id, False
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def target(self) -> str:
+        return self._target
+
+    @property
+    def stats(self) -> ClientStats:
+        return ClientStats()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def log(self, step: int, values: Mapping[str, float] | None = None, /, **metrics: float) -> bool:
+        return True
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        self._closed = True
+        return True
+
+    def poll_events(self) -> list[Event]:
+        return []
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        return iter(())
+
+    def __enter__(self) -> DisabledRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DisabledRun({self._run_id!r})"
+
+
 def connect(
-    target: str,
+    target: str | None,
     run_id: str,
     *,
     labels: Mapping[str, str] | None = None,
@@ -566,7 +659,8 @@ def connect(
     tls_client_cert: str | os.PathLike[str] | bytes | None = None,
     tls_client_key: str | os.PathLike[str] | bytes | None = None,
     config: ClientConfig | None = None,
-) -> Run:
+    disabled: bool | None = None,
+) -> Run | DisabledRun:
     """Start streaming a run to the detector at ``target``; returns at once.
 
     The connection is made in the background: ``connect`` succeeds even when
@@ -575,7 +669,8 @@ def connect(
     Parameters
     ----------
     target
-        The detector's ``HOST:PORT``.
+        The detector's ``HOST:PORT``; None (or empty): ``$PHASEWATCH_TARGET``,
+        else ``127.0.0.1:50051``.
     run_id
         The run's id (non-empty, no whitespace, at most 256 characters).
     labels
@@ -601,12 +696,19 @@ def connect(
         are for mutual TLS. See :func:`tls_credentials`.
     config
         Buffer, batching, backoff and timeout settings.
+    disabled
+        Return a :class:`DisabledRun` (every call a no-op, nothing sent); None:
+        as ``$PHASEWATCH_DISABLED`` says (``1``/``true``: disabled), so a job
+        can be run unwatched without a code change.
 
     Raises
     ------
     ClientConfigError
         If the run id, a label, a series spec or a setting is invalid.
     """
+    target = resolve_target(target)
+    if disabled_by_env() if disabled is None else disabled:
+        return DisabledRun(target, run_id)
     if tls or tls_root_ca is not None or tls_client_cert is not None or tls_client_key is not None:
         if credentials is not None:
             raise ClientConfigError("give credentials or the tls* arguments, not both")

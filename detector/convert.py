@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -26,8 +26,10 @@ from detector.core.types import (
     Split,
     infer_spec,
 )
-from detector.engine import RunStatus
 from detector.errors import InvalidArgument
+
+if TYPE_CHECKING:  # the engine (scipy, ruptures) is the server's: the CLI's clients stay light
+    from detector.engine import RunStatus
 
 E = TypeVar("E", bound=enum.Enum)
 

@@ -14,8 +14,17 @@ and only when, the run changes), and a scrape concatenates them under one
 ``# HELP``/``# TYPE`` header per family, then appends ``generate_latest()`` of
 the engine-wide families and of the process/platform/GC collectors. The text
 is the one ``EngineCollector`` gives through ``generate_latest()`` (the tests
-compare the two family by family), always in the Prometheus text format 0.0.4:
-nothing here needs OpenMetrics, and Prometheus reads 0.0.4 whatever it asks for.
+compare the two family by family). A scraper that asks for OpenMetrics
+(``Accept: application/openmetrics-text``, as Prometheus does by default) gets
+OpenMetrics 1.0 from the same cached lines (gauge and info samples are written
+alike in both formats; only the info family's header and the ``# EOF`` differ)
+and prometheus_client's OpenMetrics encoder for the rest; anyone else gets the
+text format 0.0.4.
+
+``/metrics`` can require a bearer token (``auth``: a
+:class:`~detector.auth.BearerTokenInterceptor`, whose token file is re-read
+when it changes): without a valid ``Authorization: Bearer`` header the answer
+is 401, since the exposition names runs, their labels and series.
 
 Cardinality budget. Per run: ``phasewatch_run_phase`` (4 series),
 ``phasewatch_run_last_step`` and ``phasewatch_run_info`` (1 each). An ended
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import platform
 import re
 import socket
 import threading
@@ -58,6 +68,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer, gzip_accepted
 from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -67,6 +78,10 @@ from detector.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from detector.alerts import AlertDispatcher
+    from detector.auth import BearerTokenInterceptor
+
+CONTENT_TYPE_OPENMETRICS = openmetrics.CONTENT_TYPE_LATEST
+_EOF = b"# EOF\n"
 
 DEFAULT_RETENTION = 600.0
 DEFAULT_SERIES_RUNS = 100
@@ -187,6 +202,7 @@ class EngineCollector(Collector):
 
     def engine_families(self, snap: EngineSnapshot) -> Iterator[Metric]:
         """The engine-wide families (and the alert sinks'): O(kinds), not O(runs)."""
+        yield build_info()
         active = GaugeMetricFamily(
             "phasewatch_active_runs", "Runs held in memory that have not ended."
         )
@@ -227,6 +243,39 @@ class EngineCollector(Collector):
             yield from _alert_metrics(self.alerts)
 
 
+def build_info() -> InfoMetricFamily:
+    """``phasewatch_build_info``: the version, and the Python and grpcio it runs on."""
+    import grpc
+
+    from detector import __version__
+
+    info = InfoMetricFamily(
+        "phasewatch_build", "phasewatch's version and the Python and grpcio it runs on.",
+        labels=["version", "python", "grpcio"],
+    )
+    info.add_metric([__version__, platform.python_version(), grpc.__version__], {})
+    return info
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Whether an ``Accept`` header asks for OpenMetrics 1.x, as prometheus_client's
+    ``choose_encoder`` reads it (the first acceptable entry; no q-value ordering).
+
+    >>> wants_openmetrics("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+    True
+    >>> wants_openmetrics("text/plain;version=0.0.4"), wants_openmetrics("")
+    (False, False)
+    """
+    for entry in (accept or "").split(","):
+        kind, *params = (part.strip() for part in entry.split(";"))
+        if kind == "application/openmetrics-text":
+            version = next((p.partition("=")[2] for p in params if p.startswith("version=")), "")
+            return not version or version.startswith("1.")
+        if kind == "text/plain":
+            return False
+    return False
+
+
 # --- the /metrics text, with per-run lines cached ----------------------------
 
 
@@ -243,6 +292,13 @@ def _sample(name: str, labels: Mapping[str, str], value: float) -> str:
 
 def _header(name: str, doc: str, kind: str = "gauge") -> str:
     return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+
+
+def _encode(collector: Collector, open_metrics: bool) -> bytes:
+    """One collector's families in the chosen format (OpenMetrics without its ``# EOF``)."""
+    if not open_metrics:
+        return generate_latest(collector)
+    return openmetrics.generate_latest(collector).removesuffix(_EOF)
 
 
 # The phase samples' text before the run id, per phase (labels sorted: phase, run_id).
@@ -332,9 +388,9 @@ class MetricsExposition:
         self._cache: dict[str, _RunText] = {}
         self._lock = threading.Lock()
 
-    def render(self, names: Collection[str] | None = None) -> bytes:
-        """The exposition (text format 0.0.4); with ``names``, only those samples'
-        families, as prometheus_client's ``name[]`` filter does."""
+    def render(self, names: Collection[str] | None = None, *, open_metrics: bool = False) -> bytes:
+        """The exposition (text format 0.0.4, or OpenMetrics 1.0); with ``names``,
+        only those samples' families, as prometheus_client's ``name[]`` filter does."""
         with self._lock:
             snap = self.engine.snapshot()
             horizon = time.time() - self.collector.retention
@@ -355,20 +411,23 @@ class MetricsExposition:
             live.sort(key=_STATUS_UPDATED_AT, reverse=True)  # stable, as series_shown
             in_budget = [entry.series() for entry in live[: self.collector.series_runs]]
 
-        families: list[tuple[tuple[str, str], list[str]]] = [
-            (_PHASE, [t.phase for t in texts]),
-            (_LAST_STEP, [t.last_step for t in texts]),
-            ((_INFO[0] + "_info", _INFO[1]), [t.info for t in texts]),
+        # In 0.0.4 an info family is a gauge named with its _info suffix; in
+        # OpenMetrics it is of type info, named without it. Samples are the same.
+        info = (_INFO, "info") if open_metrics else ((_INFO[0] + "_info", _INFO[1]), "gauge")
+        families: list[tuple[tuple[str, str], str, str, list[str]]] = [
+            (_PHASE, "gauge", _PHASE[0], [t.phase for t in texts]),
+            (_LAST_STEP, "gauge", _LAST_STEP[0], [t.last_step for t in texts]),
+            (info[0], info[1], _INFO[0] + "_info", [t.info for t in texts]),
         ]
         for i, family in enumerate((_PLATEAU, _TAU, _P_VALUE, _LAST_VALUE)):
-            families.append((family, [lines[i] for lines in in_budget]))
+            families.append((family, "gauge", family[0], [lines[i] for lines in in_budget]))
         parts: list[str] = []
-        for (name, doc), lines in families:
+        for (name, doc), kind, sample_name, lines in families:
             if names is None:
-                parts.append(_header(name, doc))
+                parts.append(_header(name, doc, kind))
                 parts.extend(lines)
-            elif name in names and (chosen := [line for line in lines if line]):
-                parts.append(_header(name, doc))  # as name[] does: no empty families
+            elif sample_name in names and (chosen := [line for line in lines if line]):
+                parts.append(_header(name, doc, kind))  # as name[] does: no empty families
                 parts.extend(chosen)
         body = "".join(parts).encode("utf-8")
         engine_wide = _Fixed(list(self.collector.engine_families(snap)))
@@ -376,8 +435,8 @@ class MetricsExposition:
         for collector in others:
             if names is not None:
                 collector = _Restricted(collector, names)
-            body += generate_latest(collector)
-        return body
+            body += _encode(collector, open_metrics)
+        return body + _EOF if open_metrics else body
 
 
 class _Fixed:
@@ -405,13 +464,22 @@ class _Restricted:
                 yield restricted
 
 
-def make_metrics_app(exposition: MetricsExposition) -> Callable[..., list[bytes]]:
+def make_metrics_app(
+    exposition: MetricsExposition, *, auth: BearerTokenInterceptor | None = None
+) -> Callable[..., list[bytes]]:
     """A WSGI app serving ``exposition``, with prometheus_client's ``make_wsgi_app``
-    behaviour (any GET path, ``name[]`` filters, gzip when accepted, OPTIONS, 405)
-    except that it always answers in the text format 0.0.4."""
+    behaviour (any GET path, ``name[]`` filters, gzip when accepted, OPTIONS, 405,
+    OpenMetrics when asked for). With ``auth``, every request needs one of its
+    bearer tokens (401 otherwise)."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         method = environ["REQUEST_METHOD"]
+        if auth is not None and not _authorized(auth, environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [
+                ("WWW-Authenticate", 'Bearer realm="phasewatch"'),
+                ("Content-Type", "text/plain; charset=utf-8"),
+            ])
+            return [b"a bearer token is required (Authorization: Bearer ...)\n"]
         if method == "OPTIONS":
             status, headers, output = "200 OK", [("Allow", "OPTIONS,GET")], b""
         elif method != "GET":
@@ -421,8 +489,10 @@ def make_metrics_app(exposition: MetricsExposition) -> Callable[..., list[bytes]
             status, headers, output = "200 OK", [], b""
         else:
             params = parse_qs(environ.get("QUERY_STRING", ""))
-            output = exposition.render(params.get("name[]"))
-            status, headers = "200 OK", [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
+            open_metrics = wants_openmetrics(environ.get("HTTP_ACCEPT", ""))
+            output = exposition.render(params.get("name[]"), open_metrics=open_metrics)
+            content_type = CONTENT_TYPE_OPENMETRICS if open_metrics else CONTENT_TYPE_PLAIN_0_0_4
+            status, headers = "200 OK", [("Content-Type", content_type)]
             if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
                 # Level 1: a tenth of the size at a fraction of level 9's time.
                 output = gzip.compress(output, compresslevel=1)
@@ -431,6 +501,13 @@ def make_metrics_app(exposition: MetricsExposition) -> Callable[..., list[bytes]
         return [output]
 
     return app
+
+
+def _authorized(auth: BearerTokenInterceptor, header: str | None) -> bool:
+    from detector.auth import bearer_token
+
+    token = bearer_token([("authorization", header)] if header else None)
+    return token is not None and auth.valid(token)
 
 
 def _alert_metrics(alerts: AlertDispatcher) -> Iterator[Metric]:
@@ -486,21 +563,26 @@ def start_metrics_server(
     *,
     alerts: AlertDispatcher | None = None,
     retention: float = DEFAULT_RETENTION,
+    collectors: Collection[Collector] = (),
+    auth: BearerTokenInterceptor | None = None,
 ) -> tuple[WSGIServer, int]:
     """Serve ``/metrics`` on ``HOST:PORT`` from a daemon thread; returns (server, port).
 
     Port 0 picks a free port, which is returned. The engine's families (with
     ``alerts``' counters and the ended-run ``retention``) come from a
     :class:`MetricsExposition`; ``registry`` holds the others (default: a new
-    one with the process, platform and GC collectors). One thread per request,
-    as prometheus_client's own server. Stop with
-    ``server.shutdown(); server.server_close()``.
+    one with the process, platform and GC collectors), plus ``collectors`` (the
+    gRPC server's metrics). With ``auth``, scrapes need one of its bearer
+    tokens. One thread per request, as prometheus_client's own server. Stop
+    with ``server.shutdown(); server.server_close()``.
     """
     if registry is None:
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)  # each registers itself
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
+    for collector in collectors:
+        registry.register(collector)
     exposition = MetricsExposition(engine, alerts=alerts, retention=retention, registry=registry)
     host, port = _split_listen(listen)
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -510,7 +592,8 @@ def start_metrics_server(
         address_family = family  # IPv6 listen addresses too
 
     server = make_server(
-        sockaddr[0], port, make_metrics_app(exposition), Server, handler_class=_SilentHandler
+        sockaddr[0], port, make_metrics_app(exposition, auth=auth), Server,
+        handler_class=_SilentHandler
     )
     threading.Thread(target=server.serve_forever, name="phasewatch-metrics", daemon=True).start()
     return server, server.server_port

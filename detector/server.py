@@ -534,6 +534,7 @@ def serve(
     alert_runbook_url: str | None = None,
     metrics_retention: float = 600.0,
     otlp: bool = False,
+    metrics_auth_token_file: str | None = None,
 ) -> None:
     """Run the detector until SIGINT/SIGTERM (or until ``stop`` is set).
 
@@ -551,6 +552,9 @@ def serve(
 
     With ``auth_token_file`` every RPC but health checks needs a bearer token
     from that file (:mod:`detector.auth`); ``credentials`` make the port TLS.
+    ``/metrics`` needs a token from ``metrics_auth_token_file``, by default the
+    same file (``"none"``: no token, for a metrics port bound to a private
+    interface). It also counts every RPC (:mod:`detector.grpc_metrics`).
     Limits (series per run, runs, points per second per run) are in
     ``config``; ``max_message_bytes`` bounds one request, ``max_workers`` the
     RPCs served at once (``phasewatch serve --max-concurrent-rpcs``): an open
@@ -584,6 +588,11 @@ def serve(
         from detector.auth import BearerTokenInterceptor
 
         interceptors.insert(0, BearerTokenInterceptor(token_file=auth_token_file))
+    metrics_auth, grpc_metrics = _metrics_options(
+        metrics_listen, auth_token_file, metrics_auth_token_file
+    )
+    if grpc_metrics is not None:
+        interceptors.insert(0, grpc_metrics)  # outermost: counts what auth refuses too
     policy = AlertPolicy(runbook_url=alert_runbook_url)
     store = open_store(store_url)
     metrics_server = None
@@ -619,7 +628,9 @@ def serve(
         )
         if metrics_listen:
             metrics_server, metrics_port = start_metrics_server(
-                engine, metrics_listen, alerts=dispatcher, retention=metrics_retention
+                engine, metrics_listen, alerts=dispatcher, retention=metrics_retention,
+                collectors=[grpc_metrics.registry] if grpc_metrics is not None else [],
+                auth=metrics_auth,
             )
             log.info(
                 "phasewatch metrics on http://%s:%d/metrics",
@@ -646,6 +657,23 @@ def serve(
             metrics_server.server_close()
         store.close()
     log.info("phasewatch stopped")
+
+
+def _metrics_options(
+    metrics_listen: str | None, auth_token_file: str | None, metrics_auth_token_file: str | None
+) -> tuple[Any, Any]:
+    """The /metrics token check (None: open) and the gRPC server metrics, for serve()."""
+    if not metrics_listen:
+        return None, None
+    from detector.grpc_metrics import GrpcServerMetrics
+
+    token_file = auth_token_file if metrics_auth_token_file is None else metrics_auth_token_file
+    auth = None
+    if token_file and token_file.lower() != "none":
+        from detector.auth import BearerTokenInterceptor
+
+        auth = BearerTokenInterceptor(token_file=token_file)
+    return auth, GrpcServerMetrics()
 
 
 def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:

@@ -1,4 +1,10 @@
-"""Shared test helpers: locating ../shared and reading run logs without the CLI."""
+"""Shared test helpers: locating the test data and reading run logs without the CLI.
+
+The data the tests read is in the repository, ``tests/data/`` (copies of the
+project's labelled runs and of TCPD's redistributable subset, see
+``tests/data/README.md``), so a fresh clone runs them; a sibling ``../shared``
+folder is only looked at for what ``tests/data`` lacks.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+DATA = REPO / "tests" / "data"
+
+
+def data_path(*parts: str) -> Path:
+    """``tests/data/<parts>``, else ``../shared/<parts>`` (which may not exist)."""
+    path = DATA.joinpath(*parts)
+    return path if path.exists() else SHARED.joinpath(*parts)
 
 
 def shared_dir(*parts: str) -> Path:
-    """The shared data folder beside the repo; in CI its absence is a failure, not a skip."""
-    path = SHARED.joinpath(*parts)
+    """Test data (:func:`data_path`); in CI its absence is a failure, not a skip."""
+    path = data_path(*parts)
     if not path.exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{path} is missing in CI")

@@ -620,7 +620,8 @@ def test_serve_flags_reach_serve(monkeypatch: pytest.MonkeyPatch):
     def fake_serve(*args: Any, **kwargs: Any) -> None:
         seen.update(kwargs)
 
-    monkeypatch.setattr(cli, "serve", fake_serve)
+    # cmd_serve imports serve when it runs (the CLI's client commands stay light).
+    monkeypatch.setattr("detector.server.serve", fake_serve)
     assert cli.main(["serve", "--metrics-listen", "", "--alertmanager-url", "http://am:9093",
                      "--webhook-url", "http://hooks:5001/", "--alert-resend-interval", "45",
                      "--alert-runbook-url", "https://wiki/pw#{alertname}",

@@ -297,7 +297,7 @@ def _script() -> str:
     if not script.exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"console script {script} is not installed")
-        pytest.skip(f"console script {script} is not installed")
+        pytest.skip(f"console script {script} is not installed (pip install -e '.[dev]')")
     return str(script)
 
 
@@ -381,14 +381,21 @@ def test_serve_refuses_bad_flags(tmp_path: Path, capsys, flags: list[str], needl
     assert needle in err and "Traceback" not in err, err
 
 
-def test_the_kubernetes_deployment_flags_are_serve_flags() -> None:
-    """deploy/k8s passes --auth-token-file at the Secret's mount: the flags must parse."""
+def test_the_kubernetes_settings_are_serve_flags(monkeypatch) -> None:
+    """deploy/k8s sets serve's flags as PHASEWATCH_<FLAG> in its ConfigMap (the token
+    file at the Secret's mount): they must parse as those flags."""
     from detector.cli import build_parser
 
-    text = (Path(__file__).resolve().parents[1] / "deploy/k8s/deployment.yaml").read_text()
-    block = text.split("args:", 1)[1].split("envFrom:", 1)[0]
-    args = re.findall(r"^\s+- (--\S+)$", block, flags=re.MULTILINE)
-    assert "--auth-token-file=/etc/phasewatch/auth/auth-token" in args
-    assert "mountPath: /etc/phasewatch/auth" in text and "path: auth-token" in text
-    parsed = build_parser().parse_args(["serve", *args])
+    k8s = Path(__file__).resolve().parents[1] / "deploy/k8s"
+    deployment = (k8s / "deployment.yaml").read_text()
+    assert "args:" not in deployment
+    assert "mountPath: /etc/phasewatch/auth" in deployment and "path: auth-token" in deployment
+    settings = dict(re.findall(r'^  (PHASEWATCH_\w+): "(.*)"$', (k8s / "configmap.yaml").read_text(),
+                               flags=re.MULTILINE))
+    assert settings["PHASEWATCH_AUTH_TOKEN_FILE"] == "/etc/phasewatch/auth/auth-token"
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    parsed = build_parser().parse_args(["serve"])
     assert parsed.auth_token_file == "/etc/phasewatch/auth/auth-token"
+    assert parsed.alertmanager_url.startswith("http://alertmanager")
+    assert parsed.grace == 5.0 and parsed.listen == "0.0.0.0:50051"

@@ -35,7 +35,7 @@ def _script() -> list[str]:
     if not script.exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"console script {script} is not installed")
-        pytest.skip(f"console script {script} is not installed")
+        pytest.skip(f"console script {script} is not installed (pip install -e '.[dev]')")
     return [str(script)]
 
 
@@ -146,7 +146,7 @@ def test_analyze_csv_equals_jsonl(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_analyze_plot_writes_a_png(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                    grok_run: Path) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install -e '.[dev]'")
     out = tmp_path / "grok.png"
     assert main(["analyze", str(grok_run), "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

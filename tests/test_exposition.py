@@ -135,10 +135,14 @@ def test_the_endpoint(engine: Engine) -> None:
             return dict(answer.headers), answer.read()
 
     try:
-        # What Prometheus asks for: OpenMetrics first. It gets the 0.0.4 text, which it reads.
+        # What Prometheus asks for: OpenMetrics first, and it gets OpenMetrics
+        # (tests/test_metrics_conventions.py checks that text); a plain client, 0.0.4.
         accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                   "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
         headers, body = get(Accept=accept, **{"Accept-Encoding": "gzip"})
+        assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        assert gzip.decompress(body).endswith(b"# EOF\n")
+        headers, body = get(**{"Accept-Encoding": "gzip"})
         assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         assert headers["Content-Encoding"] == "gzip"
         text = gzip.decompress(body).decode()
@@ -188,7 +192,7 @@ def test_serve_flag_sets_concurrent_rpcs(monkeypatch: pytest.MonkeyPatch) -> Non
     def fake_serve(listen, metrics_listen, store, **options):  # noqa: ANN001
         seen.update(options)
 
-    monkeypatch.setattr("detector.cli.serve", fake_serve)
+    monkeypatch.setattr("detector.server.serve", fake_serve)  # imported by cmd_serve when it runs
     assert main(["serve", "--store", "sqlite://:memory:", "--max-concurrent-streams", "1200"]) == 0
     assert seen["max_workers"] == 1200
     seen.clear()

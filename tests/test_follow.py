@@ -20,7 +20,7 @@ import pytest
 
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
-from detector.cli import analyze_columns
+from detector.analysis import analyze_columns
 from detector.logfile import read_log
 
 torch = pytest.importorskip("torch")

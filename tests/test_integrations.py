@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip(
+    "torch", reason="torch is not installed: pip install torch, then -e '.[lightning,huggingface]' "
+    "(.ci/run installs the CPU wheel)")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -32,6 +34,9 @@ from detector.core.types import EventKind, Phase  # noqa: E402
 from detector.engine import Engine  # noqa: E402
 from detector.probe import SpectralProbe  # noqa: E402
 from detector.server import create_server  # noqa: E402
+
+NO_LIGHTNING = "Lightning is not installed: pip install -e '.[lightning]'"
+NO_TRANSFORMERS = "transformers is not installed: pip install -e '.[huggingface]'"
 
 FAST = ClientConfig(
     batch_points=256,
@@ -257,7 +262,7 @@ def test_probe_handles_sequence_outputs_and_declares_roles() -> None:
 
 
 def _lightning_module(delay: float = 0.0) -> Any:
-    L = pytest.importorskip("lightning.pytorch")
+    L = pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
 
     class Tiny(L.LightningModule):
         def __init__(self) -> None:
@@ -287,7 +292,7 @@ def _lightning_module(delay: float = 0.0) -> Any:
 
 
 def _lightning_fit(callback: Any, max_epochs: int = 5, delay: float = 0.0) -> Any:
-    L = pytest.importorskip("lightning.pytorch")
+    L = pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from torch.utils.data import DataLoader, TensorDataset
 
     x, y = _data()
@@ -308,7 +313,7 @@ def _lightning_fit(callback: Any, max_epochs: int = 5, delay: float = 0.0) -> An
 
 
 def test_lightning_callback_streams_logged_metrics_and_probe(detector: Server) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     x, _ = _data()
@@ -327,7 +332,7 @@ def test_lightning_callback_streams_logged_metrics_and_probe(detector: Server) -
 
 
 def test_lightning_trains_to_the_end_without_a_detector(dead_target: str) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     x, _ = _data()
@@ -339,8 +344,28 @@ def test_lightning_trains_to_the_end_without_a_detector(dead_target: str) -> Non
     assert time.monotonic() - t0 < 30
 
 
+def test_lightning_disabled_by_the_environment_connects_nowhere(
+    detector: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
+    from detector.integrations.lightning import PhasewatchCallback
+
+    monkeypatch.setenv("PHASEWATCH_TARGET", detector.target)
+    monkeypatch.setenv("PHASEWATCH_DISABLED", "1")
+    x, _ = _data()
+    callback = PhasewatchCallback(run_id="lightning-off", config=FAST, every=1,
+                                  probe_layers=["net.0"], probe_batch=x[:16], probe_every=1)
+    trainer = _lightning_fit(callback, max_epochs=2)
+    assert trainer.global_step == 8
+    assert callback.session.probe is None and detector.engine.series("lightning-off") == {}
+    monkeypatch.delenv("PHASEWATCH_DISABLED")
+    callback = PhasewatchCallback(run_id="lightning-env", config=FAST, every=1)  # $PHASEWATCH_TARGET
+    _lightning_fit(callback, max_epochs=2)
+    assert sorted(detector.engine.series("lightning-env")["train_loss"]) == list(range(1, 9))
+
+
 def test_lightning_stops_on_collapse(collapse_detector: Server) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     seen: list[Any] = []
@@ -355,7 +380,7 @@ def test_lightning_stops_on_collapse(collapse_detector: Server) -> None:
 def test_lightning_does_not_stop_on_a_generalization_collapse(
     generalization_collapse_detector: Server,
 ) -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     seen: list[Any] = []
@@ -369,7 +394,7 @@ def test_lightning_does_not_stop_on_a_generalization_collapse(
 
 
 def test_lightning_hooks_swallow_errors() -> None:
-    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
     from detector.integrations.lightning import PhasewatchCallback
 
     callback = PhasewatchCallback("127.0.0.1:1", "broken")
@@ -413,7 +438,7 @@ class _HFData(torch.utils.data.Dataset):
 
 
 def _hf_train(callback: Any, tmp_path: Path, max_steps: int = 20, delay: float = 0.0) -> Any:
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"),
         max_steps=max_steps,
@@ -438,7 +463,7 @@ def _hf_train(callback: Any, tmp_path: Path, max_steps: int = 20, delay: float =
 
 
 def test_huggingface_callback_streams_logs_and_probe(detector: Server, tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
     from detector.integrations.huggingface import PhasewatchCallback
 
     x, _ = _data()
@@ -457,7 +482,7 @@ def test_huggingface_callback_streams_logs_and_probe(detector: Server, tmp_path:
 
 
 def test_huggingface_trains_to_the_end_without_a_detector(dead_target: str, tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
     from detector.integrations.huggingface import PhasewatchCallback
 
     x, _ = _data()
@@ -470,7 +495,7 @@ def test_huggingface_trains_to_the_end_without_a_detector(dead_target: str, tmp_
 
 
 def test_huggingface_stops_on_collapse(collapse_detector: Server, tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
     from detector.integrations.huggingface import PhasewatchCallback
 
     callback = PhasewatchCallback(collapse_detector.target, "hf-collapse", config=FAST,
@@ -478,3 +503,137 @@ def test_huggingface_stops_on_collapse(collapse_detector: Server, tmp_path: Path
     trainer = _hf_train(callback, tmp_path, max_steps=1200, delay=0.003)
     assert callback.stop_event is not None and callback.stop_event.kind == "COLLAPSE_ONSET"
     assert 10 <= trainer.state.global_step < 600
+
+
+# --- Lightning: DDP, resume, Logger -------------------------------------------------------
+
+DDP_SCRIPT = '''
+import json, sys, time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+import lightning.pytorch as L
+
+from detector.client import ClientConfig
+from detector.integrations.lightning import PhasewatchCallback
+
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(8, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        time.sleep(0.005)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+target, out = sys.argv[1], Path(sys.argv[2])
+g = torch.Generator().manual_seed(1)
+x = torch.randn(64, 8, generator=g)
+y = (x[:, 0] > 0).long()
+callback = PhasewatchCallback(target, "ddp-collapse", every=2, stop_on_collapse=True,
+                              config=ClientConfig(batch_points=64, flush_interval=0.02))
+trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=400, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback])
+trainer.fit(Tiny(), DataLoader(TensorDataset(x, y), batch_size=16))
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+    {"step": trainer.global_step, "heard": callback.stop_event is not None}))
+'''
+
+
+def test_lightning_ddp_stops_every_rank_on_collapse(collapse_detector: Server, tmp_path: Path) -> None:
+    """Two CPU processes under strategy="ddp" (gloo): rank 0 hears the collapse, both stop
+    at the same step (a rank left training would hang the other in its next all-reduce)."""
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), collapse_detector.target, str(tmp_path)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["heard"] and not ranks[1]["heard"]  # only rank 0 talks to the detector
+    assert ranks[0]["step"] == ranks[1]["step"]
+    assert 10 <= ranks[0]["step"] < 400  # 800 steps if it never stopped
+    assert sorted(collapse_detector.engine.series("ddp-collapse")["train_loss"])[0] <= 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _checkpointing_fit(callback: Any, tmp_path: Path, max_epochs: int, ckpt: Path | None) -> Any:
+    L = pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _data()
+    trainer = L.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        callbacks=[callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
+    trainer.fit(_lightning_module(), DataLoader(TensorDataset(x, y), batch_size=16),
+                ckpt_path=str(ckpt) if ckpt else None)
+    return trainer
+
+
+def test_lightning_resume_from_a_checkpoint_continues_the_run(detector: Server, tmp_path: Path) -> None:
+    pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
+    from detector.integrations.lightning import PhasewatchCallback
+
+    first = PhasewatchCallback(detector.target, config=FAST, every=1)  # a generated run id
+    # Generated ids hold the time in seconds and the pid: another process's differs.
+    first.session.run_id = "lightning-first-process"
+    _checkpointing_fit(first, tmp_path, max_epochs=2, ckpt=None)
+    second = PhasewatchCallback(detector.target, config=FAST, every=1)
+    assert second.run_id != first.run_id
+    trainer = _checkpointing_fit(second, tmp_path, max_epochs=4, ckpt=tmp_path / "last.ckpt")
+    assert trainer.global_step == 16
+    assert second.run_id == first.run_id  # restored from the checkpoint
+    assert sorted(detector.engine.series(first.run_id)["train_loss"]) == list(range(1, 17))
+    assert detector.engine.series(second.session.run_id) == detector.engine.series(first.run_id)
+    # An explicit, different run id is the user's choice: it is kept, not resumed.
+    third = PhasewatchCallback(detector.target, "chosen-id", config=FAST, every=1)
+    third.load_state_dict({"run_id": first.run_id})
+    assert third.run_id == "chosen-id" and not third.session.resume
+
+
+def test_lightning_logger_streams_what_lightning_logs(detector: Server) -> None:
+    L = pytest.importorskip("lightning.pytorch", reason=NO_LIGHTNING)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from detector.integrations.lightning import PhasewatchLogger
+
+    x, y = _data()
+    logger = PhasewatchLogger(detector.target, "logger-run", config=FAST)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=logger,
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(_lightning_module(), DataLoader(TensorDataset(x, y), batch_size=16),
+                DataLoader(TensorDataset(x, y), batch_size=64))
+    assert logger.experiment is None and logger.version == "logger-run"  # finalized
+    got = detector.engine.series("logger-run")
+    assert len(got["train_loss"]) == 12 and "val_acc" in got and "epoch" not in got

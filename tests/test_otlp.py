@@ -24,7 +24,7 @@ from opentelemetry.sdk.resources import Resource
 
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
-from detector.cli import analyze_columns
+from detector.analysis import analyze_columns
 from detector.logfile import read_log
 
 # The synchronous gauge's SDK class (still underscored in opentelemetry-sdk 1.4x).

@@ -557,3 +557,61 @@ def test_timeline_memory_is_bounded_and_the_store_keeps_every_event(backend: Bac
     assert _timeline(memory_only, "grok")[1] == everything[-5:]
     assert _timeline(stored, "grok")[1] == everything  # from the store, in full
     assert len(stored._runs["grok"].events) == 0  # nothing of it held in memory
+
+
+def test_postgres_writes_of_different_streams_do_not_queue_behind_one_connection(
+    postgres: Backend,
+):
+    """One data connection held inside an open transaction (a slow batch) does not stop
+    another run's batch: the data connections are pooled."""
+    store = postgres.open()
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_batch() -> None:
+        with store._data() as conn, conn.transaction():
+            conn.execute("SELECT 1")
+            holding.set()
+            release.wait(30)
+
+    slow = threading.Thread(target=slow_batch)
+    slow.start()
+    try:
+        assert holding.wait(30)
+        done = threading.Event()
+
+        def other_batch() -> None:
+            store.save_checkpoint("other-run", b"state", 5)
+            done.set()
+
+        writer = threading.Thread(target=other_batch)
+        writer.start()
+        writer.join(30)
+        assert done.is_set(), "the second write waited for the first connection"
+        assert not release.is_set()  # the first batch was still open all along
+    finally:
+        release.set()
+        slow.join(30)
+    assert store.load_checkpoint("other-run") == Checkpoint(b"state", 5)
+
+
+def test_postgres_advisory_locks_live_on_their_own_session(postgres: Backend):
+    store = postgres.open()
+    store.claim_run("run-locked", "A")
+    with store._data() as conn:
+        data_pid = conn.info.backend_pid
+        holders = [pid for (pid,) in conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND ((classid::bigint << 32) | objid::bigint) = (%s::bigint & x'ffffffffffffffff'::bigint)",
+            (store.lock_key("run-locked"),)).fetchall()]
+    assert holders == [store._lock_conn.info.backend_pid] and data_pid not in holders
+    # Recycled data connections never carry a run's lock, whatever they did before.
+    store.close()
+    with pytest.raises(Unavailable):
+        store.get_run("run-locked")
+
+
+def test_postgres_pool_settings_are_checked():
+    from detector.store.postgres import PostgresStore
+
+    with pytest.raises(InvalidArgument):
+        PostgresStore("postgresql://127.0.0.1:1/x", pool_size=0)

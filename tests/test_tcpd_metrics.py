@@ -33,8 +33,9 @@ from benchmarks.tcpd_metrics import (  # noqa: E402
     true_positives,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TCPD_DIR = SHARED / "tcpd"
+TCPD_DIR = REPO_ROOT / "tests" / "data" / "tcpd"  # a copy of TCPD's redistributable subset
+if not TCPD_DIR.is_dir():
+    TCPD_DIR = REPO_ROOT.parent / "shared" / "tcpd"
 
 PAPER_SUBSET = {
     "bank", "brent_spot", "businv", "centralia", "children_per_woman", "co2_canada",

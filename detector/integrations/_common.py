@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from detector.client import ClientConfig, Event, Run, SeriesSpecLike, connect
+from detector.client import ClientConfig, Event, Run, SeriesSpecLike, connect, disabled_by_env
 from detector.core.types import check_name
 
 logger = logging.getLogger("phasewatch.integrations")
@@ -104,7 +104,7 @@ class TrainingSession:
 
     def __init__(
         self,
-        target: str,
+        target: str | None,
         run_id: str | None,
         *,
         default_prefix: str,
@@ -119,12 +119,15 @@ class TrainingSession:
         exclude: Iterable[str] = (),
         dedupe: bool = False,
     ) -> None:
+        self.explicit_run_id = run_id is not None
         run_id = run_id or default_run_id(default_prefix)
         problem = check_name("run id", run_id)
         if problem is not None:
             raise ValueError(problem)  # at construction, before training starts
         self.target = target
         self.run_id = run_id
+        self.resume = False  # set by restore(): a resumed job continues its run
+        self.closed_once = False  # a closed run is not reopened (the logger's finalize)
         self.labels = dict(labels or {})
         self.series = list(series)
         self.user_on_event = on_event
@@ -148,6 +151,10 @@ class TrainingSession:
         """Connect (returns at once, even with no detector) and build the probe."""
         if self.run is not None:
             return
+        if disabled_by_env():
+            self.warn_once("disabled", "phasewatch: $PHASEWATCH_DISABLED is set; run %r is not "
+                           "watched", self.run_id, level=logging.INFO)
+            return
         try:
             if probe_factory is not None and self.probe is None and model is not None:
                 self.probe = probe_factory(model)
@@ -168,15 +175,32 @@ class TrainingSession:
                 token=self.token,
                 credentials=self.credentials,
                 config=self.config,
+                resume=self.resume,
+                disabled=False,  # checked above, before building the probe
             )
         except Exception:
             self.warn_once("connect", "phasewatch: could not start run %r; training goes on unwatched",
                            self.run_id)
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed job continues the same run."""
+        return {"run_id": self.run_id}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue the checkpoint's run: its id, unless one was given explicitly
+        (then only a matching id resumes); before :meth:`start`."""
+        saved = state.get("run_id")
+        if not isinstance(saved, str) or check_name("run id", saved) is not None:
+            return
+        if not self.explicit_run_id:
+            self.run_id = saved
+        self.resume = self.run_id == saved
+
     def close(self) -> None:
         run, self.run = self.run, None
         if run is None:
             return
+        self.closed_once = True
         try:
             run.close(timeout=self.close_timeout)
         except Exception:  # close() does not raise; belt and braces
@@ -236,12 +260,12 @@ class TrainingSession:
         """
         return self.stop_on_collapse and self._stop.is_set()
 
-    def warn_once(self, key: str, message: str, *args: object) -> None:
+    def warn_once(self, key: str, message: str, *args: object, level: int = logging.WARNING) -> None:
         if key in self._warned:
             logger.debug(message, *args, exc_info=True)
             return
         self._warned.add(key)
-        logger.warning(message, *args, exc_info=True)
+        logger.log(level, message, *args, exc_info=level >= logging.WARNING)
 
 
 class SessionView:

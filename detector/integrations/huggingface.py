@@ -58,7 +58,9 @@ class PhasewatchCallback(SessionView, TrainerCallback):  # type: ignore[misc]
     Parameters
     ----------
     target
-        The detector's ``HOST:PORT``.
+        The detector's ``HOST:PORT``; default ``$PHASEWATCH_TARGET``, else
+        ``127.0.0.1:50051``. With ``$PHASEWATCH_DISABLED=1`` the callback does
+        nothing at all (no connection, no probe), as ``WANDB_MODE=disabled``.
     run_id
         The run's id; default ``hf-<date>-<time>-<pid>``.
     labels, series, on_event, token, credentials, config
@@ -79,7 +81,7 @@ class PhasewatchCallback(SessionView, TrainerCallback):  # type: ignore[misc]
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         run_id: str | None = None,
         *,
         labels: Mapping[str, str] | None = None,

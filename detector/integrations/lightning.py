@@ -28,7 +28,17 @@ The run is opened when training starts (on the global-zero process only) and
 closed when it ends, on an exception too. With ``stop_on_collapse=True`` the
 trainer stops (``trainer.should_stop``) after the detector reports a
 training collapse (``COLLAPSE_ONSET`` with ``scope=training``);
-:attr:`PhasewatchCallback.stop_event` holds that event. A generalisation
+:attr:`PhasewatchCallback.stop_event` holds that event. Under a distributed
+strategy (DDP) only rank 0 talks to the detector, and the decision is reduced
+over all ranks (``strategy.reduce_boolean_decision``, one all-reduce of a
+scalar every ``every`` steps and after validation and each epoch), so every
+rank stops at the same step. The callback's ``state_dict`` keeps the run id
+in checkpoints: a job resumed from one (``fit(ckpt_path=...)``) continues the
+same run (``resume=True``) instead of opening a new one.
+
+:class:`PhasewatchLogger` is the same as a Lightning ``Logger``
+(``Trainer(logger=PhasewatchLogger(...))``): it sends what Lightning's logging
+sends, at Lightning's cadence; stopping on collapse needs the callback. A generalisation
 collapse (``scope=generalization``: a held-out metric fell while training
 holds) does not stop training; ``on_event`` sees it.
 No hook raises into the trainer or waits on the network, except ``close`` at
@@ -53,7 +63,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
 from detector.client import ClientConfig, Event, SeriesSpecLike
 from detector.integrations._common import SessionView, TrainingSession, guarded, probe_factory
 
-__all__ = ["PhasewatchCallback"]
+__all__ = ["PhasewatchCallback", "PhasewatchLogger"]
 
 
 class PhasewatchCallback(SessionView, Callback):  # type: ignore[misc]
@@ -62,7 +72,9 @@ class PhasewatchCallback(SessionView, Callback):  # type: ignore[misc]
     Parameters
     ----------
     target
-        The detector's ``HOST:PORT``.
+        The detector's ``HOST:PORT``; default ``$PHASEWATCH_TARGET``, else
+        ``127.0.0.1:50051``. With ``$PHASEWATCH_DISABLED=1`` the callback does
+        nothing at all (no connection, no probe), as ``WANDB_MODE=disabled``.
     run_id
         The run's id; default ``lightning-<date>-<time>-<pid>``.
     labels, series, on_event, token, credentials, config
@@ -85,7 +97,7 @@ class PhasewatchCallback(SessionView, Callback):  # type: ignore[misc]
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         run_id: str | None = None,
         *,
         labels: Mapping[str, str] | None = None,
@@ -129,7 +141,16 @@ class PhasewatchCallback(SessionView, Callback):  # type: ignore[misc]
         self.session.log(trainer.global_step, dict(trainer.callback_metrics))
 
     def _check_stop(self, trainer: Any) -> None:
-        if self.session.should_stop():
+        """Set ``trainer.should_stop`` on every rank once rank 0 heard of a collapse.
+
+        Called at the same hooks and steps on every rank: under DDP it is a
+        collective (all ranks must take part, whatever rank 0 knows)."""
+        if not self.session.stop_on_collapse:
+            return
+        decision = self.session.should_stop()
+        if getattr(trainer, "world_size", 1) > 1:
+            decision = bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
+        if decision:
             trainer.should_stop = True
 
     @guarded
@@ -141,26 +162,40 @@ class PhasewatchCallback(SessionView, Callback):  # type: ignore[misc]
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.session.run is None:
-            return
         step = trainer.global_step
         every = self.every or getattr(trainer, "log_every_n_steps", None) or 1
-        if step % every == 0:
-            self._send(trainer)
-        self.session.probe_step(step)
-        self._check_stop(trainer)
+        if self.session.run is not None:
+            if step % every == 0:
+                self._send(trainer)
+            self.session.probe_step(step)
+        # One rank: every step (no cost). Several: every `every` steps, a collective.
+        if getattr(trainer, "world_size", 1) == 1 or step % every == 0:
+            self._check_stop(trainer)
 
     @guarded
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.session.run is not None and not getattr(trainer, "sanity_checking", False):
+        if getattr(trainer, "sanity_checking", False):
+            return
+        if self.session.run is not None:
             self._send(trainer)
-            self._check_stop(trainer)
+        self._check_stop(trainer)
 
     @guarded
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.session.run is not None:
             self._send(trainer)
-            self._check_stop(trainer)
+        self._check_stop(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run id, kept in checkpoints so that a resumed job continues the run."""
+        return self.session.state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the checkpoint's run (unless another ``run_id`` was given)."""
+        try:
+            self.session.restore(state_dict)
+        except Exception:
+            self.session.warn_once("restore", "phasewatch: could not restore the run id")
 
     @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -172,4 +207,77 @@ class PhasewatchCallback(SessionView, Callback):  # type: ignore[misc]
 
     @guarded
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.session.close()
+
+
+try:
+    from lightning.pytorch.loggers import Logger as _Logger
+    from lightning.pytorch.utilities import rank_zero_only
+except ImportError:  # pragma: no cover - pytorch_lightning only
+    from pytorch_lightning.loggers import Logger as _Logger
+    from pytorch_lightning.utilities import rank_zero_only
+
+
+class PhasewatchLogger(_Logger):  # type: ignore[misc]
+    """A Lightning ``Logger`` streaming what the module logs to a detector.
+
+    ``Trainer(logger=PhasewatchLogger("detector:50051", run_id="exp-42"))``, alone
+    or beside other loggers. It opens the run on the first metrics (rank 0
+    only, as every Lightning logger), sends each ``log_metrics`` call at its
+    step, and ends the run in ``finalize``. Hyperparameters are not sent (a run's
+    labels are fixed when it opens: pass them as ``labels``). It cannot stop
+    training; :class:`PhasewatchCallback` with ``stop_on_collapse`` can. Never
+    raises into the trainer. Arguments as for :class:`PhasewatchCallback`.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        run_id: str | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        series: Iterable[SeriesSpecLike] = (),
+        on_event: Callable[[Event], object] | None = None,
+        exclude: Iterable[str] = ("epoch",),
+        token: str | None = None,
+        credentials: Any = None,
+        config: ClientConfig | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        super().__init__()
+        self.session = TrainingSession(
+            target, run_id, default_prefix="lightning", labels=labels, series=series,
+            on_event=on_event, token=token, credentials=credentials, config=config,
+            close_timeout=close_timeout, exclude=exclude,
+        )
+
+    @property
+    def name(self) -> str:
+        return "phasewatch"
+
+    @property
+    def version(self) -> str:
+        return self.session.run_id
+
+    @property
+    def experiment(self) -> Any:
+        """The :class:`detector.client.Run` (None before the first metrics and after the end)."""
+        return self.session.run
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # see the class docstring
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        try:
+            if self.session.run is None and not self.session.closed_once:
+                self.session.start()
+            if step is not None:
+                self.session.log(step, metrics)
+        except Exception:
+            self.session.warn_once("logger", "phasewatch: could not log metrics")
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
         self.session.close()

@@ -20,10 +20,17 @@ against both) and adds what scale-out needs (``shared = True``):
   lost its lock connection and was taken over gets ``Aborted`` on its next
   write instead of overwriting the new owner's checkpoint.
 
-Data and locks use two connections, each behind a lock (one SQL statement at a
-time per connection). Writes of one batch are one transaction. A broken data
-connection is re-opened on the next call; errors PostgreSQL cannot serve are
-:class:`~detector.errors.Unavailable` (gRPC ``UNAVAILABLE``: clients retry).
+Data goes through a pool of connections (psycopg_pool: ``pool_size``, 8 by
+default), so the batches of different streams are written concurrently
+instead of queueing behind one connection; writes of one batch are one
+transaction, and a connection is checked when taken from the pool (one round
+trip), so one broken by a PostgreSQL restart is replaced instead of failing a
+write. The advisory locks live on a connection of their own, kept apart from
+the pool (one SQL statement at a time, behind a lock): a pooled connection is
+shared and recycled, while a session lock belongs to the session that took it.
+Errors PostgreSQL cannot serve, and no pooled connection within
+``pool_timeout`` seconds, are :class:`~detector.errors.Unavailable` (gRPC
+``UNAVAILABLE``: clients retry).
 
 The URL is libpq's (``postgresql://user@host:5432/db?sslmode=require``); a
 schema other than ``public`` is chosen with
@@ -43,6 +50,7 @@ from typing import Any
 
 import psycopg
 from psycopg import conninfo
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from detector.core.types import Event, Segment
 from detector.engine import Checkpoint, RunStatus
@@ -137,6 +145,9 @@ _CONNECT_DEFAULTS = {
     "application_name": "phasewatch",
 }
 
+DEFAULT_POOL_SIZE = 8
+DEFAULT_POOL_TIMEOUT = 10.0  # seconds to wait for a pooled connection (libpq's connect_timeout)
+
 # The server side of the lock session: lets PostgreSQL notice a lost replica
 # (and release its locks) within about a minute. Any role may set these.
 _LOCK_SESSION_SETTINGS = (
@@ -150,12 +161,22 @@ class PostgresStore:
     """The :class:`detector.engine.Store` on PostgreSQL, shared by replicas; thread-safe.
 
     ``url`` is a libpq connection URL. ``recent_events`` is how many of a run's
-    last events ``get_run`` returns.
+    last events ``get_run`` returns. ``pool_size`` bounds the data connections
+    (plus one for the locks), ``pool_timeout`` the wait for one.
     """
 
     shared = True
 
-    def __init__(self, url: str, *, recent_events: int = 20) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        recent_events: int = 20,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+    ) -> None:
+        if pool_size < 1 or not pool_timeout > 0:
+            raise InvalidArgument("pool_size must be at least 1 and pool_timeout positive")
         self.url = url
         self.recent_events = recent_events
         try:
@@ -166,16 +187,31 @@ class PostgresStore:
             params.setdefault(key, value)
         self._conninfo = conninfo.make_conninfo(**params)
         self._closed = False
-        self._lock = threading.Lock()  # the data connection
-        self._conn: psycopg.Connection[Any] | None = None
+        self.pool_timeout = pool_timeout
         self._locks_lock = threading.Lock()  # the lock connection and the tables below
         self._lock_conn: psycopg.Connection[Any] | None = None
         self._generation = 0  # bumped when the lock connection is replaced
         self._held: dict[str, int] = {}  # run id -> open claims in this process
         self._epochs: dict[str, int] = {}  # run id -> epoch this process claimed
-        with self._data() as conn:
-            self.schema: str = conn.execute("SELECT current_schema()").fetchone()[0]
-            self._migrate(conn)
+        # The first connection is made directly: an unreachable store fails at
+        # once, with libpq's reason, rather than after the pool's retries.
+        try:
+            with self._connect() as conn:
+                self.schema: str = conn.execute("SELECT current_schema()").fetchone()[0]
+                self._migrate(conn)
+        except psycopg.OperationalError as error:
+            raise Unavailable(f"store {self}: {_first_line(error)}") from error
+        self._pool = ConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True},
+            timeout=pool_timeout,
+            check=ConnectionPool.check_connection,
+            name="phasewatch-data",
+            open=False,
+        )
+        self._pool.open()
 
     # --- connections ----------------------------------------------------------
 
@@ -184,18 +220,21 @@ class PostgresStore:
 
     @contextlib.contextmanager
     def _data(self) -> Iterator[psycopg.Connection[Any]]:
-        """The data connection (re-opened if broken), with PostgreSQL errors mapped."""
-        with self._lock:
-            if self._closed:
-                raise Unavailable(f"store {self} is closed")
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = self._connect()
-                yield self._conn
-            except psycopg.OperationalError as error:
-                if self._conn is not None and self._conn.broken:
-                    self._conn.close()
-                raise Unavailable(f"store {self}: {_first_line(error)}") from error
+        """A pooled data connection, with PostgreSQL's errors mapped (the pool
+        discards a broken connection when it comes back)."""
+        if self._closed:
+            raise Unavailable(f"store {self} is closed")
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as error:
+            raise Unavailable(
+                f"store {self}: no connection within {self.pool_timeout:g} s ({_first_line(error)})"
+            ) from error
+        except PoolClosed as error:
+            raise Unavailable(f"store {self} is closed") from error
+        except psycopg.OperationalError as error:
+            raise Unavailable(f"store {self}: {_first_line(error)}") from error
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
         with conn.transaction():
@@ -483,9 +522,7 @@ class PostgresStore:
                 self._lock_conn.close()
             self._held.clear()
             self._epochs.clear()
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
+        self._pool.close()
 
     def __str__(self) -> str:
         return repr(_redact(self.url))
