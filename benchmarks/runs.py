@@ -54,7 +54,8 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    stretch: labelled ``stabilization`` phases when the labels have ``phases``,
    else [grokking_step + 2000, end] on grokking runs; minus [first - 5 L, last +
    20 L] around every collapse episode, spike and labelled collapse; scored when
-   it holds >= 50 lines. Brackets: pairs of consecutive CHANGE_POINTs of one
+   it holds >= 50 lines; events located within 2 L of a stretch's start are
+   the line that begins it and are not counted. Brackets: pairs of consecutive CHANGE_POINTs of one
    series located <= 2 L apart (a single-line outlier cut out twice).
 8. Cadence (runs with ``variant_of``): per base, the reference is the
    ``<base>_c1`` run, else the finest ``cadence``; each other member must have,
@@ -459,9 +460,12 @@ def _score_economy(s: RunScore, labels: dict, events: list[dict], steps: Sequenc
     lines = sum(inside(t) for t in steps)
     if lines < MIN_STATIONARY_LINES:
         return
+    # An event located where the stretch begins (within 2 L) is the line that
+    # starts it (the plateau's start), not a line drawn inside it.
+    starts = [a for a, _ in ranges]
     counts: dict[str, int] = {}
     for e in noisy:
-        if inside(e["step"]):
+        if inside(e["step"]) and not any(a <= e["step"] <= a + 2 * every for a in starts):
             counts[e["series"]] = counts.get(e["series"], 0) + 1
     rates = [100.0 * v / lines for v in counts.values()]
     s.stationary_lines = lines
