@@ -63,7 +63,9 @@ class LabellerConfig:
       falls by ``progress_min_change`` decades from its post-memorisation peak
       with a Mann–Kendall trend at ``progress_p_value``, over at least
       ``progress_min_bins`` bins of the step history, while held-out accuracy
-      is flat.
+      is flat; ``progress_min_share`` 0.25: the fall has lasted at least a
+      quarter of the time since memorisation (a held-out loss that climbs for
+      18 000 steps and drops back for 3 000, again and again, is oscillating).
     * ``settle_*``: a loss-only run stabilises once its headline loss fell less
       than ``settle_change`` decades (about 2%) over the last
       ``settle_fraction`` of the run; it is back in abstraction when it falls
@@ -91,6 +93,7 @@ class LabellerConfig:
     progress_p_value: float = 1e-3
     progress_min_change: float = 0.1
     progress_min_bins: int = 8
+    progress_min_share: float = 0.25
     history_bins: int = 64
     settle_fraction: float = 0.5
     settle_change: float = 0.01

@@ -569,6 +569,11 @@ class Generalisation(_Plain):
         change = float(tail[-1] - tail[0])
         if len(tail) < c.progress_min_bins or change > -c.progress_min_change:
             return []
+        # A fall that has lasted a small share of the time since memorisation is the
+        # down-stroke of an oscillation (a loss that climbs for long and drops back),
+        # not the slow progress that precedes grokking.
+        if step - self.progress.starts[peak] < c.progress_min_share * (step - self.memorised_at):
+            return []
         # Still making progress: the newest bin is the tail's lowest, clearly below
         # everything before the tail's last quarter (a loss that oscillates back
         # to an old low is not progress).
