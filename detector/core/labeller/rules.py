@@ -55,6 +55,9 @@ def _copy(value):
     return value
 
 
+_LOWS = 64  # suffix minima kept for the stable stretch's start
+
+
 class Interval(_Plain):
     """The sampling interval of one series, in steps (its last gap)."""
 
@@ -407,8 +410,9 @@ class Generalisation(_Plain):
     """
 
     _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "above_since", "onset_at",
-               "complete_at", "best", "stable_since", "stable_best", "stable_min",
-               "hidden_progress_at", "val_noise")
+               "complete_at", "best", "stable_since", "stable_best",
+               "hidden_progress_at", "val_noise", "val_window", "curv_near", "curv_wide", "lows",
+               "lows_floor")
     _NESTED = {"val_interval": Interval, "progress": StepHistory}
 
     def __init__(self, config: LabellerConfig) -> None:
@@ -423,9 +427,16 @@ class Generalisation(_Plain):
         self.best = -math.inf
         self.stable_since: int | None = None
         self.stable_best = -math.inf
-        self.stable_min = math.inf
         self.hidden_progress_at: int | None = None
         self.val_noise = 0.0  # typical change between held-out values from noise alone
+        # The last five values and EW means of squared second differences over one
+        # and over two logging intervals: noise adds the same to both, a curve's
+        # bend four times as much to the wider one (cadence-free noise).
+        self.val_window: list[float] = []
+        self.lows: list[list] = []  # suffix minima since onset: [step, value, next step]
+        self.lows_floor: int | None = None
+        self.curv_near = 0.0
+        self.curv_wide = 0.0
         self.val_interval = Interval()
         self.progress: StepHistory | None = None
 
@@ -436,8 +447,11 @@ class Generalisation(_Plain):
             self.val_base *= factor
         self.best *= factor
         self.stable_best *= factor
-        self.stable_min *= factor
+        self.lows = [[a, v * factor, b] for a, v, b in self.lows]
         self.val_noise *= factor
+        self.val_window = [v * factor for v in self.val_window]
+        self.curv_near *= factor * factor
+        self.curv_wide *= factor * factor
 
     def memorisation(self, step: int, train_acc: float | None, train_loss: float | None,
                      first_loss: float) -> None:
@@ -468,16 +482,26 @@ class Generalisation(_Plain):
             return events
         c = self.config
         self.val_interval.see(step)
-        if self.val_base is None:
+        if len(self.val_first) < 3 and self.memorised_at is None:
+            # The first value is the untrained model's level whatever the cadence; the
+            # median of the first three, where lower, guards against a lucky first one.
+            # (Three lines of a sparse log may already be well into learning.)
             self.val_first.append(val_acc)
-            if len(self.val_first) == 3:
-                self.val_base = _median(self.val_first)
+            first = self.val_first[0]
+            self.val_base = min(first, _median(self.val_first)) if len(self.val_first) == 3 else \
+                first if self.val_base is None else min(self.val_base, first)
         self.val_recent = [*self.val_recent[-2:], val_acc]
-        if len(self.val_recent) == 3:
-            # Second differences ignore a steady rise; /1.73 puts them on the scale
-            # of first differences of pure noise.
-            a, b, d = self.val_recent
-            self.val_noise += (abs(d - 2 * b + a) / 1.73 - self.val_noise) / 10
+        self.val_window = [*self.val_window[-4:], val_acc]
+        if len(self.val_window) == 5:
+            # Second differences ignore a steady rise. Over one interval g they hold
+            # 6 σ² of noise plus (f'' g²)² of the curve's bend; over 2 g the same noise
+            # and 16 times the bend: (16 near - wide) / 90 is σ² alone, whatever the
+            # logging cadence (a bend read as noise made a coarse log call a slowly
+            # falling accuracy stable).
+            v0, _, v2, v3, v4 = self.val_window
+            self.curv_near += ((v4 - 2 * v3 + v2) ** 2 - self.curv_near) / 10
+            self.curv_wide += ((v4 - 2 * v2 + v0) ** 2 - self.curv_wide) / 10
+            self.val_noise = math.sqrt(max(0.0, 16 * self.curv_near - self.curv_wide) / 90)
         if self.onset_at is None:
             if self.val_base is not None and val_acc >= self.val_base + c.onset_rise:
                 if self.above_since is None:
@@ -523,33 +547,53 @@ class Generalisation(_Plain):
         # Within the tolerance of its best, or of the series' own noise where a small
         # test set makes it larger (the extremes of a long noisy stretch lie 5-6 sd apart).
         tol = max(c.stable_tolerance, 5 * self.val_noise)
-        value = _median(self.val_recent)  # the best of raw noisy values would creep up
-        self.best = max(self.best, value)
-        if (self.stable_since is None or value < self.best - tol
-                or self.stable_min < self.best - tol
-                or self.best > self.stable_best + tol):
-            if timeline.phase is Phase.STABILIZATION and self.best > self.stable_best + 2 * tol:
-                self.stable_since, self.stable_best, self.stable_min = step, self.best, value
-                return timeline.enter(Phase.ABSTRACTION, step, step, 0.6, series)
-            if timeline.phase is not Phase.STABILIZATION:
-                self.stable_since, self.stable_best, self.stable_min = step, self.best, value
-            return []
-        self.stable_min = min(self.stable_min, value)
+        self._remember_low(step, value)  # raw: a median of lines lags by a line, in steps by the cadence
+        self.best = max(self.best, _median(self.val_recent))  # the best of raw noisy values would creep up
         if timeline.phase is Phase.STABILIZATION:
+            if self.best > self.stable_best + 2 * tol:
+                self.stable_best = self.best
+                return timeline.enter(Phase.ABSTRACTION, step, step, 0.6, series)
+            return []
+        # The stable stretch starts after the last value more than ``tol`` below the
+        # best so far (the labels' rule, read online): where it starts does not
+        # depend on when the best last crept up, nor on the logging cadence.
+        since = self._stable_since(self.best - tol)
+        if since is None:
             return []
         # Relative to how long generalising took: a quarter of the time since the
-        # onset once it has generalised; before, as long as it took from the onset
-        # (and at least a quarter of the run so far).
+        # onset once it has generalised; before, as long as the run took to get
+        # there (an onset read off a sparse log, or a rise that starts at once, is
+        # located late: the time since the onset would be too short a yardstick).
         if self.best >= c.grokked_accuracy and self.onset_at is not None:
-            span = c.stable_fraction * (self.stable_since - self.onset_at)
+            span = c.stable_fraction * (since - self.onset_at)
         else:
-            since_onset = self.stable_since - (self.onset_at if self.onset_at is not None else first_step)
-            span = max(4 * c.stable_fraction * since_onset,
-                       c.stable_fraction * (self.stable_since - first_step))
+            span = 4 * c.stable_fraction * (since - first_step)
         needed = max(c.min_intervals * self.val_interval.gap, span)
-        if step - self.stable_since >= needed:
-            return timeline.enter(Phase.STABILIZATION, self.stable_since, step, 0.8, series)
+        if step - since >= needed:
+            self.stable_since, self.stable_best = since, self.best
+            return timeline.enter(Phase.STABILIZATION, since, step, 0.8, series)
         return []
+
+    def _remember_low(self, step: int, value: float) -> None:
+        """Keep the suffix minima of the values since onset: entries [step, value,
+        next step] with values rising from the bottom, at most ``_LOWS`` (the
+        oldest, lowest dropped, their next step kept as a floor). O(1) amortised."""
+        lows = self.lows
+        if lows:
+            lows[-1][2] = step
+        while lows and lows[-1][1] >= value:
+            lows.pop()
+        lows.append([step, value, None])
+        if len(lows) > _LOWS:
+            self.lows_floor = lows.pop(0)[2]
+
+    def _stable_since(self, threshold: float) -> int | None:
+        """The first step from which every value is at least ``threshold``; None if the
+        newest is below it. O(entries)."""
+        for _, entry_value, next_step in reversed(self.lows):
+            if entry_value < threshold:
+                return next_step
+        return self.lows_floor if self.lows_floor is not None else self.lows[0][0]
 
     def _hidden_progress(self, step: int, val_loss: float, first_step: int,
                          series: str | None) -> list[Event]:
