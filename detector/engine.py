@@ -225,6 +225,16 @@ class Store(Protocol):
 log = logging.getLogger("phasewatch.engine")
 
 _RELEASED_MEMORY = 4096
+# Steps are 0 ..= MAX_STEP. 2^53 - 1 is the largest integer that float64 (the
+# detectors' step arithmetic, JSON numbers in every client) holds exactly, and
+# leaves int64 room for "step + 1" and segment ends downstream: a step beyond
+# it is refused (InvalidArgument) rather than overflowing later (issue 18).
+MAX_STEP = 2**53 - 1
+# Labels are copied into every RunPhase, ListRuns page and /metrics scrape: bound
+# them so that one run cannot make those exceed what clients accept (issue 18).
+MAX_LABELS = 64
+MAX_LABEL_KEY_BYTES = 128
+MAX_LABEL_VALUE_BYTES = 1024
 # Bump when the checkpoint's layout changes; older checkpoints are then refused
 # with a clear error instead of being misread (version 1, the per-step dict
 # reorder buffer, is still read: see _Run.restore).
@@ -571,12 +581,17 @@ class Engine:
     ) -> RunStatus:
         """Declare a run (idempotent); a declared series keeps its first spec."""
         _check("run id", run_id)
+        _check_labels(labels or {})
         specs = list(series)
         for spec in specs:
             _check("series name", spec.name)
         run = self._acquire(run_id, labels=labels or {})
         try:
             if labels:
+                if len(run.labels.keys() | labels.keys()) > MAX_LABELS:
+                    raise InvalidArgument(
+                        f"run {run_id!r} would have more than {MAX_LABELS} labels"
+                    )
                 run.labels.update(labels)
             for spec in specs:
                 run.declare(spec)
@@ -601,6 +616,7 @@ class Engine:
                 raise InvalidArgument(
                     f"series {name!r} has {len(steps)} steps but {len(values)} values"
                 )
+            _check_steps(name, steps)
         if self._rate is not None:  # RateLimited before anything of the batch goes in
             self._rate.take(run_id, sum(len(steps) for steps, _ in columns.values()))
         if run_id not in self._runs:
@@ -633,6 +649,8 @@ class Engine:
 
     def end_run(self, run_id: str, final_step: int | None = None) -> list[Event]:
         """Flush the reorder buffer and mark the run ended; returns the last events."""
+        if final_step is not None and final_step > MAX_STEP:
+            raise InvalidArgument(f"final step {final_step} is beyond the largest step, {MAX_STEP}")
         run = self._acquire(run_id)
         started = time.perf_counter()
         try:
@@ -935,6 +953,36 @@ def _headline_series(detector: RunDetector) -> tuple[SeriesStatus, ...]:
             last_value=series.last_value,
         ))
     return tuple(out)
+
+
+def _check_labels(labels: Mapping[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels; a run may have at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not key or len(key.encode()) > MAX_LABEL_KEY_BYTES:
+            raise InvalidArgument(
+                f"label key {key[:40]!r} must be 1 to {MAX_LABEL_KEY_BYTES} bytes"
+            )
+        if len(value.encode()) > MAX_LABEL_VALUE_BYTES:
+            raise InvalidArgument(
+                f"label {key!r}: value of {len(value.encode())} bytes; at most "
+                f"{MAX_LABEL_VALUE_BYTES}"
+            )
+
+
+def _check_steps(name: str, steps: Sequence[int] | np.ndarray) -> None:
+    """InvalidArgument when a step is above MAX_STEP (negative ones are rejected per point)."""
+    if len(steps) == 0:
+        return
+    try:
+        top = int(np.max(np.asarray(steps, dtype=np.int64)))
+    except OverflowError:  # a Python int beyond int64
+        top = MAX_STEP + 1
+    if top > MAX_STEP:
+        raise InvalidArgument(
+            f"series {name!r}: step {top} is beyond the largest step, {MAX_STEP} (2^53 - 1); "
+            "nothing of this batch was taken"
+        )
 
 
 def _check(kind: str, name: str) -> None:
