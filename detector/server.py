@@ -96,17 +96,69 @@ def status_code(error: PhasewatchError) -> grpc.StatusCode:
 
 
 # Trailing metadata of a RESOURCE_EXHAUSTED that clears by itself (a rate limit):
-# how long to wait, in whole milliseconds. The client SDK retries such a batch
-# after a backoff instead of dropping it.
+# how long to wait, in whole milliseconds. Kept for clients older than the
+# google.rpc.RetryInfo detail, which carries the same delay.
 RETRY_AFTER_KEY = "phasewatch-retry-after-ms"
+# ErrorInfo's domain and reasons (AIP-193): machine-readable causes clients can test.
+ERROR_DOMAIN = "phasewatch.dev"
+REASON_RUN_OWNED = "RUN_OWNED"
+REASON_RATE_LIMITED = "RATE_LIMITED"
+# Request metadata the SDK sends: one id per client (Run object), so that a
+# stream opened again by the same client after a disconnect takes its run over
+# from its own stale stream instead of being refused as a second writer.
+WRITER_KEY = "phasewatch-writer"
+
+
+class _RichStatus(grpc.Status):
+    """A status with details for ``context.abort_with_status``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+def rich_status(error: PhasewatchError) -> grpc.Status | None:
+    """The google.rpc.Status (RetryInfo, ErrorInfo) for errors that carry details, else None.
+
+    Sent as the standard ``grpc-status-details-bin`` trailer (grpcio-status), so any
+    gRPC client library can read it.
+    """
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    code = status_code(error)
+    details: list[Any] = []
+    extra: tuple[tuple[str, str | bytes], ...] = ()
+    if isinstance(error, RateLimited):
+        millis = max(1, round(error.retry_after * 1000))
+        delay = duration_pb2.Duration(seconds=millis // 1000, nanos=(millis % 1000) * 1_000_000)
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(error_details_pb2.ErrorInfo(reason=REASON_RATE_LIMITED, domain=ERROR_DOMAIN))
+        extra = ((RETRY_AFTER_KEY, str(millis)),)
+    elif isinstance(error, Aborted):
+        metadata = {k: v for k, v in (("owner", error.owner), ("run_id", error.run_id)) if v}
+        details.append(error_details_pb2.ErrorInfo(
+            reason=REASON_RUN_OWNED, domain=ERROR_DOMAIN, metadata=metadata))
+    else:
+        return None
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    message = status_pb2.Status(code=code.value[0], message=str(error), details=packed)
+    return _RichStatus(
+        code, str(error), (("grpc-status-details-bin", message.SerializeToString()), *extra)
+    )
 
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     if isinstance(error, PhasewatchError):
-        if isinstance(error, RateLimited):
-            context.set_trailing_metadata(
-                ((RETRY_AFTER_KEY, str(max(1, round(error.retry_after * 1000)))),)
-            )
+        status = rich_status(error)
+        if status is not None:
+            context.abort_with_status(status)
         context.abort(status_code(error), str(error))
     # A bug, not bad input: keep the traceback here, do not leak it to the client.
     log.error("unexpected error in an RPC", exc_info=error)
@@ -284,6 +336,34 @@ class EventBus:
 # --- servicer ----------------------------------------------------------------------
 
 
+class _Writer:
+    """The open stream that writes a run on this replica."""
+
+    __slots__ = ("context", "peer", "since", "writer_id")
+
+    def __init__(self, writer_id: str, peer: str, context: grpc.ServicerContext) -> None:
+        self.writer_id = writer_id
+        self.peer = peer
+        self.context = context
+        self.since = time.time()
+
+    def conflict(self, run_id: str) -> Aborted:
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        return Aborted(
+            f"run {run_id!r} is being written by another stream, from {self.peer} "
+            f"(open since {since}): one writer per run. Retry after that stream ends",
+            owner=self.peer,
+            run_id=run_id,
+        )
+
+
+def _writer_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == WRITER_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
+
+
 def _ack(through_step: int, accepted: int = 0, rejected: int = 0) -> pb.StreamResponse:
     return pb.StreamResponse(
         ack=pb.Ack(through_step=through_step, accepted=accepted, rejected=rejected)
@@ -300,6 +380,46 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
         self.bus = bus if bus is not None else EventBus()
         # A safety net only: cancellation and bus.close() wake watchers at once.
         self.watch_poll_seconds = watch_poll_seconds
+        # One writer per run on this replica: the open Stream of each run.
+        self._writers: dict[str, _Writer] = {}
+        self._writers_lock = threading.Lock()
+
+    def _take_run(self, run_id: str, context: grpc.ServicerContext) -> _Writer:
+        """Make this stream the run's writer; Aborted naming the owner if another stream is.
+
+        The same client (same ``phasewatch-writer`` id) opening a stream again,
+        e.g. after a disconnect its old stream has not noticed yet, takes the run
+        over: the old stream is cancelled.
+        """
+        _check_run_id(run_id)
+        me = _Writer(_writer_id(context), context.peer(), context)
+        replaced = None
+        with self._writers_lock:
+            owner = self._writers.get(run_id)
+            if owner is not None and owner.context is not context:
+                if not (me.writer_id and me.writer_id == owner.writer_id):
+                    raise owner.conflict(run_id)
+                replaced = owner
+            self._writers[run_id] = me
+        if replaced is not None:
+            log.info("run %r: stream from %s replaced by the same client's new stream from %s",
+                     run_id, replaced.peer, me.peer)
+            replaced.context.cancel()
+        return me
+
+    def _give_run(self, run_id: str, writer: _Writer) -> None:
+        with self._writers_lock:
+            if self._writers.get(run_id) is writer:
+                del self._writers[run_id]
+
+    def _check_writer(self, run_id: str, context: grpc.ServicerContext) -> None:
+        """Aborted when another client has a stream of ``run_id`` open (a Log's check)."""
+        with self._writers_lock:
+            owner = self._writers.get(run_id)
+        if owner is not None:
+            writer_id = _writer_id(context)
+            if not (writer_id and writer_id == owner.writer_id):
+                raise owner.conflict(run_id)
 
     def _start(self, start: pb.RunStart, run_id: str) -> RunStatus:
         return self.engine.start_run(
@@ -316,14 +436,18 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
         # The run is this replica's while its stream is open (engine.claim), and
         # given back before the stream's final status goes out.
         claims: list[RunClaim] = []
+        writers: list[tuple[str, _Writer]] = []
         try:
-            yield from self._stream(request_iterator, claims)
+            yield from self._stream(request_iterator, context, claims, writers)
         finally:
             for claim in claims:
                 claim.release()
+            for run_id, writer in writers:
+                self._give_run(run_id, writer)
 
     def _stream(
-        self, request_iterator: Iterator[pb.StreamRequest], claims: list[RunClaim]
+        self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext,
+        claims: list[RunClaim], writers: list[tuple[str, _Writer]],
     ) -> Iterator[pb.StreamResponse]:
         run_id: str | None = None
         ended = False
@@ -340,6 +464,9 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                         f"{request.start.run_id!r}"
                     )
                 if not claims:
+                    writers.append(
+                        (request.start.run_id, self._take_run(request.start.run_id, context))
+                    )
                     claims.append(self.engine.claim(request.start.run_id))
                 status = self._start(request.start, request.start.run_id)
                 run_id, ended = status.run_id, False
@@ -368,6 +495,7 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
 
     @_unary
     def Log(self, request: pb.LogRequest, context: grpc.ServicerContext) -> pb.LogResponse:
+        self._check_writer(request.run_id or request.start.run_id, context)
         claim = self.engine.claim(request.run_id or request.start.run_id)
         try:
             return self._log(request)

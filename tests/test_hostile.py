@@ -87,3 +87,95 @@ def test_labels_beyond_the_limits_are_invalid_argument(server):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     runs = stub(channel).ListRuns(pb.ListRunsRequest(), timeout=TIMEOUT).runs
     assert len(runs[0].labels) == MAX_LABELS
+
+
+# --- 2. one writer per run ---------------------------------------------------------
+
+
+class OpenStream:
+    """A Stream kept open from a thread: send requests one at a time, read answers."""
+
+    def __init__(self, channel: grpc.Channel, metadata: tuple = ()) -> None:
+        import queue
+
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.call = stub(channel).Stream(iter(self.requests.get, None), metadata=metadata,
+                                         timeout=TIMEOUT)
+
+    def send(self, request: pb.StreamRequest) -> pb.StreamResponse:
+        self.requests.put(request)
+        return next(self.call)
+
+    def close(self) -> None:
+        self.requests.put(None)
+
+
+def error_info(error: grpc.RpcError):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+def batch_of(*steps: int) -> pb.StreamRequest:
+    return pb.StreamRequest(batch=pb.MetricBatch(series=[
+        pb.Series(name="train_loss", steps=steps, values=[1.0] * len(steps))]))
+
+
+def test_a_second_writer_of_an_open_run_is_aborted_naming_the_owner(server):
+    engine, _, channel = server
+    a = OpenStream(channel, metadata=(("phasewatch-writer", "client-a"),))
+    assert a.send(pb.StreamRequest(start=pb.RunStart(run_id="shared"))).ack.through_step == -1
+    assert a.send(batch_of(0, 1, 2, 3)).ack.accepted == 4
+    for metadata in ((), (("phasewatch-writer", "client-b"),)):
+        b = OpenStream(channel, metadata=metadata)
+        with pytest.raises(grpc.RpcError) as info:
+            b.send(pb.StreamRequest(start=pb.RunStart(run_id="shared", labels={"who": "b"})))
+        assert info.value.code() == grpc.StatusCode.ABORTED
+        details = error_info(info.value)
+        assert details.reason == "RUN_OWNED" and details.metadata["run_id"] == "shared"
+        assert details.metadata["owner"].startswith("ipv") and "127.0.0.1" in info.value.details()
+    # Nor may a Log write it meanwhile.
+    code, _ = code_of(lambda: log(channel, "shared", [10, 11]))
+    assert code == grpc.StatusCode.ABORTED
+    assert a.send(batch_of(4, 5)).ack.accepted == 2  # A goes on, its run untouched
+    assert engine.status("shared").labels == {}
+    a.close()
+    list(a.call)
+    # Its stream closed, the run is free for anyone.
+    assert log(channel, "shared", [10, 11]).ack.accepted == 2
+
+
+def test_the_same_client_reconnecting_takes_its_run_over(server):
+    engine, _, channel = server
+    me = (("phasewatch-writer", "client-a"),)
+    old = OpenStream(channel, metadata=me)
+    old.send(pb.StreamRequest(start=pb.RunStart(run_id="mine")))
+    old.send(batch_of(0, 1, 2))
+    new = OpenStream(channel, metadata=me)  # the old one looks open: a stale connection
+    assert new.send(pb.StreamRequest(start=pb.RunStart(run_id="mine", resume=True))).ack
+    with pytest.raises(grpc.RpcError) as info:
+        list(old.call)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert new.send(batch_of(3, 4)).ack.accepted == 2
+    new.close()
+    list(new.call)
+
+
+def test_a_rate_limit_carries_retry_info(make_server):
+    from detector.client import retry_delay
+    from detector.engine import EngineConfig
+
+    _, _, channel = make_server(config=EngineConfig(max_points_per_second=10, points_burst=10))
+    log(channel, "slow", list(range(10)))
+    with pytest.raises(grpc.RpcError) as info:
+        log(channel, "slow", list(range(10, 20)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    delay = retry_delay(info.value)
+    assert delay is not None and 0 < delay <= 1.0
+    assert error_info(info.value).reason == "RATE_LIMITED"

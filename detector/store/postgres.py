@@ -342,7 +342,7 @@ class PostgresStore:
                 except psycopg.OperationalError as error:
                     raise Unavailable(f"store {self}: {_first_line(error)}") from error
                 if not got:
-                    raise Aborted(self._owned_message(run_id))
+                    raise self._owned(run_id)
                 try:
                     self._epochs[run_id] = self._take_ownership(run_id, owner)
                 except BaseException:
@@ -370,7 +370,8 @@ class PostgresStore:
             ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
-    def _owned_message(self, run_id: str) -> str:
+    def _owned(self, run_id: str) -> Aborted:
+        """The Aborted naming the replica that owns ``run_id`` (in text and ``owner``)."""
         try:
             recorded = self.owner_of(run_id)
         except Unavailable:
@@ -380,9 +381,11 @@ class PostgresStore:
         else:
             since = datetime.fromtimestamp(recorded[2], timezone.utc).isoformat(timespec="seconds")
             who = f"replica {recorded[0]} (since {since})"
-        return (
+        return Aborted(
             f"run {run_id!r} is owned by {who}: a stream of it is open there. Retry "
-            "after that stream ends; a replica that dies gives its runs up at once"
+            "after that stream ends; a replica that dies gives its runs up at once",
+            owner=None if recorded is None else str(recorded[0]),
+            run_id=run_id,
         )
 
     def _take_ownership(self, run_id: str, owner: str) -> int:
