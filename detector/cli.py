@@ -32,7 +32,14 @@ import grpc
 import detector
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
-from detector.client import ClientConfigError, bearer_interceptor, read_token, tls_credentials
+from detector.client import (
+    ClientConfigError,
+    bearer_interceptor,
+    list_runs_pages,
+    read_token,
+    timeline_pages,
+    tls_credentials,
+)
 from detector.convert import kind_to_proto, phase_to_proto
 from detector.core.types import EventKind, Phase, check_name
 from detector.demo import run_demo
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay(commands, client)
     _add_status(commands, client)
     _add_runs(commands, client)
+    _add_restart(commands, client)
     _add_watch(commands, client)
     _add_demo(commands)
     return parser
@@ -260,7 +268,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(args.listen, args.metrics_listen or None, args.store, **options)
     except OSError as error:  # cannot listen: port taken, bad address, unknown host
-        message = str(error) if str(error).startswith("cannot") else (
+        said = error.strerror if (error.strerror or "").startswith("cannot") else str(error)
+        message = said if said.startswith("cannot") else (
             f"cannot start the detector: {error.strerror or error}"
         )
         raise CliError(message) from None
@@ -424,11 +433,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         run = run_view_from_proto(
             stub.GetPhase(pb.GetPhaseRequest(run_id=args.run_id), timeout=args.timeout)
         )
-        timeline = (
-            stub.GetTimeline(pb.GetTimelineRequest(run_id=args.run_id), timeout=args.timeout)
-            if args.timeline
-            else None
-        )
+        timeline = timeline_pages(stub, args.run_id, args.timeout) if args.timeline else None
     if timeline is not None:
         run["segments"] = [segment_view_from_proto(s) for s in timeline.segments]
         run["events"] = [event_view_from_proto(e) for e in timeline.events]
@@ -456,12 +461,30 @@ def cmd_runs(args: argparse.Namespace) -> int:
         phase=phase_to_proto(Phase(args.phase)) if args.phase else 0,
     )
     with _detector(args, args.timeout) as stub:
-        response = stub.ListRuns(request, timeout=args.timeout)
-    runs = [run_view_from_proto(r) for r in response.runs]
+        runs = [run_view_from_proto(r) for r in list_runs_pages(stub, request, args.timeout)]
     if args.json:
         _print_json({"runs": runs})
     else:
         print(format_runs(runs))
+    return EXIT_OK
+
+
+def _add_restart(commands: Any, client: argparse.ArgumentParser) -> None:
+    restart = commands.add_parser(
+        "restart", parents=[client],
+        help="restart a run whose stored checkpoint is damaged, from its stored timeline",
+    )
+    restart.add_argument("run_id", metavar="RUN_ID")
+    restart.set_defaults(handler=cmd_restart)
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    _check_run_id(args.run_id)
+    start = pb.StreamRequest(start=pb.RunStart(run_id=args.run_id, resume=True, restart=True))
+    with _detector(args, args.timeout) as stub:
+        answers = list(stub.Stream(iter([start]), timeout=args.timeout))
+    last = answers[-1].ack.through_step if answers else -1
+    print(f"run {args.run_id}: detection goes on after step {last}")
     return EXIT_OK
 
 
@@ -550,9 +573,12 @@ def _detector(args: argparse.Namespace, timeout: float | None) -> Iterator[pb_gr
         )
     except ClientConfigError as error:
         raise CliError(str(error), EXIT_USAGE) from None
+    # Pages are cut at 2 MiB, but a single RunPhase or event may be larger than
+    # that: allow what the server can send (its own default request limit).
+    options = [("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)]
     channel = (
-        grpc.secure_channel(target, credentials) if credentials is not None
-        else grpc.insecure_channel(target)
+        grpc.secure_channel(target, credentials, options=options) if credentials is not None
+        else grpc.insecure_channel(target, options=options)
     )
     if token is not None:
         channel = grpc.intercept_channel(channel, bearer_interceptor(token))

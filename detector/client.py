@@ -431,6 +431,8 @@ def channel_options(config: ClientConfig | None = None) -> list[tuple[str, Any]]
         ("grpc.primary_user_agent", f"phasewatch-client/{__version__}"),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config(config)),
+        # Query pages are cut at 2 MiB; one large item may still exceed the 4 MiB default.
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.keepalive_time_ms", int(config.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 0),
@@ -1545,3 +1547,33 @@ def _close_at_exit() -> None:
     for run in runs:
         with contextlib.suppress(Exception):
             run.close(timeout=run._config.exit_timeout)
+
+
+# --- paged queries (AIP-158) --------------------------------------------------------
+
+
+def list_runs_pages(
+    stub: pb_grpc.PhaseDetectorStub, request: pb.ListRunsRequest, timeout: float | None
+) -> list[pb.RunPhase]:
+    """Every run ``request`` selects, following ``next_page_token`` (one call a page)."""
+    runs: list[pb.RunPhase] = []
+    while True:
+        page = stub.ListRuns(request, timeout=timeout)
+        runs.extend(page.runs)
+        if not page.next_page_token:
+            return runs
+        request.page_token = page.next_page_token
+
+
+def timeline_pages(
+    stub: pb_grpc.PhaseDetectorStub, run_id: str, timeout: float | None
+) -> pb.Timeline:
+    """A run's whole timeline, its pages put together (one call a page)."""
+    request = pb.GetTimelineRequest(run_id=run_id)
+    timeline = stub.GetTimeline(request, timeout=timeout)
+    while timeline.next_page_token:
+        request.page_token = timeline.next_page_token
+        page = stub.GetTimeline(request, timeout=timeout)
+        timeline.events.extend(page.events)
+        timeline.next_page_token = page.next_page_token
+    return timeline

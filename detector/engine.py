@@ -35,6 +35,7 @@ may write it next.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
 import pickle
@@ -195,7 +196,9 @@ class Store(Protocol):
     def replace_segments(self, run_id: str, segments: Sequence[Segment]) -> None: ...
     def get_run(self, run_id: str) -> RunStatus | None: ...
     def list_runs(self) -> list[RunStatus]: ...
-    def get_events(self, run_id: str) -> list[Event]: ...
+    def get_events(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[Event]:
+        """A run's events in insertion order, ``limit`` of them from ``offset`` (None: all)."""
+        ...
     def get_segments(self, run_id: str) -> list[Segment]: ...
     def save_checkpoint(
         self,
@@ -578,13 +581,28 @@ class Engine:
         labels: Mapping[str, str] | None = None,
         series: Iterable[SeriesSpec] = (),
         resume: bool = False,
+        restart: bool = False,
     ) -> RunStatus:
-        """Declare a run (idempotent); a declared series keeps its first spec."""
+        """Declare a run (idempotent); a declared series keeps its first spec.
+
+        ``restart``: when the run's stored checkpoint is damaged (which is
+        otherwise FailedPrecondition), replace it by a fresh run that keeps the
+        stored labels, last step and timeline (see ``_restarted``).
+        """
         _check("run id", run_id)
         _check_labels(labels or {})
         specs = list(series)
         for spec in specs:
             _check("series name", spec.name)
+        restarted = False
+        if restart and run_id not in self._runs:
+            try:
+                self._restore(run_id)  # only to learn whether it is readable
+            except FailedPrecondition as error:
+                log.warning("run %r restarted from its stored timeline: %s", run_id, error)
+                fresh = self._restarted(run_id)
+                with self._lock:
+                    restarted = self._runs.setdefault(run_id, fresh) is fresh
         run = self._acquire(run_id, labels=labels or {})
         try:
             if labels:
@@ -603,6 +621,8 @@ class Engine:
             if self.store is not None:
                 # Under the run lock, so that it cannot overwrite a later commit's status.
                 self.store.upsert_run(replace(status, recent_events=()))
+                if restarted:
+                    self._commit(run, (), None)  # the damaged checkpoint goes now
         finally:
             run.lock.release()
         return status
@@ -734,17 +754,23 @@ class Engine:
                 return stored
         raise NotFound(f"unknown run {run_id!r}")
 
-    def timeline(self, run_id: str) -> tuple[list[Segment], list[Event]]:
+    def timeline(
+        self, run_id: str, offset: int = 0, limit: int | None = None
+    ) -> tuple[list[Segment], list[Event]]:
+        """A run's segments and its events, ``limit`` of them from ``offset`` (None: all).
+
+        A page costs O(offset + limit) store reads, not O(all events)."""
         run = self._runs.get(run_id)
+        end = None if limit is None else offset + limit
         if run is not None:
             with run.lock:
                 segments = run.detector.segments()
                 if self.store is None:
-                    return segments, list(run.events)
+                    return segments, list(itertools.islice(run.events, offset, end))
                 # Under the run lock: the store holds exactly this state's events.
-                return segments, self.store.get_events(run_id)
+                return segments, self.store.get_events(run_id, offset, limit)
         if self.store is not None and self.store.get_run(run_id) is not None:
-            return self.store.get_segments(run_id), self.store.get_events(run_id)
+            return self.store.get_segments(run_id), self.store.get_events(run_id, offset, limit)
         raise NotFound(f"unknown run {run_id!r}")
 
     def list_runs(
@@ -815,8 +841,43 @@ class Engine:
         saved = self.store.load_checkpoint(run_id)
         if saved is None:
             return None
-        run = _Run.restore(saved.state, self.config)
-        run.replay(saved.log)
+        try:
+            run = _Run.restore(saved.state, self.config)
+            run.replay(saved.log)
+        except PhasewatchError as error:
+            raise FailedPrecondition(self._damaged(run_id, str(error))) from None
+        except Exception as error:  # a checkpoint that unpickles to something else
+            raise FailedPrecondition(
+                self._damaged(run_id, f"{type(error).__name__}: {error}")
+            ) from None
+        if run.run_id != run_id:
+            raise FailedPrecondition(self._damaged(run_id, f"it is run {run.run_id!r}'s"))
+        return run
+
+    @staticmethod
+    def _damaged(run_id: str, problem: str) -> str:
+        return (
+            f"run {run_id!r}: its stored checkpoint is damaged ({problem}); restart it "
+            "from its stored timeline with RunStart.restart (`phasewatch restart "
+            f"{run_id}`): detection starts afresh after its last stored step"
+        )
+
+    def _restarted(self, run_id: str) -> _Run:
+        """A fresh run in place of one whose checkpoint is damaged.
+
+        Labels, last step and timeline (events, segments) are the store's; the
+        detectors start empty, and points at or below the last stored step are
+        rejected as out of order. O(1) store reads.
+        """
+        stored = self.store.get_run(run_id) if self.store is not None else None
+        run = _Run(run_id, stored.labels if stored else {}, self.config,
+                   timeline=self.store is None)
+        if stored is not None and stored.last_step >= 0:
+            run.released_through = run.max_step = stored.last_step
+            run.released_floor = stored.last_step + 1
+        run.changes += 1
+        run.unlogged = None  # the next commit writes a whole checkpoint over the damaged one
+        run.status = run._make_status()
         return run
 
     def _commit(

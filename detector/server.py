@@ -21,8 +21,12 @@ more ``Ack(through_step, 0, 0)`` follows the events of that flush.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import bisect
 import contextlib
 import functools
+import json
 import logging
 import os
 import queue
@@ -31,7 +35,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -333,6 +337,60 @@ class EventBus:
                 self._subscribers.remove(sub)
 
 
+# --- paging (AIP-158) ---------------------------------------------------------------
+
+# (default, maximum) page sizes. Whatever the size, a page is cut before it
+# exceeds PAGE_BYTES, so that it fits any client's default 4 MiB receive limit.
+LIST_RUNS_PAGE = (500, 1000)
+TIMELINE_PAGE = (1000, 10_000)
+PAGE_BYTES = 2 * 1024 * 1024
+
+
+def _page_size(asked: int, sizes: tuple[int, int]) -> int:
+    if asked < 0:
+        raise InvalidArgument(f"page_size must not be negative, got {asked}")
+    return sizes[0] if asked == 0 else min(asked, sizes[1])
+
+
+def _to_token(kind: str, scope: str, position: str) -> str:
+    """An opaque page token: where the next page starts, and what it pages."""
+    text = json.dumps([kind, scope, position])
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _from_token(token: str, kind: str, scope: str) -> str | None:
+    """The position in a token from ``_to_token``; None for the first page."""
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        found_kind, found_scope, position = json.loads(base64.urlsafe_b64decode(padded))
+        if found_kind != kind or found_scope != scope or not isinstance(position, str):
+            raise ValueError
+        if kind == "e" and not (position.isdigit() and len(position) < 19):
+            raise ValueError
+    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error):
+        raise InvalidArgument(
+            "page_token is not a next_page_token of this request (paging restarts without one)"
+        ) from None
+    return position
+
+
+def _fill(field: Any, messages: Iterable[Any], used: int) -> int:
+    """Append messages to a repeated field until the page holds PAGE_BYTES; how many.
+
+    At least one goes in, whatever its size (label and evidence limits bound it)."""
+    taken = 0
+    for message in messages:
+        size = message.ByteSize() + 8  # the field's tag and length
+        if taken and used + size > PAGE_BYTES:
+            break
+        field.append(message)
+        used += size
+        taken += 1
+    return taken
+
+
 # --- servicer ----------------------------------------------------------------------
 
 
@@ -427,6 +485,7 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
             labels=dict(start.labels),
             series=[spec_from_proto(s) for s in start.series],
             resume=start.resume,
+            restart=start.restart,
         )
 
     @_streaming
@@ -533,21 +592,35 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
         self, request: pb.GetTimelineRequest, context: grpc.ServicerContext
     ) -> pb.Timeline:
         _check_run_id(request.run_id)
-        segments, events = self.engine.timeline(request.run_id)
-        return pb.Timeline(
-            run_id=request.run_id,
-            segments=[segment_to_proto(s) for s in segments],
-            events=[event_to_proto(request.run_id, e) for e in events],
-        )
+        size = _page_size(request.page_size, TIMELINE_PAGE)
+        offset = int(_from_token(request.page_token, "e", request.run_id) or 0)
+        # One more than the page: whether a next page exists, without a count query.
+        segments, events = self.engine.timeline(request.run_id, offset, size + 1)
+        page = pb.Timeline(run_id=request.run_id)
+        if offset == 0:
+            page.segments.extend(segment_to_proto(s) for s in segments)
+        taken = _fill(page.events, (event_to_proto(request.run_id, e) for e in events[:size]),
+                      page.ByteSize())
+        if taken < len(events):
+            page.next_page_token = _to_token("e", request.run_id, str(offset + taken))
+        return page
 
     @_unary
     def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.ServicerContext
     ) -> pb.ListRunsResponse:
+        size = _page_size(request.page_size, LIST_RUNS_PAGE)
+        after = _from_token(request.page_token, "r", "")
         runs = self.engine.list_runs(
             label_selector=dict(request.label_selector), phase=phase_from_proto(request.phase)
-        )
-        return pb.ListRunsResponse(runs=[status_to_proto(r) for r in runs])
+        )  # sorted by run id
+        start = bisect.bisect_right([r.run_id for r in runs], after) if after is not None else 0
+        chosen = runs[start : start + size + 1]
+        page = pb.ListRunsResponse()
+        taken = _fill(page.runs, (status_to_proto(r) for r in chosen[:size]), 0)
+        if taken < len(chosen):
+            page.next_page_token = _to_token("r", "", chosen[taken - 1].run_id)
+        return page
 
     @_streaming
     def WatchEvents(
@@ -623,6 +696,7 @@ def create_server(
         ),
         server,
     )
+    _check_free(listen)
     try:
         if credentials is None:
             port = server.add_insecure_port(listen)
@@ -634,6 +708,32 @@ def create_server(
         raise OSError(f"cannot listen on {listen!r}")
     server.start()
     return server, port
+
+
+def _check_free(listen: str) -> None:
+    """OSError naming the address when something listens on it already.
+
+    gRPC would say so itself, but as a C++ log line on stderr and a bare
+    RuntimeError; a test bind (closed at once) says which address, cleanly.
+    """
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port_text.isdigit() or int(port_text) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # gRPC reports an unknown host itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise OSError(
+                    error.errno, f"cannot listen on {listen}: {error.strerror}"
+                ) from None
 
 
 def serve(
@@ -705,6 +805,14 @@ def serve(
 
         interceptors.insert(0, BearerTokenInterceptor(token_file=auth_token_file))
     policy = AlertPolicy(runbook_url=alert_runbook_url)
+    # Taken ports fail before the store is opened or anything is logged.
+    _check_free(listen)
+    if metrics_listen:
+        try:
+            _check_free(metrics_listen)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot listen for /metrics on {metrics_listen}: "
+                          f"{os.strerror(error.errno or 0)}") from None
     store = open_store(store_url)
     metrics_server = None
     dispatcher = None
@@ -737,9 +845,16 @@ def serve(
             ", bearer token required" if auth_token_file else "",
         )
         if metrics_listen:
-            metrics_server, metrics_port = start_metrics_server(
-                engine, metrics_listen, alerts=dispatcher, retention=metrics_retention
-            )
+            try:
+                metrics_server, metrics_port = start_metrics_server(
+                    engine, metrics_listen, alerts=dispatcher, retention=metrics_retention
+                )
+            except OSError as error:
+                server.stop(None)
+                raise OSError(
+                    error.errno,
+                    f"cannot listen for /metrics on {metrics_listen}: {error.strerror or error}",
+                ) from None
             log.info(
                 "phasewatch metrics on http://%s:%d/metrics",
                 metrics_listen.rpartition(":")[0],

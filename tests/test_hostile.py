@@ -179,3 +179,220 @@ def test_a_rate_limit_carries_retry_info(make_server):
     delay = retry_delay(info.value)
     assert delay is not None and 0 < delay <= 1.0
     assert error_info(info.value).reason == "RATE_LIMITED"
+
+
+# --- 5. damaged stores and checkpoints ----------------------------------------------
+
+
+def serve_fails(*args: str) -> tuple[int, str]:
+    """``phasewatch serve`` with these flags, expected to refuse at once: (status, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "detector", "serve", "--listen", "127.0.0.1:0",
+         "--metrics-listen", "", *args],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
+    return result.returncode, result.stderr
+
+
+def _filled_store(path) -> None:
+    from detector.engine import Engine
+
+    store = SqliteStore(path)
+    engine = Engine(store=store)
+    for i in range(40):
+        engine.ingest(f"run-{i}", {"train_loss": (list(range(200)), [1.0 / (s + 1) for s in
+                                                                      range(200)])})
+    engine.checkpoint_all()
+    store.close()
+
+
+@pytest.mark.parametrize("damage", ["emptied", "halved", "garbage-page", "not-sqlite",
+                                    "no-directory", "foreign-sqlite"])
+def test_a_damaged_store_is_refused_in_one_line_naming_the_file(tmp_path, damage):
+    import sqlite3
+
+    path = tmp_path / "pw.db"
+    if damage == "no-directory":
+        path = tmp_path / "missing" / "pw.db"
+    elif damage == "not-sqlite":
+        path.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    elif damage == "foreign-sqlite":
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE accounts (id INTEGER)")
+    else:
+        _filled_store(path)
+        data = path.read_bytes()
+        assert len(data) > 5 * 4096
+        if damage == "emptied":
+            path.write_bytes(b"")
+        elif damage == "halved":
+            path.write_bytes(data[: len(data) // 2])
+        else:
+            path.write_bytes(data[:2 * 4096] + bytes(range(256)) * 16 + data[3 * 4096:])
+    before = path.read_bytes() if path.exists() else None
+    code, stderr = serve_fails("--store", f"sqlite:///{path}")
+    lines = stderr.strip().splitlines()
+    assert code != 0
+    assert len(lines) == 1 and str(path.parent if damage == "no-directory" else path) in lines[0], stderr
+    assert "Traceback" not in stderr
+    assert (path.read_bytes() if path.exists() else None) == before  # nothing written
+
+
+def test_a_port_in_use_is_one_line_naming_the_address(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        for flags in (["--listen", address], ["--metrics-listen", address]):
+            code, stderr = serve_fails("--store", "sqlite://", *flags)
+            assert code != 0
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1 and address in lines[0] and "in use" in lines[0], stderr
+
+
+def test_a_damaged_checkpoint_is_failed_precondition_and_the_run_can_restart(make_server, tmp_path):
+    import pickle
+    import sqlite3
+
+    from detector.engine import Engine
+
+    path = tmp_path / "pw.db"
+    store = SqliteStore(path)
+    engine = Engine(store=store)
+    engine.ingest("hurt", {"train_loss": (list(range(100)), [1.0] * 100)})
+    engine.ingest("whole", {"train_loss": (list(range(100)), [1.0] * 100)})
+    engine.checkpoint_all()
+    events_before = store.get_events("hurt")
+    store.close()
+    with sqlite3.connect(path) as conn:  # unpickles, but lacks keys
+        conn.execute("UPDATE checkpoints SET state = ? WHERE run_id = 'hurt'",
+                     (pickle.dumps({"version": 2, "run_id": "hurt"}),))
+        conn.execute("DELETE FROM checkpoint_log WHERE run_id = 'hurt'")
+    _, _, channel = make_server(store=SqliteStore(path))
+    code, details = code_of(lambda: log(channel, "hurt", [100]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'hurt'" in details and "damaged" in details and "restart" in details
+    assert log(channel, "whole", [100]).ack.accepted == 1  # the others are not held up
+    # The explicit way out: restart from the stored timeline, after the last stored step.
+    answers = list(stub(channel).Stream(iter([pb.StreamRequest(
+        start=pb.RunStart(run_id="hurt", resume=True, restart=True))]), timeout=TIMEOUT))
+    assert answers[0].ack.through_step == 99
+    response = log(channel, "hurt", [99, 100, 101])
+    assert (response.ack.accepted, response.ack.rejected) == (2, 1)
+    assert end(channel, "hurt")[-1].ack.through_step == 101
+    timeline = stub(channel).GetTimeline(pb.GetTimelineRequest(run_id="hurt"), timeout=TIMEOUT)
+    assert len(timeline.events) >= len(events_before)
+
+
+# --- 4/6. responses that could grow without bound are paged -------------------------
+
+
+def _stored_runs(store: SqliteStore, count: int, labels: dict[str, str] | None = None) -> None:
+    from detector.engine import RunStatus
+
+    with store._lock, store._conn:  # bulk, in one transaction: 5 000 runs in well under a second
+        for i in range(count):
+            store._upsert_run(RunStatus(run_id=f"run-{i:05d}", labels=labels or {"i": str(i)},
+                                        phase=None, since_step=0, confidence=0.0,
+                                        last_step=i, ended=False))
+
+
+def cli(port: int, *args: str) -> tuple[int, str, str]:
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "detector", *args, "--target", f"127.0.0.1:{port}", "--json"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_five_thousand_runs_are_listed_page_by_page(make_server, tmp_path):
+    import json
+
+    store = SqliteStore(tmp_path / "pw.db")
+    _stored_runs(store, 5000)
+    _, port, channel = make_server(store=store)
+    seen: list[str] = []
+    request = pb.ListRunsRequest(page_size=700)
+    pages = 0
+    while True:
+        page = stub(channel).ListRuns(request, timeout=TIMEOUT)
+        pages += 1
+        assert len(page.runs) <= 700
+        seen.extend(r.run_id for r in page.runs)
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    assert pages == 8 and seen == [f"run-{i:05d}" for i in range(5000)]
+    # The default page, and a token that is not one.
+    first = stub(channel).ListRuns(pb.ListRunsRequest(), timeout=TIMEOUT)
+    assert len(first.runs) == 500 and first.next_page_token
+    code, _ = code_of(lambda: stub(channel).ListRuns(
+        pb.ListRunsRequest(page_token="not-a-token"), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, out, err = cli(port, "runs")
+    assert code == 0, err
+    assert len(json.loads(out)["runs"]) == 5000
+
+
+def test_runs_with_the_largest_labels_stay_under_every_client_limit(make_server, tmp_path):
+    import json
+
+    store = SqliteStore(tmp_path / "pw.db")
+    biggest = {f"k{i:03d}": "v" * MAX_LABEL_VALUE_BYTES for i in range(MAX_LABELS)}
+    _stored_runs(store, 150, labels=biggest)  # ~10 MB of labels in all
+    _, port, channel = make_server(store=store)
+    request = pb.ListRunsRequest(page_size=1000)
+    total = 0
+    while True:
+        page = stub(channel).ListRuns(request, timeout=TIMEOUT)  # default 4 MiB client limit
+        assert page.ByteSize() < 4 * 1024 * 1024
+        total += len(page.runs)
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    assert total == 150
+    code, out, err = cli(port, "runs")
+    assert code == 0 and len(json.loads(out)["runs"]) == 150, err
+    code, out, err = cli(port, "status", "run-00007")
+    assert code == 0 and json.loads(out)["labels"] == biggest, err
+
+
+def test_a_long_timeline_is_paged_and_the_cli_reads_it_whole(make_server, tmp_path):
+    import json
+
+    from detector.core.types import Event, EventKind
+
+    store = SqliteStore(tmp_path / "pw.db")
+    _stored_runs(store, 1)
+    events = [Event(step=i, kind=EventKind.CHANGE_POINT, detected_at=i, series="train_loss",
+                    message="x" * 200) for i in range(25_000)]
+    store.add_events("run-00000", events)
+    _, port, channel = make_server(store=store)
+    request = pb.GetTimelineRequest(run_id="run-00000")
+    steps: list[int] = []
+    while True:
+        page = stub(channel).GetTimeline(request, timeout=TIMEOUT)
+        assert len(page.events) <= 1000 and page.ByteSize() < 4 * 1024 * 1024
+        steps.extend(e.step for e in page.events)
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    assert steps == list(range(25_000))
+    code, _ = code_of(lambda: stub(channel).GetTimeline(
+        pb.GetTimelineRequest(run_id="run-00001", page_token=request.page_token), timeout=TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT  # another run's token
+    code, out, err = cli(port, "status", "run-00000", "--timeline")
+    assert code == 0, err
+    assert len(json.loads(out)["events"]) == 25_000

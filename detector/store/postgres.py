@@ -461,11 +461,12 @@ class PostgresStore:
             ).fetchall()
         return [run_from_row(row, ()) for row in rows]
 
-    def get_events(self, run_id: str) -> list[Event]:
-        """A run's events in the order they were added."""
+    def get_events(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[Event]:
+        """A run's events in the order they were added: ``limit`` of them from ``offset``."""
         with self._data() as conn:
             rows = conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = %s ORDER BY id", (run_id,)
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = %s ORDER BY id "
+                "LIMIT %s OFFSET %s", (run_id, limit, offset)
             ).fetchall()
         return [event_from_row(r) for r in rows]
 
