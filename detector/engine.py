@@ -44,7 +44,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
@@ -58,6 +58,7 @@ from detector.errors import (
     NotFound,
     PhasewatchError,
     ResourceExhausted,
+    Unavailable,
 )
 from detector.limits import RunRateLimiter
 
@@ -86,10 +87,15 @@ class EngineConfig:
     # A run's events kept in memory for its timeline (the newest) when there is
     # no store; with one, timelines are read from the store, which keeps them all.
     max_timeline_events: int = 10_000
+    # A batch is detected in blocks of about this many points, split by step:
+    # cost stays linear in the batch (one 400k-point block cost 10x its share),
+    # other runs detect between blocks, and a stopping server or a cancelled
+    # call stops after the current block.
+    block_points: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("max_series_per_run", "max_runs", "reorder_window", "recent_events",
-                     "max_timeline_events"):
+                     "max_timeline_events", "block_points"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_log_points < 0:
@@ -627,8 +633,17 @@ class Engine:
             run.lock.release()
         return status
 
-    def ingest(self, run_id: str, columns: Columns) -> IngestResult:
-        """Add points to a run (declaring it on first use) and return new events."""
+    def ingest(
+        self, run_id: str, columns: Columns, *, stopping: Callable[[], bool] | None = None
+    ) -> IngestResult:
+        """Add points to a run (declaring it on first use) and return new events.
+
+        A batch larger than ``block_points`` is detected block by block (split
+        by step, see ``_blocks``), letting other runs' detection in between.
+        When ``stopping()`` turns true between blocks, what was detected is
+        checkpointed and :class:`~detector.errors.Unavailable` is raised: the
+        client resends the batch, whose points already in count as resent.
+        """
         _check("run id", run_id)
         for name, (steps, values) in columns.items():
             _check("series name", name)
@@ -643,6 +658,8 @@ class Engine:
             self.start_run(run_id)  # declares it, or restores it from its checkpoint
         run = self._acquire(run_id, labels={})
         started = time.perf_counter()
+        blocks = _blocks(columns, self.config.block_points)
+        done = 0
         try:
             new_series = [n for n in columns if n not in run.detector.specs]
             if len(run.detector.specs) + len(new_series) > self.config.max_series_per_run:
@@ -650,8 +667,17 @@ class Engine:
                     f"run {run_id!r} would have more than "
                     f"{self.config.max_series_per_run} series"
                 )
-            with self._detecting:
-                accepted, rejected, events = run.ingest(columns)
+            accepted, rejected, events = 0, {}, []
+            for block in blocks:
+                if done and stopping is not None and stopping():
+                    break
+                with self._detecting:
+                    block_accepted, block_rejected, block_events = run.ingest(block)
+                done += 1
+                accepted += block_accepted
+                for reason, count in block_rejected.items():
+                    rejected[reason] = rejected.get(reason, 0) + count
+                events += block_events
             through = run.through_step
             segments = run.detector.segments() if events else None
             elapsed = time.perf_counter() - started
@@ -659,6 +685,12 @@ class Engine:
         finally:
             run.lock.release()
         self._record(accepted, rejected, events, elapsed)
+        if done < len(blocks):
+            raise Unavailable(
+                f"run {run_id!r}: stopped after {done} of {len(blocks)} blocks of the batch "
+                f"(the detector is stopping or the call was cancelled); points through step "
+                f"{through} are in, resend the batch"
+            )
         return IngestResult(
             accepted=accepted,
             rejected=sum(rejected.values()),
@@ -1014,6 +1046,40 @@ def _headline_series(detector: RunDetector) -> tuple[SeriesStatus, ...]:
             last_value=series.last_value,
         ))
     return tuple(out)
+
+
+def _blocks(columns: Columns, size: int) -> list[Columns]:
+    """``columns`` cut by step into blocks of about ``size`` points, in step order.
+
+    Block ``i`` holds every point whose step is in (cut[i-1], cut[i]], in its
+    batch order, so the blocks ingested in turn amount to the batch (an
+    ordered log gives the same events however it is cut). A series with no
+    points goes in the first block (it declares the series). O(points log points).
+    """
+    arrays = {
+        name: (np.asarray(steps, dtype=np.int64).reshape(-1),
+               np.asarray(values, dtype=np.float64).reshape(-1))
+        for name, (steps, values) in columns.items()
+    }
+    total = sum(len(steps) for steps, _ in arrays.values())
+    if total <= size:
+        return [arrays]
+    ordered = np.sort(np.concatenate([steps for steps, _ in arrays.values()]))
+    cuts = np.unique(ordered[size - 1 :: size])
+    blocks: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(len(cuts) + 1)]
+    for name, (steps, values) in arrays.items():
+        if len(steps) == 0:
+            blocks[0][name] = (steps, values)
+            continue
+        where = np.searchsorted(cuts, steps, side="left")
+        order = np.argsort(where, kind="stable")
+        bounds = np.searchsorted(where[order], np.arange(len(cuts) + 2))
+        for i in range(len(cuts) + 1):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                part = order[lo:hi]
+                blocks[i][name] = (steps[part], values[part])
+    return [block for block in blocks if block]
 
 
 def _check_labels(labels: Mapping[str, str]) -> None:

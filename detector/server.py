@@ -415,6 +415,12 @@ class _Writer:
         )
 
 
+def _stopped(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """Whether the call is over: cancelled by the client, past its deadline, or
+    cancelled by ``server.stop(grace)`` once the grace is spent."""
+    return lambda: not context.is_active()
+
+
 def _writer_id(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == WRITER_KEY:
@@ -535,7 +541,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                     raise FailedPrecondition(
                         f"run {run_id!r} was ended on this stream; send start to resume it"
                     )
-                result = self.engine.ingest(run_id, batch_to_columns(request.batch))
+                result = self.engine.ingest(run_id, batch_to_columns(request.batch),
+                                            stopping=_stopped(context))
                 for message in self.bus.publish(run_id, result.events):
                     yield pb.StreamResponse(event=message)
                 yield _ack(result.through_step, result.accepted, result.rejected)
@@ -557,11 +564,11 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
         self._check_writer(request.run_id or request.start.run_id, context)
         claim = self.engine.claim(request.run_id or request.start.run_id)
         try:
-            return self._log(request)
+            return self._log(request, context)
         finally:
             claim.release()
 
-    def _log(self, request: pb.LogRequest) -> pb.LogResponse:
+    def _log(self, request: pb.LogRequest, context: grpc.ServicerContext) -> pb.LogResponse:
         run_id = request.run_id
         if request.HasField("start"):
             if run_id and request.start.run_id and request.start.run_id != run_id:
@@ -570,7 +577,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                 )
             run_id = run_id or request.start.run_id
             self._start(request.start, run_id)
-        result = self.engine.ingest(run_id, batch_to_columns(request.batch))
+        result = self.engine.ingest(run_id, batch_to_columns(request.batch),
+                                    stopping=_stopped(context))
         return pb.LogResponse(
             ack=pb.Ack(
                 through_step=result.through_step,

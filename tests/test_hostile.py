@@ -396,3 +396,90 @@ def test_a_long_timeline_is_paged_and_the_cli_reads_it_whole(make_server, tmp_pa
     code, out, err = cli(port, "status", "run-00000", "--timeline")
     assert code == 0, err
     assert len(json.loads(out)["events"]) == 25_000
+
+
+# --- 3. one big request ---------------------------------------------------------------
+
+
+def _curve(n: int, offset: int = 0):
+    import numpy as np
+
+    steps = np.arange(offset, offset + n, dtype=np.int64)
+    rng = np.random.default_rng(offset)
+    loss = 2.0 / (1 + steps / 500) + rng.normal(0, 0.01, n)
+    loss[n // 2 :] += 1.0  # a change point
+    return steps, loss
+
+
+def _big_log(run_id: str, n: int) -> pb.LogRequest:
+    steps, loss = _curve(n)
+    return pb.LogRequest(run_id=run_id, batch=pb.MetricBatch(series=[
+        pb.Series(name="train_loss", steps=steps.tolist(), values=loss.tolist()),
+        pb.Series(name="val_loss", steps=steps.tolist(), values=(loss * 1.1).tolist()),
+    ]))
+
+
+def test_a_big_batch_is_detected_in_blocks_as_small_batches_would_be(make_server):
+    from detector.engine import Engine, EngineConfig
+
+    engine, _, channel = make_server(config=EngineConfig(block_points=1000))
+    request = _big_log("big", 20_000)
+    response = stub(channel).Log(request, timeout=60)
+    assert response.ack.accepted == 40_000
+    reference = Engine()
+    steps, loss = _curve(20_000)
+    for at in range(0, 20_000, 500):
+        reference.ingest("big", {"train_loss": (steps[at:at + 500], loss[at:at + 500]),
+                                 "val_loss": (steps[at:at + 500], loss[at:at + 500] * 1.1)})
+    assert [e.step for e in engine.end_run("big")] == [e.step for e in reference.end_run("big")]
+    assert engine.timeline("big") == reference.timeline("big")
+
+
+def test_other_runs_are_answered_while_a_big_batch_is_detected(make_server):
+    import concurrent.futures
+
+    from detector.engine import EngineConfig
+
+    _, _, channel = make_server(config=EngineConfig(block_points=512))
+    big = _big_log("big", 100_000)  # ~400 blocks
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(stub(channel).Log, big, timeout=120)
+        while stub(channel).ListRuns(pb.ListRunsRequest(), timeout=TIMEOUT).runs == []:
+            pass  # the big batch has started (its run is declared)
+        small = log(channel, "small", [0, 1, 2])
+        assert small.ack.accepted == 3
+        assert not pending.done()  # answered between two blocks of the big one
+        assert pending.result().ack.accepted == 200_000
+
+
+def test_shutdown_honours_the_grace_during_a_big_batch(tmp_path):
+    import socket
+    import threading
+
+    from detector.engine import EngineConfig
+    from detector.server import serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(f"127.0.0.1:{port}", None, "sqlite://"),
+                              kwargs={"stop": stop, "grace": 0.5,
+                                      "config": EngineConfig(block_points=256)})
+    thread.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
+        call = stub(channel).Log.future(_big_log("big", 400_000), timeout=120)
+        while stub(channel).ListRuns(pb.ListRunsRequest(), timeout=TIMEOUT).runs == []:
+            pass
+        stop.set()
+        thread.join(timeout=30)  # the batch alone takes minutes at 256 points a block
+        assert not thread.is_alive()
+        with pytest.raises(grpc.RpcError) as info:
+            call.result()
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    finally:
+        stop.set()
+        channel.close()
+        thread.join(timeout=30)
