@@ -35,6 +35,8 @@ may write it next.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -44,7 +46,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
@@ -640,7 +642,8 @@ class Engine:
 
         A batch larger than ``block_points`` is detected block by block (split
         by step, see ``_blocks``), letting other runs' detection in between.
-        When ``stopping()`` turns true between blocks, what was detected is
+        When ``stopping()`` (default: that of ``stop_between_blocks``) turns
+        true between blocks, what was detected is
         checkpointed and :class:`~detector.errors.Unavailable` is raised: the
         client resends the batch, whose points already in count as resent.
         """
@@ -659,6 +662,7 @@ class Engine:
         run = self._acquire(run_id, labels={})
         started = time.perf_counter()
         blocks = _blocks(columns, self.config.block_points)
+        stopping = stopping or _STOPPING.get()
         done = 0
         try:
             new_series = [n for n in columns if n not in run.detector.specs]
@@ -1046,6 +1050,25 @@ def _headline_series(detector: RunDetector) -> tuple[SeriesStatus, ...]:
             last_value=series.last_value,
         ))
     return tuple(out)
+
+
+_STOPPING: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "phasewatch_stopping", default=None
+)
+
+
+@contextlib.contextmanager
+def stop_between_blocks(stopping: Callable[[], bool]) -> Iterator[None]:
+    """``Engine.ingest`` calls made inside stop between blocks once ``stopping()``.
+
+    The server's way to pass a call's cancellation to the engine, also through
+    engines that override ``ingest`` with the plain signature.
+    """
+    token = _STOPPING.set(stopping)
+    try:
+        yield
+    finally:
+        _STOPPING.reset(token)
 
 
 def _blocks(columns: Columns, size: int) -> list[Columns]:

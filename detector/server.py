@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
@@ -55,7 +54,7 @@ from detector.convert import (
     status_to_proto,
 )
 from detector.core.types import Event, EventKind, check_name
-from detector.engine import Engine, EngineConfig, RunClaim, RunStatus
+from detector.engine import Engine, EngineConfig, RunClaim, RunStatus, stop_between_blocks
 from detector.errors import (
     Aborted,
     FailedPrecondition,
@@ -67,15 +66,36 @@ from detector.errors import (
     Unauthenticated,
     Unavailable,
 )
+from detector.guard import (
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_STREAMS_PER_PEER,
+    DEFAULT_MAX_UNARY,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+    ElasticExecutor,
+    Guard,
+    worker_threads,
+)
 
 log = logging.getLogger("phasewatch.server")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["PhaseDetector"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# Stream and WatchEvents hold a worker thread for their whole life, so this is
-# also the number of concurrent streams; past it, new RPCs get
-# RESOURCE_EXHAUSTED at once instead of queueing behind streams that never end.
-DEFAULT_MAX_WORKERS = 256
+# Open streams (Stream and WatchEvents, each holding a worker thread for its
+# life); past it new streams get RESOURCE_EXHAUSTED at once. Unary calls and
+# health checks have capacity of their own (detector.guard).
+DEFAULT_MAX_WORKERS = DEFAULT_MAX_STREAMS
+# Server keepalive: ping a client with open calls every minute, so that one that
+# vanished (no FIN: a lost node, a dropped NAT entry) releases its streams within
+# ~80 s; accept client pings down to every 10 s (the SDK's default is 300 s).
+# Connections with no call for 30 minutes are closed (clients reconnect at once).
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_connection_idle_ms", 30 * 60_000),
+)
 
 # The one table from domain exceptions to gRPC status codes.
 STATUS_CODES: dict[type[PhasewatchError], grpc.StatusCode] = {
@@ -541,8 +561,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                     raise FailedPrecondition(
                         f"run {run_id!r} was ended on this stream; send start to resume it"
                     )
-                result = self.engine.ingest(run_id, batch_to_columns(request.batch),
-                                            stopping=_stopped(context))
+                with stop_between_blocks(_stopped(context)):
+                    result = self.engine.ingest(run_id, batch_to_columns(request.batch))
                 for message in self.bus.publish(run_id, result.events):
                     yield pb.StreamResponse(event=message)
                 yield _ack(result.through_step, result.accepted, result.rejected)
@@ -577,8 +597,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                 )
             run_id = run_id or request.start.run_id
             self._start(request.start, run_id)
-        result = self.engine.ingest(run_id, batch_to_columns(request.batch),
-                                    stopping=_stopped(context))
+        with stop_between_blocks(_stopped(context)):
+            result = self.engine.ingest(run_id, batch_to_columns(request.batch))
         return pb.LogResponse(
             ack=pb.Ack(
                 through_step=result.through_step,
@@ -669,8 +689,18 @@ def create_server(
     health_servicer: health.HealthServicer | None = None,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
+    max_unary: int = DEFAULT_MAX_UNARY,
+    stream_idle_timeout: float | None = DEFAULT_STREAM_IDLE_TIMEOUT,
+    guard: Guard | None = None,
+    thread_idle_seconds: float = 30.0,
 ) -> tuple[grpc.Server, int]:
     """A started gRPC server for ``engine`` on ``listen``; returns (server, bound port).
+
+    ``max_workers`` open streams at once (``max_streams_per_peer`` from one
+    client host), ``max_unary`` unary calls, health checks beyond both; a
+    ``Stream`` silent for ``stream_idle_timeout`` seconds is closed (see
+    :mod:`detector.guard`; pass ``guard`` to read its counters).
 
     Registers the PhaseDetector servicer (publishing to ``bus``), the stock
     health servicer (SERVING for ``""`` and ``phasewatch.v1.PhaseDetector``;
@@ -680,15 +710,23 @@ def create_server(
     """
     if max_message_bytes < 1 or max_workers < 1:
         raise InvalidArgument("max_message_bytes and max_workers must be at least 1")
+    if guard is None:
+        guard = Guard(SERVICE_NAME, max_streams=max_workers,
+                      max_streams_per_peer=max_streams_per_peer, max_unary=max_unary,
+                      stream_idle_timeout=stream_idle_timeout)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="phasewatch-rpc"),
-        interceptors=list(interceptors),
+        # Threads for every capped call plus a reserve for health checks; they
+        # end when idle, so a burst of streams does not keep its threads.
+        ElasticExecutor(worker_threads(guard.max_streams, guard.max_unary),
+                        idle_seconds=thread_idle_seconds),
+        # After the caller's (authentication first: a refused caller takes no slot).
+        interceptors=[*interceptors, guard],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # Two detectors must not silently share a port.
             ("grpc.so_reuseport", 0),
+            *KEEPALIVE_OPTIONS,
         ],
-        maximum_concurrent_rpcs=max_workers,
     )
     pb_grpc.add_PhaseDetectorServicer_to_server(PhaseDetectorServicer(engine, bus), server)
     if health_servicer is None:

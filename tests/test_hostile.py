@@ -483,3 +483,111 @@ def test_shutdown_honours_the_grace_during_a_big_batch(tmp_path):
         stop.set()
         channel.close()
         thread.join(timeout=30)
+
+
+# --- 2. idle streams, capacity, threads -------------------------------------------------
+
+
+def _health(channel: grpc.Channel) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    return health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status
+
+
+def _open_idle(channel: grpc.Channel, run_id: str) -> OpenStream:
+    stream = OpenStream(channel)
+    assert stream.send(pb.StreamRequest(start=pb.RunStart(run_id=run_id))).HasField("ack")
+    return stream
+
+
+def test_an_idle_stream_is_closed_and_a_busy_one_is_not(make_server):
+    import time
+
+    from detector.guard import Guard
+    from detector.server import SERVICE_NAME
+
+    guard = Guard(SERVICE_NAME, stream_idle_timeout=1.0)
+    _, _, channel = make_server(guard=guard)
+    idle = _open_idle(channel, "idle")
+    busy = _open_idle(channel, "busy")
+    step = 0
+    while guard.idle_closed == 0:  # bounded by the timeout: about one second
+        busy.send(batch_of(step))
+        step += 1
+        time.sleep(0.05)
+    with pytest.raises(grpc.RpcError) as info:
+        list(idle.call)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert busy.send(batch_of(step)).ack.accepted == 1  # still open
+    assert guard.idle_closed == 1
+    busy.close()
+    list(busy.call)
+
+
+@pytest.mark.parametrize(("total", "per_peer", "refusal"), [
+    (100, 4, "ipv4:127.0.0.1 has 4 streams open already"),
+    (4, 100, "the detector has 4 streams open already"),
+])
+def test_streams_are_capped_and_health_and_unary_calls_still_answer(
+        make_server, total, per_peer, refusal):
+    from grpc_health.v1 import health_pb2
+
+    _, _, channel = make_server(max_workers=total, max_streams_per_peer=per_peer)
+    held = [_open_idle(channel, f"idle-{i}") for i in range(4)]
+    with pytest.raises(grpc.RpcError) as info:
+        _open_idle(channel, "one-too-many")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refusal in info.value.details()
+    assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert log(channel, "normal", [0, 1, 2]).ack.accepted == 3
+    for stream in held:
+        stream.close()
+        list(stream.call)
+    assert _open_idle(channel, "after").send(batch_of(0)).ack.accepted == 1
+
+
+def test_threads_are_given_back_after_streams_close(make_server):
+    import threading
+    import time
+
+    _, _, channel = make_server(thread_idle_seconds=0.2, max_streams_per_peer=200)
+    assert log(channel, "warm", [0]).ack.accepted == 1
+    before = threading.active_count()
+    held = [_open_idle(channel, f"idle-{i}") for i in range(100)]
+    assert threading.active_count() >= before + 100
+    for stream in held:
+        stream.close()
+        list(stream.call)
+    deadline = time.monotonic() + 20
+    while threading.active_count() > before + 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert threading.active_count() <= before + 5
+
+
+# --- 7. unparseable request bodies --------------------------------------------------------
+
+
+def test_unparseable_bodies_are_invalid_argument_counted_and_logged_once(make_server, caplog):
+    import logging
+
+    from detector.guard import Guard
+    from detector.server import SERVICE_NAME
+
+    guard = Guard(SERVICE_NAME)
+    engine, _, channel = make_server(guard=guard)
+    raw = channel.unary_unary(f"/{SERVICE_NAME}/Log")
+    raw_stream = channel.stream_stream(f"/{SERVICE_NAME}/Stream")
+    garbage = bytes(range(200, 256)) + b"\xff\xff\xff\x0f"
+    with caplog.at_level(logging.INFO):
+        for _ in range(500):
+            with pytest.raises(grpc.RpcError) as info:
+                raw(garbage, timeout=TIMEOUT)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            list(raw_stream(iter([garbage]), timeout=TIMEOUT))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert guard.unparseable == 501
+    assert len([r for r in caplog.records if "unparseable" in r.getMessage()]) == 1
+    assert not [r for r in caplog.records if r.exc_info]
+    assert log(channel, "fine", [0]).ack.accepted == 1
