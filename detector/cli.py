@@ -45,6 +45,11 @@ from detector.core.types import EventKind, Phase, check_name
 from detector.demo import run_demo
 from detector.engine import Engine, EngineConfig
 from detector.errors import InvalidArgument, PhasewatchError
+from detector.guard import (
+    DEFAULT_MAX_STREAMS_PER_PEER,
+    DEFAULT_MAX_UNARY,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+)
 from detector.logfile import Columns, count_points, iter_batches, read_log
 from detector.plot import PlotUnavailable, plot_timeline
 from detector.replay import DEFAULT_BATCH_POINTS, stream_log
@@ -222,10 +227,20 @@ def _add_serve(commands: Any) -> None:
                        f"{DEFAULT_MAX_MESSAGE_BYTES})")
     serve.add_argument("--max-concurrent-rpcs", "--max-concurrent-streams", type=_positive_int,
                        dest="max_concurrent_rpcs", metavar="N",
-                       help="RPCs served at once: open streams (Stream, WatchEvents; one worker "
-                       "thread each for their whole life) plus unary RPCs in flight; past it, "
-                       "new RPCs get RESOURCE_EXHAUSTED (default "
-                       f"{DEFAULT_MAX_WORKERS}; allow for a few more than the training jobs)")
+                       help="open streams at once (Stream, WatchEvents; one worker thread "
+                       "each for their whole life); past it, new streams get RESOURCE_EXHAUSTED "
+                       f"(default {DEFAULT_MAX_WORKERS}; allow for a few more than the training "
+                       "jobs). Unary calls and health checks have capacity of their own")
+    serve.add_argument("--max-streams-per-peer", type=_positive_int, metavar="N",
+                       help="open streams from one client host (RESOURCE_EXHAUSTED past it; "
+                       f"default {DEFAULT_MAX_STREAMS_PER_PEER}; raise it when many jobs "
+                       "reach the detector through one proxy or NAT address)")
+    serve.add_argument("--max-concurrent-unary", type=_positive_int, metavar="N",
+                       dest="max_unary",
+                       help=f"unary calls (Log, queries) at once (default {DEFAULT_MAX_UNARY})")
+    serve.add_argument("--stream-idle-timeout", type=_positive_float, metavar="SECONDS",
+                       help="close a Stream that sends nothing for this long (default "
+                       f"{DEFAULT_STREAM_IDLE_TIMEOUT:g}; the SDK reconnects when it next logs)")
     serve.add_argument("--max-points-per-second", type=_positive_float, metavar="N",
                        help="refuse a run's batches beyond this rate (RESOURCE_EXHAUSTED, with a "
                        "retry delay; a token bucket; default: no limit)")
@@ -265,6 +280,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options["max_message_bytes"] = args.max_message_bytes
     if args.max_concurrent_rpcs is not None:
         options["max_workers"] = args.max_concurrent_rpcs
+    for name in ("max_streams_per_peer", "max_unary", "stream_idle_timeout"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     try:
         serve(args.listen, args.metrics_listen or None, args.store, **options)
     except OSError as error:  # cannot listen: port taken, bad address, unknown host
