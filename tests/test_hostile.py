@@ -591,3 +591,19 @@ def test_unparseable_bodies_are_invalid_argument_counted_and_logged_once(make_se
     assert len([r for r in caplog.records if "unparseable" in r.getMessage()]) == 1
     assert not [r for r in caplog.records if r.exc_info]
     assert log(channel, "fine", [0]).ack.accepted == 1
+
+
+# --- 8. fuzz (bounded; benchmarks/fuzz.py runs 100 000) -----------------------------------
+
+
+def test_fuzzed_calls_never_get_internal(make_server, tmp_path):
+    import asyncio
+
+    from benchmarks.fuzz import fuzz
+
+    engine, port, channel = make_server(store=SqliteStore(tmp_path / "pw.db"))
+    codes = asyncio.run(fuzz(f"127.0.0.1:{port}", 1500, seed=18, concurrency=8))
+    assert sum(v for k, v in codes.items() if not k.startswith(("!", "client"))) >= 1400
+    assert codes["INTERNAL"] == 0 and codes["UNKNOWN"] == 0, codes
+    assert codes["OK"] > 0 and codes["INVALID_ARGUMENT"] > 0
+    assert log(channel, "after-fuzz", [0, 1]).ack.accepted == 2
