@@ -181,6 +181,9 @@ async def _call(channel: grpc.aio.Channel, rng: random.Random, codes: Counter) -
         codes[error.code().name] += 1
         if error.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
             codes[f"! {method}: {error.details()}"] += 1
+        elif error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            # Which preconditions: a damaged checkpoint here would be a bug.
+            codes[f"? {' '.join((error.details() or '').split()[2:8])}"] += 1
 
 
 async def fuzz(target: str, calls: int, *, seed: int = 0, concurrency: int = 32,
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         server.process.wait(30)
     internal = sum(v for k, v in codes.items() if k in ("INTERNAL", "UNKNOWN"))
     result = {
-        "calls": sum(v for k, v in codes.items() if not k.startswith("!")),
+        "calls": sum(v for k, v in codes.items() if not k.startswith(("!", "?"))),
         "note": "INTERNAL/UNKNOWN are the server's; see codes for the '!' details",
         "codes": dict(sorted(codes.items())),
         "internal": internal,

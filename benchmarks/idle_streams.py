@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     stub = pb_grpc.PhaseDetectorStub(normal)
     health = health_pb2_grpc.HealthStub(normal)
     try:
-        await stub.Log(pb.LogRequest(run_id="warm", batch=pb.MetricBatch(series=[
-            pb.Series(name="train_loss", steps=[0], values=[1.0])])), timeout=30)
+        # The idle streams' runs exist before "before": what is measured is the
+        # streams' cost, not that of 2 000 declared runs (which stay, as they should).
+        for i in ["warm", *(f"idle-{i}" for i in range(args.streams))]:
+            await stub.Log(pb.LogRequest(run_id=i, batch=pb.MetricBatch(series=[
+                pb.Series(name="train_loss", steps=[0], values=[1.0])])), timeout=30)
         out["before"] = {"threads": threads_of(server.process.pid),
                          "rss_mib": round(server.rss_mib(), 1)}
         gate = asyncio.Event()
         accepted = refused = 0
+        why: Counter = Counter()
 
         async def idle(i: int) -> None:
             nonlocal accepted, refused
@@ -74,13 +79,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 accepted += 1
                 while await call.read() is not grpc.aio.EOF:
                     pass
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as error:
                 refused += 1
+                why[f"{error.code().name}: {error.details()}"[:120]] += 1
 
         tasks = [asyncio.create_task(idle(i)) for i in range(args.streams)]
         while accepted + refused < args.streams:
             await asyncio.sleep(0.2)
         out["accepted"], out["refused"] = accepted, refused
+        out["refusals"] = dict(why)
         out["open"] = {"threads": threads_of(server.process.pid),
                        "rss_mib": round(server.rss_mib(), 1)}
         latencies, errors = [], 0

@@ -89,6 +89,7 @@ class ElasticExecutor(futures.Executor):
         self._threads = 0
         self._idle = 0  # threads waiting for work that no submit has counted on yet
         self._serial = 0
+        self._ended = 0
         self._shutdown = False
 
     @property
@@ -122,8 +123,12 @@ class ElasticExecutor(futures.Executor):
                     if self._idle:  # nobody counted on this thread: end it
                         self._idle -= 1
                         self._threads -= 1
-                        return
-                continue  # a submit counted on it: its work is on the way
+                        ended = self._ended = self._ended + 1
+                    else:
+                        continue  # a submit counted on it: its work is on the way
+                if ended % _TRIM_EVERY == 0:
+                    _trim_heap()
+                return
             if item is None:
                 with self._lock:
                     self._threads -= 1
@@ -144,6 +149,29 @@ class ElasticExecutor(futures.Executor):
             threads = self._threads
         for _ in range(threads):
             self._work.put(None)
+
+
+# After this many idle threads have ended, give freed heap back to the system.
+_TRIM_EVERY = 64
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): each thread that served a stream left freed memory
+    in its malloc arena, which glibc keeps; 2 000 streams left ~80 MB of it. A
+    no-op where there is no glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 class _OpenStream:

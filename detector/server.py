@@ -822,9 +822,11 @@ def serve(
     from that file (:mod:`detector.auth`); ``credentials`` make the port TLS.
     Limits (series per run, runs, points per second per run) are in
     ``config``; ``max_message_bytes`` bounds one request, ``max_workers`` the
-    RPCs served at once (``phasewatch serve --max-concurrent-rpcs``): an open
-    Stream or WatchEvents holds a worker thread for its life, so it is also
-    the number of training jobs that can stream at once.
+    open streams (``--max-concurrent-streams``: an open Stream or WatchEvents
+    holds a worker thread for its life, so it is also the number of training
+    jobs that can stream at once), ``max_streams_per_peer`` those of one
+    client host, ``max_unary`` the unary calls in flight; a Stream silent for
+    ``stream_idle_timeout`` seconds is closed (see :mod:`detector.guard`).
 
     Shutdown, on SIGTERM/SIGINT: health goes NOT_SERVING at once (load
     balancers and probes move away), watches end, new RPCs are refused and
