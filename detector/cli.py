@@ -30,7 +30,14 @@ import grpc
 import detector
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
-from detector.client import ClientConfigError, bearer_interceptor, read_token, tls_credentials
+from detector.client import (
+    ClientConfigError,
+    bearer_interceptor,
+    list_runs_pages,
+    read_token,
+    timeline_pages,
+    tls_credentials,
+)
 from detector.core.types import EventKind, Phase, check_name
 from detector.errors import InvalidArgument, PhasewatchError
 
@@ -42,6 +49,12 @@ if TYPE_CHECKING:
 # by the commands that need them: they pull in the [server] extra (scipy,
 # ruptures, statsmodels, prometheus_client), which a client install lacks, and
 # `phasewatch health`, run by probes every few seconds, must start fast.
+# Shown in --help without importing the server (the guard is light: grpc only).
+from detector.guard import (  # noqa: E402
+    DEFAULT_MAX_STREAMS_PER_PEER,
+    DEFAULT_MAX_UNARY,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+)
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -123,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_follow(commands, client)
     _add_status(commands, client)
     _add_runs(commands, client)
+    _add_restart(commands, client)
     _add_watch(commands, client)
     _add_demo(commands)
     _add_health(commands)
@@ -225,10 +239,20 @@ def _add_serve(commands: Any) -> None:
                        f"{DEFAULT_MAX_MESSAGE_BYTES})")
     serve.add_argument("--max-concurrent-rpcs", "--max-concurrent-streams", type=_positive_int,
                        dest="max_concurrent_rpcs", metavar="N",
-                       help="RPCs served at once: open streams (Stream, WatchEvents; one worker "
-                       "thread each for their whole life) plus unary RPCs in flight; past it, "
-                       "new RPCs get RESOURCE_EXHAUSTED (default "
-                       f"{DEFAULT_MAX_WORKERS}; allow for a few more than the training jobs)")
+                       help="open streams at once (Stream, WatchEvents; one worker thread "
+                       "each for their whole life); past it, new streams get RESOURCE_EXHAUSTED "
+                       f"(default {DEFAULT_MAX_WORKERS}; allow for a few more than the training "
+                       "jobs). Unary calls and health checks have capacity of their own")
+    serve.add_argument("--max-streams-per-peer", type=_positive_int, metavar="N",
+                       help="open streams from one client host (RESOURCE_EXHAUSTED past it; "
+                       f"default {DEFAULT_MAX_STREAMS_PER_PEER}; raise it when many jobs "
+                       "reach the detector through one proxy or NAT address)")
+    serve.add_argument("--max-concurrent-unary", type=_positive_int, metavar="N",
+                       dest="max_unary",
+                       help=f"unary calls (Log, queries) at once (default {DEFAULT_MAX_UNARY})")
+    serve.add_argument("--stream-idle-timeout", type=_positive_float, metavar="SECONDS",
+                       help="close a Stream that sends nothing for this long (default "
+                       f"{DEFAULT_STREAM_IDLE_TIMEOUT:g}; the SDK reconnects when it next logs)")
     serve.add_argument("--max-points-per-second", type=_positive_float, metavar="N",
                        help="refuse a run's batches beyond this rate (RESOURCE_EXHAUSTED, with a "
                        "retry delay; a token bucket; default: no limit)")
@@ -278,12 +302,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if name not in accepted:
             raise CliError(f"{flag} is not supported yet", EXIT_USAGE)
         options[name] = value
+    for name in ("max_streams_per_peer", "max_unary", "stream_idle_timeout"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if limits:
         options["config"] = EngineConfig(**limits)
     try:
         serve(args.listen, args.metrics_listen or None, args.store, **options)
     except OSError as error:  # cannot listen: port taken, bad address, unknown host
-        message = str(error) if str(error).startswith("cannot") else (
+        said = error.strerror if (error.strerror or "").startswith("cannot") else str(error)
+        message = said if said.startswith("cannot") else (
             f"cannot start the detector: {error.strerror or error}"
         )
         raise CliError(message) from None
@@ -537,11 +565,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         run = run_view_from_proto(
             stub.GetPhase(pb.GetPhaseRequest(run_id=args.run_id), timeout=args.timeout)
         )
-        timeline = (
-            stub.GetTimeline(pb.GetTimelineRequest(run_id=args.run_id), timeout=args.timeout)
-            if args.timeline
-            else None
-        )
+        timeline = timeline_pages(stub, args.run_id, args.timeout) if args.timeline else None
     if timeline is not None:
         run["segments"] = [segment_view_from_proto(s) for s in timeline.segments]
         run["events"] = [event_view_from_proto(e) for e in timeline.events]
@@ -572,12 +596,30 @@ def cmd_runs(args: argparse.Namespace) -> int:
         phase=phase_to_proto(Phase(args.phase)) if args.phase else 0,
     )
     with _detector(args, args.timeout) as stub:
-        response = stub.ListRuns(request, timeout=args.timeout)
-    runs = [run_view_from_proto(r) for r in response.runs]
+        runs = [run_view_from_proto(r) for r in list_runs_pages(stub, request, args.timeout)]
     if args.json:
         _print_json({"runs": runs})
     else:
         print(format_runs(runs))
+    return EXIT_OK
+
+
+def _add_restart(commands: Any, client: argparse.ArgumentParser) -> None:
+    restart = commands.add_parser(
+        "restart", parents=[client],
+        help="restart a run whose stored checkpoint is damaged, from its stored timeline",
+    )
+    restart.add_argument("run_id", metavar="RUN_ID")
+    restart.set_defaults(handler=cmd_restart)
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    _check_run_id(args.run_id)
+    start = pb.StreamRequest(start=pb.RunStart(run_id=args.run_id, resume=True, restart=True))
+    with _detector(args, args.timeout) as stub:
+        answers = list(stub.Stream(iter([start]), timeout=args.timeout))
+    last = answers[-1].ack.through_step if answers else -1
+    print(f"run {args.run_id}: detection goes on after step {last}")
     return EXIT_OK
 
 
@@ -846,10 +888,13 @@ def _channel(
         )
     except ClientConfigError as error:
         raise CliError(str(error), EXIT_USAGE) from None
+    # Pages are cut at 2 MiB, but a single RunPhase or event may be larger than
+    # that: allow what the server can send (its own default request limit).
+    options = [("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES), *options]
     channel = (
-        grpc.secure_channel(args.target, credentials, options=list(options))
+        grpc.secure_channel(args.target, credentials, options=options)
         if credentials is not None
-        else grpc.insecure_channel(args.target, options=list(options))
+        else grpc.insecure_channel(args.target, options=options)
     )
     closable = channel
     if token is not None:

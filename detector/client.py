@@ -82,6 +82,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -142,6 +143,37 @@ _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 # Trailer of a RESOURCE_EXHAUSTED that clears by itself (the detector's
 # points-per-second limit): such a batch is retried, not dropped.
 _RETRY_AFTER_KEY = "phasewatch-retry-after-ms"
+# Request metadata: this client's writer id (see detector.server.WRITER_KEY).
+_WRITER_KEY = "phasewatch-writer"
+
+
+def retry_delay(error: object) -> float | None:
+    """Seconds a failed call says to wait before retrying (google.rpc.RetryInfo, or the
+    detector's older ``phasewatch-retry-after-ms`` trailer); None when it says nothing."""
+    trailers = getattr(error, "trailing_metadata", None)
+    if not callable(trailers):
+        return None
+    try:
+        items = tuple(trailers() or ())
+    except Exception:  # a call that never started has no trailers
+        return None
+    for key, value in items:
+        if key == "grpc-status-details-bin":
+            try:
+                from google.rpc import error_details_pb2, status_pb2
+
+                status = status_pb2.Status.FromString(value)
+                for detail in status.details:
+                    info = error_details_pb2.RetryInfo()
+                    if detail.Unpack(info):
+                        return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            except Exception:  # not ours to fail on: fall back to the trailer
+                pass
+    for key, value in items:
+        if key == _RETRY_AFTER_KEY:
+            with contextlib.suppress(ValueError, TypeError):
+                return int(value) / 1000
+    return None
 
 
 class ClientConfigError(ValueError):
@@ -407,6 +439,8 @@ def channel_options(config: ClientConfig | None = None) -> list[tuple[str, Any]]
         ("grpc.primary_user_agent", f"phasewatch-client/{__version__}"),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config(config)),
+        # Query pages are cut at 2 MiB; one large item may still exceed the 4 MiB default.
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.keepalive_time_ms", int(config.keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 0),
@@ -787,12 +821,7 @@ class _Stream:
 
     def retry_later(self) -> bool:
         """Whether the detector said to retry the refused request later (a rate limit)."""
-        trailers = getattr(self.error, "trailing_metadata", None)
-        if not callable(trailers):
-            return False
-        with contextlib.suppress(Exception):
-            return any(key == _RETRY_AFTER_KEY for key, _ in trailers() or ())
-        return False
+        return retry_delay(self.error) is not None
 
     def details(self) -> str:
         error = self.error
@@ -861,7 +890,13 @@ class Run:
         self._resume = bool(resume)
         self._callback = on_event
         self._credentials = credentials
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        # The writer id tells the detector that a new stream of this run is this
+        # client's own (after a disconnect its old stream may still look open
+        # there): it takes the run over instead of being refused as a second writer.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (_WRITER_KEY, uuid.uuid4().hex),
+            *((("authorization", f"Bearer {token}"),) if token else ()),
+        )
         self._capacity = self._config.max_buffered_points
         self._batch_points = self._config.batch_points
         self._names: set[str] = set()  # series names known to be valid
@@ -1284,7 +1319,8 @@ class Run:
                             continue
                         self._reconnecting = True
                         failures = (0 if stream.acks else failures) + 1
-                        retry_at = now + self._backoff(failures)
+                        # A rate limit says how long to wait (RetryInfo): no sooner.
+                        retry_at = now + max(self._backoff(failures), retry_delay(stream.error) or 0.0)
                         self._stream_lost(stream)
                         continue
                     if stream is None or stream.done:
@@ -1613,3 +1649,33 @@ def _close_at_exit() -> None:
     for run in runs:
         with contextlib.suppress(Exception):
             run.close(timeout=run._config.exit_timeout)
+
+
+# --- paged queries (AIP-158) --------------------------------------------------------
+
+
+def list_runs_pages(
+    stub: pb_grpc.PhaseDetectorStub, request: pb.ListRunsRequest, timeout: float | None
+) -> list[pb.RunPhase]:
+    """Every run ``request`` selects, following ``next_page_token`` (one call a page)."""
+    runs: list[pb.RunPhase] = []
+    while True:
+        page = stub.ListRuns(request, timeout=timeout)
+        runs.extend(page.runs)
+        if not page.next_page_token:
+            return runs
+        request.page_token = page.next_page_token
+
+
+def timeline_pages(
+    stub: pb_grpc.PhaseDetectorStub, run_id: str, timeout: float | None
+) -> pb.Timeline:
+    """A run's whole timeline, its pages put together (one call a page)."""
+    request = pb.GetTimelineRequest(run_id=run_id)
+    timeline = stub.GetTimeline(request, timeout=timeout)
+    while timeline.next_page_token:
+        request.page_token = timeline.next_page_token
+        page = stub.GetTimeline(request, timeout=timeout)
+        timeline.events.extend(page.events)
+        timeline.next_page_token = page.next_page_token
+    return timeline

@@ -35,6 +35,9 @@ may write it next.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
+import itertools
 import logging
 import os
 import pickle
@@ -43,7 +46,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol
 
@@ -57,6 +60,7 @@ from detector.errors import (
     NotFound,
     PhasewatchError,
     ResourceExhausted,
+    Unavailable,
 )
 from detector.limits import RunRateLimiter
 
@@ -85,10 +89,15 @@ class EngineConfig:
     # A run's events kept in memory for its timeline (the newest) when there is
     # no store; with one, timelines are read from the store, which keeps them all.
     max_timeline_events: int = 10_000
+    # A batch is detected in blocks of about this many points, split by step:
+    # cost stays linear in the batch (one 400k-point block cost 10x its share),
+    # other runs detect between blocks, and a stopping server or a cancelled
+    # call stops after the current block.
+    block_points: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("max_series_per_run", "max_runs", "reorder_window", "recent_events",
-                     "max_timeline_events"):
+                     "max_timeline_events", "block_points"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_log_points < 0:
@@ -195,7 +204,9 @@ class Store(Protocol):
     def replace_segments(self, run_id: str, segments: Sequence[Segment]) -> None: ...
     def get_run(self, run_id: str) -> RunStatus | None: ...
     def list_runs(self) -> list[RunStatus]: ...
-    def get_events(self, run_id: str) -> list[Event]: ...
+    def get_events(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[Event]:
+        """A run's events in insertion order, ``limit`` of them from ``offset`` (None: all)."""
+        ...
     def get_segments(self, run_id: str) -> list[Segment]: ...
     def save_checkpoint(
         self,
@@ -225,6 +236,16 @@ class Store(Protocol):
 log = logging.getLogger("phasewatch.engine")
 
 _RELEASED_MEMORY = 4096
+# Steps are 0 ..= MAX_STEP. 2^53 - 1 is the largest integer that float64 (the
+# detectors' step arithmetic, JSON numbers in every client) holds exactly, and
+# leaves int64 room for "step + 1" and segment ends downstream: a step beyond
+# it is refused (InvalidArgument) rather than overflowing later (issue 18).
+MAX_STEP = 2**53 - 1
+# Labels are copied into every RunPhase, ListRuns page and /metrics scrape: bound
+# them so that one run cannot make those exceed what clients accept (issue 18).
+MAX_LABELS = 64
+MAX_LABEL_KEY_BYTES = 128
+MAX_LABEL_VALUE_BYTES = 1024
 # Bump when the checkpoint's layout changes; older checkpoints are then refused
 # with a clear error instead of being misread (version 1, the per-step dict
 # reorder buffer, is still read: see _Run.restore).
@@ -568,15 +589,35 @@ class Engine:
         labels: Mapping[str, str] | None = None,
         series: Iterable[SeriesSpec] = (),
         resume: bool = False,
+        restart: bool = False,
     ) -> RunStatus:
-        """Declare a run (idempotent); a declared series keeps its first spec."""
+        """Declare a run (idempotent); a declared series keeps its first spec.
+
+        ``restart``: when the run's stored checkpoint is damaged (which is
+        otherwise FailedPrecondition), replace it by a fresh run that keeps the
+        stored labels, last step and timeline (see ``_restarted``).
+        """
         _check("run id", run_id)
+        _check_labels(labels or {})
         specs = list(series)
         for spec in specs:
             _check("series name", spec.name)
+        restarted = False
+        if restart and run_id not in self._runs:
+            try:
+                self._restore(run_id)  # only to learn whether it is readable
+            except FailedPrecondition as error:
+                log.warning("run %r restarted from its stored timeline: %s", run_id, error)
+                fresh = self._restarted(run_id)
+                with self._lock:
+                    restarted = self._runs.setdefault(run_id, fresh) is fresh
         run = self._acquire(run_id, labels=labels or {})
         try:
             if labels:
+                if len(run.labels.keys() | labels.keys()) > MAX_LABELS:
+                    raise InvalidArgument(
+                        f"run {run_id!r} would have more than {MAX_LABELS} labels"
+                    )
                 run.labels.update(labels)
             for spec in specs:
                 run.declare(spec)
@@ -588,12 +629,24 @@ class Engine:
             if self.store is not None:
                 # Under the run lock, so that it cannot overwrite a later commit's status.
                 self.store.upsert_run(replace(status, recent_events=()))
+                if restarted:
+                    self._commit(run, (), None)  # the damaged checkpoint goes now
         finally:
             run.lock.release()
         return status
 
-    def ingest(self, run_id: str, columns: Columns) -> IngestResult:
-        """Add points to a run (declaring it on first use) and return new events."""
+    def ingest(
+        self, run_id: str, columns: Columns, *, stopping: Callable[[], bool] | None = None
+    ) -> IngestResult:
+        """Add points to a run (declaring it on first use) and return new events.
+
+        A batch larger than ``block_points`` is detected block by block (split
+        by step, see ``_blocks``), letting other runs' detection in between.
+        When ``stopping()`` (default: that of ``stop_between_blocks``) turns
+        true between blocks, what was detected is
+        checkpointed and :class:`~detector.errors.Unavailable` is raised: the
+        client resends the batch, whose points already in count as resent.
+        """
         _check("run id", run_id)
         for name, (steps, values) in columns.items():
             _check("series name", name)
@@ -601,12 +654,16 @@ class Engine:
                 raise InvalidArgument(
                     f"series {name!r} has {len(steps)} steps but {len(values)} values"
                 )
+            _check_steps(name, steps)
         if self._rate is not None:  # RateLimited before anything of the batch goes in
             self._rate.take(run_id, sum(len(steps) for steps, _ in columns.values()))
         if run_id not in self._runs:
             self.start_run(run_id)  # declares it, or restores it from its checkpoint
         run = self._acquire(run_id, labels={})
         started = time.perf_counter()
+        blocks = _blocks(columns, self.config.block_points)
+        stopping = stopping or _STOPPING.get()
+        done = 0
         try:
             new_series = [n for n in columns if n not in run.detector.specs]
             if len(run.detector.specs) + len(new_series) > self.config.max_series_per_run:
@@ -614,8 +671,17 @@ class Engine:
                     f"run {run_id!r} would have more than "
                     f"{self.config.max_series_per_run} series"
                 )
-            with self._detecting:
-                accepted, rejected, events = run.ingest(columns)
+            accepted, rejected, events = 0, {}, []
+            for block in blocks:
+                if done and stopping is not None and stopping():
+                    break
+                with self._detecting:
+                    block_accepted, block_rejected, block_events = run.ingest(block)
+                done += 1
+                accepted += block_accepted
+                for reason, count in block_rejected.items():
+                    rejected[reason] = rejected.get(reason, 0) + count
+                events += block_events
             through = run.through_step
             segments = run.detector.segments() if events else None
             elapsed = time.perf_counter() - started
@@ -623,6 +689,12 @@ class Engine:
         finally:
             run.lock.release()
         self._record(accepted, rejected, events, elapsed)
+        if done < len(blocks):
+            raise Unavailable(
+                f"run {run_id!r}: stopped after {done} of {len(blocks)} blocks of the batch "
+                f"(the detector is stopping or the call was cancelled); points through step "
+                f"{through} are in, resend the batch"
+            )
         return IngestResult(
             accepted=accepted,
             rejected=sum(rejected.values()),
@@ -633,6 +705,8 @@ class Engine:
 
     def end_run(self, run_id: str, final_step: int | None = None) -> list[Event]:
         """Flush the reorder buffer and mark the run ended; returns the last events."""
+        if final_step is not None and final_step > MAX_STEP:
+            raise InvalidArgument(f"final step {final_step} is beyond the largest step, {MAX_STEP}")
         run = self._acquire(run_id)
         started = time.perf_counter()
         try:
@@ -716,17 +790,23 @@ class Engine:
                 return stored
         raise NotFound(f"unknown run {run_id!r}")
 
-    def timeline(self, run_id: str) -> tuple[list[Segment], list[Event]]:
+    def timeline(
+        self, run_id: str, offset: int = 0, limit: int | None = None
+    ) -> tuple[list[Segment], list[Event]]:
+        """A run's segments and its events, ``limit`` of them from ``offset`` (None: all).
+
+        A page costs O(offset + limit) store reads, not O(all events)."""
         run = self._runs.get(run_id)
+        end = None if limit is None else offset + limit
         if run is not None:
             with run.lock:
                 segments = run.detector.segments()
                 if self.store is None:
-                    return segments, list(run.events)
+                    return segments, list(itertools.islice(run.events, offset, end))
                 # Under the run lock: the store holds exactly this state's events.
-                return segments, self.store.get_events(run_id)
+                return segments, self.store.get_events(run_id, offset, limit)
         if self.store is not None and self.store.get_run(run_id) is not None:
-            return self.store.get_segments(run_id), self.store.get_events(run_id)
+            return self.store.get_segments(run_id), self.store.get_events(run_id, offset, limit)
         raise NotFound(f"unknown run {run_id!r}")
 
     def list_runs(
@@ -797,8 +877,43 @@ class Engine:
         saved = self.store.load_checkpoint(run_id)
         if saved is None:
             return None
-        run = _Run.restore(saved.state, self.config)
-        run.replay(saved.log)
+        try:
+            run = _Run.restore(saved.state, self.config)
+            run.replay(saved.log)
+        except PhasewatchError as error:
+            raise FailedPrecondition(self._damaged(run_id, str(error))) from None
+        except Exception as error:  # a checkpoint that unpickles to something else
+            raise FailedPrecondition(
+                self._damaged(run_id, f"{type(error).__name__}: {error}")
+            ) from None
+        if run.run_id != run_id:
+            raise FailedPrecondition(self._damaged(run_id, f"it is run {run.run_id!r}'s"))
+        return run
+
+    @staticmethod
+    def _damaged(run_id: str, problem: str) -> str:
+        return (
+            f"run {run_id!r}: its stored checkpoint is damaged ({problem}); restart it "
+            "from its stored timeline with RunStart.restart (`phasewatch restart "
+            f"{run_id}`): detection starts afresh after its last stored step"
+        )
+
+    def _restarted(self, run_id: str) -> _Run:
+        """A fresh run in place of one whose checkpoint is damaged.
+
+        Labels, last step and timeline (events, segments) are the store's; the
+        detectors start empty, and points at or below the last stored step are
+        rejected as out of order. O(1) store reads.
+        """
+        stored = self.store.get_run(run_id) if self.store is not None else None
+        run = _Run(run_id, stored.labels if stored else {}, self.config,
+                   timeline=self.store is None)
+        if stored is not None and stored.last_step >= 0:
+            run.released_through = run.max_step = stored.last_step
+            run.released_floor = stored.last_step + 1
+        run.changes += 1
+        run.unlogged = None  # the next commit writes a whole checkpoint over the damaged one
+        run.status = run._make_status()
         return run
 
     def _commit(
@@ -935,6 +1050,89 @@ def _headline_series(detector: RunDetector) -> tuple[SeriesStatus, ...]:
             last_value=series.last_value,
         ))
     return tuple(out)
+
+
+_STOPPING: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "phasewatch_stopping", default=None
+)
+
+
+@contextlib.contextmanager
+def stop_between_blocks(stopping: Callable[[], bool]) -> Iterator[None]:
+    """``Engine.ingest`` calls made inside stop between blocks once ``stopping()``.
+
+    The server's way to pass a call's cancellation to the engine, also through
+    engines that override ``ingest`` with the plain signature.
+    """
+    token = _STOPPING.set(stopping)
+    try:
+        yield
+    finally:
+        _STOPPING.reset(token)
+
+
+def _blocks(columns: Columns, size: int) -> list[Columns]:
+    """``columns`` cut by step into blocks of about ``size`` points, in step order.
+
+    Block ``i`` holds every point whose step is in (cut[i-1], cut[i]], in its
+    batch order, so the blocks ingested in turn amount to the batch (an
+    ordered log gives the same events however it is cut). A series with no
+    points goes in the first block (it declares the series). O(points log points).
+    """
+    arrays = {
+        name: (np.asarray(steps, dtype=np.int64).reshape(-1),
+               np.asarray(values, dtype=np.float64).reshape(-1))
+        for name, (steps, values) in columns.items()
+    }
+    total = sum(len(steps) for steps, _ in arrays.values())
+    if total <= size:
+        return [arrays]
+    ordered = np.sort(np.concatenate([steps for steps, _ in arrays.values()]))
+    cuts = np.unique(ordered[size - 1 :: size])
+    blocks: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(len(cuts) + 1)]
+    for name, (steps, values) in arrays.items():
+        if len(steps) == 0:
+            blocks[0][name] = (steps, values)
+            continue
+        where = np.searchsorted(cuts, steps, side="left")
+        order = np.argsort(where, kind="stable")
+        bounds = np.searchsorted(where[order], np.arange(len(cuts) + 2))
+        for i in range(len(cuts) + 1):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                part = order[lo:hi]
+                blocks[i][name] = (steps[part], values[part])
+    return [block for block in blocks if block]
+
+
+def _check_labels(labels: Mapping[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels; a run may have at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not key or len(key.encode()) > MAX_LABEL_KEY_BYTES:
+            raise InvalidArgument(
+                f"label key {key[:40]!r} must be 1 to {MAX_LABEL_KEY_BYTES} bytes"
+            )
+        if len(value.encode()) > MAX_LABEL_VALUE_BYTES:
+            raise InvalidArgument(
+                f"label {key!r}: value of {len(value.encode())} bytes; at most "
+                f"{MAX_LABEL_VALUE_BYTES}"
+            )
+
+
+def _check_steps(name: str, steps: Sequence[int] | np.ndarray) -> None:
+    """InvalidArgument when a step is above MAX_STEP (negative ones are rejected per point)."""
+    if len(steps) == 0:
+        return
+    try:
+        top = int(np.max(np.asarray(steps, dtype=np.int64)))
+    except OverflowError:  # a Python int beyond int64
+        top = MAX_STEP + 1
+    if top > MAX_STEP:
+        raise InvalidArgument(
+            f"series {name!r}: step {top} is beyond the largest step, {MAX_STEP} (2^53 - 1); "
+            "nothing of this batch was taken"
+        )
 
 
 def _check(kind: str, name: str) -> None:

@@ -22,7 +22,8 @@ class RateLimited(ResourceExhausted):
 
     Nothing of the refused batch was ingested; ``retry_after`` is how many
     seconds to wait before sending it again (the server passes it to clients in
-    the ``phasewatch-retry-after-ms`` trailer).
+    a ``google.rpc.RetryInfo``, and in the older ``phasewatch-retry-after-ms``
+    trailer).
     """
 
     def __init__(self, message: str, retry_after: float) -> None:
@@ -35,7 +36,16 @@ class FailedPrecondition(PhasewatchError):
 
 
 class Aborted(PhasewatchError):
-    """A conflict with another writer (a run owned by another replica); retry later."""
+    """A conflict with another writer (a run owned by another replica or stream); retry later.
+
+    ``owner`` names the writer holding the run when known (a replica, or a
+    client's address): the server sends it in a ``google.rpc.ErrorInfo``.
+    """
+
+    def __init__(self, message: str, owner: str | None = None, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.owner = owner
+        self.run_id = run_id
 
 
 class Unavailable(PhasewatchError):

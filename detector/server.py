@@ -21,8 +21,12 @@ more ``Ack(through_step, 0, 0)`` follows the events of that flush.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import bisect
 import contextlib
 import functools
+import json
 import logging
 import os
 import queue
@@ -31,8 +35,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent import futures
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -51,7 +54,7 @@ from detector.convert import (
     status_to_proto,
 )
 from detector.core.types import Event, EventKind, check_name
-from detector.engine import Engine, EngineConfig, RunClaim, RunStatus
+from detector.engine import Engine, EngineConfig, RunClaim, RunStatus, stop_between_blocks
 from detector.errors import (
     Aborted,
     FailedPrecondition,
@@ -63,15 +66,36 @@ from detector.errors import (
     Unauthenticated,
     Unavailable,
 )
+from detector.guard import (
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_STREAMS_PER_PEER,
+    DEFAULT_MAX_UNARY,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+    ElasticExecutor,
+    Guard,
+    worker_threads,
+)
 
 log = logging.getLogger("phasewatch.server")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["PhaseDetector"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# Stream and WatchEvents hold a worker thread for their whole life, so this is
-# also the number of concurrent streams; past it, new RPCs get
-# RESOURCE_EXHAUSTED at once instead of queueing behind streams that never end.
-DEFAULT_MAX_WORKERS = 256
+# Open streams (Stream and WatchEvents, each holding a worker thread for its
+# life); past it new streams get RESOURCE_EXHAUSTED at once. Unary calls and
+# health checks have capacity of their own (detector.guard).
+DEFAULT_MAX_WORKERS = DEFAULT_MAX_STREAMS
+# Server keepalive: ping a client with open calls every minute, so that one that
+# vanished (no FIN: a lost node, a dropped NAT entry) releases its streams within
+# ~80 s; accept client pings down to every 10 s (the SDK's default is 300 s).
+# Connections with no call for 30 minutes are closed (clients reconnect at once).
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_connection_idle_ms", 30 * 60_000),
+)
 
 # The one table from domain exceptions to gRPC status codes.
 STATUS_CODES: dict[type[PhasewatchError], grpc.StatusCode] = {
@@ -96,17 +120,69 @@ def status_code(error: PhasewatchError) -> grpc.StatusCode:
 
 
 # Trailing metadata of a RESOURCE_EXHAUSTED that clears by itself (a rate limit):
-# how long to wait, in whole milliseconds. The client SDK retries such a batch
-# after a backoff instead of dropping it.
+# how long to wait, in whole milliseconds. Kept for clients older than the
+# google.rpc.RetryInfo detail, which carries the same delay.
 RETRY_AFTER_KEY = "phasewatch-retry-after-ms"
+# ErrorInfo's domain and reasons (AIP-193): machine-readable causes clients can test.
+ERROR_DOMAIN = "phasewatch.dev"
+REASON_RUN_OWNED = "RUN_OWNED"
+REASON_RATE_LIMITED = "RATE_LIMITED"
+# Request metadata the SDK sends: one id per client (Run object), so that a
+# stream opened again by the same client after a disconnect takes its run over
+# from its own stale stream instead of being refused as a second writer.
+WRITER_KEY = "phasewatch-writer"
+
+
+class _RichStatus(grpc.Status):
+    """A status with details for ``context.abort_with_status``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+def rich_status(error: PhasewatchError) -> grpc.Status | None:
+    """The google.rpc.Status (RetryInfo, ErrorInfo) for errors that carry details, else None.
+
+    Sent as the standard ``grpc-status-details-bin`` trailer (grpcio-status), so any
+    gRPC client library can read it.
+    """
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    code = status_code(error)
+    details: list[Any] = []
+    extra: tuple[tuple[str, str | bytes], ...] = ()
+    if isinstance(error, RateLimited):
+        millis = max(1, round(error.retry_after * 1000))
+        delay = duration_pb2.Duration(seconds=millis // 1000, nanos=(millis % 1000) * 1_000_000)
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(error_details_pb2.ErrorInfo(reason=REASON_RATE_LIMITED, domain=ERROR_DOMAIN))
+        extra = ((RETRY_AFTER_KEY, str(millis)),)
+    elif isinstance(error, Aborted):
+        metadata = {k: v for k, v in (("owner", error.owner), ("run_id", error.run_id)) if v}
+        details.append(error_details_pb2.ErrorInfo(
+            reason=REASON_RUN_OWNED, domain=ERROR_DOMAIN, metadata=metadata))
+    else:
+        return None
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    message = status_pb2.Status(code=code.value[0], message=str(error), details=packed)
+    return _RichStatus(
+        code, str(error), (("grpc-status-details-bin", message.SerializeToString()), *extra)
+    )
 
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     if isinstance(error, PhasewatchError):
-        if isinstance(error, RateLimited):
-            context.set_trailing_metadata(
-                ((RETRY_AFTER_KEY, str(max(1, round(error.retry_after * 1000)))),)
-            )
+        status = rich_status(error)
+        if status is not None:
+            context.abort_with_status(status)
         context.abort(status_code(error), str(error))
     # A bug, not bad input: keep the traceback here, do not leak it to the client.
     log.error("unexpected error in an RPC", exc_info=error)
@@ -281,7 +357,95 @@ class EventBus:
                 self._subscribers.remove(sub)
 
 
+# --- paging (AIP-158) ---------------------------------------------------------------
+
+# (default, maximum) page sizes. Whatever the size, a page is cut before it
+# exceeds PAGE_BYTES, so that it fits any client's default 4 MiB receive limit.
+LIST_RUNS_PAGE = (500, 1000)
+TIMELINE_PAGE = (1000, 10_000)
+PAGE_BYTES = 2 * 1024 * 1024
+
+
+def _page_size(asked: int, sizes: tuple[int, int]) -> int:
+    if asked < 0:
+        raise InvalidArgument(f"page_size must not be negative, got {asked}")
+    return sizes[0] if asked == 0 else min(asked, sizes[1])
+
+
+def _to_token(kind: str, scope: str, position: str) -> str:
+    """An opaque page token: where the next page starts, and what it pages."""
+    text = json.dumps([kind, scope, position])
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _from_token(token: str, kind: str, scope: str) -> str | None:
+    """The position in a token from ``_to_token``; None for the first page."""
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        found_kind, found_scope, position = json.loads(base64.urlsafe_b64decode(padded))
+        if found_kind != kind or found_scope != scope or not isinstance(position, str):
+            raise ValueError
+        if kind == "e" and not (position.isdigit() and len(position) < 19):
+            raise ValueError
+    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error):
+        raise InvalidArgument(
+            "page_token is not a next_page_token of this request (paging restarts without one)"
+        ) from None
+    return position
+
+
+def _fill(field: Any, messages: Iterable[Any], used: int) -> int:
+    """Append messages to a repeated field until the page holds PAGE_BYTES; how many.
+
+    At least one goes in, whatever its size (label and evidence limits bound it)."""
+    taken = 0
+    for message in messages:
+        size = message.ByteSize() + 8  # the field's tag and length
+        if taken and used + size > PAGE_BYTES:
+            break
+        field.append(message)
+        used += size
+        taken += 1
+    return taken
+
+
 # --- servicer ----------------------------------------------------------------------
+
+
+class _Writer:
+    """The open stream that writes a run on this replica."""
+
+    __slots__ = ("context", "peer", "since", "writer_id")
+
+    def __init__(self, writer_id: str, peer: str, context: grpc.ServicerContext) -> None:
+        self.writer_id = writer_id
+        self.peer = peer
+        self.context = context
+        self.since = time.time()
+
+    def conflict(self, run_id: str) -> Aborted:
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        return Aborted(
+            f"run {run_id!r} is being written by another stream, from {self.peer} "
+            f"(open since {since}): one writer per run. Retry after that stream ends",
+            owner=self.peer,
+            run_id=run_id,
+        )
+
+
+def _stopped(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """Whether the call is over: cancelled by the client, past its deadline, or
+    cancelled by ``server.stop(grace)`` once the grace is spent."""
+    return lambda: not context.is_active()
+
+
+def _writer_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == WRITER_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
 
 
 def _ack(through_step: int, accepted: int = 0, rejected: int = 0) -> pb.StreamResponse:
@@ -300,6 +464,46 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
         self.bus = bus if bus is not None else EventBus()
         # A safety net only: cancellation and bus.close() wake watchers at once.
         self.watch_poll_seconds = watch_poll_seconds
+        # One writer per run on this replica: the open Stream of each run.
+        self._writers: dict[str, _Writer] = {}
+        self._writers_lock = threading.Lock()
+
+    def _take_run(self, run_id: str, context: grpc.ServicerContext) -> _Writer:
+        """Make this stream the run's writer; Aborted naming the owner if another stream is.
+
+        The same client (same ``phasewatch-writer`` id) opening a stream again,
+        e.g. after a disconnect its old stream has not noticed yet, takes the run
+        over: the old stream is cancelled.
+        """
+        _check_run_id(run_id)
+        me = _Writer(_writer_id(context), context.peer(), context)
+        replaced = None
+        with self._writers_lock:
+            owner = self._writers.get(run_id)
+            if owner is not None and owner.context is not context:
+                if not (me.writer_id and me.writer_id == owner.writer_id):
+                    raise owner.conflict(run_id)
+                replaced = owner
+            self._writers[run_id] = me
+        if replaced is not None:
+            log.info("run %r: stream from %s replaced by the same client's new stream from %s",
+                     run_id, replaced.peer, me.peer)
+            replaced.context.cancel()
+        return me
+
+    def _give_run(self, run_id: str, writer: _Writer) -> None:
+        with self._writers_lock:
+            if self._writers.get(run_id) is writer:
+                del self._writers[run_id]
+
+    def _check_writer(self, run_id: str, context: grpc.ServicerContext) -> None:
+        """Aborted when another client has a stream of ``run_id`` open (a Log's check)."""
+        with self._writers_lock:
+            owner = self._writers.get(run_id)
+        if owner is not None:
+            writer_id = _writer_id(context)
+            if not (writer_id and writer_id == owner.writer_id):
+                raise owner.conflict(run_id)
 
     def _start(self, start: pb.RunStart, run_id: str) -> RunStatus:
         return self.engine.start_run(
@@ -307,6 +511,7 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
             labels=dict(start.labels),
             series=[spec_from_proto(s) for s in start.series],
             resume=start.resume,
+            restart=start.restart,
         )
 
     @_streaming
@@ -316,14 +521,18 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
         # The run is this replica's while its stream is open (engine.claim), and
         # given back before the stream's final status goes out.
         claims: list[RunClaim] = []
+        writers: list[tuple[str, _Writer]] = []
         try:
-            yield from self._stream(request_iterator, claims)
+            yield from self._stream(request_iterator, context, claims, writers)
         finally:
             for claim in claims:
                 claim.release()
+            for run_id, writer in writers:
+                self._give_run(run_id, writer)
 
     def _stream(
-        self, request_iterator: Iterator[pb.StreamRequest], claims: list[RunClaim]
+        self, request_iterator: Iterator[pb.StreamRequest], context: grpc.ServicerContext,
+        claims: list[RunClaim], writers: list[tuple[str, _Writer]],
     ) -> Iterator[pb.StreamResponse]:
         run_id: str | None = None
         ended = False
@@ -340,6 +549,9 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                         f"{request.start.run_id!r}"
                     )
                 if not claims:
+                    writers.append(
+                        (request.start.run_id, self._take_run(request.start.run_id, context))
+                    )
                     claims.append(self.engine.claim(request.start.run_id))
                 status = self._start(request.start, request.start.run_id)
                 run_id, ended = status.run_id, False
@@ -349,7 +561,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                     raise FailedPrecondition(
                         f"run {run_id!r} was ended on this stream; send start to resume it"
                     )
-                result = self.engine.ingest(run_id, batch_to_columns(request.batch))
+                with stop_between_blocks(_stopped(context)):
+                    result = self.engine.ingest(run_id, batch_to_columns(request.batch))
                 for message in self.bus.publish(run_id, result.events):
                     yield pb.StreamResponse(event=message)
                 yield _ack(result.through_step, result.accepted, result.rejected)
@@ -368,13 +581,14 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
 
     @_unary
     def Log(self, request: pb.LogRequest, context: grpc.ServicerContext) -> pb.LogResponse:
+        self._check_writer(request.run_id or request.start.run_id, context)
         claim = self.engine.claim(request.run_id or request.start.run_id)
         try:
-            return self._log(request)
+            return self._log(request, context)
         finally:
             claim.release()
 
-    def _log(self, request: pb.LogRequest) -> pb.LogResponse:
+    def _log(self, request: pb.LogRequest, context: grpc.ServicerContext) -> pb.LogResponse:
         run_id = request.run_id
         if request.HasField("start"):
             if run_id and request.start.run_id and request.start.run_id != run_id:
@@ -383,7 +597,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                 )
             run_id = run_id or request.start.run_id
             self._start(request.start, run_id)
-        result = self.engine.ingest(run_id, batch_to_columns(request.batch))
+        with stop_between_blocks(_stopped(context)):
+            result = self.engine.ingest(run_id, batch_to_columns(request.batch))
         return pb.LogResponse(
             ack=pb.Ack(
                 through_step=result.through_step,
@@ -405,21 +620,35 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
         self, request: pb.GetTimelineRequest, context: grpc.ServicerContext
     ) -> pb.Timeline:
         _check_run_id(request.run_id)
-        segments, events = self.engine.timeline(request.run_id)
-        return pb.Timeline(
-            run_id=request.run_id,
-            segments=[segment_to_proto(s) for s in segments],
-            events=[event_to_proto(request.run_id, e) for e in events],
-        )
+        size = _page_size(request.page_size, TIMELINE_PAGE)
+        offset = int(_from_token(request.page_token, "e", request.run_id) or 0)
+        # One more than the page: whether a next page exists, without a count query.
+        segments, events = self.engine.timeline(request.run_id, offset, size + 1)
+        page = pb.Timeline(run_id=request.run_id)
+        if offset == 0:
+            page.segments.extend(segment_to_proto(s) for s in segments)
+        taken = _fill(page.events, (event_to_proto(request.run_id, e) for e in events[:size]),
+                      page.ByteSize())
+        if taken < len(events):
+            page.next_page_token = _to_token("e", request.run_id, str(offset + taken))
+        return page
 
     @_unary
     def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.ServicerContext
     ) -> pb.ListRunsResponse:
+        size = _page_size(request.page_size, LIST_RUNS_PAGE)
+        after = _from_token(request.page_token, "r", "")
         runs = self.engine.list_runs(
             label_selector=dict(request.label_selector), phase=phase_from_proto(request.phase)
-        )
-        return pb.ListRunsResponse(runs=[status_to_proto(r) for r in runs])
+        )  # sorted by run id
+        start = bisect.bisect_right([r.run_id for r in runs], after) if after is not None else 0
+        chosen = runs[start : start + size + 1]
+        page = pb.ListRunsResponse()
+        taken = _fill(page.runs, (status_to_proto(r) for r in chosen[:size]), 0)
+        if taken < len(chosen):
+            page.next_page_token = _to_token("r", "", chosen[taken - 1].run_id)
+        return page
 
     @_streaming
     def WatchEvents(
@@ -461,8 +690,18 @@ def create_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     otlp: bool = False,
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
+    max_unary: int = DEFAULT_MAX_UNARY,
+    stream_idle_timeout: float | None = DEFAULT_STREAM_IDLE_TIMEOUT,
+    guard: Guard | None = None,
+    thread_idle_seconds: float = 30.0,
 ) -> tuple[grpc.Server, int]:
     """A started gRPC server for ``engine`` on ``listen``; returns (server, bound port).
+
+    ``max_workers`` open streams at once (``max_streams_per_peer`` from one
+    client host), ``max_unary`` unary calls, health checks beyond both; a
+    ``Stream`` silent for ``stream_idle_timeout`` seconds is closed (see
+    :mod:`detector.guard`; pass ``guard`` to read its counters).
 
     Registers the PhaseDetector servicer (publishing to ``bus``), the stock
     health servicer (SERVING for ``""`` and ``phasewatch.v1.PhaseDetector``;
@@ -473,15 +712,23 @@ def create_server(
     """
     if max_message_bytes < 1 or max_workers < 1:
         raise InvalidArgument("max_message_bytes and max_workers must be at least 1")
+    if guard is None:
+        guard = Guard(SERVICE_NAME, max_streams=max_workers,
+                      max_streams_per_peer=max_streams_per_peer, max_unary=max_unary,
+                      stream_idle_timeout=stream_idle_timeout)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="phasewatch-rpc"),
-        interceptors=list(interceptors),
+        # Threads for every capped call plus a reserve for health checks; they
+        # end when idle, so a burst of streams does not keep its threads.
+        ElasticExecutor(worker_threads(guard.max_streams, guard.max_unary),
+                        idle_seconds=thread_idle_seconds),
+        # After the caller's (authentication first: a refused caller takes no slot).
+        interceptors=[*interceptors, guard],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # Two detectors must not silently share a port.
             ("grpc.so_reuseport", 0),
+            *KEEPALIVE_OPTIONS,
         ],
-        maximum_concurrent_rpcs=max_workers,
     )
     servicer = PhaseDetectorServicer(engine, bus)
     pb_grpc.add_PhaseDetectorServicer_to_server(servicer, server)
@@ -502,6 +749,7 @@ def create_server(
         ),
         server,
     )
+    _check_free(listen)
     try:
         if credentials is None:
             port = server.add_insecure_port(listen)
@@ -515,6 +763,32 @@ def create_server(
     return server, port
 
 
+def _check_free(listen: str) -> None:
+    """OSError naming the address when something listens on it already.
+
+    gRPC would say so itself, but as a C++ log line on stderr and a bare
+    RuntimeError; a test bind (closed at once) says which address, cleanly.
+    """
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port_text.isdigit() or int(port_text) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # gRPC reports an unknown host itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise OSError(
+                    error.errno, f"cannot listen on {listen}: {error.strerror}"
+                ) from None
+
+
 def serve(
     listen: str = "127.0.0.1:50051",
     metrics_listen: str | None = "127.0.0.1:9109",
@@ -524,6 +798,9 @@ def serve(
     grace: float = 5.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = DEFAULT_MAX_WORKERS,
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
+    max_unary: int = DEFAULT_MAX_UNARY,
+    stream_idle_timeout: float | None = DEFAULT_STREAM_IDLE_TIMEOUT,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     auth_token_file: str | None = None,
@@ -557,9 +834,11 @@ def serve(
     interface). It also counts every RPC (:mod:`detector.grpc_metrics`).
     Limits (series per run, runs, points per second per run) are in
     ``config``; ``max_message_bytes`` bounds one request, ``max_workers`` the
-    RPCs served at once (``phasewatch serve --max-concurrent-rpcs``): an open
-    Stream or WatchEvents holds a worker thread for its life, so it is also
-    the number of training jobs that can stream at once.
+    open streams (``--max-concurrent-streams``: an open Stream or WatchEvents
+    holds a worker thread for its life, so it is also the number of training
+    jobs that can stream at once), ``max_streams_per_peer`` those of one
+    client host, ``max_unary`` the unary calls in flight; a Stream silent for
+    ``stream_idle_timeout`` seconds is closed (see :mod:`detector.guard`).
 
     Shutdown, on SIGTERM/SIGINT: health goes NOT_SERVING at once (load
     balancers and probes move away), watches end, new RPCs are refused and
@@ -594,6 +873,14 @@ def serve(
     if grpc_metrics is not None:
         interceptors.insert(0, grpc_metrics)  # outermost: counts what auth refuses too
     policy = AlertPolicy(runbook_url=alert_runbook_url)
+    # Taken ports fail before the store is opened or anything is logged.
+    _check_free(listen)
+    if metrics_listen:
+        try:
+            _check_free(metrics_listen)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot listen for /metrics on {metrics_listen}: "
+                          f"{os.strerror(error.errno or 0)}") from None
     store = open_store(store_url)
     metrics_server = None
     dispatcher = None
@@ -612,6 +899,9 @@ def serve(
             listen,
             max_message_bytes=max_message_bytes,
             max_workers=max_workers,
+            max_streams_per_peer=max_streams_per_peer,
+            max_unary=max_unary,
+            stream_idle_timeout=stream_idle_timeout,
             bus=bus,
             health_servicer=health_servicer,
             credentials=credentials,
@@ -627,11 +917,18 @@ def serve(
             ", bearer token required" if auth_token_file else "",
         )
         if metrics_listen:
-            metrics_server, metrics_port = start_metrics_server(
-                engine, metrics_listen, alerts=dispatcher, retention=metrics_retention,
-                collectors=[grpc_metrics.registry] if grpc_metrics is not None else [],
-                auth=metrics_auth,
-            )
+            try:
+                metrics_server, metrics_port = start_metrics_server(
+                    engine, metrics_listen, alerts=dispatcher, retention=metrics_retention,
+                    collectors=[grpc_metrics.registry] if grpc_metrics is not None else [],
+                    auth=metrics_auth,
+                )
+            except OSError as error:
+                server.stop(None)
+                raise OSError(
+                    error.errno,
+                    f"cannot listen for /metrics on {metrics_listen}: {error.strerror or error}",
+                ) from None
             log.info(
                 "phasewatch metrics on http://%s:%d/metrics",
                 metrics_listen.rpartition(":")[0],

@@ -221,9 +221,13 @@ def test_max_workers_is_the_number_of_open_streams() -> None:
     try:
         for call in calls:
             assert next(call).HasField("ack")  # open, each on its worker thread
+        fourth = _Held("s3")
         with pytest.raises(grpc.RpcError) as refused:
-            stub.GetPhase(pb.GetPhaseRequest(run_id="s0"), timeout=10)
+            next(stub.Stream(iter(fourth)))
+        fourth.released.set()
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Unary calls and health checks have capacity of their own (issue 18).
+        assert stub.GetPhase(pb.GetPhaseRequest(run_id="s0"), timeout=10).run_id == "s0"
         for h in held:
             h.released.set()
         for call in calls:

@@ -153,8 +153,13 @@ def test_round_trip_survives_reopen(backend: Backend):
     _check(backend.open())
 
 
-def test_sqlite_file_is_versioned_wal_in_a_created_directory(tmp_path):
+def test_sqlite_file_is_versioned_wal_and_its_directory_must_exist(tmp_path):
     path = tmp_path / "nested" / "phasewatch.db"
+    # A mistyped path is an error naming the directory, not a new tree (issue 17).
+    with pytest.raises(InvalidArgument, match="directory .*nested does not exist"):
+        open_store(f"sqlite:///{path}")
+    assert not path.parent.exists()
+    path.parent.mkdir()
     open_store(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

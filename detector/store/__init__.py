@@ -3,8 +3,10 @@
 ``open_store(url)`` picks the backend from the URL scheme:
 
 - ``None``: the default file, ``sqlite:///<user data dir>/phasewatch.db``;
-- ``sqlite:///PATH``: a file (``sqlite:///runs.db`` is relative,
-  ``sqlite:////var/lib/phasewatch.db`` absolute, as in SQLAlchemy);
+- ``sqlite:///PATH``: a file (``sqlite:///runs.db`` is relative to the working
+  directory, ``sqlite:////var/lib/phasewatch.db`` absolute, as in SQLAlchemy);
+  its directory must exist, and a file that is there must be a sound
+  phasewatch store (see :class:`SqliteStore`);
 - ``sqlite://``, ``sqlite://:memory:`` or ``sqlite:///:memory:``: in memory,
   gone when closed (for tests and demos);
 - ``postgresql://…`` or ``postgres://…``: PostgreSQL (libpq URL), shared by
@@ -39,8 +41,8 @@ def open_store(url: str | None) -> Store:
     []
     >>> store.close()
     """
-    if url is None:
-        url = default_store_url()
+    if url is None:  # the default file's directory is ours to create
+        return SqliteStore(default_store_url().removeprefix("sqlite:///"), create_directory=True)
     if url in _MEMORY_URLS:
         return SqliteStore(":memory:")
     if url.startswith("sqlite:///"):

@@ -381,7 +381,7 @@ class PostgresStore:
                 except psycopg.OperationalError as error:
                     raise Unavailable(f"store {self}: {_first_line(error)}") from error
                 if not got:
-                    raise Aborted(self._owned_message(run_id))
+                    raise self._owned(run_id)
                 try:
                     self._epochs[run_id] = self._take_ownership(run_id, owner)
                 except BaseException:
@@ -409,7 +409,8 @@ class PostgresStore:
             ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
-    def _owned_message(self, run_id: str) -> str:
+    def _owned(self, run_id: str) -> Aborted:
+        """The Aborted naming the replica that owns ``run_id`` (in text and ``owner``)."""
         try:
             recorded = self.owner_of(run_id)
         except Unavailable:
@@ -419,9 +420,11 @@ class PostgresStore:
         else:
             since = datetime.fromtimestamp(recorded[2], timezone.utc).isoformat(timespec="seconds")
             who = f"replica {recorded[0]} (since {since})"
-        return (
+        return Aborted(
             f"run {run_id!r} is owned by {who}: a stream of it is open there. Retry "
-            "after that stream ends; a replica that dies gives its runs up at once"
+            "after that stream ends; a replica that dies gives its runs up at once",
+            owner=None if recorded is None else str(recorded[0]),
+            run_id=run_id,
         )
 
     def _take_ownership(self, run_id: str, owner: str) -> int:
@@ -497,11 +500,12 @@ class PostgresStore:
             ).fetchall()
         return [run_from_row(row, ()) for row in rows]
 
-    def get_events(self, run_id: str) -> list[Event]:
-        """A run's events in the order they were added."""
+    def get_events(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[Event]:
+        """A run's events in the order they were added: ``limit`` of them from ``offset``."""
         with self._data() as conn:
             rows = conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = %s ORDER BY id", (run_id,)
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = %s ORDER BY id "
+                "LIMIT %s OFFSET %s", (run_id, limit, offset)
             ).fetchall()
         return [event_from_row(r) for r in rows]
 

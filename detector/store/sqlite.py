@@ -14,12 +14,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from detector.core.types import Event, Segment
 from detector.engine import Checkpoint, RunStatus
-from detector.errors import FailedPrecondition
+from detector.errors import FailedPrecondition, InvalidArgument
 from detector.store.rows import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
@@ -85,15 +86,26 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, seq)
     );
     """,
+    """
+    CREATE TABLE store_info (          -- who this store is: written once, at creation
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_SUFFIXES = ("-wal", "-shm")
 
 
 class SqliteStore:
     """The :class:`detector.engine.Store` on SQLite; safe to call from many threads.
 
-    ``path`` is a file (its directory is created) or ``":memory:"``.
+    ``path`` is a file or ``":memory:"``. A file is checked before use (see
+    ``_check_file``, ``PRAGMA quick_check``, the schema version) and refused with
+    FailedPrecondition naming it when damaged; its directory must exist unless
+    ``create_directory``. ``store_id`` is the identity written at creation.
     ``recent_events`` is how many of a run's last events ``get_run`` returns
     as ``recent_events``; ``list_runs`` returns none, to stay one cheap query.
 
@@ -107,39 +119,91 @@ class SqliteStore:
 
     shared = False  # one process: claims always succeed
 
-    def __init__(self, path: str | Path, *, recent_events: int = 20) -> None:
+    def __init__(self, path: str | Path, *, recent_events: int = 20,
+                 create_directory: bool = False) -> None:
         path = str(path)
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = str(Path(path).absolute())
+            _check_file(path, create_directory)
         self.path = path
         self.recent_events = recent_events
+        self.store_id = ""
         self._lock = threading.Lock()
-        # check_same_thread=False: the lock, not the thread, is what serialises use.
-        self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0)
+        try:
+            # check_same_thread=False: the lock, not the thread, is what serialises use.
+            self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as error:
+            raise FailedPrecondition(f"store {path}: cannot open it ({error})") from None
         try:
             if path != ":memory:":
+                self._check_integrity()
+                self._check_schema()  # before WAL, which writes the header
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 # With WAL, NORMAL survives a process crash; only power loss can
                 # lose the last transactions, and clients replay unacked points.
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
+        except sqlite3.DatabaseError as error:
+            self._conn.close()
+            raise FailedPrecondition(
+                f"store {path} is damaged or not a phasewatch store ({error}); "
+                "restore it from a backup, or move it away to start an empty store"
+            ) from None
         except BaseException:
             self._conn.close()
             raise
 
+    def _check_integrity(self) -> None:
+        """``PRAGMA quick_check``: O(size of the file), once at start.
+
+        A damaged page found now is refused with the file named, instead of being
+        served as SERVING and failing resumes later with INTERNAL.
+        """
+        rows = self._conn.execute("PRAGMA quick_check(3)").fetchall()
+        problems = [" ".join(str(r[0]).split()) for r in rows if r[0] != "ok"]
+        if problems:
+            raise FailedPrecondition(
+                f"store {self.path} is damaged (PRAGMA quick_check: {'; '.join(problems)}); "
+                "restore it from a backup, or move it away to start an empty store"
+            )
+
+    def _check_schema(self) -> None:
+        """FailedPrecondition for a newer schema, or a SQLite file that is not phasewatch's."""
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise FailedPrecondition(
+                f"store {self.path} has schema version {version}; this phasewatch "
+                f"understands up to {SCHEMA_VERSION}: upgrade phasewatch"
+            )
+        if version == 0:
+            tables = self._conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()[0]
+            if tables:
+                raise FailedPrecondition(
+                    f"store {self.path} is a SQLite file with {tables} tables but no "
+                    "phasewatch schema: not a phasewatch store"
+                )
+
     def _migrate(self) -> None:
         with self._lock:
+            self._check_schema()
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise FailedPrecondition(
-                    f"store {self.path!r} has schema version {version}; this phasewatch "
-                    f"understands up to {SCHEMA_VERSION}: upgrade phasewatch"
-                )
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 # executescript commits first, so each migration is its own step.
                 self._conn.executescript(
                     f"BEGIN; {_MIGRATIONS[target - 1]} PRAGMA user_version = {target}; COMMIT;"
                 )
+            with self._conn:
+                # Stores made before store_info get their identity now.
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO store_info (key, value) VALUES ('store_id', ?), "
+                    "('created_at', ?)",
+                    (uuid.uuid4().hex, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                )
+            self.store_id = self._conn.execute(
+                "SELECT value FROM store_info WHERE key = 'store_id'"
+            ).fetchone()[0]
 
     # --- writes -------------------------------------------------------------
 
@@ -249,11 +313,14 @@ class SqliteStore:
             ).fetchall()
         return [run_from_row(row, ()) for row in rows]
 
-    def get_events(self, run_id: str) -> list[Event]:
-        """A run's events in the order they were added."""
+    def get_events(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[Event]:
+        """A run's events in the order they were added: ``limit`` of them from ``offset``.
+
+        O(offset + limit) through the (run_id, id) index."""
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY id", (run_id,)
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY id "
+                "LIMIT ? OFFSET ?", (run_id, -1 if limit is None else limit, offset)
             ).fetchall()
         return [event_from_row(r) for r in rows]
 
@@ -274,6 +341,49 @@ class SqliteStore:
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
 
+
+
+def _check_file(path: str, create_directory: bool) -> None:
+    """Refuse, naming the file, what must not be taken as a new empty store.
+
+    A new store is only created where no file exists. An existing file of 0
+    bytes is a store that was emptied (a truncation, a failed copy), not a new
+    one: serving it would answer NOT_FOUND for every run and tell resuming
+    clients to start over. A file that does not start with SQLite's header is
+    not opened at all (nothing is written to, say, /etc/passwd).
+    """
+    file = Path(path)
+    if not file.parent.is_dir():
+        if not create_directory:
+            raise InvalidArgument(
+                f"store {path}: directory {file.parent} does not exist (create it first)"
+            )
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InvalidArgument(f"store {path}: cannot create its directory ({error})") from None
+    if not file.exists():
+        for suffix in _SUFFIXES:
+            if Path(path + suffix).exists():
+                raise FailedPrecondition(
+                    f"store {path} is missing but its {path + suffix} is there: the store "
+                    "was removed or moved; restore it, or remove the leftovers to start anew"
+                )
+        return
+    if file.is_dir():
+        raise InvalidArgument(f"store {path} is a directory, not a file")
+    try:
+        with open(file, "rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+    except OSError as error:
+        raise InvalidArgument(f"store {path}: cannot read it ({error.strerror})") from None
+    if not header:
+        raise FailedPrecondition(
+            f"store {path} is an empty file (0 bytes), not a new store: it was truncated "
+            "or copied half-way; restore it from a backup, or remove it to start an empty store"
+        )
+    if header != _SQLITE_HEADER:
+        raise FailedPrecondition(f"store {path} is not a SQLite database (not opened)")
 
 
 class _LocalClaim:
