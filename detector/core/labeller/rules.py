@@ -499,9 +499,11 @@ class Generalisation(_Plain):
             # logging cadence (a bend read as noise made a coarse log call a slowly
             # falling accuracy stable).
             v0, _, v2, v3, v4 = self.val_window
-            self.curv_near += ((v4 - 2 * v3 + v2) ** 2 - self.curv_near) / 10
-            self.curv_wide += ((v4 - 2 * v2 + v0) ** 2 - self.curv_wide) / 10
-            self.val_noise = math.sqrt(max(0.0, 16 * self.curv_near - self.curv_wide) / 90)
+            near, wide = v4 - 2 * v3 + v2, v4 - 2 * v2 + v0
+            if math.isfinite(near * near + wide * wide):  # absurd values must not poison the sums
+                self.curv_near += (near * near - self.curv_near) / 10
+                self.curv_wide += (wide * wide - self.curv_wide) / 10
+                self.val_noise = math.sqrt(max(0.0, 16 * self.curv_near - self.curv_wide) / 90)
         if self.onset_at is None:
             if self.val_base is not None and val_acc >= self.val_base + c.onset_rise:
                 if self.above_since is None:
