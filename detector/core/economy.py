@@ -9,9 +9,6 @@ decides which of those reach the user:
 * parallel series of one kind (names equal once digits are blanked:
   ``layer3.weight_norm`` and ``layer17.weight_norm``) share one allowance, so
   44 per-layer norms speak as one;
-* a change point of a series located within two of its logging intervals of
-  a plateau start or end already reported for it is the same line drawn
-  twice (a final localisation finds the break where the plateau began);
 * each such group may report ``burst`` (8) change points at once (a run of
   real changes: TCPD series hold up to about that many) but plateau starts and
   ends one at a time (a slope test on a slowly drifting series flips back and
@@ -33,7 +30,7 @@ O(1) an event; state: a few numbers per group.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from detector.core.types import Event, EventKind, Role, SeriesSpec
@@ -56,19 +53,16 @@ class EventEconomy:
         self.pinned_tolerance = pinned_tolerance
         # group -> [tokens, line of last refill, held back, tokens for weak events]
         self.groups: dict[str, list[float]] = {}
-        self.plateau_edges: dict[str, int] = {}  # series -> located step of its last plateau start/end
 
     def filter(self, events: Sequence[Event], lines: Sequence[int],
-               specs: dict[str, SeriesSpec] | None = None,
-               interval_of: Callable[[str], float] | None = None) -> list[Event]:
-        """The events to report; ``lines[i]`` is the run's line count when ``events[i]`` was found;
-        ``interval_of(series)`` its logging interval in steps (no same-place rule without it)."""
+               specs: dict[str, SeriesSpec] | None = None) -> list[Event]:
+        """The events to report; ``lines[i]`` is the run's line count when ``events[i]`` was found."""
         out = []
         for event, line in zip(events, lines, strict=True):
             if event.kind not in _SERIES_KINDS:
                 out.append(event)
                 continue
-            if self._pinned(event, specs) or self._drawn_already(event, interval_of):
+            if self._pinned(event, specs):
                 continue
             group = self.groups.setdefault(group_of(event.series), [float(self.burst), line, 0, 1.0])
             refill = (line - group[1]) / self.lines_per_event
@@ -82,19 +76,11 @@ class EventEconomy:
             group[0] -= 1
             if plateau:
                 group[3] -= 1
-            if plateau:
-                self.plateau_edges[event.series] = event.step
             if group[2]:
                 event = replace(event, evidence={**event.evidence, "suppressed": str(int(group[2]))})
                 group[2] = 0
             out.append(event)
         return out
-
-    def _drawn_already(self, event: Event, interval_of: Callable[[str], float] | None) -> bool:
-        edge = self.plateau_edges.get(event.series)
-        if event.kind is not EventKind.CHANGE_POINT or edge is None or interval_of is None:
-            return False
-        return abs(event.step - edge) <= 2 * interval_of(event.series)
 
     def _pinned(self, event: Event, specs: dict[str, SeriesSpec] | None) -> bool:
         if event.kind is not EventKind.CHANGE_POINT or specs is None:
@@ -112,12 +98,10 @@ class EventEconomy:
     def state(self) -> dict:
         return {"burst": self.burst, "lines_per_event": self.lines_per_event,
                 "pinned_tolerance": self.pinned_tolerance,
-                "groups": {k: list(v) for k, v in self.groups.items()},
-                "plateau_edges": dict(self.plateau_edges)}
+                "groups": {k: list(v) for k, v in self.groups.items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> EventEconomy:
         economy = cls(state["burst"], state["lines_per_event"], state["pinned_tolerance"])
         economy.groups = {k: [*v, 1.0][:4] for k, v in state["groups"].items()}
-        economy.plateau_edges = {k: int(v) for k, v in state.get("plateau_edges", {}).items()}
         return economy

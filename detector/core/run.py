@@ -63,10 +63,6 @@ class RunDetector:
         self.detectors[spec.name] = SeriesDetector(spec, self.config.series)
         self.labeller.set_specs(self.specs)
 
-    def _interval(self, series: str) -> float:
-        """The series' logging interval in steps, from the points it holds (O(1))."""
-        return self.detectors[series].interval() if series in self.detectors else 0.0
-
     def update(self, step: int, row: Mapping[str, float]) -> list[Event]:
         """Take one line; returns the events it caused, series events first."""
         series_events: list[Event] = []
@@ -77,7 +73,7 @@ class RunDetector:
         run_events = self.labeller.update(step, row)
         self.lines += 1
         events = series_events + run_events
-        events = self.economy.filter(events, [self.lines] * len(events), self.specs, self._interval)
+        events = self.economy.filter(events, [self.lines] * len(events), self.specs)
         self.events_so_far.extend(events)
         return events
 
@@ -125,7 +121,7 @@ class RunDetector:
         # Each event's line: the economy counts in lines, whatever the batching.
         at = (self.lines + 1 + np.searchsorted(lines, [e.detected_at for e in events])).tolist()
         self.lines += len(lines)
-        events = self.economy.filter(events, at, self.specs, self._interval)
+        events = self.economy.filter(events, at, self.specs)
         self.events_so_far.extend(events)
         return events
 
@@ -164,7 +160,7 @@ class RunDetector:
         if self.labeller.last_step is None:
             return series_events
         events = series_events + self.labeller.finish()
-        events = self.economy.filter(events, [self.lines] * len(events), self.specs, self._interval)
+        events = self.economy.filter(events, [self.lines] * len(events), self.specs)
         self.events_so_far.extend(events)
         return events
 

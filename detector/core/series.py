@@ -168,7 +168,6 @@ class SeriesDetector:
         self.last_step: int | None = None
         self.last_value: float = math.nan  # raw, may be non-finite
         self.first_value: float = math.nan  # raw, first finite
-        self.first_interval = 0  # steps between the first two finite points
         self.min_value: float = math.inf
         self.max_value: float = -math.inf
         self.in_plateau = False
@@ -198,10 +197,6 @@ class SeriesDetector:
             return []
         if self.n_finite == 0:
             self.first_value = float(values[0])
-        if self.n_finite < 2 and self.first_interval == 0:
-            held = np.concatenate([self._steps[: self._size], steps])[:2]
-            if len(held) == 2:
-                self.first_interval = int(held[1] - held[0])
         self.min_value = min(self.min_value, float(values.min()))
         self.max_value = max(self.max_value, float(values.max()))
         y = working_scale_many(self.spec.role, values)
@@ -222,11 +217,6 @@ class SeriesDetector:
         return [event for _, _, event in tagged]
 
     # --- readouts for the labeller ---------------------------------------------
-
-    def interval(self) -> float:
-        """The step distance between the series' first two finite points (0 before them):
-        fixed once known, so that decisions using it do not depend on batching."""
-        return float(self.first_interval)
 
     def recent(self, count: int) -> np.ndarray:
         """The last ``count`` finite values on the working scale (fewer early on)."""
@@ -463,7 +453,7 @@ class SeriesDetector:
                 for k in (
                     "_segment_start", "_pending_alarm", "_alarm_statistic", "_rechecks", "_alarm_noise",
                     "n_finite",
-                    "n_nonfinite", "last_step", "last_value", "first_value", "first_interval", "min_value",
+                    "n_nonfinite", "last_step", "last_value", "first_value", "min_value",
                     "max_value", "in_plateau", "trend",
                 )
             },
