@@ -170,7 +170,7 @@ class PhaseLabeller:
         loss = train_loss if r.train_loss else val_loss
         gen = self.generalisation
         memorised = None if gen.memorised_at is None else gen.memorised_at - self.first_step
-        if loss is not None:
+        if loss is not None and loss_name is not None:
             events += self.excursions.update(step, loss, loss_name, self.first_step, memorised, timeline)
         if train_acc is not None and math.isfinite(train_acc):
             self.train_recent = [*self.train_recent[-2:], train_acc]
@@ -187,7 +187,7 @@ class PhaseLabeller:
             headline = val_loss if r.val_loss else train_loss
             if headline is not None:
                 events += self.loss_only.update(step, headline, self.first_step,
-                                                r.val_loss or r.train_loss, timeline,
+                                                r.val_loss or r.train_loss or loss_name, timeline,
                                                 self.excursions.last_start)
         return events
 

@@ -12,6 +12,7 @@ bounded state and says its durations in steps (see
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class _Plain:
     those; ``_NESTED`` are objects with ``state()`` / ``from_state()``."""
 
     _FIELDS: tuple[str, ...] = ()
-    _NESTED: dict[str, type] = {}
+    _NESTED: dict[str, Any] = {}  # name -> a class with from_state()
 
     def state(self) -> dict:
         out = {name: _copy(getattr(self, name)) for name in self._FIELDS}
@@ -187,6 +188,7 @@ class LossExcursions(_Plain):
     def _in_excursion(self, step: int, value: float, y: float, series: str, first_step: int,
                       memorised_steps: int | None, timeline: Timeline) -> list[Event]:
         ex = self.excursion
+        assert ex is not None  # called only inside an excursion
         jumped = not math.isfinite(value) or y > ex["last_y"] + ex["thr"]
         ex["last_y"] = y
         if y > ex["peak"] or not math.isfinite(value):
@@ -236,13 +238,14 @@ class LossExcursions(_Plain):
 
     def finish(self, series: str) -> list[Event]:
         """The run ended: an excursion back and settling is reported as a spike."""
-        ex = self.excursion
-        if ex is None or ex["back_at"] is None:
+        ex, last = self.excursion, self.interval.last
+        if ex is None or ex["back_at"] is None or last is None:
             return []
-        return self._spike(self.interval.last, ex["last_y"], series)
+        return self._spike(last, ex["last_y"], series)
 
     def _spike(self, step: int, y: float, series: str) -> list[Event]:
         ex = self.excursion
+        assert ex is not None and ex["back_at"] is not None  # called once it is back
         self.excursion = None
         self.band.add(y)
         self.run_min = min(self.run_min, raw_scale(Role.LOSS, y))
@@ -261,6 +264,7 @@ class LossExcursions(_Plain):
     def _in_collapse(self, step: int, value: float, y: float, series: str,
                      timeline: Timeline) -> list[Event]:
         col = self.collapse
+        assert col is not None  # called only inside a collapse
         ref = col["ref"]
         if math.isnan(ref) or not self._back(value, y, col):
             col["back_since"] = None
@@ -600,6 +604,7 @@ class Generalisation(_Plain):
     def _hidden_progress(self, step: int, val_loss: float, first_step: int,
                          series: str | None) -> list[Event]:
         c = self.config
+        assert self.progress is not None and self.memorised_at is not None  # set at memorisation
         if not self.progress.add(step, working_scale(Role.LOSS, val_loss)):
             return []
         # A warning of grokking, not of ordinary generalisation: only once a rise
