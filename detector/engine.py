@@ -671,7 +671,8 @@ class Engine:
                     f"run {run_id!r} would have more than "
                     f"{self.config.max_series_per_run} series"
                 )
-            accepted, rejected, events = 0, {}, []
+            accepted, events = 0, []
+            rejected: dict[str, int] = {}
             for block in blocks:
                 if done and stopping is not None and stopping():
                     break

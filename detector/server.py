@@ -454,8 +454,6 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
             which = request.WhichOneof("msg")
             if which is None:
                 raise InvalidArgument("empty StreamRequest: set start, batch or end")
-            if run_id is None and which != "start":
-                raise InvalidArgument(f"the first message of a stream must be start, not {which}")
             if which == "start":
                 if run_id is not None and request.start.run_id != run_id:
                     raise InvalidArgument(
@@ -470,6 +468,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                 status = self._start(request.start, request.start.run_id)
                 run_id, ended = status.run_id, False
                 yield _ack(status.last_step)
+            elif run_id is None:
+                raise InvalidArgument(f"the first message of a stream must be start, not {which}")
             elif which == "batch":
                 if ended:
                     raise FailedPrecondition(
@@ -891,7 +891,7 @@ def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
     # signal.signal only works in the main thread; elsewhere `stop` is the way out.
     if threading.current_thread() is not threading.main_thread():
         return {}
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, lambda *_: stop.set())
     return previous
