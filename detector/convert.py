@@ -29,7 +29,7 @@ from detector.core.types import (
 from detector.errors import InvalidArgument
 
 if TYPE_CHECKING:  # the engine (scipy, ruptures) is the server's: the CLI's clients stay light
-    from detector.engine import RunStatus
+    from detector.ports import RunStatus
 
 E = TypeVar("E", bound=enum.Enum)
 

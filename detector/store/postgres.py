@@ -53,8 +53,8 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from detector.core.types import Event, Segment
-from detector.engine import Checkpoint, RunStatus
 from detector.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from detector.ports import Checkpoint, RunStatus
 from detector.store import _redact
 from detector.store.rows import (
     EVENT_COLUMNS,
