@@ -35,7 +35,8 @@ from typing import Any
 
 import grpc
 
-from detector.errors import InvalidArgument
+from detector.errors import InvalidArgument, Unauthenticated
+from detector.status import abort
 
 log = logging.getLogger("phasewatch.auth")
 
@@ -188,18 +189,18 @@ def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethod
     is parsed.
     """
 
-    def abort(_request: Any, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    def refuse(_request: Any, context: grpc.ServicerContext) -> None:
+        abort(context, Unauthenticated(message))
 
     if handler is None:  # an unknown method: do not tell it apart from a known one
-        return grpc.stream_stream_rpc_method_handler(abort)
+        return grpc.stream_stream_rpc_method_handler(refuse)
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
+        return grpc.stream_stream_rpc_method_handler(refuse)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
+        return grpc.stream_unary_rpc_method_handler(refuse)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def server_credentials(

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -310,7 +310,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(args.listen, args.metrics_listen or None, args.store, **options)
     except OSError as error:  # cannot listen: port taken, bad address, unknown host
-        said = error.strerror if (error.strerror or "").startswith("cannot") else str(error)
+        strerror = error.strerror or ""
+        said = strerror if strerror.startswith("cannot") else str(error)
         message = said if said.startswith("cannot") else (
             f"cannot start the detector: {error.strerror or error}"
         )
@@ -593,7 +594,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     request = pb.ListRunsRequest(
         label_selector=dict(args.label),
-        phase=phase_to_proto(Phase(args.phase)) if args.phase else 0,
+        phase=phase_to_proto(Phase(args.phase) if args.phase else None),
     )
     with _detector(args, args.timeout) as stub:
         runs = [run_view_from_proto(r) for r in list_runs_pages(stub, request, args.timeout)]
@@ -835,7 +836,8 @@ def env_defaults(parser: argparse.ArgumentParser, environ: Any = None) -> None:
             default = _FromEnv(value)
             default.variable = variable
             action.default = default
-            action.type = _env_checked(action.type, variable)
+            # Our parser's types are callables (no FileType, no registered names).
+            action.type = _env_checked(cast("Callable[[str], Any] | None", action.type), variable)
             action.required = False
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from detector.core.types import (
 from detector.errors import InvalidArgument
 
 if TYPE_CHECKING:  # the engine (scipy, ruptures) is the server's: the CLI's clients stay light
-    from detector.engine import RunStatus
+    from detector.ports import RunStatus
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -66,9 +66,10 @@ def _from(table: Mapping[int, E], value: int, what: str) -> E | None:
         raise InvalidArgument(f"unknown {what} value {value}") from None
 
 
-def phase_to_proto(phase: Phase | None) -> int:
+def phase_to_proto(phase: Phase | None) -> pb.Phase:
     """``None`` (no phase yet) is ``PHASE_UNSPECIFIED``."""
-    return 0 if phase is None else _PHASE_TO[phase]
+    # protoc's stubs type enum fields as their wrapper class; the values are ints.
+    return cast("pb.Phase", 0 if phase is None else _PHASE_TO[phase])
 
 
 def phase_from_proto(value: int) -> Phase | None:
@@ -76,8 +77,8 @@ def phase_from_proto(value: int) -> Phase | None:
     return _from(_PHASE_FROM, value, "Phase")
 
 
-def kind_to_proto(kind: EventKind) -> int:
-    return _KIND_TO[kind]
+def kind_to_proto(kind: EventKind) -> pb.EventKind:
+    return cast("pb.EventKind", _KIND_TO[kind])
 
 
 def kind_from_proto(value: int) -> EventKind | None:
@@ -109,7 +110,7 @@ def event_to_proto(run_id: str, event: Event, at: float | None = None) -> pb.Pha
     message = pb.PhaseEvent(
         run_id=run_id,
         step=event.step,
-        kind=_KIND_TO[event.kind],
+        kind=kind_to_proto(event.kind),
         phase=phase_to_proto(event.phase),
         series=event.series,
         confidence=event.confidence,

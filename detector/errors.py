@@ -1,15 +1,31 @@
-"""Domain exceptions. The gRPC servicer maps each to one status code, in one table."""
+"""Domain exceptions. The gRPC adapter maps each to one status code, in one table
+(:data:`detector.status.STATUS_CODES`).
+
+Every error raised on purpose is a :class:`PhasewatchError`; where a built-in
+exception means the same thing, the class subclasses it too, so callers that
+know nothing of phasewatch still catch it: bad input is a ``ValueError``, an
+unknown run a ``LookupError``. The others have no built-in of the same meaning
+(``RuntimeError`` would say nothing, and ``ConnectionError``/``PermissionError``
+are ``OSError``s that file-handling code catches for other reasons), so they
+subclass only :class:`PhasewatchError`.
+
+>>> try:
+...     raise InvalidArgument("steps must increase")
+... except ValueError as error:
+...     print(type(error).__name__, error)
+InvalidArgument steps must increase
+"""
 
 
 class PhasewatchError(Exception):
     """Base class of every error phasewatch raises on purpose."""
 
 
-class InvalidArgument(PhasewatchError):
+class InvalidArgument(PhasewatchError, ValueError):
     """Malformed input: bad run id or series name, mismatched lengths, bad config."""
 
 
-class NotFound(PhasewatchError):
+class NotFound(PhasewatchError, LookupError):
     """A query named a run the detector does not know."""
 
 

@@ -320,9 +320,8 @@ class _RunText:
     def __init__(self, status: RunStatus, previous: _RunText | None = None) -> None:
         self.status = status  # held: its identity is the cache key, so it must stay alive
         run_id = _escape(status.run_id)
-        old = None if previous is None else previous.status
-        if old is not None and old.phase is status.phase:
-            self.phase = previous.phase
+        if previous is not None and previous.status.phase is status.phase:
+            self.phase: str = previous.phase
         else:
             self.phase = "".join(
                 f'{prefix}{run_id}"}} {"1.0" if status.phase is p else "0.0"}\n'
@@ -332,8 +331,8 @@ class _RunText:
             f'{_LAST_STEP[0]}{{run_id="{run_id}"}} {floatToGoString(float(status.last_step))}\n'
             if status.last_step >= 0 else ""
         )
-        if old is not None and old.labels == status.labels:
-            self.info = previous.info
+        if previous is not None and previous.status.labels == status.labels:
+            self.info: str = previous.info
         else:
             # InfoMetricFamily's labels: run_id, then the run's (prefixed, so never run_id).
             self.info = _sample(
@@ -592,7 +591,7 @@ def start_metrics_server(
         address_family = family  # IPv6 listen addresses too
 
     server = make_server(
-        sockaddr[0], port, make_metrics_app(exposition, auth=auth), Server,
+        str(sockaddr[0]), port, make_metrics_app(exposition, auth=auth), Server,
         handler_class=_SilentHandler
     )
     threading.Thread(target=server.serve_forever, name="phasewatch-metrics", daemon=True).start()

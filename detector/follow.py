@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.client import ClientConfig, Run
+from detector.client import ClientConfig, DisabledRun, Run
 from detector.errors import LogFileError
 from detector.logfile import Columns, log_files, read_growing_log
 
@@ -69,7 +69,7 @@ class Follower:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], run: Run, *, resume_step: int | None = None,
+        self, path: str | os.PathLike[str], run: Run | DisabledRun, *, resume_step: int | None = None,
         say: Say | None = None, room_points: int = ClientConfig.max_buffered_points // 2,
     ) -> None:
         self.path = os.fspath(path)

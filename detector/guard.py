@@ -41,7 +41,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from detector.errors import InvalidArgument
+from detector.errors import InvalidArgument, ResourceExhausted
+from detector.status import abort
 
 log = logging.getLogger("phasewatch.server")
 
@@ -285,8 +286,8 @@ class Guard(grpc.ServerInterceptor):
             else:
                 self.refused += 1
         if full:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the detector is serving {self.max_unary} calls already; retry")
+            abort(context, ResourceExhausted(
+                f"the detector is serving {self.max_unary} calls already; retry"))
         try:
             yield
         finally:
@@ -314,7 +315,7 @@ class Guard(grpc.ServerInterceptor):
             else:
                 self.refused += 1
         if problem is not None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+            abort(context, ResourceExhausted(problem))
         if idle:
             self._start_watchdog()
         try:
@@ -388,8 +389,8 @@ class Guard(grpc.ServerInterceptor):
             return parse(request)
         except (DecodeError, ValueError, TypeError, RuntimeError) as error:
             self._bad_body(name, context.peer() or "?", error)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"the {name} request is not a valid message ({len(request)} bytes)")
+            abort(context, InvalidArgument(
+                f"the {name} request is not a valid message ({len(request)} bytes)"))
             raise  # not reached: abort raises
 
     def _bad_body(self, name: str, peer: str, error: Exception) -> None:

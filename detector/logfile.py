@@ -614,12 +614,6 @@ def _json_problem(exc: ValueError) -> str:
 
 
 
-def _json_problem(exc: ValueError) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not valid JSON ({exc.msg} at column {exc.colno})"
-    return f"not valid JSON ({exc})"
-
-
 def _records_block(
     path: str, records: list[Any], lines: np.ndarray, seen: _Seen, key: str,
     skip: frozenset[str] = COUNTERS,

@@ -46,7 +46,7 @@ try:
         metrics_service_pb2_grpc as otlp_grpc,
     )
 except ImportError:  # the optional extra; add_receiver says what to install
-    otlp_pb = otlp_grpc = None
+    otlp_pb = otlp_grpc = None  # type: ignore[assignment]
 
 RUN_ID_ATTRIBUTE = "phasewatch.run_id"
 FALLBACK_RUN_ID_ATTRIBUTE = "service.instance.id"

@@ -1,8 +1,8 @@
 """The gRPC adapter: validate, convert, call the engine, map errors to statuses.
 
 Business logic lives in :mod:`detector.engine`; conversions in
-:mod:`detector.convert`; the only error handling here is one table from
-domain exceptions to status codes. ``create_server`` builds a server (tests
+:mod:`detector.convert`; errors become statuses through the one table in
+:mod:`detector.status`. ``create_server`` builds a server (tests
 run it on port 0); ``serve`` is the ``phasewatch serve`` process around it.
 
 Stream acknowledgements: every request message on ``Stream`` is answered, in
@@ -55,17 +55,7 @@ from detector.convert import (
 )
 from detector.core.types import Event, EventKind, check_name
 from detector.engine import Engine, EngineConfig, RunClaim, RunStatus, stop_between_blocks
-from detector.errors import (
-    Aborted,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PhasewatchError,
-    RateLimited,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from detector.errors import Aborted, FailedPrecondition, InvalidArgument
 from detector.guard import (
     DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_STREAMS_PER_PEER,
@@ -74,6 +64,16 @@ from detector.guard import (
     ElasticExecutor,
     Guard,
     worker_threads,
+)
+from detector.status import (  # noqa: F401 - the table's names, importable from here as before
+    ERROR_DOMAIN,
+    REASON_RATE_LIMITED,
+    REASON_RUN_OWNED,
+    RETRY_AFTER_KEY,
+    STATUS_CODES,
+    abort,
+    rich_status,
+    status_code,
 )
 
 log = logging.getLogger("phasewatch.server")
@@ -97,96 +97,10 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_connection_idle_ms", 30 * 60_000),
 )
 
-# The one table from domain exceptions to gRPC status codes.
-STATUS_CODES: dict[type[PhasewatchError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    # A run whose stream is open on another replica: retryable, unlike
-    # FAILED_PRECONDITION, since it clears by itself when that stream ends.
-    Aborted: grpc.StatusCode.ABORTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,  # the store is down: retry
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-}
-
-
-def status_code(error: PhasewatchError) -> grpc.StatusCode:
-    """The status for a domain error: its nearest class in :data:`STATUS_CODES`."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.UNKNOWN
-
-
-# Trailing metadata of a RESOURCE_EXHAUSTED that clears by itself (a rate limit):
-# how long to wait, in whole milliseconds. Kept for clients older than the
-# google.rpc.RetryInfo detail, which carries the same delay.
-RETRY_AFTER_KEY = "phasewatch-retry-after-ms"
-# ErrorInfo's domain and reasons (AIP-193): machine-readable causes clients can test.
-ERROR_DOMAIN = "phasewatch.dev"
-REASON_RUN_OWNED = "RUN_OWNED"
-REASON_RATE_LIMITED = "RATE_LIMITED"
 # Request metadata the SDK sends: one id per client (Run object), so that a
 # stream opened again by the same client after a disconnect takes its run over
 # from its own stale stream instead of being refused as a second writer.
 WRITER_KEY = "phasewatch-writer"
-
-
-class _RichStatus(grpc.Status):
-    """A status with details for ``context.abort_with_status``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str,
-                 trailing_metadata: tuple[tuple[str, str | bytes], ...]) -> None:
-        self.code = code
-        self.details = details
-        self.trailing_metadata = trailing_metadata
-
-
-def rich_status(error: PhasewatchError) -> grpc.Status | None:
-    """The google.rpc.Status (RetryInfo, ErrorInfo) for errors that carry details, else None.
-
-    Sent as the standard ``grpc-status-details-bin`` trailer (grpcio-status), so any
-    gRPC client library can read it.
-    """
-    from google.protobuf import any_pb2, duration_pb2
-    from google.rpc import error_details_pb2, status_pb2
-
-    code = status_code(error)
-    details: list[Any] = []
-    extra: tuple[tuple[str, str | bytes], ...] = ()
-    if isinstance(error, RateLimited):
-        millis = max(1, round(error.retry_after * 1000))
-        delay = duration_pb2.Duration(seconds=millis // 1000, nanos=(millis % 1000) * 1_000_000)
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-        details.append(error_details_pb2.ErrorInfo(reason=REASON_RATE_LIMITED, domain=ERROR_DOMAIN))
-        extra = ((RETRY_AFTER_KEY, str(millis)),)
-    elif isinstance(error, Aborted):
-        metadata = {k: v for k, v in (("owner", error.owner), ("run_id", error.run_id)) if v}
-        details.append(error_details_pb2.ErrorInfo(
-            reason=REASON_RUN_OWNED, domain=ERROR_DOMAIN, metadata=metadata))
-    else:
-        return None
-    packed = []
-    for detail in details:
-        any_detail = any_pb2.Any()
-        any_detail.Pack(detail)
-        packed.append(any_detail)
-    message = status_pb2.Status(code=code.value[0], message=str(error), details=packed)
-    return _RichStatus(
-        code, str(error), (("grpc-status-details-bin", message.SerializeToString()), *extra)
-    )
-
-
-def _abort(context: grpc.ServicerContext, error: Exception) -> None:
-    if isinstance(error, PhasewatchError):
-        status = rich_status(error)
-        if status is not None:
-            context.abort_with_status(status)
-        context.abort(status_code(error), str(error))
-    # A bug, not bad input: keep the traceback here, do not leak it to the client.
-    log.error("unexpected error in an RPC", exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__})")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -198,7 +112,7 @@ def _unary(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as error:  # every error becomes a status
-            _abort(context, error)
+            abort(context, error)
 
     return wrapper  # type: ignore[return-value]
 
@@ -213,7 +127,7 @@ def _streaming(method: F) -> F:
             # is left to tell, and the run's held points stay for a resume.
             return
         except Exception as error:  # every error becomes a status
-            _abort(context, error)
+            abort(context, error)
 
     return wrapper  # type: ignore[return-value]
 
@@ -540,8 +454,6 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
             which = request.WhichOneof("msg")
             if which is None:
                 raise InvalidArgument("empty StreamRequest: set start, batch or end")
-            if run_id is None and which != "start":
-                raise InvalidArgument(f"the first message of a stream must be start, not {which}")
             if which == "start":
                 if run_id is not None and request.start.run_id != run_id:
                     raise InvalidArgument(
@@ -556,6 +468,8 @@ class PhaseDetectorServicer(pb_grpc.PhaseDetectorServicer):
                 status = self._start(request.start, request.start.run_id)
                 run_id, ended = status.run_id, False
                 yield _ack(status.last_step)
+            elif run_id is None:
+                raise InvalidArgument(f"the first message of a stream must be start, not {which}")
             elif which == "batch":
                 if ended:
                     raise FailedPrecondition(
@@ -977,7 +891,7 @@ def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
     # signal.signal only works in the main thread; elsewhere `stop` is the way out.
     if threading.current_thread() is not threading.main_thread():
         return {}
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, lambda *_: stop.set())
     return previous

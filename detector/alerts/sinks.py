@@ -91,7 +91,8 @@ class AlertmanagerSink(AlertSink):
         """The ``postableAlerts`` body."""
         body = []
         for alert in alerts:
-            ends_at = alert.ends_at if alert.resolved(now) else min(
+            # resolved() means ends_at is set; mypy cannot see that through the call.
+            ends_at = alert.ends_at if alert.resolved(now) and alert.ends_at is not None else min(
                 now + self.valid_for, alert.ends_at if alert.ends_at is not None else float("inf")
             )
             item: dict[str, Any] = {

@@ -21,7 +21,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from detector.client import ClientConfig, Event, Run, SeriesSpecLike, connect, disabled_by_env
+from detector.client import (
+    ClientConfig,
+    DisabledRun,
+    Event,
+    Run,
+    SeriesSpecLike,
+    connect,
+    disabled_by_env,
+)
 from detector.core.types import check_name
 
 logger = logging.getLogger("phasewatch.integrations")
@@ -138,7 +146,7 @@ class TrainingSession:
         self.close_timeout = close_timeout
         self.exclude = frozenset(exclude)
         self.dedupe = dedupe
-        self.run: Run | None = None
+        self.run: Run | DisabledRun | None = None
         self.probe: Any = None
         self.stop_event: Event | None = None
         self._stop = threading.Event()

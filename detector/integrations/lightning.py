@@ -54,7 +54,7 @@ try:
     from lightning.pytorch import Callback
 except ImportError:  # pragma: no cover - depends on what is installed
     try:
-        from pytorch_lightning import Callback
+        from pytorch_lightning import Callback  # type: ignore[assignment]
     except ImportError:
         raise ImportError(
             "detector.integrations.lightning needs Lightning: pip install 'phasewatch[lightning]'"
@@ -214,7 +214,7 @@ try:
     from lightning.pytorch.loggers import Logger as _Logger
     from lightning.pytorch.utilities import rank_zero_only
 except ImportError:  # pragma: no cover - pytorch_lightning only
-    from pytorch_lightning.loggers import Logger as _Logger
+    from pytorch_lightning.loggers import Logger as _Logger  # type: ignore[assignment]
     from pytorch_lightning.utilities import rank_zero_only
 
 

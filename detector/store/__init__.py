@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detector.engine import Store
 from detector.errors import InvalidArgument
+from detector.ports import Store
 from detector.store.sqlite import SqliteStore
 
 __all__ = ["SqliteStore", "Store", "default_store_url", "open_store"]

@@ -53,8 +53,8 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from detector.core.types import Event, Segment
-from detector.engine import Checkpoint, RunStatus
 from detector.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from detector.ports import Checkpoint, RunStatus
 from detector.store import _redact
 from detector.store.rows import (
     EVENT_COLUMNS,
@@ -185,7 +185,7 @@ class PostgresStore:
             raise InvalidArgument(f"store {_redact(url)!r}: {_first_line(error)}") from None
         for key, value in _CONNECT_DEFAULTS.items():
             params.setdefault(key, value)
-        self._conninfo = conninfo.make_conninfo(**params)
+        self._conninfo = conninfo.make_conninfo("", **params)
         self._closed = False
         self.pool_timeout = pool_timeout
         self._locks_lock = threading.Lock()  # the lock connection and the tables below
@@ -197,7 +197,7 @@ class PostgresStore:
         # once, with libpq's reason, rather than after the pool's retries.
         try:
             with self._connect() as conn:
-                self.schema: str = conn.execute("SELECT current_schema()").fetchone()[0]
+                self.schema: str = _one(conn.execute("SELECT current_schema()").fetchone())
                 self._migrate(conn)
         except psycopg.OperationalError as error:
             raise Unavailable(f"store {self}: {_first_line(error)}") from error
@@ -377,7 +377,7 @@ class PostgresStore:
                 key = self.lock_key(run_id)
                 conn = self._lock_connection()
                 try:
-                    got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+                    got = _one(conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone())
                 except psycopg.OperationalError as error:
                     raise Unavailable(f"store {self}: {_first_line(error)}") from error
                 if not got:
@@ -430,12 +430,12 @@ class PostgresStore:
     def _take_ownership(self, run_id: str, owner: str) -> int:
         with self._data() as conn:
             return int(
-                conn.execute(
+                _one(conn.execute(
                     "INSERT INTO run_owner (run_id, owner, epoch, since) VALUES (%s, %s, 1, %s) "
                     "ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, "
                     "epoch = run_owner.epoch + 1, since = excluded.since RETURNING epoch",
                     (run_id, owner, time.time()),
-                ).fetchone()[0]
+                ).fetchone())
             )
 
     def _lock_connection(self) -> psycopg.Connection[Any]:
@@ -548,6 +548,12 @@ class _PostgresClaim:
         if store is None:
             return True
         return store._release(self._run_id, self._generation)
+
+
+def _one(row: Any) -> Any:
+    """The value of a one-column row that the statement always returns (``SELECT f()``,
+    ``RETURNING``); psycopg types ``fetchone()`` as optional for statements in general."""
+    return row[0]
 
 
 def _first_line(error: Exception) -> str:

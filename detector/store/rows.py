@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from detector.core.types import Event, EventKind, Phase, Segment
-from detector.engine import RunStatus
 from detector.errors import FailedPrecondition
+from detector.ports import RunStatus
 
 RUN_COLUMNS = "run_id, labels, phase, since_step, confidence, last_step, ended, updated_at"
 EVENT_COLUMNS = "step, detected_at, kind, series, confidence, message, phase, evidence"

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from detector.core.types import Event, Segment
-from detector.engine import Checkpoint, RunStatus
 from detector.errors import FailedPrecondition, InvalidArgument
+from detector.ports import Checkpoint, RunStatus
 from detector.store.rows import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
