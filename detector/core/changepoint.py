@@ -1,20 +1,21 @@
 """Two-stage change-point detection: a cheap vectorised trigger, then a bounded localiser.
 
-:class:`CusumTrigger` scans blocks of points with numpy in O(1) amortised time
-and memory per point: a Holt (level + trend) one-step-ahead forecast written as
-a linear filter (``scipy.signal.lfilter``), innovations standardised by a
+:class:`CusumTrigger` scans blocks of points in O(1) amortised time and memory
+per point (compiled loops, :mod:`detector.core._kernels`, with numpy's log and
+exp between them): a Holt (level + trend) one-step-ahead forecast written as
+a linear filter (``scipy.signal.lfilter``'s recurrence), innovations standardised by a
 log-domain EWMA scale (also a linear filter, and robust: one outlier moves it
 by a bounded factor), and a two-sided CUSUM on those standardised innovations
 (fast: abrupt changes); beside it a small bank of two-sided CUSUMs (one drift
 per shift size) on the errors of a slowly discounted least-squares line fitted
 since the last reset (slow: small shifts, which a fast forecast absorbs before
-its CUSUM can see them). Every CUSUM runs on a fixed-point grid (integers), so
-a block computed with ``cumsum``/``minimum.accumulate`` gives exactly the same
+its CUSUM can see them). Every CUSUM runs on a fixed-point grid (integers) and
+every filter carries its state exactly, so a block gives exactly the same
 statistics as point by point: how points are batched never changes a result.
 
 When it alarms, :class:`WindowLocaliser` segments a bounded recent window
-(ruptures ``Binseg`` over :class:`CostPiecewiseLinear`, vectorised split
-search) and confirms each break only if its cost gain beats a penalty
+(ruptures' ``Binseg`` over :class:`CostPiecewiseLinear`, run as one compiled
+loop with the same result) and confirms each break only if its cost gain beats a penalty
 ``penalty × scale² × log n``, with ``scale`` a spread of the recent history
 that survives trends and seasonality (see :func:`history_scale`); a level
 shift on a shared slope (one parameter, not a new line's two) is tested
@@ -30,58 +31,24 @@ power-law decay is not cut into lines.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import ruptures as rpt
 from ruptures.base import BaseCost
-from scipy.signal import lfilter, lfiltic
+from scipy.signal import lfiltic
 
+from detector.core import _kernels as _k
+from detector.core._kernels import LOG_ABS_Z_MEAN as _LOG_ABS_Z_MEAN
+from detector.core._kernels import TINY as _TINY
+from detector.core._kernels import Q as _Q
 from detector.errors import InvalidArgument
 
-
-def _checked_linear_filter() -> Callable[..., tuple[np.ndarray, np.ndarray]] | None:
-    """scipy's C filter behind ``lfilter``, if it is there and gives lfilter's exact result.
-
-    ``lfilter``'s argument checks cost about 13 µs a call and the trigger makes six
-    calls a block (a tenth of a microsecond per point at 1 024-point blocks); the
-    private function it ends in is checked once here, and ``lfilter`` is used if
-    it moved or disagrees.
-    """
-    try:
-        from scipy.signal._sigtools import _linear_filter  # type: ignore[attr-defined]
-
-        b, a, x = np.array([1.0, -2.0, 1.0]), np.array([1.0, -1.7, 0.72]), np.linspace(-1.0, 2.0, 7)
-        zi = np.array([0.3, -0.2])
-        ours, theirs = _linear_filter(b, a, x, -1, zi), lfilter(b, a, x, zi=zi)
-        if all(np.array_equal(u, v) for u, v in zip(ours, theirs, strict=True)):
-            return _linear_filter
-    except Exception:  # noqa: BLE001 - any failure means: use the public function
-        pass
-    return None
-
-
-_LINEAR_FILTER = _checked_linear_filter()
-
-
-def _filter(b: np.ndarray, a: np.ndarray, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``lfilter(b, a, x, zi=zi)`` for float64 1-D arrays, without its argument checks."""
-    if _LINEAR_FILTER is not None:
-        return _LINEAR_FILTER(b, a, x, -1, zi)
-    return lfilter(b, a, x, zi=zi)
-
-
-_Q = 1 << 16  # fixed-point grid of the CUSUM (1/65536 of an innovation scale)
-_Z_CLIP = 1e4  # |z| cap: keeps the int64 sums exact for any run length we will see
-_LOG_ABS_Z_MEAN = -0.6351814227307391  # E[log |N(0,1)|] = -(γ + log 2) / 2
-_TINY = 1e-300
 _GATE_CLOSED = 1e9  # a gate input that keeps the slow bank closed
 
 
 @dataclass
 class CusumTrigger:
-    """Two CUSUM triggers on one series, both O(1) amortised per point, in numpy.
+    """Two CUSUM triggers on one series, both O(1) amortised per point, compiled.
 
     *Fast*: a two-sided CUSUM (``drift`` k, ``threshold`` h) on Holt
     (``alpha``/``beta``) one-step innovations standardised by a log-domain EWMA
@@ -106,8 +73,8 @@ class CusumTrigger:
     follow, such as the steep start of a power-law loss, keep it worse for good).
 
     ``warmup`` points after a reset set the first scales before any alarm.
-    :meth:`scan` takes a block and stops at the first alarm (numpy, no Python per
-    point); :meth:`update` is the one-point form and gives identical results
+    :meth:`scan` takes a block and stops at the first alarm (compiled loops, no
+    Python per point); :meth:`update` is the one-point form and gives identical results
     (the CUSUMs run on a fixed-point integer grid, the filters carry their state
     exactly).
 
@@ -153,24 +120,18 @@ class CusumTrigger:
         a, b = self.alpha, self.beta
         self._b = np.array([1.0, -2.0, 1.0])
         self._a = np.array([1.0, -(2.0 - a - a * b), -(a - 1.0)])
-        self._sb = np.array([self.scale_rate])
+        self._holt = np.r_[self._b, self._a[1:]]  # b0, b1, b2, a1, a2 for the compiled filter
         self._sa = np.array([1.0, -(1.0 - self.scale_rate)])
         self._hq = int(round(self.threshold * _Q))
         self._kq = int(round(self.drift * _Q))
-        # The discounted line: S0 = Σ λ^j y_{t-j}, S1 = Σ λ^j (-j) y_{t-j}, first-order filters.
         lam = 1.0 - 1.0 / self.memory
         self._lam = lam
-        self._d0 = (np.array([1.0]), np.array([1.0, -lam]))
-        self._d1 = (np.array([0.0, -lam]), np.array([1.0, -lam]))
-        self._bb = np.array([self.bank_scale_rate])
         self._ba = np.array([1.0, -(1.0 - self.bank_scale_rate)])
         self._table = _line_table(lam)
         self._gate = math.log(self.bank_gate) if self.bank_gate > 0 else -math.inf
-        self._bias_b = np.array([self.bias_rate])
         self._bias_a = np.array([1.0, -(1.0 - self.bias_rate)])
         self._bank_hq = np.array([int(round(h * _Q)) for h in self.bank_thresholds], dtype=np.int64)[:, None]
         self._bank_kq = np.array([int(round(k * _Q)) for k in self.bank_drifts], dtype=np.int64)[:, None]
-        self._all_hq = np.r_[self._hq, self._hq, self._bank_hq[:, 0], self._bank_hq[:, 0]][:, None]
         self.reset()
 
     def reset(self) -> None:
@@ -272,103 +233,66 @@ class CusumTrigger:
     def restore(self, snapshot: dict) -> None:
         self.__dict__.update(snapshot)
 
-    def _line_errors(self, y: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Standardised one-step errors of the slow line on ``y`` and the new sums/states."""
-        s0, z0 = _filter(*self._d0, y, self.z0 if self.n else np.zeros(1))
-        s1, z1 = _filter(*self._d1, s0, self.z1)
-        prev0 = np.empty_like(s0)
-        prev1 = np.empty_like(s1)
-        prev0[0], prev1[0] = self.s0, self.s1
-        prev0[1:], prev1[1:] = s0[:-1], s1[:-1]
-        v0, v1, sf = self._table
-        lo, hi = self.n, self.n + len(y)
-        if hi <= len(v0):  # slices, not gathers: the common case
-            e = (y - (v0[lo:hi] * prev0 + v1[lo:hi] * prev1)) / sf[lo:hi]
-        else:
-            idx = np.minimum(np.arange(lo, hi), len(v0) - 1)
-            e = (y - (v0[idx] * prev0 + v1[idx] * prev1)) / sf[idx]
-        if self.n == 0:
-            e[0] = 0.0  # no forecast for the first point of a segment
-        return e, s0, s1, z0, z1
-
     def _warm(self, y: float) -> None:
-        arr = np.array([y])
-        e_line, s0, s1, z0, z1 = self._line_errors(arr)
-        self.s0, self.s1, self.z0, self.z1 = float(s0[0]), float(s1[0]), z0, z1
+        lin = _k.trigger_linear(np.array([y]), self.n, self._holt, float(self.zi[0]), float(self.zi[1]),
+                                self._lam, self.s0, self.s1, float(self.z0[0]), float(self.z1[0]),
+                                *self._table)
+        self.s0, self.s1 = float(lin[_k.LIN_S0, 0]), float(lin[_k.LIN_S1, 0])
+        self.z0, self.z1 = lin[_k.LIN_Z0, :1].copy(), lin[_k.LIN_Z1, :1].copy()
         self.n += 1
         if self.n == 1:
             # Start flat at the first value: past inputs y, y and past innovations 0.
             self.zi = lfiltic(self._b, self._a, [0.0, 0.0], [y, y])
             return
-        e, self.zi = _filter(self._b, self._a, arr, self.zi)
-        log_abs = math.log(max(abs(float(e[0])), _TINY))
+        self.zi = lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, 0].copy()
+        # math's log, not numpy's, as the warm-up always took it (they differ in the last bit).
+        log_abs = math.log(max(abs(float(lin[_k.LIN_E, 0])), _TINY))
         # Warm-up: the mean of log |innovation| so far sets the initial scale.
         self.log_scale += (log_abs - self.log_scale) / (self.n - 1)
-        line_abs = math.log(max(abs(float(e_line[0])), _TINY))
+        line_abs = math.log(max(abs(float(lin[_k.LIN_EL, 0])), _TINY))
         self.bank_log_scale += (line_abs - self.bank_log_scale) / (self.n - 1)
         if self.n == self.warmup:
             self.zs = np.array([(1.0 - self.scale_rate) * self.log_scale])
             self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
 
     def _scan_block(self, y: np.ndarray, stop: bool = True) -> int | np.ndarray | None:
+        # Three compiled loops (the linear filters; the log-EWMA scales; the
+        # standardised errors, the bank's gate and the CUSUMs), with numpy's log and
+        # exp over the whole block between them (numpy's, not libm's: see _kernels).
+        # The gate: the bank only watches while the slow line explains the series
+        # about as well as the fast forecast: where it does not (random walks,
+        # seasonality, fast curvature) its errors are structure, not shifts; nor
+        # before ``bank_after`` points of the segment. The comparison is taken
+        # ``gate_lag`` points late: right after a shift the slow line is worse than
+        # the fast forecast because of the shift itself, and the bank must keep
+        # watching long enough to see it. Nor while its errors keep one sign (a mean
+        # of ``bias_gate`` σ or more over the last ~1/bias_rate points): a curve the
+        # line cannot follow, such as the steep start of a power-law loss, not a
+        # shift (a shift is caught before that lasts ``gate_lag`` points).
         m = len(y)
-        e, zi = _filter(self._b, self._a, y, self.zi)
-        log_abs = np.log(np.maximum(np.abs(e), _TINY))
-        log_s, zs = _filter(self._sb, self._sa, log_abs, self.zs)
-        floor = _floor(y)
-        lagged_fast = _lagged(log_s, self.log_scale)
-        # The slow line and its bank of CUSUMs.
-        el, s0, s1, z0, z1 = self._line_errors(y)
-        line_abs = np.log(np.maximum(np.abs(el), _TINY))
-        bank_s, bz = _filter(self._bb, self._ba, line_abs, self.bz)
-        lagged_bank = _lagged(bank_s, self.bank_log_scale)
-        # Both standardised error series at once: row 0 the fast one, row 1 the line's.
-        z = np.stack([e, el]) / np.exp(np.maximum(np.stack([lagged_fast, lagged_bank]), floor)
-                                       - _LOG_ABS_Z_MEAN)
-        # The bank only watches while the slow line explains the series about as well
-        # as the fast forecast: where it does not (random walks, seasonality, fast
-        # curvature) its errors are structure, not shifts; nor before ``bank_after``
-        # points of the segment. The comparison is taken ``gate_lag`` points late:
-        # right after a shift the slow line is worse than the fast forecast because
-        # of the shift itself, and the bank must keep watching long enough to see it.
-        # Nor while its errors keep one sign (a mean of ``bias_gate`` σ or more over the
-        # last ~1/bias_rate points): a curve the line cannot follow, such as the steep
-        # start of a power-law loss, not a shift (a shift is caught before that lasts
-        # ``gate_lag`` points).
-        line_z = np.clip(z[1], -3.0, 3.0)  # one outlier must not close the gate for long
-        bias, bias_zi = _filter(self._bias_b, self._bias_a, line_z, self.bias_zi)
-        gate_in = np.maximum(lagged_bank - lagged_fast - self._gate, np.abs(bias) - self.bias_gate)
-        gate_full = np.concatenate([self.gate, gate_in])
-        watch = gate_full[:m] < 0.0
-        watch &= np.arange(self.n, self.n + m) >= self.bank_after
-        z[1, ~watch] = 0.0
-        zq = np.rint(np.clip(z, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
-        # Every CUSUM in one pass: rows fast +, fast −, bank + (one per drift), bank −.
+        lin = _k.trigger_linear(y, self.n, self._holt, float(self.zi[0]), float(self.zi[1]), self._lam,
+                                self.s0, self.s1, float(self.z0[0]), float(self.z1[0]), *self._table)
+        sc = _k.trigger_scales(np.log(lin[:3]), self.scale_rate, self._sa[1], float(self.zs[0]),
+                               self.log_scale, self.bank_scale_rate, self._ba[1], float(self.bz[0]),
+                               self.bank_log_scale)
         nk = len(self.bank_drifts)
-        steps = np.empty((2 + 2 * nk, m), dtype=np.int64)
-        steps[0] = zq[0] - self._kq
-        steps[1] = -zq[0] - self._kq
-        steps[2 : 2 + nk] = zq[1] - self._bank_kq
-        steps[2 + nk :] = -zq[1] - self._bank_kq
-        sums = _lindley2(steps, np.r_[self.pos, self.neg, self.bank_pos, self.bank_neg])
-        hit = (sums > self._all_hq).any(axis=0)
-        over = np.flatnonzero(hit) if stop else ()
-        k = m - 1 if len(over) == 0 else int(over[0])
-        self.gate = gate_full[k + 1 : k + 1 + self.gate_lag].copy()
-        bank = sums[2:, k]
-        if k < m - 1:
-            # Rerun the linear filters to the alarm so their state stops exactly there.
-            _, zi = _filter(self._b, self._a, y[: k + 1], self.zi)
-            _, zs = _filter(self._sb, self._sa, log_abs[: k + 1], self.zs)
-            _, z0 = _filter(*self._d0, y[: k + 1], self.z0)
-            _, z1 = _filter(*self._d1, s0[: k + 1], self.z1)
-            _, bz = _filter(self._bb, self._ba, line_abs[: k + 1], self.bz)
-            _, bias_zi = _filter(self._bias_b, self._bias_a, line_z[: k + 1], self.bias_zi)
-        self.bias_zi = bias_zi
-        self._commit_bank(s0[: k + 1], s1[: k + 1], z0, z1, bz, float(bank_s[k]), bank[:nk], bank[nk:])
-        self._commit(k + 1, zi, zs, float(log_s[k]), int(sums[0, k]), int(sums[1, k]), float(z[0, k]))
-        if len(over) == 0:
-            return None if stop else hit
+        sums = np.empty(2 + 2 * nk, dtype=np.int64)
+        sums[0], sums[1], sums[2 : 2 + nk], sums[2 + nk :] = self.pos, self.neg, self.bank_pos, self.bank_neg
+        alarm, flags, gate, bias_zi, last_z = _k.trigger_cusums(
+            lin, sc, np.exp(sc[:2]), self.n, self.gate, self._gate, self.bias_rate, self._bias_a[1],
+            float(self.bias_zi[0]), self.bias_gate, self.bank_after, sums, self._kq, self._bank_kq[:, 0],
+            self._hq, self._bank_hq[:, 0], stop)
+        k = m - 1 if alarm < 0 else int(alarm)
+        self.gate = gate
+        self.bias_zi = np.array([bias_zi])
+        self.s0, self.s1 = float(lin[_k.LIN_S0, k]), float(lin[_k.LIN_S1, k])
+        self.z0, self.z1 = lin[_k.LIN_Z0, k : k + 1].copy(), lin[_k.LIN_Z1, k : k + 1].copy()
+        self.bz, self.bank_log_scale = sc[_k.SC_BZ, k : k + 1].copy(), float(sc[_k.SC_BANK_S, k])
+        self.bank_pos, self.bank_neg = sums[2 : 2 + nk].copy(), sums[2 + nk :].copy()
+        self._commit(k + 1, lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, k].copy(), sc[_k.SC_ZS, k : k + 1].copy(),
+                     float(sc[_k.SC_LOG_S, k]), int(sums[0]), int(sums[1]), float(last_z))
+        if alarm < 0:
+            return None if stop else flags
         return k
 
     def _commit(self, count: int, zi: np.ndarray, zs: np.ndarray, log_scale: float,
@@ -376,12 +300,6 @@ class CusumTrigger:
         self.n += count
         self.zi, self.zs, self.log_scale = zi, zs, log_scale
         self.pos, self.neg, self.last_z = pos, neg, z
-
-    def _commit_bank(self, s0: np.ndarray, s1: np.ndarray, z0: np.ndarray, z1: np.ndarray, bz: np.ndarray,
-                     log_scale: float, pos: np.ndarray, neg: np.ndarray) -> None:
-        self.s0, self.s1, self.z0, self.z1 = float(s0[-1]), float(s1[-1]), z0, z1
-        self.bz, self.bank_log_scale = bz, log_scale
-        self.bank_pos, self.bank_neg = pos.copy(), neg.copy()
 
     # --- checkpoints -----------------------------------------------------------
 
@@ -408,20 +326,6 @@ class CusumTrigger:
         if len(state.get("gate_open", ())) == self.gate_lag:  # older checkpoints: closed for a while
             self.gate = np.array(state["gate_open"], dtype=float)
             self.bias_zi = np.array(state["bias_zi"], dtype=float)
-
-
-def _lagged(x: np.ndarray, first: float) -> np.ndarray:
-    """``x`` shifted one place later, ``first`` in front (the value before each point)."""
-    out = np.empty_like(x)
-    out[0] = first
-    out[1:] = x[:-1]
-    return out
-
-
-def _floor(y: np.ndarray) -> np.ndarray:
-    """A log-scale floor of the innovation scale, relative to the values' magnitude
-    (a constant series has innovations at rounding level, not zero)."""
-    return np.log(1e-12 * np.maximum(1.0, np.abs(y)))
 
 
 _LINE_TABLES: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -458,13 +362,6 @@ def _line_table(lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return v0, v1, sf
 
 
-def _lindley2(x: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """``s_t = max(0, s_{t-1} + x_t)`` along each row of ``x`` (shape (k, m)) from
-    ``start`` (shape (k,)), on int64: exact, O(k m) in numpy."""
-    c = np.cumsum(x, axis=1)
-    return c - np.minimum(np.minimum.accumulate(c, axis=1), -start[:, None])
-
-
 @dataclass(frozen=True)
 class Split:
     """A confirmed or rejected break in a window: ``index`` starts the new segment."""
@@ -497,22 +394,11 @@ class CostPiecewiseLinear(BaseCost):
     min_size = 3
 
     def fit(self, signal: np.ndarray) -> CostPiecewiseLinear:
-        y = np.asarray(signal, dtype=float).reshape(-1)
+        y = np.ascontiguousarray(signal, dtype=float).reshape(-1)
         self.signal = y.reshape(-1, 1)  # ruptures' searches read the length from here
-        n = len(y)
         # Values centred on the window keep the sums well conditioned; the sums of
         # 1, t and t² over the first k points are closed forms (exact in float64).
-        y = y - (y.mean() if n else 0.0)
-        t = np.arange(n, dtype=float)
-        k = np.arange(n + 1, dtype=float)
-        self._s = np.empty((6, n + 1))
-        self._s[0] = k
-        self._s[1] = k * (k - 1.0) / 2.0
-        self._s[2] = (k - 1.0) * k * (2.0 * k - 1.0) / 6.0
-        self._s[3:, 0] = 0.0
-        np.cumsum(y, out=self._s[3, 1:])
-        np.cumsum(t * y, out=self._s[4, 1:])
-        np.cumsum(y * y, out=self._s[5, 1:])
+        self._s = _k.cost_sums(y)
         return self
 
     @staticmethod
@@ -527,7 +413,7 @@ class CostPiecewiseLinear(BaseCost):
         return np.maximum(np.where(vtt > 0, vyy - vty * vty / safe, vyy), 0.0)
 
     def error(self, start: int, end: int) -> float:
-        return float(self._sse(self._s[:, end] - self._s[:, start]))
+        return _k.segment_error(self._s, start, end)
 
     def split_gains(self, start: int, end: int, min_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Gain of one line → two lines at every split of ``[start, end)``, each side at
@@ -585,28 +471,6 @@ class CostPiecewiseLinear(BaseCost):
         return np.arange(lo, hi), gains
 
 
-class _VectorBinseg(rpt.Binseg):
-    """ruptures' binary segmentation with the split search of one segment in numpy.
-
-    Same result as ``rpt.Binseg`` with ``jump=1`` (largest gain, ties to the later
-    index) for :class:`CostPiecewiseLinear`; O(n) per segment searched.
-    """
-
-    def fit(self, signal: np.ndarray) -> _VectorBinseg:
-        # As ruptures' fit, without clearing the lru_cache that this single_bkp does not use.
-        self.signal = signal.reshape(-1, 1) if signal.ndim == 1 else signal
-        self.n_samples = self.signal.shape[0]
-        self.cost.fit(signal)
-        return self
-
-    def single_bkp(self, start: int, end: int) -> tuple[int | None, float]:
-        candidates, gains = self.cost.split_gains(start, end, self.min_size)
-        if len(candidates) == 0:
-            return None, 0
-        best = _last_argmax(gains)
-        return int(candidates[best]), float(gains[best])
-
-
 def _last_argmax(values: np.ndarray) -> int:
     """Index of the largest value, ties to the later one (as ruptures' Binseg). O(n)."""
     return len(values) - 1 - int(np.argmax(values[::-1]))
@@ -641,7 +505,7 @@ def history_scale(history: np.ndarray) -> float:
     BIC penalty scores below "no change points" on TCPD; so did the MAD of
     residuals around local lines, which we measured too.)
     """
-    return float(np.std(history)) if len(history) > 1 else 0.0
+    return _k.history_scale(np.ascontiguousarray(history, dtype=float))  # np.std, compiled
 
 
 def point_noise(history: np.ndarray) -> float:
@@ -650,10 +514,7 @@ def point_noise(history: np.ndarray) -> float:
     Blind to level shifts and trends, and too small alone for smooth series,
     so it only sets a floor under the penalty on noisy, structureless data.
     """
-    if len(history) < 3:
-        return 0.0
-    d = np.diff(history)
-    return 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
+    return _k.point_noise(np.ascontiguousarray(history, dtype=float))  # the medians, compiled
 
 
 @dataclass(frozen=True)
@@ -721,12 +582,12 @@ class WindowLocaliser:
             noise = point_noise(y)
         scale = max(scale, 1e-12 * max(1.0, float(np.max(np.abs(y)))), _TINY)
         penalty = (self.penalty * scale * scale + self.noise_penalty * noise * noise) * math.log(n)
-        cost = CostPiecewiseLinear()
-        algo = _VectorBinseg(custom_cost=cost, min_size=self.min_size, jump=1).fit(y)
+        cost = CostPiecewiseLinear().fit(y)
         bkps: list[int] = []
-        evidence = algo.single_bkp(0, n)[1] / penalty
+        evidence = _k.best_split(cost._s, 0, n, self.min_size)[1] / penalty
         if evidence > 1.0:  # else Binseg would confirm nothing
-            bkps = [int(b) for b in algo.predict(pen=penalty)[:-1]]
+            # ruptures' Binseg(jump=1).predict(pen=penalty) on this cost, compiled.
+            bkps = _k.binseg(cost._s, n, self.min_size, penalty).tolist()
             if self.curvature_penalty is not None:
                 bkps = self._not_curvature(y, bkps, cost, self.curvature_penalty * penalty)
         if self.shift_penalty is None:
@@ -758,18 +619,15 @@ class WindowLocaliser:
                       penalty: float) -> tuple[list[int], dict[int, float], float]:
         """The best level shift of the whole window, if it beats ``shift_penalty × penalty``
         (and, with ``curvature_penalty``, one parabola too), and its gain. O(n)."""
-        candidates, gains = cost.shift_gains(0, len(y), self.min_size, self.shift_min_size)
-        if len(gains) == 0:
+        index, gain = _k.best_shift(cost._s, 0, len(y), self.min_size, self.shift_min_size)
+        if index < 0:
             return [], {}, 0.0
-        best = _last_argmax(gains)
-        gain = float(gains[best])
         if gain <= self.shift_penalty * penalty:
             return [], {}, gain
         if self.curvature_penalty is not None:
             line_sse = cost.error(0, len(y))
             if _parabola_sse(y) - (line_sse - gain) <= self.curvature_penalty * penalty:
                 return [], {}, gain
-        index = int(candidates[best])
         return [index], {index: gain}, gain
 
     def _refine_shifts(self, y: np.ndarray, bkps: list[int], cost: CostPiecewiseLinear,
@@ -784,12 +642,10 @@ class WindowLocaliser:
             index, right = edges[k], edges[k + 1]
             lines = cost.error(left, right) - cost.error(left, index) - cost.error(index, right)
             last = self.shift_min_size if right == len(y) else self.min_size
-            candidates, gains = cost.shift_gains(left, right, self.min_size, last)
-            if len(gains):
-                best = _last_argmax(gains)
-                if gains[best] - self.shift_penalty * penalty >= lines - penalty:
-                    index = int(candidates[best])
-                    shifts[index] = float(gains[best])
+            best, gain = _k.best_shift(cost._s, left, right, self.min_size, last)
+            if best >= 0 and gain - self.shift_penalty * penalty >= lines - penalty:
+                index = best
+                shifts[index] = gain
             out.append(index)
         return out, shifts
 
