@@ -183,3 +183,28 @@ def test_kernels_compile_without_a_cache_location() -> None:
 
         numba.njit(cache=True)(namespace["twice"])
     assert k._jit(namespace["twice"])(21) == 42
+
+
+def test_flat_start_equals_lfiltic() -> None:
+    from scipy.signal import lfiltic
+
+    trigger = CusumTrigger()
+    rng = np.random.default_rng(9)
+    for y in [0.0, -0.0, 1.0, -3.5, 1e300, -1e-300, *rng.normal(size=200) * 10 ** rng.uniform(-9, 9, 200)]:
+        expected = lfiltic(trigger._b, trigger._a, [0.0, 0.0], [y, y])
+        got = trigger._flat_start(float(y))
+        assert got.tolist() == expected.tolist()
+        assert np.array_equal(np.signbit(got), np.signbit(expected))
+
+
+def test_parabola_basis_equals_the_numpy_vectors() -> None:
+    for y in _arrays(10, 300, longest=1100):
+        n = len(y)
+        if n <= 3:
+            continue
+        t = np.arange(n, dtype=float) - (n - 1) / 2.0
+        t /= max(1.0, (n - 1) / 2.0)
+        q = t * t
+        q -= q.mean()
+        yc, tk, qk = k.parabola_basis(y)
+        assert np.array_equal(yc, y - y.mean()) and np.array_equal(tk, t) and np.array_equal(qk, q)

@@ -491,3 +491,24 @@ def binseg(s, n, min_size, pen):  # pragma: no cover - compiled
         bkps[j] = best
         count += 1
     return bkps[: count - 1].copy()
+
+
+@_jit
+def parabola_basis(y):  # pragma: no cover - compiled
+    """:func:`detector.core.changepoint._parabola_sse`'s vectors (n > 3): rows ``y`` centred,
+    ``t`` (times centred and scaled to [−1, 1]) and ``t² − mean(t²)``. The dot products
+    stay numpy's (BLAS sums in its own order). O(n)."""
+    n = len(y)
+    out = np.empty((3, n))
+    half = (n - 1) / 2.0
+    scale = half if half > 1.0 else 1.0
+    for i in range(n):
+        t = (float(i) - half) / scale
+        out[1, i] = t
+        out[2, i] = t * t
+    q_mean = np_sum(out[2]) / n
+    y_mean = np_sum(y) / n
+    for i in range(n):
+        out[2, i] = out[2, i] - q_mean
+        out[0, i] = y[i] - y_mean
+    return out

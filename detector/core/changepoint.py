@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from ruptures.base import BaseCost
-from scipy.signal import lfiltic
 
 from detector.core import _kernels as _k
 from detector.core._kernels import LOG_ABS_Z_MEAN as _LOG_ABS_Z_MEAN
@@ -201,11 +200,8 @@ class CusumTrigger:
         on each consumed value.
         """
         values = np.asarray(values, dtype=float)
-        i = 0
         m = len(values)
-        while i < m and self.n < self.warmup:  # a few points per reset, one at a time
-            self._warm(values[i])
-            i += 1
+        i = self._warm_up(values)  # a few points per reset
         if i == m:
             return None
         block = values[i:]
@@ -217,10 +213,7 @@ class CusumTrigger:
         any CUSUM was above its threshold after it (:attr:`alarmed`). O(m) in numpy."""
         values = np.asarray(values, dtype=float)
         flags = np.zeros(len(values), dtype=bool)
-        i = 0
-        while i < len(values) and self.n < self.warmup:
-            self._warm(values[i])  # the sums stay zero during warm-up
-            i += 1
+        i = self._warm_up(values)  # the sums stay zero during warm-up
         if i < len(values):
             flags[i:] = self._scan_block(values[i:], stop=False)
         return flags
@@ -233,27 +226,57 @@ class CusumTrigger:
     def restore(self, snapshot: dict) -> None:
         self.__dict__.update(snapshot)
 
-    def _warm(self, y: float) -> None:
-        lin = _k.trigger_linear(np.array([y]), self.n, self._holt, float(self.zi[0]), float(self.zi[1]),
+    def _warm_up(self, values: np.ndarray) -> int:
+        """Take the first values while fewer than ``warmup`` points are in; return how many."""
+        count = min(len(values), self.warmup - self.n)
+        if count <= 0:
+            return 0
+        start = 0
+        if self.n == 0:
+            self._warm(values[:1])  # the first point of a segment starts the forecast alone
+            start = 1
+        if start < count:
+            self._warm(values[start:count])
+        return count
+
+    def _warm(self, y: np.ndarray) -> None:
+        """Warm-up points in order (the first of a segment alone): the line's sums and the
+        forecast's filter as in a block, the initial scales as running means of log |error|."""
+        lin = _k.trigger_linear(y, self.n, self._holt, float(self.zi[0]), float(self.zi[1]),
                                 self._lam, self.s0, self.s1, float(self.z0[0]), float(self.z1[0]),
                                 *self._table)
-        self.s0, self.s1 = float(lin[_k.LIN_S0, 0]), float(lin[_k.LIN_S1, 0])
-        self.z0, self.z1 = lin[_k.LIN_Z0, :1].copy(), lin[_k.LIN_Z1, :1].copy()
-        self.n += 1
-        if self.n == 1:
+        last = len(y) - 1
+        self.s0, self.s1 = float(lin[_k.LIN_S0, last]), float(lin[_k.LIN_S1, last])
+        self.z0, self.z1 = lin[_k.LIN_Z0, last : last + 1].copy(), lin[_k.LIN_Z1, last : last + 1].copy()
+        if self.n == 0:
             # Start flat at the first value: past inputs y, y and past innovations 0.
-            self.zi = lfiltic(self._b, self._a, [0.0, 0.0], [y, y])
+            self.n = 1
+            self.zi = self._flat_start(float(y[0]))
             return
-        self.zi = lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, 0].copy()
-        # math's log, not numpy's, as the warm-up always took it (they differ in the last bit).
-        log_abs = math.log(max(abs(float(lin[_k.LIN_E, 0])), _TINY))
-        # Warm-up: the mean of log |innovation| so far sets the initial scale.
-        self.log_scale += (log_abs - self.log_scale) / (self.n - 1)
-        line_abs = math.log(max(abs(float(lin[_k.LIN_EL, 0])), _TINY))
-        self.bank_log_scale += (line_abs - self.bank_log_scale) / (self.n - 1)
+        self.zi = lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, last].copy()
+        log_scale, bank_log_scale = self.log_scale, self.bank_log_scale
+        for e, e_line in zip(lin[_k.LIN_E].tolist(), lin[_k.LIN_EL].tolist(), strict=True):
+            self.n += 1
+            # math's log, not numpy's, as the warm-up always took it (they differ in the last bit).
+            # Warm-up: the mean of log |innovation| so far sets the initial scale.
+            log_scale += (math.log(max(abs(e), _TINY)) - log_scale) / (self.n - 1)
+            bank_log_scale += (math.log(max(abs(e_line), _TINY)) - bank_log_scale) / (self.n - 1)
+        self.log_scale, self.bank_log_scale = log_scale, bank_log_scale
         if self.n == self.warmup:
             self.zs = np.array([(1.0 - self.scale_rate) * self.log_scale])
             self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
+
+    def _flat_start(self, y: float) -> np.ndarray:
+        """``lfiltic(b, a, [0, 0], [y, y])``: the forecast's filter state after inputs y, y
+        and outputs 0, 0, with lfiltic's operations in its order (its sums are numpy's:
+        from 0, one term after another; tests/test_kernels.py compares)."""
+        b1, b2 = float(self._b[1]), float(self._b[2])
+        a1, a2 = float(self._a[1]), float(self._a[2])
+        z0 = 0.0 + ((0.0 + b1 * y) + b2 * y)
+        z1 = 0.0 + (0.0 + b2 * y)
+        z0 -= 0.0 + ((0.0 + a1 * 0.0) + a2 * 0.0)
+        z1 -= 0.0 + (0.0 + a2 * 0.0)
+        return np.array([z0, z1])
 
     def _scan_block(self, y: np.ndarray, stop: bool = True) -> int | np.ndarray | None:
         # Three compiled loops (the linear filters; the log-EWMA scales; the
@@ -485,11 +508,7 @@ def _parabola_sse(y: np.ndarray) -> float:
     n = len(y)
     if n <= 3:
         return 0.0
-    t = np.arange(n, dtype=float) - (n - 1) / 2.0
-    t /= max(1.0, (n - 1) / 2.0)
-    q = t * t
-    q -= q.mean()
-    yc = y - y.mean()
+    yc, t, q = _k.parabola_basis(np.ascontiguousarray(y, dtype=float))
     a, b, c = float(yc @ yc), float(yc @ t), float(yc @ q)
     return max(a - b * b / float(t @ t) - c * c / float(q @ q), 0.0)
 
