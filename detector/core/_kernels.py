@@ -57,6 +57,8 @@ TINY = 1e-300
 LIN_ABS_E, LIN_ABS_EL, LIN_FLOOR, LIN_E, LIN_EL, LIN_S0, LIN_S1, LIN_ZI0, LIN_ZI1, LIN_Z0, LIN_Z1 = range(11)
 # Rows of trigger_scales' output.
 SC_ARG_FAST, SC_ARG_BANK, SC_LOG_S, SC_BANK_S, SC_ZS, SC_BZ, SC_LAG_FAST, SC_LAG_BANK = range(8)
+# Entries of trigger_cusums' state (ZI0 and ZI1 adjacent: the forecast filter's state).
+ST_S0, ST_S1, ST_Z0, ST_Z1, ST_BZ, ST_BANK_S, ST_ZI0, ST_ZI1, ST_ZS, ST_LOG_S, ST_BIAS, ST_LAST_Z = range(12)
 
 
 # --- the trigger -------------------------------------------------------------------
@@ -163,8 +165,9 @@ def trigger_cusums(lin, sc, scales, n, gate, gate_shift, bias_rate, bias_a1, bia
     block (fast +, fast −, bank + per drift, bank − per drift), updated in place
     to the sums after the last point consumed. With ``stop``, stops at the first
     point where a sum exceeds its threshold. Returns (index of that point or −1,
-    per point whether any sum was above its threshold, the new gate, the bias
-    filter's state, the fast standardised error of the last point consumed).
+    per point whether any sum was above its threshold, the new gate, the state
+    after the last point consumed: rows ``ST_*`` of the filters, scales, the bias
+    filter and the fast standardised error).
     The sums are the Lindley recursion max(0, s + x) on integers: exact. O(m k).
     """
     m = lin.shape[1]
@@ -221,7 +224,14 @@ def trigger_cusums(lin, sc, scales, n, gate, gate_shift, bias_rate, bias_a1, bia
     for j in range(lag):
         t = k + 1 + j
         new_gate[j] = gate[t] if t < lag else gate_in[t - lag]
-    return alarm, flags, new_gate, bias_zi, last_z
+    state = np.empty(12)
+    state[ST_S0], state[ST_S1] = lin[LIN_S0, k], lin[LIN_S1, k]
+    state[ST_Z0], state[ST_Z1] = lin[LIN_Z0, k], lin[LIN_Z1, k]
+    state[ST_BZ], state[ST_BANK_S] = sc[SC_BZ, k], sc[SC_BANK_S, k]
+    state[ST_ZI0], state[ST_ZI1] = lin[LIN_ZI0, k], lin[LIN_ZI1, k]
+    state[ST_ZS], state[ST_LOG_S] = sc[SC_ZS, k], sc[SC_LOG_S, k]
+    state[ST_BIAS], state[ST_LAST_Z] = bias_zi, last_z
+    return alarm, flags, new_gate, state
 
 
 # --- numpy's reductions, bit for bit ---------------------------------------------------
@@ -468,29 +478,32 @@ def best_shift(s, start, end, min_size, last_min_size):  # pragma: no cover - co
 def binseg(s, n, min_size, pen):  # pragma: no cover - compiled
     """ruptures' ``Binseg(jump=1).predict(pen=pen)`` on the cost with sums ``s``: the
     breaks, sorted, without ``n``. Each round splits the segment whose best split gains
-    most (the first of equal gains), while that gain exceeds ``pen``. O(n) per break."""
-    bkps = np.empty(n + 1, dtype=np.int64)
-    bkps[0] = n
+    most (the first of equal gains), while that gain exceeds ``pen``. Each segment's
+    best split is searched once (ruptures searches every segment every round; the
+    answer is the same). O(n) per break found."""
+    ends = np.empty(n + 1, dtype=np.int64)  # segment j is [ends[j - 1], ends[j]), ends[-1] = 0
+    best = np.empty(n + 1, dtype=np.int64)
+    gains = np.empty(n + 1)
+    ends[0] = n
+    best[0], gains[0] = best_split(s, 0, n, min_size)
     count = 1
     while True:
-        best, gain = -1, 0.0
-        start = 0
-        for j in range(count):
-            end = bkps[j]
-            b, g = best_split(s, start, end, min_size)
-            if j == 0 or g > gain:
-                best, gain = b, g
-            start = end
-        if best < 0 or not gain > pen:
+        j = 0
+        for i in range(1, count):
+            if gains[i] > gains[j]:
+                j = i
+        if best[j] < 0 or not gains[j] > pen:
             break
-        # Insert in order.
-        j = count
-        while j > 0 and bkps[j - 1] > best:
-            bkps[j] = bkps[j - 1]
-            j -= 1
-        bkps[j] = best
+        # Segment j splits at best[j]: shift the later segments one place up.
+        for i in range(count, j, -1):
+            ends[i], best[i], gains[i] = ends[i - 1], best[i - 1], gains[i - 1]
+        start = ends[j - 1] if j > 0 else 0
+        cut, end = best[j], ends[j + 1]
+        ends[j] = cut
+        best[j], gains[j] = best_split(s, start, cut, min_size)
+        best[j + 1], gains[j + 1] = best_split(s, cut, end, min_size)
         count += 1
-    return bkps[: count - 1].copy()
+    return ends[: count - 1].copy()  # segment ends in order; the last is n
 
 
 @_jit

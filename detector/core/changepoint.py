@@ -131,6 +131,9 @@ class CusumTrigger:
         self._bias_a = np.array([1.0, -(1.0 - self.bias_rate)])
         self._bank_hq = np.array([int(round(h * _Q)) for h in self.bank_thresholds], dtype=np.int64)[:, None]
         self._bank_kq = np.array([int(round(k * _Q)) for k in self.bank_drifts], dtype=np.int64)[:, None]
+        self._bank_hq_list = self._bank_hq[:, 0].tolist()
+        self._bank_hq_flat = self._bank_hq[:, 0].copy()
+        self._bank_kq_flat = self._bank_kq[:, 0].copy()
         self.reset()
 
     def reset(self) -> None:
@@ -159,8 +162,10 @@ class CusumTrigger:
     @property
     def statistic(self) -> float:
         """The largest CUSUM sum, as a fraction of its threshold times the fast threshold."""
+        # Python ints below 2**53 divide to the same float as numpy's int64 division.
         ratios = [max(self.pos, self.neg) / self._hq]
-        ratios += (np.maximum(self.bank_pos, self.bank_neg) / self._bank_hq[:, 0]).tolist()
+        ratios += [max(p, n) / h for p, n, h in zip(self.bank_pos.tolist(), self.bank_neg.tolist(),
+                                                     self._bank_hq_list, strict=True)]
         return max(ratios) * self.threshold
 
     @property
@@ -183,8 +188,8 @@ class CusumTrigger:
     def clear(self) -> None:
         """Zero every CUSUM sum (after an alarm has been dealt with)."""
         self.pos = self.neg = 0
-        self.bank_pos = np.zeros_like(self.bank_pos)
-        self.bank_neg = np.zeros_like(self.bank_neg)
+        self.bank_pos = np.zeros(len(self.bank_drifts), dtype=np.int64)
+        self.bank_neg = np.zeros(len(self.bank_drifts), dtype=np.int64)
 
     # --- update ----------------------------------------------------------------
 
@@ -301,19 +306,20 @@ class CusumTrigger:
         nk = len(self.bank_drifts)
         sums = np.empty(2 + 2 * nk, dtype=np.int64)
         sums[0], sums[1], sums[2 : 2 + nk], sums[2 + nk :] = self.pos, self.neg, self.bank_pos, self.bank_neg
-        alarm, flags, gate, bias_zi, last_z = _k.trigger_cusums(
+        alarm, flags, gate, state = _k.trigger_cusums(
             lin, sc, np.exp(sc[:2]), self.n, self.gate, self._gate, self.bias_rate, self._bias_a[1],
-            float(self.bias_zi[0]), self.bias_gate, self.bank_after, sums, self._kq, self._bank_kq[:, 0],
-            self._hq, self._bank_hq[:, 0], stop)
+            float(self.bias_zi[0]), self.bias_gate, self.bank_after, sums, self._kq, self._bank_kq_flat,
+            self._hq, self._bank_hq_flat, stop)
+        # The state after the last point consumed; views of fresh arrays (never written in place).
         k = m - 1 if alarm < 0 else int(alarm)
         self.gate = gate
-        self.bias_zi = np.array([bias_zi])
-        self.s0, self.s1 = float(lin[_k.LIN_S0, k]), float(lin[_k.LIN_S1, k])
-        self.z0, self.z1 = lin[_k.LIN_Z0, k : k + 1].copy(), lin[_k.LIN_Z1, k : k + 1].copy()
-        self.bz, self.bank_log_scale = sc[_k.SC_BZ, k : k + 1].copy(), float(sc[_k.SC_BANK_S, k])
-        self.bank_pos, self.bank_neg = sums[2 : 2 + nk].copy(), sums[2 + nk :].copy()
-        self._commit(k + 1, lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, k].copy(), sc[_k.SC_ZS, k : k + 1].copy(),
-                     float(sc[_k.SC_LOG_S, k]), int(sums[0]), int(sums[1]), float(last_z))
+        s0, s1, _, _, _, bank_s, _, _, _, log_s, _, last_z = state.tolist()
+        self.s0, self.s1, self.bank_log_scale = s0, s1, bank_s
+        self.z0, self.z1 = state[_k.ST_Z0 : _k.ST_Z0 + 1], state[_k.ST_Z1 : _k.ST_Z1 + 1]
+        self.bz, self.bias_zi = state[_k.ST_BZ : _k.ST_BZ + 1], state[_k.ST_BIAS : _k.ST_BIAS + 1]
+        self.bank_pos, self.bank_neg = sums[2 : 2 + nk], sums[2 + nk :]
+        self._commit(k + 1, state[_k.ST_ZI0 : _k.ST_ZI1 + 1], state[_k.ST_ZS : _k.ST_ZS + 1], log_s,
+                     int(sums[0]), int(sums[1]), last_z)
         if alarm < 0:
             return None if stop else flags
         return k
@@ -679,12 +685,16 @@ class WindowLocaliser:
         real break (a level shift, a plateau that ends in a drop, a kink seen from
         both sides) is not a parabola either, so it survives.
         """
+        known: dict[tuple[int, int, int], float] = {}  # a break's margin depends on its neighbours only
         while bkps:
             edges = [0, *bkps, len(y)]
             margins = []
             for left, index, right in zip(edges, edges[1:], edges[2:], strict=False):
-                lines = cost.error(left, index) + cost.error(index, right)
-                margins.append(_parabola_sse(y[left:right]) - lines)
+                margin = known.get((left, index, right))
+                if margin is None:
+                    lines = cost.error(left, index) + cost.error(index, right)
+                    margin = known[left, index, right] = _parabola_sse(y[left:right]) - lines
+                margins.append(margin)
             worst = int(np.argmin(margins))
             if margins[worst] > penalty:
                 return bkps

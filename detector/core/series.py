@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from detector.core._kernels import np_median as median
 from detector.core.changepoint import CusumTrigger, WindowLocaliser, history_scale, point_noise
 from detector.core.summaries import MultiResolution
 from detector.core.trend import PlateauResult, PlateauTest, TrendResult, mann_kendall
@@ -346,8 +347,8 @@ class SeriesDetector:
         events = []
         edges = [0, *(s.index for s in splits), len(segment)]
         for k, split in enumerate(splits):
-            before = float(np.median(segment[edges[k] : split.index][-10:]))
-            after = float(np.median(segment[split.index : edges[k + 2]][:10]))
+            before = median(segment[edges[k] : split.index][-10:])  # np.median's, compiled
+            after = median(segment[split.index : edges[k + 2]][:10])
             direction = "up" if after > before else "down"
             located = int(self._steps[start + split.index])
             events.append(Event(
