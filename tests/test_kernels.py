@@ -93,9 +93,10 @@ def test_cusums_are_the_lindley_recursion_on_the_grid() -> None:
     start = sums.copy()
     kq, bank_kq = 1 << 15, np.array([1 << 15, 1 << 16, 3 << 15], dtype=np.int64)
     huge = np.int64(1) << 60
-    alarm, flags, _, _, _ = k.trigger_cusums(lin, sc, scales, 1000, np.full(50, -1.0), 0.0, 0.02, -0.98, 0.0,
+    alarm, flags, _, state = k.trigger_cusums(lin, sc, scales, 1000, np.full(50, -1.0), 0.0, 0.02, -0.98, 0.0,
                                              1e9, 0, sums, kq, bank_kq, huge, np.full(3, huge), True)
     assert alarm == -1 and not flags.any()
+    assert state[k.ST_LAST_Z] == lin[k.LIN_E, -1] / scales[0, -1]
     zq = np.rint(np.clip(lin[[k.LIN_E, k.LIN_EL]] / scales, -1e4, 1e4) * 65536).astype(np.int64)
     steps = np.r_[[zq[0] - kq], [-zq[0] - kq], zq[1] - bank_kq[:, None], -zq[1] - bank_kq[:, None]]
     expected = start.copy()
