@@ -209,3 +209,13 @@ def test_parabola_basis_equals_the_numpy_vectors() -> None:
         q -= q.mean()
         yc, tk, qk = k.parabola_basis(y)
         assert np.array_equal(yc, y - y.mean()) and np.array_equal(tk, t) and np.array_equal(qk, q)
+
+
+def test_window_search_is_the_first_look_of_the_localiser() -> None:
+    for y in _arrays(11, 100, longest=1100):
+        if len(y) < 9:
+            continue
+        sums, split_gain, shift_index, shift_gain, peak = k.window_search(y, 4, 2)
+        assert np.array_equal(sums, _numpy_fit_sums(y)) and peak == float(np.max(np.abs(y)))
+        assert split_gain == k.best_split(sums, 0, len(y), 4)[1]
+        assert (shift_index, shift_gain) == k.best_shift(sums, 0, len(y), 4, 2)

@@ -331,13 +331,18 @@ def np_std(a):  # pragma: no cover - compiled
 @_jit
 def np_median(a):  # pragma: no cover - compiled
     """``np.median`` of a 1-D float64 array without NaN (n ≥ 1): the middle of the
-    sorted values, the two middle ones averaged as ``np.mean`` averages them."""
-    s = np.sort(a)
-    n = len(s)
+    sorted values, the two middle ones averaged as ``np.mean`` averages them. A
+    partition, not a sort: the same order statistics, O(n)."""
+    n = len(a)
     half = n // 2
+    part = np.partition(a, half)
     if n % 2:
-        return (0.0 + (0.0 + s[half])) / 1.0
-    return (0.0 + ((0.0 + s[half - 1]) + s[half])) / 2.0
+        return (0.0 + (0.0 + part[half])) / 1.0
+    below = part[0]  # the largest of the lower half: the sorted values' half − 1st
+    for i in range(1, half):
+        if part[i] > below:
+            below = part[i]
+    return (0.0 + ((0.0 + below) + part[half])) / 2.0
 
 
 @_jit
@@ -472,6 +477,22 @@ def best_shift(s, start, end, min_size, last_min_size):  # pragma: no cover - co
     if nan_at >= 0:
         return nan_at, math.nan
     return best, gain
+
+
+@_jit
+def window_search(y, min_size, shift_min_size):  # pragma: no cover - compiled
+    """The localiser's first look at a window: the cost's sums (:func:`cost_sums`), the
+    best two-line split's gain, the best level shift (index, gain) and max |y|. O(n)."""
+    s = cost_sums(y)
+    n = len(y)
+    split_gain = best_split(s, 0, n, min_size)[1]
+    shift_index, shift_gain = best_shift(s, 0, n, min_size, shift_min_size)
+    peak = 0.0
+    for i in range(n):
+        v = abs(y[i])
+        if v > peak or v != v:
+            peak = v
+    return s, split_gain, shift_index, shift_gain, peak
 
 
 @_jit

@@ -441,6 +441,13 @@ class CostPiecewiseLinear(BaseCost):
         safe = np.where(vtt > 0, vtt, 1.0)
         return np.maximum(np.where(vtt > 0, vyy - vty * vty / safe, vyy), 0.0)
 
+    @classmethod
+    def _from_sums(cls, y: np.ndarray, sums: np.ndarray) -> CostPiecewiseLinear:
+        """The cost fitted to ``y`` whose sums (:func:`_kernels.cost_sums`) are already known."""
+        cost = cls()
+        cost.signal, cost._s = y.reshape(-1, 1), sums
+        return cost
+
     def error(self, start: int, end: int) -> float:
         return _k.segment_error(self._s, start, end)
 
@@ -605,11 +612,14 @@ class WindowLocaliser:
             scale = history_scale(y)
         if noise is None:
             noise = point_noise(y)
-        scale = max(scale, 1e-12 * max(1.0, float(np.max(np.abs(y)))), _TINY)
+        y = np.ascontiguousarray(y, dtype=float)
+        sums, split_gain, shift_index, shift_gain, peak = _k.window_search(y, self.min_size,
+                                                                         self.shift_min_size)
+        scale = max(scale, 1e-12 * max(1.0, peak), _TINY)
         penalty = (self.penalty * scale * scale + self.noise_penalty * noise * noise) * math.log(n)
-        cost = CostPiecewiseLinear().fit(y)
+        cost = CostPiecewiseLinear._from_sums(y, sums)
         bkps: list[int] = []
-        evidence = _k.best_split(cost._s, 0, n, self.min_size)[1] / penalty
+        evidence = split_gain / penalty
         if evidence > 1.0:  # else Binseg would confirm nothing
             # ruptures' Binseg(jump=1).predict(pen=penalty) on this cost, compiled.
             bkps = _k.binseg(cost._s, n, self.min_size, penalty).tolist()
@@ -620,7 +630,7 @@ class WindowLocaliser:
         elif bkps:
             bkps, shifts = self._refine_shifts(y, bkps, cost, penalty)
         else:
-            bkps, shifts, best = self._single_shift(y, cost, penalty)
+            bkps, shifts, best = self._single_shift(y, cost, penalty, shift_index, shift_gain)
             evidence = max(evidence, best / (self.shift_penalty * penalty))
         if bkps and not final:
             # A shift at the last index allowed, or a new line on fewer than 2 ×
@@ -640,11 +650,11 @@ class WindowLocaliser:
             splits.append(Split(index=int(index), gain=float(gain), penalty=float(penalty), noise=scale))
         return splits, evidence
 
-    def _single_shift(self, y: np.ndarray, cost: CostPiecewiseLinear,
-                      penalty: float) -> tuple[list[int], dict[int, float], float]:
-        """The best level shift of the whole window, if it beats ``shift_penalty × penalty``
-        (and, with ``curvature_penalty``, one parabola too), and its gain. O(n)."""
-        index, gain = _k.best_shift(cost._s, 0, len(y), self.min_size, self.shift_min_size)
+    def _single_shift(self, y: np.ndarray, cost: CostPiecewiseLinear, penalty: float, index: int,
+                      gain: float) -> tuple[list[int], dict[int, float], float]:
+        """The best level shift of the whole window (``index``, ``gain``: -1 when none fits),
+        if it beats ``shift_penalty × penalty`` (and, with ``curvature_penalty``, one
+        parabola too), and its gain. O(n)."""
         if index < 0:
             return [], {}, 0.0
         if gain <= self.shift_penalty * penalty:
