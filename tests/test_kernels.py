@@ -219,3 +219,59 @@ def test_window_search_is_the_first_look_of_the_localiser() -> None:
         assert np.array_equal(sums, _numpy_fit_sums(y)) and peak == float(np.max(np.abs(y)))
         assert split_gain == k.best_split(sums, 0, len(y), 4)[1]
         assert (shift_index, shift_gain) == k.best_shift(sums, 0, len(y), 4, 2)
+
+
+def _numpy_plateau_windows(y: np.ndarray, n: int, q: float, min_delta: float, relative: bool):
+    """trend._plateau_windows as it was in numpy (rows summed one after another)."""
+    t = np.arange(n, dtype=float) - (n - 1) / 2.0
+    stt = float(np.sum(t * t))
+    m = len(y) - n + 1
+    shifted = np.lib.stride_tricks.sliding_window_view(y, m).copy()
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.cumsum(a, axis=0)[-1] if a.shape[1] == 1 else a.sum(axis=0)
+
+    mean = rows(shifted) / n
+    sty = rows(shifted * t[:, None])
+    slope = sty / stt
+    d = shifted - mean
+    rss = np.maximum(rows(d * d) - slope * sty, 0.0)
+    se = np.sqrt(rss / max(n - 2, 1) / stt)
+    low, high = (slope - q * se) * (n - 1), (slope + q * se) * (n - 1)
+    bound = min_delta * (np.abs(mean) if relative else np.ones_like(mean))
+    return (-bound <= low) & (high <= bound), slope, low, high, bound
+
+
+def test_plateau_windows_equal_the_numpy_row_sums() -> None:
+    rng = np.random.default_rng(12)
+    for i, y in enumerate(_arrays(13, 300, longest=400)):
+        n = int(rng.choice([3, 20, 30]))
+        if i % 7 == 0:
+            y = np.r_[np.full(n, -0.0), y]  # signed zeros keep their sign through the sums
+        if len(y) < n:
+            continue
+        relative = bool(i % 2)
+        got = k.plateau_windows(y, n, 2.1, 0.05, relative)
+        for row, expected in zip(got, _numpy_plateau_windows(y, n, 2.1, 0.05, relative), strict=True):
+            expected = expected.astype(float)
+            assert np.array_equal(row, expected) and np.array_equal(np.signbit(row), np.signbit(expected))
+
+
+def test_mann_kendall_sums_equal_the_numpy_ones() -> None:
+    from detector.core.trend import _median, _pairs
+
+    for y in _arrays(14, 400, longest=80):
+        n = len(y)
+        if n < 3:
+            continue
+        i, j, gaps = _pairs(n)
+        diffs = y[j] - y[i]
+        ordered = np.sort(y)
+        tied = ordered[1:] == ordered[:-1]
+        tie_term = 0.0
+        if tied.any():
+            ties = np.diff(np.concatenate(([-1], np.flatnonzero(~tied), [n - 1]))).astype(float)
+            tie_term = float(np.sum(ties * (ties - 1) * (2 * ties + 5)))
+        s = float(np.count_nonzero(diffs > 0) - np.count_nonzero(diffs < 0))
+        assert k.mann_kendall_sums(y) == (True, s, tie_term, _median(diffs / gaps))
+    assert not k.mann_kendall_sums(np.array([1.0, np.nan, 2.0]))[0]

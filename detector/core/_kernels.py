@@ -546,3 +546,110 @@ def parabola_basis(y):  # pragma: no cover - compiled
         out[2, i] = out[2, i] - q_mean
         out[0, i] = y[i] - y_mean
     return out
+
+
+# --- the plateau test --------------------------------------------------------------
+
+
+@_jit
+def plateau_windows(y, n, q, min_delta, relative):  # pragma: no cover - compiled
+    """:func:`detector.core.trend._plateau_windows` for every window of ``n`` points of
+    ``y`` (``q`` the t quantile): rows is_plateau, slope, ci_low, ci_high, bound. Each
+    window's sums run over its points in order from 0, as numpy reduces the rows of the
+    (n, m) array of shifted copies (from the first point when there is one window, as
+    numpy's ``cumsum`` does). O(n m)."""
+    m = len(y) - n + 1
+    out = np.empty((5, m))
+    half = (n - 1) / 2.0
+    tt = np.empty(n)
+    for j in range(n):
+        t = float(j) - half
+        tt[j] = t * t
+    stt = np_sum(tt)  # np.sum(t * t): pairwise, as numpy sums a 1-D array
+    dof = n - 2 if n - 2 > 1 else 1
+    span = n - 1
+    first = 1 if m == 1 else 0
+    for w in range(m):
+        total = y[w] if first else 0.0
+        for j in range(first, n):
+            total += y[w + j]
+        mean = total / n
+        if first:
+            d = y[w] - mean
+            sty, ss = y[w] * (0.0 - half), d * d
+        else:
+            sty, ss = 0.0, 0.0
+        for j in range(first, n):
+            sty += y[w + j] * (float(j) - half)  # Σ t (y − mean) = Σ t y, as Σ t = 0
+            d = y[w + j] - mean
+            ss += d * d
+        slope = sty / stt
+        rss = ss - slope * sty  # Σ residual² = Σ (y − mean)² − slope · Σ t y
+        rss = rss if rss > 0.0 else 0.0  # never −0.0 here (ss ≥ +0), so no sign to keep
+        se = math.sqrt(rss / dof / stt)
+        low, high = (slope - q * se) * span, (slope + q * se) * span
+        bound = min_delta * (abs(mean) if relative else 1.0)
+        out[0, w] = 1.0 if (-bound <= low and high <= bound) else 0.0
+        out[1, w], out[2, w], out[3, w], out[4, w] = slope, low, high, bound
+    return out
+
+
+# --- the Mann–Kendall test -------------------------------------------------------------
+
+
+@_jit
+def mann_kendall_sums(y):  # pragma: no cover - compiled
+    """:func:`detector.core.trend.mann_kendall`'s sums for finite ``y`` (n ≥ 3): S (pairs
+    up minus pairs down), the tie term Σ t (t − 1)(2t + 5) over runs of equal values
+    (numpy's pairwise sum, in sorted order; 0 without ties) and the median pairwise slope
+    (one partition, as trend._median). Returns ok = False, and nothing else computed,
+    when a value is not finite (the caller takes the numpy path). O(n²)."""
+    n = len(y)
+    for i in range(n):
+        if not np.isfinite(y[i]):
+            return False, 0.0, 0.0, 0.0
+    count = n * (n - 1) // 2
+    slopes = np.empty(count)
+    up = down = 0
+    p = 0
+    for i in range(n):  # np.triu_indices' order (the order does not change a median)
+        for j in range(i + 1, n):
+            d = y[j] - y[i]
+            if d > 0:
+                up += 1
+            elif d < 0:
+                down += 1
+            slopes[p] = d / float(j - i)
+            p += 1
+    ordered = np.sort(y)
+    runs = np.empty(n)
+    r = 0
+    length = 1
+    tied = False
+    for i in range(1, n):
+        if ordered[i] == ordered[i - 1]:
+            length += 1
+            tied = True
+        else:
+            runs[r] = length
+            r += 1
+            length = 1
+    runs[r] = length
+    r += 1
+    tie_term = 0.0
+    if tied:
+        for i in range(r):
+            t = runs[i]
+            runs[i] = t * (t - 1.0) * (2.0 * t + 5.0)
+        tie_term = np_sum(runs[:r])
+    half = count // 2
+    part = np.partition(slopes, half)
+    if count % 2:
+        slope = part[half]
+    else:
+        below = part[0]
+        for i in range(1, half):
+            if part[i] > below:
+                below = part[i]
+        slope = (below + part[half]) / 2.0
+    return True, float(up - down), tie_term, slope
