@@ -134,6 +134,10 @@ class CusumTrigger:
         self._bank_hq_list = self._bank_hq[:, 0].tolist()
         self._bank_hq_flat = self._bank_hq[:, 0].copy()
         self._bank_kq_flat = self._bank_kq[:, 0].copy()
+        # The kernels' constants, as the types they were compiled for.
+        self._constants = (float(self.scale_rate), float(self._sa[1]), float(self.bank_scale_rate),
+                           float(self._ba[1]), float(self.bias_rate), float(self._bias_a[1]),
+                           float(self.bias_gate), float(self._gate), int(self.bank_after))
         self.reset()
 
     def reset(self) -> None:
@@ -231,6 +235,14 @@ class CusumTrigger:
     def restore(self, snapshot: dict) -> None:
         self.__dict__.update(snapshot)
 
+    def _linear(self, y: np.ndarray) -> np.ndarray:
+        """:func:`_kernels.trigger_linear` from the current state. Scalars go in as Python
+        floats and ints whatever a checkpoint held (another type would compile another
+        specialisation of the kernel)."""
+        return _k.trigger_linear(y, int(self.n), self._holt, float(self.zi[0]), float(self.zi[1]), self._lam,
+                                 float(self.s0), float(self.s1), float(self.z0[0]), float(self.z1[0]),
+                                 *self._table)
+
     def _warm_up(self, values: np.ndarray) -> int:
         """Take the first values while fewer than ``warmup`` points are in; return how many."""
         count = min(len(values), self.warmup - self.n)
@@ -247,9 +259,7 @@ class CusumTrigger:
     def _warm(self, y: np.ndarray) -> None:
         """Warm-up points in order (the first of a segment alone): the line's sums and the
         forecast's filter as in a block, the initial scales as running means of log |error|."""
-        lin = _k.trigger_linear(y, self.n, self._holt, float(self.zi[0]), float(self.zi[1]),
-                                self._lam, self.s0, self.s1, float(self.z0[0]), float(self.z1[0]),
-                                *self._table)
+        lin = self._linear(y)
         last = len(y) - 1
         self.s0, self.s1 = float(lin[_k.LIN_S0, last]), float(lin[_k.LIN_S1, last])
         self.z0, self.z1 = lin[_k.LIN_Z0, last : last + 1].copy(), lin[_k.LIN_Z1, last : last + 1].copy()
@@ -298,17 +308,18 @@ class CusumTrigger:
         # line cannot follow, such as the steep start of a power-law loss, not a
         # shift (a shift is caught before that lasts ``gate_lag`` points).
         m = len(y)
-        lin = _k.trigger_linear(y, self.n, self._holt, float(self.zi[0]), float(self.zi[1]), self._lam,
-                                self.s0, self.s1, float(self.z0[0]), float(self.z1[0]), *self._table)
-        sc = _k.trigger_scales(np.log(lin[:3]), self.scale_rate, self._sa[1], float(self.zs[0]),
-                               self.log_scale, self.bank_scale_rate, self._ba[1], float(self.bz[0]),
-                               self.bank_log_scale)
+        scale_rate, scale_a1, bank_rate, bank_a1, bias_rate, bias_a1, bias_gate, gate_shift, bank_after = \
+            self._constants
+        lin = self._linear(y)
+        sc = _k.trigger_scales(np.log(lin[:3]), scale_rate, scale_a1, float(self.zs[0]),
+                               float(self.log_scale), bank_rate, bank_a1, float(self.bz[0]),
+                               float(self.bank_log_scale))
         nk = len(self.bank_drifts)
         sums = np.empty(2 + 2 * nk, dtype=np.int64)
         sums[0], sums[1], sums[2 : 2 + nk], sums[2 + nk :] = self.pos, self.neg, self.bank_pos, self.bank_neg
         alarm, flags, gate, state = _k.trigger_cusums(
-            lin, sc, np.exp(sc[:2]), self.n, self.gate, self._gate, self.bias_rate, self._bias_a[1],
-            float(self.bias_zi[0]), self.bias_gate, self.bank_after, sums, self._kq, self._bank_kq_flat,
+            lin, sc, np.exp(sc[:2]), int(self.n), self.gate, gate_shift, bias_rate, bias_a1,
+            float(self.bias_zi[0]), bias_gate, bank_after, sums, self._kq, self._bank_kq_flat,
             self._hq, self._bank_hq_flat, stop)
         # The state after the last point consumed; views of fresh arrays (never written in place).
         k = m - 1 if alarm < 0 else int(alarm)
