@@ -175,9 +175,9 @@ class CusumTrigger:
     @property
     def alarmed(self) -> bool:
         """Whether any CUSUM is above its threshold now."""
-        bank = self._bank_hq[:, 0]
         return (self.pos > self._hq or self.neg > self._hq
-                or bool(((self.bank_pos > bank) | (self.bank_neg > bank)).any()))
+                or any(p > h or n > h for p, n, h in zip(self.bank_pos.tolist(), self.bank_neg.tolist(),
+                                                          self._bank_hq_list, strict=True)))
 
     @property
     def level(self) -> float:
@@ -534,7 +534,22 @@ def _parabola_sse(y: np.ndarray) -> float:
         return 0.0
     yc, t, q = _k.parabola_basis(np.ascontiguousarray(y, dtype=float))
     a, b, c = float(yc @ yc), float(yc @ t), float(yc @ q)
-    return max(a - b * b / float(t @ t) - c * c / float(q @ q), 0.0)
+    tt, qq = _basis_norms(n, t, q)
+    return max(a - b * b / tt - c * c / qq, 0.0)
+
+
+_BASIS_NORMS: dict[int, tuple[float, float]] = {}
+
+
+def _basis_norms(n: int, t: np.ndarray, q: np.ndarray) -> tuple[float, float]:
+    """``t @ t`` and ``q @ q`` of :func:`_parabola_sse`'s basis, once per window length
+    (the same values give the same BLAS sums)."""
+    norms = _BASIS_NORMS.get(n)
+    if norms is None:
+        if len(_BASIS_NORMS) >= 4096:  # windows are capped by the caller; this only bounds odd uses
+            _BASIS_NORMS.clear()
+        norms = _BASIS_NORMS[n] = (float(t @ t), float(q @ q))
+    return norms
 
 
 def history_scale(history: np.ndarray) -> float:
