@@ -45,6 +45,12 @@ from detector.errors import InvalidArgument
 _GATE_CLOSED = 1e9  # a gate input that keeps the slow bank closed
 
 
+_SETTINGS = ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate", "memory", "bank_drifts",
+             "bank_thresholds", "bank_scale_rate", "bank_gate", "gate_lag", "bias_rate", "bias_gate",
+             "bank_after")
+_DERIVED: dict[tuple, dict] = {}  # settings -> CusumTrigger constants (a handful of settings per process)
+
+
 @dataclass
 class CusumTrigger:
     """Two CUSUM triggers on one series, both O(1) amortised per point, compiled.
@@ -114,6 +120,19 @@ class CusumTrigger:
                 or any(k < 0 for k in self.bank_drifts) or any(h <= 0 for h in self.bank_thresholds)):
             raise InvalidArgument("memory must be > 1 and bank_drifts (>= 0) and bank_thresholds (> 0) "
                                   "must have the same length")
+        # Constants derived from the settings, computed once per settings (shared: never
+        # written in place); a series detector per series makes a trigger per series.
+        key = tuple(getattr(self, name) for name in _SETTINGS)
+        derived = _DERIVED.get(key)
+        if derived is None:
+            derived = _DERIVED[key] = self._derive()
+        self.__dict__.update(derived)
+        self.reset()
+
+    def _derive(self) -> dict:
+        """The constants of these settings: filter coefficients, the fixed-point thresholds
+        and drifts, the line's table, the kernels' scalar arguments."""
+        before = set(self.__dict__)
         # Holt's innovations are an ARIMA(0,2,2) filter of the values:
         # (1 - B)² y_t = (1 - θ1 B - θ2 B²) e_t, θ1 = 2 - α - αβ, θ2 = α - 1.
         a, b = self.alpha, self.beta
@@ -138,7 +157,7 @@ class CusumTrigger:
         self._constants = (float(self.scale_rate), float(self._sa[1]), float(self.bank_scale_rate),
                            float(self._ba[1]), float(self.bias_rate), float(self._bias_a[1]),
                            float(self.bias_gate), float(self._gate), int(self.bank_after))
-        self.reset()
+        return {k: v for k, v in self.__dict__.items() if k not in before}
 
     def reset(self) -> None:
         self.n = 0
