@@ -441,7 +441,9 @@ class CostPiecewiseLinear(BaseCost):
     The same cost as ruptures' ``CostLinear`` with regressors ``[1, t]``, without a
     least-squares solve per candidate: fit is O(n), each ``error`` O(1), and
     :meth:`split_gains` and :meth:`shift_gains` score every split point of a
-    segment at once in numpy.
+    segment at once in numpy. The localiser takes the best of each from the
+    compiled :func:`_kernels.best_split` and :func:`_kernels.best_shift`, which
+    compute the same gains in the same order (tests/test_kernels.py compares).
 
     >>> y = np.r_[np.zeros(20), np.ones(10)] + 0.05 * np.arange(30)
     >>> candidates, gains = CostPiecewiseLinear().fit(y).shift_gains(0, 30, 4)
