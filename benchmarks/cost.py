@@ -10,13 +10,16 @@ every 100 000 points, and stationary Gaussian noise (role ``other``). The
 per-point ``update`` path is timed on the first 10⁴ points for reference.
 
 A last cell analyses each labelled run of ``--runs`` (``../shared/runs`` by
-default: six real runs) in-process, as ``phasewatch analyze`` does
-(``read_log`` then ``analyze_columns``: every series, the labeller, the end of
-the run), and reports µs per point by stage (reading the file, analysis, and
-the part of analysis spent in the change-point localiser), the points, and
-localisations per 1 000 points: calls of ``WindowLocaliser.locate_with_evidence``,
-counted by wrapping it for the duration of the cell (the core keeps no
-counter). Best of ``--repeats`` for the times.
+default: six real runs; ``../shared/real_runs`` has thirty more) in-process,
+as ``phasewatch analyze`` does (``read_log`` then ``analyze_columns``: every
+series, the labeller, the end of the run), and reports µs per point, in all
+and by stage: reading the file, the trigger's scans, the localiser, the
+labeller, plateau/trend tests and summaries, the end of the run, and the rest
+(engine, batching, timeline), with localisations per 1 000 points (calls of
+``WindowLocaliser.locate_with_evidence``). The stages are measured by wrapping
+those methods for the duration of the cell (:class:`StageTimer`; the core
+keeps no timers). Best of ``--repeats`` for the times, after one warm-up
+analysis (a process's first kernel call loads numba's compiled code).
 
 Usage (from the repository root)::
 
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.core.changepoint import WindowLocaliser
+from detector.core.changepoint import CusumTrigger, WindowLocaliser
 from detector.core.series import SeriesDetector
 from detector.core.types import Direction, EventKind, Role, SeriesSpec, Split
 
@@ -85,54 +88,112 @@ def measure_update(spec: SeriesSpec, y: np.ndarray) -> float:
     return 1e6 * (time.perf_counter() - start) / len(y)
 
 
-class LocaliserCounter:
-    """Counts and times ``WindowLocaliser.locate_with_evidence`` calls while active (a context manager)."""
+class StageTimer:
+    """Times the stages of an analysis by wrapping core methods while active (a context manager).
+
+    A call is charged to the stage of the outermost wrapped method running, so
+    stages do not overlap: the trigger's re-warm after a confirmed break counts
+    as localisation, the localisations at the end of a run as end of run. Also
+    counts ``WindowLocaliser.locate_with_evidence`` calls (the core keeps no
+    counter). The wrappers cost about a microsecond a call, a few thousand calls
+    a run.
+    """
 
     def __init__(self) -> None:
-        self.calls = 0
-        self.seconds = 0.0
-        self._original = WindowLocaliser.locate_with_evidence
+        from detector.core.labeller import PhaseLabeller
+        from detector.core.run import RunDetector
+        from detector.core.series import SeriesDetector
+        from detector.core.summaries import MultiResolution
 
-    def __enter__(self) -> LocaliserCounter:
-        original, counter = self._original, self
+        self.targets = [
+            (CusumTrigger, "scan", "trigger"), (CusumTrigger, "absorb", "trigger"),
+            (SeriesDetector, "_localise", "localiser"),
+            (PhaseLabeller, "update_block", "labeller"), (PhaseLabeller, "update", "labeller"),
+            (SeriesDetector, "_plateaus", "plateaus_trend"), (SeriesDetector, "_trend", "plateaus_trend"),
+            (MultiResolution, "update_many", "plateaus_trend"),
+            (RunDetector, "finish", "end_of_run"),
+        ]
+        self.seconds = dict.fromkeys(RUN_STAGES[1:-1], 0.0)
+        self.localisations = 0
+        self._originals: list[tuple[type, str, object]] = []
+        self._depth = 0
 
-        def counted(localiser: WindowLocaliser, *args: object, **kwargs: object) -> object:
+    def _wrap(self, original, stage: str):  # noqa: ANN001, ANN202 - any method
+        timer = self
+
+        def timed(*args: object, **kwargs: object) -> object:
+            if timer._depth:
+                return original(*args, **kwargs)
+            timer._depth += 1
             start = time.perf_counter()
             try:
-                return original(localiser, *args, **kwargs)
+                return original(*args, **kwargs)
             finally:
-                counter.calls += 1
-                counter.seconds += time.perf_counter() - start
+                timer.seconds[stage] += time.perf_counter() - start
+                timer._depth -= 1
 
+        return timed
+
+    def __enter__(self) -> StageTimer:
+        for cls, name, stage in self.targets:
+            original = cls.__dict__[name]
+            self._originals.append((cls, name, original))
+            setattr(cls, name, self._wrap(original, stage))
+        original_locate, timer = WindowLocaliser.locate_with_evidence, self
+
+        def counted(localiser: WindowLocaliser, *args: object, **kwargs: object) -> object:
+            timer.localisations += 1
+            return original_locate(localiser, *args, **kwargs)
+
+        self._originals.append((WindowLocaliser, "locate_with_evidence", original_locate))
         WindowLocaliser.locate_with_evidence = counted  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        WindowLocaliser.locate_with_evidence = self._original  # type: ignore[method-assign]
+        for cls, name, original in reversed(self._originals):
+            setattr(cls, name, original)
+        self._originals.clear()
+
+
+RUN_STAGES = ("read", "trigger", "localiser", "labeller", "plateaus_trend", "end_of_run", "other")
 
 
 def measure_runs(folder: Path, repeats: int = 3) -> list[dict]:
-    """In-process ``analyze`` of every labelled run in ``folder``: µs per point by stage, localisations."""
+    """In-process ``analyze`` of every labelled run in ``folder``: µs per point, by stage, and
+    localisations. The total is the best of ``repeats`` plain runs; the stages come from
+    the best of ``repeats`` more with :class:`StageTimer` on (``other``: the rest of the
+    analysis: the engine, batching, the timeline)."""
     from detector.analysis import analyze_columns  # the analyze path (imports the server stack)
     from detector.logfile import count_points, read_log
 
+    warm = sorted(folder.glob("*.jsonl"))[:1]
+    for log in warm:  # numba loads its compiled kernels on the first call of a process
+        analyze_columns(read_log(log), log.stem)
     rows = []
     for log in sorted(folder.glob("*.jsonl")):
         if not log.with_name(log.stem + ".labels.json").exists():
             continue
-        tries = []
+        plain, staged = [], []
         for _ in range(max(1, repeats)):
             start = time.perf_counter()
             columns = read_log(log)
             read = time.perf_counter() - start
-            with LocaliserCounter() as counter:
+            start = time.perf_counter()
+            analyze_columns(columns, log.stem)
+            plain.append((read, time.perf_counter() - start))
+        for _ in range(max(1, repeats)):
+            with StageTimer() as timer:
                 start = time.perf_counter()
                 analyze_columns(columns, log.stem)
-                analysis = time.perf_counter() - start
-            tries.append({"run": log.stem, "points": count_points(columns), "read_s": read,
-                          "analyze_s": analysis, "localiser_s": counter.seconds,
-                          "localisations": counter.calls})
-        rows.append(min(tries, key=lambda r: r["read_s"] + r["analyze_s"]))
+                total = time.perf_counter() - start
+            staged.append((total, timer))
+        read, analysis = min(plain, key=sum)
+        total, timer = min(staged, key=lambda t: t[0])
+        stages = {"read": read, **timer.seconds}
+        stages["other"] = max(0.0, total - sum(timer.seconds.values()))
+        rows.append({"run": log.stem, "points": count_points(columns), "read_s": read,
+                     "analyze_s": analysis, "localiser_s": timer.seconds["localiser"],
+                     "localisations": timer.localisations, "stages_s": stages})
     return rows
 
 
@@ -142,18 +203,20 @@ STAGES = ("points", "read_s", "analyze_s", "localiser_s", "localisations")
 def _runs_line(name: str, r: dict) -> str:
     us = 1e6 / max(r["points"], 1)
     total = r["read_s"] + r["analyze_s"]
-    return (f"  {name:<18} {r['points']:>8} {us * total:>9.2f} {us * r['read_s']:>7.2f}"
-            f" {us * r['analyze_s']:>8.2f} {us * r['localiser_s']:>9.2f} {r['localisations']:>6}"
-            f" {1000 * r['localisations'] / max(r['points'], 1):>9.2f}")
+    stages = " ".join(f"{us * r['stages_s'][k]:>{max(7, len(k))}.2f}" for k in RUN_STAGES)
+    return (f"  {name[:34]:<34} {r['points']:>8} {us * total:>9.2f} {stages}"
+            f" {r['localisations']:>6} {1000 * r['localisations'] / max(r['points'], 1):>9.2f}")
 
 
 def print_runs(folder: Path, rows: list[dict]) -> dict:
-    print(f"analyze in-process on the runs in {folder}, best of the repeats")
-    print(f"  {'run':<18} {'points':>8} {'µs/point':>9} {'read':>7} {'analyze':>8} {'localiser':>9}"
-          f" {'#loc':>6} {'loc/1000':>9}")
+    print(f"analyze in-process on the runs in {folder}: µs a point (total: best of the plain repeats;"
+          " stages: best of the timed repeats), localisations")
+    heads = " ".join(f"{k:>{max(7, len(k))}}" for k in RUN_STAGES)
+    print(f"  {'run':<34} {'points':>8} {'µs/point':>9} {heads} {'#loc':>6} {'loc/1000':>9}")
     for r in rows:
         print(_runs_line(r["run"], r))
     total = {k: sum(r[k] for r in rows) for k in STAGES}
+    total["stages_s"] = {k: sum(r["stages_s"][k] for r in rows) for k in RUN_STAGES}
     print(_runs_line("all (amortised)", total))
     points = max(total["points"], 1)
     return {"folder": str(folder), "runs": rows, "points": total["points"],
@@ -161,6 +224,7 @@ def print_runs(folder: Path, rows: list[dict]) -> dict:
             "us_per_point_read": 1e6 * total["read_s"] / points,
             "us_per_point_analyze": 1e6 * total["analyze_s"] / points,
             "us_per_point_localiser": 1e6 * total["localiser_s"] / points,
+            "us_per_point_by_stage": {k: 1e6 * v / points for k, v in total["stages_s"].items()},
             "localisations": total["localisations"],
             "localisations_per_1000_points": 1000 * total["localisations"] / points}
 

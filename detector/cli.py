@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 # The detector's own modules (engine, server, store, exporter, demo) are imported
 # by the commands that need them: they pull in the [server] extra (scipy,
-# ruptures, statsmodels, prometheus_client), which a client install lacks, and
+# ruptures, numba, statsmodels, prometheus_client), which a client install lacks, and
 # `phasewatch health`, run by probes every few seconds, must start fast.
 # Shown in --help without importing the server (the guard is light: grpc only).
 from detector.guard import (  # noqa: E402
@@ -75,7 +75,8 @@ DEFAULT_BATCH_POINTS = 2048  # detector.replay's
 # Modules of the [server] extra: a command that needs one of them and finds it
 # missing says which extra to install.
 _SERVER_EXTRA = frozenset(
-    {"scipy", "ruptures", "statsmodels", "prometheus_client", "grpc_reflection", "platformdirs"}
+    {"scipy", "ruptures", "numba", "llvmlite", "statsmodels", "prometheus_client", "grpc_reflection",
+     "platformdirs"}
 )
 ENV_PREFIX = "PHASEWATCH_"
 

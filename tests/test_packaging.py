@@ -16,7 +16,7 @@ import pytest
 import detector
 
 REPO = Path(__file__).resolve().parents[1]
-SERVER_STACK = ("scipy", "ruptures", "statsmodels", "pandas", "prometheus_client")
+SERVER_STACK = ("scipy", "ruptures", "numba", "statsmodels", "pandas", "prometheus_client")
 
 
 def imported_after(statements: str, before: str = "") -> set[str]:

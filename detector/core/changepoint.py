@@ -1,20 +1,21 @@
 """Two-stage change-point detection: a cheap vectorised trigger, then a bounded localiser.
 
-:class:`CusumTrigger` scans blocks of points with numpy in O(1) amortised time
-and memory per point: a Holt (level + trend) one-step-ahead forecast written as
-a linear filter (``scipy.signal.lfilter``), innovations standardised by a
+:class:`CusumTrigger` scans blocks of points in O(1) amortised time and memory
+per point (compiled loops, :mod:`detector.core._kernels`, with numpy's log and
+exp between them): a Holt (level + trend) one-step-ahead forecast written as
+a linear filter (``scipy.signal.lfilter``'s recurrence), innovations standardised by a
 log-domain EWMA scale (also a linear filter, and robust: one outlier moves it
 by a bounded factor), and a two-sided CUSUM on those standardised innovations
 (fast: abrupt changes); beside it a small bank of two-sided CUSUMs (one drift
 per shift size) on the errors of a slowly discounted least-squares line fitted
 since the last reset (slow: small shifts, which a fast forecast absorbs before
-its CUSUM can see them). Every CUSUM runs on a fixed-point grid (integers), so
-a block computed with ``cumsum``/``minimum.accumulate`` gives exactly the same
+its CUSUM can see them). Every CUSUM runs on a fixed-point grid (integers) and
+every filter carries its state exactly, so a block gives exactly the same
 statistics as point by point: how points are batched never changes a result.
 
 When it alarms, :class:`WindowLocaliser` segments a bounded recent window
-(ruptures ``Binseg`` over :class:`CostPiecewiseLinear`, vectorised split
-search) and confirms each break only if its cost gain beats a penalty
+(ruptures' ``Binseg`` over :class:`CostPiecewiseLinear`, run as one compiled
+loop with the same result) and confirms each break only if its cost gain beats a penalty
 ``penalty × scale² × log n``, with ``scale`` a spread of the recent history
 that survives trends and seasonality (see :func:`history_scale`); a level
 shift on a shared slope (one parameter, not a new line's two) is tested
@@ -30,58 +31,29 @@ power-law decay is not cut into lines.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import ruptures as rpt
 from ruptures.base import BaseCost
-from scipy.signal import lfilter, lfiltic
 
+from detector.core import _kernels as _k
+from detector.core._kernels import LOG_ABS_Z_MEAN as _LOG_ABS_Z_MEAN
+from detector.core._kernels import TINY as _TINY
+from detector.core._kernels import Q as _Q
 from detector.errors import InvalidArgument
 
-
-def _checked_linear_filter() -> Callable[..., tuple[np.ndarray, np.ndarray]] | None:
-    """scipy's C filter behind ``lfilter``, if it is there and gives lfilter's exact result.
-
-    ``lfilter``'s argument checks cost about 13 µs a call and the trigger makes six
-    calls a block (a tenth of a microsecond per point at 1 024-point blocks); the
-    private function it ends in is checked once here, and ``lfilter`` is used if
-    it moved or disagrees.
-    """
-    try:
-        from scipy.signal._sigtools import _linear_filter  # type: ignore[attr-defined]
-
-        b, a, x = np.array([1.0, -2.0, 1.0]), np.array([1.0, -1.7, 0.72]), np.linspace(-1.0, 2.0, 7)
-        zi = np.array([0.3, -0.2])
-        ours, theirs = _linear_filter(b, a, x, -1, zi), lfilter(b, a, x, zi=zi)
-        if all(np.array_equal(u, v) for u, v in zip(ours, theirs, strict=True)):
-            return _linear_filter
-    except Exception:  # noqa: BLE001 - any failure means: use the public function
-        pass
-    return None
-
-
-_LINEAR_FILTER = _checked_linear_filter()
-
-
-def _filter(b: np.ndarray, a: np.ndarray, x: np.ndarray, zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``lfilter(b, a, x, zi=zi)`` for float64 1-D arrays, without its argument checks."""
-    if _LINEAR_FILTER is not None:
-        return _LINEAR_FILTER(b, a, x, -1, zi)
-    return lfilter(b, a, x, zi=zi)
-
-
-_Q = 1 << 16  # fixed-point grid of the CUSUM (1/65536 of an innovation scale)
-_Z_CLIP = 1e4  # |z| cap: keeps the int64 sums exact for any run length we will see
-_LOG_ABS_Z_MEAN = -0.6351814227307391  # E[log |N(0,1)|] = -(γ + log 2) / 2
-_TINY = 1e-300
 _GATE_CLOSED = 1e9  # a gate input that keeps the slow bank closed
+
+
+_SETTINGS = ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate", "memory", "bank_drifts",
+             "bank_thresholds", "bank_scale_rate", "bank_gate", "gate_lag", "bias_rate", "bias_gate",
+             "bank_after")
+_DERIVED: dict[tuple, dict] = {}  # settings -> CusumTrigger constants (a handful of settings per process)
 
 
 @dataclass
 class CusumTrigger:
-    """Two CUSUM triggers on one series, both O(1) amortised per point, in numpy.
+    """Two CUSUM triggers on one series, both O(1) amortised per point, compiled.
 
     *Fast*: a two-sided CUSUM (``drift`` k, ``threshold`` h) on Holt
     (``alpha``/``beta``) one-step innovations standardised by a log-domain EWMA
@@ -106,8 +78,8 @@ class CusumTrigger:
     follow, such as the steep start of a power-law loss, keep it worse for good).
 
     ``warmup`` points after a reset set the first scales before any alarm.
-    :meth:`scan` takes a block and stops at the first alarm (numpy, no Python per
-    point); :meth:`update` is the one-point form and gives identical results
+    :meth:`scan` takes a block and stops at the first alarm (compiled loops, no
+    Python per point); :meth:`update` is the one-point form and gives identical results
     (the CUSUMs run on a fixed-point integer grid, the filters carry their state
     exactly).
 
@@ -148,30 +120,44 @@ class CusumTrigger:
                 or any(k < 0 for k in self.bank_drifts) or any(h <= 0 for h in self.bank_thresholds)):
             raise InvalidArgument("memory must be > 1 and bank_drifts (>= 0) and bank_thresholds (> 0) "
                                   "must have the same length")
+        # Constants derived from the settings, computed once per settings (shared: never
+        # written in place); a series detector per series makes a trigger per series.
+        key = tuple(getattr(self, name) for name in _SETTINGS)
+        derived = _DERIVED.get(key)
+        if derived is None:
+            derived = _DERIVED[key] = self._derive()
+        self.__dict__.update(derived)
+        self.reset()
+
+    def _derive(self) -> dict:
+        """The constants of these settings: filter coefficients, the fixed-point thresholds
+        and drifts, the line's table, the kernels' scalar arguments."""
+        before = set(self.__dict__)
         # Holt's innovations are an ARIMA(0,2,2) filter of the values:
         # (1 - B)² y_t = (1 - θ1 B - θ2 B²) e_t, θ1 = 2 - α - αβ, θ2 = α - 1.
         a, b = self.alpha, self.beta
         self._b = np.array([1.0, -2.0, 1.0])
         self._a = np.array([1.0, -(2.0 - a - a * b), -(a - 1.0)])
-        self._sb = np.array([self.scale_rate])
+        self._holt = np.r_[self._b, self._a[1:]]  # b0, b1, b2, a1, a2 for the compiled filter
         self._sa = np.array([1.0, -(1.0 - self.scale_rate)])
         self._hq = int(round(self.threshold * _Q))
         self._kq = int(round(self.drift * _Q))
-        # The discounted line: S0 = Σ λ^j y_{t-j}, S1 = Σ λ^j (-j) y_{t-j}, first-order filters.
         lam = 1.0 - 1.0 / self.memory
         self._lam = lam
-        self._d0 = (np.array([1.0]), np.array([1.0, -lam]))
-        self._d1 = (np.array([0.0, -lam]), np.array([1.0, -lam]))
-        self._bb = np.array([self.bank_scale_rate])
         self._ba = np.array([1.0, -(1.0 - self.bank_scale_rate)])
         self._table = _line_table(lam)
         self._gate = math.log(self.bank_gate) if self.bank_gate > 0 else -math.inf
-        self._bias_b = np.array([self.bias_rate])
         self._bias_a = np.array([1.0, -(1.0 - self.bias_rate)])
         self._bank_hq = np.array([int(round(h * _Q)) for h in self.bank_thresholds], dtype=np.int64)[:, None]
         self._bank_kq = np.array([int(round(k * _Q)) for k in self.bank_drifts], dtype=np.int64)[:, None]
-        self._all_hq = np.r_[self._hq, self._hq, self._bank_hq[:, 0], self._bank_hq[:, 0]][:, None]
-        self.reset()
+        self._bank_hq_list = self._bank_hq[:, 0].tolist()
+        self._bank_hq_flat = self._bank_hq[:, 0].copy()
+        self._bank_kq_flat = self._bank_kq[:, 0].copy()
+        # The kernels' constants, as the types they were compiled for.
+        self._constants = (float(self.scale_rate), float(self._sa[1]), float(self.bank_scale_rate),
+                           float(self._ba[1]), float(self.bias_rate), float(self._bias_a[1]),
+                           float(self.bias_gate), float(self._gate), int(self.bank_after))
+        return {k: v for k, v in self.__dict__.items() if k not in before}
 
     def reset(self) -> None:
         self.n = 0
@@ -199,16 +185,18 @@ class CusumTrigger:
     @property
     def statistic(self) -> float:
         """The largest CUSUM sum, as a fraction of its threshold times the fast threshold."""
+        # Python ints below 2**53 divide to the same float as numpy's int64 division.
         ratios = [max(self.pos, self.neg) / self._hq]
-        ratios += (np.maximum(self.bank_pos, self.bank_neg) / self._bank_hq[:, 0]).tolist()
+        ratios += [max(p, n) / h for p, n, h in zip(self.bank_pos.tolist(), self.bank_neg.tolist(),
+                                                     self._bank_hq_list, strict=True)]
         return max(ratios) * self.threshold
 
     @property
     def alarmed(self) -> bool:
         """Whether any CUSUM is above its threshold now."""
-        bank = self._bank_hq[:, 0]
         return (self.pos > self._hq or self.neg > self._hq
-                or bool(((self.bank_pos > bank) | (self.bank_neg > bank)).any()))
+                or any(p > h or n > h for p, n, h in zip(self.bank_pos.tolist(), self.bank_neg.tolist(),
+                                                          self._bank_hq_list, strict=True)))
 
     @property
     def level(self) -> float:
@@ -223,8 +211,8 @@ class CusumTrigger:
     def clear(self) -> None:
         """Zero every CUSUM sum (after an alarm has been dealt with)."""
         self.pos = self.neg = 0
-        self.bank_pos = np.zeros_like(self.bank_pos)
-        self.bank_neg = np.zeros_like(self.bank_neg)
+        self.bank_pos = np.zeros(len(self.bank_drifts), dtype=np.int64)
+        self.bank_neg = np.zeros(len(self.bank_drifts), dtype=np.int64)
 
     # --- update ----------------------------------------------------------------
 
@@ -240,11 +228,8 @@ class CusumTrigger:
         on each consumed value.
         """
         values = np.asarray(values, dtype=float)
-        i = 0
         m = len(values)
-        while i < m and self.n < self.warmup:  # a few points per reset, one at a time
-            self._warm(values[i])
-            i += 1
+        i = self._warm_up(values)  # a few points per reset
         if i == m:
             return None
         block = values[i:]
@@ -256,10 +241,7 @@ class CusumTrigger:
         any CUSUM was above its threshold after it (:attr:`alarmed`). O(m) in numpy."""
         values = np.asarray(values, dtype=float)
         flags = np.zeros(len(values), dtype=bool)
-        i = 0
-        while i < len(values) and self.n < self.warmup:
-            self._warm(values[i])  # the sums stay zero during warm-up
-            i += 1
+        i = self._warm_up(values)  # the sums stay zero during warm-up
         if i < len(values):
             flags[i:] = self._scan_block(values[i:], stop=False)
         return flags
@@ -272,103 +254,104 @@ class CusumTrigger:
     def restore(self, snapshot: dict) -> None:
         self.__dict__.update(snapshot)
 
-    def _line_errors(self, y: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Standardised one-step errors of the slow line on ``y`` and the new sums/states."""
-        s0, z0 = _filter(*self._d0, y, self.z0 if self.n else np.zeros(1))
-        s1, z1 = _filter(*self._d1, s0, self.z1)
-        prev0 = np.empty_like(s0)
-        prev1 = np.empty_like(s1)
-        prev0[0], prev1[0] = self.s0, self.s1
-        prev0[1:], prev1[1:] = s0[:-1], s1[:-1]
-        v0, v1, sf = self._table
-        lo, hi = self.n, self.n + len(y)
-        if hi <= len(v0):  # slices, not gathers: the common case
-            e = (y - (v0[lo:hi] * prev0 + v1[lo:hi] * prev1)) / sf[lo:hi]
-        else:
-            idx = np.minimum(np.arange(lo, hi), len(v0) - 1)
-            e = (y - (v0[idx] * prev0 + v1[idx] * prev1)) / sf[idx]
-        if self.n == 0:
-            e[0] = 0.0  # no forecast for the first point of a segment
-        return e, s0, s1, z0, z1
+    def _linear(self, y: np.ndarray) -> np.ndarray:
+        """:func:`_kernels.trigger_linear` from the current state. Scalars go in as Python
+        floats and ints whatever a checkpoint held (another type would compile another
+        specialisation of the kernel)."""
+        return _k.trigger_linear(y, int(self.n), self._holt, float(self.zi[0]), float(self.zi[1]), self._lam,
+                                 float(self.s0), float(self.s1), float(self.z0[0]), float(self.z1[0]),
+                                 *self._table)
 
-    def _warm(self, y: float) -> None:
-        arr = np.array([y])
-        e_line, s0, s1, z0, z1 = self._line_errors(arr)
-        self.s0, self.s1, self.z0, self.z1 = float(s0[0]), float(s1[0]), z0, z1
-        self.n += 1
-        if self.n == 1:
+    def _warm_up(self, values: np.ndarray) -> int:
+        """Take the first values while fewer than ``warmup`` points are in; return how many."""
+        count = min(len(values), self.warmup - self.n)
+        if count <= 0:
+            return 0
+        start = 0
+        if self.n == 0:
+            self._warm(values[:1])  # the first point of a segment starts the forecast alone
+            start = 1
+        if start < count:
+            self._warm(values[start:count])
+        return count
+
+    def _warm(self, y: np.ndarray) -> None:
+        """Warm-up points in order (the first of a segment alone): the line's sums and the
+        forecast's filter as in a block, the initial scales as running means of log |error|."""
+        lin = self._linear(y)
+        last = len(y) - 1
+        self.s0, self.s1 = float(lin[_k.LIN_S0, last]), float(lin[_k.LIN_S1, last])
+        self.z0, self.z1 = lin[_k.LIN_Z0, last : last + 1].copy(), lin[_k.LIN_Z1, last : last + 1].copy()
+        if self.n == 0:
             # Start flat at the first value: past inputs y, y and past innovations 0.
-            self.zi = lfiltic(self._b, self._a, [0.0, 0.0], [y, y])
+            self.n = 1
+            self.zi = self._flat_start(float(y[0]))
             return
-        e, self.zi = _filter(self._b, self._a, arr, self.zi)
-        log_abs = math.log(max(abs(float(e[0])), _TINY))
-        # Warm-up: the mean of log |innovation| so far sets the initial scale.
-        self.log_scale += (log_abs - self.log_scale) / (self.n - 1)
-        line_abs = math.log(max(abs(float(e_line[0])), _TINY))
-        self.bank_log_scale += (line_abs - self.bank_log_scale) / (self.n - 1)
+        self.zi = lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, last].copy()
+        log_scale, bank_log_scale = self.log_scale, self.bank_log_scale
+        for e, e_line in zip(lin[_k.LIN_E].tolist(), lin[_k.LIN_EL].tolist(), strict=True):
+            self.n += 1
+            # math's log, not numpy's, as the warm-up always took it (they differ in the last bit).
+            # Warm-up: the mean of log |innovation| so far sets the initial scale.
+            log_scale += (math.log(max(abs(e), _TINY)) - log_scale) / (self.n - 1)
+            bank_log_scale += (math.log(max(abs(e_line), _TINY)) - bank_log_scale) / (self.n - 1)
+        self.log_scale, self.bank_log_scale = log_scale, bank_log_scale
         if self.n == self.warmup:
             self.zs = np.array([(1.0 - self.scale_rate) * self.log_scale])
             self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
 
+    def _flat_start(self, y: float) -> np.ndarray:
+        """``lfiltic(b, a, [0, 0], [y, y])``: the forecast's filter state after inputs y, y
+        and outputs 0, 0, with lfiltic's operations in its order (its sums are numpy's:
+        from 0, one term after another; tests/test_kernels.py compares)."""
+        b1, b2 = float(self._b[1]), float(self._b[2])
+        a1, a2 = float(self._a[1]), float(self._a[2])
+        z0 = 0.0 + ((0.0 + b1 * y) + b2 * y)
+        z1 = 0.0 + (0.0 + b2 * y)
+        z0 -= 0.0 + ((0.0 + a1 * 0.0) + a2 * 0.0)
+        z1 -= 0.0 + (0.0 + a2 * 0.0)
+        return np.array([z0, z1])
+
     def _scan_block(self, y: np.ndarray, stop: bool = True) -> int | np.ndarray | None:
+        # Three compiled loops (the linear filters; the log-EWMA scales; the
+        # standardised errors, the bank's gate and the CUSUMs), with numpy's log and
+        # exp over the whole block between them (numpy's, not libm's: see _kernels).
+        # The gate: the bank only watches while the slow line explains the series
+        # about as well as the fast forecast: where it does not (random walks,
+        # seasonality, fast curvature) its errors are structure, not shifts; nor
+        # before ``bank_after`` points of the segment. The comparison is taken
+        # ``gate_lag`` points late: right after a shift the slow line is worse than
+        # the fast forecast because of the shift itself, and the bank must keep
+        # watching long enough to see it. Nor while its errors keep one sign (a mean
+        # of ``bias_gate`` σ or more over the last ~1/bias_rate points): a curve the
+        # line cannot follow, such as the steep start of a power-law loss, not a
+        # shift (a shift is caught before that lasts ``gate_lag`` points).
         m = len(y)
-        e, zi = _filter(self._b, self._a, y, self.zi)
-        log_abs = np.log(np.maximum(np.abs(e), _TINY))
-        log_s, zs = _filter(self._sb, self._sa, log_abs, self.zs)
-        floor = _floor(y)
-        lagged_fast = _lagged(log_s, self.log_scale)
-        # The slow line and its bank of CUSUMs.
-        el, s0, s1, z0, z1 = self._line_errors(y)
-        line_abs = np.log(np.maximum(np.abs(el), _TINY))
-        bank_s, bz = _filter(self._bb, self._ba, line_abs, self.bz)
-        lagged_bank = _lagged(bank_s, self.bank_log_scale)
-        # Both standardised error series at once: row 0 the fast one, row 1 the line's.
-        z = np.stack([e, el]) / np.exp(np.maximum(np.stack([lagged_fast, lagged_bank]), floor)
-                                       - _LOG_ABS_Z_MEAN)
-        # The bank only watches while the slow line explains the series about as well
-        # as the fast forecast: where it does not (random walks, seasonality, fast
-        # curvature) its errors are structure, not shifts; nor before ``bank_after``
-        # points of the segment. The comparison is taken ``gate_lag`` points late:
-        # right after a shift the slow line is worse than the fast forecast because
-        # of the shift itself, and the bank must keep watching long enough to see it.
-        # Nor while its errors keep one sign (a mean of ``bias_gate`` σ or more over the
-        # last ~1/bias_rate points): a curve the line cannot follow, such as the steep
-        # start of a power-law loss, not a shift (a shift is caught before that lasts
-        # ``gate_lag`` points).
-        line_z = np.clip(z[1], -3.0, 3.0)  # one outlier must not close the gate for long
-        bias, bias_zi = _filter(self._bias_b, self._bias_a, line_z, self.bias_zi)
-        gate_in = np.maximum(lagged_bank - lagged_fast - self._gate, np.abs(bias) - self.bias_gate)
-        gate_full = np.concatenate([self.gate, gate_in])
-        watch = gate_full[:m] < 0.0
-        watch &= np.arange(self.n, self.n + m) >= self.bank_after
-        z[1, ~watch] = 0.0
-        zq = np.rint(np.clip(z, -_Z_CLIP, _Z_CLIP) * _Q).astype(np.int64)
-        # Every CUSUM in one pass: rows fast +, fast −, bank + (one per drift), bank −.
+        scale_rate, scale_a1, bank_rate, bank_a1, bias_rate, bias_a1, bias_gate, gate_shift, bank_after = \
+            self._constants
+        lin = self._linear(y)
+        sc = _k.trigger_scales(np.log(lin[:3]), scale_rate, scale_a1, float(self.zs[0]),
+                               float(self.log_scale), bank_rate, bank_a1, float(self.bz[0]),
+                               float(self.bank_log_scale))
         nk = len(self.bank_drifts)
-        steps = np.empty((2 + 2 * nk, m), dtype=np.int64)
-        steps[0] = zq[0] - self._kq
-        steps[1] = -zq[0] - self._kq
-        steps[2 : 2 + nk] = zq[1] - self._bank_kq
-        steps[2 + nk :] = -zq[1] - self._bank_kq
-        sums = _lindley2(steps, np.r_[self.pos, self.neg, self.bank_pos, self.bank_neg])
-        hit = (sums > self._all_hq).any(axis=0)
-        over = np.flatnonzero(hit) if stop else ()
-        k = m - 1 if len(over) == 0 else int(over[0])
-        self.gate = gate_full[k + 1 : k + 1 + self.gate_lag].copy()
-        bank = sums[2:, k]
-        if k < m - 1:
-            # Rerun the linear filters to the alarm so their state stops exactly there.
-            _, zi = _filter(self._b, self._a, y[: k + 1], self.zi)
-            _, zs = _filter(self._sb, self._sa, log_abs[: k + 1], self.zs)
-            _, z0 = _filter(*self._d0, y[: k + 1], self.z0)
-            _, z1 = _filter(*self._d1, s0[: k + 1], self.z1)
-            _, bz = _filter(self._bb, self._ba, line_abs[: k + 1], self.bz)
-            _, bias_zi = _filter(self._bias_b, self._bias_a, line_z[: k + 1], self.bias_zi)
-        self.bias_zi = bias_zi
-        self._commit_bank(s0[: k + 1], s1[: k + 1], z0, z1, bz, float(bank_s[k]), bank[:nk], bank[nk:])
-        self._commit(k + 1, zi, zs, float(log_s[k]), int(sums[0, k]), int(sums[1, k]), float(z[0, k]))
-        if len(over) == 0:
-            return None if stop else hit
+        sums = np.empty(2 + 2 * nk, dtype=np.int64)
+        sums[0], sums[1], sums[2 : 2 + nk], sums[2 + nk :] = self.pos, self.neg, self.bank_pos, self.bank_neg
+        alarm, flags, gate, state = _k.trigger_cusums(
+            lin, sc, np.exp(sc[:2]), int(self.n), self.gate, gate_shift, bias_rate, bias_a1,
+            float(self.bias_zi[0]), bias_gate, bank_after, sums, self._kq, self._bank_kq_flat,
+            self._hq, self._bank_hq_flat, stop)
+        # The state after the last point consumed; views of fresh arrays (never written in place).
+        k = m - 1 if alarm < 0 else int(alarm)
+        self.gate = gate
+        s0, s1, _, _, _, bank_s, _, _, _, log_s, _, last_z = state.tolist()
+        self.s0, self.s1, self.bank_log_scale = s0, s1, bank_s
+        self.z0, self.z1 = state[_k.ST_Z0 : _k.ST_Z0 + 1], state[_k.ST_Z1 : _k.ST_Z1 + 1]
+        self.bz, self.bias_zi = state[_k.ST_BZ : _k.ST_BZ + 1], state[_k.ST_BIAS : _k.ST_BIAS + 1]
+        self.bank_pos, self.bank_neg = sums[2 : 2 + nk], sums[2 + nk :]
+        self._commit(k + 1, state[_k.ST_ZI0 : _k.ST_ZI1 + 1], state[_k.ST_ZS : _k.ST_ZS + 1], log_s,
+                     int(sums[0]), int(sums[1]), last_z)
+        if alarm < 0:
+            return None if stop else flags
         return k
 
     def _commit(self, count: int, zi: np.ndarray, zs: np.ndarray, log_scale: float,
@@ -376,12 +359,6 @@ class CusumTrigger:
         self.n += count
         self.zi, self.zs, self.log_scale = zi, zs, log_scale
         self.pos, self.neg, self.last_z = pos, neg, z
-
-    def _commit_bank(self, s0: np.ndarray, s1: np.ndarray, z0: np.ndarray, z1: np.ndarray, bz: np.ndarray,
-                     log_scale: float, pos: np.ndarray, neg: np.ndarray) -> None:
-        self.s0, self.s1, self.z0, self.z1 = float(s0[-1]), float(s1[-1]), z0, z1
-        self.bz, self.bank_log_scale = bz, log_scale
-        self.bank_pos, self.bank_neg = pos.copy(), neg.copy()
 
     # --- checkpoints -----------------------------------------------------------
 
@@ -408,20 +385,6 @@ class CusumTrigger:
         if len(state.get("gate_open", ())) == self.gate_lag:  # older checkpoints: closed for a while
             self.gate = np.array(state["gate_open"], dtype=float)
             self.bias_zi = np.array(state["bias_zi"], dtype=float)
-
-
-def _lagged(x: np.ndarray, first: float) -> np.ndarray:
-    """``x`` shifted one place later, ``first`` in front (the value before each point)."""
-    out = np.empty_like(x)
-    out[0] = first
-    out[1:] = x[:-1]
-    return out
-
-
-def _floor(y: np.ndarray) -> np.ndarray:
-    """A log-scale floor of the innovation scale, relative to the values' magnitude
-    (a constant series has innovations at rounding level, not zero)."""
-    return np.log(1e-12 * np.maximum(1.0, np.abs(y)))
 
 
 _LINE_TABLES: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -458,13 +421,6 @@ def _line_table(lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return v0, v1, sf
 
 
-def _lindley2(x: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """``s_t = max(0, s_{t-1} + x_t)`` along each row of ``x`` (shape (k, m)) from
-    ``start`` (shape (k,)), on int64: exact, O(k m) in numpy."""
-    c = np.cumsum(x, axis=1)
-    return c - np.minimum(np.minimum.accumulate(c, axis=1), -start[:, None])
-
-
 @dataclass(frozen=True)
 class Split:
     """A confirmed or rejected break in a window: ``index`` starts the new segment."""
@@ -485,7 +441,9 @@ class CostPiecewiseLinear(BaseCost):
     The same cost as ruptures' ``CostLinear`` with regressors ``[1, t]``, without a
     least-squares solve per candidate: fit is O(n), each ``error`` O(1), and
     :meth:`split_gains` and :meth:`shift_gains` score every split point of a
-    segment at once in numpy.
+    segment at once in numpy. The localiser takes the best of each from the
+    compiled :func:`_kernels.best_split` and :func:`_kernels.best_shift`, which
+    compute the same gains in the same order (tests/test_kernels.py compares).
 
     >>> y = np.r_[np.zeros(20), np.ones(10)] + 0.05 * np.arange(30)
     >>> candidates, gains = CostPiecewiseLinear().fit(y).shift_gains(0, 30, 4)
@@ -497,22 +455,11 @@ class CostPiecewiseLinear(BaseCost):
     min_size = 3
 
     def fit(self, signal: np.ndarray) -> CostPiecewiseLinear:
-        y = np.asarray(signal, dtype=float).reshape(-1)
+        y = np.ascontiguousarray(signal, dtype=float).reshape(-1)
         self.signal = y.reshape(-1, 1)  # ruptures' searches read the length from here
-        n = len(y)
         # Values centred on the window keep the sums well conditioned; the sums of
         # 1, t and t² over the first k points are closed forms (exact in float64).
-        y = y - (y.mean() if n else 0.0)
-        t = np.arange(n, dtype=float)
-        k = np.arange(n + 1, dtype=float)
-        self._s = np.empty((6, n + 1))
-        self._s[0] = k
-        self._s[1] = k * (k - 1.0) / 2.0
-        self._s[2] = (k - 1.0) * k * (2.0 * k - 1.0) / 6.0
-        self._s[3:, 0] = 0.0
-        np.cumsum(y, out=self._s[3, 1:])
-        np.cumsum(t * y, out=self._s[4, 1:])
-        np.cumsum(y * y, out=self._s[5, 1:])
+        self._s = _k.cost_sums(y)
         return self
 
     @staticmethod
@@ -526,8 +473,15 @@ class CostPiecewiseLinear(BaseCost):
         safe = np.where(vtt > 0, vtt, 1.0)
         return np.maximum(np.where(vtt > 0, vyy - vty * vty / safe, vyy), 0.0)
 
+    @classmethod
+    def _from_sums(cls, y: np.ndarray, sums: np.ndarray) -> CostPiecewiseLinear:
+        """The cost fitted to ``y`` whose sums (:func:`_kernels.cost_sums`) are already known."""
+        cost = cls()
+        cost.signal, cost._s = y.reshape(-1, 1), sums
+        return cost
+
     def error(self, start: int, end: int) -> float:
-        return float(self._sse(self._s[:, end] - self._s[:, start]))
+        return _k.segment_error(self._s, start, end)
 
     def split_gains(self, start: int, end: int, min_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Gain of one line → two lines at every split of ``[start, end)``, each side at
@@ -585,28 +539,6 @@ class CostPiecewiseLinear(BaseCost):
         return np.arange(lo, hi), gains
 
 
-class _VectorBinseg(rpt.Binseg):
-    """ruptures' binary segmentation with the split search of one segment in numpy.
-
-    Same result as ``rpt.Binseg`` with ``jump=1`` (largest gain, ties to the later
-    index) for :class:`CostPiecewiseLinear`; O(n) per segment searched.
-    """
-
-    def fit(self, signal: np.ndarray) -> _VectorBinseg:
-        # As ruptures' fit, without clearing the lru_cache that this single_bkp does not use.
-        self.signal = signal.reshape(-1, 1) if signal.ndim == 1 else signal
-        self.n_samples = self.signal.shape[0]
-        self.cost.fit(signal)
-        return self
-
-    def single_bkp(self, start: int, end: int) -> tuple[int | None, float]:
-        candidates, gains = self.cost.split_gains(start, end, self.min_size)
-        if len(candidates) == 0:
-            return None, 0
-        best = _last_argmax(gains)
-        return int(candidates[best]), float(gains[best])
-
-
 def _last_argmax(values: np.ndarray) -> int:
     """Index of the largest value, ties to the later one (as ruptures' Binseg). O(n)."""
     return len(values) - 1 - int(np.argmax(values[::-1]))
@@ -621,13 +553,24 @@ def _parabola_sse(y: np.ndarray) -> float:
     n = len(y)
     if n <= 3:
         return 0.0
-    t = np.arange(n, dtype=float) - (n - 1) / 2.0
-    t /= max(1.0, (n - 1) / 2.0)
-    q = t * t
-    q -= q.mean()
-    yc = y - y.mean()
+    yc, t, q = _k.parabola_basis(np.ascontiguousarray(y, dtype=float))
     a, b, c = float(yc @ yc), float(yc @ t), float(yc @ q)
-    return max(a - b * b / float(t @ t) - c * c / float(q @ q), 0.0)
+    tt, qq = _basis_norms(n, t, q)
+    return max(a - b * b / tt - c * c / qq, 0.0)
+
+
+_BASIS_NORMS: dict[int, tuple[float, float]] = {}
+
+
+def _basis_norms(n: int, t: np.ndarray, q: np.ndarray) -> tuple[float, float]:
+    """``t @ t`` and ``q @ q`` of :func:`_parabola_sse`'s basis, once per window length
+    (the same values give the same BLAS sums)."""
+    norms = _BASIS_NORMS.get(n)
+    if norms is None:
+        if len(_BASIS_NORMS) >= 4096:  # windows are capped by the caller; this only bounds odd uses
+            _BASIS_NORMS.clear()
+        norms = _BASIS_NORMS[n] = (float(t @ t), float(q @ q))
+    return norms
 
 
 def history_scale(history: np.ndarray) -> float:
@@ -641,7 +584,7 @@ def history_scale(history: np.ndarray) -> float:
     BIC penalty scores below "no change points" on TCPD; so did the MAD of
     residuals around local lines, which we measured too.)
     """
-    return float(np.std(history)) if len(history) > 1 else 0.0
+    return _k.history_scale(np.ascontiguousarray(history, dtype=float))  # np.std, compiled
 
 
 def point_noise(history: np.ndarray) -> float:
@@ -650,10 +593,7 @@ def point_noise(history: np.ndarray) -> float:
     Blind to level shifts and trends, and too small alone for smooth series,
     so it only sets a floor under the penalty on noisy, structureless data.
     """
-    if len(history) < 3:
-        return 0.0
-    d = np.diff(history)
-    return 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
+    return _k.point_noise(np.ascontiguousarray(history, dtype=float))  # the medians, compiled
 
 
 @dataclass(frozen=True)
@@ -719,14 +659,17 @@ class WindowLocaliser:
             scale = history_scale(y)
         if noise is None:
             noise = point_noise(y)
-        scale = max(scale, 1e-12 * max(1.0, float(np.max(np.abs(y)))), _TINY)
+        y = np.ascontiguousarray(y, dtype=float)
+        sums, split_gain, shift_index, shift_gain, peak = _k.window_search(y, self.min_size,
+                                                                         self.shift_min_size)
+        scale = max(scale, 1e-12 * max(1.0, peak), _TINY)
         penalty = (self.penalty * scale * scale + self.noise_penalty * noise * noise) * math.log(n)
-        cost = CostPiecewiseLinear()
-        algo = _VectorBinseg(custom_cost=cost, min_size=self.min_size, jump=1).fit(y)
+        cost = CostPiecewiseLinear._from_sums(y, sums)
         bkps: list[int] = []
-        evidence = algo.single_bkp(0, n)[1] / penalty
+        evidence = split_gain / penalty
         if evidence > 1.0:  # else Binseg would confirm nothing
-            bkps = [int(b) for b in algo.predict(pen=penalty)[:-1]]
+            # ruptures' Binseg(jump=1).predict(pen=penalty) on this cost, compiled.
+            bkps = _k.binseg(cost._s, n, self.min_size, penalty).tolist()
             if self.curvature_penalty is not None:
                 bkps = self._not_curvature(y, bkps, cost, self.curvature_penalty * penalty)
         if self.shift_penalty is None:
@@ -734,7 +677,7 @@ class WindowLocaliser:
         elif bkps:
             bkps, shifts = self._refine_shifts(y, bkps, cost, penalty)
         else:
-            bkps, shifts, best = self._single_shift(y, cost, penalty)
+            bkps, shifts, best = self._single_shift(y, cost, penalty, shift_index, shift_gain)
             evidence = max(evidence, best / (self.shift_penalty * penalty))
         if bkps and not final:
             # A shift at the last index allowed, or a new line on fewer than 2 ×
@@ -754,22 +697,19 @@ class WindowLocaliser:
             splits.append(Split(index=int(index), gain=float(gain), penalty=float(penalty), noise=scale))
         return splits, evidence
 
-    def _single_shift(self, y: np.ndarray, cost: CostPiecewiseLinear,
-                      penalty: float) -> tuple[list[int], dict[int, float], float]:
-        """The best level shift of the whole window, if it beats ``shift_penalty × penalty``
-        (and, with ``curvature_penalty``, one parabola too), and its gain. O(n)."""
-        candidates, gains = cost.shift_gains(0, len(y), self.min_size, self.shift_min_size)
-        if len(gains) == 0:
+    def _single_shift(self, y: np.ndarray, cost: CostPiecewiseLinear, penalty: float, index: int,
+                      gain: float) -> tuple[list[int], dict[int, float], float]:
+        """The best level shift of the whole window (``index``, ``gain``: -1 when none fits),
+        if it beats ``shift_penalty × penalty`` (and, with ``curvature_penalty``, one
+        parabola too), and its gain. O(n)."""
+        if index < 0:
             return [], {}, 0.0
-        best = _last_argmax(gains)
-        gain = float(gains[best])
         if gain <= self.shift_penalty * penalty:
             return [], {}, gain
         if self.curvature_penalty is not None:
             line_sse = cost.error(0, len(y))
             if _parabola_sse(y) - (line_sse - gain) <= self.curvature_penalty * penalty:
                 return [], {}, gain
-        index = int(candidates[best])
         return [index], {index: gain}, gain
 
     def _refine_shifts(self, y: np.ndarray, bkps: list[int], cost: CostPiecewiseLinear,
@@ -784,12 +724,10 @@ class WindowLocaliser:
             index, right = edges[k], edges[k + 1]
             lines = cost.error(left, right) - cost.error(left, index) - cost.error(index, right)
             last = self.shift_min_size if right == len(y) else self.min_size
-            candidates, gains = cost.shift_gains(left, right, self.min_size, last)
-            if len(gains):
-                best = _last_argmax(gains)
-                if gains[best] - self.shift_penalty * penalty >= lines - penalty:
-                    index = int(candidates[best])
-                    shifts[index] = float(gains[best])
+            best, gain = _k.best_shift(cost._s, left, right, self.min_size, last)
+            if best >= 0 and gain - self.shift_penalty * penalty >= lines - penalty:
+                index = best
+                shifts[index] = gain
             out.append(index)
         return out, shifts
 
@@ -804,12 +742,16 @@ class WindowLocaliser:
         real break (a level shift, a plateau that ends in a drop, a kink seen from
         both sides) is not a parabola either, so it survives.
         """
+        known: dict[tuple[int, int, int], float] = {}  # a break's margin depends on its neighbours only
         while bkps:
             edges = [0, *bkps, len(y)]
             margins = []
             for left, index, right in zip(edges, edges[1:], edges[2:], strict=False):
-                lines = cost.error(left, index) + cost.error(index, right)
-                margins.append(_parabola_sse(y[left:right]) - lines)
+                margin = known.get((left, index, right))
+                if margin is None:
+                    lines = cost.error(left, index) + cost.error(index, right)
+                    margin = known[left, index, right] = _parabola_sse(y[left:right]) - lines
+                margins.append(margin)
             worst = int(np.argmin(margins))
             if margins[worst] > penalty:
                 return bkps

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from detector.core._kernels import np_median
 from detector.core.changepoint import CusumTrigger, WindowLocaliser, history_scale, point_noise
 from detector.core.summaries import MultiResolution
 from detector.core.trend import PlateauResult, PlateauTest, TrendResult, mann_kendall
@@ -346,8 +347,8 @@ class SeriesDetector:
         events = []
         edges = [0, *(s.index for s in splits), len(segment)]
         for k, split in enumerate(splits):
-            before = float(np.median(segment[edges[k] : split.index][-10:]))
-            after = float(np.median(segment[split.index : edges[k + 2]][:10]))
+            before = _median(segment[edges[k] : split.index][-10:])
+            after = _median(segment[split.index : edges[k + 2]][:10])
             direction = "up" if after > before else "down"
             located = int(self._steps[start + split.index])
             events.append(Event(
@@ -477,6 +478,13 @@ class SeriesDetector:
         for key, value in state["scalars"].items():
             setattr(det, key, value)
         return det
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median``, compiled; numpy's own when the median is zero (a +0/−0 tie may be
+    selected either way, and the sign shows in the event's evidence)."""
+    median = np_median(values)
+    return median if median != 0.0 else float(np.median(values))
 
 
 def _trigger_settings(trigger: CusumTrigger) -> dict:

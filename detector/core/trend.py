@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from detector.core import _kernels as _k
 from detector.errors import InvalidArgument
 
 
@@ -37,6 +38,10 @@ def mann_kendall(y: np.ndarray) -> TrendResult:
     n = len(y)
     if n < 3:
         return TrendResult("mann_kendall", 0.0, 1.0, 0.0)
+    finite, s, tie_term, slope = _k.mann_kendall_sums(np.ascontiguousarray(y, dtype=float))
+    if finite and slope != 0.0:  # the sums below, compiled (tests/test_kernels.py compares)
+        # (A zero median may be +0 or −0 depending on the selection algorithm: numpy's below.)
+        return _mann_kendall_result(n, s, tie_term, slope)
     i, j, gaps = _pairs(n)
     diffs = y[j] - y[i]
     s = float(np.count_nonzero(diffs > 0) - np.count_nonzero(diffs < 0))
@@ -47,12 +52,16 @@ def mann_kendall(y: np.ndarray) -> TrendResult:
         edges = np.flatnonzero(~tied)
         ties = np.diff(np.concatenate(([-1], edges, [n - 1]))).astype(float)  # runs of equal values
         tie_term = float(np.sum(ties * (ties - 1) * (2 * ties + 5)))
+    return _mann_kendall_result(n, s, tie_term, _median(diffs / gaps))
+
+
+def _mann_kendall_result(n: int, s: float, tie_term: float, slope: float) -> TrendResult:
     var = (n * (n - 1) * (2 * n + 5) - tie_term) / 18.0
     if var <= 0:  # constant window
         return TrendResult("mann_kendall", 0.0, 1.0, 0.0)
     z = (s - math.copysign(1.0, s)) / math.sqrt(var) if s != 0 else 0.0
     p = math.erfc(abs(z) / math.sqrt(2.0))
-    return TrendResult("mann_kendall", s / (n * (n - 1) / 2), p, _median(diffs / gaps))
+    return TrendResult("mann_kendall", s / (n * (n - 1) / 2), p, slope)
 
 
 def _median(x: np.ndarray) -> float:
@@ -220,32 +229,12 @@ class PlateauTest:
         return _plateau_windows(np.asarray(y, dtype=float), self.patience, self)
 
 
-def _row_after_row(a: np.ndarray) -> np.ndarray:
-    """Column sums of a C-ordered 2-D array, adding its rows in order."""
-    return np.cumsum(a, axis=0)[-1] if a.shape[1] == 1 else a.sum(axis=0)
-
-
 def _plateau_windows(y: np.ndarray, n: int, test: PlateauTest) -> PlateauArrays:
-    # Sums over the window offset j of the (n, m) array whose row j is y[j : j + m]:
-    # numpy reduces axis 0 of a C-ordered array by adding row after row, so each
-    # window's sums are taken in the same order whatever the number of windows, and
-    # a block gives exactly what one window at a time gives; a few calls instead of
-    # 3n vector operations. (For m = 1 numpy would sum the one column pairwise:
-    # cumsum keeps it row after row.)
-    t = np.arange(n, dtype=float) - (n - 1) / 2.0
-    stt = float(np.sum(t * t))
-    m = len(y) - n + 1
-    shifted = np.lib.stride_tricks.sliding_window_view(y, m).copy()  # (n, m), C order
-    mean = _row_after_row(shifted) / n
-    sty = _row_after_row(shifted * t[:, None])  # Σ t (y − mean) = Σ t y, as Σ t = 0
-    slope = sty / stt
-    d = shifted - mean
-    ss = _row_after_row(d * d)
-    # Σ residual² = Σ (y − mean)² − slope · Σ t y.
-    rss = np.maximum(ss - slope * sty, 0.0)
-    se = np.sqrt(rss / max(n - 2, 1) / stt)
+    # Compiled (detector.core._kernels.plateau_windows): each window's sums are taken
+    # over its points in order, as numpy's row-after-row reduction of the (n, m)
+    # array of shifted copies took them before, so a block gives exactly what one
+    # window at a time gives.
     q = _t_quantile(0.5 + test.confidence / 2, max(n - 2, 1))
-    span = n - 1
-    low, high = (slope - q * se) * span, (slope + q * se) * span
-    bound = test.min_delta * (np.abs(mean) if test.threshold_mode == "rel" else np.ones_like(mean))
-    return PlateauArrays((-bound <= low) & (high <= bound), slope, low, high, bound)
+    rows = _k.plateau_windows(np.ascontiguousarray(y, dtype=float), n, q, test.min_delta,
+                              test.threshold_mode == "rel")
+    return PlateauArrays(rows[0] > 0.0, rows[1], rows[2], rows[3], rows[4])

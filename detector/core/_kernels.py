@@ -1,0 +1,655 @@
+"""Compiled loops of the detection core's hot path (numba), bit for bit the numpy code they replace.
+
+On real training runs a series gets a few hundred points a block and an alarm
+every few dozen points, so the trigger and the localiser spend their time in
+the fixed cost of dozens of small numpy calls, not in arithmetic. These
+kernels run the same recurrences and formulas as one sequential loop each:
+
+* every linear filter is scipy's direct form II transposed (``lfilter``) step,
+  with the same operations in the same order (``b`` zero-padded to ``a``'s
+  length as scipy pads it), so each state and output is the same float;
+* every reduction that numpy does pairwise (``sum``, ``mean``, ``std``) uses
+  numpy's pairwise summation (blocks of 128, eight accumulators), so it is the
+  same float as numpy's; medians sort and take the middle as ``np.median`` does;
+* ``log`` and ``exp`` are NOT computed here: numpy's SIMD ``log``/``exp`` and
+  libm's differ in the last bit on about one value in ten thousand (exp: one in
+  twenty), and a CUSUM on a fixed-point grid could then round differently. The
+  trigger's kernels stop where a logarithm or exponential is due and numpy
+  takes the whole block in one call;
+* no fast-math: LLVM does not contract ``a * b + c`` into a fused multiply-add
+  without it, so products and sums round as numpy's do.
+
+``cache=True`` writes the compiled code next to this file (or, where the
+installed package is read-only, under numba's user cache directory, or
+``NUMBA_CACHE_DIR``), so the compile cost (a few seconds) is paid once per
+install, not per process. Where no cache location is writable at all, the
+kernels compile in every process instead of failing. ``nogil``: the server's
+threads can run kernels of different runs at once.
+
+Equality with the numpy code is checked by tests/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+
+
+def _jit(fn: Callable[..., Any]) -> Any:
+    """``numba.njit(cache=True, nogil=True)``, without the cache where numba has nowhere to write it."""
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # "no locator available": a read-only install and no writable cache dir
+        return numba.njit(cache=False, nogil=True)(fn)
+
+
+# The trigger's constants (changepoint imports them from here).
+Q = 1 << 16  # fixed-point grid of the CUSUM (1/65536 of an innovation scale)
+Z_CLIP = 1e4  # |z| cap: keeps the int64 sums exact for any run length we will see
+LOG_ABS_Z_MEAN = -0.6351814227307391  # E[log |N(0,1)|] = -(γ + log 2) / 2
+TINY = 1e-300
+
+# Rows of trigger_linear's output.
+LIN_ABS_E, LIN_ABS_EL, LIN_FLOOR, LIN_E, LIN_EL, LIN_S0, LIN_S1, LIN_ZI0, LIN_ZI1, LIN_Z0, LIN_Z1 = range(11)
+# Rows of trigger_scales' output.
+SC_ARG_FAST, SC_ARG_BANK, SC_LOG_S, SC_BANK_S, SC_ZS, SC_BZ, SC_LAG_FAST, SC_LAG_BANK = range(8)
+# Entries of trigger_cusums' state (ZI0 and ZI1 adjacent: the forecast filter's state).
+ST_S0, ST_S1, ST_Z0, ST_Z1, ST_BZ, ST_BANK_S, ST_ZI0, ST_ZI1, ST_ZS, ST_LOG_S, ST_BIAS, ST_LAST_Z = range(12)
+
+
+# --- the trigger -------------------------------------------------------------------
+
+
+@_jit
+def trigger_linear(y, n, holt, zi0, zi1, lam, s0, s1, z0, z1, v0, v1, sf):  # pragma: no cover - compiled
+    """The trigger's linear filters over a block: Holt's innovations ``e`` (filter
+    ``holt`` = b0, b1, b2, a1, a2 from state ``zi0, zi1``), the discounted line's sums
+    S0, S1 (states ``z0, z1``; S0, S1 of the point before: ``s0, s1``) and its
+    standardised one-step errors ``el`` (forecast weights ``v0, v1``, factors ``sf``
+    by points fitted, from ``n``). Returns rows ``LIN_*``, one column per point,
+    states after each point. O(m)."""
+    m = len(y)
+    out = np.empty((11, m))
+    b0, b1, b2, a1, a2 = holt[0], holt[1], holt[2], holt[3], holt[4]
+    nlam = -lam
+    if n == 0:
+        z0 = 0.0  # a fresh segment's first sum starts from nothing
+    last = len(v0) - 1
+    for i in range(m):
+        x = y[i]
+        # Holt: lfilter([1, -2, 1], [1, a1, a2]) as scipy's DF2T step.
+        e = zi0 + b0 * x
+        zi0 = zi1 + x * b1 - e * a1
+        zi1 = x * b2 - e * a2
+        # S0 = lfilter([1], [1, -λ]) of y, S1 = lfilter([0, -λ], [1, -λ]) of S0.
+        p0, p1 = s0, s1
+        s0 = z0 + 1.0 * x
+        z0 = x * 0.0 - s0 * nlam
+        s1 = z1 + 0.0 * s0
+        z1 = s0 * nlam - s1 * nlam
+        k = n + i
+        if k > last:
+            k = last
+        el = (x - (v0[k] * p0 + v1[k] * p1)) / sf[k]
+        if n == 0 and i == 0:
+            el = 0.0  # no forecast for the first point of a segment
+        ae = abs(e)
+        out[LIN_ABS_E, i] = ae if (ae > TINY or ae != ae) else TINY
+        ael = abs(el)
+        out[LIN_ABS_EL, i] = ael if (ael > TINY or ael != ael) else TINY
+        ay = abs(x)
+        out[LIN_FLOOR, i] = 1e-12 * (ay if ay > 1.0 else 1.0)
+        out[LIN_E, i] = e
+        out[LIN_EL, i] = el
+        out[LIN_S0, i] = s0
+        out[LIN_S1, i] = s1
+        out[LIN_ZI0, i] = zi0
+        out[LIN_ZI1, i] = zi1
+        out[LIN_Z0, i] = z0
+        out[LIN_Z1, i] = z1
+    return out
+
+
+@_jit
+def trigger_scales(logs, rate, a1, zs, log_scale, bank_rate, bank_a1, bz, bank_log_scale):  # pragma: no cover
+    """The log-EWMA scales over a block: ``logs`` rows log|e|, log|el|, the floor's log
+    (``np.log`` of trigger_linear's first rows). Filters ``lfilter([rate], [1, a1])``
+    from states ``zs``/``bz``; ``log_scale``/``bank_log_scale``: the scales before the
+    block. Returns rows ``SC_*``: the arguments of the standardising ``exp`` (lagged
+    scale, floored, minus E log|N(0,1)|), the scales, the states, the lagged scales.
+    O(m)."""
+    m = logs.shape[1]
+    out = np.empty((8, m))
+    lag_fast, lag_bank = log_scale, bank_log_scale
+    for i in range(m):
+        x = logs[0, i]
+        ls = zs + rate * x
+        zs = x * 0.0 - ls * a1
+        xb = logs[1, i]
+        bs = bz + bank_rate * xb
+        bz = xb * 0.0 - bs * bank_a1
+        floor = logs[2, i]
+        out[SC_ARG_FAST, i] = (lag_fast if lag_fast > floor else floor) - LOG_ABS_Z_MEAN
+        out[SC_ARG_BANK, i] = (lag_bank if lag_bank > floor else floor) - LOG_ABS_Z_MEAN
+        out[SC_LOG_S, i] = ls
+        out[SC_BANK_S, i] = bs
+        out[SC_ZS, i] = zs
+        out[SC_BZ, i] = bz
+        out[SC_LAG_FAST, i] = lag_fast
+        out[SC_LAG_BANK, i] = lag_bank
+        lag_fast, lag_bank = ls, bs
+    return out
+
+
+@_jit
+def _rint_q(z):  # pragma: no cover - compiled
+    """``np.rint(np.clip(z, -Z_CLIP, Z_CLIP) * Q)`` as an integer (round half to even)."""
+    if z < -Z_CLIP:
+        z = -Z_CLIP
+    elif z > Z_CLIP:
+        z = Z_CLIP
+    return np.int64(np.rint(z * Q))
+
+
+@_jit
+def trigger_cusums(lin, sc, scales, n, gate, gate_shift, bias_rate, bias_a1, bias_zi, bias_gate,
+                   bank_after, sums, kq, bank_kq, hq, bank_hq, stop):  # pragma: no cover - compiled
+    """The trigger's standardised errors, the slow bank's gate and every CUSUM over a block.
+
+    ``scales``: ``np.exp`` of trigger_scales' first two rows; ``gate``: the gate
+    inputs of the last ``gate_lag`` points; ``sums``: the CUSUM sums before the
+    block (fast +, fast −, bank + per drift, bank − per drift), updated in place
+    to the sums after the last point consumed. With ``stop``, stops at the first
+    point where a sum exceeds its threshold. Returns (index of that point or −1,
+    per point whether any sum was above its threshold, the new gate, the state
+    after the last point consumed: rows ``ST_*`` of the filters, scales, the bias
+    filter and the fast standardised error).
+    The sums are the Lindley recursion max(0, s + x) on integers: exact. O(m k).
+    """
+    m = lin.shape[1]
+    lag = len(gate)
+    nk = len(bank_kq)
+    flags = np.zeros(m, dtype=np.bool_)
+    gate_in = np.empty(m)
+    alarm = -1
+    last_z = 0.0
+    k = m - 1
+    for i in range(m):
+        zf = lin[LIN_E, i] / scales[0, i]
+        zl = lin[LIN_EL, i] / scales[1, i]
+        line_z = zl
+        if line_z < -3.0:
+            line_z = -3.0
+        elif line_z > 3.0:
+            line_z = 3.0
+        bias = bias_zi + bias_rate * line_z
+        bias_zi = line_z * 0.0 - bias * bias_a1
+        g1 = sc[SC_LAG_BANK, i] - sc[SC_LAG_FAST, i] - gate_shift
+        g2 = abs(bias) - bias_gate
+        gate_in[i] = g1 if (g1 > g2 or g1 != g1) else g2
+        g = gate[i] if i < lag else gate_in[i - lag]
+        if not (g < 0.0 and n + i >= bank_after):
+            zl = 0.0
+        qf = _rint_q(zf)
+        ql = _rint_q(zl)
+        hit = False
+        s = sums[0] + qf - kq
+        s = s if s > 0 else 0
+        sums[0] = s
+        hit |= s > hq
+        s = sums[1] - qf - kq
+        s = s if s > 0 else 0
+        sums[1] = s
+        hit |= s > hq
+        for j in range(nk):
+            s = sums[2 + j] + ql - bank_kq[j]
+            s = s if s > 0 else 0
+            sums[2 + j] = s
+            hit |= s > bank_hq[j]
+            s = sums[2 + nk + j] - ql - bank_kq[j]
+            s = s if s > 0 else 0
+            sums[2 + nk + j] = s
+            hit |= s > bank_hq[j]
+        flags[i] = hit
+        last_z = zf
+        if hit and stop:
+            alarm = i
+            k = i
+            break
+    new_gate = np.empty(lag)
+    for j in range(lag):
+        t = k + 1 + j
+        new_gate[j] = gate[t] if t < lag else gate_in[t - lag]
+    state = np.empty(12)
+    state[ST_S0], state[ST_S1] = lin[LIN_S0, k], lin[LIN_S1, k]
+    state[ST_Z0], state[ST_Z1] = lin[LIN_Z0, k], lin[LIN_Z1, k]
+    state[ST_BZ], state[ST_BANK_S] = sc[SC_BZ, k], sc[SC_BANK_S, k]
+    state[ST_ZI0], state[ST_ZI1] = lin[LIN_ZI0, k], lin[LIN_ZI1, k]
+    state[ST_ZS], state[ST_LOG_S] = sc[SC_ZS, k], sc[SC_LOG_S, k]
+    state[ST_BIAS], state[ST_LAST_Z] = bias_zi, last_z
+    return alarm, flags, new_gate, state
+
+
+# --- numpy's reductions, bit for bit ---------------------------------------------------
+
+
+@_jit
+def _pairwise_block(a, lo, n):  # pragma: no cover - compiled
+    """numpy's pairwise summation of ``a[lo : lo + n]`` for n ≤ 128: eight accumulators."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    top = n - n % 8
+    while i < top:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@_jit
+def _pairwise(a, lo, n):  # pragma: no cover - compiled
+    """numpy's pairwise summation of ``a[lo : lo + n]`` (``DOUBLE_pairwise_sum``): above 128
+    values, the sum of the two halves (the first a multiple of 8 long), each summed the
+    same way. An explicit stack, not recursion: numba's cache cannot reload a
+    self-recursive function (the process crashes)."""
+    if n <= 128:
+        return _pairwise_block(a, lo, n)
+    starts = np.empty(64, dtype=np.int64)
+    sizes = np.empty(64, dtype=np.int64)
+    waiting = np.zeros(64, dtype=np.int64)  # 0: not split yet, 1: left half pending, 2: right half
+    lefts = np.empty(64)
+    starts[0], sizes[0], waiting[0] = lo, n, 0
+    depth = 1
+    value = 0.0
+    done = False  # ``value`` is the sum of the top frame's child just finished
+    while True:
+        top = depth - 1
+        if done:
+            if waiting[top] == 1:
+                lefts[top] = value
+                waiting[top] = 2
+                half = sizes[top] // 2
+                half -= half % 8
+                starts[depth], sizes[depth], waiting[depth] = starts[top] + half, sizes[top] - half, 0
+                depth += 1
+                done = False
+            else:
+                value = lefts[top] + value
+                depth -= 1
+                if depth == 0:
+                    return value
+        elif sizes[top] <= 128:
+            value = _pairwise_block(a, starts[top], sizes[top])
+            depth -= 1
+            done = True
+        else:
+            waiting[top] = 1
+            half = sizes[top] // 2
+            half -= half % 8
+            starts[depth], sizes[depth], waiting[depth] = starts[top], half, 0
+            depth += 1
+
+
+@_jit
+def np_sum(a):  # pragma: no cover - compiled
+    """``np.sum`` of a 1-D float64 array (the reduction starts from its identity, 0)."""
+    return 0.0 + _pairwise(a, 0, len(a))
+
+
+@_jit
+def np_std(a):  # pragma: no cover - compiled
+    """``np.std`` of a 1-D float64 array (n ≥ 1): mean, squared deviations, their mean, sqrt."""
+    n = len(a)
+    mean = np_sum(a) / n
+    sq = np.empty(n)
+    for i in range(n):
+        d = a[i] - mean
+        sq[i] = d * d
+    return math.sqrt(np_sum(sq) / n)
+
+
+@_jit
+def np_median(a):  # pragma: no cover - compiled
+    """``np.median`` of a 1-D float64 array without NaN (n ≥ 1): the middle of the
+    sorted values, the two middle ones averaged as ``np.mean`` averages them. A
+    partition, not a sort: the same order statistics, O(n)."""
+    n = len(a)
+    half = n // 2
+    part = np.partition(a, half)
+    if n % 2:
+        return (0.0 + (0.0 + part[half])) / 1.0
+    below = part[0]  # the largest of the lower half: the sorted values' half − 1st
+    for i in range(1, half):
+        if part[i] > below:
+            below = part[i]
+    return (0.0 + ((0.0 + below) + part[half])) / 2.0
+
+
+@_jit
+def point_noise(history):  # pragma: no cover - compiled
+    """:func:`detector.core.changepoint.point_noise`: MAD of first differences / √2. O(n log n)."""
+    n = len(history)
+    if n < 3:
+        return 0.0
+    d = np.empty(n - 1)
+    for i in range(n - 1):
+        d[i] = history[i + 1] - history[i]
+    med = np_median(d)
+    for i in range(n - 1):
+        d[i] = abs(d[i] - med)
+    return 1.4826 * np_median(d) / math.sqrt(2.0)
+
+
+@_jit
+def history_scale(history):  # pragma: no cover - compiled
+    """:func:`detector.core.changepoint.history_scale`: the standard deviation. O(n)."""
+    return np_std(history) if len(history) > 1 else 0.0
+
+
+# --- the localiser's piecewise-linear cost -------------------------------------------------
+
+
+@_jit
+def cost_sums(signal):  # pragma: no cover - compiled
+    """:meth:`CostPiecewiseLinear.fit`'s prefix sums (rows n, Σt, Σt², Σy, Σty, Σy² over the
+    first k points, k = 0..n) of the values centred on their mean. O(n)."""
+    n = len(signal)
+    s = np.empty((6, n + 1))
+    mean = np_sum(signal) / n if n else 0.0
+    for k in range(n + 1):
+        kf = float(k)
+        s[0, k] = kf
+        s[1, k] = kf * (kf - 1.0) / 2.0
+        s[2, k] = (kf - 1.0) * kf * (2.0 * kf - 1.0) / 6.0
+    s[3, 0] = 0.0
+    s[4, 0] = 0.0
+    s[5, 0] = 0.0
+    for i in range(n):
+        y = signal[i] - mean
+        ty = float(i) * y
+        yy = y * y
+        if i == 0:  # numpy's cumsum starts from the first value, not from 0 + it
+            s[3, 1], s[4, 1], s[5, 1] = y, ty, yy
+        else:
+            s[3, i + 1] = s[3, i] + y
+            s[4, i + 1] = s[4, i] + ty
+            s[5, i + 1] = s[5, i] + yy
+    return s
+
+
+@_jit
+def segment_error(s, start, end):  # pragma: no cover - compiled
+    """:meth:`CostPiecewiseLinear.error`: the line's squared error on ``[start, end)``. O(1)."""
+    n = s[0, end] - s[0, start]
+    st = s[1, end] - s[1, start]
+    stt = s[2, end] - s[2, start]
+    sy = s[3, end] - s[3, start]
+    sty = s[4, end] - s[4, start]
+    syy = s[5, end] - s[5, start]
+    n = n if n > 1.0 else 1.0
+    vtt = stt - st * st / n
+    vty = sty - st * sy / n
+    vyy = syy - sy * sy / n
+    r = vyy - vty * vty / vtt if vtt > 0 else vyy
+    return r if (r > 0.0 or r != r) else 0.0
+
+
+@_jit
+def _line_sse(n, mean_t, sy, sty, syy):  # pragma: no cover - compiled
+    vtt = n * (n * n - 1.0) / 12.0
+    vty = sty - mean_t * sy
+    r = syy - sy * sy / n - vty * vty / vtt
+    return r if (r > 0.0 or r != r) else 0.0
+
+
+@_jit
+def best_split(s, start, end, min_size):  # pragma: no cover - compiled
+    """:meth:`CostPiecewiseLinear.split_gains` and its last argmax: the best split of
+    ``[start, end)`` into two lines and its gain, (−1, 0.0) when none fits. O(end − start)."""
+    lo, hi = start + min_size, end - min_size + 1
+    if hi <= lo:
+        return -1, 0.0
+    whole = segment_error(s, start, end)
+    best, gain, nan_at = -1, 0.0, -1
+    for c in range(lo, hi):
+        sp = float(c)
+        left = _line_sse(sp - start, (start + sp - 1.0) / 2.0, s[3, c] - s[3, start],
+                         s[4, c] - s[4, start], s[5, c] - s[5, start])
+        right = _line_sse(end - sp, (sp + end - 1.0) / 2.0, s[3, end] - s[3, c],
+                          s[4, end] - s[4, c], s[5, end] - s[5, c])
+        g = whole - left - right
+        if g != g:
+            nan_at = c  # np.argmax takes NaN as the largest
+        elif best < 0 or g >= gain:  # ties to the later index
+            best, gain = c, g
+    if nan_at >= 0:
+        return nan_at, math.nan
+    return best, gain
+
+
+@_jit
+def best_shift(s, start, end, min_size, last_min_size):  # pragma: no cover - compiled
+    """:meth:`CostPiecewiseLinear.shift_gains` and its last argmax: the best level
+    shift on a shared slope in ``[start, end)`` and its gain, (−1, 0.0) when none
+    fits. O(end − start)."""
+    lo, hi = start + min_size, end - last_min_size + 1
+    n = end - start
+    if hi <= lo or n < 3:
+        return -1, 0.0
+    w1 = s[1, end] - s[1, start]
+    w2 = s[2, end] - s[2, start]
+    w3 = s[3, end] - s[3, start]
+    w4 = s[4, end] - s[4, start]
+    mean_t, mean_y = w1 / n, w3 / n
+    stt = w2 - n * mean_t * mean_t
+    slope = (w4 - n * mean_t * mean_y) / stt
+    best, gain, nan_at = -1, 0.0, -1
+    for c in range(lo, hi):
+        m = s[0, end] - s[0, c]
+        tail_t = (s[1, end] - s[1, c]) - m * mean_t
+        tail_e = (s[3, end] - s[3, c]) - m * mean_y - slope * tail_t
+        norm = m - m * m / n - tail_t * tail_t / stt
+        g = tail_e * tail_e / (norm if norm > 1e-9 else 1e-9) if norm > 1e-9 else 0.0
+        if g != g:
+            nan_at = c
+        elif best < 0 or g >= gain:
+            best, gain = c, g
+    if nan_at >= 0:
+        return nan_at, math.nan
+    return best, gain
+
+
+@_jit
+def window_search(y, min_size, shift_min_size):  # pragma: no cover - compiled
+    """The localiser's first look at a window: the cost's sums (:func:`cost_sums`), the
+    best two-line split's gain, the best level shift (index, gain) and max |y|. O(n)."""
+    s = cost_sums(y)
+    n = len(y)
+    split_gain = best_split(s, 0, n, min_size)[1]
+    shift_index, shift_gain = best_shift(s, 0, n, min_size, shift_min_size)
+    peak = 0.0
+    for i in range(n):
+        v = abs(y[i])
+        if v > peak or v != v:
+            peak = v
+    return s, split_gain, shift_index, shift_gain, peak
+
+
+@_jit
+def binseg(s, n, min_size, pen):  # pragma: no cover - compiled
+    """ruptures' ``Binseg(jump=1).predict(pen=pen)`` on the cost with sums ``s``: the
+    breaks, sorted, without ``n``. Each round splits the segment whose best split gains
+    most (the first of equal gains), while that gain exceeds ``pen``. Each segment's
+    best split is searched once (ruptures searches every segment every round; the
+    answer is the same). O(n) per break found."""
+    ends = np.empty(n + 1, dtype=np.int64)  # segment j is [ends[j - 1], ends[j]), ends[-1] = 0
+    best = np.empty(n + 1, dtype=np.int64)
+    gains = np.empty(n + 1)
+    ends[0] = n
+    best[0], gains[0] = best_split(s, 0, n, min_size)
+    count = 1
+    while True:
+        j = 0
+        for i in range(1, count):
+            if gains[i] > gains[j]:
+                j = i
+        if best[j] < 0 or not gains[j] > pen:
+            break
+        # Segment j splits at best[j]: shift the later segments one place up.
+        for i in range(count, j, -1):
+            ends[i], best[i], gains[i] = ends[i - 1], best[i - 1], gains[i - 1]
+        start = ends[j - 1] if j > 0 else 0
+        cut, end = best[j], ends[j + 1]
+        ends[j] = cut
+        best[j], gains[j] = best_split(s, start, cut, min_size)
+        best[j + 1], gains[j + 1] = best_split(s, cut, end, min_size)
+        count += 1
+    return ends[: count - 1].copy()  # segment ends in order; the last is n
+
+
+@_jit
+def parabola_basis(y):  # pragma: no cover - compiled
+    """:func:`detector.core.changepoint._parabola_sse`'s vectors (n > 3): rows ``y`` centred,
+    ``t`` (times centred and scaled to [−1, 1]) and ``t² − mean(t²)``. The dot products
+    stay numpy's (BLAS sums in its own order). O(n)."""
+    n = len(y)
+    out = np.empty((3, n))
+    half = (n - 1) / 2.0
+    scale = half if half > 1.0 else 1.0
+    for i in range(n):
+        t = (float(i) - half) / scale
+        out[1, i] = t
+        out[2, i] = t * t
+    q_mean = np_sum(out[2]) / n
+    y_mean = np_sum(y) / n
+    for i in range(n):
+        out[2, i] = out[2, i] - q_mean
+        out[0, i] = y[i] - y_mean
+    return out
+
+
+# --- the plateau test --------------------------------------------------------------
+
+
+@_jit
+def plateau_windows(y, n, q, min_delta, relative):  # pragma: no cover - compiled
+    """:func:`detector.core.trend._plateau_windows` for every window of ``n`` points of
+    ``y`` (``q`` the t quantile): rows is_plateau, slope, ci_low, ci_high, bound. Each
+    window's sums run over its points in order from 0, as numpy reduces the rows of the
+    (n, m) array of shifted copies (from the first point when there is one window, as
+    numpy's ``cumsum`` does). O(n m)."""
+    m = len(y) - n + 1
+    out = np.empty((5, m))
+    half = (n - 1) / 2.0
+    tt = np.empty(n)
+    for j in range(n):
+        t = float(j) - half
+        tt[j] = t * t
+    stt = np_sum(tt)  # np.sum(t * t): pairwise, as numpy sums a 1-D array
+    dof = n - 2 if n - 2 > 1 else 1
+    span = n - 1
+    first = 1 if m == 1 else 0
+    for w in range(m):
+        total = y[w] if first else 0.0
+        for j in range(first, n):
+            total += y[w + j]
+        mean = total / n
+        if first:
+            d = y[w] - mean
+            sty, ss = y[w] * (0.0 - half), d * d
+        else:
+            sty, ss = 0.0, 0.0
+        for j in range(first, n):
+            sty += y[w + j] * (float(j) - half)  # Σ t (y − mean) = Σ t y, as Σ t = 0
+            d = y[w + j] - mean
+            ss += d * d
+        slope = sty / stt
+        rss = ss - slope * sty  # Σ residual² = Σ (y − mean)² − slope · Σ t y
+        rss = rss if rss > 0.0 else 0.0  # never −0.0 here (ss ≥ +0), so no sign to keep
+        se = math.sqrt(rss / dof / stt)
+        low, high = (slope - q * se) * span, (slope + q * se) * span
+        bound = min_delta * (abs(mean) if relative else 1.0)
+        out[0, w] = 1.0 if (-bound <= low and high <= bound) else 0.0
+        out[1, w], out[2, w], out[3, w], out[4, w] = slope, low, high, bound
+    return out
+
+
+# --- the Mann–Kendall test -------------------------------------------------------------
+
+
+@_jit
+def mann_kendall_sums(y):  # pragma: no cover - compiled
+    """:func:`detector.core.trend.mann_kendall`'s sums for finite ``y`` (n ≥ 3): S (pairs
+    up minus pairs down), the tie term Σ t (t − 1)(2t + 5) over runs of equal values
+    (numpy's pairwise sum, in sorted order; 0 without ties) and the median pairwise slope
+    (one partition, as trend._median). Returns ok = False, and nothing else computed,
+    when a value is not finite (the caller takes the numpy path). O(n²)."""
+    n = len(y)
+    for i in range(n):
+        if not np.isfinite(y[i]):
+            return False, 0.0, 0.0, 0.0
+    count = n * (n - 1) // 2
+    slopes = np.empty(count)
+    up = down = 0
+    p = 0
+    for i in range(n):  # np.triu_indices' order (the order does not change a median)
+        for j in range(i + 1, n):
+            d = y[j] - y[i]
+            if d > 0:
+                up += 1
+            elif d < 0:
+                down += 1
+            slopes[p] = d / float(j - i)
+            p += 1
+    ordered = np.sort(y)
+    runs = np.empty(n)
+    r = 0
+    length = 1
+    tied = False
+    for i in range(1, n):
+        if ordered[i] == ordered[i - 1]:
+            length += 1
+            tied = True
+        else:
+            runs[r] = length
+            r += 1
+            length = 1
+    runs[r] = length
+    r += 1
+    tie_term = 0.0
+    if tied:
+        for i in range(r):
+            t = runs[i]
+            runs[i] = t * (t - 1.0) * (2.0 * t + 5.0)
+        tie_term = np_sum(runs[:r])
+    half = count // 2
+    part = np.partition(slopes, half)
+    if count % 2:
+        slope = part[half]
+    else:
+        below = part[0]
+        for i in range(1, half):
+            if part[i] > below:
+                below = part[i]
+        slope = (below + part[half]) / 2.0
+    return True, float(up - down), tie_term, slope

@@ -1,0 +1,277 @@
+"""The compiled kernels give, bit for bit, what the numpy/scipy/ruptures code they replace gives.
+
+Each kernel is checked against its reference on seeded inputs of many lengths and
+scales: exact float equality (``==`` on every value), not closeness, because the
+detector's results (a CUSUM on a fixed-point grid, argmaxes over near-equal gains)
+must not move when the implementation does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ruptures as rpt
+from scipy.signal import lfilter
+
+from detector.core import _kernels as k
+from detector.core.changepoint import CostPiecewiseLinear, CusumTrigger, WindowLocaliser, _last_argmax
+
+
+def _arrays(seed: int, count: int, longest: int = 1500):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        n = int(rng.integers(1, longest))
+        kind = i % 4
+        if kind == 0:
+            y = rng.normal(rng.normal() * 10, 10 ** rng.uniform(-3, 3), n)
+        elif kind == 1:
+            y = np.cumsum(rng.normal(size=n)) * 10 ** rng.uniform(-6, 6)
+        elif kind == 2:
+            y = np.round(rng.normal(size=n), 1)  # ties for the medians and argmaxes
+        else:
+            y = 3.0 * (10.0 + np.arange(n)) ** -0.3 * np.exp(rng.normal(0, 0.01, n))
+        yield y
+
+
+def test_sum_std_and_median_equal_numpys() -> None:
+    for y in _arrays(0, 600):
+        assert k.np_sum(y) == np.sum(y)
+        assert k.np_std(y) == np.std(y)
+        assert k.np_median(y) == np.median(y)
+    # Past 128 values numpy sums the halves; the explicit stack must split the same way.
+    y = np.random.default_rng(1).normal(size=100_000) * 1e6
+    assert k.np_sum(y) == np.sum(y) and k.np_sum(y[3:70_001]) == np.sum(y[3:70_001])
+
+
+def _old_point_noise(history: np.ndarray) -> float:
+    if len(history) < 3:
+        return 0.0
+    d = np.diff(history)
+    return 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2.0)
+
+
+def test_point_noise_and_history_scale_equal_the_numpy_formulas() -> None:
+    for y in _arrays(2, 300):
+        assert k.point_noise(y) == _old_point_noise(y)
+        assert k.history_scale(y) == (float(np.std(y)) if len(y) > 1 else 0.0)
+
+
+def test_trigger_filters_equal_scipys_lfilter() -> None:
+    trigger = CusumTrigger()
+    lam = trigger._lam
+    rng = np.random.default_rng(3)
+    for y in _arrays(4, 60, longest=600):
+        zi = rng.normal(size=2)
+        z0, z1, s0, s1 = rng.normal(size=4)
+        n = int(rng.integers(1, 3000))
+        lin = k.trigger_linear(y, n, trigger._holt, zi[0], zi[1], lam, s0, s1, z0, z1, *trigger._table)
+        e, zf = lfilter(trigger._b, trigger._a, y, zi=zi)
+        assert np.array_equal(lin[k.LIN_E], e) and np.array_equal(lin[k.LIN_ZI0:k.LIN_ZI1 + 1, -1], zf)
+        sums0, z0f = lfilter([1.0], [1.0, -lam], y, zi=[z0])
+        sums1, z1f = lfilter([0.0, -lam], [1.0, -lam], sums0, zi=[z1])
+        assert np.array_equal(lin[k.LIN_S0], sums0) and np.array_equal(lin[k.LIN_S1], sums1)
+        assert lin[k.LIN_Z0, -1] == z0f[0] and lin[k.LIN_Z1, -1] == z1f[0]
+        logs = np.log(lin[:3])
+        sc = k.trigger_scales(logs, trigger.scale_rate, trigger._sa[1], 0.25, -0.5,
+                              trigger.bank_scale_rate, trigger._ba[1], 0.125, 0.75)
+        log_s, zs = lfilter([trigger.scale_rate], trigger._sa, logs[0], zi=[0.25])
+        bank_s, bz = lfilter([trigger.bank_scale_rate], trigger._ba, logs[1], zi=[0.125])
+        assert np.array_equal(sc[k.SC_LOG_S], log_s) and sc[k.SC_ZS, -1] == zs[0]
+        assert np.array_equal(sc[k.SC_BANK_S], bank_s) and sc[k.SC_BZ, -1] == bz[0]
+
+
+def test_cusums_are_the_lindley_recursion_on_the_grid() -> None:
+    rng = np.random.default_rng(5)
+    m = 500
+    lin = np.zeros((11, m))
+    lin[k.LIN_E] = rng.normal(size=m) + 0.3
+    lin[k.LIN_EL] = rng.normal(size=m) - 0.2
+    sc = np.zeros((8, m))
+    sc[k.SC_LAG_BANK] = -1.0  # the gate open
+    scales = np.exp(rng.normal(0, 0.1, (2, m)))
+    sums = np.array([5, 0, 1, 2, 3, 0, 0, 7], dtype=np.int64)
+    start = sums.copy()
+    kq, bank_kq = 1 << 15, np.array([1 << 15, 1 << 16, 3 << 15], dtype=np.int64)
+    huge = np.int64(1) << 60
+    alarm, flags, _, state = k.trigger_cusums(lin, sc, scales, 1000, np.full(50, -1.0), 0.0, 0.02, -0.98, 0.0,
+                                             1e9, 0, sums, kq, bank_kq, huge, np.full(3, huge), True)
+    assert alarm == -1 and not flags.any()
+    assert state[k.ST_LAST_Z] == lin[k.LIN_E, -1] / scales[0, -1]
+    zq = np.rint(np.clip(lin[[k.LIN_E, k.LIN_EL]] / scales, -1e4, 1e4) * 65536).astype(np.int64)
+    steps = np.r_[[zq[0] - kq], [-zq[0] - kq], zq[1] - bank_kq[:, None], -zq[1] - bank_kq[:, None]]
+    expected = start.copy()
+    for t in range(m):
+        expected = np.maximum(expected + steps[:, t], 0)
+    assert np.array_equal(sums, expected)
+
+
+class _NumpyBinseg(rpt.Binseg):
+    """The localiser's search before the kernels: ruptures' Binseg with the split search in numpy."""
+
+    def fit(self, signal: np.ndarray) -> _NumpyBinseg:
+        self.signal = signal.reshape(-1, 1)
+        self.n_samples = len(signal)
+        self.cost.fit(signal)
+        return self
+
+    def single_bkp(self, start: int, end: int) -> tuple[int | None, float]:
+        candidates, gains = self.cost.split_gains(start, end, self.min_size)
+        if len(candidates) == 0:
+            return None, 0
+        best = _last_argmax(gains)
+        return int(candidates[best]), float(gains[best])
+
+
+def _numpy_fit_sums(y: np.ndarray) -> np.ndarray:
+    n = len(y)
+    y = y - (y.mean() if n else 0.0)
+    t = np.arange(n, dtype=float)
+    kk = np.arange(n + 1, dtype=float)
+    s = np.empty((6, n + 1))
+    s[0], s[1], s[2] = kk, kk * (kk - 1.0) / 2.0, (kk - 1.0) * kk * (2.0 * kk - 1.0) / 6.0
+    s[3:, 0] = 0.0
+    np.cumsum(y, out=s[3, 1:])
+    np.cumsum(t * y, out=s[4, 1:])
+    np.cumsum(y * y, out=s[5, 1:])
+    return s
+
+
+def test_cost_search_and_binseg_equal_the_numpy_and_ruptures_code() -> None:
+    rng = np.random.default_rng(6)
+    found = 0
+    for y in _arrays(7, 200, longest=1100):
+        n = len(y)
+        if n < 9:
+            continue
+        y = y + np.where(np.arange(n) >= n // 2, rng.normal() * np.std(y) * 3, 0.0)
+        cost = CostPiecewiseLinear().fit(y)
+        assert np.array_equal(cost._s, _numpy_fit_sums(y))
+        for start, end in ((0, n), (n // 3, n), (0, 2 * n // 3)):
+            assert cost.error(start, end) == float(cost._sse(cost._s[:, end] - cost._s[:, start]))
+            candidates, gains = cost.split_gains(start, end, 4)
+            expected = (int(candidates[_last_argmax(gains)]), float(gains[_last_argmax(gains)])) \
+                if len(gains) else (-1, 0.0)
+            assert k.best_split(cost._s, start, end, 4) == expected
+            candidates, gains = cost.shift_gains(start, end, 4, 2)
+            expected = (int(candidates[_last_argmax(gains)]), float(gains[_last_argmax(gains)])) \
+                if len(gains) else (-1, 0.0)
+            assert k.best_shift(cost._s, start, end, 4, 2) == expected
+        pen = float(np.var(y)) * np.log(n) * rng.uniform(0.5, 20)
+        reference = _NumpyBinseg(custom_cost=CostPiecewiseLinear(), min_size=4, jump=1).fit(y)
+        bkps = reference.predict(pen=pen)[:-1]
+        assert k.binseg(cost._s, n, 4, pen).tolist() == bkps
+        found += len(bkps) > 1
+    assert found > 10  # the comparison covered multi-break segmentations
+
+
+def test_localiser_results_do_not_depend_on_the_window_buffer() -> None:
+    """A window handed over as a slice of a bigger buffer gives what a copy gives."""
+    rng = np.random.default_rng(8)
+    buffer = np.r_[rng.normal(0, 1, 300), rng.normal(4, 1, 300)]
+    window = buffer[100:500]
+    loc = WindowLocaliser()
+    assert loc.locate_with_evidence(window) == loc.locate_with_evidence(window.copy())
+    assert loc.locate(window)[0].index == 200
+
+
+def test_kernels_compile_without_a_cache_location() -> None:
+    """Where numba has nowhere to write its cache (here: code with no source file), the
+    kernels are compiled per process instead of failing at import."""
+    namespace: dict = {}
+    exec("def twice(x):\n    return 2 * x\n", namespace)  # noqa: S102 - a function with no file
+    with pytest.raises(RuntimeError):
+        import numba
+
+        numba.njit(cache=True)(namespace["twice"])
+    assert k._jit(namespace["twice"])(21) == 42
+
+
+def test_flat_start_equals_lfiltic() -> None:
+    from scipy.signal import lfiltic
+
+    trigger = CusumTrigger()
+    rng = np.random.default_rng(9)
+    for y in [0.0, -0.0, 1.0, -3.5, 1e300, -1e-300, *rng.normal(size=200) * 10 ** rng.uniform(-9, 9, 200)]:
+        expected = lfiltic(trigger._b, trigger._a, [0.0, 0.0], [y, y])
+        got = trigger._flat_start(float(y))
+        assert got.tolist() == expected.tolist()
+        assert np.array_equal(np.signbit(got), np.signbit(expected))
+
+
+def test_parabola_basis_equals_the_numpy_vectors() -> None:
+    for y in _arrays(10, 300, longest=1100):
+        n = len(y)
+        if n <= 3:
+            continue
+        t = np.arange(n, dtype=float) - (n - 1) / 2.0
+        t /= max(1.0, (n - 1) / 2.0)
+        q = t * t
+        q -= q.mean()
+        yc, tk, qk = k.parabola_basis(y)
+        assert np.array_equal(yc, y - y.mean()) and np.array_equal(tk, t) and np.array_equal(qk, q)
+
+
+def test_window_search_is_the_first_look_of_the_localiser() -> None:
+    for y in _arrays(11, 100, longest=1100):
+        if len(y) < 9:
+            continue
+        sums, split_gain, shift_index, shift_gain, peak = k.window_search(y, 4, 2)
+        assert np.array_equal(sums, _numpy_fit_sums(y)) and peak == float(np.max(np.abs(y)))
+        assert split_gain == k.best_split(sums, 0, len(y), 4)[1]
+        assert (shift_index, shift_gain) == k.best_shift(sums, 0, len(y), 4, 2)
+
+
+def _numpy_plateau_windows(y: np.ndarray, n: int, q: float, min_delta: float, relative: bool):
+    """trend._plateau_windows as it was in numpy (rows summed one after another)."""
+    t = np.arange(n, dtype=float) - (n - 1) / 2.0
+    stt = float(np.sum(t * t))
+    m = len(y) - n + 1
+    shifted = np.lib.stride_tricks.sliding_window_view(y, m).copy()
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return np.cumsum(a, axis=0)[-1] if a.shape[1] == 1 else a.sum(axis=0)
+
+    mean = rows(shifted) / n
+    sty = rows(shifted * t[:, None])
+    slope = sty / stt
+    d = shifted - mean
+    rss = np.maximum(rows(d * d) - slope * sty, 0.0)
+    se = np.sqrt(rss / max(n - 2, 1) / stt)
+    low, high = (slope - q * se) * (n - 1), (slope + q * se) * (n - 1)
+    bound = min_delta * (np.abs(mean) if relative else np.ones_like(mean))
+    return (-bound <= low) & (high <= bound), slope, low, high, bound
+
+
+def test_plateau_windows_equal_the_numpy_row_sums() -> None:
+    rng = np.random.default_rng(12)
+    for i, y in enumerate(_arrays(13, 300, longest=400)):
+        n = int(rng.choice([3, 20, 30]))
+        if i % 7 == 0:
+            y = np.r_[np.full(n, -0.0), y]  # signed zeros keep their sign through the sums
+        if len(y) < n:
+            continue
+        relative = bool(i % 2)
+        got = k.plateau_windows(y, n, 2.1, 0.05, relative)
+        for row, expected in zip(got, _numpy_plateau_windows(y, n, 2.1, 0.05, relative), strict=True):
+            expected = expected.astype(float)
+            assert np.array_equal(row, expected) and np.array_equal(np.signbit(row), np.signbit(expected))
+
+
+def test_mann_kendall_sums_equal_the_numpy_ones() -> None:
+    from detector.core.trend import _median, _pairs
+
+    for y in _arrays(14, 400, longest=80):
+        n = len(y)
+        if n < 3:
+            continue
+        i, j, gaps = _pairs(n)
+        diffs = y[j] - y[i]
+        ordered = np.sort(y)
+        tied = ordered[1:] == ordered[:-1]
+        tie_term = 0.0
+        if tied.any():
+            ties = np.diff(np.concatenate(([-1], np.flatnonzero(~tied), [n - 1]))).astype(float)
+            tie_term = float(np.sum(ties * (ties - 1) * (2 * ties + 5)))
+        s = float(np.count_nonzero(diffs > 0) - np.count_nonzero(diffs < 0))
+        assert k.mann_kendall_sums(y) == (True, s, tie_term, _median(diffs / gaps))
+    assert not k.mann_kendall_sums(np.array([1.0, np.nan, 2.0]))[0]
