@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from ruptures.base import BaseCost
@@ -233,7 +234,7 @@ class CusumTrigger:
         if i == m:
             return None
         block = values[i:]
-        alarm = self._scan_block(block)
+        alarm = cast("int | None", self._scan_block(block))  # stop=True: an index or None
         return None if alarm is None else i + alarm
 
     def absorb(self, values: np.ndarray) -> np.ndarray:
@@ -689,9 +690,9 @@ class WindowLocaliser:
         splits = []
         edges = [0, *bkps, n]
         for left, index, right in zip(edges, edges[1:], edges[2:], strict=False):
-            if index in shifts:
+            if index in shifts:  # only with shift_penalty set
                 splits.append(Split(index=int(index), gain=shifts[index],
-                                    penalty=float(self.shift_penalty * penalty), noise=scale))
+                                    penalty=float(cast(float, self.shift_penalty) * penalty), noise=scale))
                 continue
             gain = cost.error(left, right) - cost.error(left, index) - cost.error(index, right)
             splits.append(Split(index=int(index), gain=float(gain), penalty=float(penalty), noise=scale))
@@ -702,7 +703,7 @@ class WindowLocaliser:
         """The best level shift of the whole window (``index``, ``gain``: -1 when none fits),
         if it beats ``shift_penalty × penalty`` (and, with ``curvature_penalty``, one
         parabola too), and its gain. O(n)."""
-        if index < 0:
+        if index < 0 or self.shift_penalty is None:
             return [], {}, 0.0
         if gain <= self.shift_penalty * penalty:
             return [], {}, gain
@@ -718,6 +719,8 @@ class WindowLocaliser:
         its one parameter fewer (gain − shift penalty ≥ two-line gain − penalty). O(n)."""
         out: list[int] = []
         shifts: dict[int, float] = {}
+        if self.shift_penalty is None:
+            return list(bkps), shifts
         edges = [0, *bkps, len(y)]
         for k in range(1, len(edges) - 1):
             left = out[-1] if out else 0
