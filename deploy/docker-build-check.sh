@@ -98,6 +98,9 @@ metrics_port=$(free_port)
 # shellcheck disable=SC1091
 source "$work/env.sh"
 export PHASEWATCH_LISTEN="0.0.0.0:$grpc_port" PHASEWATCH_METRICS_LISTEN="0.0.0.0:$metrics_port"
+# The image creates its data directory (install -d ... /home/phasewatch/data); the
+# store refuses a missing directory rather than guessing, so make it here too.
+mkdir -p "$work/data"
 export PHASEWATCH_STORE="sqlite:///$work/data/phasewatch.db"
 mapfile -t entrypoint < <(python3 -c 'import json,sys; print("\n".join(json.load(open(sys.argv[1]))))' "$work/entrypoint.json")
 PATH="$work/runtime/bin:$PATH" "${entrypoint[@]}" >"$work/serve.log" 2>&1 &
