@@ -49,6 +49,7 @@ def _jit(fn: Callable[..., Any]) -> Any:
 
 # The trigger's constants (changepoint imports them from here).
 Q = 1 << 16  # fixed-point grid of the CUSUM (1/65536 of an innovation scale)
+FAST_CLIP = 3.0  # |z| cap of the fast CUSUM's standardised innovations (winsorised CUSUM)
 Z_CLIP = 1e4  # |z| cap: keeps the int64 sums exact for any run length we will see
 LOG_ABS_Z_MEAN = -0.6351814227307391  # E[log |N(0,1)|] = -(γ + log 2) / 2
 TINY = 1e-300
@@ -194,7 +195,12 @@ def trigger_cusums(lin, sc, scales, n, gate, gate_shift, bias_rate, bias_a1, bia
         g = gate[i] if i < lag else gate_in[i - lag]
         if not (g < 0.0 and n + i >= bank_after):
             zl = 0.0
-        qf = _rint_q(zf)
+        zc = zf
+        if zc < -FAST_CLIP:
+            zc = -FAST_CLIP
+        elif zc > FAST_CLIP:
+            zc = FAST_CLIP
+        qf = _rint_q(zc)
         ql = _rint_q(zl)
         hit = False
         s = sums[0] + qf - kq

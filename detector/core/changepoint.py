@@ -44,6 +44,7 @@ from detector.core._kernels import Q as _Q
 from detector.errors import InvalidArgument
 
 _GATE_CLOSED = 1e9  # a gate input that keeps the slow bank closed
+_FIRST_CHUNK = 64  # points of the first chunk a scan takes (then 4 times more each time)
 
 
 _SETTINGS = ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate", "memory", "bank_drifts",
@@ -58,9 +59,12 @@ class CusumTrigger:
 
     *Fast*: a two-sided CUSUM (``drift`` k, ``threshold`` h) on Holt
     (``alpha``/``beta``) one-step innovations standardised by a log-domain EWMA
-    scale (rate ``scale_rate``). It follows trends and absorbs a level shift in
-    a few points, so it catches abrupt changes and slope changes of trending
-    series, but not small shifts.
+    scale (rate ``scale_rate``), each clipped to ±3 (a winsorised CUSUM: one
+    outlier, or two, cannot alarm alone; a lasting shift of any size alarms
+    on its third point; real training curves are heavy-tailed, and unclipped
+    single-line outliers caused a third of all alarms on real runs). It
+    follows trends and absorbs a level shift in a few points, so it catches
+    abrupt changes and slope changes of trending series, but not small shifts.
 
     *Slow*: a bank of two-sided CUSUMs (drifts ``bank_drifts``, thresholds
     ``bank_thresholds``, one pair per size of shift) on the one-step errors of a
@@ -86,8 +90,8 @@ class CusumTrigger:
 
     >>> trigger = CusumTrigger()
     >>> values = [0.0, 0.1, -0.1, 0.05] * 10 + [3.0] * 10
-    >>> [i for i, v in enumerate(values) if trigger.update(v)][:1]
-    [40]
+    >>> [i for i, v in enumerate(values) if trigger.update(v)][:1]  # the shift's third point
+    [42]
     """
 
     drift: float = 0.5
@@ -233,9 +237,17 @@ class CusumTrigger:
         i = self._warm_up(values)  # a few points per reset
         if i == m:
             return None
-        block = values[i:]
-        alarm = cast("int | None", self._scan_block(block))  # stop=True: an index or None
-        return None if alarm is None else i + alarm
+        # In growing chunks: a block's filters are computed to its end before the
+        # CUSUMs stop at an alarm, so one call over the whole rest would cost
+        # O(length) per alarm. The state carries over exactly between chunks.
+        size = _FIRST_CHUNK
+        while i < m:
+            alarm = cast("int | None", self._scan_block(values[i : i + size]))  # an index or None
+            if alarm is not None:
+                return i + alarm
+            i += size
+            size *= 4
+        return None
 
     def absorb(self, values: np.ndarray) -> np.ndarray:
         """Consume every value without stopping at alarms; return, per value, whether

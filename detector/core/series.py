@@ -154,6 +154,7 @@ class SeriesDetector:
         c = self.config
         self._plateau = c.plateau_test(spec.role)
         self.trigger = CusumTrigger(**_trigger_settings(c.trigger))
+        self._ahead = c.lag + 2 * c.recheck_limit + 2  # points absorbed ahead at an alarm
         self.summaries = MultiResolution(c.summary_base, c.summary_blocks, c.summary_levels)
         self._steps = np.zeros(c.window, dtype=np.int64)
         self._values = np.zeros(c.window, dtype=np.float64)
@@ -262,6 +263,10 @@ class SeriesDetector:
         flags = np.zeros(0, dtype=bool)
         while True:
             if self._pending_alarm == 0:
+                if ahead is not None and i - ahead[1] > len(flags):
+                    # The episode outlasted the points absorbed ahead: absorb the next ones.
+                    done = ahead[1] + len(flags)
+                    flags = np.concatenate([flags, self.trigger.absorb(y[done : max(i, done + self._ahead)])])
                 alarmed = self.trigger.alarmed if ahead is None else bool(flags[i - 1 - ahead[1]])
                 found = self._localise(int(steps[i - 1]))
                 tagged += [(base + i - 1, _CP, e) for e in found]
@@ -293,7 +298,9 @@ class SeriesDetector:
             if self._pending_alarm is not None:
                 if ahead is None:
                     ahead = (self.trigger.snapshot(), i)
-                    flags = self.trigger.absorb(y[i:])
+                    # Only as far as an episode usually lasts: absorbing the whole rest of
+                    # the block at every alarm made a block cost O(length × alarms).
+                    flags = self.trigger.absorb(y[i : i + self._ahead])
                 j = min(m, i + self._pending_alarm)
                 self._append(steps[i:j], y[i:j])
                 self._pending_alarm -= j - i
