@@ -165,6 +165,7 @@ class SeriesDetector:
         self._rechecks = 0  # localisations left after an unconfirmed one
         self._alarm_noise: float | None = None  # point noise at this alarm (for the penalty)
         self._evidence = 0.0  # the last localisation's best gain / its penalty (transient)
+        self._last_evidence = 0.0  # the look before's, during an alarm's episode
         self.n_finite = 0
         self.n_nonfinite = 0
         self.last_step: int | None = None
@@ -276,7 +277,11 @@ class SeriesDetector:
                 # it start over), at most ``recheck_limit`` looks.
                 extra = self.config.recheck - self._rechecks  # rechecks done so far
                 alarmed = alarmed and extra < self.config.recheck_limit
-                weak = self._evidence < self.config.recheck_evidence  # nothing building up
+                # Nothing building up: too little evidence, or less than at the last look
+                # (a transient's evidence fades as points come after it).
+                weak = (self._evidence < self.config.recheck_evidence
+                        or self._evidence < self._last_evidence)
+                self._last_evidence = self._evidence
                 if found:
                     ahead = None  # the trigger was restarted on the new segment, up to here
                     self._pending_alarm = None
@@ -309,6 +314,7 @@ class SeriesDetector:
                 j = m if hit is None else i + hit + 1
                 self._append(steps[i:j], y[i:j])
                 if hit is not None:
+                    self._last_evidence = 0.0
                     self._alarm_statistic = self.trigger.statistic
                     self._pending_alarm = self.config.lag
                     self._rechecks = self.config.recheck
@@ -460,6 +466,7 @@ class SeriesDetector:
                 k: getattr(self, k)
                 for k in (
                     "_segment_start", "_pending_alarm", "_alarm_statistic", "_rechecks", "_alarm_noise",
+                    "_last_evidence",
                     "n_finite",
                     "n_nonfinite", "last_step", "last_value", "first_value", "min_value",
                     "max_value", "in_plateau", "trend",
