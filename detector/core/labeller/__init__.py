@@ -41,7 +41,7 @@ from detector.core.types import Event, Phase, Role, Segment, SeriesSpec, Split
 
 __all__ = ["LabellerConfig", "LineBlock", "PhaseLabeller", "Roles"]
 
-STATE_VERSION = 4
+STATE_VERSION = 5
 
 
 @dataclass(frozen=True)

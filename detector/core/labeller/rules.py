@@ -433,9 +433,9 @@ class Generalisation(_Plain):
         self.stable_best = -math.inf
         self.hidden_progress_at: int | None = None
         self.val_noise = 0.0  # typical change between held-out values from noise alone
-        # The last five values and EW means of squared second differences over one
+        # The last seven values and EW means of squared third differences over one
         # and over two logging intervals: noise adds the same to both, a curve's
-        # bend four times as much to the wider one (cadence-free noise).
+        # change of bend 64 times as much to the wider one (cadence-free noise).
         self.val_window: list[float] = []
         self.lows: list[list] = []  # suffix minima since onset: [step, value, next step]
         self.lows_floor: int | None = None
@@ -495,19 +495,20 @@ class Generalisation(_Plain):
             self.val_base = min(first, _median(self.val_first)) if len(self.val_first) == 3 else \
                 first if self.val_base is None else min(self.val_base, first)
         self.val_recent = [*self.val_recent[-2:], val_acc]
-        self.val_window = [*self.val_window[-4:], val_acc]
-        if len(self.val_window) == 5:
-            # Second differences ignore a steady rise. Over one interval g they hold
-            # 6 σ² of noise plus (f'' g²)² of the curve's bend; over 2 g the same noise
-            # and 16 times the bend: (16 near - wide) / 90 is σ² alone, whatever the
-            # logging cadence (a bend read as noise made a coarse log call a slowly
-            # falling accuracy stable).
-            v0, _, v2, v3, v4 = self.val_window
-            near, wide = v4 - 2 * v3 + v2, v4 - 2 * v2 + v0
+        self.val_window = [*self.val_window[-6:], val_acc]
+        if len(self.val_window) == 7:
+            # Third differences ignore a steady rise and a steady bend. Over one
+            # interval g they hold 20 σ² of noise plus (f''' g³)² of the curve's change
+            # of bend; over 2 g the same noise and 64 times that: (64 near - wide) /
+            # 1260 is σ² alone, whatever the logging cadence. (Second differences read
+            # the S-curve of a rise logged every 10 steps as noise, 0.010 against 0.002
+            # logged every step, and called a falling accuracy stable.)
+            v0, _, v2, v3, v4, v5, v6 = self.val_window
+            near, wide = v6 - 3 * v5 + 3 * v4 - v3, v6 - 3 * v4 + 3 * v2 - v0
             if math.isfinite(near * near + wide * wide):  # absurd values must not poison the sums
                 self.curv_near += (near * near - self.curv_near) / 10
                 self.curv_wide += (wide * wide - self.curv_wide) / 10
-                self.val_noise = math.sqrt(max(0.0, 16 * self.curv_near - self.curv_wide) / 90)
+                self.val_noise = math.sqrt(max(0.0, 64 * self.curv_near - self.curv_wide) / 1260)
         if self.onset_at is None:
             if self.val_base is not None and val_acc >= self.val_base + c.onset_rise:
                 if self.above_since is None:
