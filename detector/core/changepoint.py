@@ -376,7 +376,9 @@ class CusumTrigger:
     # --- checkpoints -----------------------------------------------------------
 
     def state(self) -> dict:
+        """The state as versioned plain data (numbers and lists), for :meth:`load`."""
         return {
+            "version": 1,
             "n": self.n, "zi": self.zi.tolist(), "zs": self.zs.tolist(), "log_scale": self.log_scale,
             "pos": self.pos, "neg": self.neg, "last_z": self.last_z,
             "s0": self.s0, "s1": self.s1, "z0": self.z0.tolist(), "z1": self.z1.tolist(),
@@ -386,6 +388,10 @@ class CusumTrigger:
         }
 
     def load(self, state: dict) -> None:
+        """Resume from :meth:`state` (older states without the slow bank or the gate
+        start those afresh); a newer version is refused by name."""
+        if state.get("version", 1) != 1:
+            raise InvalidArgument(f"trigger state version {state['version']} is not supported (this reads 1)")
         self.n, self.log_scale = state["n"], state["log_scale"]
         self.zi, self.zs = np.array(state["zi"], dtype=float), np.array(state["zs"], dtype=float)
         self.pos, self.neg, self.last_z = state["pos"], state["neg"], state["last_z"]

@@ -16,12 +16,9 @@ multiplicative) and feed:
   points after the last alarm);
 * :class:`~detector.core.trend.PlateauTest` on every window of ``patience``
   points (all windows of a block at once) and a Mann–Kendall trend test on the
-  last ``trend_window`` points every ``trend_every`` points;
-* :class:`~detector.core.summaries.MultiResolution` summaries for horizons
-  beyond the window.
+  last ``trend_window`` points every ``trend_every`` points.
 
-Memory per series is O(``window``) plus the constant-size summaries,
-independent of run length.
+Memory per series is O(``window``), independent of run length.
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ import numpy as np
 
 from detector.core._kernels import np_median
 from detector.core.changepoint import CusumTrigger, WindowLocaliser, history_scale, point_noise
-from detector.core.summaries import MultiResolution
 from detector.core.trend import PlateauResult, PlateauTest, TrendResult, mann_kendall
 from detector.core.types import Direction, Event, EventKind, Role, SeriesSpec, Split
 from detector.errors import InvalidArgument
@@ -82,8 +78,7 @@ class SeriesConfig:
     ``recheck_evidence`` of its penalty (nothing is building up: on noise most
     alarms end after one look); nothing is confirmed online before
     ``min_history`` finite points are held (the penalty's scale and noise
-    estimates need them; the end of a run localises whatever is held);
-    ``summary_*`` size the multi-resolution summaries (long horizons).
+    estimates need them; the end of a run localises whatever is held).
     """
 
     window: int = 1024
@@ -100,9 +95,6 @@ class SeriesConfig:
     min_delta_rel: float = 0.05  # other roles (rel mode)
     trend_window: int = 30
     trend_every: int = 5
-    summary_base: int = 16
-    summary_blocks: int = 64
-    summary_levels: int = 8
 
     def __post_init__(self) -> None:
         needed = max(self.patience, self.trend_window, 2 * self.localiser.min_size + 1 + self.lag)
@@ -136,8 +128,8 @@ class SeriesDetector:
     (localisation) and at plateau transitions; the plateau test is evaluated on
     every sliding window of the block at once; the trend test once per block.
     ``update`` is the one-point form and gives the same events and state.
-    Cost: O(1) amortised per point plus O(window) per alarm; memory O(window)
-    plus the constant-size summaries, independent of run length.
+    Cost: O(1) amortised per point plus O(window) per alarm; memory O(window),
+    independent of run length.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(2)
@@ -155,7 +147,6 @@ class SeriesDetector:
         self._plateau = c.plateau_test(spec.role)
         self.trigger = CusumTrigger(**_trigger_settings(c.trigger))
         self._ahead = c.lag + 2 * c.recheck_limit + 2  # points absorbed ahead at an alarm
-        self.summaries = MultiResolution(c.summary_base, c.summary_blocks, c.summary_levels)
         self._steps = np.zeros(c.window, dtype=np.int64)
         self._values = np.zeros(c.window, dtype=np.float64)
         self._size = 0  # points held, oldest at index 0
@@ -215,7 +206,6 @@ class SeriesDetector:
         tagged = self._change_points(steps, y)
         tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
         self._trend(ext_values, prior, n_before)
-        self.summaries.update_many(y)
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [event for _, _, event in tagged]
 
@@ -454,28 +444,35 @@ class SeriesDetector:
 
     # --- checkpoints -------------------------------------------------------------
 
+    _SCALARS = ("segment_start", "pending_alarm", "alarm_statistic", "rechecks", "alarm_noise",
+                "last_evidence")
+    _READOUTS = ("n_finite", "n_nonfinite", "last_step", "last_value", "first_value", "min_value",
+                 "max_value", "in_plateau")
+
     def state(self) -> dict:
-        """Everything needed to resume; plain Python types and numpy arrays."""
+        """Everything needed to resume, as versioned plain data (dicts, lists, numbers and
+        two numpy arrays): field names are part of the format, not attribute names."""
         return {
+            "version": STATE_VERSION,
             "spec": asdict(self.spec),
             "trigger": self.trigger.state(),
-            "summaries": self.summaries.state(),
             "steps": self._steps[: self._size].copy(),
             "values": self._values[: self._size].copy(),
-            "scalars": {
-                k: getattr(self, k)
-                for k in (
-                    "_segment_start", "_pending_alarm", "_alarm_statistic", "_rechecks", "_alarm_noise",
-                    "_last_evidence",
-                    "n_finite",
-                    "n_nonfinite", "last_step", "last_value", "first_value", "min_value",
-                    "max_value", "in_plateau", "trend",
-                )
-            },
+            **{name: getattr(self, "_" + name) for name in self._SCALARS},
+            **{name: getattr(self, name) for name in self._READOUTS},
+            "trend": None if self.trend is None else asdict(self.trend),
         }
 
     @classmethod
     def from_state(cls, state: dict, config: SeriesConfig | None = None) -> SeriesDetector:
+        """A detector resumed from :meth:`state` (or from the unversioned format before
+        it, converted by :func:`_from_version_1`); a newer version is refused by name."""
+        version = state.get("version", 1)
+        if version == 1:
+            state = _from_version_1(state)
+        elif version != STATE_VERSION:
+            raise InvalidArgument(f"series detector state version {version} is not supported "
+                                  f"(this version reads 1 and {STATE_VERSION})")
         spec = state["spec"]
         det = cls(
             SeriesSpec(spec["name"], Role(spec["role"]), Split(spec["split"]),
@@ -483,15 +480,43 @@ class SeriesDetector:
             config,
         )
         det.trigger.load(state["trigger"])
-        if "summaries" in state:
-            det.summaries.load(state["summaries"])
         size = len(state["steps"])
         det._steps[:size] = state["steps"]
         det._values[:size] = state["values"]
         det._size = size
-        for key, value in state["scalars"].items():
-            setattr(det, key, value)
+        det._segment_start = int(state["segment_start"])
+        det._pending_alarm = None if state["pending_alarm"] is None else int(state["pending_alarm"])
+        det._alarm_statistic = float(state["alarm_statistic"])
+        det._rechecks = int(state["rechecks"])
+        det._alarm_noise = None if state["alarm_noise"] is None else float(state["alarm_noise"])
+        det._last_evidence = float(state["last_evidence"])
+        det.n_finite, det.n_nonfinite = int(state["n_finite"]), int(state["n_nonfinite"])
+        det.last_step = None if state["last_step"] is None else int(state["last_step"])
+        det.last_value, det.first_value = float(state["last_value"]), float(state["first_value"])
+        det.min_value, det.max_value = float(state["min_value"]), float(state["max_value"])
+        det.in_plateau = bool(state["in_plateau"])
+        trend = state["trend"]
+        det.trend = None if trend is None else TrendResult(**trend)
         return det
+
+
+STATE_VERSION = 2  # of SeriesDetector.state(); 1 was unversioned with private names under "scalars"
+
+
+def _from_version_1(state: dict) -> dict:
+    """Convert a version-1 state (private attribute names under ``scalars``, a
+    ``TrendResult`` object, multi-resolution summaries) to version 2: the one
+    converter of old series checkpoints. O(1) besides copying references."""
+    scalars = state["scalars"]
+    trend = scalars.get("trend")
+    out = {"version": STATE_VERSION, "spec": state["spec"], "trigger": state["trigger"],
+           "steps": state["steps"], "values": state["values"],
+           "trend": None if trend is None else asdict(trend)}
+    for name in SeriesDetector._SCALARS:
+        out[name] = scalars.get("_" + name, 0.0 if name == "last_evidence" else None)
+    for name in SeriesDetector._READOUTS:
+        out[name] = scalars[name]
+    return out
 
 
 def _median(values: np.ndarray) -> float:
