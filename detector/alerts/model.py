@@ -38,7 +38,7 @@ generalisation collapse need not move the run's phase, so only its
 COLLAPSE_END (or the run's end) resolves it.
 
 Besides, every alert of a run resolves when the run ends, or when the run has
-sent nothing for ``stale_after`` seconds (the dispatcher checks the engine).
+sent nothing for ``stale_after`` seconds (the dispatcher hears of runs from the engine's event hub).
 Other kinds (CHANGE_POINT, HIDDEN_PROGRESS, COLLAPSE_END, ...) raise no
 alert: they are in the timeline, the event stream and
 ``phasewatch_events_total``.

@@ -55,12 +55,9 @@ class CliError(Exception):
         self.code = code
 
 
-
-
 def _fail(message: str, code: int) -> int:
     print(f"phasewatch: {message}", file=sys.stderr)
     return code
-
 
 
 # --- the environment ---------------------------------------------------------
@@ -132,9 +129,6 @@ def _env_checked(parse: Callable[[str], Any] | None, variable: str) -> Callable[
     return convert
 
 
-
-
-
 @contextmanager
 def _server_stack(command: str) -> Iterator[None]:
     """Imports of the detector's own modules: a missing [server] dependency is the
@@ -150,7 +144,6 @@ def _server_stack(command: str) -> Iterator[None]:
             "pip install 'phasewatch[server]'",
             EXIT_USAGE,
         ) from None
-
 
 
 # --- small helpers ---------------------------------------------------------

@@ -67,6 +67,7 @@ from detector.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from detector.events import DomainEvent, EventHub, EventsDetected, RunEnded, RunLeft, RunUpdated
 from detector.limits import RunRateLimiter
 from detector.ports import (  # noqa: F401 - the shared types, importable from here as before
     DETECTION_BUCKETS,
@@ -156,8 +157,12 @@ class Engine:
         store: Store | None = None,
         *,
         replica: str | None = None,
+        events: EventHub | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        # What happened to runs, for subscribers (alerts, analyze's sinks): see
+        # detector.events. Published after a run's lock is let go.
+        self.events = events if events is not None else EventHub()
         self.store = store
         # Named in "run X is owned by replica Y" answers; serve() sets host:port.
         self.replica = replica or f"{socket.gethostname()} (pid {os.getpid()})"
@@ -230,6 +235,7 @@ class Engine:
                     self._commit(run, (), None)  # the damaged checkpoint goes now
         finally:
             run.lock.release()
+        self._publish(RunUpdated(status, time.time()))
         return status
 
     def ingest(
@@ -281,12 +287,18 @@ class Engine:
                     rejected[reason] = rejected.get(reason, 0) + count
                 events += block_events
             through = run.through_step
+            status = run.status
             segments = run.detector.segments() if events else None
             elapsed = time.perf_counter() - started
             self._commit(run, events, segments)  # before through_step goes out
         finally:
             run.lock.release()
         self._record(accepted, rejected, events, elapsed)
+        now = time.time()
+        if events:
+            self._publish(EventsDetected(run_id, tuple(events), now))
+        if accepted:
+            self._publish(RunUpdated(status, now))
         if done < len(blocks):
             raise Unavailable(
                 f"run {run_id!r}: stopped after {done} of {len(blocks)} blocks of the batch "
@@ -319,10 +331,15 @@ class Engine:
             run.changes += 1
             run.unlogged = None  # the end and its finish() are not batches
             run.status = run._make_status()
+            status = run.status
             self._commit(run, events, run.detector.segments())
         finally:
             run.lock.release()
         self._record(0, {}, events, time.perf_counter() - started)
+        now = time.time()
+        if events:
+            self._publish(EventsDetected(run_id, tuple(events), now))
+        self._publish(RunEnded(status, now))
         return events
 
     def flush(self, run_id: str) -> list[Event]:
@@ -335,6 +352,8 @@ class Engine:
         finally:
             run.lock.release()
         self._record(0, {}, events, 0.0)
+        if events:
+            self._publish(EventsDetected(run_id, tuple(events), time.time()))
         return events
 
     def checkpoint_all(self) -> int:
@@ -438,7 +457,9 @@ class Engine:
     def forget(self, run_id: str) -> None:
         """Drop a run's in-memory state (it stays in the store)."""
         with self._lock:
-            self._runs.pop(run_id, None)
+            forgotten = self._runs.pop(run_id, None)
+        if forgotten is not None:
+            self._publish(RunLeft(run_id, time.time()))
 
     # --- internals ----------------------------------------------------------
 
@@ -553,6 +574,10 @@ class Engine:
         run.saved_changes = run.changes
         run.logged_points = run.logged_points + points if append else 0
         run.unlogged = []
+
+    def _publish(self, message: DomainEvent) -> None:
+        # Outside every run lock: a handler may take its own locks (the dispatcher does).
+        self.events.publish(message)
 
     def _record(
         self, accepted: int, rejected: Mapping[str, int], events: Sequence[Event], seconds: float

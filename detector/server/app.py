@@ -264,9 +264,8 @@ def serve(
         bus = EventBus()
         if sinks:
             dispatcher = AlertDispatcher(
-                sinks, engine=engine, policy=policy, resend_interval=alert_resend_interval
+                sinks, events=engine.events, policy=policy, resend_interval=alert_resend_interval
             )
-            bus.add_listener(dispatcher.submit)
             log.info("phasewatch alerts to %s", ", ".join(map(repr, sinks)))
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         server, port = create_server(
