@@ -40,8 +40,7 @@ DEFAULT_STREAM_IDLE_TIMEOUT = 300.0  # detector.guard's
 # Modules of the [server] extra: a command that needs one of them and finds it
 # missing says which extra to install.
 _SERVER_EXTRA = frozenset(
-    {"scipy", "ruptures", "numba", "llvmlite", "statsmodels", "prometheus_client", "grpc_reflection",
-     "platformdirs"}
+    {"scipy", "ruptures", "numba", "llvmlite", "prometheus_client", "grpc_reflection", "platformdirs"}
 )
 ENV_PREFIX = "PHASEWATCH_"
 
