@@ -28,6 +28,10 @@ for. One daemon worker thread takes them off, keeps the active alerts
 Closing does not resolve anything: a restarted detector re-raises nothing,
 and Alertmanager resolves what is no longer re-sent (``endsAt`` lies four
 resend intervals ahead).
+
+A little over 400 lines: the producer side, the worker's cycle, delivery with
+backoff and the runs' side share the sinks' pending tables, which only the
+worker thread touches; splitting them would spread that ownership over files.
 """
 
 from __future__ import annotations
