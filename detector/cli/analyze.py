@@ -38,8 +38,9 @@ def add_parser(commands: Any) -> None:
     # reach them the same way (detector.events), then the command waits for delivery.
     analyze.add_argument("--alertmanager-url", metavar="URL",
                          help="send the alerts the run's events raise to Alertmanager (API v2); "
-                         "comma-separated for a cluster. They are sent firing (the log is not a "
-                         "live run: Alertmanager resolves them after its resolve_timeout)")
+                         "comma-separated for a cluster. They are sent firing, valid for 4 "
+                         "minutes (a log is not a live run: nothing re-sends them, and "
+                         "Alertmanager then resolves them)")
     analyze.add_argument("--webhook-url", metavar="URL",
                          help="POST the alerts to this URL in Alertmanager's webhook format")
     analyze.add_argument("--alert-runbook-url", metavar="TEMPLATE",
@@ -76,7 +77,8 @@ def _alert_sinks(args: argparse.Namespace) -> Iterator[EventHub | None]:
 
     Only the detected events go to the dispatcher, not the run's end: a log is
     a finished run, and alerts resolved as soon as they are raised would notify
-    no one. They go out firing, and expire in Alertmanager.
+    no one. They go out firing, with Alertmanager's ``endsAt`` four default
+    resend intervals ahead (4 minutes), and nothing re-sends them.
     """
     if not (args.alertmanager_url or args.webhook_url):
         if args.alert_runbook_url:
