@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from detector.engine import Engine
+from detector.events import EventHub
 from detector.logfile import COUNTERS, STEP_KEYS, Columns, count_points, iter_batches, read_log
 from detector.report import View, change_points, event_view, segment_view
 
@@ -78,21 +79,23 @@ _EVENT_KEYS = ("step", "kind", "series", "confidence", "message", "phase", "dete
 
 
 def analyze_columns(
-    columns: Columns, run_id: str = "run"
+    columns: Columns, run_id: str = "run", *, events: EventHub | None = None
 ) -> tuple[list[View], list[View], Counter[str]]:
     """Run the engine over columns as one run (the path of ``phasewatch analyze``).
 
     Returns the segment and event views and the points the engine did not
-    use, counted by reason.
+    use, counted by reason. The engine publishes to ``events`` (see
+    :mod:`detector.events`) as a server's engine does, so the same sinks
+    (alerts) can subscribe.
     """
-    engine = Engine()
+    engine = Engine(events=events)
     engine.start_run(run_id)
     rejected: Counter[str] = Counter()
     for batch in iter_batches(columns, ANALYZE_BATCH_POINTS):
         rejected.update(engine.ingest(run_id, batch).rejected_by_reason)
     engine.end_run(run_id)
-    segments, events = engine.timeline(run_id)
-    return [segment_view(s) for s in segments], [event_view(e) for e in events], rejected
+    segments, found = engine.timeline(run_id)
+    return [segment_view(s) for s in segments], [event_view(e) for e in found], rejected
 
 
 @dataclass(frozen=True)

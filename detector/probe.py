@@ -32,6 +32,10 @@ Logged names are ``<layer>.<metric>`` (``l1.effective_rank``,
 :meth:`SpectralProbe.series_specs` declares each one's role explicitly, so a
 layer named, say, ``val_proj`` or ``lr_head`` cannot mislead the name-based
 inference of split or role; pass it to ``connect(series=...)``.
+
+Over 400 lines: the torch side of every measure of :mod:`detector.spectral`,
+one function each (kept side by side with the probe so that a measure and its
+use change together), and the probe; a quarter of the file is docstrings.
 """
 
 from __future__ import annotations

@@ -57,6 +57,10 @@ Costs of each metric (``k = min(n, d)``), all dominated by one spectrum:
 8.0
 >>> round(effective_rank(np.outer(np.arange(1.0, 6.0), np.ones(4))), 6)
 1.0
+
+Over 400 lines: one numpy function per measure, each with its definition,
+cost and doctest, and the small tracker that calls them; nearly half of the
+file is docstrings (the measured table above among them).
 """
 
 from __future__ import annotations

@@ -515,12 +515,20 @@ def test_a_sink_bug_is_counted_and_retried_not_fatal():
 
 
 def test_alerts_resolve_when_the_run_ends_in_the_engine():
+    from detector.events import EventHub, EventsDetected
+
     engine = Engine()
-    engine.start_run("r")
-    engine.ingest("r", {"train_loss": ([0, 1, 2], [1.0, 0.9, 0.8])})
+    # The engine's run news without its detections (whose phase change at the end
+    # would resolve the collapse by event): the dispatcher hears that the run
+    # ended from the hub, and never asks the engine.
+    runs_only = EventHub()
+    engine.events.subscribe(
+        lambda m: None if isinstance(m, EventsDetected) else runs_only.publish(m))
     with Receiver() as am:
-        dispatcher = _dispatcher(AlertmanagerSink(am.url), engine=engine)
+        dispatcher = _dispatcher(AlertmanagerSink(am.url), events=runs_only)
         try:
+            engine.start_run("r")
+            engine.ingest("r", {"train_loss": ([0, 1, 2], [1.0, 0.9, 0.8])})
             dispatcher.submit("r", [ev(EventKind.COLLAPSE_ONSET, 2)])
             assert dispatcher.flush(5)
             assert dispatcher.stats().active == 1
@@ -535,13 +543,30 @@ def test_alerts_resolve_when_the_run_ends_in_the_engine():
             dispatcher.close()
 
 
+def test_alerts_of_a_run_another_replica_took_are_forgotten_not_resolved():
+    engine = Engine()
+    with Receiver() as am:
+        dispatcher = _dispatcher(AlertmanagerSink(am.url), events=engine.events)
+        try:
+            engine.ingest("r", {"train_loss": ([0, 1, 2], [1.0, 0.9, 0.8])})
+            dispatcher.submit("r", [ev(EventKind.COLLAPSE_ONSET, 2)])
+            assert dispatcher.flush(5)
+            assert dispatcher.stats().active == 1
+            engine.forget("r")  # what a released claim on a shared store does: RunLeft
+            wait_for(lambda: dispatcher.stats().active == 0, 5, "the alert to be forgotten")
+            assert dispatcher.flush(5)
+            assert len(am.requests) == 1  # no resolution sent: it expires in Alertmanager
+        finally:
+            dispatcher.close()
+
+
 def test_quiet_runs_resolve_after_stale_after():
     engine = Engine()
-    engine.ingest("r", {"train_loss": ([0], [1.0])})
     with Receiver() as am:
-        dispatcher = _dispatcher(AlertmanagerSink(am.url), engine=engine,
+        dispatcher = _dispatcher(AlertmanagerSink(am.url), events=engine.events,
                                  policy=AlertPolicy(stale_after=0.3))
         try:
+            engine.ingest("r", {"train_loss": ([0], [1.0])})
             dispatcher.submit("r", [ev(EventKind.COLLAPSE_ONSET, 0)])
             wait_for(lambda: dispatcher.stats().active == 0 and len(am.requests) >= 2, 5,
                      "the stale run's alert to resolve")
@@ -554,13 +579,13 @@ def test_declared_roles_decide_plateau_alerts():
     from detector.core.types import Direction, Role, SeriesSpec, Split
 
     engine = Engine()
-    # "objective" says nothing by name; declared as the training loss it is one.
-    engine.start_run("r", series=[SeriesSpec("objective", Role.LOSS, Split.TRAIN,
-                                             Direction.MINIMIZE)])
-    engine.ingest("r", {"objective": ([0, 1, 2, 3], [1.0, 0.9, 0.8, 0.7])})
     with Receiver() as am:
-        dispatcher = _dispatcher(AlertmanagerSink(am.url), engine=engine)
+        dispatcher = _dispatcher(AlertmanagerSink(am.url), events=engine.events)
         try:
+            # "objective" says nothing by name; declared as the training loss it is one.
+            engine.start_run("r", series=[SeriesSpec("objective", Role.LOSS, Split.TRAIN,
+                                                     Direction.MINIMIZE)])
+            engine.ingest("r", {"objective": ([0, 1, 2, 3], [1.0, 0.9, 0.8, 0.7])})
             dispatcher.submit("r", [ev(EventKind.PLATEAU_START, 3, "objective")])
             assert dispatcher.flush(5)
             assert _names(am.bodies()[0]) == ["TrainingPlateau"]

@@ -364,15 +364,12 @@ def test_synthetic_changes_are_found_where_they_are() -> None:
 
 
 def test_trend_tests_on_bounded_windows_carry_statistics() -> None:
-    from detector.core.trend import THEIL_SEN_MAX_POINTS, adf, kpss, mann_kendall_tau, theil_sen
+    from detector.core.trend import mann_kendall
 
     rng = np.random.default_rng(9)
-    y = 0.01 * np.arange(3000) + rng.normal(size=3000)
-    ts = theil_sen(y)
-    assert abs(ts.slope - 0.01) < 1e-3 and ts.p_value < 1e-6 and THEIL_SEN_MAX_POINTS == 1000
-    assert mann_kendall_tau(y).statistic > 0.5
-    noise = rng.normal(size=500)
-    assert adf(noise).p_value < 0.01 and kpss(noise).p_value > 0.05
+    trend = mann_kendall(0.01 * np.arange(300) + rng.normal(size=300))
+    assert abs(trend.slope - 0.01) < 2e-3 and trend.p_value < 1e-6 and trend.statistic > 0.3
+    assert mann_kendall(rng.normal(size=300)).p_value > 0.01
 
 
 # --- change-point trigger bank, curvature check and the end-of-run pass ------------------------

@@ -74,7 +74,7 @@ def test_blocks_join_seamlessly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     path = tmp_path / "run.jsonl"
     write_jsonl(path, rows)
     whole = read_log(path)
-    monkeypatch.setattr(logfile, "_BLOCK_LINES", 3)
+    monkeypatch.setattr(logfile._blocks, "_BLOCK_LINES", 3)
     _assert_columns_equal(read_log(path), whole)
     _assert_columns_equal(whole, rows_to_columns(rows))
     with path.open("a") as out:
@@ -296,7 +296,7 @@ def test_csv_non_numeric_columns_are_skipped_once_with_a_warning(
         "2,20,2024-05-01T10:02:00,baseline,nan,restarted,,N/A\n"
         "3,30,2024-05-01T10:03:00,baseline,1.0,,,null\n",
     )
-    monkeypatch.setattr(logfile, "_BLOCK_LINES", 2)  # the verdict is the file's, not a block's
+    monkeypatch.setattr(logfile._blocks, "_BLOCK_LINES", 2)  # the verdict is the file's, not a block's
     columns = read_log(path)
     assert list(columns) == ["loss", "empty", "val_loss"]
     assert columns["loss"][0].tolist() == [0, 10, 20, 30]
@@ -321,7 +321,7 @@ def test_a_number_and_a_non_number_in_one_column_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_lines: int, cells: list[str],
     line: int, shown: str,
 ) -> None:
-    monkeypatch.setattr(logfile, "_BLOCK_LINES", block_lines)
+    monkeypatch.setattr(logfile._blocks, "_BLOCK_LINES", block_lines)
     rows = [f"{i},{c},{i}" for i, c in enumerate(cells)]
     path = _write(tmp_path, "run.csv", "\n".join(["step,a,b", *rows]) + "\n")
     with pytest.raises(LogFileError) as caught:

@@ -196,6 +196,46 @@ def test_grokking_run_raises_grokking_onset_in_alertmanager(
     assert resolved[-1]["annotations"]["resolved_because"] == "the run entered stabilization"
 
 
+def test_analyze_sends_its_alerts_to_the_same_sinks_as_serve(
+    alertmanager: Alertmanager, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """`phasewatch analyze` with serve's sink flags: the offline engine's events go
+    through the same event hub and dispatcher to a real Alertmanager and a webhook."""
+    from detector.cli import main
+
+    run_id = "grok-analyze"
+    log = tmp_path / f"{run_id}.jsonl"  # the run id is the file's name
+    # Up to step 2800: grokking has started (onset at step 1370), not yet stabilised.
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows("grok_add_0") if r["step"] < 2800))
+    with Receiver() as hook:
+        assert main(["analyze", str(log), "--json", "--alertmanager-url", alertmanager.url,
+                     "--webhook-url", hook.url + "/analyze",
+                     "--alert-runbook-url", "https://runbooks.example/phasewatch#{anchor}"]) == 0
+        bodies = hook.bodies()  # delivered before main returned: it waits for delivery
+    out, err = capsys.readouterr()
+    assert any(e["kind"] == "GROKKING_ONSET" for e in json.loads(out)["events"])
+    assert "alerts sent:" in err and "to alertmanager" in err
+
+    found = wait_for(lambda: alerts_by_name(alertmanager, run_id).get("GrokkingOnset"), 20,
+                     "GrokkingOnset from analyze in Alertmanager")
+    assert found["labels"] == {"alertname": "GrokkingOnset", "severity": "info",
+                               "run_id": run_id, "job": "phasewatch", "series": "test_acc"}
+    assert found["annotations"]["step"] == "1370"
+    assert found["annotations"]["runbook_url"] == "https://runbooks.example/phasewatch#grokkingonset"
+    assert found["status"]["state"] == "active"  # sent firing: the log's end resolves nothing
+    hooked = [a for body in bodies for a in body["alerts"] if a["labels"]["run_id"] == run_id]
+    assert "GrokkingOnset" in {a["labels"]["alertname"] for a in hooked}
+
+
+def test_analyze_says_when_an_alert_sink_is_unreachable(tmp_path: Path, capsys):
+    from detector.cli import main
+
+    log = tmp_path / "grok-unreachable.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows("grok_add_0") if r["step"] < 2800))
+    assert main(["analyze", str(log), "--webhook-url", f"http://127.0.0.1:{free_port()}/"]) == 1
+    assert "not every alert was delivered" in capsys.readouterr().err
+
+
 def test_prometheus_scrapes_the_detector_and_reads_phases(
     detector: Detector, prometheus: Prometheus
 ):

@@ -78,7 +78,7 @@ def test_typed_and_the_sdist_carries_proto() -> None:
 
 
 def test_cli_help_defaults_are_the_servers() -> None:
-    from detector import cli, server
+    from detector import cli, guard, server
     from detector.engine import EngineConfig
     from detector.replay import DEFAULT_BATCH_POINTS
 
@@ -87,6 +87,9 @@ def test_cli_help_defaults_are_the_servers() -> None:
     assert EngineConfig.max_series_per_run == cli.DEFAULT_MAX_SERIES_PER_RUN
     assert EngineConfig.max_runs == cli.DEFAULT_MAX_RUNS
     assert cli.DEFAULT_BATCH_POINTS == DEFAULT_BATCH_POINTS
+    assert cli.DEFAULT_MAX_STREAMS_PER_PEER == guard.DEFAULT_MAX_STREAMS_PER_PEER
+    assert cli.DEFAULT_MAX_UNARY == guard.DEFAULT_MAX_UNARY
+    assert cli.DEFAULT_STREAM_IDLE_TIMEOUT == guard.DEFAULT_STREAM_IDLE_TIMEOUT
 
 
 def test_server_commands_without_the_server_extra_say_what_to_install(tmp_path: Path) -> None:

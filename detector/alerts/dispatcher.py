@@ -1,11 +1,12 @@
 """The alert dispatcher: events in, deliveries out, never in detection's way.
 
-:meth:`AlertDispatcher.submit` is called where the server publishes events
-(an :class:`~detector.server.EventBus` listener). It only puts the events on a
-bounded queue and returns at once; when the queue is full the events are
-dropped and counted, never waited for. One daemon worker thread takes them
-off, keeps the active alerts (:class:`~detector.alerts.model.AlertBook`) and
-delivers changes to every sink:
+:meth:`AlertDispatcher.submit` takes the events of a run; given an engine's
+:class:`~detector.events.EventHub` (``events=``), the dispatcher subscribes to
+it and submits what the engine detects, wherever the engine runs (``serve``,
+``analyze``). It only puts the events on a bounded queue and returns at
+once; when the queue is full the events are dropped and counted, never waited
+for. One daemon worker thread takes them off, keeps the active alerts
+(:class:`~detector.alerts.model.AlertBook`) and delivers changes to every sink:
 
 - each sink has its own *pending* table, keyed by the alert's labels, holding
   the latest version of every alert it still has to receive; a failed delivery
@@ -17,13 +18,20 @@ delivers changes to every sink:
 - sinks that want it (Alertmanager) get every active alert again each
   ``resend_interval``, as Alertmanager expects of its clients, so alerts lost
   by an Alertmanager restart come back;
-- with an ``engine``, the worker looks at the runs with active alerts every
+- with ``events``, the worker looks at the runs with active alerts every
   ``check_interval`` and resolves the alerts of runs that ended or went quiet
-  (see :class:`~detector.alerts.model.AlertPolicy`).
+  (see :class:`~detector.alerts.model.AlertPolicy`), and forgets those of runs
+  another replica took over. It knows of them from the hub's messages alone
+  (:class:`~detector.events.RunUpdated`, ``RunEnded``, ``RunLeft``): the
+  dispatcher never calls back into the engine.
 
 Closing does not resolve anything: a restarted detector re-raises nothing,
 and Alertmanager resolves what is no longer re-sent (``endsAt`` lies four
 resend intervals ahead).
+
+A little over 400 lines: the producer side, the worker's cycle, delivery with
+backoff and the runs' side share the sinks' pending tables, which only the
+worker thread touches; splitting them would spread that ownership over files.
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from detector.alerts.model import (
     ALERT_RULES,
@@ -48,10 +55,9 @@ from detector.alerts.model import (
 )
 from detector.alerts.sinks import AlertSink, SinkError
 from detector.core.types import Event, infer_spec
-from detector.errors import InvalidArgument, PhasewatchError
-
-if TYPE_CHECKING:
-    from detector.engine import Engine
+from detector.errors import InvalidArgument
+from detector.events import DomainEvent, EventHub, EventsDetected, RunEnded, RunLeft, RunUpdated
+from detector.ports import RunStatus
 
 log = logging.getLogger("phasewatch.alerts")
 
@@ -100,16 +106,17 @@ class _SinkState:
 class AlertDispatcher:
     """Feeds ``sinks`` from engine events through a bounded queue and a worker thread.
 
-    ``engine`` (optional) lets the dispatcher resolve the alerts of runs that
-    ended and read series' declared roles; without it alerts resolve only by
-    events and time. The worker starts at once; call :meth:`close` to stop it.
+    ``events`` (optional, an engine's hub) feeds the dispatcher and tells it of
+    runs that ended, went quiet or left, and of series' declared roles; without
+    it events come by :meth:`submit` and alerts resolve only by events and
+    time. The worker starts at once; call :meth:`close` to stop it.
     """
 
     def __init__(
         self,
         sinks: Sequence[AlertSink],
         *,
-        engine: Engine | None = None,
+        events: EventHub | None = None,
         policy: AlertPolicy | None = None,
         resend_interval: float = 60.0,
         queue_size: int = 10_000,
@@ -135,7 +142,6 @@ class AlertDispatcher:
             raise InvalidArgument("retry_max must be at least retry_initial")
         if queue_size < 1 or max_pending < 1:
             raise InvalidArgument("queue_size and max_pending must be at least 1")
-        self.engine = engine
         self.policy = policy or AlertPolicy()
         self.resend_interval = resend_interval
         self.retry_initial = retry_initial
@@ -150,10 +156,18 @@ class AlertDispatcher:
         self._events_dropped = 0
         self._active: tuple[Alert, ...] = ()
         self._next_check = 0.0
+        # The latest status of each run the hub told of, and the runs that left;
+        # written by the publisher's thread, read by the worker, under _lock.
+        self._statuses: dict[str, RunStatus] = {}
+        self._left: set[str] = set()
+        # Last wall time a run with alerts was heard of, for stale_after: its
+        # status's updated_at, else its latest event. The worker's own.
+        self._heard: dict[str, float] = {}
         self._random = random.Random()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="phasewatch-alerts", daemon=True)
         self._thread.start()
+        self._unsubscribe = events.subscribe(self._on_domain_event) if events is not None else None
 
     # --- producer side (any thread, never blocks) ----------------------------------
 
@@ -177,6 +191,19 @@ class AlertDispatcher:
                 if first:
                     log.warning("the alert queue is full: events are being dropped (counted)")
         return ok
+
+    def _on_domain_event(self, message: DomainEvent) -> None:
+        """The hub's handler: queue events, note run states; O(events), never blocks."""
+        if isinstance(message, EventsDetected):
+            self.submit(message.run_id, message.events, message.at)
+        elif isinstance(message, RunUpdated | RunEnded):
+            with self._lock:
+                self._statuses[message.run_id] = message.status
+                self._left.discard(message.run_id)
+        elif isinstance(message, RunLeft):
+            with self._lock:
+                self._statuses.pop(message.run_id, None)
+                self._left.add(message.run_id)
 
     # --- reads -------------------------------------------------------------------
 
@@ -213,6 +240,8 @@ class AlertDispatcher:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker after one last delivery attempt per sink; idempotent."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         self._stopping.set()
         with contextlib.suppress(queue.Full):  # full: then the worker is not waiting anyway
             self._queue.put_nowait(None)  # wakes the worker at once
@@ -251,6 +280,7 @@ class AlertDispatcher:
         try:
             for run_id, event, at in items:
                 changes += self._book.apply(run_id, event, at)
+                self._heard[run_id] = max(self._heard.get(run_id, at), at)
         finally:
             for _ in items:
                 self._queue.task_done()
@@ -344,43 +374,47 @@ class AlertDispatcher:
         log.log(level, "alert sink %s failed (attempt %d, %d alerts pending, next try in %.1fs): %s",
                 state.sink.name, state.streak, len(state.pending), state.backoff, error)
 
-    # --- the engine's side -----------------------------------------------------------
+    # --- the runs' side (from the hub) -----------------------------------------------
 
     def _check_runs(self, now: float) -> list[Alert]:
-        """Resolve the alerts of runs that ended or went quiet."""
-        run_ids = self._book.run_ids()
-        if self.engine is None or not run_ids:
-            return []
-        in_memory = {status.run_id: status for status in self.engine.snapshot().runs}
+        """Resolve the alerts of runs that ended or went quiet; forget those that left.
+
+        O(runs with alerts + runs the hub told of)."""
+        run_ids = set(self._book.run_ids())
+        with self._lock:
+            statuses = {r: self._statuses.get(r) for r in run_ids}
+            left = self._left & run_ids
+            # Runs with no alerts need no state here; a later update brings it back.
+            for run_id in [r for r, s in self._statuses.items() if s.ended and r not in run_ids]:
+                del self._statuses[run_id]
+            self._left &= run_ids
+        for run_id in [r for r in self._heard if r not in run_ids]:
+            del self._heard[run_id]
         changes: list[Alert] = []
         stale_after = self.policy.stale_after
-        for run_id in run_ids:
-            status = in_memory.get(run_id)
-            if status is None:
-                try:
-                    status = self.engine.status(run_id)  # from the store
-                except PhasewatchError:
-                    status = None
-                if status is None or not status.ended:
-                    # Forgotten here, e.g. handed over to another replica: leave its
-                    # alerts to expire in Alertmanager rather than resolve them.
-                    self._book.forget_run(run_id)
-                    continue
-            if status.ended:
+        for run_id in sorted(run_ids):
+            status = statuses[run_id]
+            if run_id in left:
+                # Handed over to another replica: leave its alerts to expire in
+                # Alertmanager rather than resolve them.
+                self._book.forget_run(run_id)
+                continue
+            if status is not None and status.ended:
                 changes += self._book.resolve_run(run_id, now, "the run ended")
-            elif stale_after is not None and now - status.updated_at > stale_after:
+                continue
+            if status is None:
+                continue  # a run the hub never told of: its alerts expire by time
+            heard = max(self._heard.get(run_id, 0.0), status.updated_at)
+            if stale_after is not None and now - heard > stale_after:
                 changes += self._book.resolve_run(run_id, now, f"no data for {stale_after:g} s")
         return changes
 
     def _is_plateau_series(self, run_id: str, series: str) -> bool:
         roles = self.policy.plateau_roles
-        if self.engine is not None:
-            try:
-                status = self.engine.status(run_id)
-            except PhasewatchError:
-                status = None
-            # The declared role of a headline series beats the one its name suggests.
-            for headline in getattr(status, "series", ()):
-                if headline.name == series:
-                    return headline.role in roles
+        with self._lock:
+            status = self._statuses.get(run_id)
+        # The declared role of a headline series beats the one its name suggests.
+        for headline in status.series if status is not None else ():
+            if headline.name == series:
+                return headline.role in roles
         return infer_spec(series).role in roles

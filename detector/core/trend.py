@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ class TrendResult:
     test: str
     statistic: float
     p_value: float
-    slope: float  # per point, Theil–Sen where available
+    slope: float  # per point: the median of pairwise slopes (Mann–Kendall's own)
 
 
 def mann_kendall(y: np.ndarray) -> TrendResult:
@@ -80,82 +79,6 @@ def _pairs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The index pairs i < j of n points and their gaps j - i (as floats), built once per n."""
     i, j = np.triu_indices(n, k=1)
     return i, j, (j - i).astype(float)
-
-
-THEIL_SEN_MAX_POINTS = 1000
-"""Theil–Sen is quadratic in the window: longer windows are thinned to this many points."""
-
-
-def theil_sen(y: np.ndarray, confidence: float = 0.95) -> TrendResult:
-    """Theil–Sen slope (median of pairwise slopes) with its confidence interval.
-
-    O(n² log n) for n points (scipy's ``theilslopes``), so a window longer than
-    :data:`THEIL_SEN_MAX_POINTS` is thinned evenly first (slope still per point).
-    ``statistic`` is the slope, ``p_value`` the Mann–Kendall p-value of the same
-    window (Theil–Sen has no test of its own).
-
-    >>> r = theil_sen(np.arange(50.0) * 0.5 + np.sin(np.arange(50.0)))
-    >>> round(r.slope, 2), r.p_value < 1e-6
-    (0.5, True)
-    """
-    y = np.asarray(y, dtype=float)
-    n = len(y)
-    if n < 3:
-        return TrendResult("theil_sen", 0.0, 1.0, 0.0)
-    x = np.arange(n, dtype=float)
-    if n > THEIL_SEN_MAX_POINTS:
-        keep = np.linspace(0, n - 1, THEIL_SEN_MAX_POINTS).round().astype(int)
-        x, y = x[keep], y[keep]
-    slope, _, low, high = stats.theilslopes(y, x, alpha=confidence)
-    mk = mann_kendall_tau(y)
-    return TrendResult("theil_sen", float(slope), mk.p_value, float(slope))
-
-
-def mann_kendall_tau(y: np.ndarray) -> TrendResult:
-    """Mann–Kendall trend test through ``scipy.stats.kendalltau`` (tau-b against time).
-
-    O(n log n); use for long windows (the slope reported is 0: see :func:`theil_sen`).
-
-    >>> mann_kendall_tau(np.arange(200.0)).p_value < 1e-6
-    True
-    """
-    y = np.asarray(y, dtype=float)
-    if len(y) < 3 or np.all(y == y[0]):
-        return TrendResult("mann_kendall", 0.0, 1.0, 0.0)
-    tau, p = stats.kendalltau(np.arange(len(y)), y)
-    return TrendResult("mann_kendall", float(tau), float(p), 0.0)
-
-
-def adf(y: np.ndarray, lags: int = 1) -> TrendResult:
-    """Augmented Dickey–Fuller with a fixed lag (the automatic lag search took seconds at
-    n = 1 000). O(n · lags²); small p rejects a unit root.
-
-    >>> rng = np.random.default_rng(0)
-    >>> adf(rng.normal(size=300)).p_value < 0.01, adf(rng.normal(size=300).cumsum()).p_value > 0.05
-    (True, True)
-    """
-    from statsmodels.tsa.stattools import adfuller
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # statsmodels' result-type transition
-        stat, p, *_ = adfuller(y, maxlag=lags, autolag=None)
-    return TrendResult("adf", float(stat), float(p), 0.0)
-
-
-def kpss(y: np.ndarray, lags: int = 4) -> TrendResult:
-    """KPSS level-stationarity test with a fixed lag; small p rejects stationarity. O(n · lags).
-
-    >>> rng = np.random.default_rng(0)
-    >>> kpss(rng.normal(size=300)).p_value > 0.05, kpss(np.arange(300.0) + rng.normal(size=300)).p_value < 0.05
-    (True, True)
-    """  # noqa: E501
-    from statsmodels.tsa.stattools import kpss as _kpss
-
-    with warnings.catch_warnings():
-        # KPSS warns when p is outside its table; the clipped p is still usable.
-        warnings.simplefilter("ignore")
-        stat, p, *_ = _kpss(y, regression="c", nlags=lags)
-    return TrendResult("kpss", float(stat), float(p), 0.0)
 
 
 @functools.lru_cache(maxsize=256)

@@ -42,8 +42,6 @@ may write it next.
 from __future__ import annotations
 
 import bisect
-import contextlib
-import contextvars
 import itertools
 import logging
 import os
@@ -51,13 +49,22 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 
-import numpy as np
-
-from detector.core import Event, Phase, RunDetectorConfig, Segment, SeriesSpec
-from detector.core.types import check_name
+from detector.core import Event, Phase, Segment, SeriesSpec
+from detector.engine.blocks import _STOPPING, _blocks, stop_between_blocks
+from detector.engine.claims import _EngineClaim, _NoClaim
+from detector.engine.config import (
+    MAX_LABEL_KEY_BYTES,
+    MAX_LABEL_VALUE_BYTES,
+    MAX_LABELS,
+    MAX_STEP,
+    EngineConfig,
+    _check,
+    _check_labels,
+    _check_steps,
+)
 from detector.engine.run import CHECKPOINT_VERSION, Columns, _Run  # noqa: F401 - importable here
 from detector.errors import (
     FailedPrecondition,
@@ -67,6 +74,7 @@ from detector.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from detector.events import DomainEvent, EventHub, EventsDetected, RunEnded, RunLeft, RunUpdated
 from detector.limits import RunRateLimiter
 from detector.ports import (  # noqa: F401 - the shared types, importable from here as before
     DETECTION_BUCKETS,
@@ -79,63 +87,7 @@ from detector.ports import (  # noqa: F401 - the shared types, importable from h
     Store,
 )
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Settings of the engine; the detector's own are in ``detector``."""
-
-    max_series_per_run: int = 1024
-    max_runs: int = 10_000
-    # Distinct steps held back for reordering; a point older than the oldest
-    # held step is a duplicate (ignored) or too late (rejected).
-    reorder_window: int = 2
-    recent_events: int = 20
-    detector: RunDetectorConfig = field(default_factory=RunDetectorConfig)
-    # Points a second per run (a token bucket, see detector.limits); None: no limit.
-    max_points_per_second: float | None = None
-    # The bucket's size in points; None: one second's worth.
-    points_burst: float | None = None
-    # Between full checkpoints, a commit appends only its batches to the run's
-    # checkpoint log; a full one is written once the log holds this many points
-    # (0: every commit writes a full checkpoint). Restoring replays the log, so
-    # this bounds restore time (~5 µs a point) against write volume (a full
-    # checkpoint is ~40 kB a series, a logged point 16 bytes).
-    checkpoint_log_points: int = 16384
-    # A run's events kept in memory for its timeline (the newest) when there is
-    # no store; with one, timelines are read from the store, which keeps them all.
-    max_timeline_events: int = 10_000
-    # A batch is detected in blocks of about this many points, split by step:
-    # cost stays linear in the batch (one 400k-point block cost 10x its share),
-    # other runs detect between blocks, and a stopping server or a cancelled
-    # call stops after the current block.
-    block_points: int = 8192
-
-    def __post_init__(self) -> None:
-        for name in ("max_series_per_run", "max_runs", "reorder_window", "recent_events",
-                     "max_timeline_events", "block_points"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.checkpoint_log_points < 0:
-            raise InvalidArgument(
-                f"checkpoint_log_points must be at least 0, got {self.checkpoint_log_points}"
-            )
-        if self.max_points_per_second is not None:
-            RunRateLimiter(self.max_points_per_second, self.points_burst)  # validates both
-
-
 log = logging.getLogger("phasewatch.engine")
-
-# Steps are 0 ..= MAX_STEP. 2^53 - 1 is the largest integer that float64 (the
-# detectors' step arithmetic, JSON numbers in every client) holds exactly, and
-# leaves int64 room for "step + 1" and segment ends downstream: a step beyond
-# it is refused (InvalidArgument) rather than overflowing later (issue 18).
-MAX_STEP = 2**53 - 1
-# Labels are copied into every RunPhase, ListRuns page and /metrics scrape: bound
-# them so that one run cannot make those exceed what clients accept (issue 18).
-MAX_LABELS = 64
-MAX_LABEL_KEY_BYTES = 128
-MAX_LABEL_VALUE_BYTES = 1024
-
 
 
 class Engine:
@@ -156,8 +108,12 @@ class Engine:
         store: Store | None = None,
         *,
         replica: str | None = None,
+        events: EventHub | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        # What happened to runs, for subscribers (alerts, analyze's sinks): see
+        # detector.events. Published after a run's lock is let go.
+        self.events = events if events is not None else EventHub()
         self.store = store
         # Named in "run X is owned by replica Y" answers; serve() sets host:port.
         self.replica = replica or f"{socket.gethostname()} (pid {os.getpid()})"
@@ -230,6 +186,7 @@ class Engine:
                     self._commit(run, (), None)  # the damaged checkpoint goes now
         finally:
             run.lock.release()
+        self._publish(RunUpdated(status, time.time()))
         return status
 
     def ingest(
@@ -281,12 +238,18 @@ class Engine:
                     rejected[reason] = rejected.get(reason, 0) + count
                 events += block_events
             through = run.through_step
+            status = run.status
             segments = run.detector.segments() if events else None
             elapsed = time.perf_counter() - started
             self._commit(run, events, segments)  # before through_step goes out
         finally:
             run.lock.release()
         self._record(accepted, rejected, events, elapsed)
+        now = time.time()
+        if events:
+            self._publish(EventsDetected(run_id, tuple(events), now))
+        if accepted:
+            self._publish(RunUpdated(status, now))
         if done < len(blocks):
             raise Unavailable(
                 f"run {run_id!r}: stopped after {done} of {len(blocks)} blocks of the batch "
@@ -319,10 +282,15 @@ class Engine:
             run.changes += 1
             run.unlogged = None  # the end and its finish() are not batches
             run.status = run._make_status()
+            status = run.status
             self._commit(run, events, run.detector.segments())
         finally:
             run.lock.release()
         self._record(0, {}, events, time.perf_counter() - started)
+        now = time.time()
+        if events:
+            self._publish(EventsDetected(run_id, tuple(events), now))
+        self._publish(RunEnded(status, now))
         return events
 
     def flush(self, run_id: str) -> list[Event]:
@@ -335,6 +303,8 @@ class Engine:
         finally:
             run.lock.release()
         self._record(0, {}, events, 0.0)
+        if events:
+            self._publish(EventsDetected(run_id, tuple(events), time.time()))
         return events
 
     def checkpoint_all(self) -> int:
@@ -438,7 +408,9 @@ class Engine:
     def forget(self, run_id: str) -> None:
         """Drop a run's in-memory state (it stays in the store)."""
         with self._lock:
-            self._runs.pop(run_id, None)
+            forgotten = self._runs.pop(run_id, None)
+        if forgotten is not None:
+            self._publish(RunLeft(run_id, time.time()))
 
     # --- internals ----------------------------------------------------------
 
@@ -554,6 +526,10 @@ class Engine:
         run.logged_points = run.logged_points + points if append else 0
         run.unlogged = []
 
+    def _publish(self, message: DomainEvent) -> None:
+        # Outside every run lock: a handler may take its own locks (the dispatcher does).
+        self.events.publish(message)
+
     def _record(
         self, accepted: int, rejected: Mapping[str, int], events: Sequence[Event], seconds: float
     ) -> None:
@@ -569,116 +545,9 @@ class Engine:
             self._detection_counts[bisect.bisect_left(DETECTION_BUCKETS, seconds)] += 1
 
 
-class _NoClaim:
-    """The claim of an engine without a store: nothing to hold."""
-
-    def release(self) -> bool:
-        return True
-
-
-class _EngineClaim:
-    """A store claim that also forgets the run when a shared store's last claim goes."""
-
-    def __init__(self, engine: Engine, run_id: str, claim: RunClaim) -> None:
-        self._engine = engine
-        self._run_id = run_id
-        self._claim: RunClaim | None = claim
-
-    def release(self) -> bool:
-        claim, self._claim = self._claim, None
-        if claim is None:  # idempotent
-            return True
-        last = claim.release()
-        store = self._engine.store
-        if last and store is not None and store.shared:
-            self._engine.forget(self._run_id)
-        return last
-
-
-_STOPPING: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
-    "phasewatch_stopping", default=None
-)
-
-
-@contextlib.contextmanager
-def stop_between_blocks(stopping: Callable[[], bool]) -> Iterator[None]:
-    """``Engine.ingest`` calls made inside stop between blocks once ``stopping()``.
-
-    The server's way to pass a call's cancellation to the engine, also through
-    engines that override ``ingest`` with the plain signature.
-    """
-    token = _STOPPING.set(stopping)
-    try:
-        yield
-    finally:
-        _STOPPING.reset(token)
-
-
-def _blocks(columns: Columns, size: int) -> list[Columns]:
-    """``columns`` cut by step into blocks of about ``size`` points, in step order.
-
-    Block ``i`` holds every point whose step is in (cut[i-1], cut[i]], in its
-    batch order, so the blocks ingested in turn amount to the batch (an
-    ordered log gives the same events however it is cut). A series with no
-    points goes in the first block (it declares the series). O(points log points).
-    """
-    arrays = {
-        name: (np.asarray(steps, dtype=np.int64).reshape(-1),
-               np.asarray(values, dtype=np.float64).reshape(-1))
-        for name, (steps, values) in columns.items()
-    }
-    total = sum(len(steps) for steps, _ in arrays.values())
-    if total <= size:
-        return [arrays]
-    ordered = np.sort(np.concatenate([steps for steps, _ in arrays.values()]))
-    cuts = np.unique(ordered[size - 1 :: size])
-    blocks: list[dict[str, tuple[np.ndarray, np.ndarray]]] = [{} for _ in range(len(cuts) + 1)]
-    for name, (steps, values) in arrays.items():
-        if len(steps) == 0:
-            blocks[0][name] = (steps, values)
-            continue
-        where = np.searchsorted(cuts, steps, side="left")
-        order = np.argsort(where, kind="stable")
-        bounds = np.searchsorted(where[order], np.arange(len(cuts) + 2))
-        for i in range(len(cuts) + 1):
-            lo, hi = bounds[i], bounds[i + 1]
-            if hi > lo:
-                part = order[lo:hi]
-                blocks[i][name] = (steps[part], values[part])
-    return [block for block in blocks if block]
-
-
-def _check_labels(labels: Mapping[str, str]) -> None:
-    if len(labels) > MAX_LABELS:
-        raise InvalidArgument(f"{len(labels)} labels; a run may have at most {MAX_LABELS}")
-    for key, value in labels.items():
-        if not key or len(key.encode()) > MAX_LABEL_KEY_BYTES:
-            raise InvalidArgument(
-                f"label key {key[:40]!r} must be 1 to {MAX_LABEL_KEY_BYTES} bytes"
-            )
-        if len(value.encode()) > MAX_LABEL_VALUE_BYTES:
-            raise InvalidArgument(
-                f"label {key!r}: value of {len(value.encode())} bytes; at most "
-                f"{MAX_LABEL_VALUE_BYTES}"
-            )
-
-
-def _check_steps(name: str, steps: Sequence[int] | np.ndarray) -> None:
-    """InvalidArgument when a step is above MAX_STEP (negative ones are rejected per point)."""
-    if len(steps) == 0:
-        return
-    try:
-        top = int(np.max(np.asarray(steps, dtype=np.int64)))
-    except OverflowError:  # a Python int beyond int64
-        top = MAX_STEP + 1
-    if top > MAX_STEP:
-        raise InvalidArgument(
-            f"series {name!r}: step {top} is beyond the largest step, {MAX_STEP} (2^53 - 1); "
-            "nothing of this batch was taken"
-        )
-
-
-def _check(kind: str, name: str) -> None:
-    problem = check_name(kind, name)
-    if problem is not None:
-        raise InvalidArgument(problem)
+__all__ = [
+    "CHECKPOINT_VERSION", "DETECTION_BUCKETS", "MAX_LABELS", "MAX_LABEL_KEY_BYTES",
+    "MAX_LABEL_VALUE_BYTES", "MAX_STEP", "Checkpoint", "Columns", "Engine", "EngineConfig",
+    "EngineSnapshot", "IngestResult", "RunClaim", "RunStatus", "SeriesStatus", "Store",
+    "stop_between_blocks",
+]

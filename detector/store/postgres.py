@@ -35,6 +35,12 @@ Errors PostgreSQL cannot serve, and no pooled connection within
 The URL is libpq's (``postgresql://user@host:5432/db?sslmode=require``); a
 schema other than ``public`` is chosen with
 ``?options=-csearch_path%3Dmyschema``, as with any libpq client.
+
+Over 400 lines: :class:`PostgresStore` is the whole :class:`~detector.ports.Store`
+port (runs, events, segments, checkpoints and their log, claims), as
+:class:`~detector.store.sqlite.SqliteStore` is, and every method shares the
+pool, the error mapping and the epoch fencing; the schema's migrations are in
+:mod:`detector.store.postgres_schema`.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from detector.core.types import Event, Segment
 from detector.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from detector.ports import Checkpoint, RunStatus
 from detector.store import _redact
+from detector.store.postgres_schema import _MIGRATIONS, SCHEMA_VERSION
 from detector.store.rows import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
@@ -69,67 +76,6 @@ from detector.store.rows import (
 )
 
 log = logging.getLogger("phasewatch.store")
-
-# Each entry upgrades the schema from version i to i + 1. Append; never edit one
-# that has shipped. Same tables as SQLite, plus run_owner.
-_MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE runs (
-        run_id TEXT PRIMARY KEY,
-        labels TEXT NOT NULL,
-        phase TEXT,
-        since_step BIGINT NOT NULL,
-        confidence DOUBLE PRECISION NOT NULL,
-        last_step BIGINT NOT NULL,
-        ended BOOLEAN NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE events (
-        id BIGSERIAL PRIMARY KEY,
-        run_id TEXT NOT NULL,
-        step BIGINT NOT NULL,
-        detected_at BIGINT NOT NULL,
-        kind TEXT NOT NULL,
-        series TEXT NOT NULL,
-        confidence DOUBLE PRECISION NOT NULL,
-        message TEXT NOT NULL,
-        phase TEXT,
-        evidence TEXT NOT NULL
-    );
-    CREATE INDEX events_by_run ON events (run_id, id);
-    CREATE TABLE segments (
-        run_id TEXT NOT NULL,
-        ordinal INTEGER NOT NULL,
-        start_step BIGINT NOT NULL,
-        end_step BIGINT NOT NULL,
-        phase TEXT NOT NULL,
-        confidence DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (run_id, ordinal)
-    );
-    CREATE TABLE checkpoints (
-        run_id TEXT PRIMARY KEY,
-        through_step BIGINT NOT NULL,
-        state BYTEA NOT NULL,
-        saved_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE run_owner (
-        run_id TEXT PRIMARY KEY,
-        owner TEXT NOT NULL,
-        epoch BIGINT NOT NULL,
-        since DOUBLE PRECISION NOT NULL
-    );
-    """,
-    """
-    CREATE TABLE checkpoint_log (
-        run_id TEXT NOT NULL,
-        seq BIGINT NOT NULL,
-        entry BYTEA NOT NULL,
-        PRIMARY KEY (run_id, seq)
-    );
-    """,
-)
-
-SCHEMA_VERSION = len(_MIGRATIONS)
 
 # pg_advisory_xact_lock key serialising migrations of replicas that start together.
 _MIGRATION_LOCK = 0x7068_6173_6577_6174  # "phasewat"
