@@ -14,7 +14,7 @@ default: six real runs; ``../shared/real_runs`` has thirty more) in-process,
 as ``phasewatch analyze`` does (``read_log`` then ``analyze_columns``: every
 series, the labeller, the end of the run), and reports µs per point, in all
 and by stage: reading the file, the trigger's scans, the localiser, the
-labeller, plateau/trend tests and summaries, the end of the run, and the rest
+labeller, plateau/trend tests, the end of the run, and the rest
 (engine, batching, timeline), with localisations per 1 000 points (calls of
 ``WindowLocaliser.locate_with_evidence``). The stages are measured by wrapping
 those methods for the duration of the cell (:class:`StageTimer`; the core
@@ -58,7 +58,7 @@ def training_loss(n: int, seed: int = 0) -> np.ndarray:
 
 def nbytes(det: SeriesDetector) -> tuple[int, int]:
     """(pickled checkpoint bytes, bytes of the detector's numpy buffers)."""
-    arrays = [det._steps, det._values, det.summaries.blocks, det.trigger.zi, det.trigger.zs]
+    arrays = [det._steps, det._values, det.trigger.zi, det.trigger.zs]
     return len(pickle.dumps(det.state())), sum(a.nbytes for a in arrays)
 
 
@@ -103,14 +103,12 @@ class StageTimer:
         from detector.core.labeller import PhaseLabeller
         from detector.core.run import RunDetector
         from detector.core.series import SeriesDetector
-        from detector.core.summaries import MultiResolution
 
         self.targets = [
             (CusumTrigger, "scan", "trigger"), (CusumTrigger, "absorb", "trigger"),
             (SeriesDetector, "_localise", "localiser"),
             (PhaseLabeller, "update_block", "labeller"), (PhaseLabeller, "update", "labeller"),
             (SeriesDetector, "_plateaus", "plateaus_trend"), (SeriesDetector, "_trend", "plateaus_trend"),
-            (MultiResolution, "update_many", "plateaus_trend"),
             (RunDetector, "finish", "end_of_run"),
         ]
         self.seconds = dict.fromkeys(RUN_STAGES[1:-1], 0.0)

@@ -48,7 +48,8 @@ from detector.core.economy import group_of  # noqa: E402
 NOISY_KINDS = ("CHANGE_POINT", "PLATEAU_START", "PLATEAU_END")
 
 
-def stationary_run(seed: int, lines: int, every: int, layers: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def stationary_run(seed: int, lines: int, every: int,
+                   layers: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One run's columns: every series stationary (see the module). O(lines × series)."""
     rng = np.random.default_rng(seed)
     steps = np.arange(lines, dtype=np.int64) * every
@@ -105,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kind in worst:
         print(f"  {kind:26s} {worst[kind]:9.2f} {over[kind]:4d}/{counted[kind]}")
     total_over = sum(over.values())
-    print(f"runs with a series over 1: {runs_over}/{args.runs}; series over 1: {total_over}/{sum(counted.values())}")
+    print(f"runs with a series over 1: {runs_over}/{args.runs}; "
+          f"series over 1: {total_over}/{sum(counted.values())}")
     if args.json:
         args.json.write_text(json.dumps({"runs": args.runs, "lines": args.lines, "every": args.every,
                                          "max_rate": worst, "over": over, "series": counted,
