@@ -24,6 +24,24 @@ Servers, each a separate process with ``OPENBLAS_NUM_THREADS=1``:
 - ``full``: ``phasewatch serve`` with full detection and its default durability
   (a checkpoint per batch into a fresh SQLite file; ``--store`` to change).
 
+Real-run workload (``--workload real``, :mod:`benchmarks.real_workload`): the
+labelled runs in ``<repo>/../shared/runs`` and ``<repo>/../shared/real_runs``
+(and ``benchmarks/generated/*.jsonl``), cut into batches of ``--lines`` logged
+lines (32 and 256: every series' points at those lines, one columnar batch),
+serialised once. ``--streams`` slots (32) stream concurrently; each streams one
+run after another (start, its batches in order, end; the end goes on while the
+slot starts its next run), slot ``k``'s ``j``-th run being the ``(k + j ×
+streams)``-th file, cycled, under its own run id ``<file>-<k>.<j>-<cell>``. The
+bare and the full server get the same messages in the same process run; the
+table gives points/s for both and their ratio (wall clock, and per server
+CPU-second). Then open-loop cells on the full server: each slot sends a batch
+every ``streams / rate`` s on a fixed schedule whatever is in flight (``--rate``
+batches a second over all slots; by default half the full server's
+closed-loop batches a second at that batch size), for ``--open-seconds``;
+latencies count from the scheduled send time, so a server that falls behind
+shows in them. Every cell records the machine's load average at its start and
+end (the machine may be shared).
+
 The client is one asyncio process (grpc.aio) sending pre-serialised requests,
 so its own cost stays small; the bare server cycles a pool of batches (it does
 not look at steps), the full server gets each run's lines in order.
@@ -31,6 +49,7 @@ not look at steps), the full server gets each run's lines in order.
 Usage (from the repository root; Linux, for /proc)::
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.ingest [--quick] [--json OUT]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.ingest --workload real [--quick] [--json OUT]
 """
 
 from __future__ import annotations
