@@ -153,7 +153,8 @@ class ServerProcess:
     """A server in its own process: ``kind`` "bare" or "full" (``phasewatch serve``)."""
 
     def __init__(self, kind: str, store: str | None = None, metrics: bool = False,
-                 args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+                 args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 profile: str | None = None) -> None:
         self.kind = kind
         self.tmp = tempfile.TemporaryDirectory(prefix="phasewatch-bench-")
         port = free_port()
@@ -163,7 +164,9 @@ class ServerProcess:
         if kind == "bare":
             cmd = [sys.executable, "-m", "benchmarks.ingest", "--serve-bare", self.target]
         else:
-            cmd = [sys.executable, "-m", "detector", "serve", "--listen", self.target,
+            # profile: the same server under benchmarks.profile_serve (cProfile on every thread).
+            entry = ["benchmarks.profile_serve", profile] if profile else ["detector"]
+            cmd = [sys.executable, "-m", *entry, "serve", "--listen", self.target,
                    "--metrics-listen",
                    f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "",
                    "--store", store or f"sqlite:///{self.tmp.name}/bench.db", *args]
@@ -614,14 +617,18 @@ def main_real(args: argparse.Namespace) -> int:
               f"{','.join(real_workload.SHARED_SUBDIRS)}}} and benchmarks/generated)", file=sys.stderr)
         return 2
     seconds = args.seconds if args.seconds is not None else (4.0 if args.quick else 10.0)
-    open_seconds = args.open_seconds if args.open_seconds is not None else seconds
+    # Open-loop cells carry fewer batches a second than closed-loop ones (half the
+    # rate): --quick keeps them longer than its closed-loop cells so p99 has samples.
+    open_seconds = (args.open_seconds if args.open_seconds is not None
+                    else 8.0 if args.quick and args.seconds is None else seconds)
     line_sizes = [int(x) for x in args.lines.split(",")]
     plans = {lines: [(r.name, real_workload.batches(r, lines)) for r in runs] for lines in line_sizes}
     print(f"real-run workload: {real_workload.describe(runs)}", file=sys.stderr, flush=True)
     cells: list[dict[str, Any]] = []
     kinds = args.servers.split(",")
     for kind in kinds:
-        with ServerProcess(kind, args.store) as server:
+        profile = args.profile_server if kind == "full" else None
+        with ServerProcess(kind, args.store, profile=profile) as server:
             # Warm-up: imports, first allocations, the store's first writes.
             run_real_cell(server, plans[line_sizes[0]], line_sizes[0], 2, 1.0, args.window)
             for lines in line_sizes:
@@ -712,8 +719,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float,
                         help="real, open loop: batches a second over all streams "
                              "(default: half the full server's closed-loop rate at that batch size)")
-    parser.add_argument("--open-seconds", type=float, help="real: open-loop cell length (default --seconds)")
+    parser.add_argument("--open-seconds", type=float,
+                        help="real: open-loop cell length (default --seconds; --quick: 8)")
     parser.add_argument("--no-open-loop", action="store_true", help="real: closed-loop cells only")
+    parser.add_argument("--profile-server", metavar="PATH",
+                        help="real: run the full server under cProfile (all threads), stats to PATH "
+                             "and PATH.txt; the profiler slows it, so its numbers are not throughput")
     parser.add_argument("--window", type=int, default=2, help="batches in flight per stream")
     parser.add_argument("--servers", default="bare,full", help="which servers: bare, full")
     parser.add_argument("--store", help="store URL for the full server (default: a fresh SQLite file)")
