@@ -24,6 +24,24 @@ Servers, each a separate process with ``OPENBLAS_NUM_THREADS=1``:
 - ``full``: ``phasewatch serve`` with full detection and its default durability
   (a checkpoint per batch into a fresh SQLite file; ``--store`` to change).
 
+Real-run workload (``--workload real``, :mod:`benchmarks.real_workload`): the
+labelled runs in ``<repo>/../shared/runs`` and ``<repo>/../shared/real_runs``
+(and ``benchmarks/generated/*.jsonl``), cut into batches of ``--lines`` logged
+lines (32 and 256: every series' points at those lines, one columnar batch),
+serialised once. ``--streams`` slots (32) stream concurrently; each streams one
+run after another (start, its batches in order, end; the end goes on while the
+slot starts its next run), slot ``k``'s ``j``-th run being the ``(k + j ×
+streams)``-th file, cycled, under its own run id ``<file>-<k>.<j>-<cell>``. The
+bare and the full server get the same messages in the same process run; the
+table gives points/s for both and their ratio (wall clock, and per server
+CPU-second). Then open-loop cells on the full server: each slot sends a batch
+every ``streams / rate`` s on a fixed schedule whatever is in flight (``--rate``
+batches a second over all slots; by default half the full server's
+closed-loop batches a second at that batch size), for ``--open-seconds``;
+latencies count from the scheduled send time, so a server that falls behind
+shows in them. Every cell records the machine's load average at its start and
+end (the machine may be shared).
+
 The client is one asyncio process (grpc.aio) sending pre-serialised requests,
 so its own cost stays small; the bare server cycles a pool of batches (it does
 not look at steps), the full server gets each run's lines in order.
@@ -31,6 +49,7 @@ not look at steps), the full server gets each run's lines in order.
 Usage (from the repository root; Linux, for /proc)::
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.ingest [--quick] [--json OUT]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.ingest --workload real [--quick] [--json OUT]
 """
 
 from __future__ import annotations
@@ -47,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -133,7 +153,8 @@ class ServerProcess:
     """A server in its own process: ``kind`` "bare" or "full" (``phasewatch serve``)."""
 
     def __init__(self, kind: str, store: str | None = None, metrics: bool = False,
-                 args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+                 args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 profile: str | None = None) -> None:
         self.kind = kind
         self.tmp = tempfile.TemporaryDirectory(prefix="phasewatch-bench-")
         port = free_port()
@@ -143,7 +164,9 @@ class ServerProcess:
         if kind == "bare":
             cmd = [sys.executable, "-m", "benchmarks.ingest", "--serve-bare", self.target]
         else:
-            cmd = [sys.executable, "-m", "detector", "serve", "--listen", self.target,
+            # profile: the same server under benchmarks.profile_serve (cProfile on every thread).
+            entry = ["benchmarks.profile_serve", profile] if profile else ["detector"]
+            cmd = [sys.executable, "-m", *entry, "serve", "--listen", self.target,
                    "--metrics-listen",
                    f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "",
                    "--store", store or f"sqlite:///{self.tmp.name}/bench.db", *args]
@@ -227,6 +250,11 @@ def start_request(run_id: str) -> bytes:
 
 
 END_REQUEST = pb.StreamRequest(end=pb.RunEnd()).SerializeToString()
+
+
+def _load() -> list[float] | None:
+    """The machine's load averages (1, 5, 15 min): the machine is shared."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -321,6 +349,7 @@ async def _run_cell(target: str, runs: int, batch_points: int, seconds: float, w
 def run_cell(server: ServerProcess, runs: int, batch_points: int, seconds: float,
              window: int) -> dict[str, Any]:
     tag = f"{server.kind}-{batch_points}-{runs}-{time.time_ns()}"
+    load_start = _load()
     reset = server.reset_peak_rss()
     cpu0 = server.cpu_seconds()
     stats, elapsed = asyncio.run(_run_cell(server.target, runs, batch_points, seconds, window,
@@ -347,11 +376,304 @@ def run_cell(server: ServerProcess, runs: int, batch_points: int, seconds: float
         "ack_latency_p99_ms": _ms(percentile(stats.ack_latency, 99)),
         "peak_rss_mib": round(server.peak_rss_mib(), 1) if reset else None,
         "rss_mib": round(server.rss_mib(), 1),
+        "load_start": load_start,
+        "load_end": _load(),
     }
 
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1e3 * seconds, 2)
+
+
+# --- the real-run workload -----------------------------------------------------------------
+
+
+@dataclass
+class RealStats(StreamStats):
+    runs_started: int = 0
+    runs_ended: int = 0
+    lateness: list[float] = field(default_factory=list)  # open loop: write time - scheduled time
+
+
+Plan = list[tuple[str, list[tuple[bytes, int]]]]  # (run name, its serialised batches and points)
+
+
+async def _open_run(channel: grpc.aio.Channel, run_id: str) -> Any:
+    call = channel.stream_stream(STREAM_METHOD, request_serializer=None,
+                                 response_deserializer=pb.StreamResponse.FromString)()
+    await call.write(start_request(run_id))
+    response = await call.read()
+    if response is grpc.aio.EOF or response.WhichOneof("msg") != "ack":
+        raise RuntimeError(f"run {run_id}: no Ack for start ({await call.code()}: {await call.details()})")
+    return call
+
+
+async def _end_run(call: Any, run_id: str, stats: RealStats) -> None:
+    await call.write(END_REQUEST)
+    await call.done_writing()
+    while (response := await call.read()) is not grpc.aio.EOF:
+        if response.WhichOneof("msg") == "event":
+            stats.events += 1
+    code = await call.code()
+    if code != grpc.StatusCode.OK:
+        raise RuntimeError(f"run {run_id} ended with {code}: {await call.details()}")
+    stats.runs_ended += 1
+
+
+async def _real_run(channel: grpc.aio.Channel, run_id: str, payloads: list[tuple[bytes, int]],
+                    window: int, deadline: float, stats: RealStats,
+                    schedule: list[float] | None, interval: float) -> Any:
+    """Streams one run's batches in order and returns the call (still open, for
+    :func:`_end_run`). Closed loop (``schedule`` None): ``window`` batches in
+    flight, the next sent on each Ack, none after ``deadline``. Open loop: one
+    batch every ``interval`` s from ``schedule[0]`` (the stream slot's clock, which
+    carries over to its next run), whatever is in flight; latencies count from
+    the scheduled time, so a server that falls behind is not hidden by a client
+    that waits for it (coordinated omission)."""
+    call = await _open_run(channel, run_id)
+    stats.runs_started += 1
+    sent: deque[list[Any]] = deque()  # [batch's time 0, event seen] in flight, oldest first
+
+    async def read_one() -> None:
+        response = await call.read()
+        now = time.perf_counter()
+        if response is grpc.aio.EOF:
+            raise RuntimeError(f"run {run_id}: stream ended early "
+                               f"({await call.code()}: {await call.details()})")
+        if response.WhichOneof("msg") == "event":
+            # The server handles a stream's batches in order and sends a batch's
+            # events before its Ack: an event belongs to the oldest batch in flight.
+            stats.events += 1
+            if not sent[0][1]:
+                stats.event_latency.append(now - sent[0][0])
+                sent[0][1] = True
+            return
+        t0, _ = sent.popleft()
+        stats.ack_latency.append(now - t0)
+        stats.points += response.ack.accepted
+        stats.rejected += response.ack.rejected
+        stats.batches += 1
+
+    if schedule is None:
+        i = 0
+        while True:
+            while len(sent) < window and i < len(payloads) and time.perf_counter() < deadline:
+                sent.append([time.perf_counter(), False])
+                await call.write(payloads[i][0])
+                i += 1
+            if not sent:
+                break
+            await read_one()
+        return call
+
+    more = asyncio.Event()
+    writing = True
+
+    async def reader() -> None:
+        while sent or writing:
+            if not sent:
+                more.clear()
+                await more.wait()
+                continue
+            await read_one()
+
+    task = asyncio.ensure_future(reader())
+    try:
+        for payload, _ in payloads:
+            due = schedule[0]
+            if due >= deadline:
+                break
+            schedule[0] += interval
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            sent.append([due, False])
+            stats.lateness.append(time.perf_counter() - due)
+            more.set()
+            await call.write(payload)
+    finally:
+        writing = False
+        more.set()
+    await task
+    return call
+
+
+async def _real_slot(channel: grpc.aio.Channel, slot: int, streams: int, plan: Plan, tag: str,
+                     window: int, started: float, deadline: float, stats: RealStats,
+                     interval: float | None, ending: list[asyncio.Future[None]]) -> None:
+    """Stream slot ``slot``: one run after another until ``deadline`` (its j-th run
+    is plan entry ``slot + j × streams``, cycled), each with its own run id. A
+    run's end (and the server's end-of-run work) goes on in the background
+    while the slot starts its next run, as separate jobs would."""
+    schedule = None if interval is None else [started + interval * slot / streams]
+    j = 0
+    while time.perf_counter() < deadline and (schedule is None or schedule[0] < deadline):
+        name, payloads = plan[(slot + j * streams) % len(plan)]
+        run_id = f"{name}-{slot}.{j}-{tag}"
+        call = await _real_run(channel, run_id, payloads, window, deadline, stats, schedule,
+                               interval or 0.0)
+        ending.append(asyncio.ensure_future(_end_run(call, run_id, stats)))
+        j += 1
+
+
+async def _run_real_cell(target: str, plan: Plan, streams: int, seconds: float, window: int,
+                         interval: float | None, tag: str) -> tuple[RealStats, float]:
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(min(streams, 4))]
+    for channel in channels:
+        await channel.channel_ready()
+    stats = RealStats()
+    ending: list[asyncio.Future[None]] = []
+    started = time.perf_counter()
+    deadline = started + seconds
+    await asyncio.gather(*(
+        _real_slot(channels[i % len(channels)], i, streams, plan, tag, window, started, deadline,
+                   stats, interval, ending)
+        for i in range(streams)
+    ))
+    await asyncio.gather(*ending)
+    elapsed = time.perf_counter() - started
+    for channel in channels:
+        await channel.close()
+    return stats, elapsed
+
+
+def run_real_cell(server: ServerProcess, plan: Plan, lines: int, streams: int, seconds: float,
+                  window: int, rate: float | None = None) -> dict[str, Any]:
+    """One cell of the real-run workload: closed loop, or open loop at ``rate``
+    batches a second over all streams."""
+    mode = "closed" if rate is None else "open"
+    tag = f"{server.kind}-{mode}-{lines}-{streams}-{time.time_ns()}"
+    load_start = _load()
+    reset = server.reset_peak_rss()
+    cpu0 = server.cpu_seconds()
+    interval = None if rate is None else streams / rate
+    stats, elapsed = asyncio.run(_run_real_cell(server.target, plan, streams, seconds, window,
+                                                interval, tag))
+    cpu = server.cpu_seconds() - cpu0
+    points = stats.points
+    return {
+        "workload": "real",
+        "server": server.kind,
+        "mode": mode,
+        "lines": lines,
+        "streams": streams,
+        "rate_batches_per_second": rate,
+        "seconds": round(elapsed, 3),
+        "points": points,
+        "batches": stats.batches,
+        "batches_per_second": stats.batches / elapsed,
+        "runs_started": stats.runs_started,
+        "runs_ended": stats.runs_ended,
+        "rejected": stats.rejected,
+        "events": stats.events,
+        "points_per_second": points / elapsed,
+        "server_cpu_seconds": round(cpu, 3),
+        "cpu_seconds_per_million_points": 1e6 * cpu / points if points else None,
+        "points_per_cpu_second": points / cpu if cpu > 0 else None,
+        "event_latency_p50_ms": _ms(percentile(stats.event_latency, 50)),
+        "event_latency_p99_ms": _ms(percentile(stats.event_latency, 99)),
+        "event_latency_samples": len(stats.event_latency),
+        "ack_latency_p50_ms": _ms(percentile(stats.ack_latency, 50)),
+        "ack_latency_p99_ms": _ms(percentile(stats.ack_latency, 99)),
+        "send_lateness_p99_ms": _ms(percentile(stats.lateness, 99)),
+        "peak_rss_mib": round(server.peak_rss_mib(), 1) if reset else None,
+        "rss_mib": round(server.rss_mib(), 1),
+        "load_start": load_start,
+        "load_end": _load(),
+    }
+
+
+def real_table(cells: list[dict[str, Any]]) -> str:
+    head = (f"{'server':6} {'mode':6} {'lines':>5} {'runs':>4} {'points/s':>10} {'ratio':>6} "
+            f"{'pts/cpu-s':>10} {'cpu ratio':>9} {'cpu-s/Mpt':>9} {'event p50':>9} {'p99 ms':>8} "
+            f"{'ack p50':>8} {'p99 ms':>8} {'events':>6} {'peak MiB':>8}  load 1-min start->end")
+    out = [head, "-" * len(head)]
+    for c in cells:
+        load = (f"{c['load_start'][0]:.2f} -> {c['load_end'][0]:.2f}"
+                if c["load_start"] and c["load_end"] else "-")
+        out.append(
+            f"{c['server']:6} {c['mode']:6} {c['lines']:>5} {c['streams']:>4} "
+            f"{c['points_per_second']:>10,.0f} {_fmt(c.get('ratio_wall'), '>6.3f')} "
+            f"{_fmt(c['points_per_cpu_second'], '>10,.0f')} {_fmt(c.get('ratio_cpu'), '>9.3f')} "
+            f"{_fmt(c['cpu_seconds_per_million_points'], '>9.2f')} "
+            f"{_fmt(c['event_latency_p50_ms'], '>9.1f')} {_fmt(c['event_latency_p99_ms'], '>8.1f')} "
+            f"{_fmt(c['ack_latency_p50_ms'], '>8.1f')} {_fmt(c['ack_latency_p99_ms'], '>8.1f')} "
+            f"{c['events']:>6} {_fmt(c['peak_rss_mib'], '>8.1f')}  {load}"
+        )
+    return "\n".join(out)
+
+
+def main_real(args: argparse.Namespace) -> int:
+    """The real-run workload: closed-loop cells on both servers, then open-loop
+    cells on the full one."""
+    from benchmarks import real_workload
+
+    repo = Path(__file__).resolve().parents[1]
+    paths, notes = real_workload.run_paths(repo)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    runs = real_workload.load(paths, warn=lambda message: None)
+    if not runs:
+        print(f"error: no real runs to stream (looked in {repo.parent / 'shared'}/{{"
+              f"{','.join(real_workload.SHARED_SUBDIRS)}}} and benchmarks/generated)", file=sys.stderr)
+        return 2
+    seconds = args.seconds if args.seconds is not None else (4.0 if args.quick else 10.0)
+    # Open-loop cells carry fewer batches a second than closed-loop ones (half the
+    # rate): --quick keeps them longer than its closed-loop cells so p99 has samples.
+    open_seconds = (args.open_seconds if args.open_seconds is not None
+                    else 8.0 if args.quick and args.seconds is None else seconds)
+    line_sizes = [int(x) for x in args.lines.split(",")]
+    plans = {lines: [(r.name, real_workload.batches(r, lines)) for r in runs] for lines in line_sizes}
+    print(f"real-run workload: {real_workload.describe(runs)}", file=sys.stderr, flush=True)
+    cells: list[dict[str, Any]] = []
+    kinds = args.servers.split(",")
+    for kind in kinds:
+        profile = args.profile_server if kind == "full" else None
+        with ServerProcess(kind, args.store, profile=profile) as server:
+            # Warm-up: imports, first allocations, the store's first writes.
+            run_real_cell(server, plans[line_sizes[0]], line_sizes[0], 2, 1.0, args.window)
+            for lines in line_sizes:
+                cell = run_real_cell(server, plans[lines], lines, args.streams, seconds, args.window)
+                cells.append(cell)
+                print(f"  {kind} closed lines={lines} runs={args.streams}: "
+                      f"{cell['points_per_second']:,.0f} points/s", file=sys.stderr, flush=True)
+            if kind != "full" or args.no_open_loop:
+                continue
+            for lines in line_sizes:
+                closed = next(c for c in cells if c["server"] == "full" and c["lines"] == lines)
+                rate = args.rate if args.rate else 0.5 * closed["batches_per_second"]
+                if rate <= 0:
+                    continue
+                cell = run_real_cell(server, plans[lines], lines, args.streams, open_seconds,
+                                     args.window, rate=rate)
+                cells.append(cell)
+                print(f"  full open lines={lines} runs={args.streams} at {rate:.1f} batches/s: "
+                      f"event p99 {cell['event_latency_p99_ms']} ms, ack p99 {cell['ack_latency_p99_ms']} ms",
+                      file=sys.stderr, flush=True)
+    bare = {c["lines"]: c for c in cells if c["server"] == "bare"}
+    for c in cells:
+        ceiling = bare.get(c["lines"])
+        if c["server"] == "full" and c["mode"] == "closed" and ceiling:
+            c["ratio_wall"] = c["points_per_second"] / ceiling["points_per_second"]
+            if c["points_per_cpu_second"] and ceiling["points_per_cpu_second"]:
+                c["ratio_cpu"] = c["points_per_cpu_second"] / ceiling["points_per_cpu_second"]
+    print(f"phasewatch ingest benchmark, real runs: {real_workload.describe(runs)}; "
+          f"{seconds:g} s a closed-loop cell, {open_seconds:g} s an open-loop one, window {args.window}, "
+          f"{os.cpu_count()} CPUs")
+    print(real_table(cells))
+    print("ratio: full / bare points per second (wall clock); cpu ratio: full / bare points per server "
+          "CPU-second; open: batches sent on a fixed schedule (rate in the JSON), latencies from the "
+          "scheduled time; latencies in ms (event: batch -> first event it caused; ack: batch -> its Ack)")
+    if args.json:
+        document = {
+            "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count()},
+            "settings": {"workload": "real", "seconds": seconds, "open_seconds": open_seconds,
+                         "window": args.window, "streams": args.streams, "lines": line_sizes,
+                         "runs": [str(r.path) for r in runs], "notes": notes},
+            "cells": cells,
+        }
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    return 0
 
 
 # --- report ----------------------------------------------------------------------------
@@ -368,16 +690,18 @@ def _fmt(value: Any, spec: str) -> str:
 def table(cells: list[dict[str, Any]]) -> str:
     head = (f"{'server':6} {'batch':>5} {'runs':>4} {'points/s':>11} {'pts/cpu-s':>11} {'ratio':>6} "
             f"{'cpu-s/Mpt':>9} {'event p50':>9} {'p99 ms':>8} {'ack p50':>8} {'p99 ms':>8} "
-            f"{'events':>6} {'peak MiB':>8}")
+            f"{'events':>6} {'peak MiB':>8}  load 1-min start->end")
     out = [head, "-" * len(head)]
     for c in cells:
+        load = (f"{c['load_start'][0]:.2f} -> {c['load_end'][0]:.2f}"
+                if c.get("load_start") and c.get("load_end") else "-")
         out.append(
             f"{c['server']:6} {c['batch_points']:>5} {c['runs']:>4} {c['points_per_second']:>11,.0f} "
             f"{_fmt(c['points_per_cpu_second'], '>11,.0f')} {_fmt(c.get('ratio'), '>6.3f')} "
             f"{_fmt(c['cpu_seconds_per_million_points'], '>9.3f')} "
             f"{_fmt(c['event_latency_p50_ms'], '>9.1f')} {_fmt(c['event_latency_p99_ms'], '>8.1f')} "
             f"{_fmt(c['ack_latency_p50_ms'], '>8.1f')} {_fmt(c['ack_latency_p99_ms'], '>8.1f')} "
-            f"{c['events']:>6} {_fmt(c['peak_rss_mib'], '>8.1f')}"
+            f"{c['events']:>6} {_fmt(c['peak_rss_mib'], '>8.1f')}  {load}"
         )
     return "\n".join(out)
 
@@ -386,18 +710,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="512,4096", help="points per batch, comma-separated")
     parser.add_argument("--runs", default="1,8,64", help="concurrent runs, comma-separated")
-    parser.add_argument("--seconds", type=float, default=8.0, help="streaming time per cell")
+    parser.add_argument("--workload", choices=("synthetic", "real"), default="synthetic",
+                        help="synthetic runs (benchmarks.workload) or the real runs in ../shared")
+    parser.add_argument("--seconds", type=float,
+                        help="streaming time per cell (default 8 synthetic, 10 real; --quick: 2, 4)")
+    parser.add_argument("--lines", default="32,256", help="real: logged lines per batch, comma-separated")
+    parser.add_argument("--streams", type=int, default=32, help="real: concurrent runs (stream slots)")
+    parser.add_argument("--rate", type=float,
+                        help="real, open loop: batches a second over all streams "
+                             "(default: half the full server's closed-loop rate at that batch size)")
+    parser.add_argument("--open-seconds", type=float,
+                        help="real: open-loop cell length (default --seconds; --quick: 8)")
+    parser.add_argument("--no-open-loop", action="store_true", help="real: closed-loop cells only")
+    parser.add_argument("--profile-server", metavar="PATH",
+                        help="real: run the full server under cProfile (all threads), stats to PATH "
+                             "and PATH.txt; the profiler slows it, so its numbers are not throughput")
     parser.add_argument("--window", type=int, default=2, help="batches in flight per stream")
     parser.add_argument("--servers", default="bare,full", help="which servers: bare, full")
     parser.add_argument("--store", help="store URL for the full server (default: a fresh SQLite file)")
-    parser.add_argument("--quick", action="store_true", help="2 s per cell")
+    parser.add_argument("--quick", action="store_true", help="shorter cells (2 s synthetic, 4 s real)")
     parser.add_argument("--json", metavar="PATH", help="write the numbers here")
     parser.add_argument("--serve-bare", metavar="HOST:PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare:
         serve_bare(args.serve_bare)
         return 0
-    seconds = 2.0 if args.quick else args.seconds
+    if args.streams < 1 or (args.rate is not None and args.rate <= 0):
+        parser.error("--streams and --rate must be positive")
+    if args.workload == "real":
+        return main_real(args)
+    seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 8.0)
     batches = [int(x) for x in args.batches.split(",")]
     runs = [int(x) for x in args.runs.split(",")]
     cells: list[dict[str, Any]] = []

@@ -1,0 +1,75 @@
+"""The real-run workload of ``benchmarks.ingest``: finding the runs and cutting them
+into batches of logged lines (no server)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import real_workload
+from detector._proto.phasewatch.v1 import detector_pb2 as pb
+from detector.logfile import write_jsonl
+
+
+def _decode(payload: bytes) -> dict[str, tuple[list[int], list[float]]]:
+    request = pb.StreamRequest.FromString(payload)
+    assert request.WhichOneof("msg") == "batch"
+    return {s.name: (list(s.steps), list(s.values)) for s in request.batch.series}
+
+
+def _repo(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    return repo
+
+
+def test_batches_hold_every_point_once_lines_at_a_time(tmp_path):
+    # Sparse rows (validation every third line), a null value, and lines out of
+    # step order in the file: every point lands in exactly one batch, in step
+    # order, and a batch spans at most `lines` logged lines.
+    records = [{"step": s, "loss": 1.0 / (1 + s)} for s in range(0, 200, 10)]
+    for r in records[::3]:
+        r["val"] = None if r["step"] == 30 else r["step"] * 0.5
+    records[4], records[5] = records[5], records[4]
+    path = tmp_path / "run.jsonl"
+    write_jsonl(path, records)
+    (run,) = real_workload.load([path])
+    assert run.name == "run" and run.steps.tolist() == list(range(0, 200, 10))
+    out = real_workload.batches(run, 7)
+    assert len(out) == 3
+    got: dict[str, tuple[list[int], list[float]]] = {"loss": ([], []), "val": ([], [])}
+    for payload, points in out:
+        cols = _decode(payload)
+        assert points == sum(len(s) for s, _ in cols.values())
+        assert len(set().union(*(s for s, _ in cols.values()))) <= 7
+        for name, (steps, values) in cols.items():
+            got[name][0].extend(steps)
+            got[name][1].extend(values)
+    assert got["loss"][0] == list(range(0, 200, 10))
+    assert got["loss"][1] == [1.0 / (1 + s) for s in range(0, 200, 10)]
+    assert got["val"][0] == list(range(0, 200, 30))
+    assert math.isnan(got["val"][1][1]) and got["val"][1][2] == 30.0
+    assert sum(p for _, p in out) == run.points == 20 + 7
+    with pytest.raises(ValueError, match="lines"):
+        real_workload.batches(run, 0)
+
+
+def test_run_paths_needs_labels_and_says_what_is_missing(tmp_path):
+    repo = _repo(tmp_path)
+    shared = tmp_path / "shared" / "runs"
+    shared.mkdir(parents=True)
+    write_jsonl(shared / "a.jsonl", [{"step": 0, "x": 1.0}])
+    write_jsonl(shared / "b.jsonl", [{"step": 0, "x": 1.0}])  # no labels: not a labelled run
+    (shared / "a.labels.json").write_text("{}")
+    paths, notes = real_workload.run_paths(repo)
+    assert [p.name for p in paths] == ["a.jsonl"]
+    assert any("real_runs" in n and "absent" in n for n in notes)
+    assert any("generated" in n for n in notes)
+    generated = repo / "benchmarks" / "generated"
+    generated.mkdir()
+    write_jsonl(generated / "g.jsonl", [{"step": 0, "x": 1.0}])
+    paths, _ = real_workload.run_paths(repo)
+    assert [p.name for p in paths] == ["a.jsonl", "g.jsonl"]
+    assert np.array_equal(real_workload.load(paths)[1].steps, [0])
