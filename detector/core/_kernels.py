@@ -47,7 +47,7 @@ def _jit(fn: Callable[..., Any]) -> Any:
         return numba.njit(cache=False, nogil=True)(fn)
 
 
-# The trigger's constants (changepoint imports them from here).
+# The trigger's constants (detector.core.trigger imports them from here).
 Q = 1 << 16  # fixed-point grid of the CUSUM (1/65536 of an innovation scale)
 FAST_CLIP = 3.0  # |z| cap of the fast CUSUM's standardised innovations (winsorised CUSUM)
 Z_CLIP = 1e4  # |z| cap: keeps the int64 sums exact for any run length we will see
@@ -353,7 +353,7 @@ def np_median(a):  # pragma: no cover - compiled
 
 @_jit
 def point_noise(history):  # pragma: no cover - compiled
-    """:func:`detector.core.changepoint.point_noise`: MAD of first differences / √2. O(n log n)."""
+    """:func:`detector.core.localiser.point_noise`: MAD of first differences / √2. O(n log n)."""
     n = len(history)
     if n < 3:
         return 0.0
@@ -368,7 +368,7 @@ def point_noise(history):  # pragma: no cover - compiled
 
 @_jit
 def history_scale(history):  # pragma: no cover - compiled
-    """:func:`detector.core.changepoint.history_scale`: the standard deviation. O(n)."""
+    """:func:`detector.core.localiser.history_scale`: the standard deviation. O(n)."""
     return np_std(history) if len(history) > 1 else 0.0
 
 
@@ -535,7 +535,7 @@ def binseg(s, n, min_size, pen):  # pragma: no cover - compiled
 
 @_jit
 def parabola_basis(y):  # pragma: no cover - compiled
-    """:func:`detector.core.changepoint._parabola_sse`'s vectors (n > 3): rows ``y`` centred,
+    """:func:`detector.core.localiser._parabola_sse`'s vectors (n > 3): rows ``y`` centred,
     ``t`` (times centred and scaled to [−1, 1]) and ``t² − mean(t²)``. The dot products
     stay numpy's (BLAS sums in its own order). O(n)."""
     n = len(y)

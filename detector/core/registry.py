@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from detector.core.changepoint import CusumTrigger
 from detector.core.labeller import PhaseLabeller
 from detector.core.run import RunDetector
 from detector.core.series import SeriesDetector
+from detector.core.trigger import CusumTrigger
 from detector.core.types import infer_spec
 
 # The series the adapters read: a run's four role series, by their usual names.

@@ -7,9 +7,9 @@ before any statistic. Finite values are mapped to a working scale chosen by the
 series' role (log scale for losses, norms and ranks, whose changes are
 multiplicative) and feed:
 
-* :class:`~detector.core.changepoint.CusumTrigger` on every point, O(1)
+* :class:`~detector.core.trigger.CusumTrigger` on every point, O(1)
   amortised, scanned over whole blocks in numpy;
-* :class:`~detector.core.changepoint.WindowLocaliser` on the current segment
+* :class:`~detector.core.localiser.WindowLocaliser` on the current segment
   (at most ``window`` points) ``lag`` points after an alarm, and again on the
   next points while nothing is confirmed (at most ``recheck_limit``), O(window)
   each, and once more by :meth:`SeriesDetector.finish` when the run ends (the
@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from detector.core._kernels import np_median
-from detector.core.changepoint import CusumTrigger, WindowLocaliser, history_scale, point_noise
+from detector.core.localiser import WindowLocaliser, history_scale, point_noise
 from detector.core.trend import PlateauResult, PlateauTest, TrendResult, mann_kendall
+from detector.core.trigger import CusumTrigger
 from detector.core.types import Direction, Event, EventKind, Role, SeriesSpec, Split
 from detector.errors import InvalidArgument
 

@@ -24,12 +24,7 @@ from detector.core.registry import RUN_SERIES, STREAMING, Streaming, block_of
 Lines = list[tuple[int, dict[str, float]]]
 
 # Checks a detector fails today, with the reason: xfail(strict=True), so a fix shows up.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("cusum_trigger", "immutable settings"): (
-        "CusumTrigger keeps its 15 settings and its running state in one mutable dataclass "
-        "(issue 16: the trigger is to become two detectors with settings-only constructors)"
-    ),
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def synthetic_run(n: int, seed: int) -> Lines:

@@ -1,0 +1,438 @@
+"""The change-point trigger: two CUSUMs on one series, O(1) amortised a point.
+
+:class:`CusumTrigger` scans blocks of points (compiled loops,
+:mod:`detector.core._kernels`, with numpy's log and exp between them): a Holt
+(level + trend) one-step-ahead forecast written as a linear filter
+(``scipy.signal.lfilter``'s recurrence), innovations standardised by a
+log-domain EWMA scale (also a linear filter, and robust: one outlier moves it
+by a bounded factor) and clipped, and a two-sided CUSUM on them (fast: abrupt
+changes); beside it a small bank of two-sided CUSUMs (one drift per shift
+size) on the errors of a slowly discounted least-squares line fitted since the
+last reset (slow: small shifts, which a fast forecast absorbs before its CUSUM
+can see them). Every CUSUM runs on a fixed-point grid (integers) and every
+filter carries its state exactly, so a block gives exactly the same
+statistics as point by point: how points are batched never changes a result.
+
+An alarm only says "look here": :mod:`detector.core.localiser` decides whether
+there is a break, and where. Kept in one class of about 350 lines, most of it
+the docstring and the exact warm-up and block paths that must agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+
+from detector.core import _kernels as _k
+from detector.core._kernels import LOG_ABS_Z_MEAN as _LOG_ABS_Z_MEAN
+from detector.core._kernels import TINY as _TINY
+from detector.core._kernels import Q as _Q
+from detector.errors import InvalidArgument
+
+_GATE_CLOSED = 1e9  # a gate input that keeps the slow bank closed
+_FIRST_CHUNK = 64  # points of the first chunk a scan takes (then 4 times more each time)
+
+
+_SETTINGS = ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate", "memory", "bank_drifts",
+             "bank_thresholds", "bank_scale_rate", "bank_gate", "gate_lag", "bias_rate", "bias_gate",
+             "bank_after")
+_DERIVED: dict[tuple, dict] = {}  # settings -> CusumTrigger constants (a handful of settings per process)
+
+
+@dataclass
+class CusumTrigger:
+    """Two CUSUM triggers on one series, both O(1) amortised per point, compiled.
+
+    *Fast*: a two-sided CUSUM (``drift`` k, ``threshold`` h) on Holt
+    (``alpha``/``beta``) one-step innovations standardised by a log-domain EWMA
+    scale (rate ``scale_rate``), each clipped to ±3 (a winsorised CUSUM: one
+    outlier, or two, cannot alarm alone; a lasting shift of any size alarms
+    on its third point; real training curves are heavy-tailed, and unclipped
+    single-line outliers caused a third of all alarms on real runs). It
+    follows trends and absorbs a level shift in a few points, so it catches
+    abrupt changes and slope changes of trending series, but not small shifts.
+
+    *Slow*: a bank of two-sided CUSUMs (drifts ``bank_drifts``, thresholds
+    ``bank_thresholds``, one pair per size of shift) on the one-step errors of a
+    discounted least-squares line fitted since the last reset (memory
+    ``memory`` points), each error divided by its exact standard error under
+    white noise (the line's extrapolation variance counts, so the first points
+    of a segment are not over-weighted) and by a log-domain EWMA scale (rate
+    ``bank_scale_rate``). The reference adapts slowly, so a small shift keeps
+    its full size for tens of points and each CUSUM reaches its optimal delay
+    (k = δ/2 for a shift δ); the line follows smooth trends. The bank watches
+    from ``bank_after`` points into a segment, and only while the line's error
+    scale is within ``bank_gate`` times the fast forecast's and the EWMA (rate
+    ``bias_rate``) of its standardised errors stays within ±``bias_gate``, both
+    taken ``gate_lag`` points back (right after a shift the line is worse because
+    of the shift itself; random walks, seasonality and curves the line cannot
+    follow, such as the steep start of a power-law loss, keep it worse for good).
+
+    ``warmup`` points after a reset set the first scales before any alarm.
+    :meth:`scan` takes a block and stops at the first alarm (compiled loops, no
+    Python per point); :meth:`update` is the one-point form and gives identical results
+    (the CUSUMs run on a fixed-point integer grid, the filters carry their state
+    exactly).
+
+    >>> trigger = CusumTrigger()
+    >>> values = [0.0, 0.1, -0.1, 0.05] * 10 + [3.0] * 10
+    >>> [i for i, v in enumerate(values) if trigger.update(v)][:1]  # the shift's third point
+    [42]
+    """
+
+    drift: float = 0.5
+    threshold: float = 6.0
+    alpha: float = 0.2
+    beta: float = 0.05
+    warmup: int = 8
+    scale_rate: float = 0.05
+    memory: float = 400.0
+    bank_drifts: tuple[float, ...] = (0.5, 1.0, 1.5)
+    bank_thresholds: tuple[float, ...] = (8.0, 5.0, 3.5)
+    bank_scale_rate: float = 0.02
+    bank_gate: float = 1.3
+    gate_lag: int = 50
+    bias_rate: float = 0.02
+    bias_gate: float = 0.25
+    bank_after: int = 400
+
+    def __post_init__(self) -> None:
+        if not (0 < self.alpha <= 1 and 0 <= self.beta <= 1):
+            raise InvalidArgument("alpha must be in (0, 1] and beta in [0, 1]")
+        if self.gate_lag < 1 or not 0 < self.bias_rate < 1 or self.bias_gate <= 0:
+            raise InvalidArgument("gate_lag must be at least 1, bias_rate in (0, 1), bias_gate > 0")
+        if self.threshold <= 0 or self.drift < 0 or self.warmup < 2:
+            raise InvalidArgument("threshold must be > 0, drift >= 0, warmup >= 2")
+        if not 0 < self.scale_rate < 1 or not 0 < self.bank_scale_rate < 1:
+            raise InvalidArgument("scale_rate and bank_scale_rate must be in (0, 1)")
+        self.bank_drifts = tuple(float(k) for k in self.bank_drifts)
+        self.bank_thresholds = tuple(float(h) for h in self.bank_thresholds)
+        if (len(self.bank_drifts) != len(self.bank_thresholds) or self.memory <= 1
+                or any(k < 0 for k in self.bank_drifts) or any(h <= 0 for h in self.bank_thresholds)):
+            raise InvalidArgument("memory must be > 1 and bank_drifts (>= 0) and bank_thresholds (> 0) "
+                                  "must have the same length")
+        # Constants derived from the settings, computed once per settings (shared: never
+        # written in place); a series detector per series makes a trigger per series.
+        key = tuple(getattr(self, name) for name in _SETTINGS)
+        derived = _DERIVED.get(key)
+        if derived is None:
+            derived = _DERIVED[key] = self._derive()
+        self.__dict__.update(derived)
+        self.reset()
+        self.__dict__["_settled"] = True  # the settings are read-only from here
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Settings only in the constructor (the derived constants are computed from
+        # them once); the running state is assigned freely.
+        if name in _SETTINGS and self.__dict__.get("_settled"):
+            raise dataclasses.FrozenInstanceError(f"cannot assign to setting {name!r}; make a new trigger")
+        object.__setattr__(self, name, value)
+
+    def _derive(self) -> dict:
+        """The constants of these settings: filter coefficients, the fixed-point thresholds
+        and drifts, the line's table, the kernels' scalar arguments."""
+        before = set(self.__dict__)
+        # Holt's innovations are an ARIMA(0,2,2) filter of the values:
+        # (1 - B)² y_t = (1 - θ1 B - θ2 B²) e_t, θ1 = 2 - α - αβ, θ2 = α - 1.
+        a, b = self.alpha, self.beta
+        self._b = np.array([1.0, -2.0, 1.0])
+        self._a = np.array([1.0, -(2.0 - a - a * b), -(a - 1.0)])
+        self._holt = np.r_[self._b, self._a[1:]]  # b0, b1, b2, a1, a2 for the compiled filter
+        self._sa = np.array([1.0, -(1.0 - self.scale_rate)])
+        self._hq = int(round(self.threshold * _Q))
+        self._kq = int(round(self.drift * _Q))
+        lam = 1.0 - 1.0 / self.memory
+        self._lam = lam
+        self._ba = np.array([1.0, -(1.0 - self.bank_scale_rate)])
+        self._table = _line_table(lam)
+        self._gate = math.log(self.bank_gate) if self.bank_gate > 0 else -math.inf
+        self._bias_a = np.array([1.0, -(1.0 - self.bias_rate)])
+        self._bank_hq = np.array([int(round(h * _Q)) for h in self.bank_thresholds], dtype=np.int64)[:, None]
+        self._bank_kq = np.array([int(round(k * _Q)) for k in self.bank_drifts], dtype=np.int64)[:, None]
+        self._bank_hq_list = self._bank_hq[:, 0].tolist()
+        self._bank_hq_flat = self._bank_hq[:, 0].copy()
+        self._bank_kq_flat = self._bank_kq[:, 0].copy()
+        # The kernels' constants, as the types they were compiled for.
+        self._constants = (float(self.scale_rate), float(self._sa[1]), float(self.bank_scale_rate),
+                           float(self._ba[1]), float(self.bias_rate), float(self._bias_a[1]),
+                           float(self.bias_gate), float(self._gate), int(self.bank_after))
+        return {k: v for k, v in self.__dict__.items() if k not in before}
+
+    def reset(self) -> None:
+        self.n = 0
+        self.zi = np.zeros(2)  # the innovation filter's state
+        self.log_scale = 0.0  # EWMA of log |innovation|
+        self.zs = np.zeros(1)  # the scale filter's state
+        self.pos = 0  # CUSUM sums on the fixed-point grid
+        self.neg = 0
+        self.last_z = 0.0
+        # The slow line: its sums after the last point, their filters' states, its error scale.
+        self.s0 = self.s1 = 0.0
+        self.z0, self.z1 = np.zeros(1), np.zeros(1)
+        self.bank_log_scale = 0.0
+        self.bz = np.zeros(1)
+        # The gate's inputs of the last ``gate_lag`` points (closed until then; open
+        # where negative), and the EWMA of the line's standardised errors (its bias).
+        self.gate = np.full(self.gate_lag, _GATE_CLOSED)
+        self.bias_zi = np.zeros(1)
+        nk = len(self.bank_drifts)
+        self.bank_pos = np.zeros(nk, dtype=np.int64)
+        self.bank_neg = np.zeros(nk, dtype=np.int64)
+
+    # --- readouts --------------------------------------------------------------
+
+    @property
+    def statistic(self) -> float:
+        """The largest CUSUM sum, as a fraction of its threshold times the fast threshold."""
+        # Python ints below 2**53 divide to the same float as numpy's int64 division.
+        ratios = [max(self.pos, self.neg) / self._hq]
+        ratios += [max(p, n) / h for p, n, h in zip(self.bank_pos.tolist(), self.bank_neg.tolist(),
+                                                     self._bank_hq_list, strict=True)]
+        return max(ratios) * self.threshold
+
+    @property
+    def alarmed(self) -> bool:
+        """Whether any CUSUM is above its threshold now."""
+        return (self.pos > self._hq or self.neg > self._hq
+                or any(p > h or n > h for p, n, h in zip(self.bank_pos.tolist(), self.bank_neg.tolist(),
+                                                          self._bank_hq_list, strict=True)))
+
+    @property
+    def level(self) -> float:
+        """The forecast of the next value (0 before any point)."""
+        return float(-self.zi[0]) if self.n else 0.0
+
+    @property
+    def scale(self) -> float:
+        """Robust scale of the innovations (σ-equivalent for Gaussian noise)."""
+        return math.exp(self.log_scale - _LOG_ABS_Z_MEAN) if self.n > 1 else 0.0
+
+    def clear(self) -> None:
+        """Zero every CUSUM sum (after an alarm has been dealt with)."""
+        self.pos = self.neg = 0
+        self.bank_pos = np.zeros(len(self.bank_drifts), dtype=np.int64)
+        self.bank_neg = np.zeros(len(self.bank_drifts), dtype=np.int64)
+
+    # --- update ----------------------------------------------------------------
+
+    def update(self, y: float) -> bool:
+        """Take one finite value; return True when a CUSUM crosses its threshold."""
+        return self.scan(np.array([y], dtype=float)) == 0
+
+    def scan(self, values: np.ndarray) -> int | None:
+        """Consume ``values`` up to and including the first alarm; return its index.
+
+        Returns ``None`` (every value consumed) when no alarm occurs. O(m) for m
+        values, in numpy; the state afterwards is the same as after ``update``
+        on each consumed value.
+        """
+        values = np.asarray(values, dtype=float)
+        m = len(values)
+        i = self._warm_up(values)  # a few points per reset
+        if i == m:
+            return None
+        # In growing chunks: a block's filters are computed to its end before the
+        # CUSUMs stop at an alarm, so one call over the whole rest would cost
+        # O(length) per alarm. The state carries over exactly between chunks.
+        size = _FIRST_CHUNK
+        while i < m:
+            alarm = cast("int | None", self._scan_block(values[i : i + size]))  # an index or None
+            if alarm is not None:
+                return i + alarm
+            i += size
+            size *= 4
+        return None
+
+    def absorb(self, values: np.ndarray) -> np.ndarray:
+        """Consume every value without stopping at alarms; return, per value, whether
+        any CUSUM was above its threshold after it (:attr:`alarmed`). O(m) in numpy."""
+        values = np.asarray(values, dtype=float)
+        flags = np.zeros(len(values), dtype=bool)
+        i = self._warm_up(values)  # the sums stay zero during warm-up
+        if i < len(values):
+            flags[i:] = self._scan_block(values[i:], stop=False)
+        return flags
+
+    def snapshot(self) -> dict:
+        """The state as it is now, for :meth:`restore` (O(1): arrays are replaced, never
+        written in place, so references suffice)."""
+        return dict(self.__dict__)
+
+    def restore(self, snapshot: dict) -> None:
+        self.__dict__.update(snapshot)
+
+    def _linear(self, y: np.ndarray) -> np.ndarray:
+        """:func:`_kernels.trigger_linear` from the current state. Scalars go in as Python
+        floats and ints whatever a checkpoint held (another type would compile another
+        specialisation of the kernel)."""
+        return _k.trigger_linear(y, int(self.n), self._holt, float(self.zi[0]), float(self.zi[1]), self._lam,
+                                 float(self.s0), float(self.s1), float(self.z0[0]), float(self.z1[0]),
+                                 *self._table)
+
+    def _warm_up(self, values: np.ndarray) -> int:
+        """Take the first values while fewer than ``warmup`` points are in; return how many."""
+        count = min(len(values), self.warmup - self.n)
+        if count <= 0:
+            return 0
+        start = 0
+        if self.n == 0:
+            self._warm(values[:1])  # the first point of a segment starts the forecast alone
+            start = 1
+        if start < count:
+            self._warm(values[start:count])
+        return count
+
+    def _warm(self, y: np.ndarray) -> None:
+        """Warm-up points in order (the first of a segment alone): the line's sums and the
+        forecast's filter as in a block, the initial scales as running means of log |error|."""
+        lin = self._linear(y)
+        last = len(y) - 1
+        self.s0, self.s1 = float(lin[_k.LIN_S0, last]), float(lin[_k.LIN_S1, last])
+        self.z0, self.z1 = lin[_k.LIN_Z0, last : last + 1].copy(), lin[_k.LIN_Z1, last : last + 1].copy()
+        if self.n == 0:
+            # Start flat at the first value: past inputs y, y and past innovations 0.
+            self.n = 1
+            self.zi = self._flat_start(float(y[0]))
+            return
+        self.zi = lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, last].copy()
+        log_scale, bank_log_scale = self.log_scale, self.bank_log_scale
+        for e, e_line in zip(lin[_k.LIN_E].tolist(), lin[_k.LIN_EL].tolist(), strict=True):
+            self.n += 1
+            # math's log, not numpy's, as the warm-up always took it (they differ in the last bit).
+            # Warm-up: the mean of log |innovation| so far sets the initial scale.
+            log_scale += (math.log(max(abs(e), _TINY)) - log_scale) / (self.n - 1)
+            bank_log_scale += (math.log(max(abs(e_line), _TINY)) - bank_log_scale) / (self.n - 1)
+        self.log_scale, self.bank_log_scale = log_scale, bank_log_scale
+        if self.n == self.warmup:
+            self.zs = np.array([(1.0 - self.scale_rate) * self.log_scale])
+            self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
+
+    def _flat_start(self, y: float) -> np.ndarray:
+        """``lfiltic(b, a, [0, 0], [y, y])``: the forecast's filter state after inputs y, y
+        and outputs 0, 0, with lfiltic's operations in its order (its sums are numpy's:
+        from 0, one term after another; tests/test_kernels.py compares)."""
+        b1, b2 = float(self._b[1]), float(self._b[2])
+        a1, a2 = float(self._a[1]), float(self._a[2])
+        z0 = 0.0 + ((0.0 + b1 * y) + b2 * y)
+        z1 = 0.0 + (0.0 + b2 * y)
+        z0 -= 0.0 + ((0.0 + a1 * 0.0) + a2 * 0.0)
+        z1 -= 0.0 + (0.0 + a2 * 0.0)
+        return np.array([z0, z1])
+
+    def _scan_block(self, y: np.ndarray, stop: bool = True) -> int | np.ndarray | None:
+        # Three compiled loops (the linear filters; the log-EWMA scales; the
+        # standardised errors, the bank's gate and the CUSUMs), with numpy's log and
+        # exp over the whole block between them (numpy's, not libm's: see _kernels).
+        # The gate: the bank only watches while the slow line explains the series
+        # about as well as the fast forecast: where it does not (random walks,
+        # seasonality, fast curvature) its errors are structure, not shifts; nor
+        # before ``bank_after`` points of the segment. The comparison is taken
+        # ``gate_lag`` points late: right after a shift the slow line is worse than
+        # the fast forecast because of the shift itself, and the bank must keep
+        # watching long enough to see it. Nor while its errors keep one sign (a mean
+        # of ``bias_gate`` σ or more over the last ~1/bias_rate points): a curve the
+        # line cannot follow, such as the steep start of a power-law loss, not a
+        # shift (a shift is caught before that lasts ``gate_lag`` points).
+        m = len(y)
+        scale_rate, scale_a1, bank_rate, bank_a1, bias_rate, bias_a1, bias_gate, gate_shift, bank_after = \
+            self._constants
+        lin = self._linear(y)
+        sc = _k.trigger_scales(np.log(lin[:3]), scale_rate, scale_a1, float(self.zs[0]),
+                               float(self.log_scale), bank_rate, bank_a1, float(self.bz[0]),
+                               float(self.bank_log_scale))
+        nk = len(self.bank_drifts)
+        sums = np.empty(2 + 2 * nk, dtype=np.int64)
+        sums[0], sums[1], sums[2 : 2 + nk], sums[2 + nk :] = self.pos, self.neg, self.bank_pos, self.bank_neg
+        alarm, flags, gate, state = _k.trigger_cusums(
+            lin, sc, np.exp(sc[:2]), int(self.n), self.gate, gate_shift, bias_rate, bias_a1,
+            float(self.bias_zi[0]), bias_gate, bank_after, sums, self._kq, self._bank_kq_flat,
+            self._hq, self._bank_hq_flat, stop)
+        # The state after the last point consumed; views of fresh arrays (never written in place).
+        k = m - 1 if alarm < 0 else int(alarm)
+        self.gate = gate
+        s0, s1, _, _, _, bank_s, _, _, _, log_s, _, last_z = state.tolist()
+        self.s0, self.s1, self.bank_log_scale = s0, s1, bank_s
+        self.z0, self.z1 = state[_k.ST_Z0 : _k.ST_Z0 + 1], state[_k.ST_Z1 : _k.ST_Z1 + 1]
+        self.bz, self.bias_zi = state[_k.ST_BZ : _k.ST_BZ + 1], state[_k.ST_BIAS : _k.ST_BIAS + 1]
+        self.bank_pos, self.bank_neg = sums[2 : 2 + nk], sums[2 + nk :]
+        self._commit(k + 1, state[_k.ST_ZI0 : _k.ST_ZI1 + 1], state[_k.ST_ZS : _k.ST_ZS + 1], log_s,
+                     int(sums[0]), int(sums[1]), last_z)
+        if alarm < 0:
+            return None if stop else flags
+        return k
+
+    def _commit(self, count: int, zi: np.ndarray, zs: np.ndarray, log_scale: float,
+                pos: int, neg: int, z: float) -> None:
+        self.n += count
+        self.zi, self.zs, self.log_scale = zi, zs, log_scale
+        self.pos, self.neg, self.last_z = pos, neg, z
+
+    # --- checkpoints -----------------------------------------------------------
+
+    def state(self) -> dict:
+        """The state as versioned plain data (numbers and lists), for :meth:`load`."""
+        return {
+            "version": 1,
+            "n": self.n, "zi": self.zi.tolist(), "zs": self.zs.tolist(), "log_scale": self.log_scale,
+            "pos": self.pos, "neg": self.neg, "last_z": self.last_z,
+            "s0": self.s0, "s1": self.s1, "z0": self.z0.tolist(), "z1": self.z1.tolist(),
+            "bz": self.bz.tolist(), "bank_log_scale": self.bank_log_scale,
+            "bank_pos": self.bank_pos.tolist(), "bank_neg": self.bank_neg.tolist(),
+            "gate_open": self.gate.tolist(), "bias_zi": self.bias_zi.tolist(),
+        }
+
+    def load(self, state: dict) -> None:
+        """Resume from :meth:`state` (older states without the slow bank or the gate
+        start those afresh); a newer version is refused by name."""
+        if state.get("version", 1) != 1:
+            raise InvalidArgument(f"trigger state version {state['version']} is not supported (this reads 1)")
+        self.n, self.log_scale = state["n"], state["log_scale"]
+        self.zi, self.zs = np.array(state["zi"], dtype=float), np.array(state["zs"], dtype=float)
+        self.pos, self.neg, self.last_z = state["pos"], state["neg"], state["last_z"]
+        if "s0" in state:  # checkpoints from before the slow bank start it afresh
+            self.s0, self.s1 = state["s0"], state["s1"]
+            self.z0, self.z1 = np.array(state["z0"], dtype=float), np.array(state["z1"], dtype=float)
+            self.bz, self.bank_log_scale = np.array(state["bz"], dtype=float), state["bank_log_scale"]
+            self.bank_pos = np.array(state["bank_pos"], dtype=np.int64)
+            self.bank_neg = np.array(state["bank_neg"], dtype=np.int64)
+        if len(state.get("gate_open", ())) == self.gate_lag:  # older checkpoints: closed for a while
+            self.gate = np.array(state["gate_open"], dtype=float)
+            self.bias_zi = np.array(state["bias_zi"], dtype=float)
+
+
+_LINE_TABLES: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _line_table(lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per number n of points fitted: the forecast weights (v0, v1) of the sums and
+    the forecast error's standard deviation factor, for the discounted line.
+
+    The forecast of the next point from a line fitted with weights λ^j to the last
+    n points is ``v0 · S0 + v1 · S1``; its error has variance ``σ² (1 + v'Qv)``
+    under white noise (Q the same moments with weights λ^{2j}). Beyond the table
+    (λ^n below float resolution) the last entry holds. Computed once per λ.
+    """
+    if lam in _LINE_TABLES:
+        return _LINE_TABLES[lam]
+    size = int(min(200_000, max(64, math.ceil(40.0 / max(1.0 - lam, 1e-9)))))
+    j = np.arange(size, dtype=float)
+    out = []
+    for w in (lam, lam * lam):
+        pw = w**j
+        out.append((np.cumsum(pw), -np.cumsum(j * pw), np.cumsum(j * j * pw)))
+    (w0, w1, w2), (q0, q1, q2) = out
+    # n points fitted -> index n; n = 0 has no forecast (weights 0, factor 1).
+    w0, w1, w2 = np.r_[0.0, w0], np.r_[0.0, w1], np.r_[0.0, w2]
+    q0, q1, q2 = np.r_[0.0, q0], np.r_[0.0, q1], np.r_[0.0, q2]
+    det = w0 * w2 - w1 * w1
+    line = det > 1e-9 * np.maximum(w0 * w2, _TINY)
+    safe = np.where(line, det, 1.0)
+    v0 = np.where(line, (w2 - w1) / safe, np.where(w0 > 0, 1.0 / np.maximum(w0, _TINY), 0.0))
+    v1 = np.where(line, (w0 - w1) / safe, 0.0)
+    sf = np.sqrt(1.0 + q0 * v0 * v0 + 2.0 * q1 * v0 * v1 + q2 * v1 * v1)
+    _LINE_TABLES[lam] = (v0, v1, sf)
+    return v0, v1, sf
