@@ -1,0 +1,214 @@
+"""Loss spikes and training collapse on the headline training loss (:class:`LossExcursions`)."""
+
+from __future__ import annotations
+
+import math
+
+from detector.core.labeller.config import LabellerConfig
+from detector.core.labeller.history import Band
+from detector.core.labeller.rules._common import TRAINING, Interval, _Plain, collapse_end
+from detector.core.labeller.timeline import Timeline, make_event
+from detector.core.series import raw_scale, working_scale
+from detector.core.types import Event, EventKind, Phase, Role
+
+
+class LossExcursions(_Plain):
+    """Loss spikes and training collapse on the headline training loss.
+
+    A line is *out* when the loss is non-finite, above its band (the recent
+    level, on the log scale, plus ``max(log10 spike_factor, spike_noise ×
+    noise)``), or above the slow-drift bound (``collapse_factor`` × its
+    running minimum and its minimum + ``collapse_margin`` × its first value).
+    An excursion that is back (halfway from its peak to the level, and under
+    the drift bound) before the recovery horizon is a ``LOSS_SPIKE`` located
+    at its first line, with the peak, the factor over the level and the
+    duration in steps; one still out at the horizon is a ``COLLAPSE_ONSET``
+    (scope ``training``), ended by ``COLLAPSE_END`` once the loss is back the
+    same way and stays back for the same horizon. An excursion is only over once
+    it has stayed back for a quarter of the horizon without jumping up again: a
+    loss that bounces between 1e-2 and 1 after a jump from 1e-6 is still out.
+    O(band_values) a line.
+    """
+
+    _FIELDS = ("first", "run_min", "excursion", "collapse", "last_start")
+    _NESTED = {"band": Band, "interval": Interval}
+
+    def __init__(self, config: LabellerConfig) -> None:
+        self.config = config
+        self.first = math.nan
+        self.run_min = math.inf
+        self.band = Band(config.band_values)
+        self.interval = Interval()
+        self.excursion: dict | None = None
+        self.collapse: dict | None = None
+        self.last_start: int | None = None  # where the last excursion began
+
+    @property
+    def quiet(self) -> bool:
+        """No excursion or collapse open: training holds."""
+        return self.excursion is None and self.collapse is None
+
+    def _threshold(self) -> float:
+        c = self.config
+        return max(math.log10(c.spike_factor), c.spike_noise * self.band.noise)
+
+    def _drift_bound(self) -> float:
+        if not math.isfinite(self.run_min) or self.run_min < 0 or math.isnan(self.first):
+            return math.inf
+        c = self.config
+        return max(c.collapse_factor * self.run_min, self.run_min + c.collapse_margin * abs(self.first))
+
+    def _horizon(self, start: int, first_step: int, memorised_steps: int | None) -> int:
+        c = self.config
+        horizon = c.recovery_fraction * (start - first_step)
+        if memorised_steps is not None and memorised_steps > 0:
+            horizon = min(horizon, c.recovery_memorisation * memorised_steps)
+        return max(int(math.ceil(horizon)), c.min_intervals * self.interval.gap)
+
+    def _back(self, value: float, y: float, ex: dict) -> bool:
+        """Back in the band, or back ``back_fraction`` of the way from the peak to the
+        level in loss units, counting a peak above the run's first loss as that loss
+        (a loss at 0.03 after a jump from 1e-7 to 0.1 is back; one at 10^9 after 10^10
+        is not)."""
+        if not math.isfinite(value) or value > ex["bound"]:
+            return False
+        if y <= ex["ref"] + ex["thr"]:
+            return True
+        peak = ex["peak_value"] if math.isfinite(ex["peak_value"]) else math.inf
+        top = min(peak, max(abs(self.first), ex["ref_value"]))
+        return top > ex["ref_value"] and value <= ex["ref_value"] + self.config.back_fraction * (
+            top - ex["ref_value"])
+
+    def _material(self, ex: dict) -> bool:
+        """An excursion costs at least ``collapse_material`` of the first loss (or is
+        non-finite): a loss that creeps from 1e-7 to 1e-5 and stays is not a collapse."""
+        if not math.isfinite(ex["peak_value"]):
+            return True
+        return ex["peak_value"] - ex["ref_value"] >= self.config.collapse_material * abs(self.first)
+
+    def update(self, step: int, value: float, series: str, first_step: int,
+               memorised_steps: int | None, timeline: Timeline) -> list[Event]:
+        self.interval.see(step)
+        finite = math.isfinite(value)
+        y = working_scale(Role.LOSS, value) if finite else math.inf
+        if finite and math.isnan(self.first):
+            self.first = value
+        if self.collapse is not None:
+            return self._in_collapse(step, value, y, series, timeline)
+        if self.excursion is not None:
+            return self._in_excursion(step, value, y, series, first_step, memorised_steps, timeline)
+        # Out of the band only by a jump from the line before: the decaying tail of
+        # an excursion that is over, or a slow creep, is not a new spike.
+        thr = self._threshold()
+        out = not finite or value > self._drift_bound() or (
+            self.band.ready and y > self.band.level + thr and y > self.band.values[-1] + thr)
+        if out:
+            ref = self.band.level if self.band.ready else (y if finite else math.nan)
+            horizon = self._horizon(step, first_step, memorised_steps)
+            self.last_start = step
+            self.excursion = {
+                "start": step, "ref": ref, "ref_value": raw_scale(Role.LOSS, ref), "thr": thr, "peak": y,
+                "peak_value": value, "bound": self._drift_bound(), "last_y": y,
+                "horizon": horizon, "back_at": None,
+                "settle": horizon // 4,
+            }
+            return []
+        self.band.add(y)
+        self.run_min = min(self.run_min, value)
+        return []
+
+    def _in_excursion(self, step: int, value: float, y: float, series: str, first_step: int,
+                      memorised_steps: int | None, timeline: Timeline) -> list[Event]:
+        ex = self.excursion
+        assert ex is not None  # called only inside an excursion
+        jumped = not math.isfinite(value) or y > ex["last_y"] + ex["thr"]
+        ex["last_y"] = y
+        if y > ex["peak"] or not math.isfinite(value):
+            ex["peak"] = max(ex["peak"], y)
+            ex["peak_value"] = value if not math.isfinite(ex["peak_value"]) or not math.isfinite(value) \
+                else max(ex["peak_value"], value)
+        ref = ex["ref"]
+        if math.isnan(ref) and math.isfinite(y):
+            ref = ex["ref"] = y
+            ex["ref_value"] = raw_scale(Role.LOSS, y)
+        if ex["back_at"] is not None:
+            # Settling: back, unless it jumps again before the settling time is up
+            # (a loss that bounces back up has not recovered).
+            if jumped or not self._back(value, y, ex):
+                ex["back_at"] = None
+            elif step - ex["back_at"] >= ex["settle"]:
+                return self._spike(step, y, series)
+            else:
+                return []
+        elif not math.isnan(ref) and self._back(value, y, ex):
+            ex["back_at"] = step
+            if ex["settle"] <= 0:
+                return self._spike(step, y, series)
+            return []
+        if ex["back_at"] is not None or step - ex["start"] < ex["horizon"]:
+            return []
+        self.excursion = None
+        if not self._material(ex):
+            # A small lasting shift: the band starts again from here.
+            self.band = Band(self.config.band_values)
+            self.band.add(y)
+            self.run_min = value
+            return []
+        self.collapse = {**ex, "back_since": None}
+        nonfinite = not math.isfinite(ex["peak"])
+        what = "became non-finite" if nonfinite else f"rose to {ex['peak_value']:.4g}"
+        event = make_event(
+            ex["start"], step, EventKind.COLLAPSE_ONSET, series, 0.9,
+            f"{series} {what} at step {ex['start']} and has not come back in {step - ex['start']} steps",
+            {"test": "non_finite" if nonfinite else "excursion", "scope": TRAINING,
+             "peak": f"{ex['peak_value']:.4g}",
+             "level": f"{raw_scale(Role.LOSS, ref):.4g}" if math.isfinite(ref) else "nan",
+             "horizon_steps": str(ex["horizon"])},
+            Phase.COLLAPSE,
+        )
+        return [event, *timeline.open_collapse(TRAINING, ex["start"], step, 0.9, series)]
+
+    def finish(self, series: str) -> list[Event]:
+        """The run ended: an excursion back and settling is reported as a spike."""
+        ex, last = self.excursion, self.interval.last
+        if ex is None or ex["back_at"] is None or last is None:
+            return []
+        return self._spike(last, ex["last_y"], series)
+
+    def _spike(self, step: int, y: float, series: str) -> list[Event]:
+        ex = self.excursion
+        assert ex is not None and ex["back_at"] is not None  # called once it is back
+        self.excursion = None
+        self.band.add(y)
+        self.run_min = min(self.run_min, raw_scale(Role.LOSS, y))
+        ref = ex["ref"]
+        factor = 10 ** min(ex["peak"] - ref, 300) if math.isfinite(ex["peak"]) else math.inf
+        back = ex["back_at"]
+        return [make_event(
+            ex["start"], step, EventKind.LOSS_SPIKE, series, min(1.0, 0.5 + 0.1 * math.log10(max(factor, 1))),
+            f"{series} spiked to {ex['peak_value']:.4g} ({factor:.3g}x its recent level) at step "
+            f"{ex['start']} and was back after {back - ex['start']} steps",
+            {"test": "excursion", "peak": f"{ex['peak_value']:.4g}", "factor": f"{factor:.4g}",
+             "duration_steps": str(back - ex["start"]), "level": f"{ex['ref_value']:.4g}",
+             "horizon_steps": str(ex["horizon"])},
+        )]
+
+    def _in_collapse(self, step: int, value: float, y: float, series: str,
+                     timeline: Timeline) -> list[Event]:
+        col = self.collapse
+        assert col is not None  # called only inside a collapse
+        ref = col["ref"]
+        if math.isnan(ref) or not self._back(value, y, col):
+            col["back_since"] = None
+            return []
+        if col["back_since"] is None:
+            col["back_since"] = step
+        if step - col["back_since"] < col["horizon"]:
+            return []
+        self.collapse = None
+        self.band.add(y)
+        located = col["back_since"]
+        return collapse_end(
+            timeline, TRAINING, col["start"], located, step, series,
+            f"{series} is back near its level before the collapse of step {col['start']} "
+            f"since step {located}", value, raw_scale(Role.LOSS, ref))

@@ -1,0 +1,80 @@
+"""Phases of a run that logs losses only (:class:`LossOnlyPhases`)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from detector.core.labeller.config import LabellerConfig
+from detector.core.labeller.history import StepHistory
+from detector.core.labeller.rules._common import Interval, _Plain
+from detector.core.labeller.timeline import Timeline
+from detector.core.series import working_scale
+from detector.core.types import Event, Phase, Role
+
+
+class LossOnlyPhases(_Plain):
+    """Phases of a run without held-out accuracy, from its headline loss.
+
+    Abstraction once the loss's step-history mean is ``settle_change`` × 5
+    decades below its first bin (it is learning); stabilisation once it fell
+    less than ``settle_change`` decades over the last ``settle_fraction`` of
+    the steps run (estimated from the medians of the look-back's two halves);
+    abstraction again when it falls three times that, all decided when a step
+    bin opens. Located where found, never moved. O(1) amortised a line.
+    """
+
+    _FIELDS = ("first_mean",)
+    _NESTED = {"history": StepHistory, "interval": Interval}
+
+    def __init__(self, config: LabellerConfig) -> None:
+        self.config = config
+        self.history = StepHistory(config.history_bins)
+        self.interval = Interval()
+        self.first_mean = math.nan
+
+    def update(self, step: int, loss: float, first_step: int, series: str,
+               timeline: Timeline, disturbed_at: int | None = None) -> list[Event]:
+        """``disturbed_at``: where the last loss excursion began; a look-back that
+        holds it compares a setback with its recovery, so it decides nothing."""
+        if not math.isfinite(loss):
+            return []
+        c = self.config
+        self.interval.see(step)
+        # Decided when a bin opens (O(history_bins), O(log lines) times a run):
+        # bins span equal steps, so that is cadence-free too.
+        if not self.history.add(step, working_scale(Role.LOSS, loss)) or len(self.history) < 2:
+            return []
+        if math.isnan(self.first_mean):
+            self.first_mean = self.history.sums[0] / self.history.counts[0]
+        now = self.history.sums[-1] / self.history.counts[-1]
+        phase = timeline.phase
+        if phase is Phase.INSTABILITY:
+            if now <= self.first_mean - 5 * c.settle_change:
+                return timeline.enter(Phase.ABSTRACTION, step, step, 0.6, series)
+            return []
+        look_back = c.settle_fraction * (step - first_step)
+        if look_back < 2 * c.min_intervals * self.interval.gap:
+            return []
+        if disturbed_at is not None and disturbed_at >= step - look_back:
+            return []
+        # The fall over the look-back, from the medians of its two halves' bins
+        # (many bins each, so neither noise nor a spike flips the phase): twice
+        # their difference.
+        starts = np.asarray(self.history.starts)
+        means = self.history.means()
+        older = (starts >= step - look_back) & (starts < step - look_back / 2)
+        newer = starts >= step - look_back / 2
+        if older.sum() < 2 or newer.sum() < 2:
+            return []
+        fall = 2 * float(np.median(means[older]) - np.median(means[newer]))
+        # Settled: it has stopped falling and its newest half is flat too (a
+        # setback and its recovery, below the spike threshold, is not settling).
+        newest = means[newer]
+        if (phase is Phase.ABSTRACTION and fall < c.settle_change
+                and float(newest.max() - newest.min()) <= 2 * c.settle_change):
+            return timeline.enter(Phase.STABILIZATION, step, step, 0.6, series)
+        if phase is Phase.STABILIZATION and fall > 3 * c.settle_change:
+            return timeline.enter(Phase.ABSTRACTION, step, step, 0.6, series)
+        return []
