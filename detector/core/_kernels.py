@@ -27,6 +27,11 @@ kernels compile in every process instead of failing. ``nogil``: the server's
 threads can run kernels of different runs at once.
 
 Equality with the numpy code is checked by tests/test_kernels.py.
+
+One module of about 650 lines on purpose: the kernels call each other
+(``window_search`` runs ``cost_sums``, ``best_split`` and ``best_shift``), numba
+caches per module file, and every function here is the compiled twin of a
+numpy one documented where it is used.
 """
 
 from __future__ import annotations
