@@ -565,6 +565,18 @@ def test_threads_are_given_back_after_streams_close(make_server):
     assert threading.active_count() <= before + 5
 
 
+def test_the_rpc_threads_share_two_malloc_arenas_unless_the_operator_chose(monkeypatch):
+    import platform
+
+    from detector.guard import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the operator's setting stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert limit_malloc_arenas() is glibc  # set where there is glibc, skipped elsewhere
+
+
 # --- 7. unparseable request bodies --------------------------------------------------------
 
 
