@@ -17,11 +17,12 @@ RSS and RSS by kind of mapping (:func:`memory_of`) before, with the streams
 open, just after they closed and settled; ``summary`` compares before with the
 last round's end.
 
-Measured (2 000 streams, 2 rounds, half-close; 2-core VM shared with other
-work, load 2.4-3.5): before 8 threads and 329.0 MiB; open 1 918 threads,
-429.9 MiB; after each round 8 threads and 357.0 / 357.3 MiB (+8.6 %, the same
-after both rounds: pymalloc's arenas keep ~21 MiB of high-water, the rest
-goes back). The normal client's p99 ack 8.0 ms (max 19.6), health 50/50.
+Measured (2 000 streams, half-close; 2-core VM shared with other work, load
+1.3-2.6): before 8 threads and 329.5 MiB; open 1 856 threads, 426.6 MiB;
+after 8 threads and 356.6 MiB (+8.2 %). With ``--rounds 2`` the second round
+ended where the first did (357.0 / 357.3 MiB): pymalloc's arenas keep ~21 MiB
+of high-water, the rest goes back. The normal client's p99 ack 6.0 ms (max
+15.5), health 50/50.
 Before the runs were prepared by a stream the comparison took in their first
 flush and the kernels' loading (libllvmlite alone: +28 MiB), +22 % to +67 %.
 About 5 % of the 2 000 opens fail at this client as ``INTERNAL`` (``Failed
