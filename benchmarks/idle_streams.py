@@ -23,6 +23,7 @@ after 8 threads and 356.6 MiB (+8.2 %). With ``--rounds 2`` the second round
 ended where the first did (357.0 / 357.3 MiB): pymalloc's arenas keep ~21 MiB
 of high-water, the rest goes back. The normal client's p99 ack 6.0 ms (max
 15.5), health 50/50.
+
 Before the runs were prepared by a stream the comparison took in their first
 flush and the kernels' loading (libllvmlite alone: +28 MiB), +22 % to +67 %.
 About 5 % of the 2 000 opens fail at this client as ``INTERNAL`` (``Failed
