@@ -565,6 +565,18 @@ def test_threads_are_given_back_after_streams_close(make_server):
     assert threading.active_count() <= before + 5
 
 
+def test_the_rpc_threads_share_two_malloc_arenas_unless_the_operator_chose(monkeypatch):
+    import platform
+
+    from detector.guard import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the operator's setting stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert limit_malloc_arenas() is glibc  # set where there is glibc, skipped elsewhere
+
+
 # --- 7. unparseable request bodies --------------------------------------------------------
 
 
@@ -607,3 +619,33 @@ def test_fuzzed_calls_never_get_internal(make_server, tmp_path):
     assert codes["INTERNAL"] == 0 and codes["UNKNOWN"] == 0, codes
     assert codes["OK"] > 0 and codes["INVALID_ARGUMENT"] > 0
     assert log(channel, "after-fuzz", [0, 1]).ack.accepted == 2
+
+
+def test_fifteen_thousand_garbage_bodies_leave_rss_flat_and_one_log_line():
+    """Issue 18's case 7 against ``phasewatch serve`` in its own process: 15 000 bodies
+    of one 60-byte garbage (before: RSS 128 -> 362 MB, a traceback each). After
+    3 000 (warm-up: the threads and their arenas), 12 000 more may not grow RSS
+    by more than 10 % (the leak was ~16 KB a body: +190 MB)."""
+    import asyncio
+    import time
+
+    from benchmarks.fuzz import garbage
+    from benchmarks.ingest import ServerProcess
+
+    server = ServerProcess("full")
+    started = time.monotonic()
+    try:
+        codes = asyncio.run(garbage(server.target, 3000, concurrency=16))
+        warm = server.rss_mib()
+        codes.update(asyncio.run(garbage(server.target, 12_000, concurrency=16)))
+        after = server.rss_mib()
+        elapsed = time.monotonic() - started
+    finally:
+        server.process.terminate()
+        server.process.wait(30)
+    assert codes == {"INVALID_ARGUMENT": 15_000}, codes
+    assert after <= warm * 1.10, (warm, after)
+    text = "".join(server.log)
+    assert "Traceback" not in text
+    # One line when the burst starts, then a summary at most every 10 s.
+    assert 1 <= text.count("unparseable request bodies") <= 2 + elapsed // 10, text[-2000:]
