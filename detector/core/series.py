@@ -170,7 +170,7 @@ class SeriesDetector:
         self.min_value: float = math.inf
         self.max_value: float = -math.inf
         self.in_plateau = False
-        self.trend: TrendResult | None = None
+        self._trend_read: tuple[int, TrendResult | None] = (-1, None)  # (n_finite, trend) of the last read
 
     # --- update ---------------------------------------------------------------
 
@@ -199,10 +199,8 @@ class SeriesDetector:
         self.min_value = min(self.min_value, float(values.min()))
         self.max_value = max(self.max_value, float(values.max()))
         y = working_scale_many(self.spec.role, values)
-        # Enough history for the plateau windows and the trend test at every due
-        # point of the block (one may lie trend_every points back).
-        c = self.config
-        history = max(self._plateau.patience - 1, c.trend_window + c.trend_every)
+        # Enough history for the plateau windows at every point of the block.
+        history = self._plateau.patience - 1
         prior = min(history, self._size)
         ext_values = np.concatenate([self._values[self._size - prior : self._size], y])
         ext_steps = np.concatenate([self._steps[self._size - prior : self._size], steps])
@@ -210,7 +208,6 @@ class SeriesDetector:
 
         tagged = self._change_points(steps, y)
         tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
-        self._trend(ext_values, prior, n_before)
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [event for _, _, event in tagged]
 
@@ -437,15 +434,20 @@ class SeriesDetector:
             },
         )
 
-    def _trend(self, ext_values: np.ndarray, prior: int, n_before: int) -> None:
-        """Mann–Kendall on the last ``trend_window`` points, as of the last multiple of
-        ``trend_every`` in the block (earlier ones would be overwritten unread)."""
+    @property
+    def trend(self) -> TrendResult | None:
+        """Mann–Kendall on the last ``trend_window`` points as of the last multiple of
+        ``trend_every`` points (None before ``trend_window`` points). Computed when read
+        (O(trend_window²), once per point count), from the held window: only the
+        headline series' trends are ever read."""
         every, window = self.config.trend_every, self.config.trend_window
         last = (self.n_finite // every) * every  # finite count at the last due point
-        if last <= n_before or last < window:
-            return
-        end = prior + (last - n_before)  # ext index just past that point
-        self.trend = mann_kendall(ext_values[end - window : end])
+        if last < window:
+            return None
+        if self._trend_read[0] != last:
+            end = self._size - (self.n_finite - last)  # held index just past that point
+            self._trend_read = (last, mann_kendall(self._values[end - window : end]))
+        return self._trend_read[1]
 
     # --- checkpoints -------------------------------------------------------------
 
@@ -465,7 +467,6 @@ class SeriesDetector:
             "values": self._values[: self._size].copy(),
             **{name: getattr(self, "_" + name) for name in self._SCALARS},
             **{name: getattr(self, name) for name in self._READOUTS},
-            "trend": None if self.trend is None else asdict(self.trend),
         }
 
     @classmethod
@@ -500,8 +501,6 @@ class SeriesDetector:
         det.last_value, det.first_value = float(state["last_value"]), float(state["first_value"])
         det.min_value, det.max_value = float(state["min_value"]), float(state["max_value"])
         det.in_plateau = bool(state["in_plateau"])
-        trend = state["trend"]
-        det.trend = None if trend is None else TrendResult(**trend)
         return det
 
 
@@ -510,13 +509,12 @@ STATE_VERSION = 2  # of SeriesDetector.state(); 1 was unversioned with private n
 
 def _from_version_1(state: dict) -> dict:
     """Convert a version-1 state (private attribute names under ``scalars``, a
-    ``TrendResult`` object, multi-resolution summaries) to version 2: the one
-    converter of old series checkpoints. O(1) besides copying references."""
+    stored trend, multi-resolution summaries) to version 2: the one converter of
+    old series checkpoints (the trend is now computed from the held values when
+    read, the summaries are gone). O(1) besides copying references."""
     scalars = state["scalars"]
-    trend = scalars.get("trend")
     out = {"version": STATE_VERSION, "spec": state["spec"], "trigger": state["trigger"],
-           "steps": state["steps"], "values": state["values"],
-           "trend": None if trend is None else asdict(trend)}
+           "steps": state["steps"], "values": state["values"]}
     for name in SeriesDetector._SCALARS:
         out[name] = scalars.get("_" + name, 0.0 if name == "last_evidence" else None)
     for name in SeriesDetector._READOUTS:

@@ -213,9 +213,9 @@ class CusumTrigger:
 
     def clear(self) -> None:
         """Zero every CUSUM sum (after an alarm has been dealt with)."""
-        self.pos = self.neg = 0
-        self.bank_pos = np.zeros(len(self.bank_drifts), dtype=np.int64)
-        self.bank_neg = np.zeros(len(self.bank_drifts), dtype=np.int64)
+        nk = len(self.bank_drifts)
+        self.__dict__.update(pos=0, neg=0, bank_pos=np.zeros(nk, dtype=np.int64),
+                             bank_neg=np.zeros(nk, dtype=np.int64))
 
     # --- update ----------------------------------------------------------------
 
@@ -353,23 +353,20 @@ class CusumTrigger:
             self._hq, self._bank_hq_flat, stop)
         # The state after the last point consumed; views of fresh arrays (never written in place).
         k = m - 1 if alarm < 0 else int(alarm)
-        self.gate = gate
         s0, s1, _, _, _, bank_s, _, _, _, log_s, _, last_z = state.tolist()
-        self.s0, self.s1, self.bank_log_scale = s0, s1, bank_s
-        self.z0, self.z1 = state[_k.ST_Z0 : _k.ST_Z0 + 1], state[_k.ST_Z1 : _k.ST_Z1 + 1]
-        self.bz, self.bias_zi = state[_k.ST_BZ : _k.ST_BZ + 1], state[_k.ST_BIAS : _k.ST_BIAS + 1]
-        self.bank_pos, self.bank_neg = sums[2 : 2 + nk], sums[2 + nk :]
-        self._commit(k + 1, state[_k.ST_ZI0 : _k.ST_ZI1 + 1], state[_k.ST_ZS : _k.ST_ZS + 1], log_s,
-                     int(sums[0]), int(sums[1]), last_z)
+        # One __dict__ update: __setattr__ (which guards the settings) would cost a
+        # Python call per field, on every block.
+        self.__dict__.update(
+            gate=gate, s0=s0, s1=s1, bank_log_scale=bank_s,
+            z0=state[_k.ST_Z0 : _k.ST_Z0 + 1], z1=state[_k.ST_Z1 : _k.ST_Z1 + 1],
+            bz=state[_k.ST_BZ : _k.ST_BZ + 1], bias_zi=state[_k.ST_BIAS : _k.ST_BIAS + 1],
+            bank_pos=sums[2 : 2 + nk], bank_neg=sums[2 + nk :],
+            n=self.n + k + 1, zi=state[_k.ST_ZI0 : _k.ST_ZI1 + 1], zs=state[_k.ST_ZS : _k.ST_ZS + 1],
+            log_scale=log_s, pos=int(sums[0]), neg=int(sums[1]), last_z=last_z,
+        )
         if alarm < 0:
             return None if stop else flags
         return k
-
-    def _commit(self, count: int, zi: np.ndarray, zs: np.ndarray, log_scale: float,
-                pos: int, neg: int, z: float) -> None:
-        self.n += count
-        self.zi, self.zs, self.log_scale = zi, zs, log_scale
-        self.pos, self.neg, self.last_z = pos, neg, z
 
     # --- checkpoints -----------------------------------------------------------
 
