@@ -299,14 +299,14 @@ class CusumTrigger:
             self.zi = self._flat_start(float(y[0]))
             return
         self.zi = lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, last].copy()
-        log_scale, bank_log_scale = self.log_scale, self.bank_log_scale
+        log_scale, bank_log_scale, n = self.log_scale, self.bank_log_scale, self.n
         for e, e_line in zip(lin[_k.LIN_E].tolist(), lin[_k.LIN_EL].tolist(), strict=True):
-            self.n += 1
+            n += 1
             # math's log, not numpy's, as the warm-up always took it (they differ in the last bit).
             # Warm-up: the mean of log |innovation| so far sets the initial scale.
-            log_scale += (math.log(max(abs(e), _TINY)) - log_scale) / (self.n - 1)
-            bank_log_scale += (math.log(max(abs(e_line), _TINY)) - bank_log_scale) / (self.n - 1)
-        self.log_scale, self.bank_log_scale = log_scale, bank_log_scale
+            log_scale += (math.log(max(abs(e), _TINY)) - log_scale) / (n - 1)
+            bank_log_scale += (math.log(max(abs(e_line), _TINY)) - bank_log_scale) / (n - 1)
+        self.n, self.log_scale, self.bank_log_scale = n, log_scale, bank_log_scale
         if self.n == self.warmup:
             self.zs = np.array([(1.0 - self.scale_rate) * self.log_scale])
             self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
