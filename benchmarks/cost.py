@@ -14,7 +14,7 @@ default: six real runs; ``../shared/real_runs`` has thirty more) in-process,
 as ``phasewatch analyze`` does (``read_log`` then ``analyze_columns``: every
 series, the labeller, the end of the run), and reports µs per point, in all
 and by stage: reading the file, the trigger's scans, the localiser, the
-labeller, plateau/trend tests, the end of the run, and the rest
+labeller, plateau tests (the trend is computed when read), the end of the run, and the rest
 (engine, batching, timeline), with localisations per 1 000 points (calls of
 ``WindowLocaliser.locate_with_evidence``). The stages are measured by wrapping
 those methods for the duration of the cell (:class:`StageTimer`; the core
@@ -108,7 +108,7 @@ class StageTimer:
             (CusumTrigger, "scan", "trigger"), (CusumTrigger, "absorb", "trigger"),
             (SeriesDetector, "_localise", "localiser"),
             (PhaseLabeller, "update_block", "labeller"), (PhaseLabeller, "update", "labeller"),
-            (SeriesDetector, "_plateaus", "plateaus_trend"), (SeriesDetector, "_trend", "plateaus_trend"),
+            (SeriesDetector, "_plateaus", "plateaus_trend"),
             (RunDetector, "finish", "end_of_run"),
         ]
         self.seconds = dict.fromkeys(RUN_STAGES[1:-1], 0.0)
