@@ -17,6 +17,10 @@ decides which of those reach the user:
   let through says how many were held back (evidence ``suppressed``).
 
 Run-level events (phases, spikes, collapses, grokking) are never held back.
+Why the defaults: ``burst`` 8 is about the most change points a TCPD series
+holds; ``lines_per_event`` 100 is the bound a reader accepts on a stable
+stretch (issue 14); ``pinned_tolerance`` 0.01: an accuracy at 0.99 or more on
+both sides has not moved on a plot.
 O(1) an event; state: a few numbers per group.
 
 >>> from detector.core.types import Event, EventKind

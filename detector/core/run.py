@@ -27,6 +27,9 @@ from detector.errors import InvalidArgument
 BlockColumns = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
+STATE_VERSION = 1  # of RunDetector.state(); the series, labeller and economy states carry their own
+
+
 @dataclass(frozen=True)
 class RunDetectorConfig:
     series: SeriesConfig = field(default_factory=SeriesConfig)
@@ -167,6 +170,7 @@ class RunDetector:
     def state(self) -> dict:
         """Everything needed to resume this run's detection (a checkpoint)."""
         return {
+            "version": STATE_VERSION,
             "series": {name: det.state() for name, det in self.detectors.items()},
             "labeller": self.labeller.state(),
             "economy": self.economy.state(),
@@ -176,6 +180,10 @@ class RunDetector:
     @classmethod
     def from_state(cls, state: dict, config: RunDetectorConfig | None = None,
                    keep_events: int = 1000) -> RunDetector:
+        version = state.get("version", 1)  # unversioned states are version 1, the same fields
+        if version != STATE_VERSION:
+            raise InvalidArgument(f"run detector state version {version} is not supported "
+                                  f"(this version reads {STATE_VERSION})")
         det = cls(config, keep_events)
         for name, series_state in state["series"].items():
             series = SeriesDetector.from_state(series_state, det.config.series)

@@ -84,6 +84,18 @@ class SeriesConfig:
     alarms end after one look); nothing is confirmed online before
     ``min_history`` finite points are held (the penalty's scale and noise
     estimates need them; the end of a run localises whatever is held).
+
+    Why the defaults: ``window`` 1024 bounds memory and each look at O(window)
+    while holding a few hundred lines of a typical run; ``lag`` 0 looks at
+    once (the localiser itself leaves a break at the window's very end for
+    later); ``recheck`` 6 and ``recheck_limit`` 16 follow a small shift that
+    keeps adding evidence for about as long as the slow bank needs to see it,
+    and ``recheck_evidence`` 0.5 ends the looks at once on noise (most alarms);
+    ``min_history`` 100 points make the penalty's spread meaningful;
+    ``patience`` 20 and the plateau margins (0.05 decades for losses and norms,
+    0.01 of accuracy, 5 % otherwise) call a plateau what a reader of the plot
+    would; ``trend_window`` 30, ``trend_every`` 5 give the headline gauges a
+    recent Mann–Kendall trend without a test on every point.
     """
 
     window: int = 1024
