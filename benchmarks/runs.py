@@ -26,11 +26,13 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    ``collapse_kind`` is ``sustained_collapse`` or ``divergence_nonfinite``, else,
    when ``train_collapse_kind`` is ``sustained``, the first step of the last
    train-collapse episode. Found = a training-scope ``COLLAPSE_ONSET`` located
-   within the tolerance of it; delay = its ``detected_at`` - label step (median
-   over found runs).
+   within the tolerance of it, or from the start of an unrecovered labelled
+   spike that holds it (the labels' own excursion leading into the collapse:
+   a loss that rises from step 80 and is non-finite from 160); delay = its
+   ``detected_at`` - label step (median over found runs).
 4. Standing: training-scope ``COLLAPSE_ONSET`` events that are not ended and
-   are not excused by a sustained-collapse label step <= their step +
-   tolerance; counted per run (should be 0). False collapses: training-scope
+   are not excused by a sustained collapse whose start (as in 3) is <= their
+   step + tolerance; counted per run (should be 0). False collapses: training-scope
    ``COLLAPSE_ONSET`` events on a *quiet* run (labels define collapses or spikes,
    and there is no ``collapse_step``, no train-collapse episode, no ``spikes``
    and no ``injected_spikes`` entry).
@@ -223,6 +225,17 @@ def sustained_step(labels: dict) -> int | None:
     return None
 
 
+def sustained_start(labels: dict, label: int) -> int:
+    """Where the labels say the excursion that becomes the sustained collapse at
+    ``label`` began: the first step of an unrecovered labelled spike that holds
+    ``label`` (a loss that starts rising at 80 and is non-finite from 160), else
+    ``label`` itself."""
+    for first, last, _, recovered in _spikes(labels):
+        if not recovered and first <= label <= last:
+            return min(first, label)
+    return label
+
+
 def spike_windows(labels: dict, min_factor: float = 2.0) -> list[tuple[int, int]] | None:
     """Recovered excursions [first, last] to find (criterion 5); None when the labels define none."""
     if "spikes" in labels:
@@ -378,13 +391,16 @@ def _score_collapses(s: RunScore, labels: dict, events: list[dict], by_kind: dic
     training = [(on, end) for on, end in pairs if scope(on) == "training"]
     label = sustained_step(labels)
     s.sustained_step = label
-    if label is not None:
-        near = [on for on, _ in training if abs(on["step"] - label) <= tol]
+    start = None if label is None else sustained_start(labels, label)
+    if label is not None and start is not None:
+        # Within the tolerance of the label, or located where the labels' own
+        # unrecovered excursion that led into it began.
+        near = [on for on, _ in training if start - tol <= on["step"] <= label + tol]
         s.sustained_found = bool(near)
         if near:
             s.sustained_delay = near[0]["detected_at_step"] - label
     standing = [on for on, end in training
-                if end is None and not (label is not None and label <= on["step"] + tol)]
+                if end is None and not (start is not None and start <= on["step"] + tol)]
     s.standing = len(standing)
     s.standing_steps = [on["step"] for on in standing]
     if is_quiet(labels):

@@ -100,8 +100,11 @@ class LossExcursions(_Plain):
         # Out of the band only by a jump from the line before: the decaying tail of
         # an excursion that is over, or a slow creep, is not a new spike.
         thr = self._threshold()
+        # Above the band's level and the line before; on a falling loss the line
+        # before is the level (a median of lines lags a decay by half the band).
         out = not finite or value > self._drift_bound() or (
-            self.band.ready and y > self.band.level + thr and y > self.band.values[-1] + thr)
+            self.band.ready and y > min(self.band.level, self.band.values[-1]) + thr
+            and y > self.band.values[-1] + thr)
         if out:
             ref = self.band.level if self.band.ready else (y if finite else math.nan)
             horizon = self._horizon(step, first_step, memorised_steps)
