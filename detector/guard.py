@@ -27,6 +27,10 @@ sustained mixed load stays flat.
 
 Costs: O(1) per call and per stream message under one lock; the idle
 watchdog is one thread scanning the open streams once a second, O(streams).
+
+About 450 lines on purpose: the caps, the idle watchdog and the executor
+share one lock and one count of open streams, and splitting them would put
+that invariant across modules.
 """
 
 from __future__ import annotations
