@@ -375,6 +375,23 @@ def test_trend_tests_on_bounded_windows_carry_statistics() -> None:
 # --- change-point trigger bank, curvature check and the end-of-run pass ------------------------
 
 
+def test_trigger_one_outlier_does_not_alarm_a_lasting_shift_does_on_its_third_point() -> None:
+    # Winsorised fast CUSUM: an outlier adds at most 3 − k = 2.5 to a sum whose
+    # threshold is 6 (before the clip, one 8-sigma line alarmed at once); a lasting
+    # shift of any size alarms on its third point. (A huge outlier still moves
+    # Holt's level, and the lines after it then look like a shift down.)
+    rng = np.random.default_rng(11)
+    base = list(rng.normal(0, 1, 200))
+    trigger = CusumTrigger(bank_after=10**9)  # the fast CUSUM alone
+    y = list(base)
+    y[150] += 8.0
+    assert not any(trigger.update(v) for v in y)
+    trigger = CusumTrigger(bank_after=10**9)
+    y = base[:150] + [50.0] * 10
+    hits = [i for i, v in enumerate(y) if trigger.update(v)]
+    assert hits[:1] == [152]
+
+
 def test_slow_bank_finds_a_small_shift_the_fast_trigger_misses() -> None:
     rng = np.random.default_rng(11)
     y = np.r_[rng.normal(0, 1, 600), rng.normal(1.5, 1, 200)]

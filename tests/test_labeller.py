@@ -204,6 +204,23 @@ def test_the_same_run_at_cadences_1_10_and_50_gives_the_same_events() -> None:
             assert abs(fine - coarse) <= slack, (every, results)
 
 
+def test_a_one_line_spike_on_a_coarsely_logged_falling_loss_is_seen_at_every_cadence() -> None:
+    # A loss falling 0.05 decades every 50 steps with 1 % noise, and a 2x one-step
+    # spike: logged every 50 steps, the fall between lines is not noise, and the
+    # median of the band lags the fall; the spike must still be seen.
+    rng = np.random.default_rng(3)
+    n = 2000
+    steps = np.arange(n)
+    loss = 2.3 * (1 + steps / 40.0) ** -0.5 * np.exp(0.01 * rng.standard_normal(n))
+    loss[1000] *= 2.0
+    for every in (1, 10, 50):
+        det = RunDetector()
+        for s in range(0, n, every):
+            det.update(s, {"train_loss": float(loss[s])})
+        spikes = kinds(det, EventKind.LOSS_SPIKE, EventKind.COLLAPSE_ONSET)
+        assert spikes == [("LOSS_SPIKE", 1000)], (every, spikes)
+
+
 def test_evaluation_every_fifth_line_still_sees_generalisation() -> None:
     rows = grokking_rows(mem_line=10, onset_line=150, n=400)
     sparse = [r if i % 5 == 0 else {k: v for k, v in r.items() if not k.startswith("test")}
