@@ -337,8 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.pop("MALLOC_ARENA_MAX", None)
     rpcs = args.max_concurrent_rpcs or args.runs + 64
     loads: list[tuple[float, float, float]] = []
-    with ServerProcess("full", args.store, metrics=True, args=["--max-concurrent-rpcs", str(rpcs)],
-                       env=env) as server:
+    # Every stream comes from this one host: the per-peer stream cap (64 by default,
+    # issue 18) would refuse most of them, as it would a proxy's.
+    server_args = ["--max-concurrent-rpcs", str(rpcs), "--max-streams-per-peer", str(rpcs)]
+    with ServerProcess("full", args.store, metrics=True, args=server_args, env=env) as server:
         seconds = 60.0 * args.minutes
         result = asyncio.run(soak(server, args.runs, args.warmup_lines, batch_lines, args.interval,
                                   seconds, args.sample, args.scrape_every))
