@@ -100,6 +100,25 @@ def test_cached_text_equals_the_collectors(engine: Engine, series_runs: int) -> 
     assert "empty-run" in info
 
 
+def test_lines_are_made_as_runs_change_and_a_scrape_only_looks_them_up(engine: Engine) -> None:
+    exposition = MetricsExposition(engine)
+    exposition.render()
+    engine.ingest("r1", {"train_loss": ([10**7 + 1, 10**7 + 2], [0.1, 0.1])})
+    engine.start_run("fresh-run", labels={"a": "b"})
+    made = dict(exposition._fresh)  # made in the calling thread, before any scrape
+    assert "fresh-run" in made
+    assert made["fresh-run"].status is engine.status("fresh-run")
+    text = exposition.render().decode()
+    assert exposition._cache["fresh-run"] is made["fresh-run"]  # looked up, not formatted again
+    assert exposition._fresh == {}
+    # The same text as an exposition that made nothing ahead.
+    assert _families(text) == _families(MetricsExposition(engine).render().decode())
+    engine.start_run("fresh-run", labels={"a": "c"})
+    assert "fresh-run" in exposition._fresh
+    engine.forget("fresh-run")  # another replica took it over: nothing held for it
+    assert "fresh-run" not in exposition._fresh
+
+
 def test_every_render_matches_as_runs_change(engine: Engine) -> None:
     exposition = MetricsExposition(engine)
     exposition.render()
