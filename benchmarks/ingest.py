@@ -346,6 +346,28 @@ async def _run_cell(target: str, runs: int, batch_points: int, seconds: float, w
     return stats, elapsed
 
 
+def _measured(server: ServerProcess, stats: Any, elapsed: float, cpu: float, reset: bool,
+              load_start: list[float] | None) -> dict[str, Any]:
+    """A cell's throughput, server CPU, latencies, RSS and load: the numbers every
+    workload reports (``stats``: its :class:`StreamStats` or the real workload's)."""
+    points = stats.points
+    return {
+        "points_per_second": points / elapsed,
+        "server_cpu_seconds": round(cpu, 3),
+        "cpu_seconds_per_million_points": 1e6 * cpu / points if points else None,
+        "points_per_cpu_second": points / cpu if cpu > 0 else None,
+        "event_latency_p50_ms": _ms(percentile(stats.event_latency, 50)),
+        "event_latency_p99_ms": _ms(percentile(stats.event_latency, 99)),
+        "event_latency_samples": len(stats.event_latency),
+        "ack_latency_p50_ms": _ms(percentile(stats.ack_latency, 50)),
+        "ack_latency_p99_ms": _ms(percentile(stats.ack_latency, 99)),
+        "peak_rss_mib": round(server.peak_rss_mib(), 1) if reset else None,
+        "rss_mib": round(server.rss_mib(), 1),
+        "load_start": load_start,
+        "load_end": _load(),
+    }
+
+
 def run_cell(server: ServerProcess, runs: int, batch_points: int, seconds: float,
              window: int) -> dict[str, Any]:
     tag = f"{server.kind}-{batch_points}-{runs}-{time.time_ns()}"
@@ -365,19 +387,7 @@ def run_cell(server: ServerProcess, runs: int, batch_points: int, seconds: float
         "batches": stats.batches,
         "rejected": stats.rejected,
         "events": stats.events,
-        "points_per_second": points / elapsed,
-        "server_cpu_seconds": round(cpu, 3),
-        "cpu_seconds_per_million_points": 1e6 * cpu / points if points else None,
-        "points_per_cpu_second": points / cpu if cpu > 0 else None,
-        "event_latency_p50_ms": _ms(percentile(stats.event_latency, 50)),
-        "event_latency_p99_ms": _ms(percentile(stats.event_latency, 99)),
-        "event_latency_samples": len(stats.event_latency),
-        "ack_latency_p50_ms": _ms(percentile(stats.ack_latency, 50)),
-        "ack_latency_p99_ms": _ms(percentile(stats.ack_latency, 99)),
-        "peak_rss_mib": round(server.peak_rss_mib(), 1) if reset else None,
-        "rss_mib": round(server.rss_mib(), 1),
-        "load_start": load_start,
-        "load_end": _load(),
+        **_measured(server, stats, elapsed, cpu, reset, load_start),
     }
 
 
@@ -565,20 +575,8 @@ def run_real_cell(server: ServerProcess, plan: Plan, lines: int, streams: int, s
         "runs_ended": stats.runs_ended,
         "rejected": stats.rejected,
         "events": stats.events,
-        "points_per_second": points / elapsed,
-        "server_cpu_seconds": round(cpu, 3),
-        "cpu_seconds_per_million_points": 1e6 * cpu / points if points else None,
-        "points_per_cpu_second": points / cpu if cpu > 0 else None,
-        "event_latency_p50_ms": _ms(percentile(stats.event_latency, 50)),
-        "event_latency_p99_ms": _ms(percentile(stats.event_latency, 99)),
-        "event_latency_samples": len(stats.event_latency),
-        "ack_latency_p50_ms": _ms(percentile(stats.ack_latency, 50)),
-        "ack_latency_p99_ms": _ms(percentile(stats.ack_latency, 99)),
+        **_measured(server, stats, elapsed, cpu, reset, load_start),
         "send_lateness_p99_ms": _ms(percentile(stats.lateness, 99)),
-        "peak_rss_mib": round(server.peak_rss_mib(), 1) if reset else None,
-        "rss_mib": round(server.rss_mib(), 1),
-        "load_start": load_start,
-        "load_end": _load(),
     }
 
 

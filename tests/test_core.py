@@ -292,7 +292,8 @@ def test_every_detector_class_documents_and_checks_its_settings() -> None:
         assert cls.__doc__ and len(cls.__doc__) > 40, cls
     for make in (lambda: CusumTrigger(scale_rate=0), lambda: WindowLocaliser(penalty=0),
                  lambda: PlateauTest(threshold_mode="max"),
-                 lambda: SeriesConfig(window=10), lambda: SeriesConfig(recheck=-1)):
+                 lambda: SeriesConfig(window=10), lambda: SeriesConfig(recheck=-1),
+                 lambda: SeriesConfig(window=60)):  # half of it cannot hold the trend's 30 + 5
         with pytest.raises(InvalidArgument):
             make()
     # Default settings are shared templates: a detector never mutates them.

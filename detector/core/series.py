@@ -114,11 +114,14 @@ class SeriesConfig:
     trend_every: int = 5
 
     def __post_init__(self) -> None:
-        needed = max(self.patience, self.trend_window, 2 * self.localiser.min_size + 1 + self.lag)
+        # Half the window is what is held after a shift; the trend is read from it,
+        # up to trend_every points back.
+        needed = max(self.patience, self.trend_window + self.trend_every,
+                     2 * self.localiser.min_size + 1 + self.lag)
         if self.window < 2 * needed or self.window % 2:
             raise InvalidArgument(
                 "window must be even and hold at least "
-                "2 × max(patience, trend_window, 2 × min_size + 1 + lag)"
+                "2 × max(patience, trend_window + trend_every, 2 × min_size + 1 + lag)"
             )
         if self.trend_every < 1 or self.lag < 0 or self.recheck < 0:
             raise InvalidArgument("trend_every must be at least 1, lag and recheck at least 0")

@@ -22,9 +22,11 @@ import numpy as np
 class Band:
     """Recent level and robust noise of a series, from the values it is given.
 
-    ``level`` is the median of the last ``size`` values; ``noise`` the
-    exponentially weighted (1/10 per value, plain mean over the first ten) mean
-    absolute difference of consecutive values. O(size) a value, O(size) memory.
+    ``level`` is the median of the last ``size`` values; ``noise`` the smaller
+    of two exponentially weighted (1/10 per value, plain mean over the first
+    ten) means: of the absolute differences of consecutive values, and of the
+    absolute second differences scaled to agree with them on white noise (a
+    steady trend between lines is not noise). O(size) a value, O(size) memory.
 
     >>> band = Band(5)
     >>> for v in [1.0, 1.1, 0.9, 1.0, 1.05]:
@@ -36,7 +38,6 @@ class Band:
     def __init__(self, size: int = 9) -> None:
         self.size = size
         self.values: deque[float] = deque(maxlen=size)
-        self.noise = 0.0
         self.first_noise = 0.0
         self.second_noise = 0.0
         self.diffs = 0
@@ -53,11 +54,12 @@ class Band:
             if len(self.values) >= 2:
                 second = 0.58 * abs(value - 2 * self.values[-1] + self.values[-2])
                 self.second_noise += (second - self.second_noise) / min(self.diffs - 1, 10)
-                self.noise = min(self.first_noise, self.second_noise)
-            else:
-                self.noise = self.first_noise
         self.values.append(value)
         self._level = math.nan
+
+    @property
+    def noise(self) -> float:
+        return min(self.first_noise, self.second_noise) if self.diffs >= 2 else self.first_noise
 
     @property
     def ready(self) -> bool:
@@ -74,22 +76,20 @@ class Band:
     def scale(self, factor: float) -> None:
         """Rescale every value (an accuracy found to be in percent)."""
         self.values = deque((v * factor for v in self.values), maxlen=self.size)
-        self.noise *= factor
         self.first_noise *= factor
         self.second_noise *= factor
         self._level = math.nan
 
     def state(self) -> dict:
-        return {"size": self.size, "values": list(self.values), "noise": self.noise, "diffs": self.diffs,
+        return {"size": self.size, "values": list(self.values), "diffs": self.diffs,
                 "first_noise": self.first_noise, "second_noise": self.second_noise}
 
     @classmethod
     def from_state(cls, state: dict) -> Band:
         band = cls(state["size"])
         band.values.extend(state["values"])
-        band.noise, band.diffs = state["noise"], state["diffs"]
-        band.first_noise = state.get("first_noise", band.noise)
-        band.second_noise = state.get("second_noise", band.noise)
+        band.diffs = state["diffs"]
+        band.first_noise, band.second_noise = state["first_noise"], state["second_noise"]
         return band
 
 
