@@ -62,3 +62,28 @@ def test_run_level_events_pass_untouched_and_state_is_plain_data() -> None:
     assert [e.kind for e in kept] == [EventKind.CHANGE_POINT, EventKind.LOSS_SPIKE]
     restored = EventEconomy.from_state(json.loads(json.dumps(economy.state())))
     assert restored.state() == economy.state()
+
+
+def phase_change(line: int, to: str) -> Event:
+    return Event(step=line, kind=EventKind.PHASE_CHANGE, detected_at=line, series="train_loss",
+                 evidence={"from": "abstraction", "to": to})
+
+
+def test_a_stabilised_run_has_no_burst_until_it_leaves_stabilization() -> None:
+    economy = EventEconomy(burst=8, lines_per_event=100)
+    # Changes while the run learns come in a burst.
+    assert len(economy.filter([cp(i, "weight_norm") for i in range(5)], [1] * 5)) == 5
+    # Stabilised: the allowance starts empty and refills to one per 100 lines,
+    # although the burst would have refilled by line 900.
+    stable = [phase_change(100, "stabilization")] + [cp(s, "weight_norm") for s in range(110, 1000, 10)]
+    lines = [100] + list(range(110, 1000, 10))
+    kept = [e for e in economy.filter(stable, lines) if e.kind is EventKind.CHANGE_POINT]
+    assert [e.step for e in kept] == [200, 300, 400, 500, 600, 700, 800, 900]
+    assert kept[0].evidence["suppressed"] == "9"
+    # A collapse ends the stable stretch: the allowance refills past one again
+    # (600 lines since the last event at line 900: six).
+    back = [phase_change(1000, "collapse")] + [cp(s, "weight_norm") for s in range(1500, 1510)]
+    kept = economy.filter(back, [1000] + [1500] * 10)
+    assert sum(e.kind is EventKind.CHANGE_POINT for e in kept) == 6
+    restored = EventEconomy.from_state(json.loads(json.dumps(economy.state())))
+    assert restored.state() == economy.state() and not restored.settled

@@ -14,7 +14,14 @@ decides which of those reach the user:
   ends one at a time (a slope test on a slowly drifting series flips back and
   forth); then one event per ``lines_per_event`` logged lines in all (token
   buckets counted in lines of the run). The next event
-  let through says how many were held back (evidence ``suppressed``).
+  let through says how many were held back (evidence ``suppressed``);
+* once the run is in ``stabilization`` (a ``PHASE_CHANGE`` to it has passed
+  through the filter) there is no burst: every group starts the stretch with
+  an empty allowance that refills to one event per ``lines_per_event`` lines,
+  so a long stable stretch reports at most one event per group per 100 lines
+  however much its series wander (a stable run's series changes are rarely
+  news, and a wandering norm would otherwise spend a fresh burst on every
+  stretch). Leaving the phase (a collapse, say) gives the burst back.
 
 Run-level events (phases, spikes, collapses, grokking) are never held back.
 Why the defaults: ``burst`` 8 is about the most change points a TCPD series
@@ -37,7 +44,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 
-from detector.core.types import Event, EventKind, Role, SeriesSpec
+from detector.core.types import Event, EventKind, Phase, Role, SeriesSpec
 
 _SERIES_KINDS = frozenset({EventKind.CHANGE_POINT, EventKind.PLATEAU_START, EventKind.PLATEAU_END})
 _DIGITS = re.compile(r"\d+")
@@ -55,8 +62,10 @@ class EventEconomy:
         self.burst = burst
         self.lines_per_event = lines_per_event
         self.pinned_tolerance = pinned_tolerance
-        # group -> [tokens, line of last refill, held back, tokens for weak events]
-        self.groups: dict[str, list[float]] = {}
+        # group -> [credit, line of last refill, held back, credit for weak events]; credit is
+        # counted in lines (an event costs lines_per_event), so refills add up exactly.
+        self.groups: dict[str, list[int]] = {}
+        self.settled = False  # the run's phase is stabilization: no burst
 
     def filter(self, events: Sequence[Event], lines: Sequence[int],
                specs: dict[str, SeriesSpec] | None = None) -> list[Event]:
@@ -64,27 +73,37 @@ class EventEconomy:
         out = []
         for event, line in zip(events, lines, strict=True):
             if event.kind not in _SERIES_KINDS:
+                if event.kind is EventKind.PHASE_CHANGE:
+                    self._phase_changed(event.evidence.get("to") == Phase.STABILIZATION.value, line)
                 out.append(event)
                 continue
             if self._pinned(event, specs):
                 continue
-            group = self.groups.setdefault(group_of(event.series), [float(self.burst), line, 0, 1.0])
-            refill = (line - group[1]) / self.lines_per_event
-            group[0] = min(self.burst, group[0] + refill)
-            group[3] = min(1.0, group[3] + refill)
+            cost = self.lines_per_event
+            cap = cost * (1 if self.settled else self.burst)
+            group = self.groups.setdefault(group_of(event.series), [cap, line, 0, cost])
+            refill = line - group[1]
+            group[0] = min(cap, group[0] + refill)
+            group[3] = min(cost, group[3] + refill)
             group[1] = line
             plateau = event.kind is not EventKind.CHANGE_POINT
-            if group[0] < 1 or (plateau and group[3] < 1):
+            if group[0] < cost or (plateau and group[3] < cost):
                 group[2] += 1
                 continue
-            group[0] -= 1
+            group[0] -= cost
             if plateau:
-                group[3] -= 1
+                group[3] -= cost
             if group[2]:
                 event = replace(event, evidence={**event.evidence, "suppressed": str(int(group[2]))})
                 group[2] = 0
             out.append(event)
         return out
+
+    def _phase_changed(self, settled: bool, line: int) -> None:
+        if settled and not self.settled:
+            for group in self.groups.values():
+                group[0], group[1], group[3] = 0, line, 0
+        self.settled = settled
 
     def _pinned(self, event: Event, specs: dict[str, SeriesSpec] | None) -> bool:
         if event.kind is not EventKind.CHANGE_POINT or specs is None:
@@ -100,12 +119,18 @@ class EventEconomy:
         return min(before, after) >= bound * (1 - self.pinned_tolerance)
 
     def state(self) -> dict:
-        return {"burst": self.burst, "lines_per_event": self.lines_per_event,
-                "pinned_tolerance": self.pinned_tolerance,
+        return {"version": 2, "burst": self.burst, "lines_per_event": self.lines_per_event,
+                "pinned_tolerance": self.pinned_tolerance, "settled": self.settled,
                 "groups": {k: list(v) for k, v in self.groups.items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> EventEconomy:
         economy = cls(state["burst"], state["lines_per_event"], state["pinned_tolerance"])
-        economy.groups = {k: [*v, 1.0][:4] for k, v in state["groups"].items()}
+        if state.get("version", 1) < 2:  # tokens counted in events, the weak ones maybe absent
+            cost = economy.lines_per_event
+            economy.groups = {k: [round(v[0] * cost), int(v[1]), int(v[2]), round([*v, 1.0][3] * cost)]
+                              for k, v in state["groups"].items()}
+        else:
+            economy.groups = {k: list(v) for k, v in state["groups"].items()}
+        economy.settled = bool(state.get("settled", False))
         return economy
