@@ -57,7 +57,9 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    else [grokking_step + 2000, end] on grokking runs; minus [first - 5 L, last +
    20 L] around every collapse episode, spike and labelled collapse; scored when
    it holds >= 50 lines; events located within 2 L of a stretch's start are
-   the line that begins it and are not counted. Brackets: pairs of consecutive CHANGE_POINTs of one
+   the line that begins it and are not counted; the rate is per 100 lines of
+   the stretch, or per the stretch if it is shorter (one event in a stretch of
+   fewer than 100 lines is within the bound). Brackets: pairs of consecutive CHANGE_POINTs of one
    series located <= 2 L apart (a single-line outlier cut out twice).
 8. Cadence (runs with ``variant_of``): per base, the reference is the
    ``<base>_c1`` run, else the finest ``cadence``; each other member must have,
@@ -483,7 +485,9 @@ def _score_economy(s: RunScore, labels: dict, events: list[dict], steps: Sequenc
     for e in noisy:
         if inside(e["step"]) and not any(a <= e["step"] <= a + 2 * every for a in starts):
             counts[e["series"]] = counts.get(e["series"], 0) + 1
-    rates = [100.0 * v / lines for v in counts.values()]
+    # One event in a stretch shorter than 100 lines is within "one per 100 lines"
+    # (counted over the stretch alone it would read as 1.2 per 100 at 81 lines).
+    rates = [100.0 * v / max(lines, 100) for v in counts.values()]
     s.stationary_lines = lines
     s.stationary_max = max(rates, default=0.0)
     s.stationary_over = sum(r > ECONOMY_LIMIT for r in rates)

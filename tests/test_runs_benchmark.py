@@ -163,6 +163,12 @@ def test_event_economy_rates_stationary_and_brackets():
     assert abs(s.stationary_max - 100 * 6 / 301) < 1e-9 and s.stationary_over == 1  # test_acc 3 / 301
     spiky = dict(labels, spikes=[[3000, 3020, 4.0, True]])  # keeps [2950, 3220] out
     assert score(spiky, events).stationary_lines == 301 - 28
+    # A stretch of 81 lines may hold one event (within one per 100 lines), not two.
+    short = {"phases": [[0, 4200, "instability"], [4200, 5010, "stabilization"]]}
+    one = score(short, [ev("CHANGE_POINT", 4600, series="w")])
+    assert one.stationary_lines == 81 and one.stationary_max == 1.0 and one.stationary_over == 0
+    two = score(short, [ev("CHANGE_POINT", 4600, series="w"), ev("CHANGE_POINT", 4900, series="w")])
+    assert two.stationary_max == 2.0 and two.stationary_over == 1
 
 
 # --- 8 cadence ----------------------------------------------------------------------------------------
