@@ -21,7 +21,9 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    one. Onset error ``|first onset - label onset| / (grokking_step - onset)``.
 2. ``HIDDEN_PROGRESS``: early = a grokking run with one whose ``detected_at`` <
    ``grokking_onset_step`` (lead = label onset - its step); false = a run with
-   ``is_grokking`` false that has any.
+   ``is_grokking`` false that has any, except a run whose log ends while its
+   labelled onset is under way (``ends_early`` with a ``grokking_onset_step``:
+   the warning came true, whether it groks is past the log).
 3. Sustained collapse: the label step is ``collapse_step`` when
    ``collapse_kind`` is ``sustained_collapse`` or ``divergence_nonfinite``, else,
    when ``train_collapse_kind`` is ``sustained``, the first step of the last
@@ -384,7 +386,15 @@ def _score_grokking(s: RunScore, labels: dict, by_kind: dict[str, list[dict]]) -
             s.warning_lead = onset - early[0]["step"] if early else None
     elif grok is not None:
         s.false_grokking = bool(onsets)
-        s.false_warning = bool(warnings)
+        if not undecided(labels):
+            s.false_warning = bool(warnings)
+
+
+def undecided(labels: dict) -> bool:
+    """The log stops while its labelled onset of generalisation is under way
+    (``ends_early`` with a ``grokking_onset_step``): not grokking within the
+    log, but a warning that generalisation is coming has come true."""
+    return "ends_early" in (labels.get("kinds") or ()) and labels.get("grokking_onset_step") is not None
 
 
 def _score_collapses(s: RunScore, labels: dict, events: list[dict], by_kind: dict[str, list[dict]],

@@ -32,6 +32,10 @@ def test_grokking_recall_false_grokking_and_early_warning():
     nogrok = score({"is_grokking": False}, [ev("GROKKING_ONSET", 900), ev("HIDDEN_PROGRESS", 800)])
     assert (nogrok.false_grokking, nogrok.false_warning, nogrok.onset_found) == (True, True, None)
     assert score({}, [ev("GROKKING_ONSET", 900)]).false_grokking is None  # labels say nothing
+    # A log that stops while its labelled onset is under way: the warning is not scored.
+    cut = {"is_grokking": False, "kinds": ["never_grokking", "ends_early"], "grokking_onset_step": 7800}
+    assert score(cut, [ev("HIDDEN_PROGRESS", 1200)]).false_warning is None
+    assert score({**cut, "grokking_onset_step": None}, [ev("HIDDEN_PROGRESS", 1200)]).false_warning is True
 
 
 # --- 3, 4 sustained collapses, standing and false collapses ------------------------------------
