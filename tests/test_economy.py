@@ -87,3 +87,11 @@ def test_a_stabilised_run_has_no_burst_until_it_leaves_stabilization() -> None:
     assert sum(e.kind is EventKind.CHANGE_POINT for e in kept) == 6
     restored = EventEconomy.from_state(json.loads(json.dumps(economy.state())))
     assert restored.state() == economy.state() and not restored.settled
+
+
+def test_a_series_first_heard_from_in_a_stable_stretch_waits_its_turn_too() -> None:
+    economy = EventEconomy(burst=8, lines_per_event=100)
+    kept = economy.filter([phase_change(50, "stabilization"), cp(80, "top_sv"), cp(160, "top_sv")],
+                          [50, 80, 160])
+    assert [e.step for e in kept if e.kind is EventKind.CHANGE_POINT] == [160]
+    assert EventEconomy.from_state(json.loads(json.dumps(economy.state()))).settled_at == 50

@@ -16,12 +16,12 @@ decides which of those reach the user:
   buckets counted in lines of the run). The next event
   let through says how many were held back (evidence ``suppressed``);
 * once the run is in ``stabilization`` (a ``PHASE_CHANGE`` to it has passed
-  through the filter) there is no burst: every group starts the stretch with
-  an empty allowance that refills to one event per ``lines_per_event`` lines,
-  so a long stable stretch reports at most one event per group per 100 lines
-  however much its series wander (a stable run's series changes are rarely
-  news, and a wandering norm would otherwise spend a fresh burst on every
-  stretch). Leaving the phase (a collapse, say) gives the burst back.
+  through the filter) there is no burst: every group (also one first heard
+  from later) starts the stretch with an empty allowance that refills to one
+  event per ``lines_per_event`` lines, so a long stable stretch reports at
+  most one event per group per 100 lines however much its series wander (a
+  stable run's series changes are rarely news, and a wandering norm would
+  otherwise spend a fresh burst on every stretch). Leaving the phase (a collapse, say) gives the burst back.
 
 Run-level events (phases, spikes, collapses, grokking) are never held back.
 Why the defaults: ``burst`` 8 is about the most change points a TCPD series
@@ -65,7 +65,7 @@ class EventEconomy:
         # group -> [credit, line of last refill, held back, credit for weak events]; credit is
         # counted in lines (an event costs lines_per_event), so refills add up exactly.
         self.groups: dict[str, list[int]] = {}
-        self.settled = False  # the run's phase is stabilization: no burst
+        self.settled_at: int | None = None  # the line the run entered stabilization (no burst), if in it
 
     def filter(self, events: Sequence[Event], lines: Sequence[int],
                specs: dict[str, SeriesSpec] | None = None) -> list[Event]:
@@ -81,7 +81,12 @@ class EventEconomy:
                 continue
             cost = self.lines_per_event
             cap = cost * (1 if self.settled else self.burst)
-            group = self.groups.setdefault(group_of(event.series), [cap, line, 0, cost])
+            name = group_of(event.series)
+            if name not in self.groups:
+                # A group first heard from in a stable stretch has refilled since it began.
+                start = cap if self.settled_at is None else min(cap, line - self.settled_at)
+                self.groups[name] = [start, line, 0, min(cost, start)]
+            group = self.groups[name]
             refill = line - group[1]
             group[0] = min(cap, group[0] + refill)
             group[3] = min(cost, group[3] + refill)
@@ -99,11 +104,15 @@ class EventEconomy:
             out.append(event)
         return out
 
+    @property
+    def settled(self) -> bool:
+        return self.settled_at is not None
+
     def _phase_changed(self, settled: bool, line: int) -> None:
         if settled and not self.settled:
             for group in self.groups.values():
                 group[0], group[1], group[3] = 0, line, 0
-        self.settled = settled
+        self.settled_at = (self.settled_at if self.settled else line) if settled else None
 
     def _pinned(self, event: Event, specs: dict[str, SeriesSpec] | None) -> bool:
         if event.kind is not EventKind.CHANGE_POINT or specs is None:
@@ -120,7 +129,7 @@ class EventEconomy:
 
     def state(self) -> dict:
         return {"version": 2, "burst": self.burst, "lines_per_event": self.lines_per_event,
-                "pinned_tolerance": self.pinned_tolerance, "settled": self.settled,
+                "pinned_tolerance": self.pinned_tolerance, "settled_at": self.settled_at,
                 "groups": {k: list(v) for k, v in self.groups.items()}}
 
     @classmethod
@@ -132,5 +141,5 @@ class EventEconomy:
                               for k, v in state["groups"].items()}
         else:
             economy.groups = {k: list(v) for k, v in state["groups"].items()}
-        economy.settled = bool(state.get("settled", False))
+        economy.settled_at = state.get("settled_at")
         return economy
