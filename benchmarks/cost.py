@@ -16,7 +16,7 @@ series, the labeller, the end of the run), and reports µs per point, in all
 and by stage: reading the file, the trigger's scans, the localiser, the
 labeller, plateau tests (the trend is computed when read), the end of the run, and the rest
 (engine, batching, timeline), with localisations per 1 000 points (calls of
-``WindowLocaliser.locate_with_evidence``). The stages are measured by wrapping
+``WindowLocaliser.look``). The stages are measured by wrapping
 those methods for the duration of the cell (:class:`StageTimer`; the core
 keeps no timers). Best of ``--repeats`` for the times, after one warm-up
 analysis (a process's first kernel call loads numba's compiled code).
@@ -124,7 +124,7 @@ class StageTimer:
     A call is charged to the stage of the outermost wrapped method running, so
     stages do not overlap: the trigger's re-warm after a confirmed break counts
     as localisation, the localisations at the end of a run as end of run. Also
-    counts ``WindowLocaliser.locate_with_evidence`` calls (the core keeps no
+    counts a series detector's looks, ``WindowLocaliser.look`` calls (the core keeps no
     counter). The wrappers cost about a microsecond a call, a few thousand calls
     a run.
     """
@@ -167,14 +167,14 @@ class StageTimer:
             original = cls.__dict__[name]
             self._originals.append((cls, name, original))
             setattr(cls, name, self._wrap(original, stage))
-        original_locate, timer = WindowLocaliser.locate_with_evidence, self
+        original_locate, timer = WindowLocaliser.look, self
 
         def counted(localiser: WindowLocaliser, *args: object, **kwargs: object) -> object:
             timer.localisations += 1
             return original_locate(localiser, *args, **kwargs)
 
-        self._originals.append((WindowLocaliser, "locate_with_evidence", original_locate))
-        WindowLocaliser.locate_with_evidence = counted  # type: ignore[method-assign]
+        self._originals.append((WindowLocaliser, "look", original_locate))
+        WindowLocaliser.look = counted  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:

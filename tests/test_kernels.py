@@ -275,3 +275,28 @@ def test_mann_kendall_sums_equal_the_numpy_ones() -> None:
         s = float(np.count_nonzero(diffs > 0) - np.count_nonzero(diffs < 0))
         assert k.mann_kendall_sums(y) == (True, s, tie_term, _median(diffs / gaps))
     assert not k.mann_kendall_sums(np.array([1.0, np.nan, 2.0]))[0]
+
+
+def test_localiser_look_is_locate_with_evidence_on_the_held_window() -> None:
+    """A series detector's compiled look gives what the Python localiser gives on its
+    segment with the held window's spread and point noise, confirmed or not."""
+    from detector.core.localiser import history_scale, point_noise
+
+    rng = np.random.default_rng(12)
+    localisers = [WindowLocaliser(), WindowLocaliser(shift_penalty=None),
+                  WindowLocaliser(curvature_penalty=None, min_size=5)]
+    looks = confirmed = 0
+    for i, y in enumerate(_arrays(13, 240, longest=1100)):
+        if i % 3 == 0:  # a shift at a random place, for looks that confirm
+            y = y + (np.arange(len(y)) >= rng.integers(0, len(y) + 1)) * 5 * float(np.std(y) + 1e-3)
+        loc = localisers[i % len(localisers)]
+        for start in {0, int(rng.integers(0, len(y))), max(0, len(y) - 9), max(0, len(y) - 8)}:
+            for final in (True, False):
+                noise = None if final else float(rng.uniform(0, 2))
+                expected_noise = point_noise(y) if noise is None else noise
+                expected = loc.locate_with_evidence(y[start:], history_scale(y), expected_noise, final)
+                splits, evidence, used = loc.look(y, start, noise, final)
+                assert (splits, evidence, used) == (*expected, expected_noise)
+                looks += 1
+                confirmed += bool(splits)
+    assert looks > 1000 and confirmed > 100

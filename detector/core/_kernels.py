@@ -507,6 +507,53 @@ def window_search(y, min_size, shift_min_size):  # pragma: no cover - compiled
 
 
 @_jit
+def localiser_look(held, start, need_noise, noise, min_size, shift_min_size, penalty_w, noise_w,
+                   shift_w, log_n):  # pragma: no cover - compiled
+    """:meth:`WindowLocaliser.look`'s compiled part: a series detector's look at its
+    segment ``held[start:]`` up to the point where Python is needed.
+
+    The point noise of ``held`` (:func:`point_noise`, unless ``need_noise`` is False:
+    then ``noise``), its spread (:func:`history_scale`), the segment's
+    :func:`window_search`, the floored scale, the penalty ``(penalty_w · scale² +
+    noise_w · noise²) · log_n`` (``log_n``: Python's ``math.log`` of the segment's
+    length, so the logarithm is libm's as before) and the evidence, each with the
+    operations of ``WindowLocaliser.locate_with_evidence`` in its order (Python's
+    ``max`` keeps the first of equals and a NaN it starts with; so do these
+    comparisons). ``shift_w``: the shift penalty's factor, negative for none.
+    Returns (done, noise, scale, penalty, evidence, sums, split_gain, shift_index,
+    shift_gain): ``done`` when nothing can pass (no break beats the penalty, no
+    level shift beats its own): the look's result is then no break and
+    ``evidence``; otherwise Python confirms from the sums and gains. O(n)."""
+    if need_noise:
+        noise = point_noise(held)
+    scale = history_scale(held)
+    y = held[start:]
+    n = len(y)
+    if n < 2 * min_size + 1:
+        return True, noise, scale, 0.0, 0.0, np.empty((6, 0)), 0.0, -1, 0.0
+    s, split_gain, shift_index, shift_gain, peak = window_search(y, min_size, shift_min_size)
+    floor = 1e-12 * (peak if peak > 1.0 else 1.0)
+    if floor > scale:
+        scale = floor
+    if scale < TINY:
+        scale = TINY
+    penalty = (penalty_w * scale * scale + noise_w * noise * noise) * log_n
+    evidence = split_gain / penalty
+    if evidence > 1.0:
+        return False, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
+    if shift_w >= 0.0:
+        if shift_index < 0:
+            best = 0.0 / (shift_w * penalty)
+        elif shift_gain <= shift_w * penalty:
+            best = shift_gain / (shift_w * penalty)
+        else:
+            return False, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
+        if best > evidence:
+            evidence = best
+    return True, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
+
+
+@_jit
 def binseg(s, n, min_size, pen):  # pragma: no cover - compiled
     """ruptures' ``Binseg(jump=1).predict(pen=pen)`` on the cost with sums ``s``: the
     breaks, sorted, without ``n``. Each round splits the segment whose best split gains
