@@ -69,7 +69,7 @@ def training_loss(n: int, seed: int = 0) -> np.ndarray:
 
 def nbytes(det: SeriesDetector) -> tuple[int, int]:
     """(pickled checkpoint bytes, bytes of the detector's numpy buffers)."""
-    arrays = [det._steps, det._values, det.trigger.zi, det.trigger.zs]
+    arrays = [det._steps, det._values, det.trigger._f, det.trigger._sums, det.trigger.gate]
     return len(pickle.dumps(det.state())), sum(a.nbytes for a in arrays)
 
 

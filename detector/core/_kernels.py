@@ -245,6 +245,45 @@ def trigger_cusums(lin, sc, scales, n, gate, gate_shift, bias_rate, bias_a1, bia
     return alarm, flags, new_gate, state
 
 
+# The trigger's state as the kernels below keep it: one float array (entries ST_*,
+# the same layout as trigger_cusums' state), the CUSUM sums (int64: fast +, fast −,
+# bank + per drift, bank − per drift) and the gate inputs, all updated in place, so a
+# block costs three kernel calls and numpy's log and exp, not the Python that unpacked
+# and repacked a dozen fields. Entries of the constants array of trigger_scales_state
+# and trigger_cusums_state:
+C_SCALE_RATE, C_SCALE_A1, C_BANK_RATE, C_BANK_A1, C_BIAS_RATE, C_BIAS_A1, C_BIAS_GATE, C_GATE_SHIFT = range(8)
+
+
+@_jit
+def trigger_linear_state(y, n, holt, lam, f, v0, v1, sf):  # pragma: no cover - compiled
+    """:func:`trigger_linear` from the state array ``f`` (entries ``ST_*``). O(m)."""
+    return trigger_linear(y, n, holt, f[ST_ZI0], f[ST_ZI1], lam, f[ST_S0], f[ST_S1], f[ST_Z0], f[ST_Z1],
+                          v0, v1, sf)
+
+
+@_jit
+def trigger_scales_state(logs, c, f):  # pragma: no cover - compiled
+    """:func:`trigger_scales` from the constants ``c`` (entries ``C_*``) and the state
+    array ``f``. O(m)."""
+    return trigger_scales(logs, c[C_SCALE_RATE], c[C_SCALE_A1], f[ST_ZS], f[ST_LOG_S], c[C_BANK_RATE],
+                          c[C_BANK_A1], f[ST_BZ], f[ST_BANK_S])
+
+
+@_jit
+def trigger_cusums_state(lin, sc, scales, n, gate, c, bank_after, f, sums, kq, bank_kq, hq, bank_hq,
+                         stop):  # pragma: no cover - compiled
+    """:func:`trigger_cusums` from and into the state in place: the state array ``f``,
+    the sums ``sums`` and the gate inputs ``gate`` become those after the last point
+    consumed. Returns (index of the alarm or −1, per point whether any sum was above
+    its threshold). O(m k)."""
+    alarm, flags, new_gate, state = trigger_cusums(
+        lin, sc, scales, n, gate, c[C_GATE_SHIFT], c[C_BIAS_RATE], c[C_BIAS_A1], f[ST_BIAS],
+        c[C_BIAS_GATE], bank_after, sums, kq, bank_kq, hq, bank_hq, stop)
+    gate[:] = new_gate
+    f[:] = state
+    return alarm, flags
+
+
 # --- numpy's reductions, bit for bit ---------------------------------------------------
 
 
