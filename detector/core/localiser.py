@@ -411,7 +411,10 @@ class WindowLocaliser:
                     lines = cost.error(left, index) + cost.error(index, right)
                     margin = known[left, index, right] = _parabola_sse(y[left:right]) - lines
                 margins.append(margin)
-            worst = int(np.argmin(margins))
+            # np.argmin's answer (the first minimum; the first NaN if any) without turning the
+            # list into an array on every pass.
+            nan = next((i for i, m in enumerate(margins) if m != m), None)
+            worst = margins.index(min(margins)) if nan is None else nan
             if margins[worst] > penalty:
                 return bkps
             del bkps[worst]
