@@ -16,10 +16,19 @@ series, the labeller, the end of the run), and reports µs per point, in all
 and by stage: reading the file, the trigger's scans, the localiser, the
 labeller, plateau tests (the trend is computed when read), the end of the run, and the rest
 (engine, batching, timeline), with localisations per 1 000 points (calls of
-``WindowLocaliser.locate_with_evidence``). The stages are measured by wrapping
+``WindowLocaliser.look``). The stages are measured by wrapping
 those methods for the duration of the cell (:class:`StageTimer`; the core
 keeps no timers). Best of ``--repeats`` for the times, after one warm-up
 analysis (a process's first kernel call loads numba's compiled code).
+
+A machine-speed reference comes first (:func:`machine_reference`, printed and
+under ``machine_reference`` in the JSON): a fixed pure-Python workload
+(``sum`` of a list of 1 000 ints, the reference ``python -m timeit -s
+"x=list(range(1000))" "sum(x)"`` of the project's notes) and a fixed small-numpy
+one (a few ufunc calls and a reduction on 256 floats, the size of the core's
+per-block numpy calls), best of several timings with the load average beside
+them. Numbers from different machines or sessions compare after dividing by
+these (the in-process analysis is mostly interpreter and small-call overhead).
 
 Usage (from the repository root)::
 
@@ -30,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import time
+import timeit
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,8 +69,27 @@ def training_loss(n: int, seed: int = 0) -> np.ndarray:
 
 def nbytes(det: SeriesDetector) -> tuple[int, int]:
     """(pickled checkpoint bytes, bytes of the detector's numpy buffers)."""
-    arrays = [det._steps, det._values, det.trigger.zi, det.trigger.zs]
+    arrays = [det._steps, det._values, det.trigger._f, det.trigger._sums, det.trigger.gate]
     return len(pickle.dumps(det.state())), sum(a.nbytes for a in arrays)
+
+
+def machine_reference(repeats: int = 7) -> dict:
+    """This machine's speed now, on fixed workloads: µs per call of ``sum`` over a list of
+    1 000 ints (pure Python) and of a small-numpy step (``np.log``, a multiply-add and
+    ``.sum()`` on 256 floats), best of ``repeats`` timings, and the load averages.
+    Divide a timing by these to compare machines or sessions. About 0.1 s."""
+    x = list(range(1000))
+    a = np.linspace(1.0, 2.0, 256)
+
+    def small_numpy() -> float:
+        return float((np.log(a) * 0.5 + a).sum())
+
+    def best(fn, number: int) -> float:  # noqa: ANN001 - any callable
+        return 1e6 * min(timeit.repeat(fn, number=number, repeat=repeats)) / number
+
+    return {"python_sum_1000_us": best(lambda: sum(x), 2000),
+            "numpy_small_us": best(small_numpy, 1000),
+            "load_average": list(os.getloadavg())}
 
 
 def measure(spec: SeriesSpec, y: np.ndarray, batch: int, repeats: int = 3) -> dict:
@@ -94,7 +124,7 @@ class StageTimer:
     A call is charged to the stage of the outermost wrapped method running, so
     stages do not overlap: the trigger's re-warm after a confirmed break counts
     as localisation, the localisations at the end of a run as end of run. Also
-    counts ``WindowLocaliser.locate_with_evidence`` calls (the core keeps no
+    counts a series detector's looks, ``WindowLocaliser.look`` calls (the core keeps no
     counter). The wrappers cost about a microsecond a call, a few thousand calls
     a run.
     """
@@ -137,14 +167,14 @@ class StageTimer:
             original = cls.__dict__[name]
             self._originals.append((cls, name, original))
             setattr(cls, name, self._wrap(original, stage))
-        original_locate, timer = WindowLocaliser.locate_with_evidence, self
+        original_locate, timer = WindowLocaliser.look, self
 
         def counted(localiser: WindowLocaliser, *args: object, **kwargs: object) -> object:
             timer.localisations += 1
             return original_locate(localiser, *args, **kwargs)
 
-        self._originals.append((WindowLocaliser, "locate_with_evidence", original_locate))
-        WindowLocaliser.locate_with_evidence = counted  # type: ignore[method-assign]
+        self._originals.append((WindowLocaliser, "look", original_locate))
+        WindowLocaliser.look = counted  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -237,7 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"labelled runs to analyze in-process (default {SHARED_RUNS}; none: skipped)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write all numbers to OUT")
     args = parser.parse_args(argv)
-    doc: dict = {"batch": args.batch, "update_many": {}, "update_us_per_point": {}}
+    ref = machine_reference()
+    print(f"machine reference: sum(list of 1000 ints) {ref['python_sum_1000_us']:.2f} µs,"
+          f" small numpy step {ref['numpy_small_us']:.2f} µs (best of 7);"
+          f" load {' '.join(f'{v:.2f}' for v in ref['load_average'])}")
+    doc: dict = {"batch": args.batch, "machine_reference": ref, "update_many": {},
+                 "update_us_per_point": {}}
     print(f"SeriesDetector cost, update_many in batches of {args.batch} points, best of {args.repeats}")
     print(f"  {'signal':<14} {'n':>9} {'µs/point':>9} {'median':>7} {'#cp':>5} {'state B':>8}"
           f" {'buffers B':>9}")

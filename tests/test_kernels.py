@@ -275,3 +275,77 @@ def test_mann_kendall_sums_equal_the_numpy_ones() -> None:
         s = float(np.count_nonzero(diffs > 0) - np.count_nonzero(diffs < 0))
         assert k.mann_kendall_sums(y) == (True, s, tie_term, _median(diffs / gaps))
     assert not k.mann_kendall_sums(np.array([1.0, np.nan, 2.0]))[0]
+
+
+def test_localiser_look_is_locate_with_evidence_on_the_held_window() -> None:
+    """A series detector's compiled look gives what the Python localiser gives on its
+    segment with the held window's spread and point noise, confirmed or not."""
+    from detector.core.localiser import history_scale, point_noise
+
+    rng = np.random.default_rng(12)
+    localisers = [WindowLocaliser(), WindowLocaliser(shift_penalty=None),
+                  WindowLocaliser(curvature_penalty=None, min_size=5)]
+    looks = confirmed = 0
+    for i, y in enumerate(_arrays(13, 240, longest=1100)):
+        if i % 3 == 0:  # a shift at a random place, for looks that confirm
+            y = y + (np.arange(len(y)) >= rng.integers(0, len(y) + 1)) * 5 * float(np.std(y) + 1e-3)
+        loc = localisers[i % len(localisers)]
+        for start in {0, int(rng.integers(0, len(y))), max(0, len(y) - 9), max(0, len(y) - 8)}:
+            for final in (True, False):
+                noise = None if final else float(rng.uniform(0, 2))
+                expected_noise = point_noise(y) if noise is None else noise
+                expected = loc.locate_with_evidence(y[start:], history_scale(y), expected_noise, final)
+                splits, evidence, used = loc.look(y, start, noise, final)
+                assert (splits, evidence, used) == (*expected, expected_noise)
+                looks += 1
+                confirmed += bool(splits)
+    assert looks > 1000 and confirmed > 100
+
+
+def test_trigger_state_kernels_are_the_kernels_on_the_unpacked_state() -> None:
+    """The in-place state kernels give what the kernels give on the fields one by one,
+    and leave in the state array, the sums and the gate what those return."""
+    trigger = CusumTrigger()
+    rng = np.random.default_rng(14)
+    for m in (1, 7, 64, 300):
+        f = rng.normal(size=12)
+        y = rng.normal(size=m)
+        n = int(rng.integers(0, 2000))
+        lin = k.trigger_linear(y, n, trigger._holt, f[k.ST_ZI0], f[k.ST_ZI1], trigger._lam, f[k.ST_S0],
+                               f[k.ST_S1], f[k.ST_Z0], f[k.ST_Z1], *trigger._table)
+        got = k.trigger_linear_state(y, n, trigger._holt, trigger._lam, f, *trigger._table)
+        assert np.array_equal(got, lin)
+        logs = np.log(lin[:3])
+        c = trigger._consts
+        sc = k.trigger_scales(logs, trigger.scale_rate, trigger._sa[1], f[k.ST_ZS], f[k.ST_LOG_S],
+                              trigger.bank_scale_rate, trigger._ba[1], f[k.ST_BZ], f[k.ST_BANK_S])
+        assert np.array_equal(k.trigger_scales_state(logs, c, f), sc)
+        gate = rng.normal(size=trigger.gate_lag)
+        sums = rng.integers(0, 1 << 20, size=8)
+        for stop in (True, False):
+            g, s, state = gate.copy(), sums.copy(), f.copy()
+            alarm, flags, new_gate, new_state = k.trigger_cusums(
+                lin, sc, np.exp(sc[:2]), n, gate, trigger._gate, trigger.bias_rate, trigger._bias_a[1],
+                f[k.ST_BIAS], trigger.bias_gate, 0, sums.copy(), trigger._kq, trigger._bank_kq_flat,
+                1 << 19, trigger._bank_hq_flat, stop)
+            got_alarm, got_flags = k.trigger_cusums_state(
+                lin, sc, np.exp(sc[:2]), n, g, c, 0, state, s, trigger._kq, trigger._bank_kq_flat,
+                1 << 19, trigger._bank_hq_flat, stop)
+            assert got_alarm == alarm and np.array_equal(got_flags, flags)
+            assert np.array_equal(g, new_gate) and np.array_equal(state, new_state)
+
+
+def test_trigger_snapshot_is_not_changed_by_later_points() -> None:
+    """The kernels write the trigger's state in place; a snapshot must not follow."""
+    rng = np.random.default_rng(15)
+    trigger = CusumTrigger()
+    trigger.absorb(rng.normal(size=200))
+    saved, before = trigger.snapshot(), trigger.state()
+    later = rng.normal(3, 1, 100)
+    flags = trigger.absorb(later)
+    after = trigger.state()
+    trigger.restore(saved)
+    assert trigger.state() == before
+    assert np.array_equal(trigger.absorb(later), flags) and trigger.state() == after
+    trigger.restore(saved)
+    assert trigger.state() == before

@@ -440,3 +440,23 @@ def test_shared_runs_read_like_a_plain_parser() -> None:
     assert runs
     for path in runs:
         _assert_columns_equal(read_log(path), rows_to_columns(read_rows(path)))
+
+
+def test_jsonl_lines_parse_as_json_loads_parses_them() -> None:
+    """The reader's direct scan of a line gives json.loads' value, or its error."""
+    from detector.logfile._jsonl import _loads_lines
+
+    lines = ['{"step": 1, "loss": 0.5}\n', '{"step": 2}', '{"step": 3}\r\n', ' {"step": 4}\n',
+             '{"step": 5} \n', '{"a": NaN, "b": -Infinity, "c": null, "d": [1, {"e": "x"}]}\n', '7\n',
+             '"text"\n', '[1, 2]\n', '\ufeff{"step": 6}\n', '{"step": 7}\x0c\n', '{"step": 8}\r',
+             '{"step": 1}, {"step": 2}\n', '{"step": \n', '\n', '', '{"a": 1}{"b": 2}\n', '{"step": 1e999}\n']
+    for line in lines:
+        try:
+            expected: object = json.loads(line)
+        except ValueError as exc:
+            expected = type(exc)
+        try:
+            got: object = _loads_lines([line])[0]
+        except ValueError as exc:
+            got = type(exc)
+        assert repr(got) == repr(expected), line

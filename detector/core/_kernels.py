@@ -245,6 +245,45 @@ def trigger_cusums(lin, sc, scales, n, gate, gate_shift, bias_rate, bias_a1, bia
     return alarm, flags, new_gate, state
 
 
+# The trigger's state as the kernels below keep it: one float array (entries ST_*,
+# the same layout as trigger_cusums' state), the CUSUM sums (int64: fast +, fast −,
+# bank + per drift, bank − per drift) and the gate inputs, all updated in place, so a
+# block costs three kernel calls and numpy's log and exp, not the Python that unpacked
+# and repacked a dozen fields. Entries of the constants array of trigger_scales_state
+# and trigger_cusums_state:
+C_SCALE_RATE, C_SCALE_A1, C_BANK_RATE, C_BANK_A1, C_BIAS_RATE, C_BIAS_A1, C_BIAS_GATE, C_GATE_SHIFT = range(8)
+
+
+@_jit
+def trigger_linear_state(y, n, holt, lam, f, v0, v1, sf):  # pragma: no cover - compiled
+    """:func:`trigger_linear` from the state array ``f`` (entries ``ST_*``). O(m)."""
+    return trigger_linear(y, n, holt, f[ST_ZI0], f[ST_ZI1], lam, f[ST_S0], f[ST_S1], f[ST_Z0], f[ST_Z1],
+                          v0, v1, sf)
+
+
+@_jit
+def trigger_scales_state(logs, c, f):  # pragma: no cover - compiled
+    """:func:`trigger_scales` from the constants ``c`` (entries ``C_*``) and the state
+    array ``f``. O(m)."""
+    return trigger_scales(logs, c[C_SCALE_RATE], c[C_SCALE_A1], f[ST_ZS], f[ST_LOG_S], c[C_BANK_RATE],
+                          c[C_BANK_A1], f[ST_BZ], f[ST_BANK_S])
+
+
+@_jit
+def trigger_cusums_state(lin, sc, scales, n, gate, c, bank_after, f, sums, kq, bank_kq, hq, bank_hq,
+                         stop):  # pragma: no cover - compiled
+    """:func:`trigger_cusums` from and into the state in place: the state array ``f``,
+    the sums ``sums`` and the gate inputs ``gate`` become those after the last point
+    consumed. Returns (index of the alarm or −1, per point whether any sum was above
+    its threshold). O(m k)."""
+    alarm, flags, new_gate, state = trigger_cusums(
+        lin, sc, scales, n, gate, c[C_GATE_SHIFT], c[C_BIAS_RATE], c[C_BIAS_A1], f[ST_BIAS],
+        c[C_BIAS_GATE], bank_after, sums, kq, bank_kq, hq, bank_hq, stop)
+    gate[:] = new_gate
+    f[:] = state
+    return alarm, flags
+
+
 # --- numpy's reductions, bit for bit ---------------------------------------------------
 
 
@@ -504,6 +543,53 @@ def window_search(y, min_size, shift_min_size):  # pragma: no cover - compiled
         if v > peak or v != v:
             peak = v
     return s, split_gain, shift_index, shift_gain, peak
+
+
+@_jit
+def localiser_look(held, start, need_noise, noise, min_size, shift_min_size, penalty_w, noise_w,
+                   shift_w, log_n):  # pragma: no cover - compiled
+    """:meth:`WindowLocaliser.look`'s compiled part: a series detector's look at its
+    segment ``held[start:]`` up to the point where Python is needed.
+
+    The point noise of ``held`` (:func:`point_noise`, unless ``need_noise`` is False:
+    then ``noise``), its spread (:func:`history_scale`), the segment's
+    :func:`window_search`, the floored scale, the penalty ``(penalty_w · scale² +
+    noise_w · noise²) · log_n`` (``log_n``: Python's ``math.log`` of the segment's
+    length, so the logarithm is libm's as before) and the evidence, each with the
+    operations of ``WindowLocaliser.locate_with_evidence`` in its order (Python's
+    ``max`` keeps the first of equals and a NaN it starts with; so do these
+    comparisons). ``shift_w``: the shift penalty's factor, negative for none.
+    Returns (done, noise, scale, penalty, evidence, sums, split_gain, shift_index,
+    shift_gain): ``done`` when nothing can pass (no break beats the penalty, no
+    level shift beats its own): the look's result is then no break and
+    ``evidence``; otherwise Python confirms from the sums and gains. O(n)."""
+    if need_noise:
+        noise = point_noise(held)
+    scale = history_scale(held)
+    y = held[start:]
+    n = len(y)
+    if n < 2 * min_size + 1:
+        return True, noise, scale, 0.0, 0.0, np.empty((6, 0)), 0.0, -1, 0.0
+    s, split_gain, shift_index, shift_gain, peak = window_search(y, min_size, shift_min_size)
+    floor = 1e-12 * (peak if peak > 1.0 else 1.0)
+    if floor > scale:
+        scale = floor
+    if scale < TINY:
+        scale = TINY
+    penalty = (penalty_w * scale * scale + noise_w * noise * noise) * log_n
+    evidence = split_gain / penalty
+    if evidence > 1.0:
+        return False, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
+    if shift_w >= 0.0:
+        if shift_index < 0:
+            best = 0.0 / (shift_w * penalty)
+        elif shift_gain <= shift_w * penalty:
+            best = shift_gain / (shift_w * penalty)
+        else:
+            return False, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
+        if best > evidence:
+            evidence = best
+    return True, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
 
 
 @_jit

@@ -288,6 +288,39 @@ class WindowLocaliser:
                                                                          self.shift_min_size)
         scale = max(scale, 1e-12 * max(1.0, peak), _TINY)
         penalty = (self.penalty * scale * scale + self.noise_penalty * noise * noise) * math.log(n)
+        return self._confirm(y, sums, split_gain, shift_index, shift_gain, scale, penalty, final)
+
+    def look(self, held: np.ndarray, start: int, noise: float | None,
+             final: bool) -> tuple[list[Split], float, float]:
+        """A series detector's look at its current segment: ``locate_with_evidence(held[start:],
+        history_scale(held), noise, final)``, ``noise`` being ``point_noise(held)`` when
+        None; returns the splits, the evidence and the noise used.
+
+        The same result as that call, in one compiled call when nothing can pass
+        (most looks: an alarm on noise), which is what a look costs on real runs;
+        a candidate break goes on to :meth:`_confirm` in Python. O(n) for the n
+        points held (``held`` is float64 and contiguous).
+        """
+        n = len(held) - start
+        log_n = math.log(n) if n >= 2 * self.min_size + 1 else 0.0
+        shift_w = -1.0 if self.shift_penalty is None else float(self.shift_penalty)
+        done, noise, scale, penalty, evidence, sums, split_gain, shift_index, shift_gain = \
+            _k.localiser_look(held, start, noise is None, 0.0 if noise is None else float(noise),
+                              self.min_size, self.shift_min_size, float(self.penalty),
+                              float(self.noise_penalty), shift_w, log_n)
+        if done:
+            return [], evidence, noise
+        splits, evidence = self._confirm(held[start:], sums, split_gain, shift_index, shift_gain, scale,
+                                         penalty, final)
+        return splits, evidence, noise
+
+    def _confirm(self, y: np.ndarray, sums: np.ndarray, split_gain: float, shift_index: int,
+                 shift_gain: float, scale: float, penalty: float,
+                 final: bool) -> tuple[list[Split], float]:
+        """The breaks of ``y`` that pass ``penalty`` (binary segmentation, the curvature
+        check, level shifts), from :func:`_kernels.window_search`'s results, and the
+        evidence. O(n) per break found."""
+        n = len(y)
         cost = CostPiecewiseLinear._from_sums(y, sums)
         bkps: list[int] = []
         evidence = split_gain / penalty
@@ -378,7 +411,10 @@ class WindowLocaliser:
                     lines = cost.error(left, index) + cost.error(index, right)
                     margin = known[left, index, right] = _parabola_sse(y[left:right]) - lines
                 margins.append(margin)
-            worst = int(np.argmin(margins))
+            # np.argmin's answer (the first minimum; the first NaN if any) without turning the
+            # list into an array on every pass.
+            nan = next((i for i, m in enumerate(margins) if m != m), None)
+            worst = margins.index(min(margins)) if nan is None else nan
             if margins[worst] > penalty:
                 return bkps
             del bkps[worst]

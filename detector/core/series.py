@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from detector.core._kernels import np_median
-from detector.core.localiser import WindowLocaliser, history_scale, point_noise
+from detector.core.localiser import WindowLocaliser
 from detector.core.trend import PlateauResult, PlateauTest, TrendResult, mann_kendall
 from detector.core.trigger import CusumTrigger
 from detector.core.types import Direction, Event, EventKind, Role, SeriesSpec, Split
@@ -356,11 +356,9 @@ class SeriesDetector:
         oldest = self.n_finite - self._size
         start = max(0, self._segment_start - oldest)
         segment = self._values[start : self._size]
-        held = self._values[: self._size]
-        if self._alarm_noise is None:  # once per alarm (a median); rechecks reuse it
-            self._alarm_noise = point_noise(held)
-        splits, self._evidence = self.config.localiser.locate_with_evidence(
-            segment, history_scale(held), self._alarm_noise, final=final)
+        # The point noise once per alarm (a median; rechecks reuse it), the spread on every look.
+        splits, self._evidence, self._alarm_noise = self.config.localiser.look(
+            self._values[: self._size], start, self._alarm_noise, final)
         statistic = self._alarm_statistic
         if not splits:
             return []

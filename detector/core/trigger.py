@@ -183,32 +183,69 @@ class CusumTrigger:
         self._bank_hq_list = self._bank_hq[:, 0].tolist()
         self._bank_hq_flat = self._bank_hq[:, 0].copy()
         self._bank_kq_flat = self._bank_kq[:, 0].copy()
-        # The kernels' constants, as the types they were compiled for.
-        self._constants = (float(self.scale_rate), float(self._sa[1]), float(self.bank_scale_rate),
-                           float(self._ba[1]), float(self.bias_rate), float(self._bias_a[1]),
-                           float(self.bias_gate), float(self._gate), int(self.bank_after))
+        # The kernels' constants (entries _kernels.C_*), as the types they were compiled for.
+        self._consts = np.array([self.scale_rate, self._sa[1], self.bank_scale_rate, self._ba[1],
+                                 self.bias_rate, self._bias_a[1], self.bias_gate, self._gate], dtype=float)
+        self._bank_after = int(self.bank_after)
         return {k: v for k, v in self.__dict__.items() if k not in before}
 
     def reset(self) -> None:
         self.n = 0
-        self.zi = np.zeros(2)  # the innovation filter's state
-        self.log_scale = 0.0  # EWMA of log |innovation|
-        self.zs = np.zeros(1)  # the scale filter's state
-        self.pos = 0  # CUSUM sums on the fixed-point grid
-        self.neg = 0
-        self.last_z = 0.0
-        # The slow line: its sums after the last point, their filters' states, its error scale.
-        self.s0 = self.s1 = 0.0
-        self.z0, self.z1 = np.zeros(1), np.zeros(1)
-        self.bank_log_scale = 0.0
-        self.bz = np.zeros(1)
+        # Every float of the state in one array, entries _kernels.ST_*, updated in place
+        # by the kernels: the innovation filter's state (ZI0, ZI1), the EWMA of
+        # log |innovation| (LOG_S) and its filter's state (ZS); the slow line's sums
+        # after the last point (S0, S1), their filters' states (Z0, Z1), its error scale
+        # (BANK_S, BZ); the EWMA of the line's standardised errors (BIAS, its bias) and
+        # the last fast standardised error (LAST_Z).
+        self._f = np.zeros(12)
+        # The CUSUM sums on the fixed-point grid: fast +, fast −, bank + and bank − per drift.
+        self._sums = np.zeros(2 + 2 * len(self.bank_drifts), dtype=np.int64)
         # The gate's inputs of the last ``gate_lag`` points (closed until then; open
-        # where negative), and the EWMA of the line's standardised errors (its bias).
+        # where negative).
         self.gate = np.full(self.gate_lag, _GATE_CLOSED)
-        self.bias_zi = np.zeros(1)
-        nk = len(self.bank_drifts)
-        self.bank_pos = np.zeros(nk, dtype=np.int64)
-        self.bank_neg = np.zeros(nk, dtype=np.int64)
+
+    # --- the state's fields, by name (checkpoints, tests, tools) ----------------
+
+    @property
+    def log_scale(self) -> float:
+        """EWMA of log |innovation|."""
+        return float(self._f[_k.ST_LOG_S])
+
+    @property
+    def bank_log_scale(self) -> float:
+        """EWMA of log |standardised error| of the slow line."""
+        return float(self._f[_k.ST_BANK_S])
+
+    @property
+    def last_z(self) -> float:
+        """The last fast standardised innovation."""
+        return float(self._f[_k.ST_LAST_Z])
+
+    @property
+    def zi(self) -> np.ndarray:
+        """The innovation filter's state (a copy)."""
+        return self._f[_k.ST_ZI0 : _k.ST_ZI1 + 1].copy()
+
+    @property
+    def zs(self) -> np.ndarray:
+        """The fast scale filter's state (a copy)."""
+        return self._f[_k.ST_ZS : _k.ST_ZS + 1].copy()
+
+    @property
+    def pos(self) -> int:
+        return int(self._sums[0])
+
+    @property
+    def neg(self) -> int:
+        return int(self._sums[1])
+
+    @property
+    def bank_pos(self) -> np.ndarray:
+        return self._sums[2 : 2 + len(self.bank_drifts)].copy()
+
+    @property
+    def bank_neg(self) -> np.ndarray:
+        return self._sums[2 + len(self.bank_drifts) :].copy()
 
     # --- readouts --------------------------------------------------------------
 
@@ -216,22 +253,25 @@ class CusumTrigger:
     def statistic(self) -> float:
         """The largest CUSUM sum, as a fraction of its threshold times the fast threshold."""
         # Python ints below 2**53 divide to the same float as numpy's int64 division.
-        ratios = [max(self.pos, self.neg) / self._hq]
-        ratios += [max(p, n) / h for p, n, h in zip(self.bank_pos.tolist(), self.bank_neg.tolist(),
-                                                     self._bank_hq_list, strict=True)]
+        pos, neg, *bank = self._sums.tolist()
+        nk = len(bank) // 2
+        ratios = [max(pos, neg) / self._hq]
+        ratios += [max(p, n) / h for p, n, h in zip(bank[:nk], bank[nk:], self._bank_hq_list, strict=True)]
         return max(ratios) * self.threshold
 
     @property
     def alarmed(self) -> bool:
         """Whether any CUSUM is above its threshold now."""
-        return (self.pos > self._hq or self.neg > self._hq
-                or any(p > h or n > h for p, n, h in zip(self.bank_pos.tolist(), self.bank_neg.tolist(),
-                                                          self._bank_hq_list, strict=True)))
+        pos, neg, *bank = self._sums.tolist()
+        nk = len(bank) // 2
+        return (pos > self._hq or neg > self._hq
+                or any(p > h or n > h for p, n, h in zip(bank[:nk], bank[nk:], self._bank_hq_list,
+                                                          strict=True)))
 
     @property
     def level(self) -> float:
         """The forecast of the next value (0 before any point)."""
-        return float(-self.zi[0]) if self.n else 0.0
+        return float(-self._f[_k.ST_ZI0]) if self.n else 0.0
 
     @property
     def scale(self) -> float:
@@ -240,9 +280,7 @@ class CusumTrigger:
 
     def clear(self) -> None:
         """Zero every CUSUM sum (after an alarm has been dealt with)."""
-        nk = len(self.bank_drifts)
-        self.__dict__.update(pos=0, neg=0, bank_pos=np.zeros(nk, dtype=np.int64),
-                             bank_neg=np.zeros(nk, dtype=np.int64))
+        self._sums[:] = 0
 
     # --- update ----------------------------------------------------------------
 
@@ -285,20 +323,20 @@ class CusumTrigger:
         return flags
 
     def snapshot(self) -> dict:
-        """The state as it is now, for :meth:`restore` (O(1): arrays are replaced, never
-        written in place, so references suffice)."""
-        return dict(self.__dict__)
+        """The state as it is now, for :meth:`restore` (copies: the kernels write the
+        state's arrays in place). O(gate_lag)."""
+        return {"n": self.n, "f": self._f.copy(), "sums": self._sums.copy(), "gate": self.gate.copy()}
 
     def restore(self, snapshot: dict) -> None:
-        self.__dict__.update(snapshot)
+        self.n = snapshot["n"]
+        self._f, self._sums, self.gate = (snapshot["f"].copy(), snapshot["sums"].copy(),
+                                          snapshot["gate"].copy())
 
     def _linear(self, y: np.ndarray) -> np.ndarray:
-        """:func:`_kernels.trigger_linear` from the current state. Scalars go in as Python
-        floats and ints whatever a checkpoint held (another type would compile another
+        """:func:`_kernels.trigger_linear` from the current state (``n`` is kept a Python
+        int whatever a checkpoint held: another type would compile another
         specialisation of the kernel)."""
-        return _k.trigger_linear(y, int(self.n), self._holt, float(self.zi[0]), float(self.zi[1]), self._lam,
-                                 float(self.s0), float(self.s1), float(self.z0[0]), float(self.z1[0]),
-                                 *self._table)
+        return _k.trigger_linear_state(y, self.n, self._holt, self._lam, self._f, *self._table)
 
     def _warm_up(self, values: np.ndarray) -> int:
         """Take the first values while fewer than ``warmup`` points are in; return how many."""
@@ -318,25 +356,26 @@ class CusumTrigger:
         forecast's filter as in a block, the initial scales as running means of log |error|."""
         lin = self._linear(y)
         last = len(y) - 1
-        self.s0, self.s1 = float(lin[_k.LIN_S0, last]), float(lin[_k.LIN_S1, last])
-        self.z0, self.z1 = lin[_k.LIN_Z0, last : last + 1].copy(), lin[_k.LIN_Z1, last : last + 1].copy()
+        f = self._f
+        f[_k.ST_S0], f[_k.ST_S1] = lin[_k.LIN_S0, last], lin[_k.LIN_S1, last]
+        f[_k.ST_Z0], f[_k.ST_Z1] = lin[_k.LIN_Z0, last], lin[_k.LIN_Z1, last]
         if self.n == 0:
             # Start flat at the first value: past inputs y, y and past innovations 0.
             self.n = 1
-            self.zi = self._flat_start(float(y[0]))
+            f[_k.ST_ZI0 : _k.ST_ZI1 + 1] = self._flat_start(float(y[0]))
             return
-        self.zi = lin[_k.LIN_ZI0 : _k.LIN_ZI1 + 1, last].copy()
-        log_scale, bank_log_scale, n = self.log_scale, self.bank_log_scale, self.n
+        f[_k.ST_ZI0], f[_k.ST_ZI1] = lin[_k.LIN_ZI0, last], lin[_k.LIN_ZI1, last]
+        log_scale, bank_log_scale, n = float(f[_k.ST_LOG_S]), float(f[_k.ST_BANK_S]), self.n
         for e, e_line in zip(lin[_k.LIN_E].tolist(), lin[_k.LIN_EL].tolist(), strict=True):
             n += 1
             # math's log, not numpy's, as the warm-up always took it (they differ in the last bit).
             # Warm-up: the mean of log |innovation| so far sets the initial scale.
             log_scale += (math.log(max(abs(e), _TINY)) - log_scale) / (n - 1)
             bank_log_scale += (math.log(max(abs(e_line), _TINY)) - bank_log_scale) / (n - 1)
-        self.n, self.log_scale, self.bank_log_scale = n, log_scale, bank_log_scale
+        self.n, f[_k.ST_LOG_S], f[_k.ST_BANK_S] = n, log_scale, bank_log_scale
         if self.n == self.warmup:
-            self.zs = np.array([(1.0 - self.scale_rate) * self.log_scale])
-            self.bz = np.array([(1.0 - self.bank_scale_rate) * self.bank_log_scale])
+            f[_k.ST_ZS] = (1.0 - self.scale_rate) * log_scale
+            f[_k.ST_BZ] = (1.0 - self.bank_scale_rate) * bank_log_scale
 
     def _flat_start(self, y: float) -> np.ndarray:
         """``lfiltic(b, a, [0, 0], [y, y])``: the forecast's filter state after inputs y, y
@@ -364,49 +403,30 @@ class CusumTrigger:
         # of ``bias_gate`` σ or more over the last ~1/bias_rate points): a curve the
         # line cannot follow, such as the steep start of a power-law loss, not a
         # shift (a shift is caught before that lasts ``gate_lag`` points).
-        m = len(y)
-        scale_rate, scale_a1, bank_rate, bank_a1, bias_rate, bias_a1, bias_gate, gate_shift, bank_after = \
-            self._constants
         lin = self._linear(y)
-        sc = _k.trigger_scales(np.log(lin[:3]), scale_rate, scale_a1, float(self.zs[0]),
-                               float(self.log_scale), bank_rate, bank_a1, float(self.bz[0]),
-                               float(self.bank_log_scale))
-        nk = len(self.bank_drifts)
-        sums = np.empty(2 + 2 * nk, dtype=np.int64)
-        sums[0], sums[1], sums[2 : 2 + nk], sums[2 + nk :] = self.pos, self.neg, self.bank_pos, self.bank_neg
-        alarm, flags, gate, state = _k.trigger_cusums(
-            lin, sc, np.exp(sc[:2]), int(self.n), self.gate, gate_shift, bias_rate, bias_a1,
-            float(self.bias_zi[0]), bias_gate, bank_after, sums, self._kq, self._bank_kq_flat,
-            self._hq, self._bank_hq_flat, stop)
-        # The state after the last point consumed; views of fresh arrays (never written in place).
-        k = m - 1 if alarm < 0 else int(alarm)
-        s0, s1, _, _, _, bank_s, _, _, _, log_s, _, last_z = state.tolist()
-        # One __dict__ update: __setattr__ (which guards the settings) would cost a
-        # Python call per field, on every block.
-        self.__dict__.update(
-            gate=gate, s0=s0, s1=s1, bank_log_scale=bank_s,
-            z0=state[_k.ST_Z0 : _k.ST_Z0 + 1], z1=state[_k.ST_Z1 : _k.ST_Z1 + 1],
-            bz=state[_k.ST_BZ : _k.ST_BZ + 1], bias_zi=state[_k.ST_BIAS : _k.ST_BIAS + 1],
-            bank_pos=sums[2 : 2 + nk], bank_neg=sums[2 + nk :],
-            n=self.n + k + 1, zi=state[_k.ST_ZI0 : _k.ST_ZI1 + 1], zs=state[_k.ST_ZS : _k.ST_ZS + 1],
-            log_scale=log_s, pos=int(sums[0]), neg=int(sums[1]), last_z=last_z,
-        )
+        sc = _k.trigger_scales_state(np.log(lin[:3]), self._consts, self._f)
+        alarm, flags = _k.trigger_cusums_state(
+            lin, sc, np.exp(sc[:2]), self.n, self.gate, self._consts, self._bank_after, self._f,
+            self._sums, self._kq, self._bank_kq_flat, self._hq, self._bank_hq_flat, stop)
         if alarm < 0:
+            self.n += len(y)
             return None if stop else flags
-        return k
+        self.n += alarm + 1
+        return int(alarm)
 
     # --- checkpoints -----------------------------------------------------------
 
     def state(self) -> dict:
         """The state as versioned plain data (numbers and lists), for :meth:`load`."""
+        f = self._f.tolist()
         return {
             "version": 1,
-            "n": self.n, "zi": self.zi.tolist(), "zs": self.zs.tolist(), "log_scale": self.log_scale,
-            "pos": self.pos, "neg": self.neg, "last_z": self.last_z,
-            "s0": self.s0, "s1": self.s1, "z0": self.z0.tolist(), "z1": self.z1.tolist(),
-            "bz": self.bz.tolist(), "bank_log_scale": self.bank_log_scale,
+            "n": self.n, "zi": f[_k.ST_ZI0 : _k.ST_ZI1 + 1], "zs": [f[_k.ST_ZS]],
+            "log_scale": f[_k.ST_LOG_S], "pos": self.pos, "neg": self.neg, "last_z": f[_k.ST_LAST_Z],
+            "s0": f[_k.ST_S0], "s1": f[_k.ST_S1], "z0": [f[_k.ST_Z0]], "z1": [f[_k.ST_Z1]],
+            "bz": [f[_k.ST_BZ]], "bank_log_scale": f[_k.ST_BANK_S],
             "bank_pos": self.bank_pos.tolist(), "bank_neg": self.bank_neg.tolist(),
-            "gate_open": self.gate.tolist(), "bias_zi": self.bias_zi.tolist(),
+            "gate_open": self.gate.tolist(), "bias_zi": [f[_k.ST_BIAS]],
         }
 
     def load(self, state: dict) -> None:
@@ -414,18 +434,21 @@ class CusumTrigger:
         start those afresh); a newer version is refused by name."""
         if state.get("version", 1) != 1:
             raise InvalidArgument(f"trigger state version {state['version']} is not supported (this reads 1)")
-        self.n, self.log_scale = state["n"], state["log_scale"]
-        self.zi, self.zs = np.array(state["zi"], dtype=float), np.array(state["zs"], dtype=float)
-        self.pos, self.neg, self.last_z = state["pos"], state["neg"], state["last_z"]
+        f, nk = self._f, len(self.bank_drifts)
+        self.n = int(state["n"])
+        f[_k.ST_LOG_S] = state["log_scale"]
+        f[_k.ST_ZI0 : _k.ST_ZI1 + 1] = np.array(state["zi"], dtype=float)
+        f[_k.ST_ZS] = np.array(state["zs"], dtype=float)[0]
+        self._sums[0], self._sums[1], f[_k.ST_LAST_Z] = state["pos"], state["neg"], state["last_z"]
         if "s0" in state:  # checkpoints from before the slow bank start it afresh
-            self.s0, self.s1 = state["s0"], state["s1"]
-            self.z0, self.z1 = np.array(state["z0"], dtype=float), np.array(state["z1"], dtype=float)
-            self.bz, self.bank_log_scale = np.array(state["bz"], dtype=float), state["bank_log_scale"]
-            self.bank_pos = np.array(state["bank_pos"], dtype=np.int64)
-            self.bank_neg = np.array(state["bank_neg"], dtype=np.int64)
+            f[_k.ST_S0], f[_k.ST_S1] = state["s0"], state["s1"]
+            f[_k.ST_Z0], f[_k.ST_Z1] = state["z0"][0], state["z1"][0]
+            f[_k.ST_BZ], f[_k.ST_BANK_S] = state["bz"][0], state["bank_log_scale"]
+            self._sums[2 : 2 + nk] = np.array(state["bank_pos"], dtype=np.int64)
+            self._sums[2 + nk :] = np.array(state["bank_neg"], dtype=np.int64)
         if len(state.get("gate_open", ())) == self.gate_lag:  # older checkpoints: closed for a while
             self.gate = np.array(state["gate_open"], dtype=float)
-            self.bias_zi = np.array(state["bias_zi"], dtype=float)
+            f[_k.ST_BIAS] = state["bias_zi"][0]
 
 
 _LINE_TABLES: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
