@@ -22,7 +22,8 @@ Usage::
 
 The benchmark corpus (gitignored; every scenario of :data:`CORPUS_SCENARIOS` with
 seeds 0, 1, 2, plus ``_c1``/``_c10``/``_c50``/``_e5`` variants of the seed-0 runs of
-:data:`CADENCE_SCENARIOS`; ~10 minutes on one core, most of it ``grok_add`` at cadence 1)::
+:data:`CADENCE_SCENARIOS`; ~3.5 minutes of CPU on one core, a third of it ``grok_add`` at
+cadence 1)::
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 .venv/bin/python examples/make_runs.py \
         --corpus --out benchmarks/generated --check
