@@ -343,3 +343,65 @@ def test_lr_schedule_and_injected_spikes() -> None:
     cfg = {"lr": 1.0, "lr_bursts": [[5, 2, 10.0]], "jump_at": 20, "jump_factor": 3.0}
     assert [mr.lr_at(cfg, s) for s in (4, 5, 6, 7, 19, 20)] == [1.0, 10.0, 10.0, 1.0, 1.0, 3.0]
     assert mr.injected_spikes({"perturb": [[400, 0.1]], "lr_bursts": [[5, 2, 10.0]]}) == [[5, 6], [400, 400]]
+
+
+def _spike_labels(spikes: list[list[Any]], injected: list[list[int]], every: int) -> dict[str, Any]:
+    return {"spikes": spikes, "injected_spikes": injected, "log_every": every}
+
+
+def test_injected_excursion_chains_a_noisy_tail_until_it_recovers() -> None:
+    # cadence 1: the main episode, then a tail that crosses the high line again twice
+    spikes = [[700, 765, 5.0, False], [772, 773, 1.8, False], [792, 792, 1.5, True], [1100, 1101, 3.0, True]]
+    labels = _spike_labels(spikes, [[700, 700], [1100, 1100]], 1)
+    assert mr._injected_excursions(labels) == [(700, 792, 93, True), (1100, 1101, 2, True)]
+    assert mr._check_injected(labels, [], last_sustained=False) == []
+    # a tail still unrecovered when the next injection comes: the first one does not recover
+    spikes = [[700, 765, 5.0, False], [1090, 1095, 1.8, False], [1100, 1101, 3.0, True]]
+    labels = _spike_labels(spikes, [[700, 700], [1100, 1100]], 1)
+    assert mr._injected_excursions(labels)[0] == (700, 1095, 396, False)
+    assert mr._check_injected(labels, [], last_sustained=False) == ["the spike at 700 does not recover"]
+    # nothing within one logging interval of the injection
+    labels = _spike_labels([[760, 770, 2.0, True]], [[700, 700]], 50)
+    assert mr._check_injected(labels, [], last_sustained=False) == ["no spike at the injection 700-700"]
+
+
+def test_spike_length_expectation_is_in_steps() -> None:
+    """The same four excursions seen at cadence 10 and 50 pass; without a long one they fail."""
+    injected = [[400, 400], [700, 700], [1000, 1000], [1500, 1500]]
+    c10 = [[400, 400, 1.9, True], [700, 730, 9.0, True], [1000, 1150, 19.0, True], [1500, 1690, 12.0, True]]
+    c50 = [[400, 400, 1.8, True], [700, 700, 9.0, True], [1000, 1150, 19.0, True], [1500, 1650, 12.0, True]]
+    assert mr._check_spikes(_spike_labels(c10, injected, 10), []) == []
+    assert mr._check_spikes(_spike_labels(c50, injected, 50), []) == []
+    short = [[a, a + 20, 2.0, True] for a, _ in injected]
+    assert "do not span" in mr._check_spikes(_spike_labels(short, injected, 10), [])[0]
+
+
+def test_gen_collapse_check_asks_for_a_deep_fall_with_training_held() -> None:
+    def run(test: list[float], train: float = 1.0) -> list[str]:
+        records = [_acc(10 * i, train if i >= 2 else 0.5, t) for i, t in enumerate(test)]
+        labels = {**mr.extra_labels(records), "grokking_step": 20}
+        return mr._check_gen_collapse(labels, records)
+
+    assert run([0.1, 0.5, 1.0, 0.85, 0.75, 0.8, 0.95]) == []
+    shallow = run([0.1, 0.5, 1.0, 0.85, 0.85, 0.85, 0.95])
+    assert shallow == ["test accuracy stays >= 0.8 in the generalisation collapse"]
+    assert "training accuracy falls" in run([0.1, 0.5, 1.0, 0.85, 0.75, 0.8, 0.95], train=0.97)[0]
+    assert run([0.1, 0.5, 1.0, 0.85, 0.95]) == ["no generalisation collapse of 3+ lines"]
+
+
+def test_corrupt_labels_changes_about_that_fraction_to_other_classes() -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed: pip install -e '.[torch]'")
+    y = torch.arange(2000) % 31
+    x = torch.zeros(2000, 1)
+
+    def task_of(labels: Any) -> Any:
+        return mr.Task(torch.nn.Linear(1, 1), x, labels, x, y, x, 31, lambda: x, lambda v: v)
+
+    task = task_of(y.clone())
+    mr._corrupt_labels(task, 0.05, seed=0)
+    changed = task.y_train != y
+    assert 60 <= int(changed.sum()) <= 140  # 5% of 2000 = 100
+    assert int(task.y_train.min()) >= 0 and int(task.y_train.max()) < 31
+    again = task_of(y.clone())
+    mr._corrupt_labels(again, 0.05, seed=0)
+    assert torch.equal(again.y_train, task.y_train)  # deterministic for a seed
