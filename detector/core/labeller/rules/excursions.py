@@ -106,7 +106,11 @@ class LossExcursions(_Plain):
             self.band.ready and y > min(self.band.level, self.band.values[-1]) + thr
             and y > self.band.values[-1] + thr)
         if out:
-            ref = self.band.level if self.band.ready else (y if finite else math.nan)
+            # The level it left: on a falling loss the line before, not the band's
+            # median, which lags a decay by half the band (9 lines: 9 steps logged
+            # every step, 90 logged every 10, so the recovery would depend on the cadence).
+            ref = min(self.band.level, self.band.values[-1]) if self.band.ready else (
+                y if finite else math.nan)
             horizon = self._horizon(step, first_step, memorised_steps)
             self.last_start = step
             self.excursion = {
