@@ -57,6 +57,11 @@ class RunStatus:
     recent_events: tuple[Event, ...] = ()
     updated_at: float = 0.0
     series: tuple[SeriesStatus, ...] = ()  # headline series only: at most 4
+    # Scopes of the collapses open now, sorted: "training" and/or "generalization".
+    # The phase is COLLAPSE while any is open; this tells the two apart (a training
+    # collapse pages, a generalisation one warns). Not stored: () for a status
+    # read from the store, which only queries see.
+    collapse_scopes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

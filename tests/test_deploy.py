@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from detector.alerts import ALERT_NAMES, AlertDispatcher, WebhookSink
 from detector.engine import Engine
 from detector.exporter import EngineCollector
-from tests.helpers import REPO
+from tests.helpers import REPO, collapse_columns
 from tests.observability import binary
 
 DEPLOY = REPO / "deploy"
@@ -32,7 +32,7 @@ def run(*argv: str | Path, stdout_only: bool = False) -> str:
 
 def test_promtool_checks_the_rules():
     output = run(binary("promtool"), "check", "rules", RULES)
-    assert "SUCCESS: 6 rules found" in output
+    assert "SUCCESS: 7 rules found" in output
 
 
 def test_promtool_rule_unit_tests_pass():
@@ -61,12 +61,12 @@ def test_prometheusrule_is_rules_yml_wrapped(tmp_path: Path):
     spec = shipped.split("\nspec:\n", 1)[1]
     unwrapped = tmp_path / "spec.yml"
     unwrapped.write_text("\n".join(line[2:] for line in spec.splitlines()) + "\n")
-    assert "SUCCESS: 6 rules found" in run(binary("promtool"), "check", "rules", unwrapped)
+    assert "SUCCESS: 7 rules found" in run(binary("promtool"), "check", "rules", unwrapped)
 
 
 def test_amtool_checks_the_alertmanager_config():
     output = run(binary("amtool"), "check-config", ALERTMANAGER)
-    assert "SUCCESS" in output and "4 inhibit rules" in output
+    assert "SUCCESS" in output and "5 inhibit rules" in output
 
 
 @pytest.mark.parametrize(
@@ -75,6 +75,8 @@ def test_amtool_checks_the_alertmanager_config():
         (["alertname=TrainingCollapse", "severity=critical", "run_id=r"], "ml-oncall"),
         (["alertname=GrokkingOnset", "severity=info", "run_id=r"], "ml-team"),
         (["alertname=GeneralizationCollapse", "severity=warning", "run_id=r"], "ml-team"),
+        (["alertname=PhasewatchRunCollapsed", "severity=critical", "run_id=r"], "ml-oncall"),
+        (["alertname=PhasewatchGeneralizationCollapsed", "severity=warning", "run_id=r"], "ml-team"),
         (["alertname=TrainingPlateau", "severity=warning", "run_id=r"], "ml-team"),
         (["alertname=PhaseChange", "severity=info", "run_id=r"], "blackhole"),
         (["alertname=PhasewatchDetectorDown", "severity=warning"], "platform"),
@@ -104,6 +106,7 @@ def _exported_names() -> set[str]:
     steps = list(range(40))  # enough for a trend window
     engine.ingest("r", {"train_loss": (steps, [1.0 / (1 + s) for s in steps])})
     engine.ingest("r", {"train_loss": ([-1], [1.0])})  # a rejected point
+    engine.ingest("collapsing", collapse_columns(350, training=(300, None)))  # an open collapse
     dispatcher = AlertDispatcher([WebhookSink("http://127.0.0.1:1/")])
     try:
         registry = CollectorRegistry()

@@ -23,9 +23,11 @@ from detector.cli import main
 from detector.engine import Engine
 from detector.exporter import EngineCollector, MetricsExposition, start_metrics_server
 from detector.server import create_server
+from tests.helpers import collapse_columns
 
 ODD_RUN = 'we"ird\\run{id}=,é'  # run ids allow anything printable but whitespace
 ODD_SERIES = 'val_acc"\\x'
+CLOSING = collapse_columns(generalization=(300, 60))  # open from line 300, ended at line 420
 
 
 def _families(text: str) -> dict[str, str]:
@@ -78,6 +80,13 @@ def engine() -> Engine:
         engine.flush(f"r{i}")
         time.sleep(0.002)  # distinct update times for the series budget
     engine.end_run("r0")
+    # Collapses of both scopes open (the collapse gauge's 1s), and a generalisation
+    # collapse that the rest of its run (CLOSING_REST) ends.
+    engine.ingest(ODD_RUN + "/collapsing",
+                  collapse_columns(450, generalization=(200, None), training=(400, None)))
+    engine.ingest("closing", {k: (s[:340], v[:340]) for k, (s, v) in CLOSING.items()})
+    for run_id in (ODD_RUN + "/collapsing", "closing"):
+        engine.flush(run_id)
     engine.ingest("gone", {"loss": ([0, 1, 2], [1.0, 0.9, 0.8])})
     engine.end_run("gone")
     run = engine._runs["gone"]
@@ -98,6 +107,12 @@ def test_cached_text_equals_the_collectors(engine: Engine, series_runs: int) -> 
     assert info[ODD_RUN]["label_team"] == 'vi"sion\\'
     assert "gone" not in info and "r0" in info  # ended: kept for the retention only
     assert "empty-run" in info
+    collapse = {tuple(sorted(dict(labels).items())): value
+                for _, labels, value in parsed["phasewatch_run_collapse"][2]}
+    assert collapse == {(("run_id", run_id), ("scope", scope)): 1.0  # only open collapses
+                        for run_id, scope in [(ODD_RUN + "/collapsing", "training"),
+                                              (ODD_RUN + "/collapsing", "generalization"),
+                                              ("closing", "generalization")]}
 
 
 def test_lines_are_made_as_runs_change_and_a_scrape_only_looks_them_up(engine: Engine) -> None:
@@ -132,6 +147,12 @@ def test_every_render_matches_as_runs_change(engine: Engine) -> None:
     engine.ingest("empty-run", {"train_loss": ([0, 1, 2], [1.0, 0.9, 0.8])})
     engine.flush("empty-run")
     assert engine.status("empty-run").phase != before["empty-run"].status.phase
+    engine.ingest("closing", {k: (s[340:], v[340:]) for k, (s, v) in CLOSING.items()})
+    engine.flush("closing")  # its generalisation collapse ends
+    engine.ingest(ODD_RUN + "/collapsing", {"train_loss": ([4500], [4.0])})
+    engine.flush(ODD_RUN + "/collapsing")  # a new status, the same open collapses
+    assert before["closing"].status.collapse_scopes == ("generalization",)
+    assert engine.status("closing").collapse_scopes == ()
     text = exposition.render().decode()
     assert _families(text) == _families(_old_text(engine))
     cache = exposition._cache
@@ -142,6 +163,11 @@ def test_every_render_matches_as_runs_change(engine: Engine) -> None:
     assert 'label_team="moved"' in cache["r3"].info
     assert cache["empty-run"].phase != before["empty-run"].phase
     assert cache["r1"].phase is before["r1"].phase  # same phase: the lines are kept
+    collapsing = ODD_RUN + "/collapsing"
+    assert cache[collapsing].status is not before[collapsing].status
+    assert cache[collapsing].collapse is before[collapsing].collapse  # same scopes: kept too
+    assert 'run_id="closing",scope="generalization"} 1.0\n' in before["closing"].collapse
+    assert cache["closing"].collapse == ""  # ended: no sample
 
 
 def test_the_endpoint(engine: Engine) -> None:

@@ -1,5 +1,6 @@
 """The exporter's issue-5 metrics: the detection histogram, ended-run retention,
-per-series gauges within their budget, and the alert sinks' counters."""
+per-series gauges within their budget, the alert sinks' counters, and which
+collapse scopes are open per run."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from detector.alerts import AlertDispatcher, AlertmanagerSink
+from detector.alerts.rules import SCOPE_GENERALIZATION, SCOPE_TRAINING
+from detector.core.labeller.rules._common import GENERALISATION, TRAINING
 from detector.core.types import Event, EventKind
 from detector.engine import DETECTION_BUCKETS, Engine
-from detector.exporter import EngineCollector, start_metrics_server
-from tests.helpers import read_rows, rows_to_columns, shared_dir
+from detector.exporter import EngineCollector, MetricsExposition, start_metrics_server
+from detector.exporter.collector import COLLAPSE_SCOPES
+from detector.store import SqliteStore
+from tests.helpers import collapse_columns, read_rows, rows_to_columns, shared_dir
 from tests.observability import Receiver
 
 
@@ -139,3 +144,87 @@ def test_no_alert_metrics_without_a_dispatcher():
     registry = _registry(Engine())
     assert registry.get_sample_value("phasewatch_alerts_active") is None
     assert registry.get_sample_value("phasewatch_active_runs") == 0
+
+
+def _collapse_flags(engine: Engine, run_id: str) -> dict[str, tuple[float | None, float | None]]:
+    """``phasewatch_run_collapse`` (training, generalization) of a run, by both paths
+    (None: no sample, as for a scope with no collapse open)."""
+    registry = _registry(engine)
+    text = MetricsExposition(engine).render().decode()
+    samples = {(s.labels["run_id"], s.labels["scope"]): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "phasewatch_run_collapse"}
+    return {
+        "collector": tuple(registry.get_sample_value("phasewatch_run_collapse",
+                                                     {"run_id": run_id, "scope": scope})
+                           for scope in ("training", "generalization")),
+        "text": tuple(samples.get((run_id, scope)) for scope in ("training", "generalization")),
+    }
+
+
+def test_collapse_gauge_says_which_scope_is_open():
+    engine = Engine()
+    runs = {
+        "general": collapse_columns(generalization=(300, None)),
+        "training": collapse_columns(training=(300, None)),
+        "both": collapse_columns(generalization=(200, None), training=(400, None)),
+        "healthy": collapse_columns(),
+    }
+    for run_id, columns in runs.items():
+        engine.ingest(run_id, columns)
+        engine.flush(run_id)
+    onsets = {run_id: [(e.step, e.evidence["scope"]) for e in engine.timeline(run_id)[1]
+                       if e.kind is EventKind.COLLAPSE_ONSET] for run_id in runs}
+    assert onsets == {"general": [(3000, "generalization")], "training": [(3000, "training")],
+                      "both": [(2000, "generalization"), (4000, "training")], "healthy": []}
+    expected = {"general": (None, 1.0), "training": (1.0, None), "both": (1.0, 1.0),
+                "healthy": (None, None)}
+    for run_id, flags in expected.items():
+        assert _collapse_flags(engine, run_id) == {"collector": flags, "text": flags}, run_id
+    # The phase alone cannot tell a generalisation collapse from a training one.
+    value = _registry(engine).get_sample_value
+    assert value("phasewatch_run_phase", {"run_id": "general", "phase": "collapse"}) == 1
+    assert value("phasewatch_run_phase", {"run_id": "training", "phase": "collapse"}) == 1
+    assert value("phasewatch_run_phase", {"run_id": "healthy", "phase": "collapse"}) == 0
+
+
+def test_collapse_gauge_leaves_when_the_collapse_ends():
+    columns = collapse_columns(generalization=(300, 60))  # back at line 360, ended at 420
+    engine = Engine()
+    engine.ingest("r", {k: (steps[:340], values[:340]) for k, (steps, values) in columns.items()})
+    engine.flush("r")
+    assert _collapse_flags(engine, "r") == {"collector": (None, 1.0), "text": (None, 1.0)}
+    engine.ingest("r", {k: (steps[340:], values[340:]) for k, (steps, values) in columns.items()})
+    engine.flush("r")
+    ends = [(e.step, e.evidence["scope"]) for e in engine.timeline("r")[1]
+            if e.kind is EventKind.COLLAPSE_END]
+    assert ends == [(3600, "generalization")]
+    assert _collapse_flags(engine, "r") == {"collector": (None, None), "text": (None, None)}
+
+
+def test_a_restored_run_exports_its_open_collapse(tmp_path):
+    columns = collapse_columns(generalization=(300, None))
+    store = SqliteStore(tmp_path / "pw.db")
+    try:
+        first = Engine(store=store)
+        first.ingest("r", columns)
+        first.flush("r")
+        first.checkpoint_all()
+        # Another engine (a restart, or the replica that takes the run over) loads
+        # the run's checkpoint on its next batch: the open collapse comes with it.
+        second = Engine(store=store)
+        second.ingest("r", {name: ([6000], [values[-1]]) for name, (_, values) in columns.items()})
+        assert second.status("r").collapse_scopes == ("generalization",)
+        assert _collapse_flags(second, "r") == {"collector": (None, 1.0), "text": (None, 1.0)}
+    finally:
+        store.close()
+
+
+def test_a_collapse_scope_the_exporter_does_not_know_pages_as_training():
+    # The scope names are the labeller's and the alert rules'.
+    assert COLLAPSE_SCOPES == (TRAINING, GENERALISATION) == (SCOPE_TRAINING, SCOPE_GENERALIZATION)
+    engine = Engine()
+    engine.ingest("r", collapse_columns(n=50))
+    run = engine._runs["r"]
+    run.status = replace(run.status, collapse_scopes=("generalization", "optimizer"))
+    assert _collapse_flags(engine, "r") == {"collector": (1.0, 1.0), "text": (1.0, 1.0)}

@@ -28,7 +28,7 @@ from detector.alerts.model import label_fingerprint
 from detector.core.types import Event, EventKind
 from detector.replay import columns_to_batch
 from detector.server import serve
-from tests.helpers import read_rows, rows_to_columns, shared_dir
+from tests.helpers import collapse_columns, read_rows, rows_to_columns, shared_dir
 from tests.observability import Alertmanager, Prometheus, Receiver, free_port, wait_for
 from tests.test_deploy import ALERTMANAGER, RULES, dashboard_queries
 
@@ -292,6 +292,62 @@ def test_shipped_collapse_rule_fires_for_a_collapsing_run(
         status = alertmanager.alerts(run_id=run_id, alertname=name)[0]["status"]
         assert status["state"] == "suppressed", (name, status)
         assert status["inhibitedBy"] == [collapse["fingerprint"]]
+
+
+def test_shipped_rules_warn_on_a_generalisation_collapse_and_do_not_page(
+    detector: Detector, prometheus: Prometheus, alertmanager: Alertmanager
+):
+    """A held-out collapse puts the run in the collapse phase like any collapse, but
+    only PhasewatchGeneralizationCollapsed (a warning) fires, and the detector's own
+    GeneralizationCollapse inhibits it; the collapse's end resolves both."""
+    run_id = "gen-collapse-prom"
+    columns = collapse_columns(generalization=(300, 60))  # open at step 3000, ended at 3600
+
+    def send(lines: slice) -> None:
+        part = {name: (steps[lines], values[lines]) for name, (steps, values) in columns.items()}
+        detector.stub.Log(pb.LogRequest(run_id=run_id, batch=columns_to_batch(part)), timeout=30)
+
+    def rule_alerts() -> dict[str, dict[str, Any]]:
+        return {a["labels"]["alertname"]: a for a in prometheus.api("alerts")["alerts"]
+                if a["labels"].get("run_id") == run_id}
+
+    send(slice(0, 340))
+    [warning] = wait_for(
+        lambda: [a for name, a in rule_alerts().items()
+                 if name == "PhasewatchGeneralizationCollapsed" and a["state"] == "firing"],
+        30, "PhasewatchGeneralizationCollapsed to fire in Prometheus")
+    assert warning["labels"] == {"alertname": "PhasewatchGeneralizationCollapsed",
+                                 "run_id": run_id, "severity": "warning"}
+    # The phase gauge says "collapse" (what the critical rule used to fire on) ...
+    [phase] = prometheus.query(f'phasewatch_run_phase{{run_id="{run_id}"}} == 1')
+    assert phase["metric"]["phase"] == "collapse"
+    # ... yet the critical rule never was pending or firing for this run: the
+    # ALERTS series Prometheus keeps of every rule evaluation has no sample of it.
+    time.sleep(3)  # a few more evaluations (every 1 s) with the collapse open
+    assert prometheus.query(
+        f'ALERTS{{alertname="PhasewatchRunCollapsed",run_id="{run_id}"}}[10m]') == []
+    assert "PhasewatchRunCollapsed" not in rule_alerts()
+
+    def inhibited() -> dict[str, dict[str, Any]] | None:
+        alerts = alerts_by_name(alertmanager, run_id)
+        needed = {"GeneralizationCollapse", "PhasewatchGeneralizationCollapsed"}
+        return alerts if needed <= set(alerts) else None
+
+    alerts = wait_for(inhibited, 30, "the detector's and the rule's alerts in Alertmanager")
+    assert not {"TrainingCollapse", "PhasewatchRunCollapsed"} & set(alerts)
+    own = alerts["GeneralizationCollapse"]
+    assert own["status"]["state"] == "active" and own["labels"]["severity"] == "warning"
+    assert [r["name"] for r in own["receivers"]] == ["ml-team"]  # not the pager
+    duplicate = alerts["PhasewatchGeneralizationCollapsed"]["status"]
+    assert duplicate["state"] == "suppressed" and duplicate["inhibitedBy"] == [own["fingerprint"]]
+
+    send(slice(340, None))  # back at 0.99 from step 3600: COLLAPSE_END
+    wait_for(lambda: "PhasewatchGeneralizationCollapsed" not in rule_alerts(), 30,
+             "the rule's alert to resolve in Prometheus")
+    wait_for(lambda: "GeneralizationCollapse" not in alerts_by_name(alertmanager, run_id), 30,
+             "the detector's alert to resolve in Alertmanager")
+    assert prometheus.query(f'phasewatch_run_collapse{{run_id="{run_id}"}}') == []  # stale
+    end_run(detector.stub, run_id)
 
 
 def test_collapse_scopes_route_and_inhibit_in_alertmanager(alertmanager: Alertmanager):

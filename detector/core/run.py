@@ -199,6 +199,14 @@ class RunDetector:
     def current_phase(self) -> tuple[Phase | None, int, float]:
         return self.labeller.current()
 
+    def collapse_scopes(self) -> tuple[str, ...]:
+        """The scopes of the collapses open now, sorted (see :class:`PhaseLabeller`).
+
+        The phase is ``collapse`` while any is open, whatever its scope: this says
+        which, so that a training collapse and a generalisation one can be told apart.
+        """
+        return self.labeller.collapse_scopes()
+
     def segments(self) -> list[Segment]:
         return self.labeller.segments()
 

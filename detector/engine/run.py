@@ -326,6 +326,7 @@ class _Run:
             recent_events=tuple(self.recent),
             updated_at=time.time(),
             series=_headline_series(self.detector),
+            collapse_scopes=self.detector.collapse_scopes(),
         )
 
 

@@ -27,9 +27,14 @@ when it changes): without a valid ``Authorization: Bearer`` header the answer
 is 401, since the exposition names runs, their labels and series.
 
 Cardinality budget. Per run: ``phasewatch_run_phase`` (4 series),
-``phasewatch_run_last_step`` and ``phasewatch_run_info`` (1 each). An ended
-run leaves the exposition ``retention`` seconds after its last update (ten
-minutes by default: long enough for a few scrapes and a ``for:`` clause).
+``phasewatch_run_last_step`` and ``phasewatch_run_info`` (1 each), and
+``phasewatch_run_collapse`` only while a collapse is open: 1 series per open
+scope (``training``, ``generalization``), so at most 2 (the phase is
+``collapse`` for either; the alert rules read this gauge to page only on a
+training collapse, and a 0 for every other run would cost 2 series a run for
+nothing the phase does not say). An ended run leaves the exposition
+``retention`` seconds after its last update (ten minutes by default: long
+enough for a few scrapes and a ``for:`` clause).
 Per series, only the run's *headline* series (training and validation
 loss-like and accuracy-like series, as the labeller picked them: at most 4),
 only for runs that have not ended, and only for the ``series_runs`` most

@@ -21,6 +21,7 @@ from detector.core.types import Phase
 from detector.engine import Engine, RunStatus
 from detector.events import DomainEvent, RunEnded, RunLeft, RunUpdated
 from detector.exporter.collector import (
+    _COLLAPSE,
     _EOF,
     _INFO,
     _LAST_STEP,
@@ -30,10 +31,12 @@ from detector.exporter.collector import (
     _PLATEAU,
     _STATUS_UPDATED_AT,
     _TAU,
+    COLLAPSE_SCOPES,
     DEFAULT_RETENTION,
     DEFAULT_SERIES_RUNS,
     EngineCollector,
     _info_labels,
+    collapse_labels,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +70,12 @@ def _encode(collector: Collector, open_metrics: bool) -> bytes:
 
 # The phase samples' text before the run id, per phase (labels sorted: phase, run_id).
 _PHASE_PREFIXES = tuple((p, f'{_PHASE[0]}{{phase="{_escape(p.value)}",run_id="') for p in Phase)
+# The collapse sample's text per scope label, all but the run id (labels sorted:
+# run_id, scope).
+_COLLAPSE_AFFIXES = {
+    scope: (f'{_COLLAPSE[0]}{{run_id="', f'",scope="{_escape(scope)}"}} 1.0\n')
+    for scope in COLLAPSE_SCOPES
+}
 
 
 class _RunText:
@@ -74,12 +83,13 @@ class _RunText:
 
     Made from the run's previous entry where it can: a new status (every batch
     makes one) mostly moves the last step, so the phase lines are kept while
-    the phase is, and the info line while the labels are. Each line is what
+    the phase is, the collapse lines while the open collapse scopes are, and
+    the info line while the labels are. Each line is what
     :func:`_sample` writes, built by concatenation (a first scrape of 10 000
     runs formats 70 000 of them).
     """
 
-    __slots__ = ("status", "phase", "last_step", "info", "_series")
+    __slots__ = ("status", "phase", "collapse", "last_step", "info", "_series")
 
     def __init__(self, status: RunStatus, previous: _RunText | None = None) -> None:
         self.status = status  # held: its identity is the cache key, so it must stay alive
@@ -90,6 +100,13 @@ class _RunText:
             self.phase = "".join(
                 f'{prefix}{run_id}"}} {"1.0" if status.phase is p else "0.0"}\n'
                 for p, prefix in _PHASE_PREFIXES
+            )
+        if previous is not None and previous.status.collapse_scopes == status.collapse_scopes:
+            self.collapse: str = previous.collapse
+        else:
+            self.collapse = "".join(
+                f"{_COLLAPSE_AFFIXES[scope][0]}{run_id}{_COLLAPSE_AFFIXES[scope][1]}"
+                for scope in collapse_labels(status.collapse_scopes)
             )
         self.last_step = (
             f'{_LAST_STEP[0]}{{run_id="{run_id}"}} {floatToGoString(float(status.last_step))}\n'
@@ -202,6 +219,7 @@ class MetricsExposition:
         info = (_INFO, "info") if open_metrics else ((_INFO[0] + "_info", _INFO[1]), "gauge")
         families: list[tuple[tuple[str, str], str, str, list[str]]] = [
             (_PHASE, "gauge", _PHASE[0], [t.phase for t in texts]),
+            (_COLLAPSE, "gauge", _COLLAPSE[0], [t.collapse for t in texts]),
             (_LAST_STEP, "gauge", _LAST_STEP[0], [t.last_step for t in texts]),
             (info[0], info[1], _INFO[0] + "_info", [t.info for t in texts]),
         ]

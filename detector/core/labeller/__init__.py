@@ -256,6 +256,11 @@ class PhaseLabeller:
     def current(self) -> tuple[Phase | None, int, float]:
         return self.timeline.current()
 
+    def collapse_scopes(self) -> tuple[str, ...]:
+        """The scopes (``training``, ``generalization``) of the collapses open now,
+        sorted; empty when none is. O(scopes): at most two."""
+        return tuple(sorted(self.timeline.collapses))
+
     def segments(self) -> list[Segment]:
         if not self.timeline.boundaries or self.last_step is None:
             return []
