@@ -328,6 +328,25 @@ def test_checkpoint_log_appends_and_a_full_checkpoint_clears_it(backend: Backend
     assert store.load_checkpoint("run-0") == Checkpoint(b"other", 2, (b"other-entry",))
 
 
+def test_log_entries_from_before_their_step_was_kept_take_the_checkpoints(tmp_path):
+    """Before schema 5 an append moved the checkpoints row's step; its entries have
+    none (NULL). The step a checkpoint covers is then the row's, or the last newer
+    entry's."""
+    path = tmp_path / "pw.db"
+    store = SqliteStore(path)
+    store.save_checkpoint("run-1", b"state-1", 10)
+    store.save_checkpoint("run-1", b"entry-1", 20, append=True)
+    store.close()
+    with sqlite3.connect(path) as conn:  # as the old code left it
+        conn.execute("UPDATE checkpoint_log SET through_step = NULL")
+        conn.execute("UPDATE checkpoints SET through_step = 20")
+    store = SqliteStore(path)
+    assert store.load_checkpoint("run-1") == Checkpoint(b"state-1", 20, (b"entry-1",))
+    store.save_checkpoint("run-1", b"entry-2", 30, append=True)
+    assert store.load_checkpoint("run-1") == Checkpoint(b"state-1", 30, (b"entry-1", b"entry-2"))
+    store.close()
+
+
 @pytest.mark.parametrize("log_points", [0, 300, 16384])
 def test_a_restore_replays_the_checkpoint_log_to_the_uninterrupted_timeline(
     backend: Backend, log_points: int
