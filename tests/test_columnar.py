@@ -209,7 +209,7 @@ def test_checkpoint_round_trips_mid_run_with_held_points() -> None:
             events += first.ingest(batch)[2]
         assert first.pending, "the checkpoint should hold points"
         blob = first.checkpoint()
-        assert pickle.loads(blob)["version"] == CHECKPOINT_VERSION == 2
+        assert pickle.loads(blob)["version"] == CHECKPOINT_VERSION == 3
         restored = _Run.restore(blob, config)
         for batch in batches[cut:]:
             events += restored.ingest(batch)[2]
