@@ -64,8 +64,8 @@ from detector.engine.config import (
     MAX_STEP,
     EngineConfig,
     _check,
+    _check_all_steps,
     _check_labels,
-    _check_steps,
 )
 from detector.engine.run import (  # noqa: F401 - CHECKPOINT_VERSION importable here
     CHECKPOINT_VERSION,
@@ -207,7 +207,7 @@ class Engine:
                 raise InvalidArgument(
                     f"series {name!r} has {len(steps)} steps but {len(values)} values"
                 )
-            _check_steps(name, steps)
+        _check_all_steps(columns)
         if self._rate is not None:  # RateLimited before anything of the batch goes in
             self._rate.take(run_id, sum(len(steps) for steps, _ in columns.values()))
         if run_id not in self._runs:
