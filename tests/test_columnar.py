@@ -209,7 +209,7 @@ def test_checkpoint_round_trips_mid_run_with_held_points() -> None:
             events += first.ingest(batch)[2]
         assert first.pending, "the checkpoint should hold points"
         blob = first.checkpoint()
-        assert pickle.loads(blob)["version"] == CHECKPOINT_VERSION == 2
+        assert pickle.loads(blob)["version"] == CHECKPOINT_VERSION == 3
         restored = _Run.restore(blob, config)
         for batch in batches[cut:]:
             events += restored.ingest(batch)[2]
@@ -257,3 +257,58 @@ def test_released_memory_is_bounded_and_tells_resent_from_late() -> None:
     late = engine.ingest("r", {"y": ([n - 10], [1.0])})  # y never sent it: too late
     assert (late.accepted, late.rejected) == (0, 1)
     assert math.isfinite(run.detector.detectors["x"].last_value)
+
+
+def _in_order_batches(columns, seed: int) -> list[dict]:
+    """Random splits of a run in order (what a training job sends), with a series
+    thinned, one missing from some batches, one that starts late; every 9th batch
+    resends part of the one before, which the in-order path must leave alone."""
+    rng = np.random.default_rng(seed)
+    cols = dict(sorted(columns.items()))
+    names = list(cols)
+    cols[names[1]] = (cols[names[1]][0][::3], cols[names[1]][1][::3])
+    first = next(iter(cols.values()))[0]
+    cols["late_norm"] = (first[len(first) // 2:], np.linspace(1.0, 2.0, len(first) - len(first) // 2))
+    lines = np.unique(np.concatenate([s for s, _ in cols.values()]))
+    cuts = np.sort(rng.choice(np.arange(1, len(lines)), size=min(60, len(lines) - 1), replace=False))
+    batches: list[dict] = []
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(lines)], strict=True):
+        batch = {}
+        for name, (steps, values) in cols.items():
+            sel = (steps >= lines[lo]) & (steps <= lines[hi - 1])
+            # names[2] is not logged at some batches' lines at all
+            if sel.any() and not (name == names[2] and rng.random() < 0.3):
+                batch[name] = (steps[sel], values[sel])
+        if len(batches) % 9 == 8:
+            batch = {**batch, **{n: batches[-1][n] for n in list(batches[-1])[:2]}}
+        batches.append(batch)
+    return batches
+
+
+def test_in_order_batches_take_the_short_path_with_the_same_result(monkeypatch) -> None:
+    columns = rows_to_columns(read_rows(shared_dir("runs", "grok_add_0.jsonl")))
+    batches = _in_order_batches(columns, 3)
+    config = EngineConfig()
+
+    def run(batches: list[dict]) -> tuple[_Run, list]:
+        r = _Run("r", {}, config)
+        out = []
+        for batch in batches:
+            accepted, rejected, events = r.ingest(batch)
+            out.append((accepted, rejected, [_event_key(e) for e in events],
+                        r.through_step, r.max_step, r.changes))
+        out.append([_event_key(e) for e in r.flush()])
+        return r, out
+
+    taken = []
+    short = _Run._hold_in_order
+    monkeypatch.setattr(_Run, "_hold_in_order", lambda self, c: taken.append(short(self, c))
+                        or taken[-1])
+    fast, fast_out = run(batches)
+    assert sum(taken) > len(batches) // 2 and not all(taken)  # both paths ran
+    monkeypatch.setattr(_Run, "_hold_in_order", lambda self, c: False)
+    slow, slow_out = run(batches)
+    assert fast_out == slow_out
+    assert any(step[2] for step in slow_out[:-1]), "the run should have events"
+    assert fast.last_seen == slow.last_seen and fast.detector.segments() == slow.detector.segments()
+    assert json.dumps(fast.detector.labeller.state()) == json.dumps(slow.detector.labeller.state())

@@ -31,6 +31,7 @@ from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
 from detector.client import ClientConfig, connect
 from detector.report import event_view_from_proto, segment_view_from_proto
+from detector.store.postgres import PostgresStore
 from tests.helpers import REPO, read_rows, shared_dir
 from tests.pg import fresh_database
 from tests.test_online_offline import _analyze, _comparable
@@ -215,10 +216,11 @@ def test_sigkill_mid_run_loses_no_acknowledged_point(cluster, capsys) -> None:
         killed_at = time.monotonic()
         acknowledged_by_a = run.stats.acknowledged
         proxy.switch(b.address)
-        with psycopg.connect(url) as conn:
-            checkpointed = conn.execute(
-                "SELECT through_step FROM checkpoints WHERE run_id = %s", (RUN_ID,)
-            ).fetchone()[0]
+        store = PostgresStore(url)
+        try:
+            checkpointed = store.load_checkpoint(RUN_ID).through_step
+        finally:
+            store.close()
         # Every point A acknowledged is in its checkpoint (acks never run ahead of it).
         covered = sum(n for row, n in zip(rows, points, strict=True) if row["step"] <= checkpointed)
         assert 0 < acknowledged_by_a <= covered < total

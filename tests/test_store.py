@@ -18,8 +18,9 @@ import pytest
 
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
-from detector.core.types import Event, EventKind, Phase, Segment
+from detector.core.types import Direction, Event, EventKind, Phase, Role, Segment, SeriesSpec, Split
 from detector.engine import Checkpoint, Engine, EngineConfig, RunStatus, Store
+from detector.engine.run import decode_log_entry, op_points
 from detector.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
 from detector.logfile import iter_batches, read_log
 from detector.server import create_server
@@ -328,6 +329,25 @@ def test_checkpoint_log_appends_and_a_full_checkpoint_clears_it(backend: Backend
     assert store.load_checkpoint("run-0") == Checkpoint(b"other", 2, (b"other-entry",))
 
 
+def test_log_entries_from_before_their_step_was_kept_take_the_checkpoints(tmp_path):
+    """Before schema 5 an append moved the checkpoints row's step; its entries have
+    none (NULL). The step a checkpoint covers is then the row's, or the last newer
+    entry's."""
+    path = tmp_path / "pw.db"
+    store = SqliteStore(path)
+    store.save_checkpoint("run-1", b"state-1", 10)
+    store.save_checkpoint("run-1", b"entry-1", 20, append=True)
+    store.close()
+    with sqlite3.connect(path) as conn:  # as the old code left it
+        conn.execute("UPDATE checkpoint_log SET through_step = NULL")
+        conn.execute("UPDATE checkpoints SET through_step = 20")
+    store = SqliteStore(path)
+    assert store.load_checkpoint("run-1") == Checkpoint(b"state-1", 20, (b"entry-1",))
+    store.save_checkpoint("run-1", b"entry-2", 30, append=True)
+    assert store.load_checkpoint("run-1") == Checkpoint(b"state-1", 30, (b"entry-1", b"entry-2"))
+    store.close()
+
+
 @pytest.mark.parametrize("log_points", [0, 300, 16384])
 def test_a_restore_replays_the_checkpoint_log_to_the_uninterrupted_timeline(
     backend: Backend, log_points: int
@@ -344,10 +364,11 @@ def test_a_restore_replays_the_checkpoint_log_to_the_uninterrupted_timeline(
     for batch in batches[:cut]:
         acked = first.ingest("grok", batch).through_step
     saved = store.load_checkpoint("grok")
-    logged = [len(steps) for entry in saved.log for columns in pickle.loads(entry)
-              for steps, _ in columns.values()]
+    state = pickle.loads(saved.state)
+    entries = [state["replay"]] if "replay" in state else []  # the run's first write
+    logged = [op_points(op) for entry in (*entries, *saved.log) for op in decode_log_entry(entry)]
     assert saved.through_step == acked and sum(logged) <= log_points
-    assert (len(saved.log) > 0) == (log_points > 0)
+    assert (len(saved.log) + len(entries) > 0) == (log_points > 0)
     second = Engine(config, store=store)
     assert second.status("grok").last_step == first.status("grok").last_step
     for batch in batches[cut:]:
@@ -425,6 +446,62 @@ def test_a_new_process_resumes_from_the_checkpoint(backend: Backend):
     c = Engine(store=backend.open(), replica="C")
     assert _timeline(c, "grok") == expected
     assert c.status("grok").ended and c.status("grok").last_step == 416 * 10
+
+
+def test_a_short_run_stores_its_changes_not_its_state_and_restores_exactly(backend: Backend):
+    """A run whose changes fit the log is first checkpointed as those changes (start
+    with its labels and series, batches, flush, end) replayed from an empty run:
+    restored mid-run or after its end, it is the run that was never interrupted."""
+    batches = _grok_batches(97)
+    expected = _reference(batches)
+    store = backend.open()
+    first = Engine(store=store)
+    first.start_run("grok", labels={"team": "x"}, series=[SeriesSpec(
+        "train_loss", Role.LOSS, Split.TRAIN, Direction.MINIMIZE)])
+    cut = len(batches) // 3
+    for batch in batches[:cut]:
+        acked = first.ingest("grok", batch).through_step
+    first.flush("grok")
+    state = pickle.loads(store.load_checkpoint("grok").state)
+    assert set(state) == {"version", "run_id", "replay"}  # no detector state written
+    kinds = [op[0] for entry in (state["replay"], *store.load_checkpoint("grok").log)
+             for op in decode_log_entry(entry)]
+    assert kinds == ["start", *["batch"] * cut, "flush"]
+    second = Engine(store=store)
+    status = second.start_run("grok", resume=True)
+    assert status.labels == {"team": "x"} and status.last_step >= acked
+    assert second._runs["grok"].detector.specs["train_loss"].role == Role.LOSS
+    for batch in batches[cut:]:
+        assert second.ingest("grok", batch).rejected == 0
+    second.end_run("grok")
+    assert _timeline(second, "grok") == expected
+    third = Engine(store=store)  # restored after its end: ended, the same state
+    ended = third.start_run("grok", resume=True)
+    assert ended.last_step == second.status("grok").last_step
+    restored, original = third._runs["grok"], second._runs["grok"]
+    assert restored.detector.segments() == original.detector.segments()
+    assert [e.step for e in restored.recent] == [e.step for e in original.recent]
+    assert third.end_run("grok") == []  # already ended: nothing is localised again
+
+
+def test_log_entries_written_before_the_op_log_still_replay(backend: Backend):
+    """A version-2 checkpoint and its log as an older phasewatch wrote them: the
+    whole state, then each batch as a pickled list of column dicts."""
+    batches = _grok_batches(97)
+    expected = _reference(batches)
+    written = Engine()
+    written.ingest("grok", batches[0])
+    state = pickle.loads(written._runs["grok"].checkpoint())
+    state["version"] = 2
+    store = backend.open()
+    store.save_checkpoint("grok", pickle.dumps(state), 0)
+    for batch in batches[1:4]:
+        store.save_checkpoint("grok", pickle.dumps([batch]), 0, append=True)
+    engine = Engine(store=store)
+    for batch in batches[4:]:
+        assert engine.ingest("grok", batch).rejected == 0
+    engine.end_run("grok")
+    assert _timeline(engine, "grok")[0] == expected[0]  # the events of batch 0 were not stored
 
 
 def test_a_failed_store_write_drops_the_run_and_the_replay_repairs_it(backend: Backend):

@@ -14,14 +14,17 @@ Durability: with a store, every ingest that changed a run is checkpointed
 together with the events, segments and status it produced, in one store
 transaction, *before* ``through_step`` is returned: an acknowledged step is
 always covered by the checkpoint, and the stored events are exactly those of
-the checkpointed state. A checkpoint is the pickled run state (detector,
-reorder buffer, dedup memory; ~40 kB a series) plus a log of the batches
-ingested since: a commit that only ingested appends its batches to the log
-(16 bytes a point), and the whole state is written again once the log holds
-``checkpoint_log_points`` points or anything else changed the run. A run that
-is not in memory is restored from its checkpoint on its next
-``start_run``/``ingest``: the state is loaded and the log replayed, which
-detection's determinism makes exact. When the store refuses a write, the
+the checkpointed state. A checkpoint is a base plus a log of what was done to
+the run since: a commit appends what changed the run (batches at 16 bytes a
+point, starts with their labels and series, flushes, ends) to the log, and
+the whole state (detector, reorder buffer, dedup memory; ~40 kB a series) is
+written as the new base, with an empty log, once the log would pass
+``checkpoint_log_points`` points. A run's first base is the empty run (the
+"replay form", :meth:`_Run.replay_checkpoint`), so a run shorter than that
+never writes its state. A run that is not in memory is restored from its
+checkpoint on its next ``start_run``/``ingest``: the base is loaded and the
+log replayed, which detection's determinism makes exact, in O(points in the
+log). When the store refuses a write, the
 run's in-memory state (now ahead of its checkpoint) is dropped, so that the
 next call restores the last checkpoint and the client replays the rest.
 
@@ -45,7 +48,6 @@ import bisect
 import itertools
 import logging
 import os
-import pickle
 import socket
 import threading
 import time
@@ -62,10 +64,16 @@ from detector.engine.config import (
     MAX_STEP,
     EngineConfig,
     _check,
+    _check_all_steps,
     _check_labels,
-    _check_steps,
 )
-from detector.engine.run import CHECKPOINT_VERSION, Columns, _Run  # noqa: F401 - importable here
+from detector.engine.run import (  # noqa: F401 - CHECKPOINT_VERSION importable here
+    CHECKPOINT_VERSION,
+    Columns,
+    _Run,
+    encode_log_entry,
+    op_points,
+)
 from detector.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -166,18 +174,9 @@ class Engine:
                     restarted = self._runs.setdefault(run_id, fresh) is fresh
         run = self._acquire(run_id, labels=labels or {})
         try:
-            if labels:
-                if len(run.labels.keys() | labels.keys()) > MAX_LABELS:
-                    raise InvalidArgument(
-                        f"run {run_id!r} would have more than {MAX_LABELS} labels"
-                    )
-                run.labels.update(labels)
-            for spec in specs:
-                run.declare(spec)
-            run.ended = False
-            run.changes += 1  # labels, series, ended: the next commit checkpoints them
-            run.unlogged = None  # not a batch: the log cannot replay it
-            run.status = run._make_status()
+            if labels and len(run.labels.keys() | labels.keys()) > MAX_LABELS:
+                raise InvalidArgument(f"run {run_id!r} would have more than {MAX_LABELS} labels")
+            run.start(labels or {}, specs)  # the next commit checkpoints it
             status = run.status
             if self.store is not None:
                 # Under the run lock, so that it cannot overwrite a later commit's status.
@@ -208,7 +207,7 @@ class Engine:
                 raise InvalidArgument(
                     f"series {name!r} has {len(steps)} steps but {len(values)} values"
                 )
-            _check_steps(name, steps)
+        _check_all_steps(columns)
         if self._rate is not None:  # RateLimited before anything of the batch goes in
             self._rate.take(run_id, sum(len(steps) for steps, _ in columns.values()))
         if run_id not in self._runs:
@@ -272,16 +271,7 @@ class Engine:
         started = time.perf_counter()
         try:
             with self._detecting:
-                events = run.flush()
-                # A second end must not localise again.
-                finished = [] if run.ended else run.detector.finish()
-            run.recent.extend(finished)
-            run.events.extend(finished)
-            events += finished
-            run.ended = True
-            run.changes += 1
-            run.unlogged = None  # the end and its finish() are not batches
-            run.status = run._make_status()
+                events = run.end()
             status = run.status
             self._commit(run, events, run.detector.segments())
         finally:
@@ -432,8 +422,9 @@ class Engine:
                             raise ResourceExhausted(
                                 f"the detector already has {self.config.max_runs} runs"
                             )
-                        # With a store, timelines are read from it.
-                        run = restored or _Run(run_id, labels or {}, self.config,
+                        # With a store, timelines are read from it. Made empty: start_run's
+                        # labels are the first thing its checkpoint log records.
+                        run = restored or _Run(run_id, {}, self.config,
                                                timeline=self.store is None)
                         self._runs[run_id] = run
             run.lock.acquire()
@@ -483,6 +474,7 @@ class Engine:
             run.released_floor = stored.last_step + 1
         run.changes += 1
         run.unlogged = None  # the next commit writes a whole checkpoint over the damaged one
+        run.from_empty = False
         run.status = run._make_status()
         return run
 
@@ -491,22 +483,29 @@ class Engine:
     ) -> None:
         """Checkpoint a changed run with what the change produced (run lock held).
 
-        When only batches changed it since the last commit and the log has room,
-        they are appended to the stored checkpoint's log (a few kB) instead of
-        writing the whole state (~40 kB a series).
+        When the log has room for what changed the run since the last commit
+        (``unlogged``: batches, starts, flushes, ends), that is appended to the
+        stored checkpoint's log (a few kB) instead of writing the whole state
+        (~40 kB a series); a run's first checkpoint is then those changes alone
+        (:meth:`_Run.replay_checkpoint`), so a short run never writes its state.
         """
-        batches = run.unlogged
+        ops = run.unlogged
         if self.store is None or (not events and run.changes == run.saved_changes):
-            if batches:
-                batches.clear()  # they changed nothing: replaying them would not either
+            if ops:
+                ops.clear()  # they changed nothing: replaying them would not either
             return
-        points = sum(len(s) for b in batches or () for s, _ in b.values())
-        append = bool(batches) and run.logged_points + points <= self.config.checkpoint_log_points
+        points = sum(op_points(op) for op in ops or ())
+        fits = (bool(ops) and self.config.checkpoint_log_points > 0
+                and run.logged_points + points <= self.config.checkpoint_log_points)
+        append = fits and not run.from_empty
+        if fits and ops:  # (fits implies ops)
+            blob = run.replay_checkpoint(ops) if run.from_empty else encode_log_entry(ops)
+        else:
+            blob = run.checkpoint()
         try:
             self.store.save_checkpoint(
                 run.run_id,
-                pickle.dumps(batches, protocol=pickle.HIGHEST_PROTOCOL) if append
-                else run.checkpoint(),
+                blob,
                 run.through_step,
                 status=replace(run.status, recent_events=()),
                 events=events,
@@ -523,7 +522,8 @@ class Engine:
                     del self._runs[run.run_id]
             raise
         run.saved_changes = run.changes
-        run.logged_points = run.logged_points + points if append else 0
+        run.logged_points = run.logged_points + points if fits else 0
+        run.from_empty = False
         run.unlogged = []
 
     def _publish(self, message: DomainEvent) -> None:

@@ -1,11 +1,21 @@
 """One run's state in the engine: the reorder buffer in front of its
 :class:`~detector.core.RunDetector`, and the checkpoint format.
 
-A checkpoint is a pickled dict with a ``version`` (:data:`CHECKPOINT_VERSION`);
-version 1 (the per-step dict reorder buffer) is converted on restore by
-:func:`_checkpoint_v1_to_v2`, any other version is refused with
-FailedPrecondition naming it. The engine (:mod:`detector.engine`) owns the
-locks, the store and the durability rules around these objects.
+A checkpoint is a pickled dict with a ``version`` (:data:`CHECKPOINT_VERSION`):
+either the whole state, or (``"replay"``) a log entry to replay from an empty run
+(a run first checkpointed before its log filled: the state of a fresh run is
+implied, so nothing of its detector is written). Version 2 (the same whole state)
+is read as is, version 1 (the per-step dict reorder buffer) is converted by
+:func:`_checkpoint_v1_to_v2`, any other version is refused with FailedPrecondition
+naming it.
+
+A log entry (:func:`encode_log_entry`) is the list of what changed a run since its
+last write, in order: batches (each as two flat buffers, steps and values, and the
+series' names and lengths, not as pickled arrays, which cost ~8 us each), starts
+(labels and declared series), flushes and ends. Replaying them on the restored
+state (:meth:`_Run.replay`) redoes them exactly: detection is deterministic. The
+engine (:mod:`detector.engine`) owns the locks, the store and the durability rules
+around these objects.
 
 Over 400 lines: the reorder buffer's ingest (numpy, per series) and its
 checkpoint are the fields of one object and change together.
@@ -35,8 +45,15 @@ _RELEASED_MEMORY = 4096
 
 # Bump when the checkpoint's layout changes; older checkpoints are then refused
 # with a clear error instead of being misread (version 1, the per-step dict
-# reorder buffer, is still read: see _Run.restore).
-CHECKPOINT_VERSION = 2
+# reorder buffer, and version 2, without the replay form, are still read: see
+# _Run.restore).
+CHECKPOINT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
+
+# What changed a run, as its checkpoint log records it: ("batch", columns),
+# ("start", labels, specs), ("flush",) or ("end",).
+Op = tuple
+_LOG_TAG = "phasewatch-log-1"
 
 
 Columns = Mapping[str, tuple[Sequence[int] | np.ndarray, Sequence[float] | np.ndarray]]
@@ -81,10 +98,13 @@ class _Run:
         self.events: deque[Event] = deque(maxlen=config.max_timeline_events if timeline else 0)
         self.changes = 0  # bumped by every new point: a checkpoint is due when it moved
         self.saved_changes = 0
-        # The batches ingested since the last commit, for the checkpoint log; None
-        # when something else changed the run (a full checkpoint is then due).
-        self.unlogged: list[dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
-        self.logged_points = 0  # points in the stored checkpoint's log
+        # What changed the run since the last commit (Op), for the checkpoint log;
+        # None when something the log cannot replay did (a full checkpoint is then due).
+        self.unlogged: list[Op] | None = []
+        # True while ``unlogged`` holds everything done to the run since it was made
+        # empty and nothing of it is stored: its first checkpoint can be the replay form.
+        self.from_empty = True
+        self.logged_points = 0  # points a restore replays (the log, or a replay form)
         self.defunct = False  # dropped after a failed store write: callers must re-fetch
         self.status = self._make_status()
 
@@ -118,6 +138,17 @@ class _Run:
         # and the checkpoint log makes full writes rare.
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
+    def replay_checkpoint(self, ops: Sequence[Op]) -> bytes:
+        """The checkpoint of a run made empty that then went through ``ops`` (which
+        must be everything done to it: ``from_empty``). O(points in ops), against
+        O(series x window) for :meth:`checkpoint`: a short run, or any run's first
+        write, stores its batches instead of its detector."""
+        return pickle.dumps(
+            {"version": CHECKPOINT_VERSION, "run_id": self.run_id,
+             "replay": encode_log_entry(ops)},
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+
     @classmethod
     def restore(cls, blob: bytes, config: EngineConfig) -> _Run:
         """The run a :meth:`checkpoint` was taken of. Its timeline is the store's, so
@@ -135,10 +166,15 @@ class _Run:
         version = state.get("version") if isinstance(state, dict) else None
         if version == 1:
             state = _checkpoint_v1_to_v2(state)
-        elif version != CHECKPOINT_VERSION:
+        elif version not in _READABLE_VERSIONS:
             raise FailedPrecondition(
                 f"checkpoint version {version!r}, this phasewatch reads {CHECKPOINT_VERSION}"
             )
+        if "replay" in state:
+            run = cls(state["run_id"], {}, config, timeline=False)
+            run.from_empty = False
+            run.replay([state["replay"]])
+            return run
         run = cls(state["run_id"], state["labels"], config, timeline=False)
         run.detector = RunDetector.from_state(state["detector"], config.detector, keep_events=0)
         run.pending = state["pending"]
@@ -152,11 +188,12 @@ class _Run:
         run.recent.extend(state["recent"])
         run.changes = run.saved_changes = state["changes"]
         run.unlogged = []  # the stored checkpoint is this state
+        run.from_empty = False
         run.status = run._make_status()
         return run
 
     def replay(self, log: Sequence[bytes]) -> None:
-        """Ingest the batches of a checkpoint's log again, as they were first ingested.
+        """Redo what a checkpoint's log entries record, as it was first done.
 
         Detection is deterministic, so this rebuilds the state the log's last write
         covered; the events it finds again are already in the stored timeline (a
@@ -166,17 +203,51 @@ class _Run:
         self.unlogged = None
         points = 0
         for entry in log:
-            try:
-                batches = pickle.loads(entry)
-            except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-                raise FailedPrecondition(f"unreadable checkpoint log entry: {error}") from None
-            for columns in batches:
-                self.ingest(columns)
-                points += sum(len(steps) for steps, _ in columns.values())
+            for op in decode_log_entry(entry):
+                kind = op[0]
+                if kind == "batch":
+                    self.ingest(op[1])
+                elif kind == "start":
+                    self.start(op[1], op[2])
+                elif kind == "flush":
+                    self.flush()
+                else:
+                    self.end()
+                points += op_points(op)
         self.unlogged = []
-        self.logged_points = points
+        self.logged_points += points
         self.saved_changes = self.changes
         self.status = self._make_status()
+
+    def start(self, labels: Mapping[str, str], specs: Sequence[SeriesSpec]) -> None:
+        """Add labels, declare series and (re)open the run (``Engine.start_run``)."""
+        unlogged, self.unlogged = self.unlogged, None  # if this raises half-way: a full one
+        self.labels.update(labels)
+        for spec in specs:
+            self.declare(spec)
+        self.ended = False
+        self.changes += 1  # labels, series, ended: the next commit checkpoints them
+        if unlogged is not None:
+            unlogged.append(("start", dict(labels), tuple(specs)))
+            self.unlogged = unlogged
+        self.status = self._make_status()
+
+    def end(self) -> list[Event]:
+        """Release every held point, localise what the run left open (once) and mark
+        it ended (``Engine.end_run``); returns the events of both."""
+        unlogged, self.unlogged = self.unlogged, None
+        events = self._release(len(self.pending_steps))
+        # A second end must not localise again.
+        finished = [] if self.ended else self.detector.finish()
+        self.recent.extend(finished)
+        self.events.extend(finished)
+        self.ended = True
+        self.changes += 1
+        if unlogged is not None:
+            unlogged.append(("end",))
+            self.unlogged = unlogged
+        self.status = self._make_status()
+        return events + finished
 
     def declare(self, spec: SeriesSpec) -> None:
         if spec.name not in self.detector.specs:
@@ -204,13 +275,16 @@ class _Run:
         unlogged, self.unlogged = self.unlogged, None  # if this raises half-way: a full one
         result = self._ingest(batch)
         if unlogged is not None:
-            unlogged.append(batch)
+            unlogged.append(("batch", batch))
             self.unlogged = unlogged
         return result
 
     def _ingest(
         self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
     ) -> tuple[int, dict[str, int], list[Event]]:
+        if self._hold_in_order(columns):
+            events = self._release(len(self.pending_steps) - self.config.reorder_window)
+            return sum(len(steps) for steps, _ in columns.values()), {}, events
         accepted = 0
         rejected: dict[str, int] = {}
         through = self.released_through
@@ -278,10 +352,61 @@ class _Run:
         events = self._release(len(self.pending_steps) - self.config.reorder_window)
         return accepted, rejected, events
 
+    def _hold_in_order(self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bool:
+        """Hold a batch that is in order, as ``_ingest`` would, in a few numpy calls
+        for the whole batch; False (nothing done) when it is not.
+
+        In order: every series declared and not empty, its steps strictly
+        increasing and above both ``through_step`` and its last step so far. Then
+        nothing is rejected, resent or repeated, and each series' points go after
+        its held ones: ``_ingest``'s per-series checks and merge (a dozen numpy
+        calls a series) reduce to a concatenation. What a training job sends is
+        nearly always so. O(points) plus O(series) Python steps.
+        """
+        if not columns:
+            return False
+        specs, last_seen = self.detector.specs, self.last_seen
+        floor = -1 if self.released_through is None else self.released_through
+        lows = []
+        for name, (steps, _) in columns.items():
+            if name not in specs or not len(steps):
+                return False
+            lows.append(max(floor, last_seen.get(name, -1)))
+        arrays = [steps for steps, _ in columns.values()]
+        steps = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        ends = np.cumsum([len(a) for a in arrays])
+        starts = np.concatenate(([0], ends[:-1]))
+        if not (steps[starts] > np.asarray(lows)).all():
+            return False
+        rising = steps[1:] > steps[:-1]
+        rising[ends[:-1] - 1] = True  # across two series: no order needed
+        if not rising.all():
+            return False
+        tops = steps[ends - 1].tolist()
+        pending = self.pending
+        for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
+            last_seen[name] = top
+            old = pending.get(name)
+            if old is None:
+                pending[name] = (new_steps, new_values)
+            else:
+                pending[name] = (np.concatenate((old[0], new_steps)),
+                                 np.concatenate((old[1], new_values)))
+        self.max_step = max(self.max_step, max(tops))
+        self.changes += len(steps)
+        self.pending_steps = np.unique(np.concatenate((self.pending_steps, steps)))
+        return True
+
     def flush(self) -> list[Event]:
-        if len(self.pending_steps):
-            self.unlogged = None  # not a batch: the log cannot replay it
-        return self._release(len(self.pending_steps))
+        """Release every held point without ending the run."""
+        if not len(self.pending_steps):
+            return []
+        unlogged, self.unlogged = self.unlogged, None
+        events = self._release(len(self.pending_steps))
+        if unlogged is not None:
+            unlogged.append(("flush",))
+            self.unlogged = unlogged
+        return events
 
     def _release(self, count: int) -> list[Event]:
         """Give the ``count`` oldest held steps to the detector, as one block."""
@@ -332,6 +457,61 @@ class _Run:
 
 _EMPTY_STEPS = np.zeros(0, dtype=np.int64)
 _PICKLE_START = b"\x80"  # the PROTO opcode every pickle of protocol >= 2 starts with
+
+
+def op_points(op: Op) -> int:
+    """Points an op carries (what replaying it costs, ~5 us each)."""
+    return sum(len(steps) for steps, _ in op[1].values()) if op[0] == "batch" else 0
+
+
+def encode_log_entry(ops: Sequence[Op]) -> bytes:
+    """``ops`` as one checkpoint log entry. A batch is stored as its series' names
+    and lengths and two flat buffers (int64 steps, float64 values): O(points),
+    one concatenation per batch instead of pickling two arrays per series."""
+    encoded: list[tuple] = []
+    for op in ops:
+        if op[0] != "batch":
+            encoded.append(op)
+            continue
+        columns = op[1]
+        names = tuple(columns)
+        lengths = tuple(len(steps) for steps, _ in columns.values())
+        if columns:
+            steps = np.concatenate([s for s, _ in columns.values()]).astype(np.int64, copy=False)
+            values = np.concatenate([v for _, v in columns.values()]).astype(
+                np.float64, copy=False)
+        else:
+            steps, values = _EMPTY_STEPS, np.zeros(0)
+        encoded.append(("batch", names, lengths, steps.tobytes(), values.tobytes()))
+    return pickle.dumps((_LOG_TAG, encoded), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_log_entry(entry: bytes) -> list[Op]:
+    """The ops of a log entry (:func:`encode_log_entry`), or of one written before
+    it (a pickled list of batches); FailedPrecondition when it is neither."""
+    try:
+        decoded = pickle.loads(entry)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise FailedPrecondition(f"unreadable checkpoint log entry: {error}") from None
+    if isinstance(decoded, list):  # before the op log: batches only
+        return [("batch", columns) for columns in decoded]
+    if not (isinstance(decoded, tuple) and len(decoded) == 2 and decoded[0] == _LOG_TAG):
+        raise FailedPrecondition("unreadable checkpoint log entry: not a phasewatch log entry")
+    ops: list[Op] = []
+    for op in decoded[1]:
+        if op[0] != "batch":
+            ops.append(op)
+            continue
+        _, names, lengths, steps_bytes, values_bytes = op
+        # Copies: frombuffer's arrays are read-only views of the entry.
+        steps = np.frombuffer(steps_bytes, dtype=np.int64).copy()
+        values = np.frombuffer(values_bytes, dtype=np.float64).copy()
+        bounds = np.cumsum((0, *lengths))
+        ops.append(("batch", {
+            name: (steps[bounds[i]:bounds[i + 1]], values[bounds[i]:bounds[i + 1]])
+            for i, name in enumerate(names)
+        }))
+    return ops
 
 
 def _isin_sorted(needles: np.ndarray, haystack: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ from detector.store.rows import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
     append_checkpoint_log,
+    checkpoint_from_rows,
     event_from_row,
     event_row,
     run_from_row,
@@ -264,11 +265,10 @@ class PostgresStore:
                 "SELECT state, through_step FROM checkpoints WHERE run_id = %s", (run_id,)
             ).fetchone()
             log = conn.execute(
-                "SELECT entry FROM checkpoint_log WHERE run_id = %s ORDER BY seq", (run_id,)
+                "SELECT entry, through_step FROM checkpoint_log WHERE run_id = %s ORDER BY seq",
+                (run_id,),
             ).fetchall()
-        if row is None:
-            return None
-        return Checkpoint(bytes(row[0]), row[1], tuple(bytes(e) for (e,) in log))
+        return checkpoint_from_rows(row, log)
 
     @staticmethod
     def _upsert_run(conn: psycopg.Connection[Any], status: RunStatus) -> None:

@@ -60,6 +60,11 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, seq)
     );
     """,
+    # The step an appended entry covers, in its own row (as in SQLite, where moving it
+    # in the checkpoints row rewrote the state blob on every append); NULL before.
+    """
+    ALTER TABLE checkpoint_log ADD COLUMN through_step BIGINT;
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)

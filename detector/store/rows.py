@@ -7,13 +7,12 @@ or ``psql``); enums are stored by value.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from detector.core.types import Event, EventKind, Phase, Segment
 from detector.errors import FailedPrecondition
-from detector.ports import RunStatus
+from detector.ports import Checkpoint, RunStatus
 
 RUN_COLUMNS = "run_id, labels, phase, since_step, confidence, last_step, ended, updated_at"
 EVENT_COLUMNS = "step, detected_at, kind, series, confidence, message, phase, evidence"
@@ -90,16 +89,32 @@ def segment_from_row(row: Sequence[Any]) -> Segment:
 
 
 def append_checkpoint_log(conn: Any, mark: str, run_id: str, entry: bytes, through_step: int) -> None:
-    """Add ``entry`` to the log of the run's stored checkpoint and move its step, on
-    an open transaction of either store (``mark``: its parameter marker, ? or %s)."""
-    moved = conn.execute(
-        f"UPDATE checkpoints SET through_step = {mark}, saved_at = {mark} WHERE run_id = {mark}",
-        (through_step, time.time(), run_id),
-    ).rowcount
-    if moved != 1:
+    """Add ``entry``, covering ``through_step``, to the log of the run's stored
+    checkpoint, on an open transaction of either store (``mark``: its parameter
+    marker, ? or %s). The checkpoints row is only read (through its primary key
+    index, not its state): O(log rows) whatever the size of the state."""
+    if conn.execute(
+        f"SELECT 1 FROM checkpoints WHERE run_id = {mark}", (run_id,)
+    ).fetchone() is None:
         raise FailedPrecondition(f"run {run_id!r} has no checkpoint to append a log entry to")
     conn.execute(
-        f"INSERT INTO checkpoint_log (run_id, seq, entry) VALUES ({mark}, "
-        f"(SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint_log WHERE run_id = {mark}), {mark})",
-        (run_id, run_id, entry),
+        f"INSERT INTO checkpoint_log (run_id, seq, entry, through_step) VALUES ({mark}, "
+        f"(SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint_log WHERE run_id = {mark}), "
+        f"{mark}, {mark})",
+        (run_id, run_id, entry, through_step),
     )
+
+
+def checkpoint_from_rows(
+    row: Sequence[Any] | None, log: Sequence[Sequence[Any]]
+) -> Checkpoint | None:
+    """The :class:`Checkpoint` of a ``checkpoints`` row (state, through_step) and its
+    log rows (entry, through_step) in order: the last log entry's step when it has
+    one (entries written before it was kept have none), else the state's."""
+    if row is None:
+        return None
+    through = row[1]
+    for _, step in log:
+        if step is not None:
+            through = step
+    return Checkpoint(bytes(row[0]), through, tuple(bytes(entry) for entry, _ in log))

@@ -25,6 +25,7 @@ from detector.store.rows import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
     append_checkpoint_log,
+    checkpoint_from_rows,
     event_from_row,
     event_row,
     run_from_row,
@@ -91,6 +92,12 @@ _MIGRATIONS: tuple[str, ...] = (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );
+    """,
+    # The step an appended log entry covers lives in its own row: moving it in the
+    # checkpoints row made SQLite rewrite that row's whole state blob (hundreds of
+    # kB) on every append. NULL in entries written before this migration.
+    """
+    ALTER TABLE checkpoint_log ADD COLUMN through_step INTEGER;
     """,
 )
 
@@ -255,11 +262,10 @@ class SqliteStore:
                 "SELECT state, through_step FROM checkpoints WHERE run_id = ?", (run_id,)
             ).fetchone()
             log = self._conn.execute(
-                "SELECT entry FROM checkpoint_log WHERE run_id = ? ORDER BY seq", (run_id,)
+                "SELECT entry, through_step FROM checkpoint_log WHERE run_id = ? ORDER BY seq",
+                (run_id,),
             ).fetchall()
-        if row is None:
-            return None
-        return Checkpoint(bytes(row[0]), row[1], tuple(bytes(e) for (e,) in log))
+        return checkpoint_from_rows(row, log)
 
     def claim_run(self, run_id: str, owner: str) -> _LocalClaim:
         """Always granted: only this process writes a SQLite store."""
