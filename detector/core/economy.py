@@ -21,7 +21,8 @@ decides which of those reach the user:
   event per ``lines_per_event`` lines, so a long stable stretch reports at
   most one event per group per 100 lines however much its series wander (a
   stable run's series changes are rarely news, and a wandering norm would
-  otherwise spend a fresh burst on every stretch). Leaving the phase (a collapse, say) gives the burst back.
+  otherwise spend a fresh burst on every stretch). Leaving the phase (a
+  collapse, say) gives the burst back.
 
 Run-level events (phases, spikes, collapses, grokking) are never held back.
 Why the defaults: ``burst`` 8 is about the most change points a TCPD series
@@ -109,10 +110,12 @@ class EventEconomy:
         return self.settled_at is not None
 
     def _phase_changed(self, settled: bool, line: int) -> None:
-        if settled and not self.settled:
+        if not settled:
+            self.settled_at = None
+        elif self.settled_at is None:  # a stable stretch begins: every allowance empty
+            self.settled_at = line
             for group in self.groups.values():
                 group[0], group[1], group[3] = 0, line, 0
-        self.settled_at = (self.settled_at if self.settled else line) if settled else None
 
     def _pinned(self, event: Event, specs: dict[str, SeriesSpec] | None) -> bool:
         if event.kind is not EventKind.CHANGE_POINT or specs is None:
