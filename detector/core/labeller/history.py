@@ -73,6 +73,19 @@ class Band:
             self._level = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
         return self._level
 
+    def buffer(self) -> tuple[np.ndarray, int]:
+        """The values, oldest first, in an array of ``size`` (for a compiled loop) and their count."""
+        out = np.empty(self.size)
+        n = len(self.values)
+        out[:n] = list(self.values)
+        return out, n
+
+    def take(self, values: np.ndarray, n: int, first_noise: float, second_noise: float, diffs: int) -> None:
+        """The state a compiled loop left (:meth:`buffer`'s array and count, the noise sums)."""
+        self.values = deque(values[:n].tolist(), maxlen=self.size)
+        self.first_noise, self.second_noise, self.diffs = first_noise, second_noise, diffs
+        self._level = math.nan
+
     def scale(self, factor: float) -> None:
         """Rescale every value (an accuracy found to be in percent)."""
         self.values = deque((v * factor for v in self.values), maxlen=self.size)

@@ -60,6 +60,13 @@ class Interval(_Plain):
             self.gap = step - self.last
         self.last = step
 
+    def packed(self) -> tuple[bool, int, int]:
+        """(seen, last, gap) as a compiled loop takes them (``_kernels._see``)."""
+        return self.last is not None, 0 if self.last is None else self.last, self.gap
+
+    def unpack(self, seen: bool, last: int, gap: int) -> None:
+        self.last, self.gap = (int(last) if seen else None), int(gap)
+
 
 def collapse_end(timeline: Timeline, scope: str, began: int, located: int, step: int, series: str,
                  message: str, value: float, level: float) -> list[Event]:

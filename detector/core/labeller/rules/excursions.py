@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import Band
 from detector.core.labeller.rules._common import TRAINING, Interval, _Plain, collapse_end
@@ -123,6 +126,34 @@ class LossExcursions(_Plain):
         self.band.add(y)
         self.run_min = min(self.run_min, value)
         return []
+
+    def quiet_run(self, steps: np.ndarray, values: np.ndarray, ys: np.ndarray, present: np.ndarray,
+                  start: int, stop: int, commit: bool = True) -> int:
+        """:meth:`update` on lines ``start:stop`` while nothing can happen: no excursion
+        or collapse open, and each present loss finite, not the run's first, and
+        inside its band (neither out of it nor above the drift bound). Stops before
+        the first line that is not; returns the lines taken (``commit=False``: only
+        counts them, the state is left as it was).
+
+        ``values``: the loss on every line of the block, ``ys`` its working-scale
+        values (:func:`working_scale`, where finite), ``present`` where it is
+        logged. O(lines × band_values); the state stays the band's.
+        """
+        if not self.quiet or stop <= start:
+            return 0
+        c = self.config
+        band, n = self.band.buffer()
+        seen, last, gap = self.interval.packed()
+        taken, run_min, n, first_noise, second_noise, diffs, seen, last, gap = _k.excursions_quiet(
+            steps, values, ys, present, start, stop, float(self.first), float(self.run_min), band, n,
+            self.band.size, float(self.band.first_noise), float(self.band.second_noise), self.band.diffs,
+            seen, last, gap, math.log10(c.spike_factor), float(c.spike_noise), float(c.collapse_factor),
+            float(c.collapse_margin))
+        if commit and taken:
+            self.run_min = run_min
+            self.band.take(band, n, first_noise, second_noise, diffs)
+            self.interval.unpack(seen, last, gap)
+        return taken
 
     def _in_excursion(self, step: int, value: float, y: float, series: str, first_step: int,
                       memorised_steps: int | None, timeline: Timeline) -> list[Event]:

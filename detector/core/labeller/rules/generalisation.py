@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import Band, StepHistory
 from detector.core.labeller.rules._common import GENERALISATION, Interval, _median, _Plain, collapse_end
@@ -12,7 +15,15 @@ from detector.core.series import working_scale
 from detector.core.trend import mann_kendall
 from detector.core.types import Event, EventKind, Phase, Role
 
-_LOWS = 64  # suffix minima kept for the stable stretch's start
+_LOWS = _k.LOWS  # suffix minima kept for the stable stretch's start
+
+
+def _int(value: int | None) -> int:
+    return 0 if value is None else value
+
+
+def _float(value: float | None) -> float:
+    return 0.0 if value is None else float(value)
 
 
 class GeneralisationCollapse(_Plain):
@@ -106,6 +117,35 @@ class GeneralisationCollapse(_Plain):
             self.generalised = True
         return []
 
+    def quiet_run(self, steps: np.ndarray, values: np.ndarray, present: np.ndarray, holds: np.ndarray,
+                  start: int, stop: int, commit: bool = True) -> int:
+        """:meth:`update` on lines ``start:stop`` while no dip or collapse is open and
+        none opens: each value not below the highest level by the drop once it has
+        generalised (reaching ``grokked_accuracy`` on the way is only state). Stops
+        before the first line that would open a dip; returns the lines taken
+        (``commit=False``: only counts them).
+
+        ``values``: the held-out accuracy as a fraction on every line, ``present``
+        where logged, ``holds[i - start]`` whether training holds on line i.
+        O(lines × band_values); the state stays the band's.
+        """
+        if self.dip is not None or self.collapse is not None or stop <= start:
+            return 0
+        c = self.config
+        band, n = self.band.buffer()
+        seen, last, gap = self.interval.packed()
+        taken, generalised, high, n, first_noise, second_noise, diffs, seen, last, gap = \
+            _k.generalisation_collapse_quiet(
+                steps, values, present, holds, start, stop, self.generalised, float(self.high), band, n,
+                self.band.size, float(self.band.first_noise), float(self.band.second_noise), self.band.diffs,
+                seen, last, gap, float(c.generalisation_drop), float(c.spike_noise),
+                float(c.grokked_accuracy))
+        if commit and taken:
+            self.generalised, self.high = generalised, high
+            self.band.take(band, n, first_noise, second_noise, diffs)
+            self.interval.unpack(seen, last, gap)
+        return taken
+
 
 class Generalisation(_Plain):
     """Memorisation, onset of generalisation, grokking, hidden progress and stabilisation.
@@ -197,6 +237,19 @@ class Generalisation(_Plain):
                 base = _median(self.val_recent)
                 self.val_base = base if self.val_base is None else min(self.val_base, base)
 
+    def memorisation_quiet(self, train_acc: np.ndarray, acc_present: np.ndarray, train_loss: np.ndarray,
+                           loss_present: np.ndarray, first_loss: float, start: int, stop: int) -> int:
+        """How many of lines ``start:stop`` :meth:`memorisation` takes without a change:
+        all once memorised, else those before the first line that fits (the
+        accuracy as a fraction, ``first_loss`` the headline loss's first value, the
+        same on all of them). Changes nothing. O(lines)."""
+        if self.memorised_at is not None:
+            return stop - start
+        c = self.config
+        return _k.memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop,
+                                     float(first_loss), float(c.fitted_accuracy),
+                                     float(c.fitted_loss_fraction))
+
     def update(self, step: int, val_acc: float | None, val_loss: float | None, first_step: int,
                series: str, loss_series: str | None, timeline: Timeline) -> list[Event]:
         events: list[Event] = []
@@ -245,6 +298,72 @@ class Generalisation(_Plain):
             events += self._grokked(step, val_acc, first_step, series)
         events += self._stability(step, val_acc, first_step, series, timeline)
         return events
+
+    def quiet_run(self, steps: np.ndarray, acc: np.ndarray, acc_present: np.ndarray, loss_ws: np.ndarray,
+                  loss_present: np.ndarray, first_step: int, stabilised: bool, start: int, stop: int,
+                  commit: bool = True) -> int:
+        """:meth:`update` on lines ``start:stop`` while it only moves its state: the
+        held-out loss adds to the hidden-progress history's open bin (or is not
+        read), and each held-out accuracy, past the first three, neither completes
+        the onset, nor reaches ``grokked_accuracy`` first, nor enters (leaves:
+        ``stabilised``, the phase is stabilisation) a stable stretch. Stops before
+        the first line that would; returns the lines taken (``commit=False``: only
+        counts them).
+
+        ``acc``: the held-out accuracy as a fraction on every line, ``loss_ws`` the
+        held-out loss on the working scale (NaN where not finite), ``*_present``
+        where logged. O(lines) (O(_LOWS) a line for the stable stretch's start);
+        the state stays as bounded as :meth:`update` keeps it.
+        """
+        if stop <= start:
+            return 0
+        c = self.config
+        progress = self.progress
+        progressing = progress is not None and self.onset_at is None and self.hidden_progress_at is None
+        bins = 0 if progress is None else len(progress)
+        bin_start, width = (progress.starts[-1], progress.width) if bins else (0, 0)
+        bin_sum, bin_count = (float(progress.sums[-1]), progress.counts[-1]) if bins else (0.0, 0)
+        seen, last, gap = self.val_interval.packed()
+        recent = np.zeros(3)
+        recent[:len(self.val_recent)] = self.val_recent
+        window = np.zeros(7)
+        window[:len(self.val_window)] = self.val_window
+        count = len(self.lows)
+        lows_step = np.zeros(_LOWS + 1, dtype=np.int64)
+        lows_value = np.zeros(_LOWS + 1)
+        lows_next = np.full(_LOWS + 1, -1, dtype=np.int64)
+        if count:
+            lows_step[:count] = [low[0] for low in self.lows]
+            lows_value[:count] = [low[1] for low in self.lows]
+            lows_next[:count - 1] = [low[2] for low in self.lows[:-1]]
+        (taken, bin_sum, bin_count, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
+         has_above, above, best, count, has_floor, floor) = _k.generalisation_quiet(
+            steps, acc, acc_present, loss_ws, loss_present, start, stop, first_step, stabilised,
+            len(self.val_first) < 3 and self.memorised_at is None,
+            self.onset_at is not None, _int(self.onset_at), self.complete_at is not None,
+            self.val_base is not None, _float(self.val_base), self.above_since is not None,
+            _int(self.above_since), progressing, bins, bin_start, width, bin_sum, bin_count, seen, last, gap,
+            recent, len(self.val_recent), window, len(self.val_window), float(self.curv_near),
+            float(self.curv_wide), float(self.val_noise), float(self.best), float(self.stable_best),
+            lows_step, lows_value, lows_next, count, self.lows_floor is not None, _int(self.lows_floor),
+            float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals, float(c.stable_tolerance),
+            float(c.stable_fraction))
+        if not (commit and taken):
+            return taken
+        if progressing and bins:
+            progress.sums[-1], progress.counts[-1] = bin_sum, bin_count
+        self.val_interval.unpack(seen, last, gap)
+        self.val_recent = recent[:recent_n].tolist()
+        self.val_window = window[:window_n].tolist()
+        self.curv_near, self.curv_wide, self.val_noise = curv_near, curv_wide, noise
+        self.above_since = int(above) if has_above else None
+        self.best = best
+        if self.onset_at is not None and count:  # the suffix minima move only after onset
+            self.lows = [[s, v, n] for s, v, n in zip(lows_step[:count].tolist(), lows_value[:count].tolist(),
+                                                       lows_next[:count].tolist(), strict=True)]
+            self.lows[-1][2] = None
+            self.lows_floor = int(floor) if has_floor else None
+        return taken
 
     def _grokked(self, step: int, value: float, first_step: int, series: str) -> list[Event]:
         c = self.config

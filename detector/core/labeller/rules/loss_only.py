@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import StepHistory
 from detector.core.labeller.rules._common import Interval, _Plain
@@ -78,3 +79,30 @@ class LossOnlyPhases(_Plain):
         if phase is Phase.STABILIZATION and fall > 3 * c.settle_change:
             return timeline.enter(Phase.ABSTRACTION, step, step, 0.6, series)
         return []
+
+    def quiet_run(self, steps: np.ndarray, values: np.ndarray, ys: np.ndarray, present: np.ndarray,
+                  start: int, stop: int, commit: bool = True) -> int:
+        """:meth:`update` on lines ``start:stop`` while the loss opens no step bin (the
+        phase is decided only when one opens): it adds to the newest bin, or is not
+        finite and not read. Stops before the first line that opens a bin; returns
+        the lines taken (``commit=False``: only counts them).
+
+        ``values``: the headline loss on every line, ``ys`` its working-scale values
+        (:func:`working_scale`, where finite), ``present`` where logged. O(lines);
+        the state stays the step history's.
+        """
+        if stop <= start:
+            return 0
+        history = self.history
+        bins = len(history)
+        bin_start, width = (history.starts[-1], history.width) if bins else (0, 0)
+        bin_sum, bin_count = (float(history.sums[-1]), history.counts[-1]) if bins else (0.0, 0)
+        seen, last, gap = self.interval.packed()
+        taken, bin_sum, bin_count, seen, last, gap = _k.loss_only_quiet(
+            steps, values, ys, present, start, stop, bins, bin_start, width, bin_sum, bin_count, seen, last,
+            gap)
+        if commit and taken:
+            if bins:
+                history.sums[-1], history.counts[-1] = bin_sum, bin_count
+            self.interval.unpack(seen, last, gap)
+        return taken

@@ -1,0 +1,402 @@
+"""Compiled quiet stretches of the labeller's rules (numba), bit for bit their per-line ``update``.
+
+Each rule's ``quiet_run`` (beside its ``update``) hands a stretch of lines to
+one kernel here. A kernel walks the lines while the rule's per-line update
+would only move its own small state (a band, a sampling interval, running
+sums) and stops *before* the first line where it could emit an event, open an
+excursion or dip, change the phase or take any other branch; that line goes
+through the per-line path. A kernel writes nothing it is given: it returns the
+number of lines taken and the state after them, and the rule writes that back
+(or not: the labeller first asks every rule how far it could go, then has
+each take the shortest of those stretches).
+
+Exactness, as in :mod:`detector.core._kernels`:
+
+* every formula is the per-line one with its operations in the same order
+  (``x += (v - x) / min(n, 10)``, ``value - 2 * last + before``), no fast-math,
+  so every float rounds as Python's does;
+* Python's ``max(a, b)`` is ``b if b > a else a`` and ``min(a, b)`` is
+  ``b if b < a else a`` (which of two equal values is kept shows in a -0.0);
+* medians sort a copy with a stable insertion sort, as ``sorted()`` keeps equal
+  values (0.0 and -0.0) in their order;
+* no logarithm is taken here: the working-scale values of a loss come in
+  computed by :func:`detector.core.series.working_scale` itself (libm's
+  ``log10``, which numpy's may not match in the last bit).
+
+The logic each kernel copies from its rule is in one place per rule (the
+kernel named after it), so a change to a rule's quiet regime is made in the
+rule and here. Equality with the per-line path is checked by
+tests/test_labeller_bulk.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from detector.core._kernels import _jit
+
+LOWS = 64  # suffix minima the stable stretch keeps (generalisation._LOWS)
+
+# --- small shared pieces --------------------------------------------------------
+
+
+@_jit
+def _sorted_copy(values, n):  # pragma: no cover - compiled
+    """``sorted(values[:n])``: a stable insertion sort (n is at most a band's size)."""
+    out = values[:n].copy()
+    for i in range(1, n):
+        x = out[i]
+        j = i - 1
+        while j >= 0 and out[j] > x:
+            out[j + 1] = out[j]
+            j -= 1
+        out[j + 1] = x
+    return out
+
+
+@_jit
+def _median(values, n):  # pragma: no cover - compiled
+    """``_common._median`` / ``Band.level``: the middle value, or the mean of the middle two."""
+    ordered = _sorted_copy(values, n)
+    if n % 2:
+        return ordered[n // 2]
+    return 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+
+
+@_jit
+def _band_noise(first_noise, second_noise, diffs):  # pragma: no cover - compiled
+    """``Band.noise``."""
+    if diffs >= 2:
+        return second_noise if second_noise < first_noise else first_noise
+    return first_noise
+
+
+@_jit
+def _band_add(values, n, size, first_noise, second_noise, diffs, value):  # pragma: no cover - compiled
+    """``Band.add``: ``values[:n]`` oldest first (in place); returns n and the noise sums."""
+    if n > 0:
+        diffs += 1
+        first_noise += (abs(value - values[n - 1]) - first_noise) / min(diffs, 10)
+        if n >= 2:
+            second = 0.58 * abs(value - 2 * values[n - 1] + values[n - 2])
+            second_noise += (second - second_noise) / min(diffs - 1, 10)
+    if n == size:
+        for j in range(n - 1):
+            values[j] = values[j + 1]
+        n -= 1
+    values[n] = value
+    return n + 1, first_noise, second_noise, diffs
+
+
+@_jit
+def _see(has_last, last, gap, step):  # pragma: no cover - compiled
+    """``Interval.see``."""
+    if has_last and step > last:
+        gap = step - last
+    return True, step, gap
+
+
+# --- the labeller -----------------------------------------------------------------
+
+
+@_jit
+def line_steps(steps, start, stop, last, gap):  # pragma: no cover - compiled
+    """``last_step`` and ``last_gap`` after lines ``start:stop`` (the run has begun)."""
+    for i in range(start, stop):
+        step = steps[i]
+        if step > last:
+            gap = step - last
+        last = step
+    return last, gap
+
+
+@_jit
+def training_holds(values, present, start, stop, recent, count, best, with_accuracy,
+                   drop):  # pragma: no cover - compiled
+    """``train_recent`` / ``train_best`` over lines ``start:stop`` (``recent[:count]``,
+    updated in place) and, per line, ``_training_holds()`` after it while no
+    excursion is open. Returns the holds, count and best."""
+    holds = np.ones(stop - start, dtype=np.bool_)
+    for i in range(start, stop):
+        value = values[i]
+        if present[i] and math.isfinite(value):
+            if count == 3:
+                recent[0], recent[1] = recent[1], recent[2]
+                count = 2
+            recent[count] = value
+            count += 1
+            level = _sorted_copy(recent, count)[count // 2]
+            best = level if level > best else best
+        if with_accuracy and count > 0:
+            holds[i - start] = _sorted_copy(recent, count)[count // 2] >= best - drop
+    return holds, count, best
+
+
+# --- LossExcursions -----------------------------------------------------------------
+
+
+@_jit
+def excursions_quiet(steps, values, ys, present, start, stop, first, run_min, band, n, size, first_noise,
+                     second_noise, diffs, has_last, last, gap, log_spike, spike_noise, collapse_factor,
+                     collapse_margin):  # pragma: no cover - compiled
+    """``LossExcursions.update`` with no excursion or collapse open, while the loss
+    stays in its band: finite, the first loss known, not out (``_threshold``,
+    ``_drift_bound``). Returns the lines taken and the state after them."""
+    for i in range(start, stop):
+        if not present[i]:
+            continue
+        value = values[i]
+        if not math.isfinite(value) or math.isnan(first):
+            return i - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap
+        y = ys[i]
+        noise = spike_noise * _band_noise(first_noise, second_noise, diffs)
+        thr = noise if noise > log_spike else log_spike
+        if not math.isfinite(run_min) or run_min < 0:
+            bound = math.inf
+        else:
+            slow, margin = collapse_factor * run_min, run_min + collapse_margin * abs(first)
+            bound = margin if margin > slow else slow
+        out = value > bound
+        if not out and n >= 3:
+            level = _median(band, n)
+            previous = band[n - 1]
+            low = previous if previous < level else level
+            out = y > low + thr and y > previous + thr
+        if out:
+            return i - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap
+        has_last, last, gap = _see(has_last, last, gap, steps[i])
+        n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise, diffs, y)
+        run_min = value if value < run_min else run_min
+    return stop - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap
+
+
+# --- GeneralisationCollapse ----------------------------------------------------------
+
+
+@_jit
+def generalisation_collapse_quiet(steps, values, present, holds, start, stop, generalised, high, band, n,
+                                  size, first_noise, second_noise, diffs, has_last, last, gap, drop,
+                                  spike_noise, grokked):  # pragma: no cover - compiled
+    """``GeneralisationCollapse.update`` with no dip or collapse open, while no dip
+    opens (``holds[i - start]``: training holds on line i). Returns the lines taken
+    and the state after them."""
+    for i in range(start, stop):
+        value = values[i]
+        if not present[i] or not math.isfinite(value):
+            continue
+        holding = holds[i - start]
+        noise = spike_noise * _band_noise(first_noise, second_noise, diffs)
+        thr = noise if noise > drop else drop
+        if generalised and n >= 3 and holding and value < high - thr:
+            return i - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap
+        has_last, last, gap = _see(has_last, last, gap, steps[i])
+        if holding:
+            n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise, diffs,
+                                                            value)
+            if generalised and n >= 3:
+                level = _median(band, n)
+                high = level if level > high else high
+        if value >= grokked:
+            generalised = True
+    return stop - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap
+
+
+# --- Generalisation ------------------------------------------------------------------
+
+
+@_jit
+def memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop, first_loss,
+                       fitted_accuracy, fitted_loss_fraction):  # pragma: no cover - compiled
+    """``Generalisation.memorisation`` before memorisation: the lines before the
+    first that fits (which changes state)."""
+    for i in range(start, stop):
+        loss = train_loss[i]
+        if acc_present[i]:
+            acc = train_acc[i]
+            loss_ok = (not loss_present[i] or not math.isfinite(loss) or math.isnan(first_loss)
+                       or loss <= 0.5 * first_loss)
+            fitted = math.isfinite(acc) and acc >= fitted_accuracy and loss_ok
+        else:
+            fitted = (loss_present[i] and math.isfinite(loss) and math.isfinite(first_loss)
+                      and loss <= fitted_loss_fraction * first_loss)
+        if fitted:
+            return i - start
+    return stop - start
+
+
+@_jit
+def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, step, value,
+                  threshold):  # pragma: no cover - compiled
+    """``Generalisation._stable_since(threshold)`` on the suffix minima as
+    ``_remember_low(step, value)`` would leave them, without changing them.
+    Returns (found, since)."""
+    if value < threshold:
+        return False, 0  # the newest value is below: its next step is None
+    keep = count
+    while keep > 0 and lows_value[keep - 1] >= value:
+        keep -= 1
+    dropped = keep + 1 > LOWS
+    lowest = 1 if dropped else 0
+    for j in range(keep - 1, lowest - 1, -1):
+        if lows_value[j] < threshold:
+            # _remember_low set the old newest entry's next step to this step
+            return True, step if j == count - 1 else lows_next[j]
+    if dropped:
+        return True, step if count == 1 else lows_next[0]
+    if has_floor:
+        return True, floor
+    return True, lows_step[0] if keep > 0 else step
+
+
+@_jit
+def _remember_low(lows_step, lows_value, lows_next, count, has_floor, floor, step,
+                  value):  # pragma: no cover - compiled
+    """``Generalisation._remember_low`` on arrays of capacity LOWS + 1 (in place);
+    returns the count and the floor."""
+    if count > 0:
+        lows_next[count - 1] = step
+    while count > 0 and lows_value[count - 1] >= value:
+        count -= 1
+    lows_step[count], lows_value[count], lows_next[count] = step, value, -1
+    count += 1
+    if count > LOWS:
+        has_floor, floor = True, lows_next[0]
+        for j in range(count - 1):
+            lows_step[j], lows_value[j], lows_next[j] = lows_step[j + 1], lows_value[j + 1], lows_next[j + 1]
+        count -= 1
+    return count, has_floor, floor
+
+
+@_jit
+def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, stop, first_step, stabilised,
+                         gate_first, has_onset, onset, has_complete, has_base, base, has_above, above,
+                         progressing, bins, bin_start, width, bin_sum, bin_count, has_last, last, gap, recent,
+                         recent_n, window, window_n, curv_near, curv_wide, noise, best, stable_best,
+                         lows_step, lows_value, lows_next, lows_n, has_floor, floor, onset_rise, grokked,
+                         min_intervals, stable_tolerance, stable_fraction):  # pragma: no cover - compiled
+    """``Generalisation.update`` while it only moves its state: a held-out loss that
+    does not open a step bin of the hidden-progress history, a held-out accuracy
+    past its first three values that neither completes an onset nor reaches
+    ``grokked_accuracy`` for the first time nor enters or leaves stabilisation.
+    ``loss_ws``: the held-out loss on the working scale, NaN where not finite.
+    Arrays ``recent``, ``window``, ``lows_*`` are updated in place (the caller
+    passes copies). Returns the lines taken and the scalar state after them."""
+    taken = stop - start
+    for i in range(start, stop):
+        step = steps[i]
+        add_loss = progressing and loss_present[i] and not math.isnan(loss_ws[i])
+        if add_loss and not (bins > 0 and step < bin_start + width):
+            taken = i - start  # opens a bin: the hidden-progress test runs
+            break
+        value = acc[i]
+        if not acc_present[i] or not math.isfinite(value):
+            if add_loss:
+                bin_sum += loss_ws[i]
+                bin_count += 1
+            continue
+        if gate_first:
+            taken = i - start  # one of the first three values: the early level moves
+            break
+        new_last, new_gap = step, (step - last if has_last and step > last else gap)
+        # The line's values, before anything is written.
+        r0, r1, r2 = recent[0], recent[1], recent[2]
+        if recent_n == 3:
+            recent[0], recent[1] = r1, r2
+            recent[2] = value
+            new_recent_n = 3
+        else:
+            recent[recent_n] = value
+            new_recent_n = recent_n + 1
+        new_window_n = window_n + 1 if window_n < 7 else 7
+        new_near, new_wide, new_noise = curv_near, curv_wide, noise
+        if new_window_n == 7:
+            off = 1 if window_n == 7 else 0
+            v0, v2, v3 = window[off], window[off + 2], window[off + 3]
+            v4, v5, v6 = window[off + 4], window[off + 5], value
+            near, wide = v6 - 3 * v5 + 3 * v4 - v3, v6 - 3 * v4 + 3 * v2 - v0
+            if math.isfinite(near * near + wide * wide):
+                new_near += (near * near - new_near) / 10
+                new_wide += (wide * wide - new_wide) / 10
+                spread = 64 * new_near - new_wide
+                new_noise = math.sqrt((spread if spread > 0.0 else 0.0) / 1260)
+        hold = min_intervals * new_gap
+        new_above, has_new_above = above, has_above
+        new_best = best
+        if not has_onset:
+            if has_base and value >= base + onset_rise:
+                if not has_above:
+                    new_above, has_new_above = step, True
+                if step - new_above >= hold:
+                    recent[0], recent[1], recent[2] = r0, r1, r2
+                    taken = i - start  # onset
+                    break
+            else:
+                has_new_above = False
+        else:
+            if not has_complete and value >= grokked:
+                recent[0], recent[1], recent[2] = r0, r1, r2
+                taken = i - start  # grokking's threshold
+                break
+            five = 5 * new_noise
+            tol = five if five > stable_tolerance else stable_tolerance
+            level = _median(recent, new_recent_n)
+            new_best = level if level > best else best
+            if stabilised:
+                leaves = new_best > stable_best + 2 * tol
+            else:
+                found, since = _stable_since(lows_step, lows_value, lows_next, lows_n, has_floor, floor, step,
+                                             value, new_best - tol)
+                leaves = False
+                if found:
+                    if new_best >= grokked:
+                        span = stable_fraction * (since - onset)
+                    else:
+                        span = 4 * stable_fraction * (since - first_step)
+                    needed = span if span > hold else float(hold)
+                    leaves = step - since >= needed
+            if leaves:
+                recent[0], recent[1], recent[2] = r0, r1, r2
+                taken = i - start  # enters or leaves stabilisation
+                break
+            lows_n, has_floor, floor = _remember_low(lows_step, lows_value, lows_next, lows_n, has_floor,
+                                                     floor, step, value)
+        # The line is taken: write its state.
+        if add_loss:
+            bin_sum += loss_ws[i]
+            bin_count += 1
+        has_last, last, gap = True, new_last, new_gap
+        recent_n = new_recent_n
+        if window_n == 7:
+            for j in range(6):
+                window[j] = window[j + 1]
+            window[6] = value
+        else:
+            window[window_n] = value
+        window_n = new_window_n
+        curv_near, curv_wide, noise = new_near, new_wide, new_noise
+        has_above, above = has_new_above, new_above
+        best = new_best
+    return (taken, bin_sum, bin_count, has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
+            has_above, above, best, lows_n, has_floor, floor)
+
+
+# --- LossOnlyPhases --------------------------------------------------------------------
+
+
+@_jit
+def loss_only_quiet(steps, values, ys, present, start, stop, bins, bin_start, width, bin_sum, bin_count,
+                    has_last, last, gap):  # pragma: no cover - compiled
+    """``LossOnlyPhases.update`` while the loss opens no step bin (where the phase is
+    decided). Returns the lines taken and the state after them."""
+    for i in range(start, stop):
+        if not present[i] or not math.isfinite(values[i]):
+            continue
+        step = steps[i]
+        if not (bins > 0 and step < bin_start + width):
+            return i - start, bin_sum, bin_count, has_last, last, gap
+        has_last, last, gap = _see(has_last, last, gap, step)
+        bin_sum += ys[i]
+        bin_count += 1
+    return stop - start, bin_sum, bin_count, has_last, last, gap
