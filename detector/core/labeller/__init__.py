@@ -29,6 +29,8 @@ from typing import Protocol
 
 import numpy as np
 
+from detector.core.labeller import _kernels as _k
+from detector.core.labeller.block import RoleColumns, as_list
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.rules import (
     Generalisation,
@@ -222,21 +224,125 @@ class PhaseLabeller:
         """:meth:`update` on every line of a block, each line's series events first.
 
         ``view`` gives the block's columns; ``at_line`` the series events by step
-        (popped as their lines are taken). The role columns are read once into
-        Python lists, so a line costs only the rules' scalar work. O(lines).
+        (popped as their lines are taken). Quiet stretches (see
+        :meth:`_quiet_run`) go through the rules' compiled ``quiet_run``; the line
+        after each, where something may happen, through the per-line path, which
+        reads the role columns as Python lists. O(lines).
         """
         r = self.roles
-        columns = [_column_list(view, name) for name in (r.train_loss, r.val_loss, r.train_acc, r.val_acc)]
+        if not np.issubdtype(np.asarray(steps).dtype, np.integer):
+            return self._lines(steps.tolist(), view, at_line)
+        cols = RoleColumns(steps, view, (r.train_loss, r.val_loss, r.train_acc, r.val_acc))
         events: list[Event] = []
-        for i, step in enumerate(steps.tolist()):
+        step_list, n, i = cols.step_list, len(cols.step_list), 0
+        while i < n:
+            if self.last_step is not None:  # the run's first line starts the timeline
+                taken = self._quiet_run(cols, i, n)
+                if taken and at_line:
+                    # Quiet lines give no run events: their series events keep their order.
+                    for step in step_list[i:i + taken]:
+                        series_events = at_line.pop(step, None)
+                        if series_events:
+                            events += series_events
+                i += taken
+                if i == n:
+                    break
+            step = step_list[i]
             if at_line:
                 series_events = at_line.pop(step, None)
                 if series_events:
                     events += series_events
-            run_events = self._line(step, *(None if col is None else col[i] for col in columns))
+            run_events = self._line(step, *cols.line(i))
             if run_events:
                 events += run_events
+            i += 1
         return events
+
+    def _lines(self, steps: list, view: LineBlock, at_line: dict[int, list[Event]]) -> list[Event]:
+        """Every line through the per-line path (steps that are not integers)."""
+        r = self.roles
+        columns = [None if name is None else view.column(name)
+                   for name in (r.train_loss, r.val_loss, r.train_acc, r.val_acc)]
+        lists = [None if col is None else as_list(*col) for col in columns]
+        events: list[Event] = []
+        for i, step in enumerate(steps):
+            if at_line:
+                events += at_line.pop(step, None) or []
+            events += self._line(step, *(None if col is None else col[i] for col in lists))
+        return events
+
+    def _quiet_run(self, cols: RoleColumns, start: int, end: int) -> int:
+        """Take the longest stretch of lines ``start:end`` that every rule takes in its
+        quiet regime (its ``quiet_run``: nothing but its own small state can change)
+        and that switches no accuracy to percent; returns its length, 0 if the
+        line at ``start`` must go through the per-line path.
+
+        Each rule first says how far it could go (changing nothing), then every
+        part of the labeller takes the shortest stretch: the rules read each
+        other's state (the first loss, whether training holds), which is only
+        the same as on the per-line path up to the first line where any of them
+        would act. O(lines of the stretch), twice at most.
+        """
+        r, steps = self.roles, cols.steps
+        stop = end if self.percent else min(end, cols.percent_from(start))
+        if stop <= start:
+            return 0
+        loss_name = r.headline_loss
+        loss = cols.train_loss if r.train_loss else cols.val_loss
+        train_acc = cols.train_acc.fraction(self.percent)
+        val_acc = cols.val_acc.fraction(self.percent)
+        if loss_name is not None:
+            stop = start + self.excursions.quiet_run(steps, loss.values, loss.ws, loss.present, start, stop,
+                                                     commit=False)
+        holds = None
+        if r.val_acc and stop > start:
+            holds = self._train_recent(train_acc, cols.train_acc.present, start, stop, commit=False)
+            stop = start + self.generalisation_collapse.quiet_run(
+                steps, val_acc, cols.val_acc.present, holds, start, stop, commit=False)
+        collapsed = self.timeline.collapsed
+        gen, headline = self.generalisation, cols.val_loss if r.val_loss else cols.train_loss
+        stabilised = self.timeline.phase is Phase.STABILIZATION
+        if not collapsed and stop > start:
+            stop = start + gen.memorisation_quiet(train_acc, cols.train_acc.present, cols.train_loss.values,
+                                                  cols.train_loss.present, self.excursions.first, start, stop)
+            if r.val_acc:
+                stop = start + gen.quiet_run(steps, val_acc, cols.val_acc.present, cols.val_loss.ws,
+                                             cols.val_loss.present, self.first_step, stabilised, start, stop,
+                                             commit=False)
+            elif loss_name is not None:
+                stop = start + self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present,
+                                                        start, stop, commit=False)
+        if stop <= start:
+            return 0
+        # Every part takes the same stretch.
+        assert self.last_step is not None  # the run has begun
+        self.last_step, self.last_gap = _k.line_steps(steps, start, stop, self.last_step, self.last_gap)
+        if loss_name is not None:
+            self.excursions.quiet_run(steps, loss.values, loss.ws, loss.present, start, stop)
+        self._train_recent(train_acc, cols.train_acc.present, start, stop)
+        if r.val_acc:
+            self.generalisation_collapse.quiet_run(steps, val_acc, cols.val_acc.present, holds, start, stop)
+        if not collapsed:
+            if r.val_acc:
+                gen.quiet_run(steps, val_acc, cols.val_acc.present, cols.val_loss.ws, cols.val_loss.present,
+                              self.first_step, stabilised, start, stop)
+            elif loss_name is not None:
+                self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present, start, stop)
+        return stop - start
+
+    def _train_recent(self, train_acc: np.ndarray, present: np.ndarray, start: int, stop: int,
+                      commit: bool = True) -> np.ndarray:
+        """``train_recent`` and ``train_best`` over lines ``start:stop`` (no excursion
+        open); returns :meth:`_training_holds` after each line (``commit=False``:
+        changes nothing). O(lines)."""
+        recent = np.zeros(3)
+        recent[:len(self.train_recent)] = self.train_recent
+        holds, count, best = _k.training_holds(
+            train_acc, present, start, stop, recent, len(self.train_recent), float(self.train_best),
+            bool(self.roles.train_acc), float(self.config.generalisation_drop))
+        if commit:
+            self.train_recent, self.train_best = recent[:count].tolist(), best
+        return holds
 
     def finish(self) -> list[Event]:
         """The run has ended (see ``RunDetector.finish``): an excursion that was back
@@ -272,18 +378,6 @@ def _get(row: Mapping[str, float], name: str | None) -> float | None:
         return None
     value = row.get(name)
     return None if value is None else float(value)
-
-
-def _column_list(view: LineBlock, name: str | None) -> list[float | None] | None:
-    if name is None:
-        return None
-    col = view.column(name)
-    if col is None:
-        return None
-    values, present = col
-    if present.all():
-        return values.tolist()
-    return [v if p else None for v, p in zip(values.tolist(), present.tolist(), strict=True)]
 
 
 class LineBlock(Protocol):

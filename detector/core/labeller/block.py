@@ -1,0 +1,89 @@
+"""A block's role columns as the labeller reads them: Python values a line, arrays a stretch.
+
+:meth:`PhaseLabeller.update_block <detector.core.labeller.PhaseLabeller.update_block>`
+takes quiet stretches of a block through the rules' compiled ``quiet_run``
+and the lines between them through the per-line path; :class:`RoleColumns`
+gives both what they read, each built once a block and only when asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from detector.core.series import working_scale
+from detector.core.types import Role
+
+if TYPE_CHECKING:
+    from detector.core.labeller import LineBlock
+
+_PERCENT_ABOVE = 1.5  # PhaseLabeller._fraction: an accuracy above this is in percent
+
+
+class Column:
+    """One role series over a block: ``values`` (NaN where absent), ``present``, and
+    lazily ``ws`` (working-scale values where finite, NaN elsewhere) and ``percent``
+    (the values / 100)."""
+
+    __slots__ = ("_percent", "_ws", "present", "values")
+
+    def __init__(self, values: np.ndarray, present: np.ndarray) -> None:
+        self.values = np.asarray(values, dtype=np.float64)
+        self.present = np.asarray(present, dtype=np.bool_)
+        self._ws: np.ndarray | None = None
+        self._percent: np.ndarray | None = None
+
+    @property
+    def ws(self) -> np.ndarray:
+        """The loss's working-scale values, by :func:`working_scale` itself (libm's
+        log10, as the per-line path takes it; numpy's may differ in the last bit)."""
+        if self._ws is None:
+            self._ws = np.array([working_scale(Role.LOSS, v) if p and math.isfinite(v) else math.nan
+                                 for v, p in zip(self.values.tolist(), self.present.tolist(), strict=True)])
+        return self._ws
+
+    def fraction(self, percent: bool) -> np.ndarray:
+        """The accuracy as ``PhaseLabeller._fraction`` reads it (``value / 100.0`` in percent)."""
+        if not percent:
+            return self.values
+        if self._percent is None:
+            self._percent = self.values / 100.0
+        return self._percent
+
+
+class RoleColumns:
+    """The four role columns of a block (train loss, held-out loss, train accuracy,
+    held-out accuracy; an absent role is a column logged nowhere), as Python lists
+    for the per-line path and as :class:`Column` arrays for the quiet stretches."""
+
+    def __init__(self, steps: np.ndarray, view: LineBlock, names: tuple[str | None, ...]) -> None:
+        self.steps = np.asarray(steps, dtype=np.int64)
+        self.step_list: list[int] = self.steps.tolist()
+        n = len(self.step_list)
+        raw = [None if name is None else view.column(name) for name in names]
+        self.lists = [None if col is None else as_list(*col) for col in raw]
+        absent = (np.full(n, np.nan), np.zeros(n, dtype=np.bool_))
+        self.train_loss, self.val_loss, self.train_acc, self.val_acc = (
+            Column(*(absent if col is None else col)) for col in raw)
+        # Lines where an accuracy first reads as percent (a per-line switch).
+        found = [np.flatnonzero(c.present & np.isfinite(c.values) & (c.values > _PERCENT_ABOVE))
+                 for c in (self.train_acc, self.val_acc)]
+        self.percent_lines = np.union1d(*found)
+
+    def line(self, i: int) -> tuple[float | None, ...]:
+        """Line i's four role values, None where absent."""
+        return tuple(None if col is None else col[i] for col in self.lists)
+
+    def percent_from(self, i: int) -> int:
+        """The first line from i where an accuracy above 1.5 is logged; the block's end if none."""
+        j = int(np.searchsorted(self.percent_lines, i))
+        return int(self.percent_lines[j]) if j < len(self.percent_lines) else len(self.step_list)
+
+
+def as_list(values: np.ndarray, present: np.ndarray) -> list[float | None]:
+    """A column's values, None where absent."""
+    if present.all():
+        return values.tolist()
+    return [v if p else None for v, p in zip(values.tolist(), present.tolist(), strict=True)]

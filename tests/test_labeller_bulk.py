@@ -1,0 +1,207 @@
+"""The labeller's bulk path (``update_block``: the rules' compiled ``quiet_run`` over
+quiet stretches) gives, bit for bit, what its per-line path (``update``) gives.
+
+Every case feeds the same lines (a) one at a time through ``update`` and (b)
+through ``update_block`` in blocks of random sizes, with series events spliced
+in at random lines, and compares the event lists and ``repr(state())`` (so
+-0.0 against 0.0, an int against a float, or a numpy scalar left in the state
+all count as differences) at every block boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detector.core.labeller import PhaseLabeller
+from detector.core.types import Role, SeriesSpec, Split
+
+SPECS = {
+    "train_loss": SeriesSpec("train_loss", Role.LOSS, Split.TRAIN, None),
+    "val_loss": SeriesSpec("val_loss", Role.LOSS, Split.VAL, None),
+    "train_acc": SeriesSpec("train_acc", Role.ACCURACY, Split.TRAIN, None),
+    "val_acc": SeriesSpec("val_acc", Role.ACCURACY, Split.VAL, None),
+}
+RUNS = Path(__file__).parent / "data" / "runs"
+
+
+class _View:
+    """A block as ``update_block`` reads it (the run detector's ``_BlockColumns``)."""
+
+    def __init__(self, steps: np.ndarray, rows: list[dict[str, float]], names: list[str]) -> None:
+        self.steps = steps
+        self._columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in names:
+            present = np.array([name in row for row in rows], dtype=bool)
+            if present.any():
+                values = np.array([row.get(name, math.nan) for row in rows], dtype=float)
+                self._columns[name] = (values, present)
+
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._columns.get(name)
+
+
+def check_same(steps: list[int], rows: list[dict[str, float]], names: list[str], rng: np.random.Generator,
+               at_lines: float = 0.05) -> int:
+    """Feed both paths; returns the number of run events (so a case can say it exercised something)."""
+    specs = {name: SPECS[name] for name in names}
+    one, bulk = PhaseLabeller(), PhaseLabeller()
+    one.set_specs(specs)
+    bulk.set_specs(specs)
+    marks = {s: [f"series event at {s}"] for s in steps if rng.random() < at_lines}
+    i, run_events = 0, 0
+    while i < len(steps):
+        size = int(rng.choice([1, 2, 3, 7, 30, 100, 1000]))
+        block = slice(i, min(len(steps), i + size))
+        expected: list = []
+        pending = {s: list(v) for s, v in marks.items()}
+        for step, row in zip(steps[block], rows[block], strict=True):
+            expected += pending.pop(step, [])
+            new = one.update(step, row)
+            run_events += len(new)
+            expected += new
+        at_line = {s: list(v) for s, v in marks.items() if s in set(steps[block])}
+        got = bulk.update_block(np.asarray(steps[block], dtype=np.int64),
+                                _View(np.asarray(steps[block]), rows[block], names), at_line)
+        for s in set(steps[block]):
+            marks.pop(s, None)
+        assert got == expected, f"events differ in lines {block.start}:{block.stop}"
+        assert at_line == {}
+        assert repr(bulk.state()) == repr(one.state()), f"state differs after line {block.stop}"
+        i = block.stop
+    assert one.finish() == bulk.finish()
+    return run_events
+
+
+# --- constructed runs -------------------------------------------------------------
+
+
+def _steps(rng: np.random.Generator, n: int) -> list[int]:
+    gaps = np.full(n, int(rng.choice([1, 5, 10, 50, 100])))
+    for _ in range(int(rng.integers(0, 3))):  # cadence changes
+        gaps[int(rng.integers(0, n)):] = int(rng.choice([1, 2, 10, 25, 200]))
+    if rng.random() < 0.1:
+        gaps[rng.random(n) < 0.02] = 0  # a repeated step
+    return (int(rng.integers(0, 1000)) + np.cumsum(gaps) - gaps[0]).tolist()
+
+
+def _loss(rng: np.random.Generator, n: int) -> np.ndarray:
+    t = np.arange(n, dtype=float)
+    loss = 4.0 * np.exp(-t / rng.uniform(3, 300)) + 10 ** rng.uniform(-8, -1)
+    loss *= np.exp(rng.uniform(0, 0.4) * rng.standard_normal(n))
+    for _ in range(int(rng.integers(0, 4))):  # spikes and excursions, some that stay (collapses)
+        at = int(rng.integers(0, n))
+        loss[at:at + int(rng.choice([1, 3, 20, n]))] *= 10 ** rng.uniform(0.1, 6)
+    if rng.random() < 0.3:  # a slow drift up
+        loss *= np.exp(np.linspace(0, rng.uniform(0, 8), n))
+    return loss
+
+
+def _accuracy(rng: np.random.Generator, n: int, late: bool) -> np.ndarray:
+    t = np.arange(n, dtype=float)
+    centre = rng.uniform(0.1, 0.9) * n if late else rng.uniform(0, 0.2) * n
+    top = rng.choice([1.0, 0.97, 0.9, 0.5])
+    acc = rng.uniform(0, 0.1) + (top - 0.05) / (1 + np.exp(-(t - centre) / rng.uniform(0.5, n / 10 + 1)))
+    acc += rng.uniform(0, 0.02) * rng.standard_normal(n)
+    for _ in range(int(rng.integers(0, 3))):  # generalisation collapses, some that end
+        at = int(rng.integers(0, n))
+        acc[at:at + int(rng.choice([2, 10, 50, n]))] -= rng.uniform(0.02, 0.6)
+    if rng.random() < 0.2:
+        acc = np.round(acc, 2)  # ties
+    elif rng.random() < 0.2:
+        acc = np.round(acc * 20) / 20  # ties, and values on the thresholds (0.95)
+    return np.clip(acc, 0, 1)
+
+
+def constructed(seed: int, n: int) -> tuple[list[int], list[dict[str, float]], list[str]]:
+    rng = np.random.default_rng(seed)
+    names = [name for name in SPECS if rng.random() < 0.8] or ["train_loss"]
+    steps = _steps(rng, n)
+    columns = {
+        "train_loss": _loss(rng, n), "val_loss": _loss(rng, n),
+        "train_acc": _accuracy(rng, n, late=False), "val_acc": _accuracy(rng, n, late=True),
+    }
+    for name in ("train_acc", "val_acc"):
+        if rng.random() < 0.2:  # in percent, from some line on
+            columns[name][int(rng.integers(0, n)):] *= 100
+    rows: list[dict[str, float]] = [{} for _ in range(n)]
+    for name in names:
+        values = columns[name].tolist()
+        first = int(rng.integers(0, n // 2 + 1)) if rng.random() < 0.3 else 0  # starts late
+        every = int(rng.choice([1, 1, 2, 5]))  # logged on every line or fewer
+        missing = rng.random(n) < rng.choice([0.0, 0.0, 0.05, 0.3])
+        for i in range(first, n, every):
+            if missing[i]:
+                continue
+            value = values[i]
+            if rng.random() < 0.01:
+                value = float(rng.choice([math.nan, math.inf, -math.inf]))
+            rows[i][name] = value
+    return steps, rows, names
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 600))
+def test_bulk_path_equals_per_line_path_on_constructed_runs(seed: int, n: int) -> None:
+    steps, rows, names = constructed(seed, n)
+    check_same(steps, rows, names, np.random.default_rng(seed + 1))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_bulk_path_equals_per_line_path_on_long_runs(seed: int) -> None:
+    steps, rows, names = constructed(10_000 + seed, 3000)
+    check_same(steps, rows, names, np.random.default_rng(seed))
+
+
+# --- the repository's real runs ------------------------------------------------------
+
+
+def _real(path: Path) -> tuple[list[int], list[dict[str, float]], list[str]]:
+    steps: list[int] = []
+    rows: list[dict[str, float]] = []
+    renames = {"train_loss": "train_loss", "test_loss": "val_loss", "val_loss": "val_loss",
+               "train_acc": "train_acc", "test_acc": "val_acc", "val_acc": "val_acc"}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        steps.append(int(record["step"]))
+        rows.append({renames[k]: float(v) for k, v in record.items() if k in renames and v is not None})
+    names = sorted({name for row in rows for name in row})
+    return steps, rows, names
+
+
+@pytest.mark.parametrize("path", sorted(RUNS.glob("*.jsonl")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("seed", range(3))
+def test_bulk_path_equals_per_line_path_on_real_runs(path: Path, seed: int) -> None:
+    steps, rows, names = _real(path)
+    assert check_same(steps, rows, names, np.random.default_rng(seed)) > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bulk_path_equals_per_line_path_with_a_percent_accuracy_and_gaps(seed: int) -> None:
+    steps, rows, names = _real(RUNS / "grok_add_0.jsonl")
+    rng = np.random.default_rng(seed)
+    switch = int(rng.integers(10, len(rows)))
+    for i, row in enumerate(rows):
+        if i >= switch and "val_acc" in row:
+            row["val_acc"] *= 100
+        if rng.random() < 0.1:
+            row.pop(str(rng.choice(names)), None)
+    check_same(steps, rows, names, rng, at_lines=0.2)
+
+
+def test_bulk_path_equals_per_line_path_on_exact_thresholds() -> None:
+    """Held-out accuracy exactly at ``grokked_accuracy`` (0.95) once, on a line
+    before the onset is complete, then just under it, then a fall that is a
+    generalisation collapse only if that 0.95 counted as generalised."""
+    val = [0.1] * 50 + [0.95] + [0.94] * 100 + [0.8] * 100 + [0.94] * 50
+    steps = list(range(0, 10 * len(val), 10))
+    rows = [{"train_loss": 1.0 / (1 + i), "train_acc": 1.0, "val_acc": v} for i, v in enumerate(val)]
+    names = ["train_loss", "train_acc", "val_acc"]
+    for seed in range(5):
+        assert check_same(steps, rows, names, np.random.default_rng(seed)) > 0
