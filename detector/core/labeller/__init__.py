@@ -44,6 +44,7 @@ from detector.core.types import Event, Phase, Role, Segment, SeriesSpec, Split
 __all__ = ["LabellerConfig", "LineBlock", "PhaseLabeller", "Roles"]
 
 STATE_VERSION = 5
+_FIRST_WINDOW = 32  # lines of a quiet stretch looked at first (see PhaseLabeller._quiet_run)
 
 
 @dataclass(frozen=True)
@@ -277,16 +278,35 @@ class PhaseLabeller:
         and that switches no accuracy to percent; returns its length, 0 if the
         line at ``start`` must go through the per-line path.
 
-        Each rule first says how far it could go (changing nothing), then every
-        part of the labeller takes the shortest stretch: the rules read each
-        other's state (the first loss, whether training holds), which is only
-        the same as on the per-line path up to the first line where any of them
-        would act. O(lines of the stretch), twice at most.
+        In windows that double while every rule takes all of them: a rule asked
+        how far it could go scans its window, and a stretch that ends after a few
+        lines must not cost a scan to the block's end. O(lines of the stretch).
         """
+        taken, window = 0, _FIRST_WINDOW
+        while start + taken < end:
+            stop = min(end, start + taken + window)
+            part = self._quiet_window(cols, start + taken, stop)
+            taken += part
+            if start + taken < stop:
+                break
+            window *= 2
+        return taken
+
+    def _quiet_window(self, cols: RoleColumns, start: int, stop: int) -> int:
+        """:meth:`_quiet_run` on lines ``start:stop``. Each rule first says how far it
+        could go (changing nothing), then every part of the labeller takes the
+        shortest stretch: the rules read each other's state (the first loss,
+        whether training holds), which is only the same as on the per-line path
+        up to the first line where any of them would act. O(stop - start), twice
+        at most."""
         r, steps = self.roles, cols.steps
-        stop = end if self.percent else min(end, cols.percent_from(start))
-        if stop <= start:
+        # With a dip open no line is quiet: say so before any scan.
+        if r.val_acc and self.generalisation_collapse.dip is not None:
             return 0
+        if not self.percent:
+            stop = min(stop, cols.percent_from(start))
+            if stop <= start:
+                return 0
         loss_name = r.headline_loss
         loss = cols.train_loss if r.train_loss else cols.val_loss
         train_acc = cols.train_acc.fraction(self.percent)
@@ -305,11 +325,13 @@ class PhaseLabeller:
         if not collapsed and stop > start:
             stop = start + gen.memorisation_quiet(train_acc, cols.train_acc.present, cols.train_loss.values,
                                                   cols.train_loss.present, self.excursions.first, start, stop)
+            # The held-out loss's working scale is read only while hidden progress is looked for.
+            val_ws = cols.val_loss.ws if gen.progressing else cols.val_loss.values
             if r.val_acc:
-                stop = start + gen.quiet_run(steps, val_acc, cols.val_acc.present, cols.val_loss.ws,
+                stop = start + gen.quiet_run(steps, val_acc, cols.val_acc.present, val_ws,
                                              cols.val_loss.present, self.first_step, stabilised, start, stop,
                                              commit=False)
-            elif loss_name is not None:
+            elif loss_name is not None and self.excursions.quiet:
                 stop = start + self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present,
                                                         start, stop, commit=False)
         if stop <= start:
@@ -324,22 +346,22 @@ class PhaseLabeller:
             self.generalisation_collapse.quiet_run(steps, val_acc, cols.val_acc.present, holds, start, stop)
         if not collapsed:
             if r.val_acc:
-                gen.quiet_run(steps, val_acc, cols.val_acc.present, cols.val_loss.ws, cols.val_loss.present,
+                gen.quiet_run(steps, val_acc, cols.val_acc.present, val_ws, cols.val_loss.present,
                               self.first_step, stabilised, start, stop)
-            elif loss_name is not None:
+            elif loss_name is not None and self.excursions.quiet:
                 self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present, start, stop)
         return stop - start
 
     def _train_recent(self, train_acc: np.ndarray, present: np.ndarray, start: int, stop: int,
                       commit: bool = True) -> np.ndarray:
-        """``train_recent`` and ``train_best`` over lines ``start:stop`` (no excursion
-        open); returns :meth:`_training_holds` after each line (``commit=False``:
-        changes nothing). O(lines)."""
+        """``train_recent`` and ``train_best`` over lines ``start:stop`` (an excursion
+        neither opens nor ends); returns :meth:`_training_holds` after each line
+        (``commit=False``: changes nothing). O(lines)."""
         recent = np.zeros(3)
         recent[:len(self.train_recent)] = self.train_recent
         holds, count, best = _k.training_holds(
             train_acc, present, start, stop, recent, len(self.train_recent), float(self.train_best),
-            bool(self.roles.train_acc), float(self.config.generalisation_drop))
+            bool(self.roles.train_acc), self.excursions.quiet, float(self.config.generalisation_drop))
         if commit:
             self.train_recent, self.train_best = recent[:count].tolist(), best
         return holds

@@ -91,6 +91,18 @@ def _band_add(values, n, size, first_noise, second_noise, diffs, value):  # prag
 
 
 @_jit
+def _max(a, b):  # pragma: no cover - compiled
+    """Python's ``max(a, b)``, NaN and signed zeros included."""
+    return b if b > a else a
+
+
+@_jit
+def _min(a, b):  # pragma: no cover - compiled
+    """Python's ``min(a, b)``, NaN and signed zeros included."""
+    return b if b < a else a
+
+
+@_jit
 def _see(has_last, last, gap, step):  # pragma: no cover - compiled
     """``Interval.see``."""
     if has_last and step > last:
@@ -113,12 +125,13 @@ def line_steps(steps, start, stop, last, gap):  # pragma: no cover - compiled
 
 
 @_jit
-def training_holds(values, present, start, stop, recent, count, best, with_accuracy,
+def training_holds(values, present, start, stop, recent, count, best, with_accuracy, quiet,
                    drop):  # pragma: no cover - compiled
     """``train_recent`` / ``train_best`` over lines ``start:stop`` (``recent[:count]``,
-    updated in place) and, per line, ``_training_holds()`` after it while no
-    excursion is open. Returns the holds, count and best."""
-    holds = np.ones(stop - start, dtype=np.bool_)
+    updated in place) and, per line, ``_training_holds()`` after it (``quiet``:
+    no loss excursion open, the same on every line). Returns the holds, count and
+    best."""
+    holds = np.full(stop - start, quiet)
     for i in range(start, stop):
         value = values[i]
         if present[i] and math.isfinite(value):
@@ -172,6 +185,85 @@ def excursions_quiet(steps, values, ys, present, start, stop, first, run_min, ba
     return stop - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap
 
 
+@_jit
+def _back(value, y, bound, ref, thr, peak_value, ref_value, first,
+          back_fraction):  # pragma: no cover - compiled
+    """``LossExcursions._back``."""
+    if not math.isfinite(value) or value > bound:
+        return False
+    if y <= ref + thr:
+        return True
+    peak = peak_value if math.isfinite(peak_value) else math.inf
+    top = _min(peak, _max(abs(first), ref_value))
+    return top > ref_value and value <= ref_value + back_fraction * (top - ref_value)
+
+
+@_jit
+def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_collapse, began, ref, ref_value,
+                          thr, bound, horizon, settle, peak, peak_value, last_y, has_back, back_at, has_last,
+                          last, gap, back_fraction):  # pragma: no cover - compiled
+    """``LossExcursions.update`` with an excursion open (``in_collapse`` False) while it
+    neither ends (a spike, a collapse, a band that starts again) nor learns its
+    level, or with a collapse open while it does not end: ``began`` the
+    excursion's first step, ``has_back``/``back_at`` its ``back_at`` (a collapse's
+    ``back_since``); the other arguments its fields of the same names. Returns
+    the lines taken and the state after them."""
+    taken = stop - start
+    for i in range(start, stop):
+        if not present[i]:
+            continue
+        value = values[i]
+        finite = math.isfinite(value)
+        y = ys[i] if finite else math.inf
+        if finite and math.isnan(first):
+            taken = i - start
+            break  # the run's first loss: learnt on the per-line path
+        step = steps[i]
+        if in_collapse:
+            if math.isnan(ref) or not _back(value, y, bound, ref, thr, peak_value, ref_value, first,
+                                             back_fraction):
+                has_back = False
+            else:
+                since = back_at if has_back else step
+                if step - since >= horizon:
+                    taken = i - start
+                    break  # the collapse ends
+                has_back, back_at = True, since
+            has_last, last, gap = _see(has_last, last, gap, step)
+            continue
+        if math.isnan(ref) and math.isfinite(y):
+            taken = i - start
+            break  # the level it left is learnt
+        jumped = not finite or y > last_y + thr
+        new_peak, new_peak_value = peak, peak_value
+        if y > peak or not finite:
+            new_peak = _max(peak, y)
+            new_peak_value = value if not math.isfinite(peak_value) or not finite else _max(peak_value, value)
+        back = _back(value, y, bound, ref, thr, new_peak_value, ref_value, first, back_fraction)
+        new_has_back, new_back_at = has_back, back_at
+        if has_back:
+            if jumped or not back:
+                new_has_back = False  # bounced: out again
+                if step - began >= horizon:
+                    taken = i - start
+                    break  # a collapse, or a lasting shift
+            elif step - back_at >= settle:
+                taken = i - start
+                break  # a spike
+        elif not math.isnan(ref) and back:
+            if settle <= 0:
+                taken = i - start
+                break  # a spike at once
+            new_has_back, new_back_at = True, step
+        elif step - began >= horizon:
+            taken = i - start
+            break  # a collapse, or a lasting shift
+        peak, peak_value, last_y = new_peak, new_peak_value, y
+        has_back, back_at = new_has_back, new_back_at
+        has_last, last, gap = _see(has_last, last, gap, step)
+    return taken, peak, peak_value, last_y, has_back, back_at, has_last, last, gap
+
+
 # --- GeneralisationCollapse ----------------------------------------------------------
 
 
@@ -201,6 +293,31 @@ def generalisation_collapse_quiet(steps, values, present, holds, start, stop, ge
         if value >= grokked:
             generalised = True
     return stop - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap
+
+
+@_jit
+def generalisation_collapse_open_quiet(steps, values, present, start, stop, ref, thr, low, has_back,
+                                       back_since, has_last, last, gap,
+                                       min_intervals):  # pragma: no cover - compiled
+    """``GeneralisationCollapse.update`` with a collapse open while it does not end
+    (back within half the drop for ``min_intervals`` intervals). Returns the lines
+    taken and the state after them."""
+    for i in range(start, stop):
+        value = values[i]
+        if not present[i] or not math.isfinite(value):
+            continue
+        step = steps[i]
+        seen, new_last, new_gap = _see(has_last, last, gap, step)
+        if value < ref - thr / 2:
+            has_back = False
+            low = _min(low, value)
+        else:
+            since = back_since if has_back else step
+            if step - since >= min_intervals * new_gap:
+                return i - start, low, has_back, back_since, has_last, last, gap
+            has_back, back_since = True, since
+        has_last, last, gap = seen, new_last, new_gap
+    return stop - start, low, has_back, back_since, has_last, last, gap
 
 
 # --- Generalisation ------------------------------------------------------------------

@@ -9,6 +9,7 @@ gives both what they read, each built once a block and only when asked for.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -70,7 +71,7 @@ class RoleColumns:
         # Lines where an accuracy first reads as percent (a per-line switch).
         found = [np.flatnonzero(c.present & np.isfinite(c.values) & (c.values > _PERCENT_ABOVE))
                  for c in (self.train_acc, self.val_acc)]
-        self.percent_lines = np.union1d(*found)
+        self.percent_lines: list[int] = np.union1d(*found).tolist()
 
     def line(self, i: int) -> tuple[float | None, ...]:
         """Line i's four role values, None where absent."""
@@ -78,8 +79,8 @@ class RoleColumns:
 
     def percent_from(self, i: int) -> int:
         """The first line from i where an accuracy above 1.5 is logged; the block's end if none."""
-        j = int(np.searchsorted(self.percent_lines, i))
-        return int(self.percent_lines[j]) if j < len(self.percent_lines) else len(self.step_list)
+        j = bisect_left(self.percent_lines, i)
+        return self.percent_lines[j] if j < len(self.percent_lines) else len(self.step_list)
 
 
 def as_list(values: np.ndarray, present: np.ndarray) -> list[float | None]:

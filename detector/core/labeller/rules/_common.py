@@ -1,7 +1,9 @@
-"""What the rules share: plain-data state, the sampling interval, the scopes, the end of a collapse."""
+"""What the rules share: plain-data state, the sampling interval, the scopes, the end of a
+collapse, a counted quiet stretch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from detector.core.labeller.timeline import Timeline, make_event
@@ -66,6 +68,30 @@ class Interval(_Plain):
 
     def unpack(self, seen: bool, last: int, gap: int) -> None:
         self.last, self.gap = (int(last) if seen else None), int(gap)
+
+
+class Pending:
+    """What a counting ``quiet_run`` (``commit=False``) found, kept so that taking
+    exactly that stretch next writes it without running the loop again (the
+    labeller counts every rule's stretch, then has each take the shortest)."""
+
+    __slots__ = ("_apply", "_key")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._apply: Callable[[], None] | None = None
+
+    def keep(self, steps: Any, start: int, taken: int, apply: Callable[[], None]) -> None:
+        self._key, self._apply = (steps, start, taken), apply
+
+    def take(self, steps: Any, start: int, stop: int) -> bool:
+        """Write the kept state if it is that of lines ``start:stop`` of ``steps``; forget it either way."""
+        key, apply = self._key, self._apply
+        self._key = self._apply = None
+        if key is None or apply is None or key[0] is not steps or key[1] != start or key[2] != stop - start:
+            return False
+        apply()
+        return True
 
 
 def collapse_end(timeline: Timeline, scope: str, began: int, located: int, step: int, series: str,

@@ -9,7 +9,7 @@ import numpy as np
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import Band
-from detector.core.labeller.rules._common import TRAINING, Interval, _Plain, collapse_end
+from detector.core.labeller.rules._common import TRAINING, Interval, Pending, _Plain, collapse_end
 from detector.core.labeller.timeline import Timeline, make_event
 from detector.core.series import raw_scale, working_scale
 from detector.core.types import Event, EventKind, Phase, Role
@@ -45,6 +45,7 @@ class LossExcursions(_Plain):
         self.excursion: dict | None = None
         self.collapse: dict | None = None
         self.last_start: int | None = None  # where the last excursion began
+        self._pending = Pending()
 
     @property
     def quiet(self) -> bool:
@@ -129,18 +130,25 @@ class LossExcursions(_Plain):
 
     def quiet_run(self, steps: np.ndarray, values: np.ndarray, ys: np.ndarray, present: np.ndarray,
                   start: int, stop: int, commit: bool = True) -> int:
-        """:meth:`update` on lines ``start:stop`` while nothing can happen: no excursion
-        or collapse open, and each present loss finite, not the run's first, and
-        inside its band (neither out of it nor above the drift bound). Stops before
-        the first line that is not; returns the lines taken (``commit=False``: only
-        counts them, the state is left as it was).
+        """:meth:`update` on lines ``start:stop`` while nothing can happen: with nothing
+        open, each present loss finite, not the run's first, and inside its band
+        (neither out of it nor above the drift bound); with an excursion open, it
+        neither ends (back for the settling time, or still out at the horizon)
+        nor learns the level it left; with a collapse open, it is not back for
+        the horizon. Stops before the first line that is not; returns the lines
+        taken (``commit=False``: only counts them, the state is left as it was).
 
         ``values``: the loss on every line of the block, ``ys`` its working-scale
         values (:func:`working_scale`, where finite), ``present`` where it is
-        logged. O(lines × band_values); the state stays the band's.
+        logged. O(lines × band_values); the state stays the band's and the open
+        excursion's.
         """
-        if not self.quiet or stop <= start:
+        if stop <= start:
             return 0
+        if commit and self._pending.take(steps, start, stop):
+            return stop - start
+        if not self.quiet:
+            return self._open_run(steps, values, ys, present, start, stop, commit)
         c = self.config
         band, n = self.band.buffer()
         seen, last, gap = self.interval.packed()
@@ -149,10 +157,43 @@ class LossExcursions(_Plain):
             self.band.size, float(self.band.first_noise), float(self.band.second_noise), self.band.diffs,
             seen, last, gap, math.log10(c.spike_factor), float(c.spike_noise), float(c.collapse_factor),
             float(c.collapse_margin))
-        if commit and taken:
+
+        def apply() -> None:
             self.run_min = run_min
             self.band.take(band, n, first_noise, second_noise, diffs)
             self.interval.unpack(seen, last, gap)
+
+        if not commit:
+            self._pending.keep(steps, start, taken, apply)
+        elif taken:
+            apply()
+        return taken
+
+    def _open_run(self, steps: np.ndarray, values: np.ndarray, ys: np.ndarray, present: np.ndarray,
+                  start: int, stop: int, commit: bool) -> int:
+        """:meth:`quiet_run` with an excursion or a collapse open."""
+        ex = self.collapse if self.collapse is not None else self.excursion
+        assert ex is not None  # called only with one open
+        back = ex["back_since"] if self.collapse is not None else ex["back_at"]
+        seen, last, gap = self.interval.packed()
+        taken, peak, peak_value, last_y, has_back, back, seen, last, gap = _k.excursions_open_quiet(
+            steps, values, ys, present, start, stop, float(self.first), self.collapse is not None,
+            ex["start"], float(ex["ref"]), float(ex["ref_value"]), float(ex["thr"]), float(ex["bound"]),
+            ex["horizon"], ex["settle"], float(ex["peak"]), float(ex["peak_value"]), float(ex["last_y"]),
+            back is not None, 0 if back is None else back, seen, last, gap, float(self.config.back_fraction))
+
+        def apply() -> None:
+            self.interval.unpack(seen, last, gap)
+            if self.collapse is not None:
+                ex["back_since"] = int(back) if has_back else None
+                return
+            ex["peak"], ex["peak_value"], ex["last_y"] = peak, peak_value, last_y
+            ex["back_at"] = int(back) if has_back else None
+
+        if not commit:
+            self._pending.keep(steps, start, taken, apply)
+        elif taken:
+            apply()
         return taken
 
     def _in_excursion(self, step: int, value: float, y: float, series: str, first_step: int,

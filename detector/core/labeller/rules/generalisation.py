@@ -9,7 +9,14 @@ import numpy as np
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import Band, StepHistory
-from detector.core.labeller.rules._common import GENERALISATION, Interval, _median, _Plain, collapse_end
+from detector.core.labeller.rules._common import (
+    GENERALISATION,
+    Interval,
+    Pending,
+    _median,
+    _Plain,
+    collapse_end,
+)
 from detector.core.labeller.timeline import Timeline, make_event
 from detector.core.series import working_scale
 from detector.core.trend import mann_kendall
@@ -49,6 +56,12 @@ class GeneralisationCollapse(_Plain):
         self.interval = Interval()
         self.dip: dict | None = None
         self.collapse: dict | None = None
+        self._pending = Pending()
+
+    @property
+    def quiet(self) -> bool:
+        """No dip or collapse open."""
+        return self.dip is None and self.collapse is None
 
     def scale(self, factor: float) -> None:
         self.band.scale(factor)
@@ -57,6 +70,27 @@ class GeneralisationCollapse(_Plain):
             if open_ is not None:
                 open_["ref"] *= factor
                 open_["thr"] *= factor
+
+    def _collapse_run(self, steps: np.ndarray, values: np.ndarray, present: np.ndarray, start: int, stop: int,
+                      commit: bool) -> int:
+        """:meth:`quiet_run` with a collapse open."""
+        col = self.collapse
+        assert col is not None  # called only with one open
+        seen, last, gap = self.interval.packed()
+        back = col["back_since"]
+        taken, low, has_back, back, seen, last, gap = _k.generalisation_collapse_open_quiet(
+            steps, values, present, start, stop, float(col["ref"]), float(col["thr"]), float(col["low"]),
+            back is not None, 0 if back is None else back, seen, last, gap, self.config.min_intervals)
+
+        def apply() -> None:
+            col["low"], col["back_since"] = low, (int(back) if has_back else None)
+            self.interval.unpack(seen, last, gap)
+
+        if not commit:
+            self._pending.keep(steps, start, taken, apply)
+        elif taken:
+            apply()
+        return taken
 
     def update(self, step: int, value: float, training_holds: bool, series: str,
                timeline: Timeline) -> list[Event]:
@@ -121,16 +155,21 @@ class GeneralisationCollapse(_Plain):
                   start: int, stop: int, commit: bool = True) -> int:
         """:meth:`update` on lines ``start:stop`` while no dip or collapse is open and
         none opens: each value not below the highest level by the drop once it has
-        generalised (reaching ``grokked_accuracy`` on the way is only state). Stops
-        before the first line that would open a dip; returns the lines taken
-        (``commit=False``: only counts them).
+        generalised (reaching ``grokked_accuracy`` on the way is only state); or
+        while a collapse is open and does not end. Stops before the first line
+        that would open a dip or end the collapse (with a dip open: at once);
+        returns the lines taken (``commit=False``: only counts them).
 
         ``values``: the held-out accuracy as a fraction on every line, ``present``
         where logged, ``holds[i - start]`` whether training holds on line i.
-        O(lines × band_values); the state stays the band's.
+        O(lines × band_values); the state stays the band's and the collapse's.
         """
-        if self.dip is not None or self.collapse is not None or stop <= start:
+        if self.dip is not None or stop <= start:
             return 0
+        if commit and self._pending.take(steps, start, stop):
+            return stop - start
+        if self.collapse is not None:
+            return self._collapse_run(steps, values, present, start, stop, commit)
         c = self.config
         band, n = self.band.buffer()
         seen, last, gap = self.interval.packed()
@@ -140,10 +179,16 @@ class GeneralisationCollapse(_Plain):
                 self.band.size, float(self.band.first_noise), float(self.band.second_noise), self.band.diffs,
                 seen, last, gap, float(c.generalisation_drop), float(c.spike_noise),
                 float(c.grokked_accuracy))
-        if commit and taken:
+
+        def apply() -> None:
             self.generalised, self.high = generalised, high
             self.band.take(band, n, first_noise, second_noise, diffs)
             self.interval.unpack(seen, last, gap)
+
+        if not commit:
+            self._pending.keep(steps, start, taken, apply)
+        elif taken:
+            apply()
         return taken
 
 
@@ -204,6 +249,12 @@ class Generalisation(_Plain):
         self.curv_wide = 0.0
         self.val_interval = Interval()
         self.progress: StepHistory | None = None
+        self._pending = Pending()
+
+    @property
+    def progressing(self) -> bool:
+        """Hidden progress is looked for: memorised, no onset and none found yet."""
+        return self.progress is not None and self.onset_at is None and self.hidden_progress_at is None
 
     def scale(self, factor: float) -> None:
         self.val_first = [v * factor for v in self.val_first]
@@ -317,9 +368,10 @@ class Generalisation(_Plain):
         """
         if stop <= start:
             return 0
+        if commit and self._pending.take(steps, start, stop):
+            return stop - start
         c = self.config
-        progress = self.progress
-        progressing = progress is not None and self.onset_at is None and self.hidden_progress_at is None
+        progress, progressing = self.progress, self.progressing
         bins = 0 if progress is None else len(progress)
         bin_start, width = (progress.starts[-1], progress.width) if bins else (0, 0)
         bin_sum, bin_count = (float(progress.sums[-1]), progress.counts[-1]) if bins else (0.0, 0)
@@ -348,21 +400,27 @@ class Generalisation(_Plain):
             lows_step, lows_value, lows_next, count, self.lows_floor is not None, _int(self.lows_floor),
             float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals, float(c.stable_tolerance),
             float(c.stable_fraction))
-        if not (commit and taken):
-            return taken
-        if progressing and bins:
-            progress.sums[-1], progress.counts[-1] = bin_sum, bin_count
-        self.val_interval.unpack(seen, last, gap)
-        self.val_recent = recent[:recent_n].tolist()
-        self.val_window = window[:window_n].tolist()
-        self.curv_near, self.curv_wide, self.val_noise = curv_near, curv_wide, noise
-        self.above_since = int(above) if has_above else None
-        self.best = best
-        if self.onset_at is not None and count:  # the suffix minima move only after onset
-            self.lows = [[s, v, n] for s, v, n in zip(lows_step[:count].tolist(), lows_value[:count].tolist(),
-                                                       lows_next[:count].tolist(), strict=True)]
-            self.lows[-1][2] = None
-            self.lows_floor = int(floor) if has_floor else None
+
+        def apply() -> None:
+            if progressing and bins:
+                progress.sums[-1], progress.counts[-1] = bin_sum, bin_count
+            self.val_interval.unpack(seen, last, gap)
+            self.val_recent = recent[:recent_n].tolist()
+            self.val_window = window[:window_n].tolist()
+            self.curv_near, self.curv_wide, self.val_noise = curv_near, curv_wide, noise
+            self.above_since = int(above) if has_above else None
+            self.best = best
+            if self.onset_at is not None and count:  # the suffix minima move only after onset
+                self.lows = [[s, v, n] for s, v, n in zip(
+                    lows_step[:count].tolist(), lows_value[:count].tolist(), lows_next[:count].tolist(),
+                    strict=True)]
+                self.lows[-1][2] = None
+                self.lows_floor = int(floor) if has_floor else None
+
+        if not commit:
+            self._pending.keep(steps, start, taken, apply)
+        elif taken:
+            apply()
         return taken
 
     def _grokked(self, step: int, value: float, first_step: int, series: str) -> list[Event]:

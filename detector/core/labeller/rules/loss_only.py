@@ -9,7 +9,7 @@ import numpy as np
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import StepHistory
-from detector.core.labeller.rules._common import Interval, _Plain
+from detector.core.labeller.rules._common import Interval, Pending, _Plain
 from detector.core.labeller.timeline import Timeline
 from detector.core.series import working_scale
 from detector.core.types import Event, Phase, Role
@@ -34,6 +34,7 @@ class LossOnlyPhases(_Plain):
         self.history = StepHistory(config.history_bins)
         self.interval = Interval()
         self.first_mean = math.nan
+        self._pending = Pending()
 
     def update(self, step: int, loss: float, first_step: int, series: str,
                timeline: Timeline, disturbed_at: int | None = None) -> list[Event]:
@@ -93,6 +94,8 @@ class LossOnlyPhases(_Plain):
         """
         if stop <= start:
             return 0
+        if commit and self._pending.take(steps, start, stop):
+            return stop - start
         history = self.history
         bins = len(history)
         bin_start, width = (history.starts[-1], history.width) if bins else (0, 0)
@@ -101,8 +104,14 @@ class LossOnlyPhases(_Plain):
         taken, bin_sum, bin_count, seen, last, gap = _k.loss_only_quiet(
             steps, values, ys, present, start, stop, bins, bin_start, width, bin_sum, bin_count, seen, last,
             gap)
-        if commit and taken:
+
+        def apply() -> None:
             if bins:
                 history.sums[-1], history.counts[-1] = bin_sum, bin_count
             self.interval.unpack(seen, last, gap)
+
+        if not commit:
+            self._pending.keep(steps, start, taken, apply)
+        elif taken:
+            apply()
         return taken
