@@ -205,3 +205,29 @@ def test_bulk_path_equals_per_line_path_on_exact_thresholds() -> None:
     names = ["train_loss", "train_acc", "val_acc"]
     for seed in range(5):
         assert check_same(steps, rows, names, np.random.default_rng(seed)) > 0
+
+
+@pytest.mark.parametrize("seed", range(9))
+def test_bulk_path_equals_per_line_path_on_hidden_progress(seed: int) -> None:
+    """Memorised at once, held-out accuracy flat, a held-out loss that falls slowly
+    (in steps of equal values on some seeds: ties between bin means), climbs
+    and falls back, or climbs, stays exactly flat and falls: the hidden-progress
+    history's bins open, merge and are tested."""
+    rng = np.random.default_rng(seed)
+    n = 4000
+    t = np.arange(n, dtype=float)
+    if seed >= 6:
+        flat = rng.uniform(0.3, 0.7) * n
+        val_loss = np.where(t < n / 10, 2 + 20 * t / n, 4.0)
+        val_loss = np.where(t > flat, 4.0 - (t - flat) / n * rng.uniform(0.5, 3), val_loss)
+    elif seed % 2:
+        val_loss = 5.0 - 3.0 * t / n + 0.3 * np.sin(t / rng.uniform(50, 400))
+    else:
+        val_loss = 5.0 * np.exp(-t / rng.uniform(500, 8000)) * np.exp(0.02 * rng.standard_normal(n))
+    if seed % 3 == 0:
+        val_loss = np.round(val_loss, 1)  # plateaus: equal bin means
+    steps = np.cumsum(rng.choice([1, 1, 1, 5], n)).tolist()
+    rows = [{"train_loss": 0.01, "train_acc": 1.0, "val_loss": float(v), "val_acc": 0.01 + 0.001 * (i % 3)}
+            for i, v in enumerate(val_loss)]
+    rows[0]["train_loss"] = 3.0
+    check_same(steps, rows, ["train_loss", "train_acc", "val_loss", "val_acc"], rng)

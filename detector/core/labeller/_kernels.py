@@ -387,31 +387,105 @@ def _remember_low(lows_step, lows_value, lows_next, count, has_floor, floor, ste
 
 
 @_jit
+def _history_add(starts, sums, counts, n, width, capacity, step, value):  # pragma: no cover - compiled
+    """``StepHistory.add`` on arrays of ``capacity + 1`` (in place, ``n`` bins):
+    returns whether a bin opened, the bins and the width after."""
+    if n > 0 and step < starts[n - 1] + width:
+        sums[n - 1] += value
+        counts[n - 1] += 1
+        return False, n, width
+    starts[n], sums[n], counts[n] = step, value, 1
+    n += 1
+    if n > capacity:  # StepHistory._merge_pairs
+        span = starts[n - 1] - starts[0]
+        width = max(2 * width, int(math.ceil(span / (capacity // 2))), 1)
+        m = 0
+        for j in range(0, n - 1, 2):
+            starts[m], sums[m], counts[m] = starts[j], sums[j] + sums[j + 1], counts[j] + counts[j + 1]
+            m += 1
+        if n % 2:
+            starts[m], sums[m], counts[m] = starts[n - 1], sums[n - 1], counts[n - 1]
+            m += 1
+        n = m
+    return True, n, width
+
+
+@_jit
+def _no_hidden_progress(starts, sums, counts, n, step, memorised_at, first_step, delay, min_bins, min_change,
+                        min_share):  # pragma: no cover - compiled
+    """``Generalisation._hidden_progress`` once a bin has opened, up to its
+    Mann–Kendall test: True where it surely returns nothing (False: the test
+    runs, on the per-line path; also where a mean is not finite)."""
+    took = memorised_at - first_step
+    if step - memorised_at < (took if took > delay else delay):
+        return True
+    if n < min_bins:
+        return True
+    peak, top = 0, sums[0] / counts[0]
+    for j in range(n):
+        mean = sums[j] / counts[j]
+        if not math.isfinite(mean):
+            return False
+        if mean > top:
+            peak, top = j, mean
+    last = sums[n - 1] / counts[n - 1]
+    change = last - sums[peak] / counts[peak]
+    if n - peak < min_bins or change > -min_change:
+        return True
+    if step - starts[peak] < min_share * (step - memorised_at):
+        return True
+    quarter = max(1, (n - peak) // 4)
+    lowest, head = math.inf, math.inf
+    for j in range(peak, n):
+        mean = sums[j] / counts[j]
+        lowest = mean if mean < lowest else lowest
+        if j < n - quarter:
+            head = mean if mean < head else head
+    return last > lowest or head - last < min_change / 4
+
+
+@_jit
 def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, stop, first_step, stabilised,
                          gate_first, has_onset, onset, has_complete, has_base, base, has_above, above,
-                         progressing, bins, bin_start, width, bin_sum, bin_count, has_last, last, gap, recent,
-                         recent_n, window, window_n, curv_near, curv_wide, noise, best, stable_best,
+                         progressing, starts, sums, counts, bins, width, memorised_at, has_last, last, gap,
+                         recent, recent_n, window, window_n, curv_near, curv_wide, noise, best, stable_best,
                          lows_step, lows_value, lows_next, lows_n, has_floor, floor, onset_rise, grokked,
-                         min_intervals, stable_tolerance, stable_fraction):  # pragma: no cover - compiled
+                         min_intervals, stable_tolerance, stable_fraction, capacity, delay, min_bins,
+                         min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
-    does not open a step bin of the hidden-progress history, a held-out accuracy
-    past its first three values that neither completes an onset nor reaches
+    adds to the hidden-progress history without a test that could find it (the
+    Mann–Kendall test is left to the per-line path), a held-out accuracy past its
+    first three values that neither completes an onset nor reaches
     ``grokked_accuracy`` for the first time nor enters or leaves stabilisation.
-    ``loss_ws``: the held-out loss on the working scale, NaN where not finite.
-    Arrays ``recent``, ``window``, ``lows_*`` are updated in place (the caller
-    passes copies). Returns the lines taken and the scalar state after them."""
+    ``loss_ws``: the held-out loss on the working scale, NaN where not finite;
+    ``starts``, ``sums``, ``counts``: the history's bins (``bins`` of them) in
+    arrays of ``capacity + 1``. The arrays ``starts`` … ``counts``, ``recent``,
+    ``window``, ``lows_*`` are updated in place (the caller passes copies).
+    Returns the lines taken and the scalar state after them."""
     taken = stop - start
+    t_starts, t_sums, t_counts = starts.copy(), sums.copy(), counts.copy()
     for i in range(start, stop):
         step = steps[i]
         add_loss = progressing and loss_present[i] and not math.isnan(loss_ws[i])
-        if add_loss and not (bins > 0 and step < bin_start + width):
-            taken = i - start  # opens a bin: the hidden-progress test runs
-            break
+        opened, new_bins, new_width = False, bins, width
+        if add_loss and not (bins > 0 and step < starts[bins - 1] + width):
+            # A bin opens (and bins may merge): on copies until the line is taken.
+            t_starts[:bins], t_sums[:bins], t_counts[:bins] = starts[:bins], sums[:bins], counts[:bins]
+            opened, new_bins, new_width = _history_add(t_starts, t_sums, t_counts, bins, width, capacity,
+                                                       step, loss_ws[i])
+            if not _no_hidden_progress(t_starts, t_sums, t_counts, new_bins, step, memorised_at, first_step,
+                                       delay, min_bins, min_change, min_share):
+                taken = i - start  # the hidden-progress test runs
+                break
         value = acc[i]
         if not acc_present[i] or not math.isfinite(value):
-            if add_loss:
-                bin_sum += loss_ws[i]
-                bin_count += 1
+            if opened:
+                starts[:new_bins], sums[:new_bins], counts[:new_bins] = (
+                    t_starts[:new_bins], t_sums[:new_bins], t_counts[:new_bins])
+                bins, width = new_bins, new_width
+            elif add_loss:
+                sums[bins - 1] += loss_ws[i]
+                counts[bins - 1] += 1
             continue
         if gate_first:
             taken = i - start  # one of the first three values: the early level moves
@@ -480,9 +554,13 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, 
             lows_n, has_floor, floor = _remember_low(lows_step, lows_value, lows_next, lows_n, has_floor,
                                                      floor, step, value)
         # The line is taken: write its state.
-        if add_loss:
-            bin_sum += loss_ws[i]
-            bin_count += 1
+        if opened:
+            starts[:new_bins], sums[:new_bins], counts[:new_bins] = (
+                t_starts[:new_bins], t_sums[:new_bins], t_counts[:new_bins])
+            bins, width = new_bins, new_width
+        elif add_loss:
+            sums[bins - 1] += loss_ws[i]
+            counts[bins - 1] += 1
         has_last, last, gap = True, new_last, new_gap
         recent_n = new_recent_n
         if window_n == 7:
@@ -495,7 +573,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, 
         curv_near, curv_wide, noise = new_near, new_wide, new_noise
         has_above, above = has_new_above, new_above
         best = new_best
-    return (taken, bin_sum, bin_count, has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
+    return (taken, bins, width, has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
             has_above, above, best, lows_n, has_floor, floor)
 
 

@@ -354,8 +354,10 @@ class Generalisation(_Plain):
                   loss_present: np.ndarray, first_step: int, stabilised: bool, start: int, stop: int,
                   commit: bool = True) -> int:
         """:meth:`update` on lines ``start:stop`` while it only moves its state: the
-        held-out loss adds to the hidden-progress history's open bin (or is not
-        read), and each held-out accuracy, past the first three, neither completes
+        held-out loss adds to the hidden-progress history (or is not read) where
+        no Mann–Kendall test could find progress (a bin that opens before
+        grokking's delay, or whose means fail the test's cheaper conditions), and
+        each held-out accuracy, past the first three, neither completes
         the onset, nor reaches ``grokked_accuracy`` first, nor enters (leaves:
         ``stabilised``, the phase is stabilisation) a stable stretch. Stops before
         the first line that would; returns the lines taken (``commit=False``: only
@@ -372,9 +374,13 @@ class Generalisation(_Plain):
             return stop - start
         c = self.config
         progress, progressing = self.progress, self.progressing
-        bins = 0 if progress is None else len(progress)
-        bin_start, width = (progress.starts[-1], progress.width) if bins else (0, 0)
-        bin_sum, bin_count = (float(progress.sums[-1]), progress.counts[-1]) if bins else (0.0, 0)
+        size = c.history_bins + 1
+        starts, sums, counts = np.zeros(size, dtype=np.int64), np.zeros(size), np.zeros(size, dtype=np.int64)
+        bins, width = 0, 0
+        if progressing:
+            assert progress is not None  # progressing: memorised
+            bins, width = len(progress), progress.width
+            starts[:bins], sums[:bins], counts[:bins] = progress.starts, progress.sums, progress.counts
         seen, last, gap = self.val_interval.packed()
         recent = np.zeros(3)
         recent[:len(self.val_recent)] = self.val_recent
@@ -388,22 +394,25 @@ class Generalisation(_Plain):
             lows_step[:count] = [low[0] for low in self.lows]
             lows_value[:count] = [low[1] for low in self.lows]
             lows_next[:count - 1] = [low[2] for low in self.lows[:-1]]
-        (taken, bin_sum, bin_count, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
+        (taken, bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
          has_above, above, best, count, has_floor, floor) = _k.generalisation_quiet(
             steps, acc, acc_present, loss_ws, loss_present, start, stop, first_step, stabilised,
             len(self.val_first) < 3 and self.memorised_at is None,
             self.onset_at is not None, _int(self.onset_at), self.complete_at is not None,
             self.val_base is not None, _float(self.val_base), self.above_since is not None,
-            _int(self.above_since), progressing, bins, bin_start, width, bin_sum, bin_count, seen, last, gap,
-            recent, len(self.val_recent), window, len(self.val_window), float(self.curv_near),
-            float(self.curv_wide), float(self.val_noise), float(self.best), float(self.stable_best),
+            _int(self.above_since), progressing, starts, sums, counts, bins, width, _int(self.memorised_at),
+            seen, last, gap, recent, len(self.val_recent), window, len(self.val_window),
+            float(self.curv_near), float(self.curv_wide), float(self.val_noise), float(self.best),
+            float(self.stable_best),
             lows_step, lows_value, lows_next, count, self.lows_floor is not None, _int(self.lows_floor),
             float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals, float(c.stable_tolerance),
-            float(c.stable_fraction))
+            float(c.stable_fraction), c.history_bins, c.grokking_min_delay_steps, c.progress_min_bins,
+            float(c.progress_min_change), float(c.progress_min_share))
 
         def apply() -> None:
-            if progressing and bins:
-                progress.sums[-1], progress.counts[-1] = bin_sum, bin_count
+            if progressing and progress is not None:
+                progress.starts, progress.sums = starts[:bins].tolist(), sums[:bins].tolist()
+                progress.counts, progress.width = counts[:bins].tolist(), int(width)
             self.val_interval.unpack(seen, last, gap)
             self.val_recent = recent[:recent_n].tolist()
             self.val_window = window[:window_n].tolist()
