@@ -231,3 +231,13 @@ def test_bulk_path_equals_per_line_path_on_hidden_progress(seed: int) -> None:
             for i, v in enumerate(val_loss)]
     rows[0]["train_loss"] = 3.0
     check_same(steps, rows, ["train_loss", "train_acc", "val_loss", "val_acc"], rng)
+
+
+def test_working_scale_list_is_working_scale_bit_for_bit() -> None:
+    from detector.core.series import working_scale, working_scale_list
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([10 ** rng.uniform(-12, 300, 5000), -(10 ** rng.uniform(-12, 30, 500)),
+                             [0.0, -0.0, 1e-10, 5e-324, 1.7976931348623157e308]]).tolist()
+    for role in (Role.LOSS, Role.ACCURACY):
+        assert repr(working_scale_list(role, values)) == repr([working_scale(role, v) for v in values])

@@ -23,7 +23,7 @@ dict of numbers, strings and lists), bounded whatever the run's length.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -314,9 +314,10 @@ class PhaseLabeller:
         if loss_name is not None:
             stop = start + self.excursions.quiet_run(steps, loss.values, loss.ws, loss.present, start, stop,
                                                      commit=False)
-        holds = None
+        holds, holds_stop, write_train = None, start, None
         if r.val_acc and stop > start:
-            holds = self._train_recent(train_acc, cols.train_acc.present, start, stop, commit=False)
+            holds_stop = stop
+            holds, write_train = self._train_recent(train_acc, cols.train_acc.present, start, stop)
             stop = start + self.generalisation_collapse.quiet_run(
                 steps, val_acc, cols.val_acc.present, holds, start, stop, commit=False)
         collapsed = self.timeline.collapsed
@@ -341,7 +342,10 @@ class PhaseLabeller:
         self.last_step, self.last_gap = _k.line_steps(steps, start, stop, self.last_step, self.last_gap)
         if loss_name is not None:
             self.excursions.quiet_run(steps, loss.values, loss.ws, loss.present, start, stop)
-        self._train_recent(train_acc, cols.train_acc.present, start, stop)
+        if r.train_acc:
+            if write_train is None or stop != holds_stop:
+                _, write_train = self._train_recent(train_acc, cols.train_acc.present, start, stop)
+            write_train()
         if r.val_acc:
             self.generalisation_collapse.quiet_run(steps, val_acc, cols.val_acc.present, holds, start, stop)
         if not collapsed:
@@ -352,19 +356,21 @@ class PhaseLabeller:
                 self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present, start, stop)
         return stop - start
 
-    def _train_recent(self, train_acc: np.ndarray, present: np.ndarray, start: int, stop: int,
-                      commit: bool = True) -> np.ndarray:
+    def _train_recent(self, train_acc: np.ndarray, present: np.ndarray, start: int,
+                      stop: int) -> tuple[np.ndarray, Callable[[], None]]:
         """``train_recent`` and ``train_best`` over lines ``start:stop`` (an excursion
-        neither opens nor ends); returns :meth:`_training_holds` after each line
-        (``commit=False``: changes nothing). O(lines)."""
+        neither opens nor ends): :meth:`_training_holds` after each line, and what
+        writes their state after ``stop`` (nothing is written before). O(lines)."""
         recent = np.zeros(3)
         recent[:len(self.train_recent)] = self.train_recent
         holds, count, best = _k.training_holds(
             train_acc, present, start, stop, recent, len(self.train_recent), float(self.train_best),
             bool(self.roles.train_acc), self.excursions.quiet, float(self.config.generalisation_drop))
-        if commit:
+
+        def write() -> None:
             self.train_recent, self.train_best = recent[:count].tolist(), best
-        return holds
+
+        return holds, write
 
     def finish(self) -> list[Event]:
         """The run has ended (see ``RunDetector.finish``): an excursion that was back

@@ -8,13 +8,12 @@ gives both what they read, each built once a block and only when asked for.
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from detector.core.series import working_scale
+from detector.core.series import working_scale_list
 from detector.core.types import Role
 
 if TYPE_CHECKING:
@@ -38,11 +37,13 @@ class Column:
 
     @property
     def ws(self) -> np.ndarray:
-        """The loss's working-scale values, by :func:`working_scale` itself (libm's
-        log10, as the per-line path takes it; numpy's may differ in the last bit)."""
+        """The loss's working-scale values, by :func:`working_scale_list` (libm's log10,
+        as the per-line path's :func:`working_scale` takes it; numpy's may differ in
+        the last bit)."""
         if self._ws is None:
-            self._ws = np.array([working_scale(Role.LOSS, v) if p and math.isfinite(v) else math.nan
-                                 for v, p in zip(self.values.tolist(), self.present.tolist(), strict=True)])
+            rows = np.flatnonzero(self.present & np.isfinite(self.values))
+            self._ws = np.full(len(self.values), np.nan)
+            self._ws[rows] = working_scale_list(Role.LOSS, self.values[rows].tolist())
         return self._ws
 
     def fraction(self, percent: bool) -> np.ndarray:
