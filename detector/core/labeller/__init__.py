@@ -17,7 +17,12 @@ so far is rescaled), so a held-out accuracy that never leaves 0.9 % is not
 read as 90 %.
 
 Cost: O(1) a line (see the rules); state is plain data (``state()`` is a
-dict of numbers, strings and lists), bounded whatever the run's length.
+dict of numbers, strings and lists), bounded whatever the run's length. A
+block of lines (:meth:`PhaseLabeller.update_block`) goes through each rule's
+``quiet_run`` (beside its ``update``: compiled loops in
+:mod:`~detector.core.labeller._kernels`) while nothing can happen, and line by
+line where something may, with the same events and state as line by line
+throughout.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The labeller's rules, one class each, with a per-line ``update``.
+"""The labeller's rules, one class each, with a per-line ``update`` and beside it a
+``quiet_run`` that takes a stretch of a block's lines while the update would
+only move the rule's own state (compiled: :mod:`detector.core.labeller._kernels`),
+stopping before the first line where it could act.
 
 Each rule reads the values of the series that play its roles on one logged
 line (``None``: the series has no value on this line; NaN: non-finite) and
