@@ -107,7 +107,8 @@ def _accuracy(rng: np.random.Generator, n: int, late: bool) -> np.ndarray:
     t = np.arange(n, dtype=float)
     centre = rng.uniform(0.1, 0.9) * n if late else rng.uniform(0, 0.2) * n
     top = rng.choice([1.0, 0.97, 0.9, 0.5])
-    acc = rng.uniform(0, 0.1) + (top - 0.05) / (1 + np.exp(-(t - centre) / rng.uniform(0.5, n / 10 + 1)))
+    rise = np.clip((t - centre) / rng.uniform(0.5, n / 10 + 1), -500, 500)
+    acc = rng.uniform(0, 0.1) + (top - 0.05) / (1 + np.exp(-rise))
     acc += rng.uniform(0, 0.02) * rng.standard_normal(n)
     for _ in range(int(rng.integers(0, 3))):  # generalisation collapses, some that end
         at = int(rng.integers(0, n))
