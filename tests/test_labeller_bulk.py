@@ -242,3 +242,15 @@ def test_working_scale_list_is_working_scale_bit_for_bit() -> None:
                              [0.0, -0.0, 1e-10, 5e-324, 1.7976931348623157e308]]).tolist()
     for role in (Role.LOSS, Role.ACCURACY):
         assert repr(working_scale_list(role, values)) == repr([working_scale(role, v) for v in values])
+
+
+def test_bulk_path_equals_per_line_path_on_a_bounce_while_settling() -> None:
+    """A spike that comes back, then bounces up by just over the band's threshold
+    (log10 1.5 decades) while still back halfway: settling starts again."""
+    losses = [4.0 * math.exp(-i / 5.0) + 1e-3 for i in range(300)]
+    losses[200:202] = [0.1, 0.1]
+    losses[204] = 1e-3 * 10 ** 0.18
+    steps = list(range(0, 3000, 10))
+    rows = [{"train_loss": v} for v in losses]
+    for seed in range(5):
+        assert check_same(steps, rows, ["train_loss"], np.random.default_rng(seed)) > 0
