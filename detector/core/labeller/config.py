@@ -49,7 +49,9 @@ class LabellerConfig:
       most 10 × the steps memorisation took, at least ``min_intervals``
       intervals of the series) is a collapse, not a spike. Spikes in the study
       of post-grokking collapse last up to 600 steps of 100 000; collapses that
-      stay last thousands.
+      stay last thousands. ``recovery_extension`` 2: an excursion that has come
+      down half its height (log scale) by the horizon has up to twice the horizon
+      to be back; one that stays up is a collapse at the horizon, as before.
     * ``collapse_factor`` 10 and ``collapse_margin`` 0.25: a slow drift up to
       10× the running minimum and its minimum + 0.25 × the first loss is an
       excursion too, whatever the recent level (the ``../shared/runs`` bound).
@@ -86,6 +88,7 @@ class LabellerConfig:
     back_fraction: float = 0.5
     recovery_fraction: float = 0.1
     recovery_memorisation: float = 10.0
+    recovery_extension: float = 2.0
     min_intervals: int = 2
     collapse_factor: float = 10.0
     collapse_margin: float = 0.25

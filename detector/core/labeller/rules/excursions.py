@@ -23,8 +23,10 @@ class LossExcursions(_Plain):
     the drift bound) before the recovery horizon is a ``LOSS_SPIKE`` located
     at its first line, with the peak, the factor over the level and the
     duration in steps; one still out at the horizon is a ``COLLAPSE_ONSET``
-    (scope ``training``), ended by ``COLLAPSE_END`` once the loss is back the
-    same way and stays back for the same horizon. An excursion is only over once
+    (scope ``training``), unless it has come down half its height by then (it
+    then has up to ``recovery_extension`` × the horizon to be back), ended by
+    ``COLLAPSE_END`` once the loss is back the same way and stays back for the
+    same horizon. An excursion is only over once
     it has stayed back for a quarter of the horizon without jumping up again: a
     loss that bounces between 1e-2 and 1 after a jump from 1e-6 is still out.
     O(band_values) a line.
@@ -78,6 +80,16 @@ class LossExcursions(_Plain):
         top = min(peak, max(abs(self.first), ex["ref_value"]))
         return top > ex["ref_value"] and value <= ex["ref_value"] + self.config.back_fraction * (
             top - ex["ref_value"])
+
+    def _recovering(self, y: float, ex: dict) -> bool:
+        """Come down at least half its height (on the log scale, from the peak to the
+        band's top) by the horizon: an excursion on its way back, whose end falls near
+        the horizon, is judged by where it ends (the same whatever the cadence), not by
+        which side of the horizon a line happens to be logged. A loss that stays up,
+        or is non-finite, is not recovering."""
+        top = ex["ref"] + ex["thr"]
+        peak = ex["peak"]
+        return math.isfinite(y) and math.isfinite(peak) and peak > top and y <= top + 0.5 * (peak - top)
 
     def _material(self, ex: dict) -> bool:
         """An excursion costs at least ``collapse_material`` of the first loss (or is
@@ -153,6 +165,8 @@ class LossExcursions(_Plain):
                 return self._spike(step, y, series)
             return []
         if ex["back_at"] is not None or step - ex["start"] < ex["horizon"]:
+            return []
+        if self._recovering(y, ex) and step - ex["start"] < self.config.recovery_extension * ex["horizon"]:
             return []
         self.excursion = None
         if not self._material(ex):
