@@ -110,6 +110,18 @@ def test_an_excursion_on_its_way_back_at_the_horizon_is_judged_by_where_it_ends(
     assert onset.step == 5000 and onset.detected_at <= 5000 + 500 + every
 
 
+def test_the_level_a_spike_left_is_not_one_noisy_low_line() -> None:
+    # A mini-batch loss at 2.0 (+-3%) whose line before the jump happens to read 1.5:
+    # the spike's level is the loss's level, and its recovery to 2.4 counts as back.
+    rng = np.random.default_rng(7)
+    loss = 2.0 * np.exp(0.03 * rng.standard_normal(400))
+    loss[199], loss[200:230] = 1.5, np.geomspace(10.0, 2.4, 30)
+    det = run([{"train_loss": float(v)} for v in loss])
+    [spike] = [e for e in det.events_so_far if e.kind is EventKind.LOSS_SPIKE]
+    assert spike.step == 2000 and float(spike.evidence["level"]) == pytest.approx(2.0, rel=0.1)
+    assert kinds(det, EventKind.COLLAPSE_ONSET) == []
+
+
 def test_a_collapse_that_stays_is_never_ended() -> None:
     rng = np.random.default_rng(3)
     base = fitted_losses(600, rng)

@@ -73,6 +73,13 @@ class Band:
             self._level = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
         return self._level
 
+    @property
+    def recent(self) -> float:
+        """Median of the last three values: the level now, robust to one noisy line,
+        lagging a trend by one line."""
+        a, b, c = self.values[-3], self.values[-2], self.values[-1]
+        return max(min(a, b), min(max(a, b), c))
+
     def scale(self, factor: float) -> None:
         """Rescale every value (an accuracy found to be in percent)."""
         self.values = deque((v * factor for v in self.values), maxlen=self.size)

@@ -112,16 +112,15 @@ class LossExcursions(_Plain):
         # Out of the band only by a jump from the line before: the decaying tail of
         # an excursion that is over, or a slow creep, is not a new spike.
         thr = self._threshold()
-        # Above the band's level and the line before; on a falling loss the line
-        # before is the level (a median of lines lags a decay by half the band).
         out = not finite or value > self._drift_bound() or (
-            self.band.ready and y > min(self.band.level, self.band.values[-1]) + thr
-            and y > self.band.values[-1] + thr)
+            self.band.ready and y > self.band.values[-1] + thr)
         if out:
-            # The level it left: on a falling loss the line before, not the band's
-            # median, which lags a decay by half the band (9 lines: 9 steps logged
-            # every step, 90 logged every 10, so the recovery would depend on the cadence).
-            ref = min(self.band.level, self.band.values[-1]) if self.band.ready else (
+            # The level it left: on a falling loss the median of the last three lines,
+            # not the band's median, which lags a decay by half the band (9 lines: 9
+            # steps logged every step, 90 logged every 10, so the recovery would depend
+            # on the cadence), nor the line before alone, one noisy low line of a
+            # mini-batch loss (0.8x the level) that no recovery would get back to.
+            ref = min(self.band.level, self.band.recent) if self.band.ready else (
                 y if finite else math.nan)
             horizon = self._horizon(step, first_step, memorised_steps)
             self.last_start = step
