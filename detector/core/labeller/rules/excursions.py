@@ -23,8 +23,8 @@ class LossExcursions(_Plain):
     the drift bound) before the recovery horizon is a ``LOSS_SPIKE`` located
     at its first line, with the peak, the factor over the level and the
     duration in steps; one still out at the horizon is a ``COLLAPSE_ONSET``
-    (scope ``training``), unless it has come down half its height by then (it
-    then has up to ``recovery_extension`` × the horizon to be back), ended by
+    (scope ``training``), unless it has come down ``recovering_fraction`` of its
+    height by then (it then has up to ``recovery_extension`` × the horizon to be back), ended by
     ``COLLAPSE_END`` once the loss is back the same way and stays back for the
     same horizon. An excursion is only over once
     it has stayed back for a quarter of the horizon without jumping up again: a
@@ -82,14 +82,16 @@ class LossExcursions(_Plain):
             top - ex["ref_value"])
 
     def _recovering(self, y: float, ex: dict) -> bool:
-        """Come down at least half its height (on the log scale, from the peak to the
-        band's top) by the horizon: an excursion on its way back, whose end falls near
-        the horizon, is judged by where it ends (the same whatever the cadence), not by
-        which side of the horizon a line happens to be logged. A loss that stays up,
-        or is non-finite, is not recovering."""
+        """Come down ``recovering_fraction`` of its height (on the log scale, from the
+        peak to the band's top) by the horizon: an excursion on its way back, whose end
+        falls near the horizon, is judged by where it ends (the same whatever the
+        cadence), not by which side of the horizon a line happens to be logged. A loss
+        that stays up, settles at a worse level (half-way down), or is non-finite, is
+        not recovering."""
         top = ex["ref"] + ex["thr"]
         peak = ex["peak"]
-        return math.isfinite(y) and math.isfinite(peak) and peak > top and y <= top + 0.5 * (peak - top)
+        left = 1.0 - self.config.recovering_fraction
+        return math.isfinite(y) and math.isfinite(peak) and peak > top and y <= top + left * (peak - top)
 
     def _material(self, ex: dict) -> bool:
         """An excursion costs at least ``collapse_material`` of the first loss (or is
