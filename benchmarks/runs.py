@@ -42,9 +42,12 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    ``recovered`` true (``peak_factor`` >= 2 for recall, >= 1.5 reported
    separately), else recovered ``train_collapse_episodes``, else
    ``collapse_kind == transient_spike`` ([collapse_step,
-   collapse_recovered_step]). Found = a ``LOSS_SPIKE`` located in [first - 2 L,
-   last + 2 L], or a training-scope collapse open during that window and ended
-   by ``COLLAPSE_END`` (a burst of excursions called one collapse that recovered).
+   collapse_recovered_step]). Found = a ``LOSS_SPIKE`` whose excursion (its
+   step to step + its evidence ``duration_steps``) overlaps [first - 2 L, last +
+   2 L], or a training-scope collapse open during that window and ended by
+   ``COLLAPSE_END`` (a burst of excursions called one collapse that recovered;
+   a slow recovery that the labels cut into fragments at their bound, called one
+   spike).
 6. Generalisation collapse: ``generalization_collapse_episodes`` with last -
    first >= 2 L. Test-only (no train-collapse episode overlaps [first, last]):
    found = a generalization-scope collapse open (from its ``COLLAPSE_ONSET`` to
@@ -418,10 +421,12 @@ def _score_collapses(s: RunScore, labels: dict, events: list[dict], by_kind: dic
     if is_quiet(labels):
         s.false_collapses = len(training)
     every = s.log_every
-    # A spike is found by a LOSS_SPIKE located in its window, or by a training
-    # collapse that was open during it and ended (a burst of excursions that the
-    # detector calls one collapse and its recovery).
-    spans = [(e["step"], e["step"]) for e in by_kind.get("LOSS_SPIKE", [])]
+    # A spike is found by a LOSS_SPIKE whose excursion (its step to step +
+    # duration_steps) overlaps its window, or by a training collapse that was open
+    # during it and ended (a burst of excursions that the detector calls one
+    # collapse and its recovery). The labels cut one slow recovery into fragments
+    # wherever it dips under their 1.5x bound; one excursion covering them found them.
+    spans = [(e["step"], e["step"] + _duration(e)) for e in by_kind.get("LOSS_SPIKE", [])]
     spans += [(on["step"], end["step"]) for on, end in training if end is not None]
     for attr, factor in (("spikes", 2.0), ("spikes15", 1.5)):
         windows = spike_windows(labels, factor)
@@ -431,6 +436,14 @@ def _score_collapses(s: RunScore, labels: dict, events: list[dict], by_kind: dic
                    for a, b in windows)
         setattr(s, attr, len(windows))
         setattr(s, attr + "_found", hits)
+
+
+def _duration(event: dict) -> int:
+    """A LOSS_SPIKE's duration in steps (its evidence ``duration_steps``; 0 without)."""
+    try:
+        return max(0, int(event.get("evidence", {}).get("duration_steps", 0)))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _overlaps(a: int, b: int, spans: Iterable[tuple[int, int, bool]]) -> bool:

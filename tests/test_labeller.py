@@ -85,6 +85,45 @@ def test_an_excursion_that_comes_back_in_time_is_a_spike_a_long_one_a_collapse_t
     assert phases[-2:] == [Phase.COLLAPSE, phases[-3]]  # back to what it was
 
 
+@pytest.mark.parametrize("every", [1, 10, 50])
+def test_an_excursion_on_its_way_back_at_the_horizon_is_judged_by_where_it_ends(every: int) -> None:
+    # At step 5000 the horizon is 500 steps. The loss jumps 1000x and decays back
+    # geometrically, home 650 steps later: past the horizon, but more than three
+    # quarters of the way down (log scale) when it is reached. A loss that stays up,
+    # or settles half-way, is a collapse at the horizon, not later.
+    steps = np.arange(0, 10000, every)
+    base = 1e-3 * np.exp(0.05 * np.random.default_rng(6).standard_normal(len(steps)))
+    since = steps - 5000
+    back = np.where((since >= 0) & (since < 650), 1000.0 ** (1 - since / 650), 1.0)
+    det = RunDetector()
+    for step, value in zip(steps.tolist(), (base * back).tolist(), strict=True):
+        det.update(step, {"train_loss": value})
+    assert [k for k, _ in kinds(det, *SPIKES)] == ["LOSS_SPIKE"]
+    [spike] = [e for e in det.events_so_far if e.kind is EventKind.LOSS_SPIKE]
+    assert spike.step == 5000 and 500 < int(spike.evidence["duration_steps"]) < 1000
+
+    stays = np.where(since >= 0, 1000.0, 1.0)
+    half_way = np.where(since >= 0, np.maximum(1000.0 ** (1 - since / 300), 30.0), 1.0)
+    for shape in (stays, half_way):
+        det = RunDetector()
+        for step, value in zip(steps.tolist(), (base * shape).tolist(), strict=True):
+            det.update(step, {"train_loss": value})
+        [onset] = [e for e in det.events_so_far if e.kind is EventKind.COLLAPSE_ONSET]
+        assert onset.step == 5000 and onset.detected_at <= 5000 + 500 + every
+
+
+def test_the_level_a_spike_left_is_not_one_noisy_low_line() -> None:
+    # A mini-batch loss at 2.0 (+-3%) whose line before the jump happens to read 1.5:
+    # the spike's level is the loss's level, and its recovery to 2.4 counts as back.
+    rng = np.random.default_rng(7)
+    loss = 2.0 * np.exp(0.03 * rng.standard_normal(400))
+    loss[199], loss[200:230] = 1.5, np.geomspace(10.0, 2.4, 30)
+    det = run([{"train_loss": float(v)} for v in loss])
+    [spike] = [e for e in det.events_so_far if e.kind is EventKind.LOSS_SPIKE]
+    assert spike.step == 2000 and float(spike.evidence["level"]) == pytest.approx(2.0, rel=0.1)
+    assert kinds(det, EventKind.COLLAPSE_ONSET) == []
+
+
 def test_a_collapse_that_stays_is_never_ended() -> None:
     rng = np.random.default_rng(3)
     base = fitted_losses(600, rng)

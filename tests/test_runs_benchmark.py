@@ -114,6 +114,15 @@ def test_spike_outside_window_is_not_found():
     assert (both.spikes_found, both.spikes15, both.spikes15_found) == (1, 2, 2)
 
 
+def test_a_long_spike_finds_the_fragments_of_its_recovery():
+    # The labels cut one slow recovery into pieces where it dips under their bound.
+    labels = {"log_every": 10, "spikes": [[1100, 1250, 6.0, False], [1270, 1280, 1.6, True]]}
+    long = score(labels, [ev("LOSS_SPIKE", 1100, duration_steps="200")])
+    assert (long.spikes15, long.spikes15_found) == (1, 1)
+    short = score(labels, [ev("LOSS_SPIKE", 1100, duration_steps="100")])
+    assert short.spikes15_found == 0  # over at 1200: the window starts at 1250
+
+
 def test_spike_found_by_ended_collapse_only():
     labels = {"log_every": 100, "train_collapse_episodes": [[2100, 2200, True], [9000, 9900, False]]}
     assert bench.spike_windows(labels) == [(2100, 2200)]

@@ -95,7 +95,7 @@ class PhaseLabeller:
     ...     loss = 1.0 / (1 + step) * (40 if step == 1000 else 1)
     ...     events += labeller.update(step, {"train_loss": loss})
     >>> [(e.kind.value, e.step, e.evidence["factor"]) for e in events if e.kind.value == "LOSS_SPIKE"]
-    [('LOSS_SPIKE', 1000, '39.6')]
+    [('LOSS_SPIKE', 1000, '39.2')]
     """
 
     def __init__(self, config: LabellerConfig | None = None) -> None:

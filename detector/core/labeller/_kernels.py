@@ -199,15 +199,25 @@ def _back(value, y, bound, ref, thr, peak_value, ref_value, first,
 
 
 @_jit
+def _recovering(y, peak, ref, thr, left, step, began, horizon, extension):  # pragma: no cover - compiled
+    """``LossExcursions._recovering`` and the extension's time limit."""
+    top = ref + thr
+    return (math.isfinite(y) and math.isfinite(peak) and peak > top and y <= top + left * (peak - top)
+            and step - began < extension * horizon)
+
+
+@_jit
 def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_collapse, began, ref, ref_value,
                           thr, bound, horizon, settle, peak, peak_value, last_y, has_back, back_at, has_last,
-                          last, gap, back_fraction):  # pragma: no cover - compiled
+                          last, gap, back_fraction, left, extension):  # pragma: no cover - compiled
     """``LossExcursions.update`` with an excursion open (``in_collapse`` False) while it
     neither ends (a spike, a collapse, a band that starts again) nor learns its
     level, or with a collapse open while it does not end: ``began`` the
     excursion's first step, ``has_back``/``back_at`` its ``back_at`` (a collapse's
-    ``back_since``); the other arguments its fields of the same names. Returns
-    the lines taken and the state after them."""
+    ``back_since``); ``left`` 1 - ``recovering_fraction`` and ``extension``
+    ``recovery_extension`` (an excursion still out past the horizon but on its way
+    back, ``LossExcursions._recovering``, goes on); the other arguments its fields
+    of the same names. Returns the lines taken and the state after them."""
     taken = stop - start
     for i in range(start, stop):
         if not present[i]:
@@ -244,7 +254,8 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_col
         if has_back:
             if jumped or not back:
                 new_has_back = False  # bounced: out again
-                if step - began >= horizon:
+                if step - began >= horizon and not _recovering(y, new_peak, ref, thr, left, step, began,
+                                                               horizon, extension):
                     taken = i - start
                     break  # a collapse, or a lasting shift
             elif step - back_at >= settle:
@@ -255,7 +266,8 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_col
                 taken = i - start
                 break  # a spike at once
             new_has_back, new_back_at = True, step
-        elif step - began >= horizon:
+        elif step - began >= horizon and not _recovering(y, new_peak, ref, thr, left, step, began, horizon,
+                                                         extension):
             taken = i - start
             break  # a collapse, or a lasting shift
         peak, peak_value, last_y = new_peak, new_peak_value, y

@@ -49,7 +49,11 @@ class LabellerConfig:
       most 10 × the steps memorisation took, at least ``min_intervals``
       intervals of the series) is a collapse, not a spike. Spikes in the study
       of post-grokking collapse last up to 600 steps of 100 000; collapses that
-      stay last thousands.
+      stay last thousands. ``recovery_extension`` 2 and ``recovering_fraction``
+      0.75: an excursion that has come down three quarters of its height (log
+      scale) by the horizon has up to twice the horizon to be back; one that stays
+      up, or settles half-way (a loss that jumps 5x and stays at 2x), is a
+      collapse at the horizon, as before.
     * ``collapse_factor`` 10 and ``collapse_margin`` 0.25: a slow drift up to
       10× the running minimum and its minimum + 0.25 × the first loss is an
       excursion too, whatever the recent level (the ``../shared/runs`` bound).
@@ -86,6 +90,8 @@ class LabellerConfig:
     back_fraction: float = 0.5
     recovery_fraction: float = 0.1
     recovery_memorisation: float = 10.0
+    recovery_extension: float = 2.0
+    recovering_fraction: float = 0.75
     min_intervals: int = 2
     collapse_factor: float = 10.0
     collapse_margin: float = 0.25
@@ -107,6 +113,7 @@ class LabellerConfig:
         for name in ("spike_factor",):
             if getattr(self, name) <= 1:
                 raise InvalidArgument(f"{name} must be above 1")
-        for name in ("back_fraction", "recovery_fraction", "stable_fraction", "settle_fraction"):
+        for name in ("back_fraction", "recovery_fraction", "stable_fraction", "settle_fraction",
+                     "recovering_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise InvalidArgument(f"{name} must be in (0, 1]")

@@ -86,6 +86,13 @@ class Band:
         self.first_noise, self.second_noise, self.diffs = first_noise, second_noise, diffs
         self._level = math.nan
 
+    @property
+    def recent(self) -> float:
+        """Median of the last three values: the level now, robust to one noisy line,
+        lagging a trend by one line."""
+        a, b, c = self.values[-3], self.values[-2], self.values[-1]
+        return max(min(a, b), min(max(a, b), c))
+
     def scale(self, factor: float) -> None:
         """Rescale every value (an accuracy found to be in percent)."""
         self.values = deque((v * factor for v in self.values), maxlen=self.size)

@@ -26,9 +26,11 @@ class LossExcursions(_Plain):
     the drift bound) before the recovery horizon is a ``LOSS_SPIKE`` located
     at its first line, with the peak, the factor over the level and the
     duration in steps; one still out at the horizon is a ``COLLAPSE_ONSET``
-    (scope ``training``), ended by ``COLLAPSE_END`` once the loss is back the
-    same way and stays back for the same horizon. An excursion is only over once
-    it has stayed back for a quarter of the horizon without jumping up again: a
+    (scope ``training``), unless it has come down ``recovering_fraction`` of its
+    height by then (it then has up to ``recovery_extension`` × the horizon to be
+    back), ended by ``COLLAPSE_END`` once the loss is back the same way and stays
+    back for the same horizon. An excursion is only over once it has stayed back
+    for a quarter of the horizon without jumping up again: a
     loss that bounces between 1e-2 and 1 after a jump from 1e-6 is still out.
     O(band_values) a line.
     """
@@ -83,6 +85,18 @@ class LossExcursions(_Plain):
         return top > ex["ref_value"] and value <= ex["ref_value"] + self.config.back_fraction * (
             top - ex["ref_value"])
 
+    def _recovering(self, y: float, ex: dict) -> bool:
+        """Come down ``recovering_fraction`` of its height (on the log scale, from the
+        peak to the band's top) by the horizon: an excursion on its way back, whose end
+        falls near the horizon, is judged by where it ends (the same whatever the
+        cadence), not by which side of the horizon a line happens to be logged. A loss
+        that stays up, settles at a worse level (half-way down), or is non-finite, is
+        not recovering."""
+        top = ex["ref"] + ex["thr"]
+        peak = ex["peak"]
+        left = 1.0 - self.config.recovering_fraction
+        return math.isfinite(y) and math.isfinite(peak) and peak > top and y <= top + left * (peak - top)
+
     def _material(self, ex: dict) -> bool:
         """An excursion costs at least ``collapse_material`` of the first loss (or is
         non-finite): a loss that creeps from 1e-7 to 1e-5 and stays is not a collapse."""
@@ -104,16 +118,15 @@ class LossExcursions(_Plain):
         # Out of the band only by a jump from the line before: the decaying tail of
         # an excursion that is over, or a slow creep, is not a new spike.
         thr = self._threshold()
-        # Above the band's level and the line before; on a falling loss the line
-        # before is the level (a median of lines lags a decay by half the band).
         out = not finite or value > self._drift_bound() or (
-            self.band.ready and y > min(self.band.level, self.band.values[-1]) + thr
-            and y > self.band.values[-1] + thr)
+            self.band.ready and y > self.band.values[-1] + thr)
         if out:
-            # The level it left: on a falling loss the line before, not the band's
-            # median, which lags a decay by half the band (9 lines: 9 steps logged
-            # every step, 90 logged every 10, so the recovery would depend on the cadence).
-            ref = min(self.band.level, self.band.values[-1]) if self.band.ready else (
+            # The level it left: on a falling loss the median of the last three lines,
+            # not the band's median, which lags a decay by half the band (9 lines: 9
+            # steps logged every step, 90 logged every 10, so the recovery would depend
+            # on the cadence), nor the line before alone, one noisy low line of a
+            # mini-batch loss (0.8x the level) that no recovery would get back to.
+            ref = min(self.band.level, self.band.recent) if self.band.ready else (
                 y if finite else math.nan)
             horizon = self._horizon(step, first_step, memorised_steps)
             self.last_start = step
@@ -133,7 +146,7 @@ class LossExcursions(_Plain):
         """:meth:`update` on lines ``start:stop`` while nothing can happen: with nothing
         open, each present loss finite, not the run's first, and inside its band
         (neither out of it nor above the drift bound); with an excursion open, it
-        neither ends (back for the settling time, or still out at the horizon)
+        neither ends (back for the settling time, or out at the horizon and not on its way back)
         nor learns the level it left; with a collapse open, it is not back for
         the horizon. Stops before the first line that is not; returns the lines
         taken (``commit=False``: only counts them, the state is left as it was).
@@ -180,7 +193,8 @@ class LossExcursions(_Plain):
             steps, values, ys, present, start, stop, float(self.first), self.collapse is not None,
             ex["start"], float(ex["ref"]), float(ex["ref_value"]), float(ex["thr"]), float(ex["bound"]),
             ex["horizon"], ex["settle"], float(ex["peak"]), float(ex["peak_value"]), float(ex["last_y"]),
-            back is not None, 0 if back is None else back, seen, last, gap, float(self.config.back_fraction))
+            back is not None, 0 if back is None else back, seen, last, gap, float(self.config.back_fraction),
+            1.0 - self.config.recovering_fraction, float(self.config.recovery_extension))
 
         def apply() -> None:
             self.interval.unpack(seen, last, gap)
@@ -225,6 +239,8 @@ class LossExcursions(_Plain):
                 return self._spike(step, y, series)
             return []
         if ex["back_at"] is not None or step - ex["start"] < ex["horizon"]:
+            return []
+        if self._recovering(y, ex) and step - ex["start"] < self.config.recovery_extension * ex["horizon"]:
             return []
         self.excursion = None
         if not self._material(ex):
