@@ -254,3 +254,19 @@ def test_bulk_path_equals_per_line_path_on_a_bounce_while_settling() -> None:
     rows = [{"train_loss": v} for v in losses]
     for seed in range(5):
         assert check_same(steps, rows, ["train_loss"], np.random.default_rng(seed)) > 0
+
+
+@pytest.mark.parametrize("every", [1, 10, 50])
+def test_bulk_path_equals_per_line_path_past_the_horizon_on_the_way_back(every: int) -> None:
+    """An excursion out at the horizon but three quarters of the way home goes on
+    (the recovery extension), one settled half-way is a collapse; per-step noise
+    makes it cross the band's edge many times."""
+    steps = list(range(0, 10000, every))
+    noise = np.exp(0.05 * np.random.default_rng(every).standard_normal(len(steps)))
+    since = np.asarray(steps) - 5000
+    home = np.where((since >= 0) & (since < 650), 1000.0 ** (1 - since / 650), 1.0)
+    half_way = np.where(since >= 0, np.maximum(1000.0 ** (1 - since / 300), 30.0), 1.0)
+    for shape in (home, half_way):
+        rows = [{"train_loss": float(v)} for v in 1e-3 * noise * shape]
+        for seed in range(3):
+            assert check_same(steps, rows, ["train_loss"], np.random.default_rng(seed)) > 0
