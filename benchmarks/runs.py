@@ -29,8 +29,9 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    when ``train_collapse_kind`` is ``sustained``, the first step of the last
    train-collapse episode. Found = a training-scope ``COLLAPSE_ONSET`` located
    within the tolerance of it, or from the start of an unrecovered labelled
-   spike that holds it (the labels' own excursion leading into the collapse:
-   a loss that rises from step 80 and is non-finite from 160); delay = its
+   spike that holds it, or of the unbroken chain of unrecovered spikes before
+   that one (the labels' own excursion leading into the collapse: a loss that
+   rises from step 80 and is non-finite from 160); delay = its
    ``detected_at`` - label step (median over found runs).
 4. Standing: training-scope ``COLLAPSE_ONSET`` events that are not ended and
    are not excused by a sustained collapse whose start (as in 3) is <= their
@@ -49,7 +50,8 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    a slow recovery that the labels cut into fragments at their bound, called one
    spike).
 6. Generalisation collapse: ``generalization_collapse_episodes`` with last -
-   first >= 2 L. Test-only (no train-collapse episode overlaps [first, last]):
+   first >= 2 L. Test-only (no train-collapse episode, nor the sustained
+   collapse of 3 from its start on, overlaps [first, last]):
    found = a generalization-scope collapse open (from its ``COLLAPSE_ONSET`` to
    its ``COLLAPSE_END``, or the end of the run) at some step of [first - 2 L,
    last + 2 L]: the detector says "generalisation has collapsed" during the
@@ -235,11 +237,16 @@ def sustained_step(labels: dict) -> int | None:
 def sustained_start(labels: dict, label: int) -> int:
     """Where the labels say the excursion that becomes the sustained collapse at
     ``label`` began: the first step of an unrecovered labelled spike that holds
-    ``label`` (a loss that starts rising at 80 and is non-finite from 160), else
+    ``label`` (a loss that starts rising at 80 and is non-finite from 160), or of
+    the unbroken chain of unrecovered spikes before it (each rose again before it
+    had recovered: one excursion that the labels cut at their bound), else
     ``label`` itself."""
-    for first, last, _, recovered in _spikes(labels):
+    spikes = _spikes(labels)
+    for i, (first, last, _, recovered) in enumerate(spikes):
         if not recovered and first <= label <= last:
-            return min(first, label)
+            while i > 0 and not spikes[i - 1][3]:
+                i -= 1
+            return min(spikes[i][0], label)
     return label
 
 
@@ -455,6 +462,11 @@ def _score_generalisation(s: RunScore, labels: dict, events: list[dict]) -> None
         return
     every = s.log_every
     train = _episodes(labels, "train_collapse_episodes")
+    # A sustained training collapse (a divergence) is training falling too, also
+    # where the authors' train flag was never armed (training accuracy never 0.999).
+    label = sustained_step(labels)
+    if label is not None:
+        train.append((sustained_start(labels, label), math.inf, False))
     # A collapse is open from its onset to its end (or the end of the run).
     open_spans = [(onset["step"], math.inf if end is None else end["step"], scope(onset))
                   for onset, end in collapse_pairs(events)]

@@ -260,3 +260,23 @@ def test_read_run_counts_finite_points(tmp_path):
     log = tmp_path / "r.jsonl"
     log.write_text('{"step": 0, "train_loss": 1.0, "test_acc": null}\n{"step": 10, "train_loss": 0.5}\n')
     assert bench.read_run(log) == ([0, 10], 2)
+
+
+def test_a_chain_of_unrecovered_spikes_leads_into_the_collapse():
+    # Each rose again before it had recovered; the last holds the divergence.
+    labels = {"log_every": 10, "collapse_kind": "divergence_nonfinite", "collapse_step": 1010,
+              "spikes": [[830, 830, 2.1, False], [900, 900, 1.7, False], [990, 1310, 1e69, False]]}
+    assert bench.sustained_start(labels, 1010) == 830
+    steps = list(range(0, 1320, 10))  # tolerance max(5 lines, 5% of 1310 steps) = 65
+    early = score(labels, [ev("COLLAPSE_ONSET", 900, 990)], steps=steps)
+    assert early.sustained_found and early.standing == 0
+    broken = dict(labels, spikes=[[830, 830, 2.1, False], [900, 900, 1.7, True], [990, 1310, 1e69, False]])
+    assert bench.sustained_start(broken, 1010) == 990
+    assert not score(broken, [ev("COLLAPSE_ONSET", 900, 990)], steps=steps).sustained_found
+
+
+def test_a_divergence_is_training_falling_too_for_generalisation_episodes():
+    labels = {"log_every": 10, "collapse_kind": "divergence_nonfinite", "collapse_step": 980,
+              "train_collapse_episodes": [], "generalization_collapse_episodes": [[970, 1310, False]]}
+    s = score(labels, [ev("COLLAPSE_ONSET", 980, 1000, scope="training")])
+    assert (s.gen_episodes, s.gen_train_episodes, s.gen_train_found) == (0, 1, 1)
