@@ -124,6 +124,21 @@ def test_the_level_a_spike_left_is_not_one_noisy_low_line() -> None:
     assert kinds(det, EventKind.COLLAPSE_ONSET) == []
 
 
+def test_a_noisy_per_step_loss_back_at_the_bands_edge_is_back() -> None:
+    # Logged every step, +-3% a step: after a 10x jump at 5000 the loss comes home
+    # to 1.45x its level, just inside the band (1.5x), and its noise pokes out of
+    # the band every eighth line. That is a spike, not a collapse for want of 125
+    # lucky lines in a row.
+    rng = np.random.default_rng(8)
+    steps = np.arange(10000)
+    since = steps - 5000
+    shape = np.where(since < 0, 1.0, np.where(since < 100, 10.0 ** (1 - since / 100 * (1 - math.log10(1.45))),
+                                               1.45))
+    loss = 2.0 * shape * np.exp(0.03 * rng.standard_normal(len(steps)))
+    det = run([{"train_loss": float(v)} for v in loss], every=1)
+    assert [k for k, _ in kinds(det, *SPIKES)] == ["LOSS_SPIKE"]
+
+
 def test_a_collapse_that_stays_is_never_ended() -> None:
     rng = np.random.default_rng(3)
     base = fitted_losses(600, rng)

@@ -270,3 +270,15 @@ def test_bulk_path_equals_per_line_path_past_the_horizon_on_the_way_back(every: 
         rows = [{"train_loss": float(v)} for v in 1e-3 * noise * shape]
         for seed in range(3):
             assert check_same(steps, rows, ["train_loss"], np.random.default_rng(seed)) > 0
+
+
+def test_bulk_path_equals_per_line_path_back_at_the_bands_edge() -> None:
+    """A per-step noisy loss that comes home to the band's edge and pokes out of it
+    every few lines: the staying allowance (``back_slack``) on both paths."""
+    rng = np.random.default_rng(8)
+    steps = list(range(8000))
+    since = np.asarray(steps) - 5000
+    shape = np.where(since < 0, 1.0, np.where(since < 100, 10.0 ** (1 - since / 100 * 0.84), 1.45))
+    rows = [{"train_loss": float(v)} for v in 2.0 * shape * np.exp(0.03 * rng.standard_normal(len(steps)))]
+    for seed in range(3):
+        assert check_same(steps, rows, ["train_loss"], np.random.default_rng(seed)) > 0

@@ -187,11 +187,11 @@ def excursions_quiet(steps, values, ys, present, start, stop, first, run_min, ba
 
 @_jit
 def _back(value, y, bound, ref, thr, peak_value, ref_value, first,
-          back_fraction):  # pragma: no cover - compiled
-    """``LossExcursions._back``."""
+          back_fraction, slack):  # pragma: no cover - compiled
+    """``LossExcursions._back`` (``slack``: the staying allowance, 0.0 when not back)."""
     if not math.isfinite(value) or value > bound:
         return False
-    if y <= ref + thr:
+    if y <= ref + thr + slack:
         return True
     peak = peak_value if math.isfinite(peak_value) else math.inf
     top = _min(peak, _max(abs(first), ref_value))
@@ -209,12 +209,12 @@ def _recovering(y, peak, ref, thr, left, step, began, horizon, extension):  # pr
 @_jit
 def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_collapse, began, ref, ref_value,
                           thr, bound, horizon, settle, peak, peak_value, last_y, has_back, back_at, has_last,
-                          last, gap, back_fraction, left, extension):  # pragma: no cover - compiled
+                          last, gap, back_fraction, slack, left, extension):  # pragma: no cover - compiled
     """``LossExcursions.update`` with an excursion open (``in_collapse`` False) while it
     neither ends (a spike, a collapse, a band that starts again) nor learns its
     level, or with a collapse open while it does not end: ``began`` the
     excursion's first step, ``has_back``/``back_at`` its ``back_at`` (a collapse's
-    ``back_since``); ``left`` 1 - ``recovering_fraction`` and ``extension``
+    ``back_since``); ``slack`` its staying allowance; ``left`` 1 - ``recovering_fraction`` and ``extension``
     ``recovery_extension`` (an excursion still out past the horizon but on its way
     back, ``LossExcursions._recovering``, goes on); the other arguments its fields
     of the same names. Returns the lines taken and the state after them."""
@@ -231,7 +231,7 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_col
         step = steps[i]
         if in_collapse:
             if math.isnan(ref) or not _back(value, y, bound, ref, thr, peak_value, ref_value, first,
-                                             back_fraction):
+                                             back_fraction, slack if has_back else 0.0):
                 has_back = False
             else:
                 since = back_at if has_back else step
@@ -249,7 +249,8 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_col
         if y > peak or not finite:
             new_peak = _max(peak, y)
             new_peak_value = value if not math.isfinite(peak_value) or not finite else _max(peak_value, value)
-        back = _back(value, y, bound, ref, thr, new_peak_value, ref_value, first, back_fraction)
+        back = _back(value, y, bound, ref, thr, new_peak_value, ref_value, first, back_fraction,
+                     slack if has_back else 0.0)
         new_has_back, new_back_at = has_back, back_at
         if has_back:
             if jumped or not back:

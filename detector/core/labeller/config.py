@@ -44,6 +44,9 @@ class LabellerConfig:
       jitter by 30% needs a far larger jump than a full-batch loss.
     * ``back_fraction`` 0.5: an excursion is over once the loss is back
       halfway (on the log scale) from its peak to its recent level.
+      ``back_slack`` 2: once back, a line leaves only when it is more than twice
+      the series' line-to-line noise above the band (about 2.3 sd: a loss that
+      sits at the band's edge is not sent out again by every other draw).
     * ``recovery_fraction`` 0.1 and ``recovery_memorisation`` 10: an
       excursion still out after this horizon (0.1 × the steps run so far, at
       most 10 × the steps memorisation took, at least ``min_intervals``
@@ -88,6 +91,7 @@ class LabellerConfig:
     spike_noise: float = 8.0
     band_values: int = 9
     back_fraction: float = 0.5
+    back_slack: float = 2.0
     recovery_fraction: float = 0.1
     recovery_memorisation: float = 10.0
     recovery_extension: float = 2.0

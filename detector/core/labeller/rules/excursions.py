@@ -71,14 +71,18 @@ class LossExcursions(_Plain):
             horizon = min(horizon, c.recovery_memorisation * memorised_steps)
         return max(int(math.ceil(horizon)), c.min_intervals * self.interval.gap)
 
-    def _back(self, value: float, y: float, ex: dict) -> bool:
+    def _back(self, value: float, y: float, ex: dict, staying: bool = False) -> bool:
         """Back in the band, or back ``back_fraction`` of the way from the peak to the
         level in loss units, counting a peak above the run's first loss as that loss
         (a loss at 0.03 after a jump from 1e-7 to 0.1 is back; one at 10^9 after 10^10
-        is not)."""
+        is not). ``staying``: a loss already back is still back up to ``back_slack`` ×
+        the series' own line-to-line noise above the band: logged every step, a
+        mini-batch loss that comes home to the band's edge crosses it with its noise
+        every few lines, logged every 50 steps once, and a recovery must not wait
+        for a run of lucky draws (nor become a collapse for want of one)."""
         if not math.isfinite(value) or value > ex["bound"]:
             return False
-        if y <= ex["ref"] + ex["thr"]:
+        if y <= ex["ref"] + ex["thr"] + (ex.get("slack", 0.0) if staying else 0.0):
             return True
         peak = ex["peak_value"] if math.isfinite(ex["peak_value"]) else math.inf
         top = min(peak, max(abs(self.first), ex["ref_value"]))
@@ -134,7 +138,7 @@ class LossExcursions(_Plain):
                 "start": step, "ref": ref, "ref_value": raw_scale(Role.LOSS, ref), "thr": thr, "peak": y,
                 "peak_value": value, "bound": self._drift_bound(), "last_y": y,
                 "horizon": horizon, "back_at": None,
-                "settle": horizon // 4,
+                "settle": horizon // 4, "slack": self.config.back_slack * self.band.noise,
             }
             return []
         self.band.add(y)
@@ -194,6 +198,7 @@ class LossExcursions(_Plain):
             ex["start"], float(ex["ref"]), float(ex["ref_value"]), float(ex["thr"]), float(ex["bound"]),
             ex["horizon"], ex["settle"], float(ex["peak"]), float(ex["peak_value"]), float(ex["last_y"]),
             back is not None, 0 if back is None else back, seen, last, gap, float(self.config.back_fraction),
+            float(ex.get("slack", 0.0)),
             1.0 - self.config.recovering_fraction, float(self.config.recovery_extension))
 
         def apply() -> None:
@@ -227,7 +232,7 @@ class LossExcursions(_Plain):
         if ex["back_at"] is not None:
             # Settling: back, unless it jumps again before the settling time is up
             # (a loss that bounces back up has not recovered).
-            if jumped or not self._back(value, y, ex):
+            if jumped or not self._back(value, y, ex, staying=True):
                 ex["back_at"] = None
             elif step - ex["back_at"] >= ex["settle"]:
                 return self._spike(step, y, series)
@@ -293,7 +298,7 @@ class LossExcursions(_Plain):
         col = self.collapse
         assert col is not None  # called only inside a collapse
         ref = col["ref"]
-        if math.isnan(ref) or not self._back(value, y, col):
+        if math.isnan(ref) or not self._back(value, y, col, staying=col["back_since"] is not None):
             col["back_since"] = None
             return []
         if col["back_since"] is None:
