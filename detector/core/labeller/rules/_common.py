@@ -84,6 +84,15 @@ class Pending:
     def keep(self, steps: Any, start: int, taken: int, apply: Callable[[], None]) -> None:
         self._key, self._apply = (steps, start, taken), apply
 
+    def settle(self, commit: bool, steps: Any, start: int, taken: int, apply: Callable[[], None]) -> int:
+        """The end of every ``quiet_run``: write the state (``apply``) of the ``taken``
+        lines, or only keep it when counting (``commit`` False); returns ``taken``."""
+        if not commit:
+            self.keep(steps, start, taken, apply)
+        elif taken:
+            apply()
+        return taken
+
     def take(self, steps: Any, start: int, stop: int) -> bool:
         """Write the kept state if it is that of lines ``start:stop`` of ``steps``; forget it either way."""
         key, apply = self._key, self._apply

@@ -180,11 +180,7 @@ class LossExcursions(_Plain):
             self.band.take(band, n, first_noise, second_noise, diffs)
             self.interval.unpack(seen, last, gap)
 
-        if not commit:
-            self._pending.keep(steps, start, taken, apply)
-        elif taken:
-            apply()
-        return taken
+        return self._pending.settle(commit, steps, start, taken, apply)
 
     def _open_run(self, steps: np.ndarray, values: np.ndarray, ys: np.ndarray, present: np.ndarray,
                   start: int, stop: int, commit: bool) -> int:
@@ -209,11 +205,7 @@ class LossExcursions(_Plain):
             ex["peak"], ex["peak_value"], ex["last_y"] = peak, peak_value, last_y
             ex["back_at"] = int(back) if has_back else None
 
-        if not commit:
-            self._pending.keep(steps, start, taken, apply)
-        elif taken:
-            apply()
-        return taken
+        return self._pending.settle(commit, steps, start, taken, apply)
 
     def _in_excursion(self, step: int, value: float, y: float, series: str, first_step: int,
                       memorised_steps: int | None, timeline: Timeline) -> list[Event]:

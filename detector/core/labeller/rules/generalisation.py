@@ -86,11 +86,7 @@ class GeneralisationCollapse(_Plain):
             col["low"], col["back_since"] = low, (int(back) if has_back else None)
             self.interval.unpack(seen, last, gap)
 
-        if not commit:
-            self._pending.keep(steps, start, taken, apply)
-        elif taken:
-            apply()
-        return taken
+        return self._pending.settle(commit, steps, start, taken, apply)
 
     def update(self, step: int, value: float, training_holds: bool, series: str,
                timeline: Timeline) -> list[Event]:
@@ -185,11 +181,7 @@ class GeneralisationCollapse(_Plain):
             self.band.take(band, n, first_noise, second_noise, diffs)
             self.interval.unpack(seen, last, gap)
 
-        if not commit:
-            self._pending.keep(steps, start, taken, apply)
-        elif taken:
-            apply()
-        return taken
+        return self._pending.settle(commit, steps, start, taken, apply)
 
 
 class Generalisation(_Plain):
@@ -426,11 +418,7 @@ class Generalisation(_Plain):
                 self.lows[-1][2] = None
                 self.lows_floor = int(floor) if has_floor else None
 
-        if not commit:
-            self._pending.keep(steps, start, taken, apply)
-        elif taken:
-            apply()
-        return taken
+        return self._pending.settle(commit, steps, start, taken, apply)
 
     def _grokked(self, step: int, value: float, first_step: int, series: str) -> list[Event]:
         c = self.config

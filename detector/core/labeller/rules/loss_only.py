@@ -110,8 +110,4 @@ class LossOnlyPhases(_Plain):
                 history.sums[-1], history.counts[-1] = bin_sum, bin_count
             self.interval.unpack(seen, last, gap)
 
-        if not commit:
-            self._pending.keep(steps, start, taken, apply)
-        elif taken:
-            apply()
-        return taken
+        return self._pending.settle(commit, steps, start, taken, apply)
