@@ -30,8 +30,10 @@ class LossExcursions(_Plain):
     height by then (it then has up to ``recovery_extension`` × the horizon to be
     back), ended by ``COLLAPSE_END`` once the loss is back the same way and stays
     back for the same horizon. An excursion is only over once it has stayed back
-    for a quarter of the horizon without jumping up again: a
-    loss that bounces between 1e-2 and 1 after a jump from 1e-6 is still out.
+    for a quarter of the horizon without jumping up again (a line already back
+    leaves only ``back_slack`` × the noise above the band): a loss that bounces
+    between 1e-2 and 1 after a jump from 1e-6 is still out. The level it left is
+    the smaller of the band's median and the median of its last three lines.
     O(band_values) a line.
     """
 
