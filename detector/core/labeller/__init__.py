@@ -273,7 +273,7 @@ class PhaseLabeller:
         events: list[Event] = []
         for i, step in enumerate(steps):
             if at_line:
-                events += at_line.pop(step, None) or []
+                events += at_line.pop(step, [])
             events += self._line(step, *(None if col is None else col[i] for col in lists))
         return events
 
@@ -352,6 +352,7 @@ class PhaseLabeller:
                 _, write_train = self._train_recent(train_acc, cols.train_acc.present, start, stop)
             write_train()
         if r.val_acc:
+            assert holds is not None  # counted above: the held-out accuracy's stretch was scanned
             self.generalisation_collapse.quiet_run(steps, val_acc, cols.val_acc.present, holds, start, stop)
         if not collapsed:
             if r.val_acc:
