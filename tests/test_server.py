@@ -530,3 +530,28 @@ def test_serve_runs_until_stopped(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'pw.db'}")  # the run was persisted
     assert store.get_run("served").last_step == 3
     store.close()
+
+
+def test_warm_up_loads_the_detection_kernels_before_the_first_batch():
+    """serve() calls warm_up before it listens: the kernels the first real run
+    needs are loaded then, not under the detection lock of its first batch."""
+    import subprocess
+    import sys
+
+    code = (
+        "from detector.core import _kernels as k\n"
+        "names = ('trigger_linear_state', 'trigger_cusums_state', 'localiser_look',\n"
+        "         'mann_kendall_sums', 'plateau_windows', 'segment_error')\n"
+        "def loaded():\n"
+        "    return sorted(n for n in names if getattr(k, n).signatures)\n"
+        "print(loaded())\n"
+        "from detector.server.app import warm_up\n"
+        "print(warm_up() > 0)\n"
+        "print(loaded())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.splitlines()
+    assert out[0] == "[]"
+    assert out[1] == "True"
+    assert out[2] == str(sorted(("trigger_linear_state", "trigger_cusums_state", "localiser_look",
+                                 "mann_kendall_sums", "plateau_windows", "segment_error")))

@@ -697,3 +697,36 @@ def test_postgres_pool_settings_are_checked():
 
     with pytest.raises(InvalidArgument):
         PostgresStore("postgresql://127.0.0.1:1/x", pool_size=0)
+
+
+def test_sqlite_wal_checkpoints_run_on_the_background_thread_not_in_commits(tmp_path):
+    """Commits never checkpoint the WAL (that took 7-15 ms under the store lock);
+    the checkpointer thread does, every ``checkpoint_seconds``, and close() last.
+    The database file only grows when a checkpoint copies pages into it."""
+    import os
+    import time
+
+    blob = bytes(64 * 1024)  # 16 pages a checkpoint
+    path = tmp_path / "idle.db"
+    store = SqliteStore(path, checkpoint_seconds=3600.0)
+    assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    empty = os.path.getsize(path)
+    for i in range(100):  # ~1600 pages: past SQLite's automatic checkpoint (1000)
+        store.save_checkpoint(f"run-{i}", blob, i, status=_status(f"run-{i}"))
+    assert os.path.getsize(path) == empty  # no commit checkpointed
+    store.close()
+    assert os.path.getsize(path) > 100 * len(blob)  # close() did
+    reopened = SqliteStore(path)
+    assert reopened.load_checkpoint("run-99") == Checkpoint(blob, 99)
+    reopened.close()
+
+    path = tmp_path / "busy.db"
+    store = SqliteStore(path, checkpoint_seconds=0.05)
+    for i in range(40):
+        store.save_checkpoint(f"run-{i}", blob, i, status=_status(f"run-{i}"))
+    deadline = time.monotonic() + 10
+    while os.path.getsize(path) <= 40 * len(blob) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.path.getsize(path) > 40 * len(blob)  # the thread checkpointed, the store open
+    store.close()
+    store.close()  # idempotent

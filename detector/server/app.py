@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,6 +165,34 @@ def _check_free(listen: str) -> None:
                 ) from None
 
 
+
+def warm_up(config: EngineConfig | None = None) -> int:
+    """Run the bundled example run (``detector/data``) through a throwaway engine
+    with ``config``'s detector settings (default limits, no store, no
+    subscribers), so that the detector's compiled
+    kernels are loaded before the first client's batch; returns its points.
+
+    numba loads each kernel from its cache on the first call (~0.5 s of CPU for
+    all of them, more on a cold cache). Without this the first runs after a
+    start pay it, under the detection lock every stream waits on. A failure is
+    logged and ignored: the kernels then load on first use, as before.
+    """
+    from importlib import resources
+
+    from detector.logfile import read_log
+
+    try:
+        with resources.as_file(resources.files("detector.data") / "grok_add_0.jsonl") as path:
+            columns = read_log(path)
+        engine = Engine(EngineConfig(detector=(config or EngineConfig()).detector))
+        engine.ingest("phasewatch-warm-up", columns)
+        engine.end_run("phasewatch-warm-up")
+        return sum(len(steps) for steps, _ in columns.values())
+    except Exception:  # a warm-up must never keep the server from starting
+        log.warning("detector warm-up failed; kernels load on first use", exc_info=True)
+        return 0
+
+
 def serve(
     listen: str = "127.0.0.1:50051",
     metrics_listen: str | None = "127.0.0.1:9109",
@@ -256,10 +285,14 @@ def serve(
         except OSError as error:
             raise OSError(error.errno, f"cannot listen for /metrics on {metrics_listen}: "
                           f"{os.strerror(error.errno or 0)}") from None
-    store = open_store(store_url)
+    store = open_store(store_url)  # a bad store fails first, with one line
     metrics_server = None
     dispatcher = None
     try:
+        started = time.perf_counter()
+        points = warm_up(config)
+        log.info("phasewatch detector warmed up (%d points in %.2f s)", points,
+                 time.perf_counter() - started)
         engine = Engine(config, store=store)
         bus = EventBus()
         if sinks:
