@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from detector.core.labeller import _kernels as _k
-from detector.core.labeller.block import RoleColumns, as_list
+from detector.core.labeller.block import RoleColumns, role_lists
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.rules import (
     Generalisation,
@@ -267,9 +267,8 @@ class PhaseLabeller:
     def _lines(self, steps: list, view: LineBlock, at_line: dict[int, list[Event]]) -> list[Event]:
         """Every line through the per-line path (steps that are not integers)."""
         r = self.roles
-        columns = [None if name is None else view.column(name)
-                   for name in (r.train_loss, r.val_loss, r.train_acc, r.val_acc)]
-        lists = [None if col is None else as_list(*col) for col in columns]
+        lists = role_lists([None if name is None else view.column(name)
+                            for name in (r.train_loss, r.val_loss, r.train_acc, r.val_acc)])
         events: list[Event] = []
         for i, step in enumerate(steps):
             if at_line:

@@ -458,6 +458,22 @@ def _no_hidden_progress(starts, sums, counts, n, step, memorised_at, first_step,
 
 
 @_jit
+def _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, width, opened, new_bins,
+                       new_width, add_loss, y):  # pragma: no cover - compiled
+    """Write a taken line into the hidden-progress history: the bins it opened (and
+    merged) from their copies, or its value ``y`` into the open bin. Returns the
+    history's bin count and width after it."""
+    if opened:
+        starts[:new_bins], sums[:new_bins], counts[:new_bins] = (
+            t_starts[:new_bins], t_sums[:new_bins], t_counts[:new_bins])
+        return new_bins, new_width
+    if add_loss:
+        sums[bins - 1] += y
+        counts[bins - 1] += 1
+    return bins, width
+
+
+@_jit
 def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, stop, first_step, stabilised,
                          gate_first, has_onset, onset, has_complete, has_base, base, has_above, above,
                          progressing, starts, sums, counts, bins, width, memorised_at, has_last, last, gap,
@@ -492,13 +508,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, 
                 break
         value = acc[i]
         if not acc_present[i] or not math.isfinite(value):
-            if opened:
-                starts[:new_bins], sums[:new_bins], counts[:new_bins] = (
-                    t_starts[:new_bins], t_sums[:new_bins], t_counts[:new_bins])
-                bins, width = new_bins, new_width
-            elif add_loss:
-                sums[bins - 1] += loss_ws[i]
-                counts[bins - 1] += 1
+            bins, width = _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, width,
+                                             opened, new_bins, new_width, add_loss, loss_ws[i])
             continue
         if gate_first:
             taken = i - start  # one of the first three values: the early level moves
@@ -567,13 +578,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, 
             lows_n, has_floor, floor = _remember_low(lows_step, lows_value, lows_next, lows_n, has_floor,
                                                      floor, step, value)
         # The line is taken: write its state.
-        if opened:
-            starts[:new_bins], sums[:new_bins], counts[:new_bins] = (
-                t_starts[:new_bins], t_sums[:new_bins], t_counts[:new_bins])
-            bins, width = new_bins, new_width
-        elif add_loss:
-            sums[bins - 1] += loss_ws[i]
-            counts[bins - 1] += 1
+        bins, width = _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, width,
+                                         opened, new_bins, new_width, add_loss, loss_ws[i])
         has_last, last, gap = True, new_last, new_gap
         recent_n = new_recent_n
         if window_n == 7:

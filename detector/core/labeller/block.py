@@ -65,7 +65,8 @@ class RoleColumns:
         self.step_list: list[int] = self.steps.tolist()
         n = len(self.step_list)
         raw = [None if name is None else view.column(name) for name in names]
-        self.lists = [None if col is None else as_list(*col) for col in raw]
+        self._raw = raw
+        self._lists: list[list[float | None] | None] | None = None
         absent = (np.full(n, np.nan), np.zeros(n, dtype=np.bool_))
         self.train_loss, self.val_loss, self.train_acc, self.val_acc = (
             Column(*(absent if col is None else col)) for col in raw)
@@ -75,13 +76,23 @@ class RoleColumns:
         self.percent_lines: list[int] = np.union1d(*found).tolist()
 
     def line(self, i: int) -> tuple[float | None, ...]:
-        """Line i's four role values, None where absent."""
-        return tuple(None if col is None else col[i] for col in self.lists)
+        """Line i's four role values, None where absent (the columns made Python
+        lists at the first line asked for: most blocks are taken whole by the quiet
+        stretches and never ask)."""
+        if self._lists is None:
+            self._lists = role_lists(self._raw)
+        return tuple(None if col is None else col[i] for col in self._lists)
 
     def percent_from(self, i: int) -> int:
         """The first line from i where an accuracy above 1.5 is logged; the block's end if none."""
         j = bisect_left(self.percent_lines, i)
         return self.percent_lines[j] if j < len(self.percent_lines) else len(self.step_list)
+
+
+def role_lists(columns: list[tuple[np.ndarray, np.ndarray] | None]) -> list[list[float | None] | None]:
+    """Role columns ((values, present), or None for a role not logged) as Python
+    lists for the per-line path."""
+    return [None if col is None else as_list(*col) for col in columns]
 
 
 def as_list(values: np.ndarray, present: np.ndarray) -> list[float | None]:
