@@ -165,7 +165,6 @@ def _check_free(listen: str) -> None:
                 ) from None
 
 
-
 def warm_up(config: EngineConfig | None = None) -> int:
     """Run the bundled example run (``detector/data``) through a throwaway engine
     with ``config``'s detector settings (default limits, no store, no

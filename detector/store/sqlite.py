@@ -109,7 +109,7 @@ _MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-log = logging.getLogger("phasewatch.store")
+logger = logging.getLogger("phasewatch.store")
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -189,14 +189,14 @@ class SqliteStore:
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
         except sqlite3.Error as error:
-            log.warning("store %s: no background WAL checkpoints (%s)", self.path, error)
+            logger.warning("store %s: no background WAL checkpoints (%s)", self.path, error)
             return
         try:
             while not self._closing.wait(every):
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as error:  # retried at the next tick
-                    log.warning("store %s: WAL checkpoint failed (%s)", self.path, error)
+                    logger.warning("store %s: WAL checkpoint failed (%s)", self.path, error)
         finally:
             conn.close()
 
@@ -392,7 +392,6 @@ class SqliteStore:
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
-
 
 
 def _check_file(path: str, create_directory: bool) -> None:
