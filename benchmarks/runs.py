@@ -43,8 +43,10 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    and there is no ``collapse_step``, no train-collapse episode, no ``spikes``
    and no ``injected_spikes`` entry).
 5. Spikes: windows from ONE source per run: ``spikes`` entries with
-   ``recovered`` true (``peak_factor`` >= 2 for recall, >= 1.5 reported
-   separately), else recovered ``train_collapse_episodes``, else
+   ``recovered`` true, each joined with the unbroken chain of unrecovered ones
+   before it (high again within the labels' recovery window: one excursion the
+   1.5x bound cut into fragments), with the chain's largest ``peak_factor``
+   (>= 2 for recall, >= 1.5 reported separately), else recovered ``train_collapse_episodes``, else
    ``collapse_kind == transient_spike`` ([collapse_step,
    collapse_recovered_step]). Found = a ``LOSS_SPIKE`` whose excursion (its
    step to step + its evidence ``duration_steps``) overlaps [first - 2 L, last +
@@ -258,10 +260,27 @@ def sustained_start(labels: dict, label: int) -> int:
     return label
 
 
+def _spike_excursions(labels: dict) -> list[tuple[int, int, float]]:
+    """The recovered excursions of ``spikes`` as [first, last, peak factor]: an
+    unbroken chain of unrecovered spikes (each high again within the labels'
+    recovery window, so never back in between) and the recovered one that ends it
+    are one excursion, which a noisy per-step loss crossing the 1.5x bound on its
+    way down cuts into fragments; a chain that never recovers is not a spike."""
+    out, chain = [], None
+    for first, last, factor, recovered in _spikes(labels):
+        start, peak = (first, factor) if chain is None else (chain[0], max(chain[1], factor))
+        if recovered:
+            out.append((start, last, peak))
+            chain = None
+        else:
+            chain = (start, peak)
+    return out
+
+
 def spike_windows(labels: dict, min_factor: float = 2.0) -> list[tuple[int, int]] | None:
     """Recovered excursions [first, last] to find (criterion 5); None when the labels define none."""
     if "spikes" in labels:
-        return [(a, b) for a, b, f, rec in _spikes(labels) if rec and f >= min_factor]
+        return [(a, b) for a, b, f in _spike_excursions(labels) if f >= min_factor]
     if "train_collapse_episodes" in labels:
         return [(a, b) for a, b, rec in _episodes(labels, "train_collapse_episodes") if rec]
     if "collapse_kind" in labels:
