@@ -114,13 +114,19 @@ def test_spike_outside_window_is_not_found():
     assert (both.spikes_found, both.spikes15, both.spikes15_found) == (1, 2, 2)
 
 
-def test_a_long_spike_finds_the_fragments_of_its_recovery():
-    # The labels cut one slow recovery into pieces where it dips under their bound.
-    labels = {"log_every": 10, "spikes": [[1100, 1250, 6.0, False], [1270, 1280, 1.6, True]]}
-    long = score(labels, [ev("LOSS_SPIKE", 1100, duration_steps="200")])
-    assert (long.spikes15, long.spikes15_found) == (1, 1)
-    short = score(labels, [ev("LOSS_SPIKE", 1100, duration_steps="100")])
-    assert short.spikes15_found == 0  # over at 1200: the window starts at 1250
+def test_a_chain_of_fragments_is_one_excursion_with_its_peak():
+    # The labels cut one slow recovery into pieces where it dips under their bound:
+    # unrecovered ones (high again within the recovery window) and the recovered one
+    # that ends the chain are one excursion, as high as its highest piece.
+    labels = {"log_every": 10, "spikes": [[1100, 1250, 6.0, False], [1270, 1280, 1.6, True],
+                                          [3000, 3000, 1.7, False], [3100, 3300, 2.5, False]]}
+    assert bench.spike_windows(labels) == [(1100, 1280)]  # a chain that never recovers is none
+    found = score(labels, [ev("LOSS_SPIKE", 1100, duration_steps="100")])
+    assert (found.spikes, found.spikes_found, found.spikes15, found.spikes15_found) == (1, 1, 1, 1)
+    late = score(labels, [ev("LOSS_SPIKE", 1400)])  # after the tail + 2 lines
+    assert (late.spikes, late.spikes_found) == (1, 0)
+    broken = dict(labels, spikes=[[1100, 1250, 6.0, True], [1270, 1280, 1.6, True]])
+    assert bench.spike_windows(broken, 1.5) == [(1100, 1250), (1270, 1280)]
 
 
 def test_spike_found_by_ended_collapse_only():
@@ -273,6 +279,13 @@ def test_a_chain_of_unrecovered_spikes_leads_into_the_collapse():
     broken = dict(labels, spikes=[[830, 830, 2.1, False], [900, 900, 1.7, True], [990, 1310, 1e69, False]])
     assert bench.sustained_start(broken, 1010) == 990
     assert not score(broken, [ev("COLLAPSE_ONSET", 900, 990)], steps=steps).sustained_found
+
+
+def test_an_unrecovered_spike_the_log_cut_short_is_not_a_sustained_collapse():
+    labels = {"log_every": 10, "last_step": 2940, "label_rules": {"RECOVER_WINDOW": 200},
+              "spikes": [[2760, 2940, 2.5e5, False]]}
+    assert bench.sustained_step(labels) is None  # 180 steps before the end: still coming down
+    assert bench.sustained_step(dict(labels, spikes=[[2700, 2940, 2.5e5, False]])) == 2700
 
 
 def test_a_divergence_is_training_falling_too_for_generalisation_episodes():
