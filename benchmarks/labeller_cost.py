@@ -36,7 +36,7 @@ BLOCKS = (8, 32, 64, 256)
 
 
 def _blocks(columns: dict, size: int) -> list[tuple[np.ndarray, object]]:
-    """The run's lines in blocks of ``size`` lines, as (lines, view) pairs (views as RunDetector builds them)."""
+    """The run's lines in blocks of ``size`` lines, as (lines, view) pairs (the views RunDetector builds)."""
     from detector.core.run import _BlockColumns
 
     cols = {name: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
@@ -139,7 +139,8 @@ def print_cell(doc: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.labeller_cost", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.labeller_cost",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=Path, nargs="*", default=list(DEFAULT_RUNS), metavar="FILE")
     parser.add_argument("--blocks", type=int, nargs="*", default=list(BLOCKS))
     parser.add_argument("--repeats", type=int, default=7)

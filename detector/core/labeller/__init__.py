@@ -49,7 +49,7 @@ from detector.core.types import Event, Phase, Role, Segment, SeriesSpec, Split
 __all__ = ["LabellerConfig", "LineBlock", "PhaseLabeller", "Roles"]
 
 STATE_VERSION = 5
-_FIRST_WINDOW = 32  # lines of a quiet stretch looked at first (see PhaseLabeller._quiet_run)
+_FIRST_WINDOW = 64  # lines of a quiet stretch looked at first (see PhaseLabeller._quiet_run)
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,11 @@ class PhaseLabeller:
         self.generalisation_collapse = GeneralisationCollapse(c)
         self.generalisation = Generalisation(c)
         self.loss_only = LossOnlyPhases(c)
+        # train_recent and train_best as the compiled loop takes them ([recent array,
+        # count, best]), while a quiet stretch has moved them since they were written
+        # (_train_recent; written by _sync_train).
+        self._train: list | None = None
+        self._train_stale = False
 
     # --- state ------------------------------------------------------------------
 
@@ -120,6 +125,8 @@ class PhaseLabeller:
 
     def state(self) -> dict:
         """Plain data: numbers, strings, None, lists and dicts of those."""
+        if self._train_stale:
+            self._sync_train()
         return {
             "version": STATE_VERSION,
             "config": {f.name: getattr(self.config, f.name) for f in fields(LabellerConfig)},
@@ -164,6 +171,9 @@ class PhaseLabeller:
 
     def _line(self, step: int, train_loss: float | None, val_loss: float | None,
               train_acc: float | None, val_acc: float | None) -> list[Event]:
+        if self._train is not None:  # the rules bring their own fields up to date (_Plain.release)
+            self._sync_train()
+            self._train = None
         if self.last_step is not None and step > self.last_step:
             self.last_gap = step - self.last_step
         if self.last_step is None:
@@ -365,21 +375,36 @@ class PhaseLabeller:
                       stop: int) -> tuple[np.ndarray, Callable[[], None]]:
         """``train_recent`` and ``train_best`` over lines ``start:stop`` (an excursion
         neither opens nor ends): :meth:`_training_holds` after each line, and what
-        writes their state after ``stop`` (nothing is written before). O(lines)."""
-        recent = np.zeros(3)
-        recent[:len(self.train_recent)] = self.train_recent
+        writes their state after ``stop`` (nothing is written before; the fields
+        themselves once read: :meth:`_sync_train`). O(lines)."""
+        train = self._train
+        if train is None:
+            recent = np.zeros(3)
+            recent[:len(self.train_recent)] = self.train_recent
+            train = self._train = [recent, len(self.train_recent), float(self.train_best)]
+        recent = train[0].copy()
         holds, count, best = _k.training_holds(
-            train_acc, present, start, stop, recent, len(self.train_recent), float(self.train_best),
-            bool(self.roles.train_acc), self.excursions.quiet, float(self.config.generalisation_drop))
+            train_acc, present, start, stop, recent, train[1], train[2], bool(self.roles.train_acc),
+            self.excursions.quiet, float(self.config.generalisation_drop))
 
         def write() -> None:
-            self.train_recent, self.train_best = recent[:count].tolist(), best
+            train[0], train[1], train[2] = recent, count, best
+            self._train_stale = True
 
         return holds, write
+
+    def _sync_train(self) -> None:
+        """Write what quiet stretches did to ``train_recent`` and ``train_best`` into them."""
+        if self._train_stale:
+            recent, count, best = self._train  # type: ignore[misc]  # stale: kept since
+            self.train_recent, self.train_best = recent[:count].tolist(), best
+            self._train_stale = False
 
     def finish(self) -> list[Event]:
         """The run has ended (see ``RunDetector.finish``): an excursion that was back
         and settling is a spike (the run ended before it had settled for long)."""
+        if self._train is not None:
+            self._sync_train()
         return self.excursions.finish(self.roles.headline_loss or "")
 
     # --- phases -------------------------------------------------------------------

@@ -5,10 +5,15 @@ one kernel here. A kernel walks the lines while the rule's per-line update
 would only move its own small state (a band, a sampling interval, running
 sums) and stops *before* the first line where it could emit an event, open an
 excursion or dip, change the phase or take any other branch; that line goes
-through the per-line path. A kernel writes nothing it is given: it returns the
-number of lines taken and the state after them, and the rule writes that back
-(or not: the labeller first asks every rule how far it could go, then has
-each take the shortest of those stretches).
+through the per-line path. A rule's kernel takes the block's columns, the
+stretch (``start, stop``), the state it moves (arrays first, written in place:
+it is given copies; then scalars) and what no quiet line changes; it returns
+the number of lines taken and the scalars after them, in the order it took
+them, so that the rule keeps them as they come for the next stretch
+(:class:`~detector.core.labeller.rules._common.Quiet`) and writes them into
+its fields only when they are read (or not at all: the labeller first asks
+every rule how far it could go, then has each take the shortest of those
+stretches).
 
 Exactness, as in :mod:`detector.core._kernels`:
 
@@ -151,8 +156,8 @@ def training_holds(values, present, start, stop, recent, count, best, with_accur
 
 
 @_jit
-def excursions_quiet(steps, values, ys, present, start, stop, first, run_min, band, n, size, first_noise,
-                     second_noise, diffs, has_last, last, gap, log_spike, spike_noise, collapse_factor,
+def excursions_quiet(steps, values, ys, present, start, stop, band, run_min, n, first_noise, second_noise,
+                     diffs, has_last, last, gap, first, size, log_spike, spike_noise, collapse_factor,
                      collapse_margin):  # pragma: no cover - compiled
     """``LossExcursions.update`` with no excursion or collapse open, while the loss
     stays in its band: finite, the first loss known, not out (``_threshold``,
@@ -207,9 +212,10 @@ def _recovering(y, peak, ref, thr, left, step, began, horizon, extension):  # pr
 
 
 @_jit
-def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_collapse, began, ref, ref_value,
-                          thr, bound, horizon, settle, peak, peak_value, last_y, has_back, back_at, has_last,
-                          last, gap, back_fraction, slack, left, extension):  # pragma: no cover - compiled
+def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_value, last_y, has_back,
+                          back_at, has_last, last, gap, first, in_collapse, began, ref, ref_value, thr, bound,
+                          horizon, settle, back_fraction, slack, left,
+                          extension):  # pragma: no cover - compiled
     """``LossExcursions.update`` with an excursion open (``in_collapse`` False) while it
     neither ends (a spike, a collapse, a band that starts again) nor learns its
     level, or with a collapse open while it does not end: ``began`` the
@@ -281,8 +287,8 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_col
 
 
 @_jit
-def generalisation_collapse_quiet(steps, values, present, holds, start, stop, generalised, high, band, n,
-                                  size, first_noise, second_noise, diffs, has_last, last, gap, drop,
+def generalisation_collapse_quiet(steps, values, present, holds, start, stop, band, generalised, high, n,
+                                  first_noise, second_noise, diffs, has_last, last, gap, size, drop,
                                   spike_noise, grokked):  # pragma: no cover - compiled
     """``GeneralisationCollapse.update`` with no dip or collapse open, while no dip
     opens (``holds[i - start]``: training holds on line i). Returns the lines taken
@@ -309,8 +315,8 @@ def generalisation_collapse_quiet(steps, values, present, holds, start, stop, ge
 
 
 @_jit
-def generalisation_collapse_open_quiet(steps, values, present, start, stop, ref, thr, low, has_back,
-                                       back_since, has_last, last, gap,
+def generalisation_collapse_open_quiet(steps, values, present, start, stop, low, has_back, back_since,
+                                       has_last, last, gap, ref, thr,
                                        min_intervals):  # pragma: no cover - compiled
     """``GeneralisationCollapse.update`` with a collapse open while it does not end
     (back within half the drop for ``min_intervals`` intervals). Returns the lines
@@ -474,11 +480,11 @@ def _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, w
 
 
 @_jit
-def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, stop, first_step, stabilised,
-                         gate_first, has_onset, onset, has_complete, has_base, base, has_above, above,
-                         progressing, starts, sums, counts, bins, width, memorised_at, has_last, last, gap,
-                         recent, recent_n, window, window_n, curv_near, curv_wide, noise, best, stable_best,
-                         lows_step, lows_value, lows_next, lows_n, has_floor, floor, onset_rise, grokked,
+def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, start, stop,
+                         starts, sums, counts, recent, window, lows_step, lows_value, lows_next, bins, width,
+                         has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise, has_above,
+                         above, best, lows_n, has_floor, floor, gate_first, has_onset, onset, has_complete,
+                         has_base, base, progressing, memorised_at, stable_best, onset_rise, grokked,
                          min_intervals, stable_tolerance, stable_fraction, capacity, delay, min_bins,
                          min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
@@ -600,8 +606,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, 
 
 
 @_jit
-def loss_only_quiet(steps, values, ys, present, start, stop, bins, bin_start, width, bin_sum, bin_count,
-                    has_last, last, gap):  # pragma: no cover - compiled
+def loss_only_quiet(steps, values, ys, present, start, stop, bin_sum, bin_count, has_last, last, gap, bins,
+                    bin_start, width):  # pragma: no cover - compiled
     """``LossOnlyPhases.update`` while the loss opens no step bin (where the phase is
     decided). Returns the lines taken and the state after them."""
     for i in range(start, stop):

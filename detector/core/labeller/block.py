@@ -58,7 +58,12 @@ class Column:
 class RoleColumns:
     """The four role columns of a block (train loss, held-out loss, train accuracy,
     held-out accuracy; an absent role is a column logged nowhere), as Python lists
-    for the per-line path and as :class:`Column` arrays for the quiet stretches."""
+    for the per-line path and as :class:`Column` arrays for the quiet stretches.
+    O(1) to build (the lists, the working scales and the percent lines are made when
+    first read)."""
+
+    __slots__ = ("_lists", "_percent_lines", "_raw", "step_list", "steps", "train_acc", "train_loss",
+                 "val_acc", "val_loss")
 
     def __init__(self, steps: np.ndarray, view: LineBlock, names: tuple[str | None, ...]) -> None:
         self.steps = np.asarray(steps, dtype=np.int64)
@@ -67,13 +72,17 @@ class RoleColumns:
         raw = [None if name is None else view.column(name) for name in names]
         self._raw = raw
         self._lists: list[list[float | None] | None] | None = None
-        absent = (np.full(n, np.nan), np.zeros(n, dtype=np.bool_))
-        self.train_loss, self.val_loss, self.train_acc, self.val_acc = (
-            Column(*(absent if col is None else col)) for col in raw)
-        # Lines where an accuracy first reads as percent (a per-line switch).
-        found = [np.flatnonzero(c.present & np.isfinite(c.values) & (c.values > _PERCENT_ABOVE))
-                 for c in (self.train_acc, self.val_acc)]
-        self.percent_lines: list[int] = np.union1d(*found).tolist()
+        self._percent_lines: list[int] | None = None
+        absent: Column | None = None
+        cols = []
+        for col in raw:
+            if col is None:
+                if absent is None:  # read only: one for every absent role
+                    absent = Column(np.full(n, np.nan), np.zeros(n, dtype=np.bool_))
+                cols.append(absent)
+            else:
+                cols.append(Column(*col))
+        self.train_loss, self.val_loss, self.train_acc, self.val_acc = cols
 
     def line(self, i: int) -> tuple[float | None, ...]:
         """Line i's four role values, None where absent (the columns made Python
@@ -85,8 +94,15 @@ class RoleColumns:
 
     def percent_from(self, i: int) -> int:
         """The first line from i where an accuracy above 1.5 is logged; the block's end if none."""
-        j = bisect_left(self.percent_lines, i)
-        return self.percent_lines[j] if j < len(self.percent_lines) else len(self.step_list)
+        lines = self._percent_lines
+        if lines is None:
+            # Lines where an accuracy first reads as percent (a per-line switch).
+            above = np.zeros(len(self.step_list), dtype=np.bool_)
+            for c in (self.train_acc, self.val_acc):
+                above |= c.present & np.isfinite(c.values) & (c.values > _PERCENT_ABOVE)
+            lines = self._percent_lines = np.flatnonzero(above).tolist()
+        j = bisect_left(lines, i)
+        return lines[j] if j < len(lines) else len(self.step_list)
 
 
 def role_lists(columns: list[tuple[np.ndarray, np.ndarray] | None]) -> list[list[float | None] | None]:
