@@ -246,8 +246,9 @@ class PhaseLabeller:
         reads the role columns as Python lists. O(lines).
         """
         r = self.roles
-        if not np.issubdtype(np.asarray(steps).dtype, np.integer):
-            return self._lines(steps.tolist(), view, at_line)
+        integer = isinstance(steps, np.ndarray) and steps.dtype.kind in "iu"  # without np.issubdtype's cost
+        if not integer and not np.issubdtype(np.asarray(steps).dtype, np.integer):
+            return self._lines(np.asarray(steps).tolist(), view, at_line)
         cols = RoleColumns(steps, view, (r.train_loss, r.val_loss, r.train_acc, r.val_acc))
         events: list[Event] = []
         step_list, n, i = cols.step_list, len(cols.step_list), 0
@@ -318,7 +319,7 @@ class PhaseLabeller:
         if r.val_acc and self.generalisation_collapse.dip is not None:
             return 0
         if not self.percent:
-            stop = min(stop, cols.percent_from(start))
+            stop = cols.percent_from(start, stop)
             if stop <= start:
                 return 0
         loss_name = r.headline_loss

@@ -48,9 +48,12 @@ LOWS = 64  # suffix minima the stable stretch keeps (generalisation._LOWS)
 
 
 @_jit
-def _sorted_copy(values, n):  # pragma: no cover - compiled
-    """``sorted(values[:n])``: a stable insertion sort (n is at most a band's size)."""
-    out = values[:n].copy()
+def _sorted_into(values, n, out):  # pragma: no cover - compiled
+    """``sorted(values[:n])`` in ``out[:n]`` (a scratch array the caller allocates once
+    per kernel call, not once per line): a stable insertion sort (n is at most a
+    band's size)."""
+    for i in range(n):
+        out[i] = values[i]
     for i in range(1, n):
         x = out[i]
         j = i - 1
@@ -62,9 +65,10 @@ def _sorted_copy(values, n):  # pragma: no cover - compiled
 
 
 @_jit
-def _median(values, n):  # pragma: no cover - compiled
-    """``_common._median`` / ``Band.level``: the middle value, or the mean of the middle two."""
-    ordered = _sorted_copy(values, n)
+def _median(values, n, scratch):  # pragma: no cover - compiled
+    """``_common._median`` / ``Band.level``: the middle value, or the mean of the middle
+    two (``scratch``: at least n floats, see :func:`_sorted_into`)."""
+    ordered = _sorted_into(values, n, scratch)
     if n % 2:
         return ordered[n // 2]
     return 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
@@ -130,6 +134,19 @@ def line_steps(steps, start, stop, last, gap):  # pragma: no cover - compiled
 
 
 @_jit
+def percent_from(train, train_present, val, val_present, start, stop, above):  # pragma: no cover - compiled
+    """The first line of ``start:stop`` where either accuracy is logged, finite and
+    above ``above`` (``PhaseLabeller._fraction`` switches to percent there); ``stop``
+    if none."""
+    for i in range(start, stop):
+        if train_present[i] and math.isfinite(train[i]) and train[i] > above:
+            return i
+        if val_present[i] and math.isfinite(val[i]) and val[i] > above:
+            return i
+    return stop
+
+
+@_jit
 def training_holds(values, present, start, stop, recent, count, best, with_accuracy, quiet,
                    drop):  # pragma: no cover - compiled
     """``train_recent`` / ``train_best`` over lines ``start:stop`` (``recent[:count]``,
@@ -137,6 +154,7 @@ def training_holds(values, present, start, stop, recent, count, best, with_accur
     no loss excursion open, the same on every line). Returns the holds, count and
     best."""
     holds = np.full(stop - start, quiet)
+    scratch = np.empty(3)
     for i in range(start, stop):
         value = values[i]
         if present[i] and math.isfinite(value):
@@ -145,10 +163,10 @@ def training_holds(values, present, start, stop, recent, count, best, with_accur
                 count = 2
             recent[count] = value
             count += 1
-            level = _sorted_copy(recent, count)[count // 2]
+            level = _sorted_into(recent, count, scratch)[count // 2]
             best = level if level > best else best
         if with_accuracy and count > 0:
-            holds[i - start] = _sorted_copy(recent, count)[count // 2] >= best - drop
+            holds[i - start] = _sorted_into(recent, count, scratch)[count // 2] >= best - drop
     return holds, count, best
 
 
@@ -162,6 +180,7 @@ def excursions_quiet(steps, values, ys, present, start, stop, band, run_min, n, 
     """``LossExcursions.update`` with no excursion or collapse open, while the loss
     stays in its band: finite, the first loss known, not out (``_threshold``,
     ``_drift_bound``). Returns the lines taken and the state after them."""
+    scratch = np.empty(len(band))
     for i in range(start, stop):
         if not present[i]:
             continue
@@ -178,7 +197,7 @@ def excursions_quiet(steps, values, ys, present, start, stop, band, run_min, n, 
             bound = margin if margin > slow else slow
         out = value > bound
         if not out and n >= 3:
-            level = _median(band, n)
+            level = _median(band, n, scratch)
             previous = band[n - 1]
             low = previous if previous < level else level
             out = y > low + thr and y > previous + thr
@@ -293,6 +312,7 @@ def generalisation_collapse_quiet(steps, values, present, holds, start, stop, ba
     """``GeneralisationCollapse.update`` with no dip or collapse open, while no dip
     opens (``holds[i - start]``: training holds on line i). Returns the lines taken
     and the state after them."""
+    scratch = np.empty(len(band))
     for i in range(start, stop):
         value = values[i]
         if not present[i] or not math.isfinite(value):
@@ -307,7 +327,7 @@ def generalisation_collapse_quiet(steps, values, present, holds, start, stop, ba
             n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise, diffs,
                                                             value)
             if generalised and n >= 3:
-                level = _median(band, n)
+                level = _median(band, n, scratch)
                 high = level if level > high else high
         if value >= grokked:
             generalised = True
@@ -499,6 +519,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
     Returns the lines taken and the scalar state after them."""
     taken = stop - start
     t_starts, t_sums, t_counts = starts.copy(), sums.copy(), counts.copy()
+    scratch = np.empty(3)
     for i in range(start, stop):
         step = steps[i]
         add_loss = progressing and loss_present[i] and not math.isnan(loss_ws[i])
@@ -562,7 +583,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 break
             five = 5 * new_noise
             tol = five if five > stable_tolerance else stable_tolerance
-            level = _median(recent, new_recent_n)
+            level = _median(recent, new_recent_n, scratch)
             new_best = level if level > best else best
             if stabilised:
                 leaves = new_best > stable_best + 2 * tol

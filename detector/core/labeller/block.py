@@ -8,11 +8,11 @@ gives both what they read, each built once a block and only when asked for.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from detector.core.labeller import _kernels as _k
 from detector.core.series import working_scale_list
 from detector.core.types import Role
 
@@ -41,9 +41,11 @@ class Column:
         as the per-line path's :func:`working_scale` takes it; numpy's may differ in
         the last bit)."""
         if self._ws is None:
-            rows = np.flatnonzero(self.present & np.isfinite(self.values))
-            self._ws = np.full(len(self.values), np.nan)
-            self._ws[rows] = working_scale_list(Role.LOSS, self.values[rows].tolist())
+            # Every line in one go (NaN gives NaN, and no value raises), then NaN where
+            # absent or not finite: cheaper than picking the rows first on a block of a
+            # few dozen lines, most of them present.
+            ws = self._ws = np.array(working_scale_list(Role.LOSS, self.values.tolist()))
+            ws[~(self.present & np.isfinite(self.values))] = np.nan
         return self._ws
 
     def fraction(self, percent: bool) -> np.ndarray:
@@ -59,10 +61,9 @@ class RoleColumns:
     """The four role columns of a block (train loss, held-out loss, train accuracy,
     held-out accuracy; an absent role is a column logged nowhere), as Python lists
     for the per-line path and as :class:`Column` arrays for the quiet stretches.
-    O(1) to build (the lists, the working scales and the percent lines are made when
-    first read)."""
+    O(1) to build (the lists and the working scales are made when first read)."""
 
-    __slots__ = ("_lists", "_percent_lines", "_raw", "step_list", "steps", "train_acc", "train_loss",
+    __slots__ = ("_lists", "_raw", "step_list", "steps", "train_acc", "train_loss",
                  "val_acc", "val_loss")
 
     def __init__(self, steps: np.ndarray, view: LineBlock, names: tuple[str | None, ...]) -> None:
@@ -72,7 +73,6 @@ class RoleColumns:
         raw = [None if name is None else view.column(name) for name in names]
         self._raw = raw
         self._lists: list[list[float | None] | None] | None = None
-        self._percent_lines: list[int] | None = None
         absent: Column | None = None
         cols = []
         for col in raw:
@@ -92,17 +92,11 @@ class RoleColumns:
             self._lists = role_lists(self._raw)
         return tuple(None if col is None else col[i] for col in self._lists)
 
-    def percent_from(self, i: int) -> int:
-        """The first line from i where an accuracy above 1.5 is logged; the block's end if none."""
-        lines = self._percent_lines
-        if lines is None:
-            # Lines where an accuracy first reads as percent (a per-line switch).
-            above = np.zeros(len(self.step_list), dtype=np.bool_)
-            for c in (self.train_acc, self.val_acc):
-                above |= c.present & np.isfinite(c.values) & (c.values > _PERCENT_ABOVE)
-            lines = self._percent_lines = np.flatnonzero(above).tolist()
-        j = bisect_left(lines, i)
-        return lines[j] if j < len(lines) else len(self.step_list)
+    def percent_from(self, i: int, stop: int) -> int:
+        """The first line of ``i:stop`` where an accuracy above 1.5 is logged (a per-line
+        switch to percent); ``stop`` if none. O(stop - i)."""
+        train, val = self.train_acc, self.val_acc
+        return _k.percent_from(train.values, train.present, val.values, val.present, i, stop, _PERCENT_ABOVE)
 
 
 def role_lists(columns: list[tuple[np.ndarray, np.ndarray] | None]) -> list[list[float | None] | None]:
