@@ -22,7 +22,13 @@ block of lines (:meth:`PhaseLabeller.update_block`) goes through each rule's
 ``quiet_run`` (beside its ``update``: compiled loops in
 :mod:`~detector.core.labeller._kernels`) while nothing can happen, and line by
 line where something may, with the same events and state as line by line
-throughout.
+throughout. Each rule keeps its compiled loop's copy of its state from one
+quiet stretch to the next, across blocks too
+(:class:`~detector.core.labeller.rules._common.Quiet`), and writes it into its
+own fields only when they are read (its per-line ``update``, ``state()``,
+``finish()``): a server that calls :meth:`~PhaseLabeller.update_block` once per
+batch of a few dozen quiet lines pays a few compiled calls a batch, not the
+packing of every rule's state into arrays and back.
 """
 
 from __future__ import annotations
@@ -243,7 +249,9 @@ class PhaseLabeller:
         (popped as their lines are taken). Quiet stretches (see
         :meth:`_quiet_run`) go through the rules' compiled ``quiet_run``; the line
         after each, where something may happen, through the per-line path, which
-        reads the role columns as Python lists. O(lines).
+        reads the role columns as Python lists. O(lines); a block of quiet lines
+        costs O(1) Python calls (one window up to ``_FIRST_WINDOW`` lines) plus
+        the working scale of its loss, a Python ``log10`` a line.
         """
         r = self.roles
         integer = isinstance(steps, np.ndarray) and steps.dtype.kind in "iu"  # without np.issubdtype's cost
@@ -312,8 +320,9 @@ class PhaseLabeller:
         could go (changing nothing), then every part of the labeller takes the
         shortest stretch: the rules read each other's state (the first loss,
         whether training holds), which is only the same as on the per-line path
-        up to the first line where any of them would act. O(stop - start), twice
-        at most."""
+        up to the first line where any of them would act (a rule counting keeps
+        what it found: taking the same stretch next costs no second loop).
+        O(stop - start), twice at most."""
         r, steps = self.roles, cols.steps
         # With a dip open no line is quiet: say so before any scan.
         if r.val_acc and self.generalisation_collapse.dip is not None:
