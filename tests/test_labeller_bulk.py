@@ -298,3 +298,26 @@ def test_bulk_path_equals_per_line_path_back_at_the_bands_edge() -> None:
     rows = [{"train_loss": float(v)} for v in 2.0 * shape * np.exp(0.03 * rng.standard_normal(len(steps)))]
     for seed in range(3):
         assert check_same(steps, rows, ["train_loss"], np.random.default_rng(seed)) > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bulk_path_equals_per_line_path_on_held_out_dips(seed: int) -> None:
+    """A generalised held-out accuracy that dips for a line or two again and again
+    (each back in time, some while training falls too), once long enough to be a
+    generalisation collapse, and a dip open across block boundaries: the dips on
+    the compiled path, the collapse on the per-line path."""
+    rng = np.random.default_rng(seed)
+    n = 1500
+    steps = list(range(0, 10 * n, 10))
+    acc = np.clip(0.98 + 0.005 * rng.standard_normal(n), 0, 1)
+    acc[:50] = np.linspace(0.1, 0.98, 50)
+    for at in rng.integers(100, n - 10, 60):
+        acc[at:at + int(rng.choice([1, 1, 2]))] -= rng.uniform(0.06, 0.3)
+    acc[900:960] -= 0.4  # a collapse, that ends
+    train_acc = np.where(rng.random(n) < 0.02, 0.5, 1.0)  # training falls now and then
+    rows = [{"train_loss": 1.0 / (1 + i), "val_acc": float(a), "train_acc": float(t)}
+            for i, (a, t) in enumerate(zip(acc, train_acc, strict=True))]
+    events = check_same(steps, rows, ["train_loss", "val_acc", "train_acc"], rng)
+    assert events > 0
+    events = check_same(steps, rows, ["train_loss", "val_acc", "train_acc"], rng, every_block=False)
+    assert events > 0

@@ -324,9 +324,6 @@ class PhaseLabeller:
         what it found: taking the same stretch next costs no second loop).
         O(stop - start), twice at most."""
         r, steps = self.roles, cols.steps
-        # With a dip open no line is quiet: say so before any scan.
-        if r.val_acc and self.generalisation_collapse.dip is not None:
-            return 0
         if not self.percent:
             stop = cols.percent_from(start, stop)
             if stop <= start:

@@ -307,22 +307,44 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
 
 @_jit
 def generalisation_collapse_quiet(steps, values, present, holds, start, stop, band, generalised, high, n,
-                                  first_noise, second_noise, diffs, has_last, last, gap, size, drop,
-                                  spike_noise, grokked):  # pragma: no cover - compiled
-    """``GeneralisationCollapse.update`` with no dip or collapse open, while no dip
-    opens (``holds[i - start]``: training holds on line i). Returns the lines taken
-    and the state after them."""
+                                  first_noise, second_noise, diffs, has_last, last, gap, has_dip, dip_new,
+                                  dip_start, dip_ref, dip_thr, dip_low, size, drop, spike_noise, grokked,
+                                  min_intervals):  # pragma: no cover - compiled
+    """``GeneralisationCollapse.update`` with no collapse open, while none opens
+    (``holds[i - start]``: training holds on line i): a dip (``has_dip``, its
+    ``start``, ``ref``, ``thr`` and ``low`` as ``dip_*``; ``dip_new``: opened
+    here, not the one the rule held) may open, go on or end
+    back in time (or with training falling too); the line where one has lasted
+    ``min_intervals`` intervals (a collapse) is left to the per-line path.
+    Returns the lines taken and the state after them."""
     scratch = np.empty(len(band))
     for i in range(start, stop):
         value = values[i]
         if not present[i] or not math.isfinite(value):
             continue
         holding = holds[i - start]
+        step = steps[i]
+        seen, new_last, new_gap = _see(has_last, last, gap, step)
+        if has_dip:
+            if value >= dip_ref - dip_thr / 2 or not holding:
+                has_dip = False  # back in time, or training fell too
+                has_last, last, gap = seen, new_last, new_gap
+                if holding:
+                    n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise,
+                                                                    diffs, value)
+                continue
+            if step - dip_start >= min_intervals * new_gap:
+                return (i - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last,
+                        gap, has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low)  # a collapse
+            dip_low = _min(dip_low, value)
+            has_last, last, gap = seen, new_last, new_gap
+            continue
         noise = spike_noise * _band_noise(first_noise, second_noise, diffs)
         thr = noise if noise > drop else drop
+        has_last, last, gap = seen, new_last, new_gap
         if generalised and n >= 3 and holding and value < high - thr:
-            return i - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap
-        has_last, last, gap = _see(has_last, last, gap, steps[i])
+            has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low = True, True, step, high, thr, value
+            continue
         if holding:
             n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise, diffs,
                                                             value)
@@ -331,7 +353,8 @@ def generalisation_collapse_quiet(steps, values, present, holds, start, stop, ba
                 high = level if level > high else high
         if value >= grokked:
             generalised = True
-    return stop - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap
+    return (stop - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap,
+            has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low)
 
 
 @_jit

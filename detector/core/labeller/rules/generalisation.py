@@ -134,18 +134,20 @@ class GeneralisationCollapse(_Plain):
 
     def quiet_run(self, steps: np.ndarray, values: np.ndarray, present: np.ndarray, holds: np.ndarray,
                   start: int, stop: int, commit: bool = True) -> int:
-        """:meth:`update` on lines ``start:stop`` while no dip or collapse is open and
-        none opens: each value not below the highest level by the drop once it has
-        generalised (reaching ``grokked_accuracy`` on the way is only state); or
-        while a collapse is open and does not end. Stops before the first line
-        that would open a dip or end the collapse (with a dip open: at once);
-        returns the lines taken (``commit=False``: only counts them).
+        """:meth:`update` on lines ``start:stop`` while no collapse opens or ends:
+        with none open, each value that falls below the highest level by the drop
+        once it has generalised opens a dip (reaching ``grokked_accuracy`` on the
+        way is only state), and a dip goes on, or ends back in time or with
+        training falling too, until it has lasted ``min_intervals`` intervals (a
+        collapse); with a collapse open, while it does not end. Stops before the
+        first line that would open or end a collapse; returns the lines taken
+        (``commit=False``: only counts them).
 
         ``values``: the held-out accuracy as a fraction on every line, ``present``
         where logged, ``holds[i - start]`` whether training holds on line i.
-        O(lines × band_values); the state stays the band's and the collapse's.
+        O(lines × band_values); the state stays the band's, the dip's and the collapse's.
         """
-        if self.dip is not None or stop <= start:
+        if stop <= start:
             return 0
         quiet = self._quiet if self._quiet is not None else self._make_quiet()
         if self.collapse is not None:
@@ -166,20 +168,35 @@ class GeneralisationCollapse(_Plain):
                 (float(col["ref"]), float(col["thr"]), c.min_intervals), self._unpack_collapse)
         else:
             band, n = self.band.buffer()
+            dip = self.dip
+            dipped = (False, False, 0, 0.0, 0.0, 0.0) if dip is None else (
+                True, False, dip["start"], float(dip["ref"]), float(dip["thr"]), float(dip["low"]))
             quiet = Quiet(
                 _k.generalisation_collapse_quiet, (band,),
                 (self.generalised, float(self.high), n, float(self.band.first_noise),
-                 float(self.band.second_noise), self.band.diffs, seen, last, gap),
+                 float(self.band.second_noise), self.band.diffs, seen, last, gap, *dipped),
                 (self.band.size, float(c.generalisation_drop), float(c.spike_noise),
-                 float(c.grokked_accuracy)),
+                 float(c.grokked_accuracy), c.min_intervals),
                 self._unpack_quiet)
         self._quiet = quiet
         return quiet
 
     def _unpack_quiet(self, arrays: tuple, state: tuple) -> None:
-        self.generalised, self.high, n, first_noise, second_noise, diffs, seen, last, gap = state
+        (self.generalised, self.high, n, first_noise, second_noise, diffs, seen, last, gap, has_dip, dip_new,
+         dip_start, dip_ref, dip_thr, dip_low) = state
         self.band.take(arrays[0], n, first_noise, second_noise, diffs)
         self.interval.unpack(seen, last, gap)
+        old = self.dip
+        if not has_dip:
+            self.dip = None
+        elif not dip_new:  # the dip the rule held: its level and drop as they were
+            assert old is not None  # the loop started with it
+            self.dip = {"start": old["start"], "ref": old["ref"], "thr": old["thr"], "low": dip_low}
+        else:
+            # max(drop, noise) as update() takes it: the setting itself where it is not below
+            drop = self.config.generalisation_drop
+            self.dip = {"start": int(dip_start), "ref": dip_ref, "thr": drop if dip_thr == drop else dip_thr,
+                        "low": dip_low}
 
     def _unpack_collapse(self, arrays: tuple, state: tuple) -> None:
         low, has_back, back, seen, last, gap = state
