@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from detector.core.labeller import LineBlock
 
 _PERCENT_ABOVE = 1.5  # PhaseLabeller._fraction: an accuracy above this is in percent
+_ONE_BY_ONE = 4  # lines of a block RoleColumns.line reads before it makes the columns Python lists
 
 
 class Column:
@@ -63,7 +64,7 @@ class RoleColumns:
     for the per-line path and as :class:`Column` arrays for the quiet stretches.
     O(1) to build (the lists and the working scales are made when first read)."""
 
-    __slots__ = ("_lists", "_raw", "step_list", "steps", "train_acc", "train_loss",
+    __slots__ = ("_asked", "_lists", "_raw", "step_list", "steps", "train_acc", "train_loss",
                  "val_acc", "val_loss")
 
     def __init__(self, steps: np.ndarray, view: LineBlock, names: tuple[str | None, ...]) -> None:
@@ -73,6 +74,7 @@ class RoleColumns:
         raw = [None if name is None else view.column(name) for name in names]
         self._raw = raw
         self._lists: list[list[float | None] | None] | None = None
+        self._asked = 0  # lines read one by one (see line)
         absent: Column | None = None
         cols = []
         for col in raw:
@@ -85,10 +87,14 @@ class RoleColumns:
         self.train_loss, self.val_loss, self.train_acc, self.val_acc = cols
 
     def line(self, i: int) -> tuple[float | None, ...]:
-        """Line i's four role values, None where absent (the columns made Python
-        lists at the first line asked for: most blocks are taken whole by the quiet
-        stretches and never ask)."""
+        """Line i's four role values, None where absent: read one by one for the
+        first few lines asked for (most blocks are taken whole by the quiet
+        stretches, or but for a line or two), from the columns made Python lists
+        after that (``float`` of an element is the float ``tolist`` gives)."""
         if self._lists is None:
+            self._asked += 1
+            if self._asked <= _ONE_BY_ONE:
+                return tuple(None if col is None or not col[1][i] else float(col[0][i]) for col in self._raw)
             self._lists = role_lists(self._raw)
         return tuple(None if col is None else col[i] for col in self._lists)
 
