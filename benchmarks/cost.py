@@ -21,6 +21,11 @@ those methods for the duration of the cell (:class:`StageTimer`; the core
 keeps no timers). Best of ``--repeats`` for the times, after one warm-up
 analysis (a process's first kernel call loads numba's compiled code).
 
+The labeller's cost per ``update_block`` call on a real run and a shared run,
+in blocks of 8, 32, 64 and 256 lines, comes last (:mod:`benchmarks.labeller_cost`,
+under ``labeller`` in the JSON; ``--no-labeller`` skips it): a server calls it
+once per received batch per run, so its fixed cost per call matters.
+
 A machine-speed reference comes first (:func:`machine_reference`, printed and
 under ``machine_reference`` in the JSON): a fixed pure-Python workload
 (``sum`` of a list of 1 000 ints, the reference ``python -m timeit -s
@@ -32,7 +37,8 @@ these (the in-process analysis is mostly interpreter and small-call overhead).
 
 Usage (from the repository root)::
 
-    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--repeats 3] [--runs DIR] [--json OUT]
+    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--repeats 3] [--runs DIR] [--no-labeller]
+                              [--json OUT]
 """
 
 from __future__ import annotations
@@ -266,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=SHARED_RUNS, metavar="DIR",
                         help=f"labelled runs to analyze in-process (default {SHARED_RUNS}; none: skipped)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write all numbers to OUT")
+    parser.add_argument("--no-labeller", action="store_true",
+                        help="skip the labeller's cost per call (benchmarks.labeller_cost)")
     args = parser.parse_args(argv)
     ref = machine_reference()
     print(f"machine reference: sum(list of 1000 ints) {ref['python_sum_1000_us']:.2f} µs,"
@@ -291,6 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ", ".join(f"{k} {v:.1f} µs/point" for k, v in doc["update_us_per_point"].items()))
     if args.runs.is_dir():
         doc["runs"] = print_runs(args.runs, measure_runs(args.runs, args.repeats))
+    if not args.no_labeller:
+        from benchmarks import labeller_cost
+
+        doc["labeller"] = labeller_cost.measure(labeller_cost.DEFAULT_RUNS)
+        labeller_cost.print_cell(doc["labeller"])
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

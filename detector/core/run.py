@@ -217,11 +217,12 @@ class _BlockColumns:
     every line of the block (NaN where absent) and where it is present. Built only
     for the series asked for (the labeller's roles), O(points) each."""
 
-    __slots__ = ("steps", "_parts")
+    __slots__ = ("_all", "_parts", "steps")
 
     def __init__(self, lines: np.ndarray, parts: BlockColumns) -> None:
         self.steps = lines
         self._parts = parts
+        self._all: np.ndarray | None = None  # "present on every line", shared by the columns asked for
 
     def column(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         part = self._parts.get(name)
@@ -229,7 +230,9 @@ class _BlockColumns:
             return None
         steps, values = part
         if len(steps) == len(self.steps):
-            return values, np.ones(len(values), dtype=bool)
+            if self._all is None:
+                self._all = np.ones(len(values), dtype=bool)
+            return values, self._all
         rows = np.searchsorted(self.steps, steps)
         full = np.full(len(self.steps), np.nan)
         present = np.zeros(len(self.steps), dtype=bool)

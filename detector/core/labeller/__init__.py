@@ -22,7 +22,13 @@ block of lines (:meth:`PhaseLabeller.update_block`) goes through each rule's
 ``quiet_run`` (beside its ``update``: compiled loops in
 :mod:`~detector.core.labeller._kernels`) while nothing can happen, and line by
 line where something may, with the same events and state as line by line
-throughout.
+throughout. Each rule keeps its compiled loop's copy of its state from one
+quiet stretch to the next, across blocks too
+(:class:`~detector.core.labeller.rules._common.Quiet`), and writes it into its
+own fields only when they are read (its per-line ``update``, ``state()``,
+``finish()``): a server that calls :meth:`~PhaseLabeller.update_block` once per
+batch of a few dozen quiet lines pays a few compiled calls a batch, not the
+packing of every rule's state into arrays and back.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from detector.core.types import Event, Phase, Role, Segment, SeriesSpec, Split
 __all__ = ["LabellerConfig", "LineBlock", "PhaseLabeller", "Roles"]
 
 STATE_VERSION = 5
-_FIRST_WINDOW = 32  # lines of a quiet stretch looked at first (see PhaseLabeller._quiet_run)
+_FIRST_WINDOW = 64  # lines of a quiet stretch looked at first (see PhaseLabeller._quiet_run)
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,11 @@ class PhaseLabeller:
         self.generalisation_collapse = GeneralisationCollapse(c)
         self.generalisation = Generalisation(c)
         self.loss_only = LossOnlyPhases(c)
+        # train_recent and train_best as the compiled loop takes them ([recent array,
+        # count, best]), while a quiet stretch has moved them since they were written
+        # (_train_recent; written by _sync_train).
+        self._train: list | None = None
+        self._train_stale = False
 
     # --- state ------------------------------------------------------------------
 
@@ -120,6 +131,8 @@ class PhaseLabeller:
 
     def state(self) -> dict:
         """Plain data: numbers, strings, None, lists and dicts of those."""
+        if self._train_stale:
+            self._sync_train()
         return {
             "version": STATE_VERSION,
             "config": {f.name: getattr(self.config, f.name) for f in fields(LabellerConfig)},
@@ -164,6 +177,9 @@ class PhaseLabeller:
 
     def _line(self, step: int, train_loss: float | None, val_loss: float | None,
               train_acc: float | None, val_acc: float | None) -> list[Event]:
+        if self._train is not None:  # the rules bring their own fields up to date (_Plain.release)
+            self._sync_train()
+            self._train = None
         if self.last_step is not None and step > self.last_step:
             self.last_gap = step - self.last_step
         if self.last_step is None:
@@ -233,11 +249,14 @@ class PhaseLabeller:
         (popped as their lines are taken). Quiet stretches (see
         :meth:`_quiet_run`) go through the rules' compiled ``quiet_run``; the line
         after each, where something may happen, through the per-line path, which
-        reads the role columns as Python lists. O(lines).
+        reads the role columns as Python lists. O(lines); a block of quiet lines
+        costs O(1) Python calls (one window up to ``_FIRST_WINDOW`` lines) plus
+        the working scale of its loss, a Python ``log10`` a line.
         """
         r = self.roles
-        if not np.issubdtype(np.asarray(steps).dtype, np.integer):
-            return self._lines(steps.tolist(), view, at_line)
+        integer = isinstance(steps, np.ndarray) and steps.dtype.kind in "iu"  # without np.issubdtype's cost
+        if not integer and not np.issubdtype(np.asarray(steps).dtype, np.integer):
+            return self._lines(np.asarray(steps).tolist(), view, at_line)
         cols = RoleColumns(steps, view, (r.train_loss, r.val_loss, r.train_acc, r.val_acc))
         events: list[Event] = []
         step_list, n, i = cols.step_list, len(cols.step_list), 0
@@ -301,14 +320,12 @@ class PhaseLabeller:
         could go (changing nothing), then every part of the labeller takes the
         shortest stretch: the rules read each other's state (the first loss,
         whether training holds), which is only the same as on the per-line path
-        up to the first line where any of them would act. O(stop - start), twice
-        at most."""
+        up to the first line where any of them would act (a rule counting keeps
+        what it found: taking the same stretch next costs no second loop).
+        O(stop - start), twice at most."""
         r, steps = self.roles, cols.steps
-        # With a dip open no line is quiet: say so before any scan.
-        if r.val_acc and self.generalisation_collapse.dip is not None:
-            return 0
         if not self.percent:
-            stop = min(stop, cols.percent_from(start))
+            stop = cols.percent_from(start, stop)
             if stop <= start:
                 return 0
         loss_name = r.headline_loss
@@ -365,21 +382,36 @@ class PhaseLabeller:
                       stop: int) -> tuple[np.ndarray, Callable[[], None]]:
         """``train_recent`` and ``train_best`` over lines ``start:stop`` (an excursion
         neither opens nor ends): :meth:`_training_holds` after each line, and what
-        writes their state after ``stop`` (nothing is written before). O(lines)."""
-        recent = np.zeros(3)
-        recent[:len(self.train_recent)] = self.train_recent
+        writes their state after ``stop`` (nothing is written before; the fields
+        themselves once read: :meth:`_sync_train`). O(lines)."""
+        train = self._train
+        if train is None:
+            recent = np.zeros(3)
+            recent[:len(self.train_recent)] = self.train_recent
+            train = self._train = [recent, len(self.train_recent), float(self.train_best)]
+        recent = train[0].copy()
         holds, count, best = _k.training_holds(
-            train_acc, present, start, stop, recent, len(self.train_recent), float(self.train_best),
-            bool(self.roles.train_acc), self.excursions.quiet, float(self.config.generalisation_drop))
+            train_acc, present, start, stop, recent, train[1], train[2], bool(self.roles.train_acc),
+            self.excursions.quiet, float(self.config.generalisation_drop))
 
         def write() -> None:
-            self.train_recent, self.train_best = recent[:count].tolist(), best
+            train[0], train[1], train[2] = recent, count, best
+            self._train_stale = True
 
         return holds, write
+
+    def _sync_train(self) -> None:
+        """Write what quiet stretches did to ``train_recent`` and ``train_best`` into them."""
+        if self._train_stale:
+            recent, count, best = self._train  # type: ignore[misc]  # stale: kept since
+            self.train_recent, self.train_best = recent[:count].tolist(), best
+            self._train_stale = False
 
     def finish(self) -> list[Event]:
         """The run has ended (see ``RunDetector.finish``): an excursion that was back
         and settling is a spike (the run ended before it had settled for long)."""
+        if self._train is not None:
+            self._sync_train()
         return self.excursions.finish(self.roles.headline_loss or "")
 
     # --- phases -------------------------------------------------------------------

@@ -5,10 +5,15 @@ one kernel here. A kernel walks the lines while the rule's per-line update
 would only move its own small state (a band, a sampling interval, running
 sums) and stops *before* the first line where it could emit an event, open an
 excursion or dip, change the phase or take any other branch; that line goes
-through the per-line path. A kernel writes nothing it is given: it returns the
-number of lines taken and the state after them, and the rule writes that back
-(or not: the labeller first asks every rule how far it could go, then has
-each take the shortest of those stretches).
+through the per-line path. A rule's kernel takes the block's columns, the
+stretch (``start, stop``), the state it moves (arrays first, written in place:
+it is given copies; then scalars) and what no quiet line changes; it returns
+the number of lines taken and the scalars after them, in the order it took
+them, so that the rule keeps them as they come for the next stretch
+(:class:`~detector.core.labeller.rules._common.Quiet`) and writes them into
+its fields only when they are read (or not at all: the labeller first asks
+every rule how far it could go, then has each take the shortest of those
+stretches).
 
 Exactness, as in :mod:`detector.core._kernels`:
 
@@ -43,9 +48,12 @@ LOWS = 64  # suffix minima the stable stretch keeps (generalisation._LOWS)
 
 
 @_jit
-def _sorted_copy(values, n):  # pragma: no cover - compiled
-    """``sorted(values[:n])``: a stable insertion sort (n is at most a band's size)."""
-    out = values[:n].copy()
+def _sorted_into(values, n, out):  # pragma: no cover - compiled
+    """``sorted(values[:n])`` in ``out[:n]`` (a scratch array the caller allocates once
+    per kernel call, not once per line): a stable insertion sort (n is at most a
+    band's size)."""
+    for i in range(n):
+        out[i] = values[i]
     for i in range(1, n):
         x = out[i]
         j = i - 1
@@ -57,9 +65,10 @@ def _sorted_copy(values, n):  # pragma: no cover - compiled
 
 
 @_jit
-def _median(values, n):  # pragma: no cover - compiled
-    """``_common._median`` / ``Band.level``: the middle value, or the mean of the middle two."""
-    ordered = _sorted_copy(values, n)
+def _median(values, n, scratch):  # pragma: no cover - compiled
+    """``_common._median`` / ``Band.level``: the middle value, or the mean of the middle
+    two (``scratch``: at least n floats, see :func:`_sorted_into`)."""
+    ordered = _sorted_into(values, n, scratch)
     if n % 2:
         return ordered[n // 2]
     return 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
@@ -125,6 +134,19 @@ def line_steps(steps, start, stop, last, gap):  # pragma: no cover - compiled
 
 
 @_jit
+def percent_from(train, train_present, val, val_present, start, stop, above):  # pragma: no cover - compiled
+    """The first line of ``start:stop`` where either accuracy is logged, finite and
+    above ``above`` (``PhaseLabeller._fraction`` switches to percent there); ``stop``
+    if none."""
+    for i in range(start, stop):
+        if train_present[i] and math.isfinite(train[i]) and train[i] > above:
+            return i
+        if val_present[i] and math.isfinite(val[i]) and val[i] > above:
+            return i
+    return stop
+
+
+@_jit
 def training_holds(values, present, start, stop, recent, count, best, with_accuracy, quiet,
                    drop):  # pragma: no cover - compiled
     """``train_recent`` / ``train_best`` over lines ``start:stop`` (``recent[:count]``,
@@ -132,6 +154,7 @@ def training_holds(values, present, start, stop, recent, count, best, with_accur
     no loss excursion open, the same on every line). Returns the holds, count and
     best."""
     holds = np.full(stop - start, quiet)
+    scratch = np.empty(3)
     for i in range(start, stop):
         value = values[i]
         if present[i] and math.isfinite(value):
@@ -140,10 +163,10 @@ def training_holds(values, present, start, stop, recent, count, best, with_accur
                 count = 2
             recent[count] = value
             count += 1
-            level = _sorted_copy(recent, count)[count // 2]
+            level = _sorted_into(recent, count, scratch)[count // 2]
             best = level if level > best else best
         if with_accuracy and count > 0:
-            holds[i - start] = _sorted_copy(recent, count)[count // 2] >= best - drop
+            holds[i - start] = _sorted_into(recent, count, scratch)[count // 2] >= best - drop
     return holds, count, best
 
 
@@ -151,12 +174,13 @@ def training_holds(values, present, start, stop, recent, count, best, with_accur
 
 
 @_jit
-def excursions_quiet(steps, values, ys, present, start, stop, first, run_min, band, n, size, first_noise,
-                     second_noise, diffs, has_last, last, gap, log_spike, spike_noise, collapse_factor,
+def excursions_quiet(steps, values, ys, present, start, stop, band, run_min, n, first_noise, second_noise,
+                     diffs, has_last, last, gap, first, size, log_spike, spike_noise, collapse_factor,
                      collapse_margin):  # pragma: no cover - compiled
     """``LossExcursions.update`` with no excursion or collapse open, while the loss
     stays in its band: finite, the first loss known, not out (``_threshold``,
     ``_drift_bound``). Returns the lines taken and the state after them."""
+    scratch = np.empty(len(band))
     for i in range(start, stop):
         if not present[i]:
             continue
@@ -173,7 +197,7 @@ def excursions_quiet(steps, values, ys, present, start, stop, first, run_min, ba
             bound = margin if margin > slow else slow
         out = value > bound
         if not out and n >= 3:
-            level = _median(band, n)
+            level = _median(band, n, scratch)
             previous = band[n - 1]
             low = previous if previous < level else level
             out = y > low + thr and y > previous + thr
@@ -207,9 +231,10 @@ def _recovering(y, peak, ref, thr, left, step, began, horizon, extension):  # pr
 
 
 @_jit
-def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_collapse, began, ref, ref_value,
-                          thr, bound, horizon, settle, peak, peak_value, last_y, has_back, back_at, has_last,
-                          last, gap, back_fraction, slack, left, extension):  # pragma: no cover - compiled
+def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_value, last_y, has_back,
+                          back_at, has_last, last, gap, first, in_collapse, began, ref, ref_value, thr, bound,
+                          horizon, settle, back_fraction, slack, left,
+                          extension):  # pragma: no cover - compiled
     """``LossExcursions.update`` with an excursion open (``in_collapse`` False) while it
     neither ends (a spike, a collapse, a band that starts again) nor learns its
     level, or with a collapse open while it does not end: ``began`` the
@@ -281,36 +306,60 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, first, in_col
 
 
 @_jit
-def generalisation_collapse_quiet(steps, values, present, holds, start, stop, generalised, high, band, n,
-                                  size, first_noise, second_noise, diffs, has_last, last, gap, drop,
-                                  spike_noise, grokked):  # pragma: no cover - compiled
-    """``GeneralisationCollapse.update`` with no dip or collapse open, while no dip
-    opens (``holds[i - start]``: training holds on line i). Returns the lines taken
-    and the state after them."""
+def generalisation_collapse_quiet(steps, values, present, holds, start, stop, band, generalised, high, n,
+                                  first_noise, second_noise, diffs, has_last, last, gap, has_dip, dip_new,
+                                  dip_start, dip_ref, dip_thr, dip_low, size, drop, spike_noise, grokked,
+                                  min_intervals):  # pragma: no cover - compiled
+    """``GeneralisationCollapse.update`` with no collapse open, while none opens
+    (``holds[i - start]``: training holds on line i): a dip (``has_dip``, its
+    ``start``, ``ref``, ``thr`` and ``low`` as ``dip_*``; ``dip_new``: opened
+    here, not the one the rule held) may open, go on or end
+    back in time (or with training falling too); the line where one has lasted
+    ``min_intervals`` intervals (a collapse) is left to the per-line path.
+    Returns the lines taken and the state after them."""
+    scratch = np.empty(len(band))
     for i in range(start, stop):
         value = values[i]
         if not present[i] or not math.isfinite(value):
             continue
         holding = holds[i - start]
+        step = steps[i]
+        seen, new_last, new_gap = _see(has_last, last, gap, step)
+        if has_dip:
+            if value >= dip_ref - dip_thr / 2 or not holding:
+                has_dip = False  # back in time, or training fell too
+                has_last, last, gap = seen, new_last, new_gap
+                if holding:
+                    n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise,
+                                                                    diffs, value)
+                continue
+            if step - dip_start >= min_intervals * new_gap:
+                return (i - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last,
+                        gap, has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low)  # a collapse
+            dip_low = _min(dip_low, value)
+            has_last, last, gap = seen, new_last, new_gap
+            continue
         noise = spike_noise * _band_noise(first_noise, second_noise, diffs)
         thr = noise if noise > drop else drop
+        has_last, last, gap = seen, new_last, new_gap
         if generalised and n >= 3 and holding and value < high - thr:
-            return i - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap
-        has_last, last, gap = _see(has_last, last, gap, steps[i])
+            has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low = True, True, step, high, thr, value
+            continue
         if holding:
             n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise, diffs,
                                                             value)
             if generalised and n >= 3:
-                level = _median(band, n)
+                level = _median(band, n, scratch)
                 high = level if level > high else high
         if value >= grokked:
             generalised = True
-    return stop - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap
+    return (stop - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap,
+            has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low)
 
 
 @_jit
-def generalisation_collapse_open_quiet(steps, values, present, start, stop, ref, thr, low, has_back,
-                                       back_since, has_last, last, gap,
+def generalisation_collapse_open_quiet(steps, values, present, start, stop, low, has_back, back_since,
+                                       has_last, last, gap, ref, thr,
                                        min_intervals):  # pragma: no cover - compiled
     """``GeneralisationCollapse.update`` with a collapse open while it does not end
     (back within half the drop for ``min_intervals`` intervals). Returns the lines
@@ -474,11 +523,11 @@ def _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, w
 
 
 @_jit
-def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, stop, first_step, stabilised,
-                         gate_first, has_onset, onset, has_complete, has_base, base, has_above, above,
-                         progressing, starts, sums, counts, bins, width, memorised_at, has_last, last, gap,
-                         recent, recent_n, window, window_n, curv_near, curv_wide, noise, best, stable_best,
-                         lows_step, lows_value, lows_next, lows_n, has_floor, floor, onset_rise, grokked,
+def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, start, stop,
+                         starts, sums, counts, recent, window, lows_step, lows_value, lows_next, bins, width,
+                         has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise, has_above,
+                         above, best, lows_n, has_floor, floor, gate_first, has_onset, onset, has_complete,
+                         has_base, base, progressing, memorised_at, stable_best, onset_rise, grokked,
                          min_intervals, stable_tolerance, stable_fraction, capacity, delay, min_bins,
                          min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
@@ -493,6 +542,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, 
     Returns the lines taken and the scalar state after them."""
     taken = stop - start
     t_starts, t_sums, t_counts = starts.copy(), sums.copy(), counts.copy()
+    scratch = np.empty(3)
     for i in range(start, stop):
         step = steps[i]
         add_loss = progressing and loss_present[i] and not math.isnan(loss_ws[i])
@@ -556,7 +606,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, 
                 break
             five = 5 * new_noise
             tol = five if five > stable_tolerance else stable_tolerance
-            level = _median(recent, new_recent_n)
+            level = _median(recent, new_recent_n, scratch)
             new_best = level if level > best else best
             if stabilised:
                 leaves = new_best > stable_best + 2 * tol
@@ -600,8 +650,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, start, 
 
 
 @_jit
-def loss_only_quiet(steps, values, ys, present, start, stop, bins, bin_start, width, bin_sum, bin_count,
-                    has_last, last, gap):  # pragma: no cover - compiled
+def loss_only_quiet(steps, values, ys, present, start, stop, bin_sum, bin_count, has_last, last, gap, bins,
+                    bin_start, width):  # pragma: no cover - compiled
     """``LossOnlyPhases.update`` while the loss opens no step bin (where the phase is
     decided). Returns the lines taken and the state after them."""
     for i in range(start, stop):

@@ -1,5 +1,5 @@
 """What the rules share: plain-data state, the sampling interval, the scopes, the end of a
-collapse, a counted quiet stretch."""
+collapse, the state of a compiled quiet loop (:class:`Quiet`)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,20 @@ class _Plain:
 
     _FIELDS: tuple[str, ...] = ()
     _NESTED: dict[str, Any] = {}  # name -> a class with from_state()
+    _quiet: Quiet | None = None  # the compiled quiet loop's state, while it has one (see Quiet)
+
+    def release(self) -> None:
+        """The fields are about to be read or written outside a quiet stretch: bring
+        them up to date and drop the compiled loop's copy (made again at the next
+        quiet stretch). O(state) when a stretch was taken since, else O(1)."""
+        quiet = self._quiet
+        if quiet is not None:
+            quiet.sync()
+            self._quiet = None
 
     def state(self) -> dict:
+        if self._quiet is not None:
+            self._quiet.sync()
         out = {name: _copy(getattr(self, name)) for name in self._FIELDS}
         for name in self._NESTED:
             value = getattr(self, name)
@@ -27,6 +39,7 @@ class _Plain:
         return out
 
     def load(self, state: dict) -> None:
+        self._quiet = None
         for name in self._FIELDS:
             setattr(self, name, _copy(state[name]))
         for name, kind in self._NESTED.items():
@@ -70,37 +83,55 @@ class Interval(_Plain):
         self.last, self.gap = (int(last) if seen else None), int(gap)
 
 
-class Pending:
-    """What a counting ``quiet_run`` (``commit=False``) found, kept so that taking
-    exactly that stretch next writes it without running the loop again (the
-    labeller counts every rule's stretch, then has each take the shortest)."""
+class Quiet:
+    """A rule's state as its compiled quiet loop takes it, kept from one quiet stretch
+    to the next (within a block and across blocks), so that a run of quiet blocks
+    neither packs the rule's fields into arrays nor writes them back on every call.
 
-    __slots__ = ("_apply", "_key")
+    ``kernel(*block, start, stop, *arrays, *state, *consts)`` returns ``(taken,
+    *state)`` and writes only into ``arrays`` (it is given copies); ``consts`` are
+    what no quiet line changes. While ``stale`` the rule's own fields are behind:
+    ``sync`` writes the state into them (``unpack(arrays, state)``); the rule
+    calls it before it reads or writes them itself (``_Plain.release``), and
+    drops its ``Quiet`` before any per-line update, so the fields stay the one
+    truth between quiet stretches. A counting run (``commit=False``) keeps what
+    it found, so that taking exactly that stretch next writes it without running
+    the loop again (the labeller counts every rule's stretch, then has each take
+    the shortest). O(arrays) a run besides the loop.
+    """
 
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._apply: Callable[[], None] | None = None
+    __slots__ = ("_pending", "arrays", "consts", "kernel", "stale", "state", "unpack")
 
-    def keep(self, steps: Any, start: int, taken: int, apply: Callable[[], None]) -> None:
-        self._key, self._apply = (steps, start, taken), apply
+    def __init__(self, kernel: Callable[..., tuple], arrays: tuple, state: tuple, consts: tuple,
+                 unpack: Callable[[tuple, tuple], None]) -> None:
+        self.kernel, self.arrays, self.state, self.consts, self.unpack = kernel, arrays, state, consts, unpack
+        self.stale = False
+        self._pending: tuple | None = None
 
-    def settle(self, commit: bool, steps: Any, start: int, taken: int, apply: Callable[[], None]) -> int:
-        """The end of every ``quiet_run``: write the state (``apply``) of the ``taken``
-        lines, or only keep it when counting (``commit`` False); returns ``taken``."""
+    def run(self, block: tuple, start: int, stop: int, commit: bool) -> int:
+        """Lines ``start:stop`` of ``block`` (the kernel's first arguments, ``block[0]``
+        the block's steps): the lines taken; their state written here (``commit``)
+        or only kept (see the class)."""
+        if commit:
+            pending, self._pending = self._pending, None
+            if pending is not None and pending[0] is block[0] and pending[1] == start \
+                    and pending[2] == stop - start:
+                self.arrays, self.state, self.stale = pending[3], pending[4], True
+                return stop - start
+        arrays = tuple([a.copy() for a in self.arrays])
+        out = self.kernel(*block, start, stop, *arrays, *self.state, *self.consts)
+        taken = out[0]
         if not commit:
-            self.keep(steps, start, taken, apply)
+            self._pending = (block[0], start, taken, arrays, out[1:])
         elif taken:
-            apply()
+            self.arrays, self.state, self.stale = arrays, out[1:], True
         return taken
 
-    def take(self, steps: Any, start: int, stop: int) -> bool:
-        """Write the kept state if it is that of lines ``start:stop`` of ``steps``; forget it either way."""
-        key, apply = self._key, self._apply
-        self._key = self._apply = None
-        if key is None or apply is None or key[0] is not steps or key[1] != start or key[2] != stop - start:
-            return False
-        apply()
-        return True
+    def sync(self) -> None:
+        """Write the state into the rule's fields (once after each stretch taken)."""
+        if self.stale:
+            self.unpack(self.arrays, self.state)
+            self.stale = False
 
 
 def collapse_end(timeline: Timeline, scope: str, began: int, located: int, step: int, series: str,

@@ -9,7 +9,7 @@ import numpy as np
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import Band
-from detector.core.labeller.rules._common import TRAINING, Interval, Pending, _Plain, collapse_end
+from detector.core.labeller.rules._common import TRAINING, Interval, Quiet, _Plain, collapse_end
 from detector.core.labeller.timeline import Timeline, make_event
 from detector.core.series import raw_scale, working_scale
 from detector.core.types import Event, EventKind, Phase, Role
@@ -49,7 +49,6 @@ class LossExcursions(_Plain):
         self.excursion: dict | None = None
         self.collapse: dict | None = None
         self.last_start: int | None = None  # where the last excursion began
-        self._pending = Pending()
 
     @property
     def quiet(self) -> bool:
@@ -112,6 +111,8 @@ class LossExcursions(_Plain):
 
     def update(self, step: int, value: float, series: str, first_step: int,
                memorised_steps: int | None, timeline: Timeline) -> list[Event]:
+        if self._quiet is not None:
+            self.release()
         self.interval.see(step)
         finite = math.isfinite(value)
         y = working_scale(Role.LOSS, value) if finite else math.inf
@@ -164,50 +165,55 @@ class LossExcursions(_Plain):
         """
         if stop <= start:
             return 0
-        if commit and self._pending.take(steps, start, stop):
-            return stop - start
-        if not self.quiet:
-            return self._open_run(steps, values, ys, present, start, stop, commit)
+        quiet = self._quiet if self._quiet is not None else self._make_quiet()
+        return quiet.run((steps, values, ys, present), start, stop, commit)
+
+    def _make_quiet(self) -> Quiet:
+        """The compiled loop's state (:class:`Quiet`): with nothing open, or with an
+        excursion or a collapse open (what no quiet line changes stays in the fields)."""
         c = self.config
-        band, n = self.band.buffer()
-        seen, last, gap = self.interval.packed()
-        taken, run_min, n, first_noise, second_noise, diffs, seen, last, gap = _k.excursions_quiet(
-            steps, values, ys, present, start, stop, float(self.first), float(self.run_min), band, n,
-            self.band.size, float(self.band.first_noise), float(self.band.second_noise), self.band.diffs,
-            seen, last, gap, math.log10(c.spike_factor), float(c.spike_noise), float(c.collapse_factor),
-            float(c.collapse_margin))
+        if self.quiet:
+            band, n = self.band.buffer()
+            seen, last, gap = self.interval.packed()
+            quiet = Quiet(
+                _k.excursions_quiet, (band,),
+                (float(self.run_min), n, float(self.band.first_noise), float(self.band.second_noise),
+                 self.band.diffs, seen, last, gap),
+                (float(self.first), self.band.size, math.log10(c.spike_factor), float(c.spike_noise),
+                 float(c.collapse_factor), float(c.collapse_margin)),
+                self._unpack_quiet)
+        else:
+            ex = self.collapse if self.collapse is not None else self.excursion
+            assert ex is not None  # not quiet: one is open
+            back = ex["back_since"] if self.collapse is not None else ex["back_at"]
+            seen, last, gap = self.interval.packed()
+            quiet = Quiet(
+                _k.excursions_open_quiet, (),
+                (float(ex["peak"]), float(ex["peak_value"]), float(ex["last_y"]), back is not None,
+                 0 if back is None else back, seen, last, gap),
+                (float(self.first), self.collapse is not None, ex["start"], float(ex["ref"]),
+                 float(ex["ref_value"]), float(ex["thr"]), float(ex["bound"]), ex["horizon"], ex["settle"],
+                 float(c.back_fraction), float(ex.get("slack", 0.0)), 1.0 - c.recovering_fraction,
+                 float(c.recovery_extension)),
+                self._unpack_open)
+        self._quiet = quiet
+        return quiet
 
-        def apply() -> None:
-            self.run_min = run_min
-            self.band.take(band, n, first_noise, second_noise, diffs)
-            self.interval.unpack(seen, last, gap)
+    def _unpack_quiet(self, arrays: tuple, state: tuple) -> None:
+        self.run_min, n, first_noise, second_noise, diffs, seen, last, gap = state
+        self.band.take(arrays[0], n, first_noise, second_noise, diffs)
+        self.interval.unpack(seen, last, gap)
 
-        return self._pending.settle(commit, steps, start, taken, apply)
-
-    def _open_run(self, steps: np.ndarray, values: np.ndarray, ys: np.ndarray, present: np.ndarray,
-                  start: int, stop: int, commit: bool) -> int:
-        """:meth:`quiet_run` with an excursion or a collapse open."""
-        ex = self.collapse if self.collapse is not None else self.excursion
-        assert ex is not None  # called only with one open
-        back = ex["back_since"] if self.collapse is not None else ex["back_at"]
-        seen, last, gap = self.interval.packed()
-        taken, peak, peak_value, last_y, has_back, back, seen, last, gap = _k.excursions_open_quiet(
-            steps, values, ys, present, start, stop, float(self.first), self.collapse is not None,
-            ex["start"], float(ex["ref"]), float(ex["ref_value"]), float(ex["thr"]), float(ex["bound"]),
-            ex["horizon"], ex["settle"], float(ex["peak"]), float(ex["peak_value"]), float(ex["last_y"]),
-            back is not None, 0 if back is None else back, seen, last, gap, float(self.config.back_fraction),
-            float(ex.get("slack", 0.0)),
-            1.0 - self.config.recovering_fraction, float(self.config.recovery_extension))
-
-        def apply() -> None:
-            self.interval.unpack(seen, last, gap)
-            if self.collapse is not None:
-                ex["back_since"] = int(back) if has_back else None
-                return
-            ex["peak"], ex["peak_value"], ex["last_y"] = peak, peak_value, last_y
-            ex["back_at"] = int(back) if has_back else None
-
-        return self._pending.settle(commit, steps, start, taken, apply)
+    def _unpack_open(self, arrays: tuple, state: tuple) -> None:
+        peak, peak_value, last_y, has_back, back, seen, last, gap = state
+        self.interval.unpack(seen, last, gap)
+        if self.collapse is not None:
+            self.collapse["back_since"] = int(back) if has_back else None
+            return
+        ex = self.excursion
+        assert ex is not None  # the loop ran with one open
+        ex["peak"], ex["peak_value"], ex["last_y"] = peak, peak_value, last_y
+        ex["back_at"] = int(back) if has_back else None
 
     def _in_excursion(self, step: int, value: float, y: float, series: str, first_step: int,
                       memorised_steps: int | None, timeline: Timeline) -> list[Event]:
@@ -264,6 +270,7 @@ class LossExcursions(_Plain):
 
     def finish(self, series: str) -> list[Event]:
         """The run ended: an excursion back and settling is reported as a spike."""
+        self.release()
         ex, last = self.excursion, self.interval.last
         if ex is None or ex["back_at"] is None or last is None:
             return []

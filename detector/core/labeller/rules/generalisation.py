@@ -12,7 +12,7 @@ from detector.core.labeller.history import Band, StepHistory
 from detector.core.labeller.rules._common import (
     GENERALISATION,
     Interval,
-    Pending,
+    Quiet,
     _median,
     _Plain,
     collapse_end,
@@ -56,7 +56,6 @@ class GeneralisationCollapse(_Plain):
         self.interval = Interval()
         self.dip: dict | None = None
         self.collapse: dict | None = None
-        self._pending = Pending()
 
     @property
     def quiet(self) -> bool:
@@ -64,6 +63,7 @@ class GeneralisationCollapse(_Plain):
         return self.dip is None and self.collapse is None
 
     def scale(self, factor: float) -> None:
+        self.release()
         self.band.scale(factor)
         self.high *= factor
         for open_ in (self.dip, self.collapse):
@@ -71,25 +71,10 @@ class GeneralisationCollapse(_Plain):
                 open_["ref"] *= factor
                 open_["thr"] *= factor
 
-    def _collapse_run(self, steps: np.ndarray, values: np.ndarray, present: np.ndarray, start: int, stop: int,
-                      commit: bool) -> int:
-        """:meth:`quiet_run` with a collapse open."""
-        col = self.collapse
-        assert col is not None  # called only with one open
-        seen, last, gap = self.interval.packed()
-        back = col["back_since"]
-        taken, low, has_back, back, seen, last, gap = _k.generalisation_collapse_open_quiet(
-            steps, values, present, start, stop, float(col["ref"]), float(col["thr"]), float(col["low"]),
-            back is not None, 0 if back is None else back, seen, last, gap, self.config.min_intervals)
-
-        def apply() -> None:
-            col["low"], col["back_since"] = low, (int(back) if has_back else None)
-            self.interval.unpack(seen, last, gap)
-
-        return self._pending.settle(commit, steps, start, taken, apply)
-
     def update(self, step: int, value: float, training_holds: bool, series: str,
                timeline: Timeline) -> list[Event]:
+        if self._quiet is not None:
+            self.release()
         if not math.isfinite(value):
             return []
         self.interval.see(step)
@@ -149,39 +134,76 @@ class GeneralisationCollapse(_Plain):
 
     def quiet_run(self, steps: np.ndarray, values: np.ndarray, present: np.ndarray, holds: np.ndarray,
                   start: int, stop: int, commit: bool = True) -> int:
-        """:meth:`update` on lines ``start:stop`` while no dip or collapse is open and
-        none opens: each value not below the highest level by the drop once it has
-        generalised (reaching ``grokked_accuracy`` on the way is only state); or
-        while a collapse is open and does not end. Stops before the first line
-        that would open a dip or end the collapse (with a dip open: at once);
-        returns the lines taken (``commit=False``: only counts them).
+        """:meth:`update` on lines ``start:stop`` while no collapse opens or ends:
+        with none open, each value that falls below the highest level by the drop
+        once it has generalised opens a dip (reaching ``grokked_accuracy`` on the
+        way is only state), and a dip goes on, or ends back in time or with
+        training falling too, until it has lasted ``min_intervals`` intervals (a
+        collapse); with a collapse open, while it does not end. Stops before the
+        first line that would open or end a collapse; returns the lines taken
+        (``commit=False``: only counts them).
 
         ``values``: the held-out accuracy as a fraction on every line, ``present``
         where logged, ``holds[i - start]`` whether training holds on line i.
-        O(lines × band_values); the state stays the band's and the collapse's.
+        O(lines × band_values); the state stays the band's, the dip's and the collapse's.
         """
-        if self.dip is not None or stop <= start:
+        if stop <= start:
             return 0
-        if commit and self._pending.take(steps, start, stop):
-            return stop - start
+        quiet = self._quiet if self._quiet is not None else self._make_quiet()
         if self.collapse is not None:
-            return self._collapse_run(steps, values, present, start, stop, commit)
+            return quiet.run((steps, values, present), start, stop, commit)
+        return quiet.run((steps, values, present, holds), start, stop, commit)
+
+    def _make_quiet(self) -> Quiet:
+        """The compiled loop's state (:class:`Quiet`): no dip or collapse open, or a
+        collapse open."""
         c = self.config
-        band, n = self.band.buffer()
         seen, last, gap = self.interval.packed()
-        taken, generalised, high, n, first_noise, second_noise, diffs, seen, last, gap = \
-            _k.generalisation_collapse_quiet(
-                steps, values, present, holds, start, stop, self.generalised, float(self.high), band, n,
-                self.band.size, float(self.band.first_noise), float(self.band.second_noise), self.band.diffs,
-                seen, last, gap, float(c.generalisation_drop), float(c.spike_noise),
-                float(c.grokked_accuracy))
+        col = self.collapse
+        if col is not None:
+            back = col["back_since"]
+            quiet = Quiet(
+                _k.generalisation_collapse_open_quiet, (),
+                (float(col["low"]), back is not None, 0 if back is None else back, seen, last, gap),
+                (float(col["ref"]), float(col["thr"]), c.min_intervals), self._unpack_collapse)
+        else:
+            band, n = self.band.buffer()
+            dip = self.dip
+            dipped = (False, False, 0, 0.0, 0.0, 0.0) if dip is None else (
+                True, False, dip["start"], float(dip["ref"]), float(dip["thr"]), float(dip["low"]))
+            quiet = Quiet(
+                _k.generalisation_collapse_quiet, (band,),
+                (self.generalised, float(self.high), n, float(self.band.first_noise),
+                 float(self.band.second_noise), self.band.diffs, seen, last, gap, *dipped),
+                (self.band.size, float(c.generalisation_drop), float(c.spike_noise),
+                 float(c.grokked_accuracy), c.min_intervals),
+                self._unpack_quiet)
+        self._quiet = quiet
+        return quiet
 
-        def apply() -> None:
-            self.generalised, self.high = generalised, high
-            self.band.take(band, n, first_noise, second_noise, diffs)
-            self.interval.unpack(seen, last, gap)
+    def _unpack_quiet(self, arrays: tuple, state: tuple) -> None:
+        (self.generalised, self.high, n, first_noise, second_noise, diffs, seen, last, gap, has_dip, dip_new,
+         dip_start, dip_ref, dip_thr, dip_low) = state
+        self.band.take(arrays[0], n, first_noise, second_noise, diffs)
+        self.interval.unpack(seen, last, gap)
+        old = self.dip
+        if not has_dip:
+            self.dip = None
+        elif not dip_new:  # the dip the rule held: its level and drop as they were
+            assert old is not None  # the loop started with it
+            self.dip = {"start": old["start"], "ref": old["ref"], "thr": old["thr"], "low": dip_low}
+        else:
+            # max(drop, noise) as update() takes it: the setting itself where it is not below
+            drop = self.config.generalisation_drop
+            self.dip = {"start": int(dip_start), "ref": dip_ref, "thr": drop if dip_thr == drop else dip_thr,
+                        "low": dip_low}
 
-        return self._pending.settle(commit, steps, start, taken, apply)
+    def _unpack_collapse(self, arrays: tuple, state: tuple) -> None:
+        low, has_back, back, seen, last, gap = state
+        col = self.collapse
+        assert col is not None  # the loop ran with one open
+        col["low"], col["back_since"] = low, (int(back) if has_back else None)
+        self.interval.unpack(seen, last, gap)
 
 
 class Generalisation(_Plain):
@@ -241,7 +263,6 @@ class Generalisation(_Plain):
         self.curv_wide = 0.0
         self.val_interval = Interval()
         self.progress: StepHistory | None = None
-        self._pending = Pending()
 
     @property
     def progressing(self) -> bool:
@@ -249,6 +270,7 @@ class Generalisation(_Plain):
         return self.progress is not None and self.onset_at is None and self.hidden_progress_at is None
 
     def scale(self, factor: float) -> None:
+        self.release()
         self.val_first = [v * factor for v in self.val_first]
         self.val_recent = [v * factor for v in self.val_recent]
         if self.val_base is not None:
@@ -265,6 +287,8 @@ class Generalisation(_Plain):
                      first_loss: float) -> None:
         if self.memorised_at is not None:
             return
+        if self._quiet is not None:
+            self.release()
         c = self.config
         if train_acc is not None:
             loss_ok = (train_loss is None or not math.isfinite(train_loss) or math.isnan(first_loss)
@@ -295,6 +319,8 @@ class Generalisation(_Plain):
 
     def update(self, step: int, val_acc: float | None, val_loss: float | None, first_step: int,
                series: str, loss_series: str | None, timeline: Timeline) -> list[Event]:
+        if self._quiet is not None:
+            self.release()
         events: list[Event] = []
         if (val_loss is not None and math.isfinite(val_loss) and self.progress is not None
                 and self.onset_at is None and self.hidden_progress_at is None):
@@ -362,8 +388,14 @@ class Generalisation(_Plain):
         """
         if stop <= start:
             return 0
-        if commit and self._pending.take(steps, start, stop):
-            return stop - start
+        quiet = self._quiet if self._quiet is not None else self._make_quiet()
+        block = (steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised)
+        return quiet.run(block, start, stop, commit)
+
+    def _make_quiet(self) -> Quiet:
+        """The compiled loop's state (:class:`Quiet`): the hidden-progress history's
+        bins in arrays of ``history_bins + 1``, the suffix minima in arrays of
+        ``_LOWS + 1``."""
         c = self.config
         progress, progressing = self.progress, self.progressing
         size = c.history_bins + 1
@@ -386,39 +418,43 @@ class Generalisation(_Plain):
             lows_step[:count] = [low[0] for low in self.lows]
             lows_value[:count] = [low[1] for low in self.lows]
             lows_next[:count - 1] = [low[2] for low in self.lows[:-1]]
-        (taken, bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
-         has_above, above, best, count, has_floor, floor) = _k.generalisation_quiet(
-            steps, acc, acc_present, loss_ws, loss_present, start, stop, first_step, stabilised,
-            len(self.val_first) < 3 and self.memorised_at is None,
-            self.onset_at is not None, _int(self.onset_at), self.complete_at is not None,
-            self.val_base is not None, _float(self.val_base), self.above_since is not None,
-            _int(self.above_since), progressing, starts, sums, counts, bins, width, _int(self.memorised_at),
-            seen, last, gap, recent, len(self.val_recent), window, len(self.val_window),
-            float(self.curv_near), float(self.curv_wide), float(self.val_noise), float(self.best),
-            float(self.stable_best),
-            lows_step, lows_value, lows_next, count, self.lows_floor is not None, _int(self.lows_floor),
-            float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals, float(c.stable_tolerance),
-            float(c.stable_fraction), c.history_bins, c.grokking_min_delay_steps, c.progress_min_bins,
-            float(c.progress_min_change), float(c.progress_min_share))
+        quiet = Quiet(
+            _k.generalisation_quiet,
+            (starts, sums, counts, recent, window, lows_step, lows_value, lows_next),
+            (bins, width, seen, last, gap, len(self.val_recent), len(self.val_window),
+             float(self.curv_near), float(self.curv_wide), float(self.val_noise),
+             self.above_since is not None, _int(self.above_since), float(self.best), count,
+             self.lows_floor is not None, _int(self.lows_floor)),
+            (len(self.val_first) < 3 and self.memorised_at is None,
+             self.onset_at is not None, _int(self.onset_at), self.complete_at is not None,
+             self.val_base is not None, _float(self.val_base), progressing, _int(self.memorised_at),
+             float(self.stable_best), float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals,
+             float(c.stable_tolerance), float(c.stable_fraction), c.history_bins, c.grokking_min_delay_steps,
+             c.progress_min_bins, float(c.progress_min_change), float(c.progress_min_share)),
+            self._unpack)
+        self._quiet = quiet
+        return quiet
 
-        def apply() -> None:
-            if progressing and progress is not None:
-                progress.starts, progress.sums = starts[:bins].tolist(), sums[:bins].tolist()
-                progress.counts, progress.width = counts[:bins].tolist(), int(width)
-            self.val_interval.unpack(seen, last, gap)
-            self.val_recent = recent[:recent_n].tolist()
-            self.val_window = window[:window_n].tolist()
-            self.curv_near, self.curv_wide, self.val_noise = curv_near, curv_wide, noise
-            self.above_since = int(above) if has_above else None
-            self.best = best
-            if self.onset_at is not None and count:  # the suffix minima move only after onset
-                self.lows = [[s, v, n] for s, v, n in zip(
-                    lows_step[:count].tolist(), lows_value[:count].tolist(), lows_next[:count].tolist(),
-                    strict=True)]
-                self.lows[-1][2] = None
-                self.lows_floor = int(floor) if has_floor else None
-
-        return self._pending.settle(commit, steps, start, taken, apply)
+    def _unpack(self, arrays: tuple, state: tuple) -> None:
+        starts, sums, counts, recent, window, lows_step, lows_value, lows_next = arrays
+        (bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise, has_above, above,
+         best, count, has_floor, floor) = state
+        progress = self.progress
+        if self.progressing and progress is not None:
+            progress.starts, progress.sums = starts[:bins].tolist(), sums[:bins].tolist()
+            progress.counts, progress.width = counts[:bins].tolist(), int(width)
+        self.val_interval.unpack(seen, last, gap)
+        self.val_recent = recent[:recent_n].tolist()
+        self.val_window = window[:window_n].tolist()
+        self.curv_near, self.curv_wide, self.val_noise = curv_near, curv_wide, noise
+        self.above_since = int(above) if has_above else None
+        self.best = best
+        if self.onset_at is not None and count:  # the suffix minima move only after onset
+            self.lows = [[s, v, n] for s, v, n in zip(
+                lows_step[:count].tolist(), lows_value[:count].tolist(), lows_next[:count].tolist(),
+                strict=True)]
+            self.lows[-1][2] = None
+            self.lows_floor = int(floor) if has_floor else None
 
     def _grokked(self, step: int, value: float, first_step: int, series: str) -> list[Event]:
         c = self.config

@@ -9,7 +9,7 @@ import numpy as np
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import StepHistory
-from detector.core.labeller.rules._common import Interval, Pending, _Plain
+from detector.core.labeller.rules._common import Interval, Quiet, _Plain
 from detector.core.labeller.timeline import Timeline
 from detector.core.series import working_scale
 from detector.core.types import Event, Phase, Role
@@ -34,12 +34,13 @@ class LossOnlyPhases(_Plain):
         self.history = StepHistory(config.history_bins)
         self.interval = Interval()
         self.first_mean = math.nan
-        self._pending = Pending()
 
     def update(self, step: int, loss: float, first_step: int, series: str,
                timeline: Timeline, disturbed_at: int | None = None) -> list[Event]:
         """``disturbed_at``: where the last loss excursion began; a look-back that
         holds it compares a setback with its recovery, so it decides nothing."""
+        if self._quiet is not None:
+            self.release()
         if not math.isfinite(loss):
             return []
         c = self.config
@@ -94,20 +95,24 @@ class LossOnlyPhases(_Plain):
         """
         if stop <= start:
             return 0
-        if commit and self._pending.take(steps, start, stop):
-            return stop - start
+        quiet = self._quiet if self._quiet is not None else self._make_quiet()
+        return quiet.run((steps, values, ys, present), start, stop, commit)
+
+    def _make_quiet(self) -> Quiet:
+        """The compiled loop's state (:class:`Quiet`): the newest bin's sum and count
+        (no quiet line opens a bin)."""
         history = self.history
         bins = len(history)
         bin_start, width = (history.starts[-1], history.width) if bins else (0, 0)
         bin_sum, bin_count = (float(history.sums[-1]), history.counts[-1]) if bins else (0.0, 0)
         seen, last, gap = self.interval.packed()
-        taken, bin_sum, bin_count, seen, last, gap = _k.loss_only_quiet(
-            steps, values, ys, present, start, stop, bins, bin_start, width, bin_sum, bin_count, seen, last,
-            gap)
+        quiet = Quiet(_k.loss_only_quiet, (), (bin_sum, bin_count, seen, last, gap), (bins, bin_start, width),
+                      self._unpack)
+        self._quiet = quiet
+        return quiet
 
-        def apply() -> None:
-            if bins:
-                history.sums[-1], history.counts[-1] = bin_sum, bin_count
-            self.interval.unpack(seen, last, gap)
-
-        return self._pending.settle(commit, steps, start, taken, apply)
+    def _unpack(self, arrays: tuple, state: tuple) -> None:
+        bin_sum, bin_count, seen, last, gap = state
+        if self.history.starts:
+            self.history.sums[-1], self.history.counts[-1] = bin_sum, bin_count
+        self.interval.unpack(seen, last, gap)
