@@ -9,6 +9,13 @@ a noisy power-law training loss (role ``loss``) with a spike and a level drop
 every 100 000 points, and stationary Gaussian noise (role ``other``). The
 per-point ``update`` path is timed on the first 10⁴ points for reference.
 
+A second cell times ``update_many`` per call on small blocks (8, 32, 64 and 256
+points, the sizes a server receives), in steady state: after a warm-up of
+``BLOCK_WARMUP`` points (the trigger's slow bank watching, the held window
+full), the next ``BLOCK_POINTS`` points in blocks of that size; it reports the
+mean µs per call (every block, alarms included) and the median (a block where
+nothing happens), best of ``--repeats``.
+
 A last cell analyses each labelled run of ``--runs`` (``../shared/runs`` by
 default: six real runs; ``../shared/real_runs`` has thirty more) in-process,
 as ``phasewatch analyze`` does (``read_log`` then ``analyze_columns``: every
@@ -108,6 +115,37 @@ def measure(spec: SeriesSpec, y: np.ndarray, batch: int, repeats: int = 3) -> di
     return {"points": len(y), "us_per_point": 1e6 * min(times) / len(y),
             "us_per_point_median": 1e6 * float(np.median(times)) / len(y), "repeats": repeats,
             "change_points": events, "state_bytes": state, "buffer_bytes": buffers}
+
+
+BLOCK_SIZES = (8, 32, 64, 256)
+BLOCK_WARMUP = 2_000  # points before timing: past bank_after and a full held window
+BLOCK_POINTS = 8_192  # points timed per block size
+
+
+def measure_blocks(spec: SeriesSpec, y: np.ndarray, block: int, repeats: int = 3) -> dict:
+    """µs per ``update_many`` call on blocks of ``block`` points after :data:`BLOCK_WARMUP`
+    points: the mean over every block (best of ``repeats``) and the median block (the
+    smallest median of the repeats), with the change points found while timing."""
+    steps = np.arange(len(y), dtype=np.int64)
+    means, medians = [], []
+    events = 0
+    for _ in range(max(1, repeats)):
+        det = SeriesDetector(spec)
+        det.update_many(steps[:BLOCK_WARMUP], y[:BLOCK_WARMUP])
+        calls = []
+        events = 0
+        clock = time.perf_counter
+        for lo in range(BLOCK_WARMUP, len(y) - block + 1, block):
+            s, v = steps[lo : lo + block], y[lo : lo + block]
+            start = clock()
+            found = det.update_many(s, v)
+            calls.append(clock() - start)
+            events += sum(e.kind is EventKind.CHANGE_POINT for e in found)
+        means.append(1e6 * sum(calls) / len(calls))
+        medians.append(1e6 * float(np.median(calls)))
+    return {"block": block, "calls": len(calls), "us_per_call": min(means),
+            "us_per_call_median": min(medians), "us_per_point": min(means) / block,
+            "change_points": events}
 
 
 def measure_update(spec: SeriesSpec, y: np.ndarray) -> float:
@@ -289,6 +327,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["update_us_per_point"][name] = measure_update(spec, make(10_000))
     print("update() one point at a time, first 10⁴ points: "
           + ", ".join(f"{k} {v:.1f} µs/point" for k, v in doc["update_us_per_point"].items()))
+    print(f"update_many per call on small blocks, steady state (after {BLOCK_WARMUP} points,"
+          f" {BLOCK_POINTS} points timed), best of {args.repeats}")
+    print(f"  {'signal':<14} {'block':>6} {'µs/call':>8} {'median':>8} {'µs/point':>9} {'#cp':>5}")
+    doc["blocks"] = {}
+    for name, spec, make in (("training_loss", LOSS, training_loss),
+                             ("noise", NOISE, lambda n: np.random.default_rng(1).normal(size=n))):
+        y = make(BLOCK_WARMUP + BLOCK_POINTS)
+        doc["blocks"][name] = []
+        for block in BLOCK_SIZES:
+            r = measure_blocks(spec, y, block, args.repeats)
+            doc["blocks"][name].append(r)
+            print(f"  {name:<14} {block:>6} {r['us_per_call']:>8.2f} {r['us_per_call_median']:>8.2f}"
+                  f" {r['us_per_point']:>9.3f} {r['change_points']:>5}")
     if args.runs.is_dir():
         doc["runs"] = print_runs(args.runs, measure_runs(args.runs, args.repeats))
     if args.json:

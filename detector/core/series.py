@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 
+from detector.core import _kernels as _k
 from detector.core._kernels import np_median
 from detector.core.localiser import WindowLocaliser
-from detector.core.trend import PlateauResult, PlateauTest, TrendResult, mann_kendall
+from detector.core.trend import PlateauResult, PlateauTest, TrendResult, _t_quantile, mann_kendall
 from detector.core.trigger import CusumTrigger
 from detector.core.types import Direction, Event, EventKind, Role, SeriesSpec, Split
 from detector.errors import InvalidArgument
@@ -196,6 +198,9 @@ class SeriesDetector:
         self.max_value: float = -math.inf
         self.in_plateau = False
         self._trend_read: tuple[int, TrendResult | None] = (-1, None)  # (n_finite, trend) of the last read
+        # The compiled block's constants (integers, floats, the trigger's line table,
+        # numpy's loops), or None where numpy's loops cannot be called (numpy's path).
+        self._consts = _fast_consts(self.trigger, self._plateau, c.window, spec.role in _LOG_ROLES)
 
     # --- update ---------------------------------------------------------------
 
@@ -213,6 +218,8 @@ class SeriesDetector:
             return []
         self.last_step = int(steps[-1])
         self.last_value = float(values[-1])
+        if self._consts is not None and self._pending_alarm is None and self.trigger.n >= self.trigger.warmup:
+            return self._fast_block(steps, values)
         finite = np.isfinite(values)
         self.n_nonfinite += int(len(values) - np.count_nonzero(finite))
         if not finite.all():
@@ -231,8 +238,44 @@ class SeriesDetector:
         ext_steps = np.concatenate([self._steps[self._size - prior : self._size], steps])
         n_before = self.n_finite
 
-        tagged = self._change_points(steps, y)
+        tagged = self._change_points(steps, y, n_before, 0)
         tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
+        tagged.sort(key=lambda item: (item[0], item[1]))
+        return [event for _, _, event in tagged]
+
+    def _fast_block(self, steps: np.ndarray, values: np.ndarray) -> list[Event]:
+        """The rest of :meth:`update_many` when no alarm is pending and the trigger is past
+        its warm-up (most blocks): one compiled call (:func:`_kernels.series_block`) does
+        the block up to the trigger's first alarm and finds the first plateau
+        transition; Python continues from the alarm (localisation) and makes the
+        plateau events only when there are some. The same operations as the numpy
+        path, so the same floats and events. O(points) plus O(window) per alarm."""
+        trigger = self.trigger
+        ci, cf, table, uf = cast("_FastConsts", self._consts)
+        (bad, good, low, high, alarm, trigger.n, size, total, transition, ext_steps, ext_values,
+         prior) = _k.series_block(
+            np.ascontiguousarray(steps), np.ascontiguousarray(values), trigger.n, trigger._f, trigger._sums,
+            trigger.gate, table, ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps,
+            self._values, self._size, self.n_finite, self.in_plateau)
+        if bad:
+            self.n_nonfinite += bad
+            if not good:
+                return []
+        if low == 0.0 or high == 0.0:  # a tie of +0 and −0 may be taken either way: numpy's
+            finite = values[np.isfinite(values)]
+            low, high = float(finite.min()), float(finite.max())
+        self.min_value = min(self.min_value, low)
+        self.max_value = max(self.max_value, high)
+        n_before = self.n_finite
+        self._size, self.n_finite = size, total
+        if alarm < 0 and transition < 0:
+            return []
+        tagged: list[tuple[int, int, Event]] = []
+        if alarm >= 0:
+            self._alarmed()
+            tagged = self._change_points(ext_steps[prior:], ext_values[prior:], n_before, alarm + 1)
+        if transition >= 0:
+            tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [event for _, _, event in tagged]
 
@@ -266,17 +309,18 @@ class SeriesDetector:
 
     # --- change points -----------------------------------------------------------
 
-    def _change_points(self, steps: np.ndarray, y: np.ndarray) -> list[tuple[int, int, Event]]:
+    def _change_points(self, steps: np.ndarray, y: np.ndarray, base: int,
+                       i: int) -> list[tuple[int, int, Event]]:
         """Scan with the trigger; after an alarm, localise on each point of the episode.
 
+        ``y[:i]`` are taken already (``base``: the finite count before the block).
         During an episode the trigger absorbs the rest of the block at once
         (``ahead``: its state before, and where that was); if the episode ends
         without a confirmed break, the trigger is restored and advanced to the
         episode's last point, so the result is that of point-by-point updates.
         """
         tagged: list[tuple[int, int, Event]] = []
-        base = self.n_finite
-        i, m = 0, len(y)
+        m = len(y)
         ahead: tuple[dict, int] | None = None
         flags = np.zeros(0, dtype=bool)
         while True:
@@ -327,16 +371,36 @@ class SeriesDetector:
                 self._append(steps[i:j], y[i:j])
                 self._pending_alarm -= j - i
             else:
-                hit = self.trigger.scan(y[i:])
+                hit = self._scan_append(steps, y, i)
                 j = m if hit is None else i + hit + 1
-                self._append(steps[i:j], y[i:j])
                 if hit is not None:
-                    self._last_evidence = 0.0
-                    self._alarm_statistic = self.trigger.statistic
-                    self._pending_alarm = self.config.lag
-                    self._rechecks = self.config.recheck
-                    self._alarm_noise = None
+                    self._alarmed()
             i = j
+
+    def _alarmed(self) -> None:
+        """Start an alarm's episode (the trigger has just alarmed)."""
+        self._last_evidence = 0.0
+        self._alarm_statistic = self.trigger.statistic
+        self._pending_alarm = self.config.lag
+        self._rechecks = self.config.recheck
+        self._alarm_noise = None
+
+    def _scan_append(self, steps: np.ndarray, y: np.ndarray, i: int) -> int | None:
+        """Scan ``y[i:]`` with the trigger up to its first alarm and append what it took;
+        return the alarm's index relative to ``i``, or None. Compiled in one call
+        (:func:`_kernels.scan_append`) past the trigger's warm-up. O(points taken)."""
+        trigger = self.trigger
+        if self._consts is None or trigger.n < trigger.warmup:
+            hit = trigger.scan(y[i:])
+            j = len(y) if hit is None else i + hit + 1
+            self._append(steps[i:j], y[i:j])
+            return hit
+        ci, cf, table, uf = self._consts
+        alarm, trigger.n, self._size, self.n_finite = _k.scan_append(
+            steps, y, i, trigger.n, trigger._f, trigger._sums, trigger.gate, table, ci, cf,
+            trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps, self._values, self._size,
+            self.n_finite)
+        return None if alarm < 0 else int(alarm)
 
     def _append(self, steps: np.ndarray, y: np.ndarray) -> None:
         """Append like one point at a time with a half-window shift when full (amortised O(1))."""
@@ -543,6 +607,30 @@ def _from_version_1(state: dict) -> dict:
     for name in SeriesDetector._READOUTS:
         out[name] = scalars[name]
     return out
+
+
+_FastConsts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_FAST_CONSTS: dict[tuple, _FastConsts] = {}  # per settings: a handful per process
+
+
+def _fast_consts(trigger: CusumTrigger, plateau: PlateauTest, window: int,
+                 log_role: bool) -> _FastConsts | None:
+    """The constants of :func:`_kernels.series_block` and :func:`_kernels.scan_append` for
+    these settings (entries ``CI_*``, ``CF_*``; shared, never written), or None where
+    numpy's loops cannot be called from compiled code (:func:`_kernels.numpy_loops`)."""
+    uf = _k.numpy_loops()
+    if uf is None:
+        return None
+    key = (*(getattr(trigger, k) for k in _trigger_settings(trigger)), plateau, window, log_role)
+    consts = _FAST_CONSTS.get(key)
+    if consts is None:
+        ci = np.array([trigger._bank_after, trigger._kq, trigger._hq, window, plateau.patience,
+                       plateau.threshold_mode == "rel", log_role], dtype=np.int64)
+        q = _t_quantile(0.5 + plateau.confidence / 2, max(plateau.patience - 2, 1))
+        cf = np.r_[trigger._lam, q, plateau.min_delta, trigger._holt, trigger._consts].astype(float)
+        table = np.ascontiguousarray(np.vstack(trigger._table))
+        consts = _FAST_CONSTS[key] = (ci, cf, table, uf)
+    return consts
 
 
 def _median(values: np.ndarray) -> float:
