@@ -20,7 +20,9 @@ A last cell analyses each labelled run of ``--runs`` (``../shared/runs`` by
 default: six real runs; ``../shared/real_runs`` has thirty more) in-process,
 as ``phasewatch analyze`` does (``read_log`` then ``analyze_columns``: every
 series, the labeller, the end of the run), and reports µs per point, in all
-and by stage: reading the file, the trigger's scans, the localiser, the
+and by stage: reading the file, the series detectors' compiled block (a block
+with no alarm pending: the trigger's scan up to an alarm, the append, the
+plateau windows), the trigger's other scans, the localiser, the
 labeller, plateau tests (the trend is computed when read), the end of the run, and the rest
 (engine, batching, timeline), with localisations per 1 000 points (calls of
 ``WindowLocaliser.look``). The stages are measured by wrapping
@@ -173,6 +175,7 @@ class StageTimer:
         from detector.core.series import SeriesDetector
 
         self.targets = [
+            (SeriesDetector, "_block", "block"), (SeriesDetector, "_scan_append", "trigger"),
             (CusumTrigger, "scan", "trigger"), (CusumTrigger, "absorb", "trigger"),
             (SeriesDetector, "_localise", "localiser"),
             (PhaseLabeller, "update_block", "labeller"), (PhaseLabeller, "update", "labeller"),
@@ -202,7 +205,9 @@ class StageTimer:
 
     def __enter__(self) -> StageTimer:
         for cls, name, stage in self.targets:
-            original = cls.__dict__[name]
+            original = cls.__dict__.get(name)
+            if original is None:  # an older core without this method (a baseline's)
+                continue
             self._originals.append((cls, name, original))
             setattr(cls, name, self._wrap(original, stage))
         original_locate, timer = WindowLocaliser.look, self
@@ -221,7 +226,7 @@ class StageTimer:
         self._originals.clear()
 
 
-RUN_STAGES = ("read", "trigger", "localiser", "labeller", "plateaus_trend", "end_of_run", "other")
+RUN_STAGES = ("read", "block", "trigger", "localiser", "labeller", "plateaus_trend", "end_of_run", "other")
 
 
 def measure_runs(folder: Path, repeats: int = 3) -> list[dict]:

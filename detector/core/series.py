@@ -250,13 +250,8 @@ class SeriesDetector:
         transition; Python continues from the alarm (localisation) and makes the
         plateau events only when there are some. The same operations as the numpy
         path, so the same floats and events. O(points) plus O(window) per alarm."""
-        trigger = self.trigger
-        ci, cf, table, uf = cast("_FastConsts", self._consts)
-        (bad, good, low, high, alarm, trigger.n, size, total, transition, ext_steps, ext_values,
-         prior) = _k.series_block(
-            np.ascontiguousarray(steps), np.ascontiguousarray(values), trigger.n, trigger._f, trigger._sums,
-            trigger.gate, table, ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps,
-            self._values, self._size, self.n_finite, self.in_plateau)
+        (bad, good, low, high, alarm, self.trigger.n, size, total, transition, ext_steps, ext_values,
+         prior) = self._block(steps, values)
         if bad:
             self.n_nonfinite += bad
             if not good:
@@ -376,6 +371,16 @@ class SeriesDetector:
                 if hit is not None:
                     self._alarmed()
             i = j
+
+    def _block(self, steps: np.ndarray, values: np.ndarray) -> tuple:
+        """:func:`_kernels.series_block` on this detector's state (a method of its own:
+        benchmarks.cost times it as a stage)."""
+        trigger = self.trigger
+        ci, cf, table, uf = cast("_FastConsts", self._consts)
+        return _k.series_block(
+            np.ascontiguousarray(steps), np.ascontiguousarray(values), trigger.n, trigger._f, trigger._sums,
+            trigger.gate, table, ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps,
+            self._values, self._size, self.n_finite, self.in_plateau)
 
     def _alarmed(self) -> None:
         """Start an alarm's episode (the trigger has just alarmed)."""
