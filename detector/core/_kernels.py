@@ -928,6 +928,30 @@ def trigger_scan(y, lo, hi, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, u
 
 
 @_jit
+def trigger_absorb(y, lo, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf):  # pragma: no cover
+    """:meth:`CusumTrigger.absorb` of ``y[lo:]`` for a trigger past its warm-up: one
+    ``_scan_block`` without stopping (the same kernels, numpy's own log and exp).
+    Returns (per value of ``y``, whether any CUSUM was above its threshold after it,
+    False before ``lo``; ``n`` after). O(len(y))."""
+    m = len(y) - lo
+    flags = np.zeros(len(y), dtype=np.bool_)
+    if m <= 0:
+        return flags, n
+    holt = cf[CF_HOLT : CF_HOLT + 5]
+    c = cf[CF_C : CF_C + 8]
+    lin = trigger_linear_state(y[lo:], n, holt, cf[CF_LAM], f, table[0], table[1], table[2])
+    logs = np.empty((3, m))
+    numpy_ufunc(uf, UF_LOG, lin, logs, 3 * m)
+    sc = trigger_scales_state(logs, c, f)
+    scales = np.empty((2, m))
+    numpy_ufunc(uf, UF_EXP, sc, scales, 2 * m)
+    _, hits = trigger_cusums_state(lin, sc, scales, n, gate, c, ci[CI_BANK_AFTER], f, sums, ci[CI_KQ],
+                                   bank_kq, ci[CI_HQ], bank_hq, False)
+    flags[lo:] = hits
+    return flags, n + m
+
+
+@_jit
 def held_append(held_steps, held_values, size, total, steps, y, lo, hi, window):  # pragma: no cover
     """:meth:`SeriesDetector._append` of ``steps[lo:hi]``, ``y[lo:hi]`` to a held window
     of ``size`` points out of ``total`` finite ones: a half-window shift when full.
@@ -988,17 +1012,19 @@ def plateau_transition(ext, patience, q, min_delta, relative, in_plateau):  # pr
 
 @_jit
 def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf, held_steps,
-                 held_values, size, total, in_plateau):  # pragma: no cover - compiled
-    """:meth:`SeriesDetector.update_many`'s work on a block, for a detector with no
-    alarm pending and its trigger past its warm-up, up to where Python is needed.
+                 held_values, size, total, in_plateau, scan):  # pragma: no cover - compiled
+    """:meth:`SeriesDetector.update_many`'s work on a block up to where Python is needed.
 
     Returns (non-finite count, finite count, their min and max, the alarm's index
     in the finite points or −1, the trigger's ``n``, the held size, the finite
     count after the points consumed, the first plateau transition's window or −1,
     the extended steps and working-scale values: the last ``prior`` held points
-    before the block, then the block's finite points, and ``prior``). The trigger,
-    the held window and the state arrays are advanced in place up to the alarm
-    (the whole block without one). O(points + patience × points)."""
+    before the block, then the block's finite points, and ``prior``). With
+    ``scan`` (no alarm pending, the trigger past its warm-up) the trigger, the held
+    window and the state arrays are advanced in place up to the alarm (the whole
+    block without one); without, nothing is advanced and the alarm's index is −2
+    (Python takes the block's change points from its first point).
+    O(points + patience × points)."""
     m = len(values)
     good = 0
     for i in range(m):
@@ -1037,6 +1063,8 @@ def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_h
             y[i] = math.copysign(logs[i], y[i])
     transition = plateau_transition(ext, ci[CI_PATIENCE], cf[CF_Q], cf[CF_MIN_DELTA], ci[CI_RELATIVE] != 0,
                                     in_plateau)
+    if not scan:
+        return m - good, good, low, high, -2, n, size, total, transition, ext_steps, ext, prior
     alarm, n, size, total = scan_append(ext_steps[prior:], y, 0, n, f, sums, gate, table, ci, cf, bank_kq,
                                         bank_hq, uf, held_steps, held_values, size, total)
     return m - good, good, low, high, alarm, n, size, total, transition, ext_steps, ext, prior

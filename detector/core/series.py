@@ -218,7 +218,7 @@ class SeriesDetector:
             return []
         self.last_step = int(steps[-1])
         self.last_value = float(values[-1])
-        if self._consts is not None and self._pending_alarm is None and self.trigger.n >= self.trigger.warmup:
+        if self._consts is not None:
             return self._fast_block(steps, values)
         finite = np.isfinite(values)
         self.n_nonfinite += int(len(values) - np.count_nonzero(finite))
@@ -244,14 +244,16 @@ class SeriesDetector:
         return [event for _, _, event in tagged]
 
     def _fast_block(self, steps: np.ndarray, values: np.ndarray) -> list[Event]:
-        """The rest of :meth:`update_many` when no alarm is pending and the trigger is past
-        its warm-up (most blocks): one compiled call (:func:`_kernels.series_block`) does
-        the block up to the trigger's first alarm and finds the first plateau
-        transition; Python continues from the alarm (localisation) and makes the
-        plateau events only when there are some. The same operations as the numpy
-        path, so the same floats and events. O(points) plus O(window) per alarm."""
+        """The rest of :meth:`update_many`, compiled: one call (:func:`_kernels.series_block`)
+        filters, scales and finds the first plateau transition, and, when no alarm is
+        pending and the trigger is past its warm-up (most blocks), scans and appends
+        up to the trigger's first alarm; Python continues from the alarm (or the
+        block's start) and makes the plateau events only when there are some. The
+        same operations as the numpy path, so the same floats and events.
+        O(points) plus O(window) per alarm."""
+        scan = self._pending_alarm is None and self.trigger.n >= self.trigger.warmup
         (bad, good, low, high, alarm, self.trigger.n, size, total, transition, ext_steps, ext_values,
-         prior) = self._block(steps, values)
+         prior) = self._block(steps, values, scan)
         if bad:
             self.n_nonfinite += bad
             if not good:
@@ -259,16 +261,19 @@ class SeriesDetector:
         if low == 0.0 or high == 0.0:  # a tie of +0 and −0 may be taken either way: numpy's
             finite = values[np.isfinite(values)]
             low, high = float(finite.min()), float(finite.max())
+        n_before = self.n_finite
+        if n_before == 0:
+            self.first_value = float(values[np.isfinite(values)][0])
         self.min_value = min(self.min_value, low)
         self.max_value = max(self.max_value, high)
-        n_before = self.n_finite
         self._size, self.n_finite = size, total
-        if alarm < 0 and transition < 0:
+        if alarm == -1 and transition < 0:
             return []
         tagged: list[tuple[int, int, Event]] = []
-        if alarm >= 0:
-            self._alarmed()
-            tagged = self._change_points(ext_steps[prior:], ext_values[prior:], n_before, alarm + 1)
+        if alarm != -1:
+            if alarm >= 0:
+                self._alarmed()
+            tagged = self._change_points(ext_steps[prior:], ext_values[prior:], n_before, max(alarm + 1, 0))
         if transition >= 0:
             tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
         tagged.sort(key=lambda item: (item[0], item[1]))
@@ -323,7 +328,7 @@ class SeriesDetector:
                 if ahead is not None and i - ahead[1] > len(flags):
                     # The episode outlasted the points absorbed ahead: absorb the next ones.
                     done = ahead[1] + len(flags)
-                    flags = np.concatenate([flags, self.trigger.absorb(y[done : max(i, done + self._ahead)])])
+                    flags = np.concatenate([flags, self._absorb(y[done : max(i, done + self._ahead)])])
                 alarmed = self.trigger.alarmed if ahead is None else bool(flags[i - 1 - ahead[1]])
                 found = self._localise(int(steps[i - 1]))
                 tagged += [(base + i - 1, _CP, e) for e in found]
@@ -345,7 +350,7 @@ class SeriesDetector:
                 elif weak or (self._rechecks <= 0 and not alarmed):
                     if ahead is not None:
                         self.trigger.restore(ahead[0])
-                        self.trigger.absorb(y[ahead[1] : i])
+                        self._absorb(y[ahead[1] : i])
                         ahead = None
                     self.trigger.clear()
                     self._pending_alarm = None
@@ -361,7 +366,7 @@ class SeriesDetector:
                     ahead = (self.trigger.snapshot(), i)
                     # Only as far as an episode usually lasts: absorbing the whole rest of
                     # the block at every alarm made a block cost O(length × alarms).
-                    flags = self.trigger.absorb(y[i : i + self._ahead])
+                    flags = self._absorb(y[i : i + self._ahead])
                 j = min(m, i + self._pending_alarm)
                 self._append(steps[i:j], y[i:j])
                 self._pending_alarm -= j - i
@@ -372,7 +377,7 @@ class SeriesDetector:
                     self._alarmed()
             i = j
 
-    def _block(self, steps: np.ndarray, values: np.ndarray) -> tuple:
+    def _block(self, steps: np.ndarray, values: np.ndarray, scan: bool) -> tuple:
         """:func:`_kernels.series_block` on this detector's state (a method of its own:
         benchmarks.cost times it as a stage)."""
         trigger = self.trigger
@@ -380,7 +385,7 @@ class SeriesDetector:
         return _k.series_block(
             np.ascontiguousarray(steps), np.ascontiguousarray(values), trigger.n, trigger._f, trigger._sums,
             trigger.gate, table, ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps,
-            self._values, self._size, self.n_finite, self.in_plateau)
+            self._values, self._size, self.n_finite, self.in_plateau, scan)
 
     def _alarmed(self) -> None:
         """Start an alarm's episode (the trigger has just alarmed)."""
@@ -407,10 +412,29 @@ class SeriesDetector:
             self.n_finite)
         return None if alarm < 0 else int(alarm)
 
+    def _absorb(self, y: np.ndarray) -> np.ndarray:
+        """:meth:`CusumTrigger.absorb`, past the warm-up in one compiled call
+        (:func:`_kernels.trigger_absorb`). O(len(y))."""
+        trigger = self.trigger
+        if self._consts is None:
+            return trigger.absorb(y)
+        y = np.ascontiguousarray(y, dtype=float)
+        i = trigger._warm_up(y) if trigger.n < trigger.warmup else 0  # the sums stay zero during warm-up
+        if i == len(y):
+            return np.zeros(len(y), dtype=bool)
+        ci, cf, table, uf = self._consts
+        flags, trigger.n = _k.trigger_absorb(y, i, trigger.n, trigger._f, trigger._sums, trigger.gate, table,
+                                             ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf)
+        return flags
+
     def _append(self, steps: np.ndarray, y: np.ndarray) -> None:
         """Append like one point at a time with a half-window shift when full (amortised O(1))."""
         k = len(y)
         if k == 0:
+            return
+        if self._consts is not None:  # compiled: the same copies
+            self._size, self.n_finite = _k.held_append(self._steps, self._values, self._size, self.n_finite,
+                                                       steps, y, 0, k, self.config.window)
             return
         w = self.config.window
         total = self.n_finite + k
@@ -471,7 +495,7 @@ class SeriesDetector:
         self._segment_start = oldest + index
         # Re-warm the trigger on the new segment so it forecasts from the new regime.
         self.trigger.reset()
-        self.trigger.absorb(self._values[index : self._size])
+        self._absorb(self._values[index : self._size])
         self.trigger.clear()
         return events
 
