@@ -450,3 +450,30 @@ def test_compiled_block_is_the_numpy_path() -> None:
         assert same(compiled, reference), role
         found += len(compiled[0])
     assert found > 10
+
+
+def test_trigger_readout_is_the_python_statistic_and_alarm() -> None:
+    """CusumTrigger.statistic and .alarmed, compiled (trigger_readout), are the Python
+    formulas on the sums: int / int, the first largest ratio, any sum above its
+    threshold; Python's division beyond 2**53."""
+    rng = np.random.default_rng(19)
+    trigger = CusumTrigger()
+    nk = len(trigger.bank_drifts)
+
+    def python(sums: list[int]) -> tuple[float, bool]:
+        pos, neg, *bank = sums
+        ratios = [max(pos, neg) / trigger._hq]
+        ratios += [max(p, n) / h for p, n, h in zip(bank[:nk], bank[nk:], trigger._bank_hq_list, strict=True)]
+        alarmed = (pos > trigger._hq or neg > trigger._hq
+                   or any(p > h or n > h for p, n, h in zip(bank[:nk], bank[nk:], trigger._bank_hq_list,
+                                                             strict=True)))
+        return max(ratios) * trigger.threshold, alarmed
+
+    for case in range(3000):
+        top = [1 << 20, 1 << 40, (1 << 53) + 5, (1 << 62)][case % 4]
+        sums = rng.integers(0, top, size=2 + 2 * nk)
+        if case % 7 == 0:
+            sums[rng.integers(0, len(sums))] = trigger._hq + int(rng.integers(-1, 2))
+        trigger._sums[:] = sums
+        statistic, alarmed = python(sums.tolist())
+        assert trigger.statistic == statistic and trigger.alarmed is alarmed

@@ -246,6 +246,37 @@ def trigger_cusums(lin, sc, scales, n, gate, gate_shift, bias_rate, bias_a1, bia
     return alarm, flags, new_gate, state
 
 
+@_jit
+def trigger_readout(sums, hq, bank_hq):  # pragma: no cover - compiled
+    """:attr:`CusumTrigger.statistic` (before the product with the threshold: the largest
+    sum over its threshold, the first of equals) and :attr:`CusumTrigger.alarmed` from
+    the sums (fast +, fast −, bank + per drift, bank − per drift). Each division is of
+    two integers below 2**53 converted to floats, which is Python's int / int on them;
+    ``ok`` is False (and nothing computed) for larger ones: Python then divides. O(k)."""
+    nk = len(bank_hq)
+    limit = np.int64(1) << 53
+    if hq >= limit:
+        return False, 0.0, False
+    for j in range(len(sums)):
+        if sums[j] >= limit:
+            return False, 0.0, False
+    for j in range(nk):
+        if bank_hq[j] >= limit:
+            return False, 0.0, False
+    top = sums[0] if sums[0] >= sums[1] else sums[1]
+    best = float(top) / float(hq)
+    alarmed = sums[0] > hq or sums[1] > hq
+    for j in range(nk):
+        p, n = sums[2 + j], sums[2 + nk + j]
+        top = p if p >= n else n
+        ratio = float(top) / float(bank_hq[j])
+        if ratio > best:
+            best = ratio
+        if p > bank_hq[j] or n > bank_hq[j]:
+            alarmed = True
+    return True, best, alarmed
+
+
 # The trigger's state as the kernels below keep it: one float array (entries ST_*,
 # the same layout as trigger_cusums' state), the CUSUM sums (int64: fast +, fast −,
 # bank + per drift, bank − per drift) and the gate inputs, all updated in place, so a

@@ -210,8 +210,8 @@ class SeriesDetector:
 
     def update_many(self, steps: np.ndarray, values: np.ndarray) -> list[Event]:
         """Take a block of points in step order; equal to :meth:`update` on each in turn."""
-        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
-        values = np.asarray(values, dtype=float).reshape(-1)
+        steps = np.ascontiguousarray(steps, dtype=np.int64).reshape(-1)  # contiguous: one kernel type
+        values = np.ascontiguousarray(values, dtype=float).reshape(-1)
         if len(steps) != len(values):
             raise InvalidArgument("steps and values must have the same length")
         if len(values) == 0:
@@ -383,7 +383,7 @@ class SeriesDetector:
         trigger = self.trigger
         ci, cf, table, uf = cast("_FastConsts", self._consts)
         return _k.series_block(
-            np.ascontiguousarray(steps), np.ascontiguousarray(values), trigger.n, trigger._f, trigger._sums,
+            steps, values, trigger.n, trigger._f, trigger._sums,
             trigger.gate, table, ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps,
             self._values, self._size, self.n_finite, self.in_plateau, scan)
 
