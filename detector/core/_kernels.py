@@ -11,11 +11,14 @@ kernels run the same recurrences and formulas as one sequential loop each:
 * every reduction that numpy does pairwise (``sum``, ``mean``, ``std``) uses
   numpy's pairwise summation (blocks of 128, eight accumulators), so it is the
   same float as numpy's; medians sort and take the middle as ``np.median`` does;
-* ``log`` and ``exp`` are NOT computed here: numpy's SIMD ``log``/``exp`` and
-  libm's differ in the last bit on about one value in ten thousand (exp: one in
-  twenty), and a CUSUM on a fixed-point grid could then round differently. The
-  trigger's kernels stop where a logarithm or exponential is due and numpy
-  takes the whole block in one call;
+* ``log``, ``exp`` and ``log10`` are never numba's (libm's): numpy's SIMD
+  ``log``/``exp`` and libm's differ in the last bit on about one value in ten
+  thousand (exp: one in twenty), and a CUSUM on a fixed-point grid could then
+  round differently. The trigger's kernels stop where a logarithm or
+  exponential is due and numpy takes the whole block in one call; the
+  series detector's block kernels (the last section) call numpy's own float64
+  inner loops of those ufuncs instead, through their addresses
+  (:func:`numpy_loops`, checked against the ufuncs at first use);
 * no fast-math: LLVM does not contract ``a * b + c`` into a fused multiply-add
   without it, so products and sums round as numpy's do.
 
@@ -28,10 +31,11 @@ threads can run kernels of different runs at once.
 
 Equality with the numpy code is checked by tests/test_kernels.py.
 
-One module of about 650 lines on purpose: the kernels call each other
-(``window_search`` runs ``cost_sums``, ``best_split`` and ``best_shift``), numba
-caches per module file, and every function here is the compiled twin of a
-numpy one documented where it is used.
+One module of about 1 100 lines on purpose: the kernels call each other
+(``window_search`` runs ``cost_sums``, ``best_split`` and ``best_shift``;
+``series_block`` runs the trigger's, the plateau test's and the append's),
+numba caches per module file, and every function here is the compiled twin of
+a numpy one documented where it is used.
 """
 
 from __future__ import annotations

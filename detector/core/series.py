@@ -8,7 +8,8 @@ series' role (log scale for losses, norms and ranks, whose changes are
 multiplicative) and feed:
 
 * :class:`~detector.core.trigger.CusumTrigger` on every point, O(1)
-  amortised, scanned over whole blocks in numpy;
+  amortised, scanned over whole blocks in one compiled call with the rest of
+  the block's work (:func:`~detector.core._kernels.series_block`);
 * :class:`~detector.core.localiser.WindowLocaliser` on the current segment
   (at most ``window`` points) ``lag`` points after an alarm, and again on the
   next points while nothing is confirmed (at most ``recheck_limit``), O(window)
@@ -20,7 +21,7 @@ multiplicative) and feed:
 
 Memory per series is O(``window``), independent of run length.
 
-About 530 lines, one class: change points, plateaus and the trend read the
+About 680 lines, one class: change points, plateaus and the trend read the
 same block and the same held window in one pass, and the state's format and
 its one converter sit beside the fields they save.
 """
@@ -156,9 +157,12 @@ class SeriesDetector:
     """Change points, plateaus and trends of one series, in blocks of points.
 
     ``update_many`` takes a block: non-finite values are counted and dropped
-    first; the trigger scans the block in numpy and Python runs only at alarms
-    (localisation) and at plateau transitions; the plateau test is evaluated on
-    every sliding window of the block at once; the trend test once per block.
+    first; the trigger scans the block, the block is appended to the held
+    window and the plateau test is evaluated on every sliding window of the
+    block, all in one compiled call, and Python runs only at alarms
+    (localisation) and at plateau transitions; the trend is computed when read.
+    (Where numpy's loops cannot be called from compiled code, the same steps run
+    in numpy, with the same results.)
     ``update`` is the one-point form and gives the same events and state.
     Cost: O(1) amortised per point plus O(window) per alarm; memory O(window),
     independent of run length.
