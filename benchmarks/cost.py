@@ -9,11 +9,20 @@ a noisy power-law training loss (role ``loss``) with a spike and a level drop
 every 100 000 points, and stationary Gaussian noise (role ``other``). The
 per-point ``update`` path is timed on the first 10⁴ points for reference.
 
+A second cell times ``update_many`` per call on small blocks (8, 32, 64 and 256
+points, the sizes a server receives), in steady state: after a warm-up of
+``BLOCK_WARMUP`` points (the trigger's slow bank watching, the held window
+full), the next ``BLOCK_POINTS`` points in blocks of that size; it reports the
+mean µs per call (every block, alarms included) and the median (a block where
+nothing happens), best of ``--repeats``.
+
 A last cell analyses each labelled run of ``--runs`` (``../shared/runs`` by
 default: six real runs; ``../shared/real_runs`` has thirty more) in-process,
 as ``phasewatch analyze`` does (``read_log`` then ``analyze_columns``: every
 series, the labeller, the end of the run), and reports µs per point, in all
-and by stage: reading the file, the trigger's scans, the localiser, the
+and by stage: reading the file, the series detectors' compiled block (a block
+with no alarm pending: the trigger's scan up to an alarm, the append, the
+plateau windows), the trigger's other scans, the localiser, the
 labeller, plateau tests (the trend is computed when read), the end of the run, and the rest
 (engine, batching, timeline), with localisations per 1 000 points (calls of
 ``WindowLocaliser.look``). The stages are measured by wrapping
@@ -116,6 +125,37 @@ def measure(spec: SeriesSpec, y: np.ndarray, batch: int, repeats: int = 3) -> di
             "change_points": events, "state_bytes": state, "buffer_bytes": buffers}
 
 
+BLOCK_SIZES = (8, 32, 64, 256)
+BLOCK_WARMUP = 2_000  # points before timing: past bank_after and a full held window
+BLOCK_POINTS = 8_192  # points timed per block size
+
+
+def measure_blocks(spec: SeriesSpec, y: np.ndarray, block: int, repeats: int = 3) -> dict:
+    """µs per ``update_many`` call on blocks of ``block`` points after :data:`BLOCK_WARMUP`
+    points: the mean over every block (best of ``repeats``) and the median block (the
+    smallest median of the repeats), with the change points found while timing."""
+    steps = np.arange(len(y), dtype=np.int64)
+    means, medians = [], []
+    events = 0
+    for _ in range(max(1, repeats)):
+        det = SeriesDetector(spec)
+        det.update_many(steps[:BLOCK_WARMUP], y[:BLOCK_WARMUP])
+        calls = []
+        events = 0
+        clock = time.perf_counter
+        for lo in range(BLOCK_WARMUP, len(y) - block + 1, block):
+            s, v = steps[lo : lo + block], y[lo : lo + block]
+            start = clock()
+            found = det.update_many(s, v)
+            calls.append(clock() - start)
+            events += sum(e.kind is EventKind.CHANGE_POINT for e in found)
+        means.append(1e6 * sum(calls) / len(calls))
+        medians.append(1e6 * float(np.median(calls)))
+    return {"block": block, "calls": len(calls), "us_per_call": min(means),
+            "us_per_call_median": min(medians), "us_per_point": min(means) / block,
+            "change_points": events}
+
+
 def measure_update(spec: SeriesSpec, y: np.ndarray) -> float:
     det = SeriesDetector(spec)
     start = time.perf_counter()
@@ -141,6 +181,7 @@ class StageTimer:
         from detector.core.series import SeriesDetector
 
         self.targets = [
+            (SeriesDetector, "_block", "block"), (SeriesDetector, "_scan_append", "trigger"),
             (CusumTrigger, "scan", "trigger"), (CusumTrigger, "absorb", "trigger"),
             (SeriesDetector, "_localise", "localiser"),
             (PhaseLabeller, "update_block", "labeller"), (PhaseLabeller, "update", "labeller"),
@@ -170,7 +211,9 @@ class StageTimer:
 
     def __enter__(self) -> StageTimer:
         for cls, name, stage in self.targets:
-            original = cls.__dict__[name]
+            original = cls.__dict__.get(name)
+            if original is None:  # an older core without this method (a baseline's)
+                continue
             self._originals.append((cls, name, original))
             setattr(cls, name, self._wrap(original, stage))
         original_locate, timer = WindowLocaliser.look, self
@@ -189,7 +232,7 @@ class StageTimer:
         self._originals.clear()
 
 
-RUN_STAGES = ("read", "trigger", "localiser", "labeller", "plateaus_trend", "end_of_run", "other")
+RUN_STAGES = ("read", "block", "trigger", "localiser", "labeller", "plateaus_trend", "end_of_run", "other")
 
 
 def measure_runs(folder: Path, repeats: int = 3) -> list[dict]:
@@ -297,6 +340,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["update_us_per_point"][name] = measure_update(spec, make(10_000))
     print("update() one point at a time, first 10⁴ points: "
           + ", ".join(f"{k} {v:.1f} µs/point" for k, v in doc["update_us_per_point"].items()))
+    print(f"update_many per call on small blocks, steady state (after {BLOCK_WARMUP} points,"
+          f" {BLOCK_POINTS} points timed), best of {args.repeats}")
+    print(f"  {'signal':<14} {'block':>6} {'µs/call':>8} {'median':>8} {'µs/point':>9} {'#cp':>5}")
+    doc["blocks"] = {}
+    for name, spec, make in (("training_loss", LOSS, training_loss),
+                             ("noise", NOISE, lambda n: np.random.default_rng(1).normal(size=n))):
+        y = make(BLOCK_WARMUP + BLOCK_POINTS)
+        doc["blocks"][name] = []
+        for block in BLOCK_SIZES:
+            r = measure_blocks(spec, y, block, args.repeats)
+            doc["blocks"][name].append(r)
+            print(f"  {name:<14} {block:>6} {r['us_per_call']:>8.2f} {r['us_per_call_median']:>8.2f}"
+                  f" {r['us_per_point']:>9.3f} {r['change_points']:>5}")
     if args.runs.is_dir():
         doc["runs"] = print_runs(args.runs, measure_runs(args.runs, args.repeats))
     if not args.no_labeller:

@@ -349,3 +349,131 @@ def test_trigger_snapshot_is_not_changed_by_later_points() -> None:
     assert np.array_equal(trigger.absorb(later), flags) and trigger.state() == after
     trigger.restore(saved)
     assert trigger.state() == before
+
+
+def test_numpy_loops_are_numpys_log_exp_and_log10() -> None:
+    """The kernels call numpy's own float64 loops (read from the ufunc objects): the same
+    floats as the ufuncs, bit for bit, on every length (SIMD bodies and tails) and
+    every value class, including where libm's may differ in the last bit."""
+    loops = k.numpy_loops()
+    assert loops is not None  # CPython on 64 bits: the compiled block is taken
+    rng = np.random.default_rng(16)
+    with np.errstate(all="ignore"):
+        for m in [*range(0, 40), 63, 64, 65, 127, 128, 129, 1000, 4099]:
+            positive = np.exp(rng.uniform(-700, 700, m))
+            positive[rng.random(m) < 0.05] = 1.0 + 10.0 ** rng.uniform(-17, 0)
+            anything = rng.normal(0, 30, m)
+            for which, ufunc, x in ((k.UF_LOG, np.log, positive), (k.UF_EXP, np.exp, anything),
+                                    (k.UF_LOG10, np.log10, positive), (k.UF_LOG, np.log, anything)):
+                got = np.full(m + 1, 7.0)  # one past the end: must stay
+                k.numpy_ufunc(loops, which, x, got, m)
+                assert np.array_equal(got[:m].view(np.int64), ufunc(x).view(np.int64)) and got[m] == 7.0
+
+
+def test_compiled_trigger_scan_and_absorb_are_the_triggers() -> None:
+    """trigger_scan and trigger_absorb (numpy's loops inside) leave the state and give
+    the alarms and flags of CusumTrigger.scan and .absorb, past the warm-up."""
+    from detector.core.series import SeriesConfig, SeriesDetector
+    from detector.core.types import Direction, Role, SeriesSpec, Split
+
+    det = SeriesDetector(SeriesSpec("v", Role.OTHER, Split.TRAIN, Direction.MINIMIZE), SeriesConfig())
+    ci, cf, table, uf = det._consts
+    rng = np.random.default_rng(17)
+    for case in range(60):
+        y = np.r_[rng.normal(0, 1, int(rng.integers(10, 600))), rng.normal(rng.uniform(-4, 4), 1, 300)]
+        reference, compiled = CusumTrigger(), CusumTrigger()
+        warm = int(rng.integers(8, 500))
+        reference.absorb(y[:warm])
+        compiled.absorb(y[:warm])
+        rest = y[warm:]
+        t = compiled
+        if case % 2:
+            expected = reference.scan(rest)
+            alarm, t.n = k.trigger_scan(rest, 0, len(rest), t.n, t._f, t._sums, t.gate, table, ci, cf,
+                                        t._bank_kq_flat, t._bank_hq_flat, uf)
+            assert (None if alarm < 0 else alarm) == expected
+        else:
+            expected_flags = reference.absorb(rest)
+            flags, t.n = k.trigger_absorb(rest, 0, t.n, t._f, t._sums, t.gate, table, ci, cf, t._bank_kq_flat,
+                                          t._bank_hq_flat, uf)
+            assert np.array_equal(flags, expected_flags)
+        assert compiled.state() == reference.state()
+
+
+def test_compiled_block_is_the_numpy_path() -> None:
+    """A series detector's compiled block (series_block and the compiled scans, absorbs
+    and appends around alarms) gives the events and the state of its numpy path, on
+    every role's scale, with non-finite values, signed zeros, alarms, breaks and
+    plateaus, in blocks of any size."""
+    from detector.core.series import SeriesDetector
+    from detector.core.types import Direction, Role, SeriesSpec, Split
+
+    rng = np.random.default_rng(18)
+    loss = 3.0 * (10.0 + np.arange(3000)) ** -0.3 * np.exp(rng.normal(0, 0.05, 3000))
+    loss[1500:] *= 0.5
+    loss[rng.random(3000) < 0.03] = np.nan
+    shifts = np.r_[rng.normal(0, 1, 700), rng.normal(3, 1, 500), rng.normal(0, 2, 600)]
+    zeros = rng.normal(size=900)
+    zeros[::5], zeros[1::5], zeros[300:310] = 0.0, -0.0, np.inf
+    accuracy = np.clip(np.cumsum(rng.normal(0.002, 0.01, 1500)), 0.0, 1.0)
+    cases = [(Role.LOSS, loss), (Role.OTHER, shifts), (Role.OTHER, zeros), (Role.ACCURACY, accuracy),
+             (Role.NORM, np.abs(shifts) + 1e-3)]
+
+    def run(role: Role, y: np.ndarray, compiled: bool, seed: int) -> tuple[list, dict]:
+        det = SeriesDetector(SeriesSpec("s", role, Split.TRAIN, Direction.MINIMIZE))
+        if not compiled:
+            det._consts = None  # numpy's path
+        blocks = np.random.default_rng(seed).choice([1, 2, 7, 8, 32, 64, 300], size=len(y))
+        events, i = [], 0
+        for b in blocks:
+            if i >= len(y):
+                break
+            events += det.update_many(np.arange(i, min(i + b, len(y))), y[i : i + b])
+            i += b
+        return events + det.finish(), det.state()
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[x], b[x]) for x in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, z) for x, z in zip(a, b, strict=True))
+        if isinstance(a, np.ndarray):
+            return a.dtype == b.dtype and np.array_equal(a.view(np.int64) if a.dtype == float else a,
+                                                          b.view(np.int64) if b.dtype == float else b)
+        if isinstance(a, float):
+            return np.array_equal(np.array(a).view(np.int64), np.array(b).view(np.int64))
+        return a == b and type(a) is type(b)
+
+    found = 0
+    for seed, (role, y) in enumerate(cases):
+        compiled, reference = run(role, y, True, seed), run(role, y, False, seed)
+        assert same(compiled, reference), role
+        found += len(compiled[0])
+    assert found > 10
+
+
+def test_trigger_readout_is_the_python_statistic_and_alarm() -> None:
+    """CusumTrigger.statistic and .alarmed, compiled (trigger_readout), are the Python
+    formulas on the sums: int / int, the first largest ratio, any sum above its
+    threshold; Python's division beyond 2**53."""
+    rng = np.random.default_rng(19)
+    trigger = CusumTrigger()
+    nk = len(trigger.bank_drifts)
+
+    def python(sums: list[int]) -> tuple[float, bool]:
+        pos, neg, *bank = sums
+        ratios = [max(pos, neg) / trigger._hq]
+        ratios += [max(p, n) / h for p, n, h in zip(bank[:nk], bank[nk:], trigger._bank_hq_list, strict=True)]
+        alarmed = (pos > trigger._hq or neg > trigger._hq
+                   or any(p > h or n > h for p, n, h in zip(bank[:nk], bank[nk:], trigger._bank_hq_list,
+                                                             strict=True)))
+        return max(ratios) * trigger.threshold, alarmed
+
+    for case in range(3000):
+        top = [1 << 20, 1 << 40, (1 << 53) + 5, (1 << 62)][case % 4]
+        sums = rng.integers(0, top, size=2 + 2 * nk)
+        if case % 7 == 0:
+            sums[rng.integers(0, len(sums))] = trigger._hq + int(rng.integers(-1, 2))
+        trigger._sums[:] = sums
+        statistic, alarmed = python(sums.tolist())
+        assert trigger.statistic == statistic and trigger.alarmed is alarmed

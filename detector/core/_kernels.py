@@ -11,11 +11,14 @@ kernels run the same recurrences and formulas as one sequential loop each:
 * every reduction that numpy does pairwise (``sum``, ``mean``, ``std``) uses
   numpy's pairwise summation (blocks of 128, eight accumulators), so it is the
   same float as numpy's; medians sort and take the middle as ``np.median`` does;
-* ``log`` and ``exp`` are NOT computed here: numpy's SIMD ``log``/``exp`` and
-  libm's differ in the last bit on about one value in ten thousand (exp: one in
-  twenty), and a CUSUM on a fixed-point grid could then round differently. The
-  trigger's kernels stop where a logarithm or exponential is due and numpy
-  takes the whole block in one call;
+* ``log``, ``exp`` and ``log10`` are never numba's (libm's): numpy's SIMD
+  ``log``/``exp`` and libm's differ in the last bit on about one value in ten
+  thousand (exp: one in twenty), and a CUSUM on a fixed-point grid could then
+  round differently. The trigger's kernels stop where a logarithm or
+  exponential is due and numpy takes the whole block in one call; the
+  series detector's block kernels (the last section) call numpy's own float64
+  inner loops of those ufuncs instead, through their addresses
+  (:func:`numpy_loops`, checked against the ufuncs at first use);
 * no fast-math: LLVM does not contract ``a * b + c`` into a fused multiply-add
   without it, so products and sums round as numpy's do.
 
@@ -28,10 +31,11 @@ threads can run kernels of different runs at once.
 
 Equality with the numpy code is checked by tests/test_kernels.py.
 
-One module of about 650 lines on purpose: the kernels call each other
-(``window_search`` runs ``cost_sums``, ``best_split`` and ``best_shift``), numba
-caches per module file, and every function here is the compiled twin of a
-numpy one documented where it is used.
+One module of about 1 100 lines on purpose: the kernels call each other
+(``window_search`` runs ``cost_sums``, ``best_split`` and ``best_shift``;
+``series_block`` runs the trigger's, the plateau test's and the append's),
+numba caches per module file, and every function here is the compiled twin of
+a numpy one documented where it is used.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba.extending import intrinsic
 
 
 def _jit(fn: Callable[..., Any]) -> Any:
@@ -243,6 +248,37 @@ def trigger_cusums(lin, sc, scales, n, gate, gate_shift, bias_rate, bias_a1, bia
     state[ST_ZS], state[ST_LOG_S] = sc[SC_ZS, k], sc[SC_LOG_S, k]
     state[ST_BIAS], state[ST_LAST_Z] = bias_zi, last_z
     return alarm, flags, new_gate, state
+
+
+@_jit
+def trigger_readout(sums, hq, bank_hq):  # pragma: no cover - compiled
+    """:attr:`CusumTrigger.statistic` (before the product with the threshold: the largest
+    sum over its threshold, the first of equals) and :attr:`CusumTrigger.alarmed` from
+    the sums (fast +, fast −, bank + per drift, bank − per drift). Each division is of
+    two integers below 2**53 converted to floats, which is Python's int / int on them;
+    ``ok`` is False (and nothing computed) for larger ones: Python then divides. O(k)."""
+    nk = len(bank_hq)
+    limit = np.int64(1) << 53
+    if hq >= limit:
+        return False, 0.0, False
+    for j in range(len(sums)):
+        if sums[j] >= limit:
+            return False, 0.0, False
+    for j in range(nk):
+        if bank_hq[j] >= limit:
+            return False, 0.0, False
+    top = sums[0] if sums[0] >= sums[1] else sums[1]
+    best = float(top) / float(hq)
+    alarmed = sums[0] > hq or sums[1] > hq
+    for j in range(nk):
+        p, n = sums[2 + j], sums[2 + nk + j]
+        top = p if p >= n else n
+        ratio = float(top) / float(bank_hq[j])
+        if ratio > best:
+            best = ratio
+        if p > bank_hq[j] or n > bank_hq[j]:
+            alarmed = True
+    return True, best, alarmed
 
 
 # The trigger's state as the kernels below keep it: one float array (entries ST_*,
@@ -750,3 +786,320 @@ def mann_kendall_sums(y):  # pragma: no cover - compiled
                 below = part[i]
         slope = (below + part[half]) / 2.0
     return True, float(up - down), tie_term, slope
+
+
+# --- numpy's own log, exp and log10 from compiled code -------------------------------------
+#
+# The trigger's scales and the working scale of losses take numpy's log, exp and
+# log10, which may differ from libm's (and so from numba's math.log) in the last
+# bit (see the module's docstring). To run a whole block in one kernel, the
+# kernels below call numpy's own inner loop for float64 (the function ``np.log``
+# itself runs on a contiguous array) through its address, read from the ufunc
+# object (:func:`numpy_loops`), an argument of each call: no address is compiled
+# in, so the cache stays valid across processes.
+
+UF_LOG, UF_EXP, UF_LOG10 = 0, 2, 4  # entries of numpy_loops(): (loop, its data) each
+
+
+@intrinsic
+def _call_loop(typingctx, fn, args, dims, steps, data):  # pragma: no cover - compiled
+    """Call the ufunc inner loop at address ``fn``: ``fn(args, dims, steps, data)``, every
+    argument an address (numpy's ``PyUFuncGenericFunction``)."""
+    from llvmlite import ir
+
+    sig = numba.types.void(numba.types.intp, numba.types.intp, numba.types.intp, numba.types.intp,
+                           numba.types.intp)
+
+    def codegen(context, builder, signature, llargs):  # noqa: ANN001, ANN202 - numba's API
+        pointer = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [pointer] * 4)
+        target = builder.inttoptr(llargs[0], fnty.as_pointer())
+        builder.call(target, [builder.inttoptr(x, pointer) for x in llargs[1:]])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_jit
+def numpy_ufunc(uf, which, src, dst, count):  # pragma: no cover - compiled
+    """``dst[:count] = np.<ufunc>(src[:count])`` by numpy's own float64 loop (``uf``:
+    :func:`numpy_loops`, ``which``: ``UF_*``); ``src`` and ``dst`` contiguous. O(count)."""
+    if count <= 0:
+        return
+    buf = np.empty(5, dtype=np.intp)  # args (2 pointers), dimensions (1), strides (2)
+    buf[0] = src.ctypes.data
+    buf[1] = dst.ctypes.data
+    buf[2] = count
+    buf[3] = 8
+    buf[4] = 8
+    base = buf.ctypes.data
+    _call_loop(uf[which], base, base + 16, base + 24, uf[which + 1])
+
+
+_NUMPY_LOOPS: list = []  # [array or None], filled on the first call of numpy_loops
+
+
+def numpy_loops() -> np.ndarray | None:
+    """The addresses of numpy's float64 inner loops of log, exp and log10 and of their
+    data (entries ``UF_*``, then +1), or None where they cannot be read or do not give
+    exactly what the ufuncs give on a sample (the callers then take numpy's path).
+
+    Read from the ufunc objects' public C struct (``PyUFuncObject``: ``functions``
+    and ``data`` after the object header and four ints; ``ntypes`` and ``name``
+    after them, checked), at the first ``d->d`` loop, the one numpy's loop
+    selector takes. Once per process, about a millisecond."""
+    if _NUMPY_LOOPS:
+        return _NUMPY_LOOPS[0]
+    loops = None
+    try:
+        loops = _read_numpy_loops()
+        if not _numpy_loops_agree(loops):
+            loops = None
+    except Exception:  # noqa: BLE001 - an unexpected layout: numpy's path, not a failure
+        loops = None
+    _NUMPY_LOOPS.append(loops)
+    return loops
+
+
+def _read_numpy_loops() -> np.ndarray | None:
+    import ctypes
+    import sys
+
+    if sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    out = []
+    for ufunc in (np.log, np.exp, np.log10):
+        types = ufunc.types
+        if "d->d" not in types:
+            return None
+        index = types.index("d->d")
+        head = object.__basicsize__  # PyObject_HEAD
+        addr = id(ufunc)
+        nin = ctypes.c_int.from_address(addr + head).value
+        nout = ctypes.c_int.from_address(addr + head + 4).value
+        functions = ctypes.c_void_p.from_address(addr + head + 16).value
+        data = ctypes.c_void_p.from_address(addr + head + 24).value
+        ntypes = ctypes.c_int.from_address(addr + head + 32).value
+        name = ctypes.c_char_p.from_address(addr + head + 40).value
+        if (nin, nout, ntypes) != (1, 1, ufunc.ntypes) or name != ufunc.__name__.encode() or not functions:
+            return None
+        fn = ctypes.c_void_p.from_address(functions + 8 * index).value
+        arg = ctypes.c_void_p.from_address(data + 8 * index).value if data else None
+        out += [fn or 0, arg or 0]
+    if not all(out[::2]):
+        return None
+    return np.array(out, dtype=np.intp)
+
+
+def _numpy_loops_agree(loops: np.ndarray | None) -> bool:
+    """Whether the loops give numpy's ufuncs' floats on a sample (every value class the
+    callers feed: tiny to huge, signs, zero, inf, NaN; 2¹⁶ values of each function)."""
+    if loops is None:
+        return False
+    rng = np.random.default_rng(20261203)
+    positive = np.r_[np.exp(rng.uniform(-700.0, 700.0, 1 << 16)), 1.0 + 10.0 ** rng.uniform(-16, 30, 4096),
+                     1e-300, 1.0, 0.0, np.inf, np.nan, -1.0]
+    args = np.r_[rng.uniform(-745.0, 710.0, 1 << 16), rng.normal(0.0, 5.0, 4096), 0.0, -0.0, np.inf,
+                 -np.inf, np.nan]
+    with np.errstate(all="ignore"):
+        for which, ufunc, x in ((UF_LOG, np.log, positive), (UF_EXP, np.exp, args),
+                                (UF_LOG10, np.log10, positive)):
+            got = np.empty_like(x)
+            numpy_ufunc(loops, which, x, got, len(x))
+            expected = ufunc(x)
+            if not np.array_equal(got.view(np.int64), expected.view(np.int64)):
+                return False
+    return True
+
+
+# --- a series detector's block in one call ----------------------------------------------
+#
+# What SeriesDetector.update_many does on a block where nothing happens, in one
+# compiled call: the non-finite values counted and dropped, the minimum and
+# maximum, the working scale, the trigger's scan up to its first alarm, the
+# append into the held window, and the plateau windows up to the first
+# transition. Python runs only when something happens (an alarm: the
+# localiser; a plateau transition: its event), from where this call stopped.
+# The operations are those of the numpy path, in its order (the same kernels for
+# the trigger and the plateau windows, numpy's own loops for log, exp and log10).
+
+# Entries of the integer constants of scan_append and series_block (SeriesDetector._fast_consts).
+CI_BANK_AFTER, CI_KQ, CI_HQ, CI_WINDOW, CI_PATIENCE, CI_RELATIVE, CI_LOG_ROLE = range(7)
+# Entries of the float constants: the line's discount, the plateau test's t quantile and
+# margin, then Holt's filter (b0, b1, b2, a1, a2), then the trigger's C_* constants.
+CF_LAM, CF_Q, CF_MIN_DELTA, CF_HOLT = 0, 1, 2, 3
+CF_C = CF_HOLT + 5
+_FIRST_CHUNK = 64  # as CusumTrigger.scan: chunks of 64 points, then 4 times more each time
+
+
+@_jit
+def trigger_scan(y, lo, hi, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf):  # pragma: no cover
+    """:meth:`CusumTrigger.scan` of ``y[lo:hi]`` for a trigger past its warm-up (the
+    state ``n``, ``f``, ``sums``, ``gate`` updated in place, ``table`` its line table
+    as rows v0, v1, sf): the same chunks and kernels as ``_scan_block``, with numpy's
+    own log and exp (:func:`numpy_ufunc`). Returns (index of the first alarm, relative
+    to ``lo``, or −1; ``n`` after the points consumed). O(points consumed + 64)."""
+    holt = cf[CF_HOLT : CF_HOLT + 5]
+    c = cf[CF_C : CF_C + 8]
+    i = lo
+    size = _FIRST_CHUNK
+    while i < hi:
+        end = i + size if i + size < hi else hi
+        m = end - i
+        lin = trigger_linear_state(y[i:end], n, holt, cf[CF_LAM], f, table[0], table[1], table[2])
+        logs = np.empty((3, m))
+        numpy_ufunc(uf, UF_LOG, lin, logs, 3 * m)  # rows LIN_ABS_E, LIN_ABS_EL, LIN_FLOOR
+        sc = trigger_scales_state(logs, c, f)
+        scales = np.empty((2, m))
+        numpy_ufunc(uf, UF_EXP, sc, scales, 2 * m)  # rows SC_ARG_FAST, SC_ARG_BANK
+        alarm, _ = trigger_cusums_state(lin, sc, scales, n, gate, c, ci[CI_BANK_AFTER], f, sums, ci[CI_KQ],
+                                        bank_kq, ci[CI_HQ], bank_hq, True)
+        if alarm >= 0:
+            return i + alarm - lo, n + alarm + 1
+        n += m
+        i = end
+        size *= 4
+    return -1, n
+
+
+@_jit
+def trigger_absorb(y, lo, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf):  # pragma: no cover
+    """:meth:`CusumTrigger.absorb` of ``y[lo:]`` for a trigger past its warm-up: one
+    ``_scan_block`` without stopping (the same kernels, numpy's own log and exp).
+    Returns (per value of ``y``, whether any CUSUM was above its threshold after it,
+    False before ``lo``; ``n`` after). O(len(y))."""
+    m = len(y) - lo
+    flags = np.zeros(len(y), dtype=np.bool_)
+    if m <= 0:
+        return flags, n
+    holt = cf[CF_HOLT : CF_HOLT + 5]
+    c = cf[CF_C : CF_C + 8]
+    lin = trigger_linear_state(y[lo:], n, holt, cf[CF_LAM], f, table[0], table[1], table[2])
+    logs = np.empty((3, m))
+    numpy_ufunc(uf, UF_LOG, lin, logs, 3 * m)
+    sc = trigger_scales_state(logs, c, f)
+    scales = np.empty((2, m))
+    numpy_ufunc(uf, UF_EXP, sc, scales, 2 * m)
+    _, hits = trigger_cusums_state(lin, sc, scales, n, gate, c, ci[CI_BANK_AFTER], f, sums, ci[CI_KQ],
+                                   bank_kq, ci[CI_HQ], bank_hq, False)
+    flags[lo:] = hits
+    return flags, n + m
+
+
+@_jit
+def held_append(held_steps, held_values, size, total, steps, y, lo, hi, window):  # pragma: no cover
+    """:meth:`SeriesDetector._append` of ``steps[lo:hi]``, ``y[lo:hi]`` to a held window
+    of ``size`` points out of ``total`` finite ones: a half-window shift when full.
+    Returns the new (size, total). O(hi − lo) amortised."""
+    k = hi - lo
+    if k <= 0:
+        return size, total
+    total += k
+    half = window // 2
+    new = total if total <= window else half + (total - window - 1) % half + 1
+    keep = new - k  # old points still held
+    if keep <= 0:
+        for j in range(new):
+            held_steps[j] = steps[hi - new + j]
+            held_values[j] = y[hi - new + j]
+    else:
+        if size > keep:
+            shift = size - keep
+            for j in range(keep):
+                held_steps[j] = held_steps[shift + j]
+                held_values[j] = held_values[shift + j]
+        for j in range(k):
+            held_steps[keep + j] = steps[lo + j]
+            held_values[keep + j] = y[lo + j]
+    return new, total
+
+
+@_jit
+def scan_append(steps, y, lo, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf, held_steps,
+                held_values, size, total):  # pragma: no cover - compiled
+    """The trigger's scan of ``y[lo:]`` (:func:`trigger_scan`) and the append of the
+    points it consumed (:func:`held_append`). Returns (alarm index relative to ``lo``
+    or −1, the trigger's ``n``, the held size, the finite count). O(points consumed)."""
+    hi = len(y)
+    alarm, n = trigger_scan(y, lo, hi, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf)
+    end = hi if alarm < 0 else lo + alarm + 1
+    size, total = held_append(held_steps, held_values, size, total, steps, y, lo, end, ci[CI_WINDOW])
+    return alarm, n, size, total
+
+
+@_jit
+def plateau_transition(ext, patience, q, min_delta, relative, in_plateau):  # pragma: no cover
+    """The first window of ``patience`` points of ``ext`` where the plateau test changes
+    state (a plateau starts, or, ``in_plateau``, ends: the change's interval leaves the
+    margin), as ``SeriesDetector._plateaus`` finds it from :func:`plateau_windows`; −1
+    for none. O(patience × windows)."""
+    if len(ext) < patience:
+        return -1
+    rows = plateau_windows(ext, patience, q, min_delta, relative)
+    for w in range(rows.shape[1]):
+        if in_plateau:
+            if rows[2, w] > rows[4, w] or rows[3, w] < -rows[4, w]:
+                return w
+        elif rows[0, w] > 0.0:
+            return w
+    return -1
+
+
+@_jit
+def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf, held_steps,
+                 held_values, size, total, in_plateau, scan):  # pragma: no cover - compiled
+    """:meth:`SeriesDetector.update_many`'s work on a block up to where Python is needed.
+
+    Returns (non-finite count, finite count, their min and max, the alarm's index
+    in the finite points or −1, the trigger's ``n``, the held size, the finite
+    count after the points consumed, the first plateau transition's window or −1,
+    the extended steps and working-scale values: the last ``prior`` held points
+    before the block, then the block's finite points, and ``prior``). With
+    ``scan`` (no alarm pending, the trigger past its warm-up) the trigger, the held
+    window and the state arrays are advanced in place up to the alarm (the whole
+    block without one); without, nothing is advanced and the alarm's index is −2
+    (Python takes the block's change points from its first point).
+    O(points + patience × points)."""
+    m = len(values)
+    good = 0
+    for i in range(m):
+        if np.isfinite(values[i]):
+            good += 1
+    history = ci[CI_PATIENCE] - 1
+    prior = history if history < size else size
+    ext_steps = np.empty(prior + good, dtype=np.int64)
+    ext = np.empty(prior + good)
+    for j in range(prior):
+        ext_steps[j] = held_steps[size - prior + j]
+        ext[j] = held_values[size - prior + j]
+    low, high = np.inf, -np.inf
+    p = prior
+    for i in range(m):
+        v = values[i]
+        if np.isfinite(v):
+            ext_steps[p] = steps[i]
+            ext[p] = v
+            p += 1
+            if v < low:
+                low = v
+            if v > high:
+                high = v
+    if good == 0:
+        return m, 0, low, high, -1, n, size, total, -1, ext_steps, ext, prior
+    y = ext[prior:]
+    if ci[CI_LOG_ROLE]:
+        # working_scale_many: copysign(log10(1 + |v| / eps), v), log10 numpy's own.
+        arg = np.empty(good)
+        for i in range(good):
+            arg[i] = 1.0 + abs(y[i]) / 1e-10
+        logs = np.empty(good)
+        numpy_ufunc(uf, UF_LOG10, arg, logs, good)
+        for i in range(good):
+            y[i] = math.copysign(logs[i], y[i])
+    transition = plateau_transition(ext, ci[CI_PATIENCE], cf[CF_Q], cf[CF_MIN_DELTA], ci[CI_RELATIVE] != 0,
+                                    in_plateau)
+    if not scan:
+        return m - good, good, low, high, -2, n, size, total, transition, ext_steps, ext, prior
+    alarm, n, size, total = scan_append(ext_steps[prior:], y, 0, n, f, sums, gate, table, ci, cf, bank_kq,
+                                        bank_hq, uf, held_steps, held_values, size, total)
+    return m - good, good, low, high, alarm, n, size, total, transition, ext_steps, ext, prior

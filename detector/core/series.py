@@ -8,7 +8,8 @@ series' role (log scale for losses, norms and ranks, whose changes are
 multiplicative) and feed:
 
 * :class:`~detector.core.trigger.CusumTrigger` on every point, O(1)
-  amortised, scanned over whole blocks in numpy;
+  amortised, scanned over whole blocks in one compiled call with the rest of
+  the block's work (:func:`~detector.core._kernels.series_block`);
 * :class:`~detector.core.localiser.WindowLocaliser` on the current segment
   (at most ``window`` points) ``lag`` points after an alarm, and again on the
   next points while nothing is confirmed (at most ``recheck_limit``), O(window)
@@ -20,7 +21,7 @@ multiplicative) and feed:
 
 Memory per series is O(``window``), independent of run length.
 
-About 530 lines, one class: change points, plateaus and the trend read the
+About 680 lines, one class: change points, plateaus and the trend read the
 same block and the same held window in one pass, and the state's format and
 its one converter sit beside the fields they save.
 """
@@ -29,12 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 
+from detector.core import _kernels as _k
 from detector.core._kernels import np_median
 from detector.core.localiser import WindowLocaliser
-from detector.core.trend import PlateauResult, PlateauTest, TrendResult, mann_kendall
+from detector.core.trend import PlateauResult, PlateauTest, TrendResult, _t_quantile, mann_kendall
 from detector.core.trigger import CusumTrigger
 from detector.core.types import Direction, Event, EventKind, Role, SeriesSpec, Split
 from detector.errors import InvalidArgument
@@ -154,9 +157,12 @@ class SeriesDetector:
     """Change points, plateaus and trends of one series, in blocks of points.
 
     ``update_many`` takes a block: non-finite values are counted and dropped
-    first; the trigger scans the block in numpy and Python runs only at alarms
-    (localisation) and at plateau transitions; the plateau test is evaluated on
-    every sliding window of the block at once; the trend test once per block.
+    first; the trigger scans the block, the block is appended to the held
+    window and the plateau test is evaluated on every sliding window of the
+    block, all in one compiled call, and Python runs only at alarms
+    (localisation) and at plateau transitions; the trend is computed when read.
+    (Where numpy's loops cannot be called from compiled code, the same steps run
+    in numpy, with the same results.)
     ``update`` is the one-point form and gives the same events and state.
     Cost: O(1) amortised per point plus O(window) per alarm; memory O(window),
     independent of run length.
@@ -196,6 +202,9 @@ class SeriesDetector:
         self.max_value: float = -math.inf
         self.in_plateau = False
         self._trend_read: tuple[int, TrendResult | None] = (-1, None)  # (n_finite, trend) of the last read
+        # The compiled block's constants (integers, floats, the trigger's line table,
+        # numpy's loops), or None where numpy's loops cannot be called (numpy's path).
+        self._consts = _fast_consts(self.trigger, self._plateau, c.window, spec.role in _LOG_ROLES)
 
     # --- update ---------------------------------------------------------------
 
@@ -205,14 +214,16 @@ class SeriesDetector:
 
     def update_many(self, steps: np.ndarray, values: np.ndarray) -> list[Event]:
         """Take a block of points in step order; equal to :meth:`update` on each in turn."""
-        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
-        values = np.asarray(values, dtype=float).reshape(-1)
+        steps = np.ascontiguousarray(steps, dtype=np.int64).reshape(-1)  # contiguous: one kernel type
+        values = np.ascontiguousarray(values, dtype=float).reshape(-1)
         if len(steps) != len(values):
             raise InvalidArgument("steps and values must have the same length")
         if len(values) == 0:
             return []
         self.last_step = int(steps[-1])
         self.last_value = float(values[-1])
+        if self._consts is not None:
+            return self._fast_block(steps, values)
         finite = np.isfinite(values)
         self.n_nonfinite += int(len(values) - np.count_nonzero(finite))
         if not finite.all():
@@ -231,8 +242,44 @@ class SeriesDetector:
         ext_steps = np.concatenate([self._steps[self._size - prior : self._size], steps])
         n_before = self.n_finite
 
-        tagged = self._change_points(steps, y)
+        tagged = self._change_points(steps, y, n_before, 0)
         tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
+        tagged.sort(key=lambda item: (item[0], item[1]))
+        return [event for _, _, event in tagged]
+
+    def _fast_block(self, steps: np.ndarray, values: np.ndarray) -> list[Event]:
+        """The rest of :meth:`update_many`, compiled: one call (:func:`_kernels.series_block`)
+        filters, scales and finds the first plateau transition, and, when no alarm is
+        pending and the trigger is past its warm-up (most blocks), scans and appends
+        up to the trigger's first alarm; Python continues from the alarm (or the
+        block's start) and makes the plateau events only when there are some. The
+        same operations as the numpy path, so the same floats and events.
+        O(points) plus O(window) per alarm."""
+        scan = self._pending_alarm is None and self.trigger.n >= self.trigger.warmup
+        (bad, good, low, high, alarm, self.trigger.n, size, total, transition, ext_steps, ext_values,
+         prior) = self._block(steps, values, scan)
+        if bad:
+            self.n_nonfinite += bad
+            if not good:
+                return []
+        if low == 0.0 or high == 0.0:  # a tie of +0 and −0 may be taken either way: numpy's
+            finite = values[np.isfinite(values)]
+            low, high = float(finite.min()), float(finite.max())
+        n_before = self.n_finite
+        if n_before == 0:
+            self.first_value = float(values[np.isfinite(values)][0])
+        self.min_value = min(self.min_value, low)
+        self.max_value = max(self.max_value, high)
+        self._size, self.n_finite = size, total
+        if alarm == -1 and transition < 0:
+            return []
+        tagged: list[tuple[int, int, Event]] = []
+        if alarm != -1:
+            if alarm >= 0:
+                self._alarmed()
+            tagged = self._change_points(ext_steps[prior:], ext_values[prior:], n_before, max(alarm + 1, 0))
+        if transition >= 0:
+            tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [event for _, _, event in tagged]
 
@@ -266,17 +313,18 @@ class SeriesDetector:
 
     # --- change points -----------------------------------------------------------
 
-    def _change_points(self, steps: np.ndarray, y: np.ndarray) -> list[tuple[int, int, Event]]:
+    def _change_points(self, steps: np.ndarray, y: np.ndarray, base: int,
+                       i: int) -> list[tuple[int, int, Event]]:
         """Scan with the trigger; after an alarm, localise on each point of the episode.
 
+        ``y[:i]`` are taken already (``base``: the finite count before the block).
         During an episode the trigger absorbs the rest of the block at once
         (``ahead``: its state before, and where that was); if the episode ends
         without a confirmed break, the trigger is restored and advanced to the
         episode's last point, so the result is that of point-by-point updates.
         """
         tagged: list[tuple[int, int, Event]] = []
-        base = self.n_finite
-        i, m = 0, len(y)
+        m = len(y)
         ahead: tuple[dict, int] | None = None
         flags = np.zeros(0, dtype=bool)
         while True:
@@ -284,7 +332,7 @@ class SeriesDetector:
                 if ahead is not None and i - ahead[1] > len(flags):
                     # The episode outlasted the points absorbed ahead: absorb the next ones.
                     done = ahead[1] + len(flags)
-                    flags = np.concatenate([flags, self.trigger.absorb(y[done : max(i, done + self._ahead)])])
+                    flags = np.concatenate([flags, self._absorb(y[done : max(i, done + self._ahead)])])
                 alarmed = self.trigger.alarmed if ahead is None else bool(flags[i - 1 - ahead[1]])
                 found = self._localise(int(steps[i - 1]))
                 tagged += [(base + i - 1, _CP, e) for e in found]
@@ -306,7 +354,7 @@ class SeriesDetector:
                 elif weak or (self._rechecks <= 0 and not alarmed):
                     if ahead is not None:
                         self.trigger.restore(ahead[0])
-                        self.trigger.absorb(y[ahead[1] : i])
+                        self._absorb(y[ahead[1] : i])
                         ahead = None
                     self.trigger.clear()
                     self._pending_alarm = None
@@ -322,26 +370,75 @@ class SeriesDetector:
                     ahead = (self.trigger.snapshot(), i)
                     # Only as far as an episode usually lasts: absorbing the whole rest of
                     # the block at every alarm made a block cost O(length × alarms).
-                    flags = self.trigger.absorb(y[i : i + self._ahead])
+                    flags = self._absorb(y[i : i + self._ahead])
                 j = min(m, i + self._pending_alarm)
                 self._append(steps[i:j], y[i:j])
                 self._pending_alarm -= j - i
             else:
-                hit = self.trigger.scan(y[i:])
+                hit = self._scan_append(steps, y, i)
                 j = m if hit is None else i + hit + 1
-                self._append(steps[i:j], y[i:j])
                 if hit is not None:
-                    self._last_evidence = 0.0
-                    self._alarm_statistic = self.trigger.statistic
-                    self._pending_alarm = self.config.lag
-                    self._rechecks = self.config.recheck
-                    self._alarm_noise = None
+                    self._alarmed()
             i = j
+
+    def _block(self, steps: np.ndarray, values: np.ndarray, scan: bool) -> tuple:
+        """:func:`_kernels.series_block` on this detector's state (a method of its own:
+        benchmarks.cost times it as a stage)."""
+        trigger = self.trigger
+        ci, cf, table, uf = cast("_FastConsts", self._consts)
+        return _k.series_block(
+            steps, values, trigger.n, trigger._f, trigger._sums,
+            trigger.gate, table, ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps,
+            self._values, self._size, self.n_finite, self.in_plateau, scan)
+
+    def _alarmed(self) -> None:
+        """Start an alarm's episode (the trigger has just alarmed)."""
+        self._last_evidence = 0.0
+        self._alarm_statistic = self.trigger.statistic
+        self._pending_alarm = self.config.lag
+        self._rechecks = self.config.recheck
+        self._alarm_noise = None
+
+    def _scan_append(self, steps: np.ndarray, y: np.ndarray, i: int) -> int | None:
+        """Scan ``y[i:]`` with the trigger up to its first alarm and append what it took;
+        return the alarm's index relative to ``i``, or None. Compiled in one call
+        (:func:`_kernels.scan_append`) past the trigger's warm-up. O(points taken)."""
+        trigger = self.trigger
+        if self._consts is None or trigger.n < trigger.warmup:
+            hit = trigger.scan(y[i:])
+            j = len(y) if hit is None else i + hit + 1
+            self._append(steps[i:j], y[i:j])
+            return hit
+        ci, cf, table, uf = self._consts
+        alarm, trigger.n, self._size, self.n_finite = _k.scan_append(
+            steps, y, i, trigger.n, trigger._f, trigger._sums, trigger.gate, table, ci, cf,
+            trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps, self._values, self._size,
+            self.n_finite)
+        return None if alarm < 0 else int(alarm)
+
+    def _absorb(self, y: np.ndarray) -> np.ndarray:
+        """:meth:`CusumTrigger.absorb`, past the warm-up in one compiled call
+        (:func:`_kernels.trigger_absorb`). O(len(y))."""
+        trigger = self.trigger
+        if self._consts is None:
+            return trigger.absorb(y)
+        y = np.ascontiguousarray(y, dtype=float)
+        i = trigger._warm_up(y) if trigger.n < trigger.warmup else 0  # the sums stay zero during warm-up
+        if i == len(y):
+            return np.zeros(len(y), dtype=bool)
+        ci, cf, table, uf = self._consts
+        flags, trigger.n = _k.trigger_absorb(y, i, trigger.n, trigger._f, trigger._sums, trigger.gate, table,
+                                             ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf)
+        return flags
 
     def _append(self, steps: np.ndarray, y: np.ndarray) -> None:
         """Append like one point at a time with a half-window shift when full (amortised O(1))."""
         k = len(y)
         if k == 0:
+            return
+        if self._consts is not None:  # compiled: the same copies
+            self._size, self.n_finite = _k.held_append(self._steps, self._values, self._size, self.n_finite,
+                                                       steps, y, 0, k, self.config.window)
             return
         w = self.config.window
         total = self.n_finite + k
@@ -402,7 +499,7 @@ class SeriesDetector:
         self._segment_start = oldest + index
         # Re-warm the trigger on the new segment so it forecasts from the new regime.
         self.trigger.reset()
-        self.trigger.absorb(self._values[index : self._size])
+        self._absorb(self._values[index : self._size])
         self.trigger.clear()
         return events
 
@@ -543,6 +640,30 @@ def _from_version_1(state: dict) -> dict:
     for name in SeriesDetector._READOUTS:
         out[name] = scalars[name]
     return out
+
+
+_FastConsts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_FAST_CONSTS: dict[tuple, _FastConsts] = {}  # per settings: a handful per process
+
+
+def _fast_consts(trigger: CusumTrigger, plateau: PlateauTest, window: int,
+                 log_role: bool) -> _FastConsts | None:
+    """The constants of :func:`_kernels.series_block` and :func:`_kernels.scan_append` for
+    these settings (entries ``CI_*``, ``CF_*``; shared, never written), or None where
+    numpy's loops cannot be called from compiled code (:func:`_kernels.numpy_loops`)."""
+    uf = _k.numpy_loops()
+    if uf is None:
+        return None
+    key = (*(getattr(trigger, k) for k in _trigger_settings(trigger)), plateau, window, log_role)
+    consts = _FAST_CONSTS.get(key)
+    if consts is None:
+        ci = np.array([trigger._bank_after, trigger._kq, trigger._hq, window, plateau.patience,
+                       plateau.threshold_mode == "rel", log_role], dtype=np.int64)
+        q = _t_quantile(0.5 + plateau.confidence / 2, max(plateau.patience - 2, 1))
+        cf = np.r_[trigger._lam, q, plateau.min_delta, trigger._holt, trigger._consts].astype(float)
+        table = np.ascontiguousarray(np.vstack(trigger._table))
+        consts = _FAST_CONSTS[key] = (ci, cf, table, uf)
+    return consts
 
 
 def _median(values: np.ndarray) -> float:

@@ -33,6 +33,7 @@ from detector.core._kernels import TINY as _TINY
 from detector.core._kernels import Q as _Q
 from detector.errors import InvalidArgument
 
+_EXACT = 1 << 53  # integers below this convert to floats exactly
 _GATE_CLOSED = 1e9  # a gate input that keeps the slow bank closed
 _FIRST_CHUNK = 64  # points of the first chunk a scan takes (then 4 times more each time)
 
@@ -252,7 +253,12 @@ class CusumTrigger:
     @property
     def statistic(self) -> float:
         """The largest CUSUM sum, as a fraction of its threshold times the fast threshold."""
-        # Python ints below 2**53 divide to the same float as numpy's int64 division.
+        # Python ints below 2**53 divide to the same float as numpy's int64 division;
+        # compiled for those (an alarm reads it), in Python beyond.
+        if self._hq < _EXACT:
+            ok, ratio, _ = _k.trigger_readout(self._sums, self._hq, self._bank_hq_flat)
+            if ok:
+                return ratio * self.threshold
         pos, neg, *bank = self._sums.tolist()
         nk = len(bank) // 2
         ratios = [max(pos, neg) / self._hq]
@@ -262,6 +268,10 @@ class CusumTrigger:
     @property
     def alarmed(self) -> bool:
         """Whether any CUSUM is above its threshold now."""
+        if self._hq < _EXACT:
+            ok, _, alarmed = _k.trigger_readout(self._sums, self._hq, self._bank_hq_flat)
+            if ok:
+                return bool(alarmed)
         pos, neg, *bank = self._sums.tolist()
         nk = len(bank) // 2
         return (pos > self._hq or neg > self._hq
