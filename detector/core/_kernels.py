@@ -880,8 +880,11 @@ def _read_numpy_loops() -> np.ndarray | None:
         functions = ctypes.c_void_p.from_address(addr + head + 16).value
         data = ctypes.c_void_p.from_address(addr + head + 24).value
         ntypes = ctypes.c_int.from_address(addr + head + 32).value
-        name = ctypes.c_char_p.from_address(addr + head + 40).value
-        if (nin, nout, ntypes) != (1, 1, ufunc.ntypes) or name != ufunc.__name__.encode() or not functions:
+        # The counts first: only a struct laid out as expected has a string pointer
+        # at ``name`` (dereferencing another layout's field could crash).
+        if (nin, nout, ntypes) != (1, 1, ufunc.ntypes) or not functions:
+            return None
+        if ctypes.c_char_p.from_address(addr + head + 40).value != ufunc.__name__.encode():
             return None
         fn = ctypes.c_void_p.from_address(functions + 8 * index).value
         arg = ctypes.c_void_p.from_address(data + 8 * index).value if data else None
