@@ -23,13 +23,14 @@ checkpoint are the fields of one object and change together.
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -252,6 +253,12 @@ class _Run:
         self.status = self._make_status()
         return events + finished
 
+    def declare_many(self, specs: Iterable[SeriesSpec]) -> None:
+        """``declare`` each, in order, the labeller's roles resolved once at the end
+        (the same roles: they are a function of the specs). The caller checks
+        ``max_series_per_run``. O(series)."""
+        self.detector.add_series_many(s for s in specs if s.name not in self.detector.specs)
+
     def declare(self, spec: SeriesSpec) -> None:
         if spec.name not in self.detector.specs:
             if len(self.detector.specs) >= self.config.max_series_per_run:
@@ -285,8 +292,8 @@ class _Run:
     def _ingest(
         self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
     ) -> tuple[int, dict[str, int], list[Event]]:
-        if self._hold_in_order(columns):
-            events = self._release(len(self.pending_steps) - self.config.reorder_window)
+        events = self._hold_in_order(columns)
+        if events is not None:
             return sum(len(steps) for steps, _ in columns.values()), {}, events
         accepted = 0
         rejected: dict[str, int] = {}
@@ -355,50 +362,108 @@ class _Run:
         events = self._release(len(self.pending_steps) - self.config.reorder_window)
         return accepted, rejected, events
 
-    def _hold_in_order(self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bool:
-        """Hold a batch that is in order, as ``_ingest`` would, in a few numpy calls
-        for the whole batch; False (nothing done) when it is not.
+    def _hold_in_order(
+        self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    ) -> list[Event] | None:
+        """Hold a batch that is in order and release all but ``reorder_window`` held
+        steps, as ``_ingest`` then ``_release`` would, in a few numpy calls for the
+        whole batch and a few per series; None (nothing done) when it is not in order.
 
-        In order: every series declared and not empty, its steps strictly
-        increasing and above both ``through_step`` and its last step so far. Then
-        nothing is rejected, resent or repeated, and each series' points go after
-        its held ones: ``_ingest``'s per-series checks and merge (a dozen numpy
-        calls a series) reduce to a concatenation. What a training job sends is
-        nearly always so. O(points) plus O(series) Python steps.
+        In order: every series not empty, its steps strictly increasing and above
+        both ``through_step`` and its last step so far. Then nothing is rejected,
+        resent or repeated, and each series' points go after its held ones:
+        ``_ingest``'s per-series checks and merge (a dozen numpy calls a series)
+        reduce to cutting each series at the release's last step. Series not seen
+        before are declared first, together (the labeller's roles resolved once).
+        What a training job sends is nearly always so. O(points) plus O(series)
+        Python steps.
         """
         if not columns:
-            return False
+            return None
         specs, last_seen = self.detector.specs, self.last_seen
         floor = -1 if self.released_through is None else self.released_through
+        arrays = []
         lows = []
+        new = []
         for name, (steps, _) in columns.items():
-            if name not in specs or not len(steps):
-                return False
+            if not len(steps):
+                return None
+            if name not in specs:
+                new.append(name)
+            arrays.append(steps)
             lows.append(max(floor, last_seen.get(name, -1)))
-        arrays = [steps for steps, _ in columns.values()]
+        if new and len(specs) + len(new) > self.config.max_series_per_run:
+            return None  # _ingest declares what fits, then refuses
         steps = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-        ends = np.cumsum([len(a) for a in arrays])
-        starts = np.concatenate(([0], ends[:-1]))
-        if not (steps[starts] > np.asarray(lows)).all():
-            return False
-        rising = steps[1:] > steps[:-1]
-        rising[ends[:-1] - 1] = True  # across two series: no order needed
-        if not rising.all():
-            return False
-        tops = steps[ends - 1].tolist()
-        pending = self.pending
-        for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
-            last_seen[name] = top
-            old = pending.get(name)
-            if old is None:
-                pending[name] = (new_steps, new_values)
-            else:
-                pending[name] = (np.concatenate((old[0], new_steps)),
-                                 np.concatenate((old[1], new_values)))
+        ends = list(itertools.accumulate(len(a) for a in arrays))
+        starts = [0, *ends[:-1]]
+        firsts = steps[starts].tolist()
+        if not all(first > low for first, low in zip(firsts, lows, strict=True)):
+            return None
+        if len(steps) > 1:
+            rising = steps[1:] > steps[:-1]
+            if len(ends) > 1:
+                rising[np.array(ends[:-1]) - 1] = True  # across two series: no order needed
+            if not rising.all():
+                return None
+        if new:
+            self.declare_many(infer_spec(name) for name in new)
+        tops = steps[np.array(ends) - 1].tolist()
         self.max_step = max(self.max_step, max(tops))
         self.changes += len(steps)
-        self.pending_steps = np.unique(np.concatenate((self.pending_steps, steps)))
-        return True
+        held = np.unique(np.concatenate((self.pending_steps, steps)))
+        count = len(held) - self.config.reorder_window
+        pending = self.pending
+        if count <= 0:  # all held: as _ingest's merge
+            for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
+                last_seen[name] = top
+                old = pending.get(name)
+                pending[name] = ((new_steps, new_values) if old is None else
+                                 (np.concatenate((old[0], new_steps)),
+                                  np.concatenate((old[1], new_values))))
+            self.pending_steps = held
+            return []
+        # Release held[:count]: per series, what is at or below ``cut`` goes in the
+        # block, the rest stays held. ``pending`` keeps _release's key order (updated
+        # in place, new series appended in column order, emptied ones removed): it is
+        # part of the checkpoint.
+        cut = int(held[count - 1])
+        block: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
+            last_seen[name] = top
+            k = int(new_steps.searchsorted(cut, "right"))
+            old = pending.get(name)
+            if old is None:
+                if k:
+                    block[name] = (new_steps[:k], new_values[:k])
+                if k < len(new_steps):
+                    pending[name] = (new_steps[k:], new_values[k:])
+                continue
+            if k:  # then every old point is at or below cut too: they come before
+                block[name] = (np.concatenate((old[0], new_steps[:k])),
+                               np.concatenate((old[1], new_values[:k])))
+                rest = (new_steps[k:], new_values[k:])
+            else:
+                j = int(old[0].searchsorted(cut, "right"))
+                if j:
+                    block[name] = (old[0][:j], old[1][:j])
+                rest = (np.concatenate((old[0][j:], new_steps)),
+                        np.concatenate((old[1][j:], new_values)))
+            if len(rest[0]):
+                pending[name] = rest
+            else:
+                del pending[name]
+        for name in [n for n in pending if n not in columns]:  # held, not in this batch
+            old_steps, old_values = pending[name]
+            j = int(old_steps.searchsorted(cut, "right"))
+            if j:
+                block[name] = (old_steps[:j], old_values[:j])
+                if j == len(old_steps):
+                    del pending[name]
+                else:
+                    pending[name] = (old_steps[j:], old_values[j:])
+        self.pending_steps = held[count:]
+        return self._detect(block, held[:count])
 
     def flush(self) -> list[Event]:
         """Release every held point without ending the run."""
@@ -420,7 +485,7 @@ class _Run:
         cut = int(lines[-1])
         block: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, (steps, values) in list(self.pending.items()):
-            k = int(np.searchsorted(steps, cut, side="right"))
+            k = int(steps.searchsorted(cut, "right"))
             if k == 0:
                 continue
             block[name] = (steps[:k], values[:k])
@@ -428,13 +493,18 @@ class _Run:
                 del self.pending[name]
             else:
                 self.pending[name] = (steps[k:], values[k:])
+        return self._detect(block, lines)
+
+    def _detect(self, block: dict[str, tuple[np.ndarray, np.ndarray]],
+                lines: np.ndarray) -> list[Event]:
+        """Detect a released block (``lines``: its steps, sorted) and note it released."""
         events = self.detector.update_many(block, lines)
         memory = np.concatenate((self.released_recent, lines))
         if len(memory) > _RELEASED_MEMORY:
             self.released_floor = int(memory[len(memory) - _RELEASED_MEMORY - 1]) + 1
             memory = memory[len(memory) - _RELEASED_MEMORY :].copy()
         self.released_recent = memory
-        self.released_through = cut
+        self.released_through = int(lines[-1])
         self.changes += 1
         self.recent.extend(events)
         self.events.extend(events)
