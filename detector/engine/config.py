@@ -63,6 +63,7 @@ class EngineConfig:
 # leaves int64 room for "step + 1" and segment ends downstream: a step beyond
 # it is refused (InvalidArgument) rather than overflowing later (issue 18).
 MAX_STEP = 2**53 - 1
+_INT64 = np.dtype(np.int64)  # compared with a dtype, not a type: half the cost
 # Labels are copied into every RunPhase, ListRuns page and /metrics scrape: bound
 # them so that one run cannot make those exceed what clients accept (issue 18).
 MAX_LABELS = 64
@@ -105,7 +106,7 @@ def _check_all_steps(columns: Mapping[str, tuple[Sequence[int] | np.ndarray, obj
     when the steps are int64 arrays (what the server's conversion gives), instead
     of a numpy call per series. O(points)."""
     arrays = [steps for steps, _ in columns.values()]
-    if all(isinstance(a, np.ndarray) and a.dtype == np.int64 and a.ndim == 1 for a in arrays):
+    if all(isinstance(a, np.ndarray) and a.dtype == _INT64 and a.ndim == 1 for a in arrays):
         filled = [a for a in arrays if len(a)]
         if not filled or int(np.concatenate(filled).max()) <= MAX_STEP:
             return
