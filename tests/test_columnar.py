@@ -295,8 +295,12 @@ def test_in_order_batches_take_the_short_path_with_the_same_result(monkeypatch) 
         out = []
         for batch in batches:
             accepted, rejected, events = r.ingest(batch)
+            # The held points too, in their order: they are part of the checkpoint.
+            held = [(name, steps.tolist(), values.tobytes())
+                    for name, (steps, values) in r.pending.items()]
             out.append((accepted, rejected, [_event_key(e) for e in events],
-                        r.through_step, r.max_step, r.changes))
+                        r.through_step, r.max_step, r.changes, held, r.pending_steps.tolist(),
+                        r.released_recent.tolist()))
         out.append([_event_key(e) for e in r.flush()])
         return r, out
 

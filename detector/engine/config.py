@@ -63,7 +63,6 @@ class EngineConfig:
 # leaves int64 room for "step + 1" and segment ends downstream: a step beyond
 # it is refused (InvalidArgument) rather than overflowing later (issue 18).
 MAX_STEP = 2**53 - 1
-_INT64 = np.dtype(np.int64)  # compared with a dtype, not a type: half the cost
 # Labels are copied into every RunPhase, ListRuns page and /metrics scrape: bound
 # them so that one run cannot make those exceed what clients accept (issue 18).
 MAX_LABELS = 64
@@ -84,6 +83,9 @@ def _check_labels(labels: Mapping[str, str]) -> None:
                 f"label {key!r}: value of {len(value.encode())} bytes; at most "
                 f"{MAX_LABEL_VALUE_BYTES}"
             )
+
+
+_INT64 = np.dtype(np.int64)  # a dtype compares with a dtype at half the cost of with a type
 
 
 def _check_steps(name: str, steps: Sequence[int] | np.ndarray) -> None:
