@@ -721,8 +721,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="real: open-loop cell length (default --seconds; --quick: 8)")
     parser.add_argument("--no-open-loop", action="store_true", help="real: closed-loop cells only")
     parser.add_argument("--profile-server", metavar="PATH",
-                        help="real: run the full server under cProfile (all threads), stats to PATH "
-                             "and PATH.txt; the profiler slows it, so its numbers are not throughput")
+                        help="run the full server under cProfile (all threads; both workloads), stats "
+                             "to PATH and PATH.txt; PHASEWATCH_PROFILE_CLOCK=cpu times each thread's "
+                             "CPU; the profiler slows it, so its numbers are not throughput")
     parser.add_argument("--window", type=int, default=2, help="batches in flight per stream")
     parser.add_argument("--servers", default="bare,full", help="which servers: bare, full")
     parser.add_argument("--store", help="store URL for the full server (default: a fresh SQLite file)")
@@ -742,7 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [int(x) for x in args.runs.split(",")]
     cells: list[dict[str, Any]] = []
     for kind in args.servers.split(","):
-        with ServerProcess(kind, args.store) as server:
+        profile = args.profile_server if kind == "full" else None
+        with ServerProcess(kind, args.store, profile=profile) as server:
             # Warm-up: imports, first allocations, the store's first writes.
             run_cell(server, 1, batches[0], 0.5, args.window)
             for batch_points in batches:

@@ -17,7 +17,7 @@ from detector.alerts import AlertDispatcher, AlertmanagerSink
 from detector.alerts.rules import SCOPE_GENERALIZATION, SCOPE_TRAINING
 from detector.core.labeller.rules._common import GENERALISATION, TRAINING
 from detector.core.types import Event, EventKind
-from detector.engine import DETECTION_BUCKETS, Engine
+from detector.engine import DETECTION_BUCKETS, Engine, SeriesStatus
 from detector.exporter import EngineCollector, MetricsExposition, start_metrics_server
 from detector.exporter.collector import COLLAPSE_SCOPES
 from detector.store import SqliteStore
@@ -84,6 +84,31 @@ def test_series_gauges_cover_headline_series_only():
     assert all(-1 <= t <= 1 for t in taus.values()) and taus
     last = {s.labels["series"]: s.value for s in families["phasewatch_series_last_value"].samples}
     assert last["train_loss"] == pytest.approx(rows[199]["train_loss"])
+
+
+def test_headline_trends_read_later_are_those_of_their_status():
+    """A status's trends are computed when read, from a copy of the window its
+    series tested then: equal to SeriesDetector.trend at that point, whatever
+    the run took since."""
+    engine = Engine()
+    rows = read_rows(shared_dir("runs", "grok_add_0.jsonl"))
+    taken = []
+    for lo in range(0, 240, 7):  # batches of 7 lines: the trend's due count moves each time
+        engine.ingest("g", rows_to_columns(rows[lo:lo + 7]))
+        run = engine._runs["g"]
+        expected = {}
+        for s in run.status.series:
+            trend = run.detector.detectors[s.name].trend
+            expected[s.name] = None if trend is None else (trend.statistic, trend.p_value)
+        taken.append((run.status, expected))
+    assert any(t is not None for _, e in taken for t in e.values())
+    for status, expected in taken:
+        for s in status.series:
+            got = None if s.trend_tau is None else (s.trend_tau, s.trend_p_value)
+            assert got == expected[s.name]
+            plain = SeriesStatus(s.name, s.role, s.split, s.in_plateau, s.trend_tau,
+                                 s.trend_p_value, s.last_value)
+            assert s == plain and plain == s and hash(s) == hash(plain) and repr(s) == repr(plain)
 
 
 def test_series_gauges_budget_keeps_the_most_recent_live_runs():

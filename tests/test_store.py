@@ -730,3 +730,22 @@ def test_sqlite_wal_checkpoints_run_on_the_background_thread_not_in_commits(tmp_
     assert os.path.getsize(path) > 40 * len(blob)  # the thread checkpointed, the store open
     store.close()
     store.close()  # idempotent
+
+
+def test_the_status_a_commit_stores_is_the_status_without_recent_events() -> None:
+    """The engine builds it field by field (cheaper than dataclasses.replace): a
+    field added to RunStatus must be carried too."""
+    import dataclasses
+
+    from detector.engine import SeriesStatus, _without_recent
+
+    full = {}
+    for f in dataclasses.fields(RunStatus):  # every field set, none at its default
+        full[f.name] = {
+            "run_id": "r", "labels": {"a": "b"}, "phase": Phase.COLLAPSE, "since_step": 3,
+            "confidence": 0.5, "last_step": 9, "ended": True, "recent_events": tuple(EVENTS),
+            "updated_at": 2.0, "collapse_scopes": ("training",),
+            "series": (SeriesStatus("loss", Role.LOSS, Split.TRAIN, True, 0.1, 0.2, 3.0),),
+        }[f.name]
+    status = RunStatus(**full)
+    assert _without_recent(status) == dataclasses.replace(status, recent_events=())

@@ -13,7 +13,7 @@ events are reported (counted in lines, so whatever the batching).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,11 +60,22 @@ class RunDetector:
         self.events_so_far: deque[Event] = deque(maxlen=keep_events)
 
     def add_series(self, spec: SeriesSpec) -> None:
-        if spec.name in self.specs:
-            return
-        self.specs[spec.name] = spec
-        self.detectors[spec.name] = SeriesDetector(spec, self.config.series)
-        self.labeller.set_specs(self.specs)
+        self.add_series_many((spec,))
+
+    def add_series_many(self, specs: Iterable[SeriesSpec]) -> None:
+        """``add_series`` for each spec in turn (one already here is skipped); the
+        labeller's roles, a function of all the specs, are resolved once at the
+        end: O(series), not O(series²) for a run declaring its series together."""
+        added = False
+        try:
+            for spec in specs:
+                if spec.name not in self.specs:
+                    self.specs[spec.name] = spec
+                    self.detectors[spec.name] = SeriesDetector(spec, self.config.series)
+                    added = True
+        finally:  # also after a spec that failed: the roles of what was added
+            if added:
+                self.labeller.set_specs(self.specs)
 
     def update(self, step: int, row: Mapping[str, float]) -> list[Event]:
         """Take one line; returns the events it caused, series events first."""

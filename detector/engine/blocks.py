@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from detector.engine.run import Columns
+from detector.engine.run import Columns, as_arrays
 
 _STOPPING: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
     "phasewatch_stopping", default=None
@@ -38,11 +38,7 @@ def _blocks(columns: Columns, size: int) -> list[Columns]:
     ordered log gives the same events however it is cut). A series with no
     points goes in the first block (it declares the series). O(points log points).
     """
-    arrays = {
-        name: (np.asarray(steps, dtype=np.int64).reshape(-1),
-               np.asarray(values, dtype=np.float64).reshape(-1))
-        for name, (steps, values) in columns.items()
-    }
+    arrays = as_arrays(columns)
     total = sum(len(steps) for steps, _ in arrays.values())
     if total <= size:
         return [arrays]

@@ -23,18 +23,22 @@ checkpoint are the fields of one object and change together.
 
 from __future__ import annotations
 
+import itertools
+import math
 import pickle
 import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from detector.core import Event, RunDetector, SeriesSpec
-from detector.core.types import infer_spec
+from detector.core.series import SeriesDetector
+from detector.core.trend import mann_kendall
+from detector.core.types import Role, Split, infer_spec
 from detector.errors import FailedPrecondition, ResourceExhausted
 from detector.ports import RunStatus, SeriesStatus
 
@@ -249,6 +253,12 @@ class _Run:
         self.status = self._make_status()
         return events + finished
 
+    def declare_many(self, specs: Iterable[SeriesSpec]) -> None:
+        """``declare`` each, in order, the labeller's roles resolved once at the end
+        (the same roles: they are a function of the specs). The caller checks
+        ``max_series_per_run``. O(series)."""
+        self.detector.add_series_many(s for s in specs if s.name not in self.detector.specs)
+
     def declare(self, spec: SeriesSpec) -> None:
         if spec.name not in self.detector.specs:
             if len(self.detector.specs) >= self.config.max_series_per_run:
@@ -267,11 +277,7 @@ class _Run:
         rest are held, a step already held for the series keeping its first
         value. O(points log points) per batch, plus the release.
         """
-        batch = {
-            name: (np.asarray(steps, dtype=np.int64).reshape(-1),
-                   np.asarray(values, dtype=np.float64).reshape(-1))
-            for name, (steps, values) in columns.items()
-        }
+        batch = as_arrays(columns)
         unlogged, self.unlogged = self.unlogged, None  # if this raises half-way: a full one
         result = self._ingest(batch)
         if unlogged is not None:
@@ -282,8 +288,8 @@ class _Run:
     def _ingest(
         self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
     ) -> tuple[int, dict[str, int], list[Event]]:
-        if self._hold_in_order(columns):
-            events = self._release(len(self.pending_steps) - self.config.reorder_window)
+        events = self._hold_in_order(columns)
+        if events is not None:
             return sum(len(steps) for steps, _ in columns.values()), {}, events
         accepted = 0
         rejected: dict[str, int] = {}
@@ -352,50 +358,108 @@ class _Run:
         events = self._release(len(self.pending_steps) - self.config.reorder_window)
         return accepted, rejected, events
 
-    def _hold_in_order(self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bool:
-        """Hold a batch that is in order, as ``_ingest`` would, in a few numpy calls
-        for the whole batch; False (nothing done) when it is not.
+    def _hold_in_order(
+        self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    ) -> list[Event] | None:
+        """Hold a batch that is in order and release all but ``reorder_window`` held
+        steps, as ``_ingest`` then ``_release`` would, in a few numpy calls for the
+        whole batch and a few per series; None (nothing done) when it is not in order.
 
-        In order: every series declared and not empty, its steps strictly
-        increasing and above both ``through_step`` and its last step so far. Then
-        nothing is rejected, resent or repeated, and each series' points go after
-        its held ones: ``_ingest``'s per-series checks and merge (a dozen numpy
-        calls a series) reduce to a concatenation. What a training job sends is
-        nearly always so. O(points) plus O(series) Python steps.
+        In order: every series not empty, its steps strictly increasing and above
+        both ``through_step`` and its last step so far. Then nothing is rejected,
+        resent or repeated, and each series' points go after its held ones:
+        ``_ingest``'s per-series checks and merge (a dozen numpy calls a series)
+        reduce to cutting each series at the release's last step. Series not seen
+        before are declared first, together (the labeller's roles resolved once).
+        What a training job sends is nearly always so. O(points) plus O(series)
+        Python steps.
         """
         if not columns:
-            return False
+            return None
         specs, last_seen = self.detector.specs, self.last_seen
         floor = -1 if self.released_through is None else self.released_through
+        arrays = []
         lows = []
+        new = []
         for name, (steps, _) in columns.items():
-            if name not in specs or not len(steps):
-                return False
+            if not len(steps):
+                return None
+            if name not in specs:
+                new.append(name)
+            arrays.append(steps)
             lows.append(max(floor, last_seen.get(name, -1)))
-        arrays = [steps for steps, _ in columns.values()]
+        if new and len(specs) + len(new) > self.config.max_series_per_run:
+            return None  # _ingest declares what fits, then refuses
         steps = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-        ends = np.cumsum([len(a) for a in arrays])
-        starts = np.concatenate(([0], ends[:-1]))
-        if not (steps[starts] > np.asarray(lows)).all():
-            return False
-        rising = steps[1:] > steps[:-1]
-        rising[ends[:-1] - 1] = True  # across two series: no order needed
-        if not rising.all():
-            return False
-        tops = steps[ends - 1].tolist()
-        pending = self.pending
-        for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
-            last_seen[name] = top
-            old = pending.get(name)
-            if old is None:
-                pending[name] = (new_steps, new_values)
-            else:
-                pending[name] = (np.concatenate((old[0], new_steps)),
-                                 np.concatenate((old[1], new_values)))
+        ends = list(itertools.accumulate(len(a) for a in arrays))
+        starts = [0, *ends[:-1]]
+        firsts = steps[starts].tolist()
+        if not all(first > low for first, low in zip(firsts, lows, strict=True)):
+            return None
+        if len(steps) > 1:
+            rising = steps[1:] > steps[:-1]
+            if len(ends) > 1:
+                rising[np.array(ends[:-1]) - 1] = True  # across two series: no order needed
+            if not rising.all():
+                return None
+        if new:
+            self.declare_many(infer_spec(name) for name in new)
+        tops = steps[np.array(ends) - 1].tolist()
         self.max_step = max(self.max_step, max(tops))
         self.changes += len(steps)
-        self.pending_steps = np.unique(np.concatenate((self.pending_steps, steps)))
-        return True
+        held = np.unique(np.concatenate((self.pending_steps, steps)))
+        count = len(held) - self.config.reorder_window
+        pending = self.pending
+        if count <= 0:  # all held: as _ingest's merge
+            for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
+                last_seen[name] = top
+                old = pending.get(name)
+                pending[name] = ((new_steps, new_values) if old is None else
+                                 (np.concatenate((old[0], new_steps)),
+                                  np.concatenate((old[1], new_values))))
+            self.pending_steps = held
+            return []
+        # Release held[:count]: per series, what is at or below ``cut`` goes in the
+        # block, the rest stays held. ``pending`` keeps _release's key order (updated
+        # in place, new series appended in column order, emptied ones removed): it is
+        # part of the checkpoint.
+        cut = int(held[count - 1])
+        block: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
+            last_seen[name] = top
+            k = int(new_steps.searchsorted(cut, "right"))
+            old = pending.get(name)
+            if old is None:
+                if k:
+                    block[name] = (new_steps[:k], new_values[:k])
+                if k < len(new_steps):
+                    pending[name] = (new_steps[k:], new_values[k:])
+                continue
+            if k:  # then every old point is at or below cut too: they come before
+                block[name] = (np.concatenate((old[0], new_steps[:k])),
+                               np.concatenate((old[1], new_values[:k])))
+                rest = (new_steps[k:], new_values[k:])
+            else:
+                j = int(old[0].searchsorted(cut, "right"))
+                if j:
+                    block[name] = (old[0][:j], old[1][:j])
+                rest = (np.concatenate((old[0][j:], new_steps)),
+                        np.concatenate((old[1][j:], new_values)))
+            if len(rest[0]):
+                pending[name] = rest
+            else:
+                del pending[name]
+        for name in [n for n in pending if n not in columns]:  # held, not in this batch
+            old_steps, old_values = pending[name]
+            j = int(old_steps.searchsorted(cut, "right"))
+            if j:
+                block[name] = (old_steps[:j], old_values[:j])
+                if j == len(old_steps):
+                    del pending[name]
+                else:
+                    pending[name] = (old_steps[j:], old_values[j:])
+        self.pending_steps = held[count:]
+        return self._detect(block, held[:count])
 
     def flush(self) -> list[Event]:
         """Release every held point without ending the run."""
@@ -417,7 +481,7 @@ class _Run:
         cut = int(lines[-1])
         block: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, (steps, values) in list(self.pending.items()):
-            k = int(np.searchsorted(steps, cut, side="right"))
+            k = int(steps.searchsorted(cut, "right"))
             if k == 0:
                 continue
             block[name] = (steps[:k], values[:k])
@@ -425,13 +489,18 @@ class _Run:
                 del self.pending[name]
             else:
                 self.pending[name] = (steps[k:], values[k:])
+        return self._detect(block, lines)
+
+    def _detect(self, block: dict[str, tuple[np.ndarray, np.ndarray]],
+                lines: np.ndarray) -> list[Event]:
+        """Detect a released block (``lines``: its steps, sorted) and note it released."""
         events = self.detector.update_many(block, lines)
         memory = np.concatenate((self.released_recent, lines))
         if len(memory) > _RELEASED_MEMORY:
             self.released_floor = int(memory[len(memory) - _RELEASED_MEMORY - 1]) + 1
             memory = memory[len(memory) - _RELEASED_MEMORY :].copy()
         self.released_recent = memory
-        self.released_through = cut
+        self.released_through = int(lines[-1])
         self.changes += 1
         self.recent.extend(events)
         self.events.extend(events)
@@ -456,6 +525,23 @@ class _Run:
 
 
 _EMPTY_STEPS = np.zeros(0, dtype=np.int64)
+_INT64 = np.dtype(np.int64)
+_FLOAT64 = np.dtype(np.float64)
+
+
+def as_arrays(columns: Columns) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``columns`` as flat int64 steps and float64 values (numpy arrays). Arrays
+    already so (what the server's conversion and :func:`_blocks` give) are taken
+    as they are: a batch goes through this twice, and a conversion is ~1 us a
+    series. O(series), plus O(points) for what needs converting."""
+    out = {}
+    for name, (steps, values) in columns.items():
+        if not (type(steps) is np.ndarray and steps.dtype == _INT64 and steps.ndim == 1):
+            steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        if not (type(values) is np.ndarray and values.dtype == _FLOAT64 and values.ndim == 1):
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+        out[name] = (steps, values)
+    return out
 _PICKLE_START = b"\x80"  # the PROTO opcode every pickle of protocol >= 2 starts with
 
 
@@ -544,7 +630,12 @@ def _checkpoint_v1_to_v2(state: dict) -> dict:
 
 
 def _headline_series(detector: RunDetector) -> tuple[SeriesStatus, ...]:
-    """The labeller's headline series: what per-series gauges are kept for (bounded)."""
+    """The labeller's headline series: what per-series gauges are kept for (bounded).
+
+    Their trends are computed when read (:class:`_HeadlineSeries`), not here: a
+    status is made at every release, and Mann–Kendall on the four headline series
+    was ~0.2 ms a batch while only a /metrics scrape reads it. O(headline series
+    × trend window) here (a copy of each trend window)."""
     roles = detector.labeller.roles
     names = dict.fromkeys(n for n in (roles.train_loss, roles.val_loss, roles.train_acc, roles.val_acc) if n)
     out = []
@@ -552,14 +643,88 @@ def _headline_series(detector: RunDetector) -> tuple[SeriesStatus, ...]:
         series = detector.detectors.get(name)
         if series is None:
             continue
-        trend = series.trend
-        out.append(SeriesStatus(
-            name=name,
-            role=series.spec.role,
-            split=series.spec.split,
-            in_plateau=series.in_plateau,
-            trend_tau=None if trend is None else trend.statistic,
-            trend_p_value=None if trend is None else trend.p_value,
-            last_value=series.last_value,
+        out.append(_HeadlineSeries(
+            name, series.spec.role, series.spec.split, series.in_plateau,
+            last_value=series.last_value, trend_window=_trend_window(series),
         ))
     return tuple(out)
+
+
+def _trend_window(series: SeriesDetector) -> np.ndarray | None:
+    """A copy of the values :attr:`SeriesDetector.trend` tests now (the last
+    ``trend_window`` finite points as of the last multiple of ``trend_every``
+    points), or None before there are that many: the same window, so the same
+    result, whatever the detector takes after. O(trend window)."""
+    every, window = series.config.trend_every, series.config.trend_window
+    last = (series.n_finite // every) * every  # as SeriesDetector.trend counts
+    if last < window:
+        return None
+    # recent(k) is the last k held points: the trend's window is its first ``window``
+    # (the series config keeps at least trend_window + trend_every points held).
+    return series.recent(window + series.n_finite - last)[:window]
+
+
+class _HeadlineSeries(SeriesStatus):
+    """A :class:`SeriesStatus` whose trend (``trend_tau``, ``trend_p_value``) is
+    Mann–Kendall on a held copy of its window, computed on first read and kept.
+
+    Immutable like its base: the window is copied when the status is made, so a
+    read later (the exporter's thread, after more points) sees the trend as of the
+    status. Compares, hashes and prints as the plain :class:`SeriesStatus` of its
+    values; ``replace``, ``asdict`` and pickling read the resolved values.
+    """
+
+    _window: np.ndarray | None
+    _trend: tuple[float | None, float | None] | None
+
+    def __init__(self, name: str, role: Role, split: Split, in_plateau: bool,
+                 trend_tau: float | None = None, trend_p_value: float | None = None,
+                 last_value: float = math.nan, *, trend_window: np.ndarray | None = None) -> None:
+        set_ = object.__setattr__  # frozen: fields are set once, here
+        set_(self, "name", name)
+        set_(self, "role", role)
+        set_(self, "split", split)
+        set_(self, "in_plateau", in_plateau)
+        set_(self, "last_value", last_value)
+        set_(self, "_window", trend_window)
+        set_(self, "_trend", (trend_tau, trend_p_value) if trend_window is None else None)
+
+    def _resolved(self) -> tuple[float | None, float | None]:
+        # The window before the trend: a thread that resolves it sets the trend, then
+        # drops the window, so a None window here means the trend is already set.
+        # Two threads may both compute it: the same value.
+        window, trend = self._window, self._trend
+        if trend is None:
+            assert window is not None
+            result = mann_kendall(window)
+            trend = (result.statistic, result.p_value)
+            object.__setattr__(self, "_trend", trend)
+            object.__setattr__(self, "_window", None)
+        return trend
+
+    @property  # type: ignore[override]
+    def trend_tau(self) -> float | None:
+        return self._resolved()[0]
+
+    @property  # type: ignore[override]
+    def trend_p_value(self) -> float | None:
+        return self._resolved()[1]
+
+    def _values(self) -> tuple:
+        return (self.name, self.role, self.split, self.in_plateau, *self._resolved(),
+                self.last_value)
+
+    # As a plain SeriesStatus of the same values: equal to one, hashed and shown alike.
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _HeadlineSeries):
+            return self._values() == other._values()
+        if type(other) is SeriesStatus:
+            return self._values() == (other.name, other.role, other.split, other.in_plateau,
+                                      other.trend_tau, other.trend_p_value, other.last_value)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return repr(SeriesStatus(*self._values()))
