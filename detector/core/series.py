@@ -560,14 +560,25 @@ class SeriesDetector:
         ``trend_every`` points (None before ``trend_window`` points). Computed when read
         (O(trend_window²), once per point count), from the held window: only the
         headline series' trends are ever read."""
+        last = (self.n_finite // self.config.trend_every) * self.config.trend_every
+        if last < self.config.trend_window:
+            return None
+        if self._trend_read[0] != last:
+            window = self.trend_window()
+            assert window is not None
+            self._trend_read = (last, mann_kendall(window))
+        return self._trend_read[1]
+
+    def trend_window(self) -> np.ndarray | None:
+        """A copy of the values :attr:`trend` tests now: the last ``trend_window``
+        finite points as of the last multiple of ``trend_every`` points, or None
+        before there are that many (a status holds it to test later). O(trend_window)."""
         every, window = self.config.trend_every, self.config.trend_window
         last = (self.n_finite // every) * every  # finite count at the last due point
         if last < window:
             return None
-        if self._trend_read[0] != last:
-            end = self._size - (self.n_finite - last)  # held index just past that point
-            self._trend_read = (last, mann_kendall(self._values[end - window : end]))
-        return self._trend_read[1]
+        end = self._size - (self.n_finite - last)  # held index just past that point
+        return self._values[end - window : end].copy()
 
     # --- checkpoints -------------------------------------------------------------
 

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from detector.core import Event, RunDetector, SeriesSpec
-from detector.core.series import SeriesDetector
 from detector.core.trend import mann_kendall
 from detector.core.types import Role, Split, infer_spec
 from detector.errors import FailedPrecondition, ResourceExhausted
@@ -645,23 +644,9 @@ def _headline_series(detector: RunDetector) -> tuple[SeriesStatus, ...]:
             continue
         out.append(_HeadlineSeries(
             name, series.spec.role, series.spec.split, series.in_plateau,
-            last_value=series.last_value, trend_window=_trend_window(series),
+            last_value=series.last_value, trend_window=series.trend_window(),
         ))
     return tuple(out)
-
-
-def _trend_window(series: SeriesDetector) -> np.ndarray | None:
-    """A copy of the values :attr:`SeriesDetector.trend` tests now (the last
-    ``trend_window`` finite points as of the last multiple of ``trend_every``
-    points), or None before there are that many: the same window, so the same
-    result, whatever the detector takes after. O(trend window)."""
-    every, window = series.config.trend_every, series.config.trend_window
-    last = (series.n_finite // every) * every  # as SeriesDetector.trend counts
-    if last < window:
-        return None
-    # recent(k) is the last k held points: the trend's window is its first ``window``
-    # (the series config keeps at least trend_window + trend_every points held).
-    return series.recent(window + series.n_finite - last)[:window]
 
 
 class _HeadlineSeries(SeriesStatus):
