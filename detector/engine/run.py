@@ -361,14 +361,14 @@ class _Run:
         self, columns: Mapping[str, tuple[np.ndarray, np.ndarray]]
     ) -> list[Event] | None:
         """Hold a batch that is in order and release all but ``reorder_window`` held
-        steps, as ``_ingest`` then ``_release`` would, in a few numpy calls for the
-        whole batch and a few per series; None (nothing done) when it is not in order.
+        steps, as ``_ingest`` would, in a few numpy calls for the whole batch and a
+        few per series; None (nothing done) when it is not in order.
 
         In order: every series not empty, its steps strictly increasing and above
         both ``through_step`` and its last step so far. Then nothing is rejected,
         resent or repeated, and each series' points go after its held ones:
         ``_ingest``'s per-series checks and merge (a dozen numpy calls a series)
-        reduce to cutting each series at the release's last step. Series not seen
+        reduce to a concatenation. Series not seen
         before are declared first, together (the labeller's roles resolved once).
         What a training job sends is nearly always so. O(points) plus O(series)
         Python steps.
@@ -406,59 +406,14 @@ class _Run:
         tops = steps[np.array(ends) - 1].tolist()
         self.max_step = max(self.max_step, max(tops))
         self.changes += len(steps)
-        held = np.unique(np.concatenate((self.pending_steps, steps)))
-        count = len(held) - self.config.reorder_window
         pending = self.pending
-        if count <= 0:  # all held: as _ingest's merge
-            for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
-                last_seen[name] = top
-                old = pending.get(name)
-                pending[name] = ((new_steps, new_values) if old is None else
-                                 (np.concatenate((old[0], new_steps)),
-                                  np.concatenate((old[1], new_values))))
-            self.pending_steps = held
-            return []
-        # Release held[:count]: per series, what is at or below ``cut`` goes in the
-        # block, the rest stays held. ``pending`` keeps _release's key order (updated
-        # in place, new series appended in column order, emptied ones removed): it is
-        # part of the checkpoint.
-        cut = int(held[count - 1])
-        block: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for (name, (new_steps, new_values)), top in zip(columns.items(), tops, strict=True):
             last_seen[name] = top
-            k = int(new_steps.searchsorted(cut, "right"))
             old = pending.get(name)
-            if old is None:
-                if k:
-                    block[name] = (new_steps[:k], new_values[:k])
-                if k < len(new_steps):
-                    pending[name] = (new_steps[k:], new_values[k:])
-                continue
-            if k:  # then every old point is at or below cut too: they come before
-                block[name] = (np.concatenate((old[0], new_steps[:k])),
-                               np.concatenate((old[1], new_values[:k])))
-                rest = (new_steps[k:], new_values[k:])
-            else:
-                j = int(old[0].searchsorted(cut, "right"))
-                if j:
-                    block[name] = (old[0][:j], old[1][:j])
-                rest = (np.concatenate((old[0][j:], new_steps)),
-                        np.concatenate((old[1][j:], new_values)))
-            if len(rest[0]):
-                pending[name] = rest
-            else:
-                del pending[name]
-        for name in [n for n in pending if n not in columns]:  # held, not in this batch
-            old_steps, old_values = pending[name]
-            j = int(old_steps.searchsorted(cut, "right"))
-            if j:
-                block[name] = (old_steps[:j], old_values[:j])
-                if j == len(old_steps):
-                    del pending[name]
-                else:
-                    pending[name] = (old_steps[j:], old_values[j:])
-        self.pending_steps = held[count:]
-        return self._detect(block, held[:count])
+            pending[name] = ((new_steps, new_values) if old is None else
+                             (np.concatenate((old[0], new_steps)), np.concatenate((old[1], new_values))))
+        self.pending_steps = np.unique(np.concatenate((self.pending_steps, steps)))
+        return self._release(len(self.pending_steps) - self.config.reorder_window)
 
     def flush(self) -> list[Event]:
         """Release every held point without ending the run."""
@@ -488,18 +443,13 @@ class _Run:
                 del self.pending[name]
             else:
                 self.pending[name] = (steps[k:], values[k:])
-        return self._detect(block, lines)
-
-    def _detect(self, block: dict[str, tuple[np.ndarray, np.ndarray]],
-                lines: np.ndarray) -> list[Event]:
-        """Detect a released block (``lines``: its steps, sorted) and note it released."""
         events = self.detector.update_many(block, lines)
         memory = np.concatenate((self.released_recent, lines))
         if len(memory) > _RELEASED_MEMORY:
             self.released_floor = int(memory[len(memory) - _RELEASED_MEMORY - 1]) + 1
             memory = memory[len(memory) - _RELEASED_MEMORY :].copy()
         self.released_recent = memory
-        self.released_through = int(lines[-1])
+        self.released_through = cut
         self.changes += 1
         self.recent.extend(events)
         self.events.extend(events)
