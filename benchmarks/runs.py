@@ -27,10 +27,11 @@ order, an end closing the newest open onset). The *tolerance* of a run is
 3. Sustained collapse: the label step is ``collapse_step`` when
    ``collapse_kind`` is ``sustained_collapse`` or ``divergence_nonfinite``, else,
    when ``train_collapse_kind`` is ``sustained``, the first step of the last
-   train-collapse episode, else the first step of the last labelled spike when it
-   is unrecovered, lasts to the end of the log and began at least the labels'
-   ``RECOVER_WINDOW`` before it (a spike the log cut short may still have been
-   recovering). Found = a training-scope ``COLLAPSE_ONSET`` located
+   train-collapse episode, else, on a run that never memorised (no
+   ``memorisation_step``: loss-only or never fitting), the first step of the last
+   labelled spike when it is unrecovered, lasts to the end of the log and began
+   at least the labels' ``RECOVER_WINDOW`` before it (a spike the log cut short
+   may still have been recovering). Found = a training-scope ``COLLAPSE_ONSET`` located
    within the tolerance of it, or from the start of an unrecovered labelled
    spike that holds it, or of the unbroken chain of unrecovered spikes before
    that one (the labels' own excursion leading into the collapse: a loss that
@@ -232,11 +233,17 @@ def sustained_step(labels: dict) -> int | None:
         if episodes:
             return episodes[-1][0]
     # Loss-only or never-memorising runs: a loss excursion that never recovers and
-    # lasts to the end of the log (generated ``spikes``).
+    # lasts to the end of the log (generated ``spikes``). A run that memorised has
+    # its collapses labelled (``collapse_kind``, episodes); an excursion the labels
+    # leave there uncalled is not one (a slingshot from a 2e-7 loss that decays
+    # for 1 000 steps while held-out accuracy climbs to 1.0 never gets back
+    # within 1.5x of its floor).
     # Only when the log ran on for the labels' recovery window after it began: an
     # excursion still coming down when the log ends (a slingshot 180 steps before
     # the end, against a 200-step window) was not given the chance to recover.
     spikes = _spikes(labels)
+    if labels.get("memorisation_step") is not None:
+        return None
     if spikes and not spikes[-1][3] and labels.get("last_step") in (None, spikes[-1][1]):
         window = labels.get("label_rules", {}).get("RECOVER_WINDOW", 0)
         if spikes[-1][1] - spikes[-1][0] >= window:

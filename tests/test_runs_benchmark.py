@@ -288,6 +288,17 @@ def test_an_unrecovered_spike_the_log_cut_short_is_not_a_sustained_collapse():
     assert bench.sustained_step(dict(labels, spikes=[[2700, 2940, 2.5e5, False]])) == 2700
 
 
+def test_an_unrecovered_spike_after_memorisation_is_not_a_sustained_collapse():
+    # A slingshot: the loss jumps from 2e-7 and decays for 1 100 steps while the
+    # held-out accuracy reaches 1.0; the labels call no collapse, nor does the yardstick.
+    labels = {"log_every": 10, "last_step": 2530, "label_rules": {"RECOVER_WINDOW": 200},
+              "spikes": [[1430, 2530, 3.4e5, False]]}
+    assert bench.sustained_step(labels) == 1430  # never memorised: a collapse
+    memorised = dict(labels, memorisation_step=90, grokking_step=1530)
+    assert bench.sustained_step(memorised) is None
+    assert score(memorised, [ev("LOSS_SPIKE", 1430)]).sustained_found is None
+
+
 def test_a_divergence_is_training_falling_too_for_generalisation_episodes():
     labels = {"log_every": 10, "collapse_kind": "divergence_nonfinite", "collapse_step": 980,
               "train_collapse_episodes": [], "generalization_collapse_episodes": [[970, 1310, False]]}
