@@ -206,6 +206,8 @@ class SeriesDetector:
         # The compiled block's constants (integers, floats, the trigger's line table,
         # numpy's loops), or None where numpy's loops cannot be called (numpy's path).
         self._consts = _fast_consts(self.trigger, self._plateau, c.window, spec.role in _LOG_ROLES)
+        # The trigger's warm-up compiled too, where libm's log (math.log's) was found.
+        self._compiled_warm_up = self._consts is not None and bool(self._consts[0][_k.CI_LIBM_LOG])
 
     # --- update ---------------------------------------------------------------
 
@@ -423,7 +425,7 @@ class SeriesDetector:
             return hit
         warm = 0
         if trigger.n < trigger.warmup:  # no alarm during the warm-up: the sums stay zero
-            warm = trigger._warm_up(y[i:])
+            warm = self._warm_up(y, i)
             self._append(steps[i : i + warm], y[i : i + warm])
             if i + warm == len(y):
                 return None
@@ -441,13 +443,26 @@ class SeriesDetector:
         if self._consts is None:
             return trigger.absorb(y)
         y = np.ascontiguousarray(y, dtype=float)
-        i = trigger._warm_up(y) if trigger.n < trigger.warmup else 0  # the sums stay zero during warm-up
+        i = self._warm_up(y, 0) if trigger.n < trigger.warmup else 0  # the sums stay zero during warm-up
         if i == len(y):
             return np.zeros(len(y), dtype=bool)
         ci, cf, table, uf = self._consts
         flags, trigger.n = _k.trigger_absorb(y, i, trigger.n, trigger._f, trigger._sums, trigger.gate, table,
                                              ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf)
         return flags
+
+    def _warm_up(self, y: np.ndarray, lo: int) -> int:
+        """:meth:`CusumTrigger._warm_up` of ``y[lo:]`` (compiled path only; ``y`` contiguous
+        float64): one compiled call (:func:`_kernels.trigger_warm_up`, libm's log as
+        ``math.log``) where libm's log was found, else the trigger's Python. Returns the
+        points taken. A reset trigger warms up after every confirmed break: this was
+        ~25 us of small numpy and Python calls. O(warm-up)."""
+        trigger = self.trigger
+        if not self._compiled_warm_up:
+            return trigger._warm_up(y[lo:])
+        ci, cf, table, _ = cast("_FastConsts", self._consts)
+        taken, trigger.n = _k.trigger_warm_up(y, lo, trigger.n, trigger._f, table, ci, cf)
+        return int(taken)
 
     def _append(self, steps: np.ndarray, y: np.ndarray) -> None:
         """Append like one point at a time with a half-window shift when full (amortised O(1))."""
@@ -687,7 +702,8 @@ def _fast_consts(trigger: CusumTrigger, plateau: PlateauTest, window: int,
     consts = _FAST_CONSTS.get(key)
     if consts is None:
         ci = np.array([trigger._bank_after, trigger._kq, trigger._hq, window, plateau.patience,
-                       plateau.threshold_mode == "rel", log_role], dtype=np.int64)
+                       plateau.threshold_mode == "rel", log_role, trigger.warmup, _k.libm_log()],
+                      dtype=np.int64)
         q = _t_quantile(0.5 + plateau.confidence / 2, max(plateau.patience - 2, 1))
         cf = np.r_[trigger._lam, q, plateau.min_delta, trigger._holt, trigger._consts].astype(float)
         table = np.ascontiguousarray(np.vstack(trigger._table))
