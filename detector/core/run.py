@@ -29,6 +29,18 @@ _INT64 = np.dtype(np.int64)
 _FLOAT64 = np.dtype(np.float64)
 
 
+def distinct_steps(steps: np.ndarray) -> np.ndarray:
+    """``np.unique(steps)`` (sorted distinct values) by a sort and one comparison of
+    neighbours: numpy 2's ``np.unique`` took 4 to 6 times as long on the sizes of a
+    batch's steps (hundreds to tens of thousands), per batch on the engine's path.
+    O(n log n)."""
+    ordered = np.sort(steps)
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
 STATE_VERSION = 1  # of RunDetector.state(); the series, labeller and economy states carry their own
 
 
@@ -122,7 +134,7 @@ class RunDetector:
         if not cols:
             return []
         if lines is None:
-            lines = np.unique(np.concatenate([steps for steps, _ in cols.values()]))
+            lines = distinct_steps(np.concatenate([steps for steps, _ in cols.values()]))
         # Series not seen before join at their first step, in name order, as update() adds them.
         joins: dict[int, list[str]] = {}
         for name in sorted(cols):
