@@ -477,3 +477,48 @@ def test_trigger_readout_is_the_python_statistic_and_alarm() -> None:
         trigger._sums[:] = sums
         statistic, alarmed = python(sums.tolist())
         assert trigger.statistic == statistic and trigger.alarmed is alarmed
+
+
+def test_libm_log_is_math_log() -> None:
+    """The warm-up's compiled log calls the C library's log as math.log does: the same
+    floats, bit for bit, on every value class it takes (tiny to huge, inf, NaN)."""
+    import math
+
+    address = k.libm_log()
+    assert address  # CPython on Linux: the compiled warm-up is taken
+    rng = np.random.default_rng(21)
+    x = np.r_[np.exp(rng.uniform(-745.0, 709.7, 1 << 15)), 10.0 ** rng.uniform(-320, 308, 4096),
+              1.0 + 10.0 ** rng.uniform(-17, 1, 4096), np.inf, np.nan, k.TINY]
+    expected = np.array([math.log(v) for v in x.tolist()])
+    assert np.array_equal(k._math_log_many(address, x).view(np.int64), expected.view(np.int64))
+
+
+def test_compiled_warm_up_is_the_triggers() -> None:
+    """trigger_warm_up leaves the state and takes the points of CusumTrigger._warm_up, from
+    a fresh trigger and from part-way through the warm-up, with non-finite, zero, tiny
+    and huge values."""
+    from detector.core.series import SeriesConfig, SeriesDetector
+    from detector.core.types import Direction, Role, SeriesSpec, Split
+
+    det = SeriesDetector(SeriesSpec("v", Role.OTHER, Split.TRAIN, Direction.MINIMIZE), SeriesConfig())
+    ci, cf, table, _ = det._consts
+    assert ci[k.CI_LIBM_LOG] and det._compiled_warm_up
+    rng = np.random.default_rng(22)
+    specials = np.array([0.0, -0.0, 1e-300, 1e-310, 1e300, -1e300, np.inf, -np.inf, np.nan])
+    for case in range(300):
+        y = rng.normal(rng.uniform(-5, 5), 10.0 ** rng.uniform(-12, 3), int(rng.integers(1, 20)))
+        if case % 3 == 0:
+            y[rng.random(len(y)) < 0.3] = rng.choice(specials)
+        if case % 5 == 0:
+            y[:] = y[0]  # constant: zero innovations
+        reference, compiled = CusumTrigger(), CusumTrigger()
+        head = int(rng.integers(0, 8))
+        first = rng.normal(size=head)
+        reference._warm_up(first)
+        compiled._warm_up(first)
+        lo = int(rng.integers(0, len(y)))
+        expected = reference._warm_up(y[lo:])
+        taken, compiled.n = k.trigger_warm_up(y, lo, compiled.n, compiled._f, table, ci, cf)
+        assert taken == expected and type(compiled.n) is int
+        assert np.array_equal(compiled._f.view(np.int64), reference._f.view(np.int64)), case
+        assert compiled.state() == reference.state() or np.isnan(reference._f).any()

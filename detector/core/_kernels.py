@@ -915,6 +915,58 @@ def _numpy_loops_agree(loops: np.ndarray | None) -> bool:
     return True
 
 
+_LIBM_LOG: list[int] = []  # [address or 0], filled on the first call of libm_log
+
+
+def libm_log() -> int:
+    """The address of the C library's ``log``, the one ``math.log`` calls, or 0 where it
+    cannot be found or does not give ``math.log``'s floats on a sample (every value
+    class the warm-up takes logs of: tiny to huge, 1, inf, NaN); callers then keep
+    the trigger's warm-up in Python. Once per process, about a millisecond."""
+    if _LIBM_LOG:
+        return _LIBM_LOG[0]
+    address = 0
+    try:
+        address = _find_libm_log()
+        if address and not _libm_log_agrees(address):
+            address = 0
+    except Exception:  # noqa: BLE001 - no C library log here: the Python warm-up, not a failure
+        address = 0
+    _LIBM_LOG.append(address)
+    return address
+
+
+def _find_libm_log() -> int:
+    import ctypes
+    import sys
+
+    if sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return 0
+    for name in (None, "libm.so.6"):  # the process's own symbols first: what the math module binds
+        try:
+            fn = ctypes.CDLL(name).log
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value or 0
+    return 0
+
+
+@_jit
+def _math_log_many(fn, x):  # pragma: no cover - compiled
+    out = np.empty(len(x))
+    for i in range(len(x)):
+        out[i] = math_log(fn, x[i])
+    return out
+
+
+def _libm_log_agrees(address: int) -> bool:
+    rng = np.random.default_rng(20261204)
+    x = np.r_[np.exp(rng.uniform(-690.0, 709.0, 4096)), 1.0 + 10.0 ** rng.uniform(-16, 0, 1024),
+              TINY, 5e-324, 1.0, np.inf, np.nan, np.finfo(float).max]
+    expected = np.array([math.log(v) for v in x.tolist()])
+    return bool(np.array_equal(_math_log_many(address, x).view(np.int64), expected.view(np.int64)))
+
+
 # --- a series detector's block in one call ----------------------------------------------
 #
 # What SeriesDetector.update_many does on a block where nothing happens, in one
@@ -927,7 +979,9 @@ def _numpy_loops_agree(loops: np.ndarray | None) -> bool:
 # the trigger and the plateau windows, numpy's own loops for log, exp and log10).
 
 # Entries of the integer constants of scan_append and series_block (SeriesDetector._fast_consts).
-CI_BANK_AFTER, CI_KQ, CI_HQ, CI_WINDOW, CI_PATIENCE, CI_RELATIVE, CI_LOG_ROLE = range(7)
+# CI_WARMUP: the trigger's warm-up points; CI_LIBM_LOG: libm's log (:func:`libm_log`), 0 for none.
+(CI_BANK_AFTER, CI_KQ, CI_HQ, CI_WINDOW, CI_PATIENCE, CI_RELATIVE, CI_LOG_ROLE, CI_WARMUP,
+ CI_LIBM_LOG) = range(9)
 # Entries of the float constants: the line's discount, the plateau test's t quantile and
 # margin, then Holt's filter (b0, b1, b2, a1, a2), then the trigger's C_* constants.
 CF_LAM, CF_Q, CF_MIN_DELTA, CF_HOLT = 0, 1, 2, 3
@@ -987,6 +1041,85 @@ def trigger_absorb(y, lo, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf)
                                    bank_kq, ci[CI_HQ], bank_hq, False)
     flags[lo:] = hits
     return flags, n + m
+
+
+@intrinsic
+def _call_double(typingctx, fn, x):  # pragma: no cover - compiled
+    """Call the C function ``double f(double)`` at address ``fn``."""
+    from llvmlite import ir
+
+    sig = numba.types.float64(numba.types.intp, numba.types.float64)
+
+    def codegen(context, builder, signature, llargs):  # noqa: ANN001, ANN202 - numba's API
+        fnty = ir.FunctionType(ir.DoubleType(), [ir.DoubleType()])
+        return builder.call(builder.inttoptr(llargs[0], fnty.as_pointer()), [llargs[1]])
+
+    return sig, codegen
+
+
+@_jit
+def math_log(fn, x):  # pragma: no cover - compiled
+    """``math.log(x)`` for x > 0, inf or NaN (what the warm-up takes logs of): CPython's
+    ``m_log`` calls libm's ``log`` (address ``fn``, :func:`libm_log`) on a finite
+    positive value and returns inf and NaN as they are. O(1)."""
+    if x != x or x == np.inf:
+        return x
+    return _call_double(fn, x)
+
+
+@_jit
+def _trigger_warm(y, lo, hi, n, f, holt, lam, table, c, warmup, log_fn):  # pragma: no cover - compiled
+    """:meth:`CusumTrigger._warm` of ``y[lo:hi]`` (the first point of a segment alone):
+    the line's sums and the forecast's filter as in a block, the initial scales as running
+    means of log |error| (libm's log, as ``math.log``), the flat start as ``_flat_start``
+    (the same operations in the same order). Returns ``n`` after. O(hi − lo)."""
+    lin = trigger_linear_state(y[lo:hi], n, holt, lam, f, table[0], table[1], table[2])
+    last = hi - lo - 1
+    f[ST_S0], f[ST_S1] = lin[LIN_S0, last], lin[LIN_S1, last]
+    f[ST_Z0], f[ST_Z1] = lin[LIN_Z0, last], lin[LIN_Z1, last]
+    if n == 0:
+        x = y[lo]
+        b1, b2, a1, a2 = holt[1], holt[2], holt[3], holt[4]
+        z0 = 0.0 + ((0.0 + b1 * x) + b2 * x)
+        z1 = 0.0 + (0.0 + b2 * x)
+        z0 -= 0.0 + ((0.0 + a1 * 0.0) + a2 * 0.0)
+        z1 -= 0.0 + (0.0 + a2 * 0.0)
+        f[ST_ZI0], f[ST_ZI1] = z0, z1
+        return 1
+    f[ST_ZI0], f[ST_ZI1] = lin[LIN_ZI0, last], lin[LIN_ZI1, last]
+    log_scale, bank_log_scale = f[ST_LOG_S], f[ST_BANK_S]
+    for i in range(hi - lo):
+        n += 1
+        ae = abs(lin[LIN_E, i])
+        ael = abs(lin[LIN_EL, i])
+        # max(abs(e), TINY) as Python's max takes it (the first unless the second is greater).
+        log_scale += (math_log(log_fn, TINY if ae < TINY else ae) - log_scale) / (n - 1)
+        bank_log_scale += (math_log(log_fn, TINY if ael < TINY else ael) - bank_log_scale) / (n - 1)
+    f[ST_LOG_S], f[ST_BANK_S] = log_scale, bank_log_scale
+    if n == warmup:
+        f[ST_ZS] = (1.0 - c[C_SCALE_RATE]) * log_scale
+        f[ST_BZ] = (1.0 - c[C_BANK_RATE]) * bank_log_scale
+    return n
+
+
+@_jit
+def trigger_warm_up(y, lo, n, f, table, ci, cf):  # pragma: no cover - compiled
+    """:meth:`CusumTrigger._warm_up` of ``y[lo:]``: the points taken while fewer than the
+    warm-up's are in, the first of a segment alone. ``ci[CI_LIBM_LOG]`` must be set
+    (:func:`libm_log`). Returns (points taken, ``n`` after). O(warm-up)."""
+    count = min(len(y) - lo, ci[CI_WARMUP] - n)
+    if count <= 0:
+        return 0, n
+    holt = cf[CF_HOLT : CF_HOLT + 5]
+    c = cf[CF_C : CF_C + 8]
+    start = lo
+    if n == 0:
+        n = _trigger_warm(y, lo, lo + 1, n, f, holt, cf[CF_LAM], table, c, ci[CI_WARMUP], ci[CI_LIBM_LOG])
+        start = lo + 1
+    if start < lo + count:
+        n = _trigger_warm(y, start, lo + count, n, f, holt, cf[CF_LAM], table, c, ci[CI_WARMUP],
+                          ci[CI_LIBM_LOG])
+    return count, n
 
 
 @_jit

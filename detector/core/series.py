@@ -151,6 +151,7 @@ class SeriesConfig:
 
 
 _CP, _PLATEAU = 0, 1  # event order within one point: change points, then plateaus
+_NO_FLAGS = np.zeros(0, dtype=bool)  # an episode's alarm flags before any were absorbed (never written)
 
 
 class SeriesDetector:
@@ -181,7 +182,7 @@ class SeriesDetector:
         self.config = config or SeriesConfig()
         c = self.config
         self._plateau = c.plateau_test(spec.role)
-        self.trigger = CusumTrigger(**_trigger_settings(c.trigger))
+        self.trigger = c.trigger.fresh()  # a new trigger with the config's settings
         self._ahead = c.lag + 2 * c.recheck_limit + 2  # points absorbed ahead at an alarm
         self._steps = np.zeros(c.window, dtype=np.int64)
         self._values = np.zeros(c.window, dtype=np.float64)
@@ -205,6 +206,8 @@ class SeriesDetector:
         # The compiled block's constants (integers, floats, the trigger's line table,
         # numpy's loops), or None where numpy's loops cannot be called (numpy's path).
         self._consts = _fast_consts(self.trigger, self._plateau, c.window, spec.role in _LOG_ROLES)
+        # The trigger's warm-up compiled too, where libm's log (math.log's) was found.
+        self._compiled_warm_up = self._consts is not None and bool(self._consts[0][_k.CI_LIBM_LOG])
 
     # --- update ---------------------------------------------------------------
 
@@ -267,7 +270,8 @@ class SeriesDetector:
             low, high = float(finite.min()), float(finite.max())
         n_before = self.n_finite
         if n_before == 0:
-            self.first_value = float(values[np.isfinite(values)][0])
+            first = float(values[0])  # nearly always finite: no mask of the whole block
+            self.first_value = first if math.isfinite(first) else float(values[np.isfinite(values)][0])
         self.min_value = min(self.min_value, low)
         self.max_value = max(self.max_value, high)
         self._size, self.n_finite = size, total
@@ -326,32 +330,25 @@ class SeriesDetector:
         tagged: list[tuple[int, int, Event]] = []
         m = len(y)
         ahead: tuple[dict, int] | None = None
-        flags = np.zeros(0, dtype=bool)
+        flags = _NO_FLAGS
+        c = self.config
         while True:
             if self._pending_alarm == 0:
                 if ahead is not None and i - ahead[1] > len(flags):
                     # The episode outlasted the points absorbed ahead: absorb the next ones.
                     done = ahead[1] + len(flags)
                     flags = np.concatenate([flags, self._absorb(y[done : max(i, done + self._ahead)])])
-                alarmed = self.trigger.alarmed if ahead is None else bool(flags[i - 1 - ahead[1]])
                 found = self._localise(int(steps[i - 1]))
-                tagged += [(base + i - 1, _CP, e) for e in found]
-                # Keep looking while the window shows evidence building up and either
-                # the first ``recheck`` looks are not done or the trigger still alarms
-                # (a small shift keeps adding evidence; clearing the CUSUM would make
-                # it start over), at most ``recheck_limit`` looks.
-                extra = self.config.recheck - self._rechecks  # rechecks done so far
-                alarmed = alarmed and extra < self.config.recheck_limit
                 # Nothing building up: too little evidence, or less than at the last look
                 # (a transient's evidence fades as points come after it).
-                weak = (self._evidence < self.config.recheck_evidence
-                        or self._evidence < self._last_evidence)
+                weak = self._evidence < c.recheck_evidence or self._evidence < self._last_evidence
                 self._last_evidence = self._evidence
                 if found:
+                    tagged += [(base + i - 1, _CP, e) for e in found]
                     ahead = None  # the trigger was restarted on the new segment, up to here
                     self._pending_alarm = None
                     self._rechecks = 0
-                elif weak or (self._rechecks <= 0 and not alarmed):
+                elif weak or (self._rechecks <= 0 and not self._still_alarmed(ahead, flags, i)):
                     if ahead is not None:
                         self.trigger.restore(ahead[0])
                         self._absorb(y[ahead[1] : i])
@@ -381,6 +378,17 @@ class SeriesDetector:
                     self._alarmed()
             i = j
 
+    def _still_alarmed(self, ahead: tuple[dict, int] | None, flags: np.ndarray, i: int) -> bool:
+        """Whether the trigger alarms after point ``i - 1`` (read now, or from the flags
+        of the points absorbed ahead) and fewer than ``recheck_limit`` looks were done:
+        keep looking while the window shows evidence building up and either the first
+        ``recheck`` looks are not done or the trigger still alarms (a small shift keeps
+        adding evidence; clearing the CUSUM would make it start over). Read only when
+        it decides (a look that found nothing leaves the trigger as it was). O(1)."""
+        if self.config.recheck - self._rechecks >= self.config.recheck_limit:  # rechecks done so far
+            return False
+        return self.trigger.alarmed if ahead is None else bool(flags[i - 1 - ahead[1]])
+
     def _block(self, steps: np.ndarray, values: np.ndarray, scan: bool) -> tuple:
         """:func:`_kernels.series_block` on this detector's state (a method of its own:
         benchmarks.cost times it as a stage)."""
@@ -402,19 +410,31 @@ class SeriesDetector:
     def _scan_append(self, steps: np.ndarray, y: np.ndarray, i: int) -> int | None:
         """Scan ``y[i:]`` with the trigger up to its first alarm and append what it took;
         return the alarm's index relative to ``i``, or None. Compiled in one call
-        (:func:`_kernels.scan_append`) past the trigger's warm-up. O(points taken)."""
+        (:func:`_kernels.scan_append`) past the trigger's warm-up; the warm-up's few
+        points (a new series, a reset trigger) first, as :meth:`CusumTrigger.scan`
+        takes them, then the compiled call for the rest (not ``scan``'s chunks in
+        Python: a series' first block went through a dozen numpy calls a chunk).
+        The scan's chunks and the append's pieces do not change a float: the
+        trigger's state carries over exactly and the held window depends only on
+        the points taken. O(points taken)."""
         trigger = self.trigger
-        if self._consts is None or trigger.n < trigger.warmup:
+        if self._consts is None:
             hit = trigger.scan(y[i:])
             j = len(y) if hit is None else i + hit + 1
             self._append(steps[i:j], y[i:j])
             return hit
+        warm = 0
+        if trigger.n < trigger.warmup:  # no alarm during the warm-up: the sums stay zero
+            warm = self._warm_up(y, i)
+            self._append(steps[i : i + warm], y[i : i + warm])
+            if i + warm == len(y):
+                return None
         ci, cf, table, uf = self._consts
         alarm, trigger.n, self._size, self.n_finite = _k.scan_append(
-            steps, y, i, trigger.n, trigger._f, trigger._sums, trigger.gate, table, ci, cf,
+            steps, y, i + warm, trigger.n, trigger._f, trigger._sums, trigger.gate, table, ci, cf,
             trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps, self._values, self._size,
             self.n_finite)
-        return None if alarm < 0 else int(alarm)
+        return None if alarm < 0 else warm + int(alarm)
 
     def _absorb(self, y: np.ndarray) -> np.ndarray:
         """:meth:`CusumTrigger.absorb`, past the warm-up in one compiled call
@@ -423,13 +443,26 @@ class SeriesDetector:
         if self._consts is None:
             return trigger.absorb(y)
         y = np.ascontiguousarray(y, dtype=float)
-        i = trigger._warm_up(y) if trigger.n < trigger.warmup else 0  # the sums stay zero during warm-up
+        i = self._warm_up(y, 0) if trigger.n < trigger.warmup else 0  # the sums stay zero during warm-up
         if i == len(y):
             return np.zeros(len(y), dtype=bool)
         ci, cf, table, uf = self._consts
         flags, trigger.n = _k.trigger_absorb(y, i, trigger.n, trigger._f, trigger._sums, trigger.gate, table,
                                              ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf)
         return flags
+
+    def _warm_up(self, y: np.ndarray, lo: int) -> int:
+        """:meth:`CusumTrigger._warm_up` of ``y[lo:]`` (compiled path only; ``y`` contiguous
+        float64): one compiled call (:func:`_kernels.trigger_warm_up`, libm's log as
+        ``math.log``) where libm's log was found, else the trigger's Python. Returns the
+        points taken. A reset trigger warms up after every confirmed break: this was
+        ~25 us of small numpy and Python calls. O(warm-up)."""
+        trigger = self.trigger
+        if not self._compiled_warm_up:
+            return trigger._warm_up(y[lo:])
+        ci, cf, table, _ = cast("_FastConsts", self._consts)
+        taken, trigger.n = _k.trigger_warm_up(y, lo, trigger.n, trigger._f, table, ci, cf)
+        return int(taken)
 
     def _append(self, steps: np.ndarray, y: np.ndarray) -> None:
         """Append like one point at a time with a half-window shift when full (amortised O(1))."""
@@ -665,11 +698,12 @@ def _fast_consts(trigger: CusumTrigger, plateau: PlateauTest, window: int,
     uf = _k.numpy_loops()
     if uf is None:
         return None
-    key = (*(getattr(trigger, k) for k in _trigger_settings(trigger)), plateau, window, log_role)
+    key = (trigger.settings_key, plateau, window, log_role)
     consts = _FAST_CONSTS.get(key)
     if consts is None:
         ci = np.array([trigger._bank_after, trigger._kq, trigger._hq, window, plateau.patience,
-                       plateau.threshold_mode == "rel", log_role], dtype=np.int64)
+                       plateau.threshold_mode == "rel", log_role, trigger.warmup, _k.libm_log()],
+                      dtype=np.int64)
         q = _t_quantile(0.5 + plateau.confidence / 2, max(plateau.patience - 2, 1))
         cf = np.r_[trigger._lam, q, plateau.min_delta, trigger._holt, trigger._consts].astype(float)
         table = np.ascontiguousarray(np.vstack(trigger._table))
@@ -683,9 +717,3 @@ def _median(values: np.ndarray) -> float:
     median = np_median(values)
     return median if median != 0.0 else float(np.median(values))
 
-
-def _trigger_settings(trigger: CusumTrigger) -> dict:
-    return {k: getattr(trigger, k) for k in ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate",
-                                             "memory", "bank_drifts", "bank_thresholds", "bank_scale_rate",
-                                             "bank_gate", "gate_lag", "bank_after", "bias_rate",
-                                             "bias_gate")}

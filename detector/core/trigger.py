@@ -41,6 +41,7 @@ _FIRST_CHUNK = 64  # points of the first chunk a scan takes (then 4 times more e
 _SETTINGS = ("drift", "threshold", "alpha", "beta", "warmup", "scale_rate", "memory", "bank_drifts",
              "bank_thresholds", "bank_scale_rate", "bank_gate", "gate_lag", "bias_rate", "bias_gate",
              "bank_after")
+_SETTING_NAMES = frozenset(_SETTINGS)  # __setattr__ runs on every state write: a set, not a tuple scan
 _DERIVED: dict[tuple, dict] = {}  # settings -> CusumTrigger constants (a handful of settings per process)
 
 
@@ -150,15 +151,29 @@ class CusumTrigger:
         if derived is None:
             derived = _DERIVED[key] = self._derive()
         self.__dict__.update(derived)
+        # The settings as a hashable key (the series detector's compiled constants are
+        # cached by it): read once here, not rebuilt from fifteen getattrs per series.
+        self.settings_key = key
         self.reset()
         self.__dict__["_settled"] = True  # the settings are read-only from here
 
     def __setattr__(self, name: str, value: object) -> None:
         # Settings only in the constructor (the derived constants are computed from
         # them once); the running state is assigned freely.
-        if name in _SETTINGS and self.__dict__.get("_settled"):
+        if name in _SETTING_NAMES and self.__dict__.get("_settled"):
             raise dataclasses.FrozenInstanceError(f"cannot assign to setting {name!r}; make a new trigger")
         object.__setattr__(self, name, value)
+
+    def fresh(self) -> CusumTrigger:
+        """A new trigger with these settings, reset: what ``CusumTrigger(**settings)``
+        makes, without checking the settings again or rebuilding the key of their
+        derived constants (a series detector makes one per series; the dataclass
+        constructor with its checks was ~40 us). The settings and the derived
+        constants are immutable or never written in place, so they are shared. O(gate_lag)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.reset()  # every field of the running state is assigned anew
+        return new
 
     def _derive(self) -> dict:
         """The constants of these settings: filter coefficients, the fixed-point thresholds
@@ -188,9 +203,11 @@ class CusumTrigger:
         self._consts = np.array([self.scale_rate, self._sa[1], self.bank_scale_rate, self._ba[1],
                                  self.bias_rate, self._bias_a[1], self.bias_gate, self._gate], dtype=float)
         self._bank_after = int(self.bank_after)
+        self._closed_gate = np.full(self.gate_lag, _GATE_CLOSED)  # reset() copies it
         return {k: v for k, v in self.__dict__.items() if k not in before}
 
     def reset(self) -> None:
+        """Start afresh: the running state (not the settings) as a new trigger has it. O(gate_lag)."""
         self.n = 0
         # Every float of the state in one array, entries _kernels.ST_*, updated in place
         # by the kernels: the innovation filter's state (ZI0, ZI1), the EWMA of
@@ -202,8 +219,8 @@ class CusumTrigger:
         # The CUSUM sums on the fixed-point grid: fast +, fast −, bank + and bank − per drift.
         self._sums = np.zeros(2 + 2 * len(self.bank_drifts), dtype=np.int64)
         # The gate's inputs of the last ``gate_lag`` points (closed until then; open
-        # where negative).
-        self.gate = np.full(self.gate_lag, _GATE_CLOSED)
+        # where negative): a copy of the settings' closed gate (np.full is a Python call).
+        self.gate = self._closed_gate.copy()
 
     # --- the state's fields, by name (checkpoints, tests, tools) ----------------
 
@@ -290,7 +307,7 @@ class CusumTrigger:
 
     def clear(self) -> None:
         """Zero every CUSUM sum (after an alarm has been dealt with)."""
-        self._sums[:] = 0
+        self._sums.fill(0)
 
     # --- update ----------------------------------------------------------------
 

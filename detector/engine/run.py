@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from detector.core import Event, RunDetector, SeriesSpec
+from detector.core.run import distinct_steps
 from detector.core.trend import mann_kendall
 from detector.core.types import Role, Split, infer_spec
 from detector.errors import FailedPrecondition, ResourceExhausted
@@ -353,7 +354,7 @@ class _Run:
                 self.pending[name] = (steps, values)
                 held.append(steps)
         if held:
-            self.pending_steps = np.unique(np.concatenate([self.pending_steps, *held]))
+            self.pending_steps = distinct_steps(np.concatenate([self.pending_steps, *held]))
         events = self._release(len(self.pending_steps) - self.config.reorder_window)
         return accepted, rejected, events
 
@@ -412,7 +413,7 @@ class _Run:
             old = pending.get(name)
             pending[name] = ((new_steps, new_values) if old is None else
                              (np.concatenate((old[0], new_steps)), np.concatenate((old[1], new_values))))
-        self.pending_steps = np.unique(np.concatenate((self.pending_steps, steps)))
+        self.pending_steps = distinct_steps(np.concatenate((self.pending_steps, steps)))
         return self._release(len(self.pending_steps) - self.config.reorder_window)
 
     def flush(self) -> list[Event]:

@@ -276,7 +276,7 @@ def _no_step(what: str) -> str:
 def _sorted_by_step(steps: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     steps = np.asarray(steps, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
-    if len(steps) > 1 and np.any(steps[1:] < steps[:-1]):
+    if len(steps) > 1 and (steps[1:] < steps[:-1]).any():  # the method: no np.any dispatch
         order = np.argsort(steps, kind="stable")
         return steps[order], values[order]
     return steps, values
