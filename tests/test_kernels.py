@@ -582,3 +582,39 @@ def test_look_without_blas_takes_the_python_confirm(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(WindowLocaliser, "_confirm", lambda self, *a: calls.append(1) or original(self, *a))
     reference = looks()
     assert reference == compiled and len(calls) > 20 and sum(bool(c[0]) for c in compiled) > 20
+
+
+def _partition_point_noise(y: np.ndarray) -> float:
+    """point_noise as it was compiled: numba's np.partition (k.np_median) on copies."""
+    if len(y) < 3:
+        return 0.0
+    d = np.diff(y)
+    return 1.4826 * k.np_median(np.abs(d - k.np_median(d))) / np.sqrt(2.0)
+
+
+def test_point_noise_selection_is_the_partition_median() -> None:
+    """point_noise's in-place selection gives the medians the partition gave (numpy's,
+    without NaN): on ties, signed zeros, sorted runs, every length, and where
+    differences overflow (a NaN after the median: the partition's path is taken)."""
+    rng = np.random.default_rng(23)
+    cases = list(_arrays(24, 400))
+    for n in [*range(1, 70), 127, 128, 129, 1023, 1024]:
+        cases += [rng.normal(size=n), np.round(rng.normal(size=n)), rng.integers(0, 3, n).astype(float),
+                  np.where(rng.random(n) < 0.5, 0.0, -0.0), np.sort(rng.normal(size=n)),
+                  np.sort(rng.normal(size=n))[::-1].copy(), np.zeros(n)]
+        y = rng.normal(size=n)
+        y[rng.random(n) < 0.1] = rng.choice([1e308, -1e308])
+        cases.append(y)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for y in cases:
+            noise, expected_noise = k.point_noise(y), _partition_point_noise(y)
+            assert noise == expected_noise or (np.isnan(noise) and np.isnan(expected_noise))
+            if np.all(np.isfinite(np.diff(y))):
+                assert noise == _old_point_noise(y)
+            d = np.diff(y)
+            if len(d) == 0:
+                continue
+            expected = k.np_median(d)
+            got = k._median_inplace(d)
+            assert got == expected or (np.isnan(got) and np.isnan(expected))
+            assert np.array_equal(np.sort(d), np.sort(np.diff(y)), equal_nan=True)  # reordered only

@@ -432,18 +432,84 @@ def np_median(a):  # pragma: no cover - compiled
 
 
 @_jit
+def _select(a, k):  # pragma: no cover - compiled
+    """Reorder ``a`` (no NaN) in place so that ``a[k]`` is its k-th smallest value,
+    ``a[:k]`` at most and ``a[k + 1:]`` at least that (Hoare's quickselect, pivot the
+    median of three, insertion sort below 16 values). Expected O(n)."""
+    lo, hi = 0, len(a) - 1
+    while hi - lo >= 16:
+        mid = (lo + hi) // 2
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while pivot < a[j]:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:  # a[lo:j + 1] ≤ pivot ≤ a[i:hi + 1], and a[j + 1:i] == pivot
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return
+    for i in range(lo + 1, hi + 1):
+        v = a[i]
+        j = i - 1
+        while j >= lo and v < a[j]:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = v
+
+
+@_jit
+def _median_inplace(a):  # pragma: no cover - compiled
+    """:func:`np_median` of ``a`` (n ≥ 1), reordering ``a``: the same order statistics
+    by :func:`_select` instead of a copy and numpy's partition (twice as fast on a
+    window's differences). A zero's sign may differ from numpy's where both signs are
+    in ``a`` (equal values); with a NaN in ``a``, :func:`np_median`. O(n) expected."""
+    n = len(a)
+    for i in range(n):
+        if a[i] != a[i]:
+            return np_median(a)
+    half = n // 2
+    _select(a, half)
+    if n % 2:
+        return (0.0 + (0.0 + a[half])) / 1.0
+    below = a[0]
+    for i in range(1, half):
+        if a[i] > below:
+            below = a[i]
+    return (0.0 + ((0.0 + below) + a[half])) / 2.0
+
+
+@_jit
 def point_noise(history):  # pragma: no cover - compiled
-    """:func:`detector.core.localiser.point_noise`: MAD of first differences / √2. O(n log n)."""
+    """:func:`detector.core.localiser.point_noise`: MAD of first differences / √2.
+    O(n) expected (two selections).
+
+    The medians are :func:`_median_inplace`'s: the sign of a zero median of the
+    differences cannot matter, as only the absolute deviations from it are used, and
+    those have no negative zero."""
     n = len(history)
     if n < 3:
         return 0.0
     d = np.empty(n - 1)
     for i in range(n - 1):
         d[i] = history[i + 1] - history[i]
-    med = np_median(d)
+    med = _median_inplace(d)
     for i in range(n - 1):
         d[i] = abs(d[i] - med)
-    return 1.4826 * np_median(d) / math.sqrt(2.0)
+    return 1.4826 * _median_inplace(d) / math.sqrt(2.0)
 
 
 @_jit
