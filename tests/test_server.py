@@ -540,8 +540,8 @@ def test_warm_up_loads_the_detection_kernels_before_the_first_batch():
 
     code = (
         "from detector.core import _kernels as k\n"
-        "names = ('trigger_linear_state', 'trigger_cusums_state', 'localiser_look',\n"
-        "         'mann_kendall_sums', 'plateau_windows', 'segment_error')\n"
+        "names = ('trigger_linear_state', 'trigger_cusums_state', 'localiser_look_confirm',\n"
+        "         'mann_kendall_sums', 'plateau_windows', 'blas_dot')\n"
         "def loaded():\n"
         "    return sorted(n for n in names if getattr(k, n).signatures)\n"
         "print(loaded())\n"
@@ -553,5 +553,5 @@ def test_warm_up_loads_the_detection_kernels_before_the_first_batch():
                          check=True, timeout=300).stdout.splitlines()
     assert out[0] == "[]"
     assert out[1] == "True"
-    assert out[2] == str(sorted(("trigger_linear_state", "trigger_cusums_state", "localiser_look",
-                                 "mann_kendall_sums", "plateau_windows", "segment_error")))
+    assert out[2] == str(sorted(("trigger_linear_state", "trigger_cusums_state", "localiser_look_confirm",
+                                 "mann_kendall_sums", "plateau_windows", "blas_dot")))

@@ -761,7 +761,7 @@ def parabola_basis(y):  # pragma: no cover - compiled
 @intrinsic
 def _call_ddot(typingctx, fn, x, y):  # pragma: no cover - compiled
     """``x @ y`` of two C-contiguous float64 vectors of the same length by the BLAS
-    ``cblas_ddot`` (64-bit integers) at address ``fn``."""
+    ``cblas_ddot`` (64-bit integers) at address ``fn``. O(n)."""
     from llvmlite import ir
 
     ok = all(isinstance(a, numba.types.Array) and a.ndim == 1 and a.layout == "C"
@@ -811,6 +811,8 @@ def parabola_sse(y, fn):  # pragma: no cover - compiled
 
 @_jit
 def _curvature_margin(y, s, left, index, right, fn):  # pragma: no cover - compiled
+    """How much better the two lines of ``[left, index)`` and ``[index, right)`` fit than
+    one parabola over both (``_not_curvature``'s margin). O(right − left)."""
     lines = segment_error(s, left, index) + segment_error(s, index, right)
     return parabola_sse(y[left:right], fn) - lines
 
