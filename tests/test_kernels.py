@@ -522,3 +522,144 @@ def test_compiled_warm_up_is_the_triggers() -> None:
         assert taken == expected and type(compiled.n) is int
         assert np.array_equal(compiled._f.view(np.int64), reference._f.view(np.int64)), case
         assert compiled.state() == reference.state() or np.isnan(reference._f).any()
+
+
+def test_blas_ddot_is_numpys_vector_product() -> None:
+    """The localiser's compiled confirm calls the ``ddot`` that numpy's ``a @ b`` calls:
+    the same floats on every length and scale, where a plain loop's sum differs."""
+    fn = k.blas_ddot()
+    assert fn is not None  # numpy's wheels bundle OpenBLAS: the compiled confirm is taken
+    rng = np.random.default_rng(17)
+    loop_differs = 0
+    for n in [*range(1, 200), *rng.integers(200, 5000, 50).tolist()]:
+        x, y = rng.normal(0, 10.0 ** rng.uniform(-6, 6), (2, n))
+        got = k.blas_dot(fn, x, y)
+        assert got == float(x @ y)
+        total = 0.0
+        for a, b in zip(x.tolist(), y.tolist(), strict=True):
+            total += a * b
+        loop_differs += total != got
+    assert loop_differs > 100  # why the address: a loop in any other order is not numpy's
+
+
+def test_compiled_parabola_sse_is_the_numpy_one() -> None:
+    from detector.core.localiser import _parabola_sse
+
+    fn = k.blas_ddot()
+    for y in _arrays(18, 300, longest=1100):
+        assert k.parabola_sse(y, fn) == _parabola_sse(y)
+        assert k.parabola_sse(y[3:-2], fn) == _parabola_sse(y[3:-2])  # a slice, as the kernel takes them
+
+
+def _confirm_cases(seed: int, count: int):
+    """Windows that reach the confirm step: steps, kinks and smooth decays (which binary
+    segmentation cuts and the curvature check joins again), some with little noise."""
+    rng = np.random.default_rng(seed)
+    for i, y in enumerate(_arrays(seed + 1, count, longest=1100)):
+        n = len(y)
+        if n < 9:
+            continue
+        spread = float(np.std(y)) + 1e-3
+        t = np.arange(n)
+        kind = i % 5
+        if kind == 0:  # one or two level shifts
+            for _ in range(1 + i % 2):
+                y = y + (t >= rng.integers(0, n + 1)) * rng.normal(0, 5) * spread
+        elif kind == 1:  # a kink
+            y = y + np.maximum(t - rng.integers(0, n), 0) * rng.normal(0, 0.2) * spread
+        elif kind == 2:  # a smooth bend with small noise
+            y = np.exp(-t / rng.uniform(5, n)) + rng.normal(0, 10 ** rng.uniform(-5, -2), n)
+        elif kind == 3:  # a power-law loss with a drop
+            y = (10.0 + t) ** -0.5 + (t >= rng.integers(n // 2, n + 1)) * -0.02 + rng.normal(0, 1e-3, n)
+        yield y
+
+
+def test_compiled_confirm_is_the_python_confirm() -> None:
+    """The compiled confirm step (binary segmentation, the curvature check, the level
+    shifts, the last break held back) finds the same splits, gains, penalties and
+    evidence as the Python reference, with every option set and unset."""
+    from detector.core.localiser import _splits, history_scale, point_noise
+
+    fn = k.blas_ddot()
+    rng = np.random.default_rng(19)
+    localisers = [WindowLocaliser(), WindowLocaliser(shift_penalty=None),
+                  WindowLocaliser(curvature_penalty=None, min_size=5), WindowLocaliser(curvature_penalty=2.0),
+                  WindowLocaliser(penalty=0.3, curvature_penalty=0.05, shift_penalty=2.0)]
+    calls = found = dropped = shifted = 0
+    for i, y in enumerate(_confirm_cases(20, 600)):
+        loc = localisers[i % len(localisers)]
+        n = len(y)
+        scale = max(history_scale(y), 1e-12 * max(1.0, float(np.max(np.abs(y)))), 1e-300)
+        sums, split_gain, shift_index, shift_gain, _ = k.window_search(y, loc.min_size, loc.shift_min_size)
+        for factor in (1.0, rng.uniform(0.05, 1.0)):  # a smaller penalty: more breaks to check
+            noise = point_noise(y)
+            penalty = (loc.penalty * scale * scale + loc.noise_penalty * noise * noise) * np.log(n) * factor
+            for final in (True, False):
+                expected = loc._confirm(y, sums, split_gain, shift_index, shift_gain, scale, penalty, final)
+                evidence, indices, gains, penalties = k.localiser_confirm(
+                    y, sums, split_gain, shift_index, shift_gain, scale, penalty, final, loc.min_size,
+                    loc.shift_min_size, loc.curvature_penalty is not None, loc.curvature_penalty or 0.0,
+                    -1.0 if loc.shift_penalty is None else loc.shift_penalty, fn)
+                assert (_splits(indices, gains, penalties, scale), evidence) == expected
+                calls += 1
+                found += bool(expected[0])
+                shifted += any(s.penalty != penalty for s in expected[0])
+                if split_gain / penalty > 1.0 and loc.curvature_penalty is not None:
+                    dropped += len(k.binseg(sums, n, loc.min_size, penalty)) > len(expected[0])
+    assert calls > 2000 and found > 500 and dropped > 100 and shifted > 100
+
+
+def test_look_without_blas_takes_the_python_confirm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where BLAS's ``ddot`` is not found, a look confirms in Python, with the same result."""
+    rng = np.random.default_rng(21)
+    loc = WindowLocaliser()
+    cases = list(_confirm_cases(22, 150))
+    starts = [int(rng.integers(0, max(1, len(y) - 8))) for y in cases]
+
+    def looks() -> list:
+        pairs = enumerate(zip(cases, starts, strict=True))
+        return [loc.look(y, start, None, i % 2 == 0) for i, (y, start) in pairs]
+
+    compiled = looks()
+    monkeypatch.setattr(k, "blas_ddot", lambda: None)
+    calls = []
+    original = WindowLocaliser._confirm
+    monkeypatch.setattr(WindowLocaliser, "_confirm", lambda self, *a: calls.append(1) or original(self, *a))
+    reference = looks()
+    assert reference == compiled and len(calls) > 20 and sum(bool(c[0]) for c in compiled) > 20
+
+
+def _partition_point_noise(y: np.ndarray) -> float:
+    """point_noise as it was compiled: numba's np.partition (k.np_median) on copies."""
+    if len(y) < 3:
+        return 0.0
+    d = np.diff(y)
+    return 1.4826 * k.np_median(np.abs(d - k.np_median(d))) / np.sqrt(2.0)
+
+
+def test_point_noise_selection_is_the_partition_median() -> None:
+    """point_noise's in-place selection gives the medians the partition gave (numpy's,
+    without NaN): on ties, signed zeros, sorted runs, every length, and where
+    differences overflow (a NaN after the median: the partition's path is taken)."""
+    rng = np.random.default_rng(23)
+    cases = list(_arrays(24, 400))
+    for n in [*range(1, 70), 127, 128, 129, 1023, 1024]:
+        cases += [rng.normal(size=n), np.round(rng.normal(size=n)), rng.integers(0, 3, n).astype(float),
+                  np.where(rng.random(n) < 0.5, 0.0, -0.0), np.sort(rng.normal(size=n)),
+                  np.sort(rng.normal(size=n))[::-1].copy(), np.zeros(n)]
+        y = rng.normal(size=n)
+        y[rng.random(n) < 0.1] = rng.choice([1e308, -1e308])
+        cases.append(y)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for y in cases:
+            noise, expected_noise = k.point_noise(y), _partition_point_noise(y)
+            assert noise == expected_noise or (np.isnan(noise) and np.isnan(expected_noise))
+            if np.all(np.isfinite(np.diff(y))):
+                assert noise == _old_point_noise(y)
+            d = np.diff(y)
+            if len(d) == 0:
+                continue
+            expected = k.np_median(d)
+            got = k._median_inplace(d)
+            assert got == expected or (np.isnan(got) and np.isnan(expected))
+            assert np.array_equal(np.sort(d), np.sort(np.diff(y)), equal_nan=True)  # reordered only

@@ -432,18 +432,84 @@ def np_median(a):  # pragma: no cover - compiled
 
 
 @_jit
+def _select(a, k):  # pragma: no cover - compiled
+    """Reorder ``a`` (no NaN) in place so that ``a[k]`` is its k-th smallest value,
+    ``a[:k]`` at most and ``a[k + 1:]`` at least that (Hoare's quickselect, pivot the
+    median of three, insertion sort below 16 values). Expected O(n)."""
+    lo, hi = 0, len(a) - 1
+    while hi - lo >= 16:
+        mid = (lo + hi) // 2
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while pivot < a[j]:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:  # a[lo:j + 1] ≤ pivot ≤ a[i:hi + 1], and a[j + 1:i] == pivot
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return
+    for i in range(lo + 1, hi + 1):
+        v = a[i]
+        j = i - 1
+        while j >= lo and v < a[j]:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = v
+
+
+@_jit
+def _median_inplace(a):  # pragma: no cover - compiled
+    """:func:`np_median` of ``a`` (n ≥ 1), reordering ``a``: the same order statistics
+    by :func:`_select` instead of a copy and numpy's partition (twice as fast on a
+    window's differences). A zero's sign may differ from numpy's where both signs are
+    in ``a`` (equal values); with a NaN in ``a``, :func:`np_median`. O(n) expected."""
+    n = len(a)
+    for i in range(n):
+        if a[i] != a[i]:
+            return np_median(a)
+    half = n // 2
+    _select(a, half)
+    if n % 2:
+        return (0.0 + (0.0 + a[half])) / 1.0
+    below = a[0]
+    for i in range(1, half):
+        if a[i] > below:
+            below = a[i]
+    return (0.0 + ((0.0 + below) + a[half])) / 2.0
+
+
+@_jit
 def point_noise(history):  # pragma: no cover - compiled
-    """:func:`detector.core.localiser.point_noise`: MAD of first differences / √2. O(n log n)."""
+    """:func:`detector.core.localiser.point_noise`: MAD of first differences / √2.
+    O(n) expected (two selections).
+
+    The medians are :func:`_median_inplace`'s: the sign of a zero median of the
+    differences cannot matter, as only the absolute deviations from it are used, and
+    those have no negative zero."""
     n = len(history)
     if n < 3:
         return 0.0
     d = np.empty(n - 1)
     for i in range(n - 1):
         d[i] = history[i + 1] - history[i]
-    med = np_median(d)
+    med = _median_inplace(d)
     for i in range(n - 1):
         d[i] = abs(d[i] - med)
-    return 1.4826 * np_median(d) / math.sqrt(2.0)
+    return 1.4826 * _median_inplace(d) / math.sqrt(2.0)
 
 
 @_jit
@@ -679,6 +745,265 @@ def parabola_basis(y):  # pragma: no cover - compiled
         out[2, i] = out[2, i] - q_mean
         out[0, i] = y[i] - y_mean
     return out
+
+
+# --- the localiser's confirm step ---------------------------------------------------------
+#
+# What WindowLocaliser._confirm does in Python after a look that may pass (binary
+# segmentation, the curvature check, the level shifts, the last break held back),
+# in the same kernel as the look, with the same operations in the same order. The
+# parabola's five dot products are BLAS's ``ddot``, called through its address (an
+# argument, :func:`blas_ddot`): numpy's ``a @ b`` of two vectors is that call, and a
+# sum in any other order (a plain loop, numba's own ``np.dot``) differs from it in
+# the last bit on most windows, which a margin compared with a penalty could see.
+
+
+@intrinsic
+def _call_ddot(typingctx, fn, x, y):  # pragma: no cover - compiled
+    """``x @ y`` of two C-contiguous float64 vectors of the same length by the BLAS
+    ``cblas_ddot`` (64-bit integers) at address ``fn``. O(n)."""
+    from llvmlite import ir
+
+    ok = all(isinstance(a, numba.types.Array) and a.ndim == 1 and a.layout == "C"
+             and a.dtype == numba.types.float64 for a in (x, y))
+    if not ok:
+        return None
+    sig = numba.types.float64(numba.types.intp, x, y)
+
+    def codegen(context, builder, signature, llargs):  # noqa: ANN001, ANN202 - numba's API
+        i64, pointer = ir.IntType(64), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.DoubleType(), [i64, pointer, i64, pointer, i64])
+        target = builder.inttoptr(llargs[0], fnty.as_pointer())
+        xs = context.make_array(signature.args[1])(context, builder, llargs[1])
+        ys = context.make_array(signature.args[2])(context, builder, llargs[2])
+        one = ir.Constant(i64, 1)
+        return builder.call(target, [xs.nitems, builder.bitcast(xs.data, pointer), one,
+                                     builder.bitcast(ys.data, pointer), one])
+
+    return sig, codegen
+
+
+@_jit
+def blas_dot(fn, x, y):  # pragma: no cover - compiled
+    """``x @ y`` (C-contiguous float64 vectors, same length) by the ``ddot`` at ``fn[0]``
+    (:func:`blas_ddot`). O(n)."""
+    return _call_ddot(fn[0], x, y)
+
+
+@_jit
+def parabola_sse(y, fn):  # pragma: no cover - compiled
+    """:func:`detector.core.localiser._parabola_sse`: the least-squares parabola's squared
+    error from :func:`parabola_basis`'s vectors, the dot products by BLAS (``fn``:
+    :func:`blas_ddot`). O(n)."""
+    n = len(y)
+    if n <= 3:
+        return 0.0
+    basis = parabola_basis(y)
+    yc, t, q = basis[0], basis[1], basis[2]
+    a = _call_ddot(fn[0], yc, yc)
+    b = _call_ddot(fn[0], yc, t)
+    c = _call_ddot(fn[0], yc, q)
+    tt = _call_ddot(fn[0], t, t)
+    qq = _call_ddot(fn[0], q, q)
+    r = a - b * b / tt - c * c / qq
+    return 0.0 if r < 0.0 else r  # Python's max(r, 0.0): r itself when NaN or −0.0
+
+
+@_jit
+def _curvature_margin(y, s, left, index, right, fn):  # pragma: no cover - compiled
+    """How much better the two lines of ``[left, index)`` and ``[index, right)`` fit than
+    one parabola over both (``_not_curvature``'s margin). O(right − left)."""
+    lines = segment_error(s, left, index) + segment_error(s, index, right)
+    return parabola_sse(y[left:right], fn) - lines
+
+
+@_jit
+def not_curvature(y, s, bkps, pen, fn):  # pragma: no cover - compiled
+    """:meth:`WindowLocaliser._not_curvature`: drop, one at a time, the break whose two
+    lines beat one parabola over both its segments by least (the first of equals, the
+    first NaN if any) while that margin is not above ``pen``. A margin depends on the
+    break's neighbours only, so after a drop only the two breaks beside it are
+    computed again (the Python code's memo). O(n) per break dropped."""
+    n = len(y)
+    k = len(bkps)
+    b = bkps.copy()
+    margins = np.empty(k)
+    for i in range(k):
+        left = b[i - 1] if i > 0 else 0
+        right = b[i + 1] if i + 1 < k else n
+        margins[i] = _curvature_margin(y, s, left, b[i], right, fn)
+    while k > 0:
+        worst = -1
+        for i in range(k):
+            if margins[i] != margins[i]:
+                worst = i
+                break
+        if worst < 0:
+            worst = 0
+            for i in range(1, k):
+                if margins[i] < margins[worst]:
+                    worst = i
+        if margins[worst] > pen:
+            break
+        for i in range(worst, k - 1):
+            b[i] = b[i + 1]
+            margins[i] = margins[i + 1]
+        k -= 1
+        for i in range(worst - 1, worst + 1):
+            if 0 <= i < k:
+                left = b[i - 1] if i > 0 else 0
+                right = b[i + 1] if i + 1 < k else n
+                margins[i] = _curvature_margin(y, s, left, b[i], right, fn)
+    return b[:k].copy()
+
+
+@_jit
+def _two_lines_gain(s, left, index, right):  # pragma: no cover - compiled
+    """``cost.error(left, right) - cost.error(left, index) - cost.error(index, right)``. O(1)."""
+    return segment_error(s, left, right) - segment_error(s, left, index) - segment_error(s, index, right)
+
+
+@_jit
+def localiser_confirm(y, s, split_gain, shift_index, shift_gain, scale, penalty, final, min_size,
+                      shift_min_size, curv_on, curv_w, shift_w, fn):  # pragma: no cover - compiled
+    """:meth:`WindowLocaliser._confirm`: the breaks of ``y`` (cost sums ``s``) that pass
+    ``penalty``, from :func:`window_search`'s gains. ``curv_on``/``curv_w``: the
+    curvature check and its factor; ``shift_w``: the shift penalty's factor, negative
+    for none; ``fn``: :func:`blas_ddot`. Returns (evidence, the breaks' indices, their
+    gains, their penalties), the splits in order. O(n) per break found."""
+    n = len(y)
+    evidence = split_gain / penalty
+    bkps = np.empty(0, dtype=np.int64)
+    if evidence > 1.0:  # else Binseg would confirm nothing
+        bkps = binseg(s, n, min_size, penalty)
+        if curv_on:
+            bkps = not_curvature(y, s, bkps, curv_w * penalty, fn)
+    k = len(bkps)
+    shifted = np.zeros(k, dtype=np.bool_)
+    shift_gains = np.zeros(k)
+    if shift_w < 0.0:
+        pass
+    elif k > 0:  # _refine_shifts
+        right = n
+        for j in range(k):
+            left = bkps[j - 1] if j > 0 else 0  # the previous break, moved or not
+            index = bkps[j]
+            right = bkps[j + 1] if j + 1 < k else n
+            lines = _two_lines_gain(s, left, index, right)
+            last = shift_min_size if right == n else min_size
+            best, gain = best_shift(s, left, right, min_size, last)
+            if best >= 0 and gain - shift_w * penalty >= lines - penalty:
+                bkps[j] = best
+                shifted[j] = True
+                shift_gains[j] = gain
+    else:  # _single_shift
+        best_gain = 0.0
+        if shift_index >= 0:
+            best_gain = shift_gain
+            if not shift_gain <= shift_w * penalty:
+                keep = True
+                if curv_on:
+                    line_sse = segment_error(s, 0, n)
+                    if parabola_sse(y, fn) - (line_sse - shift_gain) <= curv_w * penalty:
+                        keep = False
+                if keep:
+                    bkps = np.array([shift_index], dtype=np.int64)
+                    shifted = np.ones(1, dtype=np.bool_)
+                    shift_gains = np.array([shift_gain])
+                    k = 1
+        ratio = best_gain / (shift_w * penalty)
+        if ratio > evidence:  # Python's max(evidence, ratio)
+            evidence = ratio
+    if k > 0 and not final:
+        last = bkps[k - 1]
+        if last >= n - (shift_min_size if shifted[k - 1] else 2 * min_size - 1):
+            k -= 1
+    indices = np.empty(k, dtype=np.int64)
+    gains = np.empty(k)
+    penalties = np.empty(k)
+    for j in range(k):
+        index = bkps[j]
+        indices[j] = index
+        if shifted[j]:
+            gains[j] = shift_gains[j]
+            penalties[j] = shift_w * penalty
+        else:
+            left = bkps[j - 1] if j > 0 else 0
+            right = bkps[j + 1] if j + 1 < k else n
+            gains[j] = _two_lines_gain(s, left, index, right)
+            penalties[j] = penalty
+    return evidence, indices, gains, penalties
+
+
+@_jit
+def localiser_look_confirm(held, start, need_noise, noise, min_size, shift_min_size, penalty_w, noise_w,
+                           shift_w, log_n, curv_on, curv_w, final, fn):  # pragma: no cover - compiled
+    """:meth:`WindowLocaliser.look` in one call: :func:`localiser_look`, then, when a
+    break may pass, :func:`localiser_confirm` on ``held[start:]``. Returns (noise,
+    scale, evidence, the breaks' indices, gains and penalties). O(n)."""
+    done, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain = localiser_look(
+        held, start, need_noise, noise, min_size, shift_min_size, penalty_w, noise_w, shift_w, log_n)
+    if done:
+        return noise, scale, evidence, np.empty(0, dtype=np.int64), np.empty(0), np.empty(0)
+    evidence, indices, gains, penalties = localiser_confirm(
+        held[start:], s, split_gain, shift_index, shift_gain, scale, penalty, final, min_size,
+        shift_min_size, curv_on, curv_w, shift_w, fn)
+    return noise, scale, evidence, indices, gains, penalties
+
+
+_BLAS_DDOT: list = []  # [array or None], filled on the first call of blas_ddot
+
+
+def blas_ddot() -> np.ndarray | None:
+    """The address of the ``cblas_ddot`` numpy's ``a @ b`` of two float64 vectors calls
+    (an intp array of one entry), or None where it cannot be found or does not give
+    exactly what ``@`` gives on a sample (the localiser then confirms in Python).
+
+    Looked up in the OpenBLAS that numpy's wheels bundle (``numpy.libs`` on Linux,
+    ``numpy/.dylibs`` on macOS), under the names of its 64-bit-integer interface.
+    Once per process, a few milliseconds."""
+    if _BLAS_DDOT:
+        return _BLAS_DDOT[0]
+    fn = None
+    try:
+        fn = _find_ddot()
+        if fn is not None and not _ddot_agrees(fn):
+            fn = None
+    except Exception:  # noqa: BLE001 - an unexpected build: the Python path, not a failure
+        fn = None
+    _BLAS_DDOT.append(fn)
+    return fn
+
+
+def _find_ddot() -> np.ndarray | None:
+    import ctypes
+    import glob
+    import os
+
+    if ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    root = os.path.dirname(os.path.abspath(np.__file__))
+    for path in sorted(glob.glob(os.path.join(root, os.pardir, "numpy.libs", "*openblas*"))
+                       + glob.glob(os.path.join(root, ".dylibs", "*openblas*"))):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_cblas_ddot64_", "cblas_ddot64_"):
+            address = ctypes.cast(getattr(lib, name, None) or 0, ctypes.c_void_p).value
+            if address:
+                return np.array([address], dtype=np.intp)
+    return None
+
+
+def _ddot_agrees(fn: np.ndarray) -> bool:
+    """Whether ``fn`` gives numpy's ``@`` bit for bit on vectors of every length up to
+    160 (the SIMD bodies and tails), a sample of longer ones up to the 1 024 points of
+    a series window and a few beyond, of every scale, as :func:`parabola_basis`'s rows."""
+    rng = np.random.default_rng(20261203)
+    for n in [*range(1, 160), *rng.integers(160, 1100, 40).tolist(), 1023, 1024, 2047, 4096, 10007]:
+        rows = parabola_basis(rng.normal(0.0, 10.0 ** rng.uniform(-8, 8), max(n, 4)))[:, :n].copy()
+        for x, y in ((rows[0], rows[0]), (rows[0], rows[1]), (rows[0], rows[2]), (rows[2], rows[2])):
+            if blas_dot(fn, x, y) != float(x @ y):
+                return False
+    return True
 
 
 # --- the plateau test --------------------------------------------------------------

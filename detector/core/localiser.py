@@ -152,6 +152,12 @@ def _last_argmax(values: np.ndarray) -> int:
     return len(values) - 1 - int(np.argmax(values[::-1]))
 
 
+def _splits(indices: np.ndarray, gains: np.ndarray, penalties: np.ndarray, scale: float) -> list[Split]:
+    """The :class:`Split` of each break of :func:`_kernels.localiser_confirm`'s result. O(breaks)."""
+    return [Split(index=int(i), gain=float(g), penalty=float(p), noise=scale)
+            for i, g, p in zip(indices.tolist(), gains.tolist(), penalties.tolist(), strict=True)]
+
+
 def _parabola_sse(y: np.ndarray) -> float:
     """Squared error of the least-squares parabola through ``y``. O(n).
 
@@ -288,6 +294,14 @@ class WindowLocaliser:
                                                                          self.shift_min_size)
         scale = max(scale, 1e-12 * max(1.0, peak), _TINY)
         penalty = (self.penalty * scale * scale + self.noise_penalty * noise * noise) * math.log(n)
+        dot = _k.blas_ddot()
+        if dot is not None:
+            curvature = self.curvature_penalty
+            evidence, indices, gains, penalties = _k.localiser_confirm(
+                y, sums, split_gain, shift_index, shift_gain, scale, penalty, final, self.min_size,
+                self.shift_min_size, curvature is not None, 0.0 if curvature is None else float(curvature),
+                -1.0 if self.shift_penalty is None else float(self.shift_penalty), dot)
+            return _splits(indices, gains, penalties, scale), evidence
         return self._confirm(y, sums, split_gain, shift_index, shift_gain, scale, penalty, final)
 
     def look(self, held: np.ndarray, start: int, noise: float | None,
@@ -296,14 +310,24 @@ class WindowLocaliser:
         history_scale(held), noise, final)``, ``noise`` being ``point_noise(held)`` when
         None; returns the splits, the evidence and the noise used.
 
-        The same result as that call, in one compiled call when nothing can pass
-        (most looks: an alarm on noise), which is what a look costs on real runs;
-        a candidate break goes on to :meth:`_confirm` in Python. O(n) for the n
-        points held (``held`` is float64 and contiguous).
+        The same result as that call, in one compiled call
+        (:func:`_kernels.localiser_look_confirm`: the look, then the confirm step
+        when a break may pass), which is what a look costs on real runs. Where
+        BLAS's ``ddot`` cannot be called from compiled code (:func:`_kernels.blas_ddot`
+        is None), a candidate break goes on to :meth:`_confirm` in Python instead.
+        O(n) for the n points held (``held`` is float64 and contiguous).
         """
         n = len(held) - start
         log_n = math.log(n) if n >= 2 * self.min_size + 1 else 0.0
         shift_w = -1.0 if self.shift_penalty is None else float(self.shift_penalty)
+        dot = _k.blas_ddot()
+        if dot is not None:
+            curvature = self.curvature_penalty
+            noise, scale, evidence, indices, gains, penalties = _k.localiser_look_confirm(
+                held, start, noise is None, 0.0 if noise is None else float(noise), self.min_size,
+                self.shift_min_size, float(self.penalty), float(self.noise_penalty), shift_w, log_n,
+                curvature is not None, 0.0 if curvature is None else float(curvature), final, dot)
+            return _splits(indices, gains, penalties, scale), evidence, noise
         done, noise, scale, penalty, evidence, sums, split_gain, shift_index, shift_gain = \
             _k.localiser_look(held, start, noise is None, 0.0 if noise is None else float(noise),
                               self.min_size, self.shift_min_size, float(self.penalty),
@@ -319,7 +343,11 @@ class WindowLocaliser:
                  final: bool) -> tuple[list[Split], float]:
         """The breaks of ``y`` that pass ``penalty`` (binary segmentation, the curvature
         check, level shifts), from :func:`_kernels.window_search`'s results, and the
-        evidence. O(n) per break found."""
+        evidence. O(n) per break found.
+
+        The reference of :func:`_kernels.localiser_confirm`, which :meth:`look` and
+        :meth:`locate_with_evidence` call instead wherever :func:`_kernels.blas_ddot`
+        is found (tests/test_kernels.py compares the two)."""
         n = len(y)
         cost = CostPiecewiseLinear._from_sums(y, sums)
         bkps: list[int] = []
