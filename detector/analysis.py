@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.engine import Engine, EngineConfig
+from detector.engine import Engine
 from detector.events import EventHub
 from detector.logfile import COUNTERS, STEP_KEYS, Columns, count_points, iter_batches, read_log
 from detector.report import View, change_points, event_view, segment_view
@@ -78,18 +78,6 @@ _EVENT_KEYS = ("step", "kind", "series", "confidence", "message", "phase", "dete
                "evidence")
 
 
-_CONFIG: list[EngineConfig] = []  # the default settings, made once (~45 us a run otherwise)
-
-
-def _default_config() -> EngineConfig:
-    """``EngineConfig()``, shared by every analysis of the process: it is immutable
-    (frozen all the way down; a series detector takes a fresh copy of its trigger).
-    O(1)."""
-    if not _CONFIG:
-        _CONFIG.append(EngineConfig())
-    return _CONFIG[0]
-
-
 def analyze_columns(
     columns: Columns, run_id: str = "run", *, events: EventHub | None = None
 ) -> tuple[list[View], list[View], Counter[str]]:
@@ -100,7 +88,7 @@ def analyze_columns(
     :mod:`detector.events`) as a server's engine does, so the same sinks
     (alerts) can subscribe.
     """
-    engine = Engine(_default_config(), events=events)
+    engine = Engine(events=events)
     engine.start_run(run_id)
     rejected: Counter[str] = Counter()
     for batch in iter_batches(columns, ANALYZE_BATCH_POINTS):
