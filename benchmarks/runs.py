@@ -78,8 +78,10 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    ``<base>_c1`` run, else the finest ``cadence``; each other member must have,
    for each of GROKKING_ONSET, COLLAPSE_ONSET/END (per scope), LOSS_SPIKE,
    HIDDEN_PROGRESS and PHASE_CHANGE, the same count, and the i-th events located
-   within max(cadence_a, cadence_b) steps of each other. Pass/fail per base and
-   its worst mismatch (a count mismatch beats any step mismatch).
+   within max(cadence_a, cadence_b) steps of each other; LOSS_SPIKEs at a
+   labelled spike that the other member's labels lack (it fell between two of
+   its lines) are left out. Pass/fail per base and its worst mismatch (a count
+   mismatch beats any step mismatch).
 9. Loss-only (``loss_only`` true): premature = a ``stabilization`` segment
    starting before ``settled_step`` - 2 L. Streamed vs final (every run with
    PHASE_CHANGE events): the streamed phase at a logged step is the ``to`` of
@@ -378,6 +380,7 @@ class RunScore:
     # 8 (membership only; scored across runs)
     variant_of: str | None = None
     cadence: int = 1
+    spike_steps: list[int] = field(default_factory=list)  # labelled spikes' first steps
     # 9, 10
     loss_only: bool = False
     premature: bool | None = None
@@ -407,6 +410,7 @@ def score_run(name: str, corpus: str, labels: dict, doc: dict, steps: Sequence[i
     _score_economy(s, labels, events, steps)
     s.variant_of = labels.get("variant_of")
     s.cadence = cadence_of(labels, steps)
+    s.spike_steps = sorted(int(sp[0]) for sp in labels.get("spikes") or [])
     _score_phases(s, labels, by_kind, segments, steps)
     for e in events:
         if e["kind"] not in ECONOMY_KINDS and e.get("detected_at_step") is not None:
@@ -600,19 +604,25 @@ def _cadence_key(event: dict) -> str:
     return f"{event['kind']}/{scope(event)}" if event["kind"].startswith("COLLAPSE_") else event["kind"]
 
 
-def compare_cadence(ref: Sequence[dict], other: Sequence[dict], tol: float) -> tuple[bool, float, str]:
+def compare_cadence(ref: Sequence[dict], other: Sequence[dict], tol: float,
+                    unseen: tuple[Sequence[int], Sequence[int]] = ((), ())) -> tuple[bool, float, str]:
     """(pass, badness, worst mismatch) of ``other``'s events against ``ref``'s.
 
+    ``unseen``: labelled spikes of ``ref`` and of ``other`` that the other log does
+    not hold (a one-step spike between two lines of a sparse log): LOSS_SPIKE
+    events within ``tol`` of them are not compared.
     Badness: inf for a count mismatch, else the worst located-step gap / tol (> 1 fails).
     """
-    def groups(events: Sequence[dict]) -> dict[str, list[int]]:
+    def groups(events: Sequence[dict], hidden: Sequence[int]) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         for e in events:
+            if e["kind"] == "LOSS_SPIKE" and any(abs(e["step"] - h) <= tol for h in hidden):
+                continue
             if e["kind"] in CADENCE_KINDS:
                 out.setdefault(_cadence_key(e), []).append(e["step"])
         return {k: sorted(v) for k, v in out.items()}
 
-    a, b = groups(ref), groups(other)
+    a, b = groups(ref, unseen[0]), groups(other, unseen[1])
     worst, text = 0.0, ""
     for key in sorted(set(a) | set(b)):
         xs, ys = a.get(key, []), b.get(key, [])
@@ -644,7 +654,10 @@ def score_cadence(runs: dict[str, tuple[RunScore, list[dict]]]) -> dict[str, dic
             # ``_e5`` variants log held-out series every 5th line: their interval.
             tol = max(runs[ref][0].cadence * (5 if ref.endswith("_e5") else 1),
                       runs[name][0].cadence * (5 if name.endswith("_e5") else 1))
-            ok, bad, text = compare_cadence(runs[ref][1], runs[name][1], tol)
+            mine, theirs = runs[ref][0].spike_steps, runs[name][0].spike_steps
+            unseen = ([x for x in mine if all(abs(x - y) > tol for y in theirs)],
+                      [y for y in theirs if all(abs(x - y) > tol for x in mine)])
+            ok, bad, text = compare_cadence(runs[ref][1], runs[name][1], tol, unseen)
             if not ok:
                 result["passed"] = False
                 result["failures"].append(name)

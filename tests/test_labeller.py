@@ -258,6 +258,34 @@ def test_the_same_run_at_cadences_1_10_and_50_gives_the_same_events() -> None:
             assert abs(fine - coarse) <= slack, (every, results)
 
 
+def test_cadences_agree_on_a_small_test_sets_plateau_and_its_collapse() -> None:
+    # Test accuracy on 96 examples (steps of 0.0104, more than the 0.01 tolerance):
+    # it rises, holds, gains one example, and falls to 0.75 while training holds.
+    # Logged every 1, 10 or 50 steps: the same phases and the same collapse. (A
+    # sparse log confirms the onset lines after its first one, and its band still
+    # holds the rise when the fall comes.)
+    n = 1500
+    steps = np.arange(n)
+    rise = 0.1 + 0.88 / (1 + np.exp(-(steps - 400) / 10))
+    test_acc = np.round(96 * rise) / 96
+    test_acc[570:610] += 1 / 96
+    test_acc[612:] = 0.75 + 0.15 * (steps[612:] - 612) / n
+    train_acc = np.minimum(1.0, 0.1 + steps / 100)
+    train_loss = 2.3 * np.exp(-steps / 30) + 1e-3
+    results = {}
+    for every in (1, 10, 50):
+        det = RunDetector()
+        for s in range(0, n, every):
+            det.update(int(s), {"train_loss": float(train_loss[s]), "train_acc": float(train_acc[s]),
+                                "test_acc": float(test_acc[s])})
+        results[every] = _key_events(det)
+    assert [k for k, _ in results[1]] == ["PHASE_CHANGE", "PHASE_CHANGE", "COLLAPSE_ONSET", "PHASE_CHANGE"]
+    for every in (10, 50):
+        assert [k for k, _ in results[every]] == [k for k, _ in results[1]], (every, results)
+        for (_, fine), (_, coarse) in zip(results[1], results[every], strict=True):
+            assert abs(fine - coarse) <= every, (every, results)
+
+
 def test_a_one_line_spike_on_a_coarsely_logged_falling_loss_is_seen_at_every_cadence() -> None:
     # A loss falling 0.05 decades every 50 steps with 1 % noise, and a 2x one-step
     # spike: logged every 50 steps, the fall between lines is not noise, and the

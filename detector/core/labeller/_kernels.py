@@ -88,7 +88,7 @@ def _band_add(values, n, size, first_noise, second_noise, diffs, value):  # prag
     if n > 0:
         diffs += 1
         first_noise += (abs(value - values[n - 1]) - first_noise) / min(diffs, 10)
-        if n >= 2:
+        if n >= 2 and diffs >= 2:
             second = 0.58 * abs(value - 2 * values[n - 1] + values[n - 2])
             second_noise += (second - second_noise) / min(diffs - 1, 10)
     if n == size:
@@ -306,8 +306,8 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
 
 
 @_jit
-def generalisation_collapse_quiet(steps, values, present, holds, start, stop, band, generalised, high, n,
-                                  first_noise, second_noise, diffs, has_last, last, gap, has_dip, dip_new,
+def generalisation_collapse_quiet(steps, values, present, holds, start, stop, band, generalised, high, fresh,
+                                  n, first_noise, second_noise, diffs, has_last, last, gap, has_dip, dip_new,
                                   dip_start, dip_ref, dip_thr, dip_low, size, drop, spike_noise, grokked,
                                   min_intervals):  # pragma: no cover - compiled
     """``GeneralisationCollapse.update`` with no collapse open, while none opens
@@ -332,14 +332,16 @@ def generalisation_collapse_quiet(steps, values, present, holds, start, stop, ba
                 if holding:
                     n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise,
                                                                     diffs, value)
+                    if generalised and fresh < size:
+                        fresh += 1
                 continue
             if step - dip_start >= min_intervals * new_gap:
-                return (i - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last,
-                        gap, has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low)  # a collapse
+                return (i - start, generalised, high, fresh, n, first_noise, second_noise, diffs, has_last,
+                        last, gap, has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low)  # a collapse
             dip_low = _min(dip_low, value)
             has_last, last, gap = seen, new_last, new_gap
             continue
-        noise = spike_noise * _band_noise(first_noise, second_noise, diffs)
+        noise = spike_noise * _band_noise(first_noise, second_noise, diffs) if diffs >= 2 else 0.0
         thr = noise if noise > drop else drop
         has_last, last, gap = seen, new_last, new_gap
         if generalised and n >= 3 and holding and value < high - thr:
@@ -348,12 +350,18 @@ def generalisation_collapse_quiet(steps, values, present, holds, start, stop, ba
         if holding:
             n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise, diffs,
                                                             value)
-            if generalised and n >= 3:
-                level = _median(band, n, scratch)
-                high = level if level > high else high
-        if value >= grokked:
+            if generalised:
+                if fresh < size:
+                    fresh += 1
+                if n >= 3:
+                    count = fresh if fresh < n else n
+                    level = _median(band[n - count:n], count, scratch)
+                    high = level if level > high else high
+        if value >= grokked and not generalised:
             generalised = True
-    return (stop - start, generalised, high, n, first_noise, second_noise, diffs, has_last, last, gap,
+            fresh = 1 if holding else 0
+            first_noise, second_noise, diffs = 0.0, 0.0, 0
+    return (stop - start, generalised, high, fresh, n, first_noise, second_noise, diffs, has_last, last, gap,
             has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low)
 
 
@@ -525,10 +533,10 @@ def _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, w
 @_jit
 def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, start, stop,
                          starts, sums, counts, recent, window, lows_step, lows_value, lows_next, bins, width,
-                         has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise, has_above,
-                         above, best, lows_n, has_floor, floor, gate_first, has_onset, onset, has_complete,
-                         has_base, base, progressing, memorised_at, stable_best, onset_rise, grokked,
-                         min_intervals, stable_tolerance, stable_fraction, capacity, delay, min_bins,
+                         has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step,
+                         has_above, above, best, lows_n, has_floor, floor, gate_first, has_onset, onset,
+                         has_complete, has_base, base, progressing, memorised_at, stable_best, onset_rise,
+                         grokked, min_intervals, stable_tolerance, stable_fraction, capacity, delay, min_bins,
                          min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
     adds to the hidden-progress history without a test that could find it (the
@@ -575,6 +583,11 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
             recent[recent_n] = value
             new_recent_n = recent_n + 1
         new_window_n = window_n + 1 if window_n < 7 else 7
+        new_step = val_step
+        if window_n > 0:
+            change = abs(value - window[window_n - 1])
+            if change > 0 and (new_step == 0 or change < new_step):
+                new_step = change
         new_near, new_wide, new_noise = curv_near, curv_wide, noise
         if new_window_n == 7:
             off = 1 if window_n == 7 else 0
@@ -597,6 +610,10 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                     recent[0], recent[1], recent[2] = r0, r1, r2
                     taken = i - start  # onset
                     break
+                if not has_above:  # a new candidate onset: the stable stretch starts no earlier
+                    lows_n, has_floor, floor = 0, False, 0
+                lows_n, has_floor, floor = _remember_low(lows_step, lows_value, lows_next, lows_n, has_floor,
+                                                         floor, step, value)
             else:
                 has_new_above = False
         else:
@@ -606,6 +623,10 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 break
             five = 5 * new_noise
             tol = five if five > stable_tolerance else stable_tolerance
+            resolution = 1.5 * new_step
+            cap = 2 * stable_tolerance
+            resolution = cap if cap < resolution else resolution
+            tol = resolution if resolution > tol else tol
             level = _median(recent, new_recent_n, scratch)
             new_best = level if level > best else best
             if stabilised:
@@ -639,11 +660,11 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
         else:
             window[window_n] = value
         window_n = new_window_n
-        curv_near, curv_wide, noise = new_near, new_wide, new_noise
+        curv_near, curv_wide, noise, val_step = new_near, new_wide, new_noise, new_step
         has_above, above = has_new_above, new_above
         best = new_best
     return (taken, bins, width, has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
-            has_above, above, best, lows_n, has_floor, floor)
+            val_step, has_above, above, best, lows_n, has_floor, floor)
 
 
 # --- LossOnlyPhases --------------------------------------------------------------------

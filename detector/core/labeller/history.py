@@ -51,11 +51,17 @@ class Band:
             # 0.05 decades a line with almost no noise), nor is a sharp bend.
             self.diffs += 1
             self.first_noise += (abs(value - self.values[-1]) - self.first_noise) / min(self.diffs, 10)
-            if len(self.values) >= 2:
+            if len(self.values) >= 2 and self.diffs >= 2:
                 second = 0.58 * abs(value - 2 * self.values[-1] + self.values[-2])
                 self.second_noise += (second - self.second_noise) / min(self.diffs - 1, 10)
         self.values.append(value)
         self._level = math.nan
+
+    def restart_noise(self) -> None:
+        """Measure the noise afresh from the next value on (the level keeps its values):
+        a new regime's noise, not the steps of the trend that led to it."""
+        self.first_noise = self.second_noise = 0.0
+        self.diffs = 0
 
     @property
     def noise(self) -> float:
@@ -72,6 +78,20 @@ class Band:
             n = len(ordered)
             self._level = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
         return self._level
+
+    def level_of_last(self, count: int) -> float:
+        """Median of the last ``count`` values (:attr:`level` for all of them). O(size log size).
+
+        >>> band = Band(5)
+        >>> for v in [0.2, 0.5, 0.9, 1.0]:
+        ...     band.add(v)
+        >>> band.level_of_last(2), band.level_of_last(9)
+        (0.95, 0.7)
+        """
+        if count >= len(self.values):
+            return self.level
+        ordered = sorted(list(self.values)[-count:])
+        return ordered[count // 2] if count % 2 else 0.5 * (ordered[count // 2 - 1] + ordered[count // 2])
 
     def buffer(self) -> tuple[np.ndarray, int]:
         """The values, oldest first, in an array of ``size`` (for a compiled loop) and their count."""

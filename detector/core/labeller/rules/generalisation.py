@@ -37,25 +37,34 @@ class GeneralisationCollapse(_Plain):
     """A held-out accuracy that falls after it has generalised, while training holds.
 
     Once the held-out accuracy has reached ``grokked_accuracy``, a fall below
-    the highest level it has held since (median of ``band_values`` values) by
-    ``max(generalisation_drop, spike_noise × noise)`` that
+    the highest level it has held since (median of its last ``band_values``
+    values, counting only those since it reached it: a sparse log's band would
+    otherwise still hold the rise) by
+    ``max(generalisation_drop, spike_noise × noise)`` (noise measured since it
+    reached it, once two differences are in) that
     lasts ``min_intervals`` of its own intervals, while the training loss holds
     (no excursion open), is a ``COLLAPSE_ONSET`` with scope ``generalization``
     located at the first low value; it ends (``COLLAPSE_END``) once the accuracy
     is back within half that drop for as long. O(band_values) a value.
     """
 
-    _FIELDS = ("generalised", "high", "dip", "collapse")
+    _FIELDS = ("generalised", "high", "fresh", "dip", "collapse")
     _NESTED = {"band": Band, "interval": Interval}
 
     def __init__(self, config: LabellerConfig) -> None:
         self.config = config
         self.generalised = False
         self.high = -math.inf
+        self.fresh = 0  # band values since it generalised (at most the band's size)
         self.band = Band(config.band_values)
         self.interval = Interval()
         self.dip: dict | None = None
         self.collapse: dict | None = None
+
+    def load(self, state: dict) -> None:
+        if "fresh" not in state:  # a checkpoint from before it was kept: the whole band, as read then
+            state = {**state, "fresh": state["band"]["size"] if state["generalised"] else 0}
+        super().load(state)
 
     @property
     def quiet(self) -> bool:
@@ -92,7 +101,7 @@ class GeneralisationCollapse(_Plain):
                 return []
             self.collapse = None
             located = col["back_since"]
-            self.band.add(value)
+            self._add(value)
             self.high = -math.inf
             return collapse_end(
                 timeline, GENERALISATION, col["start"], located, step, series,
@@ -103,7 +112,7 @@ class GeneralisationCollapse(_Plain):
             if value >= dip["ref"] - dip["thr"] / 2 or not training_holds:
                 self.dip = None  # back in time, or training fell too: not this rule's collapse
                 if training_holds:
-                    self.band.add(value)
+                    self._add(value)
                 return []
             dip["low"] = min(dip["low"], value)
             if step - dip["start"] < hold:
@@ -119,18 +128,28 @@ class GeneralisationCollapse(_Plain):
                 Phase.COLLAPSE,
             )
             return [event, *timeline.open_collapse(GENERALISATION, dip["start"], step, 0.8, series)]
-        thr = max(c.generalisation_drop, c.spike_noise * self.band.noise)
+        # Noise measured since it generalised (two differences at least, else the drop
+        # alone): on a sparse log the band's earlier steps are the rise's, not noise.
+        noise = self.band.noise if self.band.diffs >= 2 else 0.0
+        thr = max(c.generalisation_drop, c.spike_noise * noise)
         if self.generalised and self.band.ready and training_holds and value < self.high - thr:
             self.dip = {"start": step, "ref": self.high, "thr": thr, "low": value}
             return []
         if training_holds:
-            self.band.add(value)
+            self._add(value)
             if self.generalised and self.band.ready:
                 # The highest level since it generalised: a slow slide counts too.
-                self.high = max(self.high, self.band.level)
-        if value >= c.grokked_accuracy:
+                self.high = max(self.high, self.band.level_of_last(self.fresh))
+        if value >= c.grokked_accuracy and not self.generalised:
             self.generalised = True
+            self.fresh = 1 if training_holds else 0  # the value that reached it, if the band took it
+            self.band.restart_noise()
         return []
+
+    def _add(self, value: float) -> None:
+        self.band.add(value)
+        if self.generalised:
+            self.fresh = min(self.fresh + 1, self.band.size)
 
     def quiet_run(self, steps: np.ndarray, values: np.ndarray, present: np.ndarray, holds: np.ndarray,
                   start: int, stop: int, commit: bool = True) -> int:
@@ -173,7 +192,7 @@ class GeneralisationCollapse(_Plain):
                 True, False, dip["start"], float(dip["ref"]), float(dip["thr"]), float(dip["low"]))
             quiet = Quiet(
                 _k.generalisation_collapse_quiet, (band,),
-                (self.generalised, float(self.high), n, float(self.band.first_noise),
+                (self.generalised, float(self.high), self.fresh, n, float(self.band.first_noise),
                  float(self.band.second_noise), self.band.diffs, seen, last, gap, *dipped),
                 (self.band.size, float(c.generalisation_drop), float(c.spike_noise),
                  float(c.grokked_accuracy), c.min_intervals),
@@ -182,8 +201,8 @@ class GeneralisationCollapse(_Plain):
         return quiet
 
     def _unpack_quiet(self, arrays: tuple, state: tuple) -> None:
-        (self.generalised, self.high, n, first_noise, second_noise, diffs, seen, last, gap, has_dip, dip_new,
-         dip_start, dip_ref, dip_thr, dip_low) = state
+        (self.generalised, self.high, self.fresh, n, first_noise, second_noise, diffs, seen, last, gap,
+         has_dip, dip_new, dip_start, dip_ref, dip_thr, dip_low) = state
         self.band.take(arrays[0], n, first_noise, second_noise, diffs)
         self.interval.unpack(seen, last, gap)
         old = self.dip
@@ -225,8 +244,12 @@ class Generalisation(_Plain):
       onset, the held-out loss's step history (:class:`StepHistory`, reset at memorisation) falls
       ``progress_min_change`` decades from its peak with a Mann–Kendall trend,
       while the held-out accuracy is flat;
-    * stabilisation: after onset, the held-out accuracy stays within
-      ``stable_tolerance`` of its best, which rises no more than that, for
+    * stabilisation: after onset (the stretch may start at the onset's first
+      line, however many lines confirmed it), the held-out accuracy stays within
+      a tolerance of its best (``stable_tolerance``; or five of its noise's
+      standard deviations; or one and a half of its resolution, the smallest
+      change between two of its values, up to twice ``stable_tolerance``), which
+      rises no more than that, for
       ``stable_fraction`` of the steps since onset (before it reaches
       ``grokked_accuracy``: as many steps as it took from the onset, and a
       quarter of the run so far); a later
@@ -235,7 +258,7 @@ class Generalisation(_Plain):
 
     _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "above_since", "onset_at",
                "complete_at", "best", "stable_since", "stable_best",
-               "hidden_progress_at", "val_noise", "val_window", "curv_near", "curv_wide", "lows",
+               "hidden_progress_at", "val_noise", "val_step", "val_window", "curv_near", "curv_wide", "lows",
                "lows_floor")
     _NESTED = {"val_interval": Interval, "progress": StepHistory}
 
@@ -257,12 +280,20 @@ class Generalisation(_Plain):
         # and over two logging intervals: noise adds the same to both, a curve's
         # change of bend 64 times as much to the wider one (cadence-free noise).
         self.val_window: list[float] = []
+        # The smallest change between two held-out values: one example of a small
+        # test set (1/96 = 0.0104 is more than the tolerance). 0: none seen yet.
+        self.val_step = 0.0
         self.lows: list[list] = []  # suffix minima since onset: [step, value, next step]
         self.lows_floor: int | None = None
         self.curv_near = 0.0
         self.curv_wide = 0.0
         self.val_interval = Interval()
         self.progress: StepHistory | None = None
+
+    def load(self, state: dict) -> None:
+        if "val_step" not in state:  # a checkpoint from before it was kept
+            state = {**state, "val_step": 0.0}
+        super().load(state)
 
     @property
     def progressing(self) -> bool:
@@ -280,6 +311,7 @@ class Generalisation(_Plain):
         self.lows = [[a, v * factor, b] for a, v, b in self.lows]
         self.val_noise *= factor
         self.val_window = [v * factor for v in self.val_window]
+        self.val_step *= factor
         self.curv_near *= factor * factor
         self.curv_wide *= factor * factor
 
@@ -338,6 +370,10 @@ class Generalisation(_Plain):
             self.val_base = min(first, _median(self.val_first)) if len(self.val_first) == 3 else \
                 first if self.val_base is None else min(self.val_base, first)
         self.val_recent = [*self.val_recent[-2:], val_acc]
+        if self.val_window:
+            change = abs(val_acc - self.val_window[-1])
+            if change > 0 and (self.val_step == 0 or change < self.val_step):
+                self.val_step = change
         self.val_window = [*self.val_window[-6:], val_acc]
         if len(self.val_window) == 7:
             # Third differences ignore a steady rise and a steady bend. Over one
@@ -356,9 +392,14 @@ class Generalisation(_Plain):
             if self.val_base is not None and val_acc >= self.val_base + c.onset_rise:
                 if self.above_since is None:
                     self.above_since = step
+                    self.lows, self.lows_floor = [], None
                 if step - self.above_since >= c.min_intervals * self.val_interval.gap:
                     self.onset_at = self.above_since
                     events += timeline.enter(Phase.ABSTRACTION, self.onset_at, step, 0.8, series)
+                else:
+                    # The stable stretch may start anywhere after the onset's first line:
+                    # on a sparse log the onset is confirmed lines later, the stretch not.
+                    self._remember_low(step, val_acc)
             else:
                 self.above_since = None
             if self.onset_at is None:
@@ -422,7 +463,7 @@ class Generalisation(_Plain):
             _k.generalisation_quiet,
             (starts, sums, counts, recent, window, lows_step, lows_value, lows_next),
             (bins, width, seen, last, gap, len(self.val_recent), len(self.val_window),
-             float(self.curv_near), float(self.curv_wide), float(self.val_noise),
+             float(self.curv_near), float(self.curv_wide), float(self.val_noise), float(self.val_step),
              self.above_since is not None, _int(self.above_since), float(self.best), count,
              self.lows_floor is not None, _int(self.lows_floor)),
             (len(self.val_first) < 3 and self.memorised_at is None,
@@ -437,8 +478,8 @@ class Generalisation(_Plain):
 
     def _unpack(self, arrays: tuple, state: tuple) -> None:
         starts, sums, counts, recent, window, lows_step, lows_value, lows_next = arrays
-        (bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise, has_above, above,
-         best, count, has_floor, floor) = state
+        (bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step, has_above,
+         above, best, count, has_floor, floor) = state
         progress = self.progress
         if self.progressing and progress is not None:
             progress.starts, progress.sums = starts[:bins].tolist(), sums[:bins].tolist()
@@ -446,15 +487,14 @@ class Generalisation(_Plain):
         self.val_interval.unpack(seen, last, gap)
         self.val_recent = recent[:recent_n].tolist()
         self.val_window = window[:window_n].tolist()
-        self.curv_near, self.curv_wide, self.val_noise = curv_near, curv_wide, noise
+        self.curv_near, self.curv_wide, self.val_noise, self.val_step = curv_near, curv_wide, noise, val_step
         self.above_since = int(above) if has_above else None
         self.best = best
-        if self.onset_at is not None and count:  # the suffix minima move only after onset
-            self.lows = [[s, v, n] for s, v, n in zip(
-                lows_step[:count].tolist(), lows_value[:count].tolist(), lows_next[:count].tolist(),
-                strict=True)]
+        self.lows = [[s, v, n] for s, v, n in zip(
+            lows_step[:count].tolist(), lows_value[:count].tolist(), lows_next[:count].tolist(), strict=True)]
+        if count:
             self.lows[-1][2] = None
-            self.lows_floor = int(floor) if has_floor else None
+        self.lows_floor = int(floor) if has_floor else None
 
     def _grokked(self, step: int, value: float, first_step: int, series: str) -> list[Event]:
         c = self.config
@@ -483,8 +523,11 @@ class Generalisation(_Plain):
                    timeline: Timeline) -> list[Event]:
         c = self.config
         # Within the tolerance of its best, or of the series' own noise where a small
-        # test set makes it larger (the extremes of a long noisy stretch lie 5-6 sd apart).
-        tol = max(c.stable_tolerance, 5 * self.val_noise)
+        # test set makes it larger (the extremes of a long noisy stretch lie 5-6 sd apart),
+        # or of one and a half of its resolution, up to twice the tolerance (one example
+        # of a test set of 50-150 is no change of level, two are; a larger smallest
+        # change so far is the rise's, not the resolution).
+        tol = max(c.stable_tolerance, 5 * self.val_noise, min(1.5 * self.val_step, 2 * c.stable_tolerance))
         self._remember_low(step, value)  # raw: a median of lines lags by a line, in steps by the cadence
         self.best = max(self.best, _median(self.val_recent))  # the best of raw noisy values would creep up
         if timeline.phase is Phase.STABILIZATION:
