@@ -1010,6 +1010,48 @@ def _ddot_agrees(fn: np.ndarray) -> bool:
 
 
 @_jit
+def _plateau_setup(n):  # pragma: no cover - compiled
+    """The constants of a window of ``n`` points: Σ t² of the centred times (pairwise,
+    as numpy sums a 1-D array), the centre, the degrees of freedom, the span. O(n)."""
+    half = (n - 1) / 2.0
+    tt = np.empty(n)
+    for j in range(n):
+        t = float(j) - half
+        tt[j] = t * t
+    stt = np_sum(tt)  # np.sum(t * t): pairwise, as numpy sums a 1-D array
+    dof = n - 2 if n - 2 > 1 else 1
+    return stt, half, dof, n - 1
+
+
+@_jit
+def _plateau_window(y, w, n, stt, half, dof, span, q, min_delta, relative, single):  # pragma: no cover
+    """The plateau test of the window of ``n`` points of ``y`` from ``w``: (is_plateau,
+    slope, ci_low, ci_high, bound). ``single``: the call has one window only (its sums
+    then start from the first point, as numpy's ``cumsum`` does). O(n)."""
+    first = 1 if single else 0
+    total = y[w] if first else 0.0
+    for j in range(first, n):
+        total += y[w + j]
+    mean = total / n
+    if first:
+        d = y[w] - mean
+        sty, ss = y[w] * (0.0 - half), d * d
+    else:
+        sty, ss = 0.0, 0.0
+    for j in range(first, n):
+        sty += y[w + j] * (float(j) - half)  # Σ t (y − mean) = Σ t y, as Σ t = 0
+        d = y[w + j] - mean
+        ss += d * d
+    slope = sty / stt
+    rss = ss - slope * sty  # Σ residual² = Σ (y − mean)² − slope · Σ t y
+    rss = rss if rss > 0.0 else 0.0  # never −0.0 here (ss ≥ +0), so no sign to keep
+    se = math.sqrt(rss / dof / stt)
+    low, high = (slope - q * se) * span, (slope + q * se) * span
+    bound = min_delta * (abs(mean) if relative else 1.0)
+    return (-bound <= low and high <= bound), slope, low, high, bound
+
+
+@_jit
 def plateau_windows(y, n, q, min_delta, relative):  # pragma: no cover - compiled
     """:func:`detector.core.trend._plateau_windows` for every window of ``n`` points of
     ``y`` (``q`` the t quantile): rows is_plateau, slope, ci_low, ci_high, bound. Each
@@ -1018,38 +1060,38 @@ def plateau_windows(y, n, q, min_delta, relative):  # pragma: no cover - compile
     numpy's ``cumsum`` does). O(n m)."""
     m = len(y) - n + 1
     out = np.empty((5, m))
-    half = (n - 1) / 2.0
-    tt = np.empty(n)
-    for j in range(n):
-        t = float(j) - half
-        tt[j] = t * t
-    stt = np_sum(tt)  # np.sum(t * t): pairwise, as numpy sums a 1-D array
-    dof = n - 2 if n - 2 > 1 else 1
-    span = n - 1
-    first = 1 if m == 1 else 0
+    stt, half, dof, span = _plateau_setup(n)
     for w in range(m):
-        total = y[w] if first else 0.0
-        for j in range(first, n):
-            total += y[w + j]
-        mean = total / n
-        if first:
-            d = y[w] - mean
-            sty, ss = y[w] * (0.0 - half), d * d
-        else:
-            sty, ss = 0.0, 0.0
-        for j in range(first, n):
-            sty += y[w + j] * (float(j) - half)  # Σ t (y − mean) = Σ t y, as Σ t = 0
-            d = y[w + j] - mean
-            ss += d * d
-        slope = sty / stt
-        rss = ss - slope * sty  # Σ residual² = Σ (y − mean)² − slope · Σ t y
-        rss = rss if rss > 0.0 else 0.0  # never −0.0 here (ss ≥ +0), so no sign to keep
-        se = math.sqrt(rss / dof / stt)
-        low, high = (slope - q * se) * span, (slope + q * se) * span
-        bound = min_delta * (abs(mean) if relative else 1.0)
-        out[0, w] = 1.0 if (-bound <= low and high <= bound) else 0.0
+        is_plateau, slope, low, high, bound = _plateau_window(y, w, n, stt, half, dof, span, q, min_delta,
+                                                              relative, m == 1)
+        out[0, w] = 1.0 if is_plateau else 0.0
         out[1, w], out[2, w], out[3, w], out[4, w] = slope, low, high, bound
     return out
+
+
+@_jit
+def plateau_transitions(y, n, q, min_delta, relative, in_plateau, lo):  # pragma: no cover - compiled
+    """Every window of ``n`` points of ``y`` from window ``lo`` on where the plateau test
+    changes state, ``in_plateau`` the state before window ``lo`` (a plateau starts: the
+    test passes; one ends: the change's interval leaves the margin), as
+    ``SeriesDetector._plateaus`` walked :func:`plateau_windows`' rows, each window's
+    result the same floats: rows window, is_plateau, slope, ci_low, ci_high, bound of
+    each transition, in order. Windows before ``lo`` are not computed. O(n × windows)."""
+    m = len(y) - n + 1
+    out = np.empty((6, m - lo if m > lo else 0))
+    k = 0
+    stt, half, dof, span = _plateau_setup(n)
+    for w in range(lo, m):
+        is_plateau, slope, low, high, bound = _plateau_window(y, w, n, stt, half, dof, span, q, min_delta,
+                                                              relative, m == 1)
+        hit = (low > bound or high < -bound) if in_plateau else is_plateau
+        if hit:
+            in_plateau = not in_plateau
+            out[0, k] = w
+            out[1, k] = 1.0 if is_plateau else 0.0
+            out[2, k], out[3, k], out[4, k], out[5, k] = slope, low, high, bound
+            k += 1
+    return out[:, :k]
 
 
 # --- the Mann–Kendall test -------------------------------------------------------------
@@ -1492,16 +1534,20 @@ def scan_append(steps, y, lo, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq,
 def plateau_transition(ext, patience, q, min_delta, relative, in_plateau):  # pragma: no cover
     """The first window of ``patience`` points of ``ext`` where the plateau test changes
     state (a plateau starts, or, ``in_plateau``, ends: the change's interval leaves the
-    margin), as ``SeriesDetector._plateaus`` finds it from :func:`plateau_windows`; −1
-    for none. O(patience × windows)."""
+    margin), as ``SeriesDetector._plateaus`` finds it from :func:`plateau_windows`' rows
+    (each window the same floats, the windows after it not computed); −1 for none.
+    O(patience × windows up to it)."""
     if len(ext) < patience:
         return -1
-    rows = plateau_windows(ext, patience, q, min_delta, relative)
-    for w in range(rows.shape[1]):
+    m = len(ext) - patience + 1
+    stt, half, dof, span = _plateau_setup(patience)
+    for w in range(m):
+        is_plateau, _, low, high, bound = _plateau_window(ext, w, patience, stt, half, dof, span, q,
+                                                          min_delta, relative, m == 1)
         if in_plateau:
-            if rows[2, w] > rows[4, w] or rows[3, w] < -rows[4, w]:
+            if low > bound or high < -bound:
                 return w
-        elif rows[0, w] > 0.0:
+        elif is_plateau:
             return w
     return -1
 

@@ -288,7 +288,7 @@ class SeriesDetector:
                 self._alarmed()
             tagged = self._change_points(ext_steps[prior:], ext_values[prior:], n_before, max(alarm + 1, 0))
         if transition >= 0:
-            tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
+            tagged += self._plateaus(ext_steps, ext_values, prior, n_before, transition)
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [event for _, _, event in tagged]
 
@@ -605,31 +605,28 @@ class SeriesDetector:
     # --- plateaus and trends -------------------------------------------------------
 
     def _plateaus(self, ext_steps: np.ndarray, ext_values: np.ndarray, prior: int,
-                  n_before: int) -> list[tuple[int, int, Event]]:
+                  n_before: int, first: int = 0) -> list[tuple[int, int, Event]]:
+        """The plateau events of a block: every window of ``patience`` points of the
+        extended block that changes the plateau state (:meth:`PlateauTest.transitions`,
+        one compiled call), from window ``first`` (the block's first transition where
+        known: the windows before it change nothing). O(patience × windows)."""
         p = self._plateau.patience
         skip = max(0, prior - (p - 1))  # windows ending before this block were tested already
         ext_steps, ext_values, prior, n_before = ext_steps[skip:], ext_values[skip:], prior - skip, n_before
         if len(ext_values) < p:
             return []
-        result = self._plateau.test_sliding(ext_values)
+        found = self._plateau.transitions(ext_values, self.in_plateau, max(0, first - skip))
         # Window w ends at ext index w + p - 1, i.e. finite point n_before - prior + w + p - 1.
         first_end = n_before - prior + p - 1
-        starts = result.is_plateau
-        ends = (result.ci_low > result.bound) | (result.ci_high < -result.bound)
         tagged: list[tuple[int, int, Event]] = []
-        w = 0
-        while True:
-            candidates = ends if self.in_plateau else starts
-            hits = np.flatnonzero(candidates[w:])
-            if len(hits) == 0:
-                break
-            w += int(hits[0])
+        for window, is_plateau, slope, low, high, bound in found.T.tolist():
+            w = int(window)
             started = not self.in_plateau
             self.in_plateau = started
             step = int(ext_steps[w + p - 1])
             located = int(ext_steps[w]) if started else step
-            tagged.append((first_end + w, _PLATEAU, self._plateau_event(result[w], started, located, step)))
-            w += 1
+            result = PlateauResult(is_plateau > 0.0, slope, low, high, bound)
+            tagged.append((first_end + w, _PLATEAU, self._plateau_event(result, started, located, step)))
         return tagged
 
     def _plateau_event(self, result: PlateauResult, started: bool, located: int, step: int) -> Event:
