@@ -185,6 +185,9 @@ class StageTimer:
             (SeriesDetector, "_block", "block"), (SeriesDetector, "_scan_append", "trigger"),
             (CusumTrigger, "scan", "trigger"), (CusumTrigger, "absorb", "trigger"),
             (SeriesDetector, "_localise", "localiser"),
+            # A confirmed break's events and the trigger restarted (inside _localise before
+            # the alarm episodes were compiled): the localiser's, as it was.
+            (SeriesDetector, "_confirmed", "localiser"),
             (PhaseLabeller, "update_block", "labeller"), (PhaseLabeller, "update", "labeller"),
             (SeriesDetector, "_plateaus", "plateaus_trend"),
             (RunDetector, "finish", "end_of_run"),
