@@ -161,8 +161,10 @@ class SeriesDetector:
     ``update_many`` takes a block: non-finite values are counted and dropped
     first; the trigger scans the block, the block is appended to the held
     window and the plateau test is evaluated on every sliding window of the
-    block, all in one compiled call, and Python runs only at alarms
-    (localisation) and at plateau transitions; the trend is computed when read.
+    block, all in one compiled call; an alarm's looks (localisation) run in a
+    second compiled call up to a confirmed break, and Python runs only for the
+    events of confirmed breaks and of plateau transitions; the trend is
+    computed when read.
     (Where numpy's loops cannot be called from compiled code, the same steps run
     in numpy, with the same results.)
     ``update`` is the one-point form and gives the same events and state.
