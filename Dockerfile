@@ -41,8 +41,7 @@ WORKDIR /home/phasewatch
 # them (numba caches them under ~/.cache/numba): the first batch after a start does not
 # wait seconds for a compile. On another CPU model than the build's they compile once more.
 RUN python -c "import detector; from importlib import resources; \
-detector.analyze(str(resources.files('detector.data') / 'grok_add_0.jsonl')); \
-from detector.server.app import warm_up; warm_up()"
+detector.analyze(str(resources.files('detector.data') / 'grok_add_0.jsonl'))"
 VOLUME ["/home/phasewatch/data"]
 EXPOSE 50051 9109
 # The standard grpc.health.v1 service, as Kubernetes' native gRPC probes ask it.
