@@ -38,8 +38,9 @@ RUN for wheel in /dist/phasewatch-*.whl; do pip install --no-cache-dir "${wheel}
 USER 10001:10001
 WORKDIR /home/phasewatch
 # Compile the detection core's kernels (numba) into the image, as the user that runs
-# them (numba caches them under ~/.cache/numba): the first batch after a start does not
-# wait seconds for a compile. On another CPU model than the build's they compile once more.
+# them (numba caches them under ~/.cache/numba): a start (whose warm-up runs every
+# kernel before it reports SERVING) then loads them in about a second instead of
+# compiling for about a minute. On another CPU model than the build's they compile once more.
 RUN python -c "import detector; from importlib import resources; \
 detector.analyze(str(resources.files('detector.data') / 'grok_add_0.jsonl'))"
 VOLUME ["/home/phasewatch/data"]

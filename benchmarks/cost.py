@@ -22,10 +22,11 @@ as ``phasewatch analyze`` does (``read_log`` then ``analyze_columns``: every
 series, the labeller, the end of the run), and reports µs per point, in all
 and by stage: reading the file, the series detectors' compiled block (a block
 with no alarm pending: the trigger's scan up to an alarm, the append, the
-plateau windows), the trigger's other scans, the localiser, the
+plateau windows), the trigger's other scans, the localiser (with the alarm
+episodes' compiled call: its looks and the trigger's scans between them), the
 labeller, plateau tests (the trend is computed when read), the end of the run, and the rest
 (engine, batching, timeline), with localisations per 1 000 points (calls of
-``WindowLocaliser.look``). The stages are measured by wrapping
+``WindowLocaliser.look`` and the looks of the episodes' call). The stages are measured by wrapping
 those methods for the duration of the cell (:class:`StageTimer`; the core
 keeps no timers). Best of ``--repeats`` for the times, after one warm-up
 analysis (a process's first kernel call loads numba's compiled code).
@@ -184,6 +185,9 @@ class StageTimer:
             (SeriesDetector, "_block", "block"), (SeriesDetector, "_scan_append", "trigger"),
             (CusumTrigger, "scan", "trigger"), (CusumTrigger, "absorb", "trigger"),
             (SeriesDetector, "_localise", "localiser"),
+            # A confirmed break's events and the trigger restarted (inside _localise before
+            # the alarm episodes were compiled): the localiser's, as it was.
+            (SeriesDetector, "_confirmed", "localiser"),
             (PhaseLabeller, "update_block", "labeller"), (PhaseLabeller, "update", "labeller"),
             (SeriesDetector, "_plateaus", "plateaus_trend"),
             (RunDetector, "finish", "end_of_run"),
@@ -224,6 +228,19 @@ class StageTimer:
 
         self._originals.append((WindowLocaliser, "look", original_locate))
         WindowLocaliser.look = counted  # type: ignore[method-assign]
+        # A series detector's alarm episodes in one compiled call (its looks, and the
+        # trigger's scans between them): timed as the localiser, its looks counted.
+        original_episodes = SeriesDetector.__dict__.get("_episodes")
+        if original_episodes is not None:  # an older core looks from Python only
+            timed_episodes = self._wrap(original_episodes, "localiser")
+
+            def episodes(*args: object) -> object:
+                result = timed_episodes(*args)
+                timer.localisations += result[3]  # type: ignore[index]
+                return result
+
+            self._originals.append((SeriesDetector, "_episodes", original_episodes))
+            SeriesDetector._episodes = episodes  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:

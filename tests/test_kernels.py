@@ -257,6 +257,40 @@ def test_plateau_windows_equal_the_numpy_row_sums() -> None:
             assert np.array_equal(row, expected) and np.array_equal(np.signbit(row), np.signbit(expected))
 
 
+def test_plateau_transitions_walk_the_plateau_windows() -> None:
+    """plateau_transitions gives the windows where the state changes, and their rows, as
+    a walk over plateau_windows' rows from window ``lo`` (signs of zeros kept, one window
+    alone included); plateau_transition the first of them from window 0."""
+    rng = np.random.default_rng(14)
+    checked = 0
+    for i, y in enumerate(_arrays(15, 300, longest=400)):
+        n = int(rng.choice([3, 20, 30]))
+        if i % 7 == 0:
+            y = np.r_[np.full(n, -0.0), y]
+        if i % 5 == 0:
+            y = np.round(y, 1)  # flat stretches: plateaus start and end
+        if len(y) < n:
+            continue
+        relative, state = bool(i % 2), bool(i % 3 == 0)
+        rows = k.plateau_windows(y, n, 2.1, 0.05, relative)
+        lo = int(rng.integers(0, rows.shape[1]))
+        expected, in_plateau = [], state
+        for w in range(lo, rows.shape[1]):
+            hit = (rows[2, w] > rows[4, w] or rows[3, w] < -rows[4, w]) if in_plateau else rows[0, w] > 0.0
+            if hit:
+                in_plateau = not in_plateau
+                expected.append(np.r_[w, rows[:, w]])
+        got = k.plateau_transitions(y, n, 2.1, 0.05, relative, state, lo)
+        want = np.array(expected).T if expected else np.empty((6, 0))
+        assert got.shape == want.shape
+        assert np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want))
+        first = k.plateau_transitions(y, n, 2.1, 0.05, relative, state, 0)
+        expected_first = int(first[0, 0]) if first.shape[1] else -1
+        assert k.plateau_transition(y, n, 2.1, 0.05, relative, state) == expected_first
+        checked += got.shape[1]
+    assert checked > 50
+
+
 def test_mann_kendall_sums_equal_the_numpy_ones() -> None:
     from detector.core.trend import _median, _pairs
 
@@ -450,6 +484,62 @@ def test_compiled_block_is_the_numpy_path() -> None:
         assert same(compiled, reference), role
         found += len(compiled[0])
     assert found > 10
+
+
+def test_compiled_episodes_are_the_python_loop() -> None:
+    """A series detector's alarm episodes in one compiled call (series_episodes: the
+    looks, the run-ahead absorbs and restores, the appends and scans) give the events
+    and the state of the Python loop over the same kernels, with every role's scale,
+    alarms, rechecks and breaks, in blocks of any size, under other episode settings
+    (a lag, no rechecks) and with an alarm statistic Python computes (a bank threshold
+    past 2**53 on the CUSUM's grid: series_episodes hands the alarm back)."""
+    from detector.core.series import SeriesConfig, SeriesDetector
+    from detector.core.types import Direction, Role, SeriesSpec, Split
+
+    rng = np.random.default_rng(19)
+    loss = 3.0 * (10.0 + np.arange(2500)) ** -0.3 * np.exp(rng.normal(0, 0.05, 2500))
+    loss[1200:] *= 0.5
+    loss[rng.random(2500) < 0.02] = np.nan
+    shifts = np.r_[rng.normal(0, 1, 500), rng.normal(3, 1, 300), rng.normal(0, 2, 400),
+                   rng.normal(-1, 1, 300)]
+    drift = np.cumsum(rng.normal(0, 1, 1500)) + np.repeat(rng.normal(0, 5, 15), 100)
+    cases = [(Role.LOSS, loss), (Role.OTHER, shifts), (Role.OTHER, drift), (Role.NORM, np.abs(shifts) + 1e-3)]
+    configs = [SeriesConfig(), SeriesConfig(lag=3), SeriesConfig(recheck=0, recheck_limit=3),
+               SeriesConfig(trigger=CusumTrigger(bank_thresholds=(8.0, 5.0, 2.0**40)))]
+
+    def run(role: Role, y: np.ndarray, config: SeriesConfig, compiled: bool, seed: int) -> tuple[list, dict]:
+        det = SeriesDetector(SeriesSpec("s", role, Split.TRAIN, Direction.MINIMIZE), config)
+        assert det._episode is not None
+        if not compiled:
+            det._episode = None  # the Python loop
+        blocks = np.random.default_rng(seed).choice([1, 3, 8, 64, 300, 5000], size=len(y))
+        events, i = [], 0
+        for b in blocks:
+            if i >= len(y):
+                break
+            events += det.update_many(np.arange(i, min(i + b, len(y))), y[i : i + b])
+            i += b
+        return events + det.finish(), det.state()
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[x], b[x]) for x in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, z) for x, z in zip(a, b, strict=True))
+        if isinstance(a, np.ndarray):
+            return a.dtype == b.dtype and np.array_equal(a.view(np.int64) if a.dtype == float else a,
+                                                          b.view(np.int64) if b.dtype == float else b)
+        if isinstance(a, float):
+            return np.array_equal(np.array(a).view(np.int64), np.array(b).view(np.int64))
+        return a == b and type(a) is type(b)
+
+    found = 0
+    for c, config in enumerate(configs):
+        for seed, (role, y) in enumerate(cases):
+            compiled, reference = run(role, y, config, True, seed + c), run(role, y, config, False, seed + c)
+            assert same(compiled, reference), (c, role)
+            found += sum(e.kind.name == "CHANGE_POINT" for e in compiled[0])
+    assert found > 20
 
 
 def test_trigger_readout_is_the_python_statistic_and_alarm() -> None:

@@ -541,7 +541,8 @@ def test_warm_up_loads_the_detection_kernels_before_the_first_batch():
     code = (
         "from detector.core import _kernels as k\n"
         "names = ('series_block', 'scan_append', 'trigger_warm_up', 'trigger_absorb',\n"
-        "         'localiser_look_confirm', 'mann_kendall_sums', 'plateau_windows', 'blas_dot')\n"
+        "         'series_episodes', 'localiser_look_confirm', 'mann_kendall_sums',\n"
+        "         'plateau_windows', 'plateau_transitions', 'blas_dot')\n"
         "def loaded():\n"
         "    return sorted(n for n in names if getattr(k, n).signatures)\n"
         "print(loaded())\n"
@@ -554,8 +555,11 @@ def test_warm_up_loads_the_detection_kernels_before_the_first_batch():
     assert out[0] == "[]"
     assert out[1] == "True"
     # The kernels the series detector calls from Python (the trigger's filters and
-    # CUSUMs run inside series_block, scan_append, the warm-up and the absorb; a
-    # look and its confirm step are one call, whose parabola fits call blas_dot).
-    assert out[2] == str(sorted(("series_block", "scan_append", "trigger_warm_up", "trigger_absorb",
-                                 "localiser_look_confirm", "mann_kendall_sums", "plateau_windows",
-                                 "blas_dot")))
+    # CUSUMs run inside series_block, the warm-up and the absorb; an alarm's looks
+    # and the scan to the next alarm run inside series_episodes (scan_append is only
+    # called from compiled code now), the end of a run's look is one call, whose
+    # parabola fits call blas_dot; a block's plateau events are plateau_transitions'
+    # (plateau_windows is PlateauTest.test's and test_sliding's only now).
+    assert out[2] == str(sorted(("series_block", "trigger_warm_up", "trigger_absorb",
+                                 "series_episodes", "localiser_look_confirm", "mann_kendall_sums",
+                                 "plateau_transitions", "blas_dot")))

@@ -1010,6 +1010,48 @@ def _ddot_agrees(fn: np.ndarray) -> bool:
 
 
 @_jit
+def _plateau_setup(n):  # pragma: no cover - compiled
+    """The constants of a window of ``n`` points: Σ t² of the centred times (pairwise,
+    as numpy sums a 1-D array), the centre, the degrees of freedom, the span. O(n)."""
+    half = (n - 1) / 2.0
+    tt = np.empty(n)
+    for j in range(n):
+        t = float(j) - half
+        tt[j] = t * t
+    stt = np_sum(tt)  # np.sum(t * t): pairwise, as numpy sums a 1-D array
+    dof = n - 2 if n - 2 > 1 else 1
+    return stt, half, dof, n - 1
+
+
+@_jit
+def _plateau_window(y, w, n, stt, half, dof, span, q, min_delta, relative, single):  # pragma: no cover
+    """The plateau test of the window of ``n`` points of ``y`` from ``w``: (is_plateau,
+    slope, ci_low, ci_high, bound). ``single``: the call has one window only (its sums
+    then start from the first point, as numpy's ``cumsum`` does). O(n)."""
+    first = 1 if single else 0
+    total = y[w] if first else 0.0
+    for j in range(first, n):
+        total += y[w + j]
+    mean = total / n
+    if first:
+        d = y[w] - mean
+        sty, ss = y[w] * (0.0 - half), d * d
+    else:
+        sty, ss = 0.0, 0.0
+    for j in range(first, n):
+        sty += y[w + j] * (float(j) - half)  # Σ t (y − mean) = Σ t y, as Σ t = 0
+        d = y[w + j] - mean
+        ss += d * d
+    slope = sty / stt
+    rss = ss - slope * sty  # Σ residual² = Σ (y − mean)² − slope · Σ t y
+    rss = rss if rss > 0.0 else 0.0  # never −0.0 here (ss ≥ +0), so no sign to keep
+    se = math.sqrt(rss / dof / stt)
+    low, high = (slope - q * se) * span, (slope + q * se) * span
+    bound = min_delta * (abs(mean) if relative else 1.0)
+    return (-bound <= low and high <= bound), slope, low, high, bound
+
+
+@_jit
 def plateau_windows(y, n, q, min_delta, relative):  # pragma: no cover - compiled
     """:func:`detector.core.trend._plateau_windows` for every window of ``n`` points of
     ``y`` (``q`` the t quantile): rows is_plateau, slope, ci_low, ci_high, bound. Each
@@ -1018,38 +1060,38 @@ def plateau_windows(y, n, q, min_delta, relative):  # pragma: no cover - compile
     numpy's ``cumsum`` does). O(n m)."""
     m = len(y) - n + 1
     out = np.empty((5, m))
-    half = (n - 1) / 2.0
-    tt = np.empty(n)
-    for j in range(n):
-        t = float(j) - half
-        tt[j] = t * t
-    stt = np_sum(tt)  # np.sum(t * t): pairwise, as numpy sums a 1-D array
-    dof = n - 2 if n - 2 > 1 else 1
-    span = n - 1
-    first = 1 if m == 1 else 0
+    stt, half, dof, span = _plateau_setup(n)
     for w in range(m):
-        total = y[w] if first else 0.0
-        for j in range(first, n):
-            total += y[w + j]
-        mean = total / n
-        if first:
-            d = y[w] - mean
-            sty, ss = y[w] * (0.0 - half), d * d
-        else:
-            sty, ss = 0.0, 0.0
-        for j in range(first, n):
-            sty += y[w + j] * (float(j) - half)  # Σ t (y − mean) = Σ t y, as Σ t = 0
-            d = y[w + j] - mean
-            ss += d * d
-        slope = sty / stt
-        rss = ss - slope * sty  # Σ residual² = Σ (y − mean)² − slope · Σ t y
-        rss = rss if rss > 0.0 else 0.0  # never −0.0 here (ss ≥ +0), so no sign to keep
-        se = math.sqrt(rss / dof / stt)
-        low, high = (slope - q * se) * span, (slope + q * se) * span
-        bound = min_delta * (abs(mean) if relative else 1.0)
-        out[0, w] = 1.0 if (-bound <= low and high <= bound) else 0.0
+        is_plateau, slope, low, high, bound = _plateau_window(y, w, n, stt, half, dof, span, q, min_delta,
+                                                              relative, m == 1)
+        out[0, w] = 1.0 if is_plateau else 0.0
         out[1, w], out[2, w], out[3, w], out[4, w] = slope, low, high, bound
     return out
+
+
+@_jit
+def plateau_transitions(y, n, q, min_delta, relative, in_plateau, lo):  # pragma: no cover - compiled
+    """Every window of ``n`` points of ``y`` from window ``lo`` on where the plateau test
+    changes state, ``in_plateau`` the state before window ``lo`` (a plateau starts: the
+    test passes; one ends: the change's interval leaves the margin), as
+    ``SeriesDetector._plateaus`` walked :func:`plateau_windows`' rows, each window's
+    result the same floats: rows window, is_plateau, slope, ci_low, ci_high, bound of
+    each transition, in order. Windows before ``lo`` are not computed. O(n × windows)."""
+    m = len(y) - n + 1
+    out = np.empty((6, m - lo if m > lo else 0))
+    k = 0
+    stt, half, dof, span = _plateau_setup(n)
+    for w in range(lo, m):
+        is_plateau, slope, low, high, bound = _plateau_window(y, w, n, stt, half, dof, span, q, min_delta,
+                                                              relative, m == 1)
+        hit = (low > bound or high < -bound) if in_plateau else is_plateau
+        if hit:
+            in_plateau = not in_plateau
+            out[0, k] = w
+            out[1, k] = 1.0 if is_plateau else 0.0
+            out[2, k], out[3, k], out[4, k], out[5, k] = slope, low, high, bound
+            k += 1
+    return out[:, :k]
 
 
 # --- the Mann–Kendall test -------------------------------------------------------------
@@ -1492,16 +1534,20 @@ def scan_append(steps, y, lo, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq,
 def plateau_transition(ext, patience, q, min_delta, relative, in_plateau):  # pragma: no cover
     """The first window of ``patience`` points of ``ext`` where the plateau test changes
     state (a plateau starts, or, ``in_plateau``, ends: the change's interval leaves the
-    margin), as ``SeriesDetector._plateaus`` finds it from :func:`plateau_windows`; −1
-    for none. O(patience × windows)."""
+    margin), as ``SeriesDetector._plateaus`` finds it from :func:`plateau_windows`' rows
+    (each window the same floats, the windows after it not computed); −1 for none.
+    O(patience × windows up to it)."""
     if len(ext) < patience:
         return -1
-    rows = plateau_windows(ext, patience, q, min_delta, relative)
-    for w in range(rows.shape[1]):
+    m = len(ext) - patience + 1
+    stt, half, dof, span = _plateau_setup(patience)
+    for w in range(m):
+        is_plateau, _, low, high, bound = _plateau_window(ext, w, patience, stt, half, dof, span, q,
+                                                          min_delta, relative, m == 1)
         if in_plateau:
-            if rows[2, w] > rows[4, w] or rows[3, w] < -rows[4, w]:
+            if low > bound or high < -bound:
                 return w
-        elif rows[0, w] > 0.0:
+        elif is_plateau:
             return w
     return -1
 
@@ -1564,3 +1610,194 @@ def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_h
     alarm, n, size, total = scan_append(ext_steps[prior:], y, 0, n, f, sums, gate, table, ci, cf, bank_kq,
                                         bank_hq, uf, held_steps, held_values, size, total)
     return m - good, good, low, high, alarm, n, size, total, transition, ext_steps, ext, prior
+
+
+# --- a series detector's alarm episodes in one call -----------------------------------
+#
+# SeriesDetector._change_points after the block's compiled scan: per trigger alarm,
+# the looks at the held window (one every point or two while the evidence builds
+# up), the trigger run ahead over the episode's points and restored when nothing is
+# confirmed, the appends, and the scan to the next alarm. On real runs an alarm
+# comes every few dozen points and most episodes end after one look, so the Python
+# loop's dozen kernel calls and attribute reads an alarm cost more than the looks
+# themselves. Python runs only when a look confirms a break (its events, and the
+# trigger restarted on the new segment) or an alarm's statistic does not fit a float
+# division (sums of 2**53 or more).
+
+# Entries of the episode constants (SeriesDetector._episode_consts): integers, then floats.
+(EI_MIN_SIZE, EI_SHIFT_MIN_SIZE, EI_CURV_ON, EI_LAG, EI_RECHECK, EI_RECHECK_LIMIT, EI_MIN_HISTORY,
+ EI_AHEAD) = range(8)
+EF_PENALTY, EF_NOISE_PENALTY, EF_SHIFT, EF_CURV, EF_RECHECK_EVIDENCE, EF_THRESHOLD = range(6)
+# Why series_episodes returned: the block is done, a look confirmed breaks (Python makes
+# their events and restarts the trigger), or an alarm's statistic is Python's to compute.
+EP_DONE, EP_FOUND, EP_ALARM = 0, 1, 2
+
+
+@_jit
+def _trigger_alarmed(sums, hq, bank_hq):  # pragma: no cover - compiled
+    """:attr:`CusumTrigger.alarmed`: any sum above its threshold (integer comparisons,
+    exact at any size). O(k)."""
+    nk = len(bank_hq)
+    if sums[0] > hq or sums[1] > hq:
+        return True
+    for j in range(nk):  # noqa: SIM110 - a loop: any() of a generator does not compile
+        if sums[2 + j] > bank_hq[j] or sums[2 + nk + j] > bank_hq[j]:
+            return True
+    return False
+
+
+@_jit
+def _episode_absorb(y, lo, hi, flags, at, n, f, sums, gate, table, ci, cf, bank_kq,
+                    bank_hq, uf):  # pragma: no cover - compiled
+    """``SeriesDetector._absorb(y[lo:hi])`` (the warm-up first, where the trigger is in
+    it), its flags written to ``flags[at:]`` when ``at`` ≥ 0. Returns ``n`` after. O(hi − lo)."""
+    part = y[lo:hi]
+    taken = 0
+    if n < ci[CI_WARMUP]:
+        taken, n = trigger_warm_up(part, 0, n, f, table, ci, cf)
+    if taken == len(part):
+        if at >= 0:
+            for j in range(len(part)):
+                flags[at + j] = False
+        return n
+    hits, n = trigger_absorb(part, taken, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf)
+    if at >= 0:
+        for j in range(len(part)):
+            flags[at + j] = hits[j]
+    return n
+
+
+@_jit
+def series_episodes(steps, y, i, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf, held_steps,
+                    held_values, size, total, pending, rechecks, last_evidence, statistic, has_noise,
+                    noise, segment_start, ei, ef, fn):  # pragma: no cover - compiled
+    """``SeriesDetector._change_points`` on ``y[i:]`` (``steps`` their steps; the trigger's
+    state ``n``, ``f``, ``sums``, ``gate`` and the held window written in place) up to
+    where Python is needed: the same looks (:func:`localiser_look_confirm`, ``log n``
+    libm's as ``math.log``), run-ahead absorbs, restores, appends and scans
+    (:func:`scan_append`, the warm-up first where the trigger is in it) in the same
+    order, so the same floats and state. ``pending`` −1 is no alarm pending;
+    ``has_noise`` False is no point noise yet for this alarm. The trigger's warm-up
+    must be compiled (``ci[CI_LIBM_LOG]`` set) and ``fn`` :func:`blas_ddot`'s.
+
+    Returns (``EP_*``, ``i`` (where Python continues), ``n``, size, finite count,
+    ``pending``, ``rechecks``, ``last_evidence``, ``statistic``, ``has_noise``,
+    ``noise``, the looks done, and, for ``EP_FOUND``, the confirmed breaks as rows
+    index, gain, penalty with the scale after them (one float array: a look's
+    result boxed once), else an empty array). ``EP_FOUND``: the look after point
+    ``i − 1`` confirmed them, the episode's run-ahead is dropped (Python restarts the
+    trigger). ``EP_ALARM``: the trigger alarmed at point ``i − 1`` and Python reads
+    its statistic. O(points + window per look)."""
+    m = len(y)
+    window = ci[CI_WINDOW]
+    min_size, shift_min_size = ei[EI_MIN_SIZE], ei[EI_SHIFT_MIN_SIZE]
+    ahead_len = ei[EI_AHEAD]
+    hq = ci[CI_HQ]
+    ahead_i = -1  # where the episode's run-ahead started (its snapshot's point), −1 for none
+    snap_n = n
+    snap_f = np.empty_like(f)
+    snap_sums = np.empty_like(sums)
+    snap_gate = np.empty_like(gate)
+    flags = np.zeros(m, dtype=np.bool_)  # alarmed after each point absorbed ahead, from ahead_i
+    nflags = 0
+    looks = 0
+    while True:
+        if pending == 0:
+            if ahead_i >= 0 and i - ahead_i > nflags:
+                # The episode outlasted the points absorbed ahead: absorb the next ones.
+                done = ahead_i + nflags
+                hi = done + ahead_len if done + ahead_len > i else i
+                hi = hi if hi < m else m
+                n = _episode_absorb(y, done, hi, flags, nflags, n, f, sums, gate, table, ci, cf, bank_kq,
+                                    bank_hq, uf)
+                nflags += hi - done
+            # SeriesDetector._localise (not final).
+            evidence = 0.0
+            k = 0
+            found = np.empty(0)
+            if size >= ei[EI_MIN_HISTORY]:
+                oldest = total - size
+                start = segment_start - oldest if segment_start - oldest > 0 else 0
+                count = size - start
+                log_n = math_log(ci[CI_LIBM_LOG], float(count)) if count >= 2 * min_size + 1 else 0.0
+                noise, scale, evidence, indices, gains, penalties = localiser_look_confirm(
+                    held_values[:size], start, not has_noise, noise if has_noise else 0.0, min_size,
+                    shift_min_size, ef[EF_PENALTY], ef[EF_NOISE_PENALTY], ef[EF_SHIFT], log_n,
+                    ei[EI_CURV_ON] != 0, ef[EF_CURV], False, fn)
+                has_noise = True
+                looks += 1
+                k = len(indices)
+                if k:
+                    found = np.empty(3 * k + 1)
+                    for j in range(k):
+                        found[j] = indices[j]
+                        found[k + j] = gains[j]
+                        found[2 * k + j] = penalties[j]
+                    found[3 * k] = scale
+            weak = evidence < ef[EF_RECHECK_EVIDENCE] or evidence < last_evidence
+            last_evidence = evidence
+            if k:
+                return (EP_FOUND, i, n, size, total, -1, 0, last_evidence, statistic, has_noise, noise,
+                        looks, found)
+            still = False
+            if rechecks <= 0 and not weak and ei[EI_RECHECK] - rechecks < ei[EI_RECHECK_LIMIT]:
+                still = _trigger_alarmed(sums, hq, bank_hq) if ahead_i < 0 else flags[i - 1 - ahead_i]
+            if weak or (rechecks <= 0 and not still):
+                if ahead_i >= 0:
+                    n = snap_n
+                    f[:] = snap_f
+                    sums[:] = snap_sums
+                    gate[:] = snap_gate
+                    n = _episode_absorb(y, ahead_i, i, flags, -1, n, f, sums, gate, table, ci, cf, bank_kq,
+                                        bank_hq, uf)
+                    ahead_i = -1
+                sums[:] = 0
+                pending = -1
+                rechecks = 0
+            else:
+                # Every point for the first ``recheck``, then every other point.
+                pending = 1 if rechecks > 0 else 2
+                rechecks -= 1
+        if i >= m:
+            return (EP_DONE, i, n, size, total, pending, rechecks, last_evidence, statistic, has_noise, noise,
+                    looks, np.empty(0))
+        if pending >= 0:
+            if ahead_i < 0:
+                snap_n = n
+                snap_f[:] = f
+                snap_sums[:] = sums
+                snap_gate[:] = gate
+                ahead_i = i
+                # Only as far as an episode usually lasts (see _change_points).
+                hi = i + ahead_len if i + ahead_len < m else m
+                n = _episode_absorb(y, i, hi, flags, 0, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf)
+                nflags = hi - i
+            j = i + pending if i + pending < m else m
+            size, total = held_append(held_steps, held_values, size, total, steps, y, i, j, window)
+            pending -= j - i
+        else:
+            # SeriesDetector._scan_append: the warm-up's points first, then the scan.
+            warm = 0
+            if n < ci[CI_WARMUP]:
+                warm, n = trigger_warm_up(y, i, n, f, table, ci, cf)
+                size, total = held_append(held_steps, held_values, size, total, steps, y, i, i + warm, window)
+            hit = -1
+            if i + warm < m:
+                alarm, n, size, total = scan_append(steps, y, i + warm, n, f, sums, gate, table, ci, cf,
+                                                    bank_kq, bank_hq, uf, held_steps, held_values, size,
+                                                    total)
+                if alarm >= 0:
+                    hit = warm + alarm
+            j = m if hit < 0 else i + hit + 1
+            if hit >= 0:
+                # SeriesDetector._alarmed, its statistic as CusumTrigger.statistic reads it.
+                ok, ratio, _ = trigger_readout(sums, hq, bank_hq)
+                if not ok:
+                    return (EP_ALARM, j, n, size, total, pending, rechecks, last_evidence, statistic,
+                            has_noise, noise, looks, np.empty(0))
+                last_evidence = 0.0
+                statistic = ratio * ef[EF_THRESHOLD]
+                pending = ei[EI_LAG]
+                rechecks = ei[EI_RECHECK]
+                has_noise = False
+        i = j

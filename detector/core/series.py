@@ -36,6 +36,7 @@ import numpy as np
 
 from detector.core import _kernels as _k
 from detector.core._kernels import np_median
+from detector.core.localiser import Split as Break  # a localiser's break (types.Split is a data split)
 from detector.core.localiser import WindowLocaliser
 from detector.core.trend import PlateauResult, PlateauTest, TrendResult, _t_quantile, mann_kendall
 from detector.core.trigger import CusumTrigger
@@ -160,8 +161,10 @@ class SeriesDetector:
     ``update_many`` takes a block: non-finite values are counted and dropped
     first; the trigger scans the block, the block is appended to the held
     window and the plateau test is evaluated on every sliding window of the
-    block, all in one compiled call, and Python runs only at alarms
-    (localisation) and at plateau transitions; the trend is computed when read.
+    block, all in one compiled call; an alarm's looks (localisation) run in a
+    second compiled call up to a confirmed break, and Python runs only for the
+    events of confirmed breaks and of plateau transitions; the trend is
+    computed when read.
     (Where numpy's loops cannot be called from compiled code, the same steps run
     in numpy, with the same results.)
     ``update`` is the one-point form and gives the same events and state.
@@ -208,6 +211,10 @@ class SeriesDetector:
         self._consts = _fast_consts(self.trigger, self._plateau, c.window, spec.role in _LOG_ROLES)
         # The trigger's warm-up compiled too, where libm's log (math.log's) was found.
         self._compiled_warm_up = self._consts is not None and bool(self._consts[0][_k.CI_LIBM_LOG])
+        # The alarm episodes compiled too (:func:`_kernels.series_episodes`), where the
+        # warm-up is and BLAS's ddot was found (the look's confirm step calls it): the
+        # episode constants and ddot's address, or None (the Python loop).
+        self._episode = _episode_consts(c) if self._compiled_warm_up else None
 
     # --- update ---------------------------------------------------------------
 
@@ -283,7 +290,7 @@ class SeriesDetector:
                 self._alarmed()
             tagged = self._change_points(ext_steps[prior:], ext_values[prior:], n_before, max(alarm + 1, 0))
         if transition >= 0:
-            tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
+            tagged += self._plateaus(ext_steps, ext_values, prior, n_before, transition)
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [event for _, _, event in tagged]
 
@@ -320,6 +327,61 @@ class SeriesDetector:
     def _change_points(self, steps: np.ndarray, y: np.ndarray, base: int,
                        i: int) -> list[tuple[int, int, Event]]:
         """Scan with the trigger; after an alarm, localise on each point of the episode.
+
+        ``y[:i]`` are taken already (``base``: the finite count before the block).
+        :meth:`_change_points_loop`'s steps, compiled (:meth:`_episodes`) where the
+        episode constants are (nearly everywhere); Python runs only when a look confirms
+        breaks (their events, the trigger restarted on the new segment) and for an
+        alarm whose statistic is Python's. The same state and events. O(points) plus
+        O(window) per look.
+        """
+        if self._episode is None or self._consts is None:
+            return self._change_points_loop(steps, y, base, i)
+        tagged: list[tuple[int, int, Event]] = []
+        m = len(y)
+        while True:
+            code, i, found, _ = self._episodes(steps, y, i)
+            if code == _k.EP_DONE:
+                return tagged
+            if code == _k.EP_ALARM:
+                self._alarmed()
+                continue
+            # The look after point i - 1 confirmed breaks: rows index, gain, penalty, then the scale.
+            k = (len(found) - 1) // 3
+            values = found.tolist()
+            scale = values[-1]
+            splits = [Break(index=int(values[j]), gain=values[k + j], penalty=values[2 * k + j], noise=scale)
+                      for j in range(k)]
+            start = max(0, self._segment_start - (self.n_finite - self._size))
+            tagged += [(base + i - 1, _CP, e) for e in self._confirmed(int(steps[i - 1]), start, splits)]
+            if i >= m:
+                return tagged
+
+    def _episodes(self, steps: np.ndarray, y: np.ndarray, i: int) -> tuple[int, int, np.ndarray, int]:
+        """:func:`_kernels.series_episodes` on this detector's state from ``y[i:]``, the
+        state written back; returns (``EP_*``, where to continue, the confirmed breaks,
+        the looks done) (a method of its own: benchmarks.cost times it and counts its
+        looks). O(points + window per look)."""
+        trigger = self.trigger
+        ci, cf, table, uf = cast("_FastConsts", self._consts)
+        ei, ef, dot = cast("_EpisodeConsts", self._episode)
+        noise = self._alarm_noise
+        pending = self._pending_alarm
+        (code, i, trigger.n, self._size, self.n_finite, pending, self._rechecks, self._last_evidence,
+         self._alarm_statistic, has_noise, noise, looks, found) = _k.series_episodes(
+            steps, y, i, trigger.n, trigger._f, trigger._sums, trigger.gate, table, ci, cf,
+            trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps, self._values, self._size,
+            self.n_finite, -1 if pending is None else pending, self._rechecks, self._last_evidence,
+            self._alarm_statistic, noise is not None, 0.0 if noise is None else noise, self._segment_start,
+            ei, ef, dot)
+        self._pending_alarm = None if pending < 0 else pending
+        self._alarm_noise = noise if has_noise else None
+        return code, i, found, looks
+
+    def _change_points_loop(self, steps: np.ndarray, y: np.ndarray, base: int,
+                            i: int) -> list[tuple[int, int, Event]]:
+        """:meth:`_change_points` in Python (where numpy's loops, libm's log or BLAS's
+        ddot cannot be called from compiled code).
 
         ``y[:i]`` are taken already (``base``: the finite count before the block).
         During an episode the trigger absorbs the rest of the block at once
@@ -495,13 +557,19 @@ class SeriesDetector:
             return []  # too little history for the penalty's scale to mean anything
         oldest = self.n_finite - self._size
         start = max(0, self._segment_start - oldest)
-        segment = self._values[start : self._size]
         # The point noise once per alarm (a median; rechecks reuse it), the spread on every look.
         splits, self._evidence, self._alarm_noise = self.config.localiser.look(
             self._values[: self._size], start, self._alarm_noise, final)
-        statistic = self._alarm_statistic
         if not splits:
             return []
+        return self._confirmed(step, start, splits)
+
+    def _confirmed(self, step: int, start: int, splits: list[Break]) -> list[Event]:
+        """The events of the breaks a look at ``held[start:]`` confirmed (``step``: the
+        point it looked after), and the trigger restarted on the new segment. O(window)."""
+        oldest = self.n_finite - self._size
+        segment = self._values[start : self._size]
+        statistic = self._alarm_statistic
         events = []
         edges = [0, *(s.index for s in splits), len(segment)]
         for k, split in enumerate(splits):
@@ -539,31 +607,28 @@ class SeriesDetector:
     # --- plateaus and trends -------------------------------------------------------
 
     def _plateaus(self, ext_steps: np.ndarray, ext_values: np.ndarray, prior: int,
-                  n_before: int) -> list[tuple[int, int, Event]]:
+                  n_before: int, first: int = 0) -> list[tuple[int, int, Event]]:
+        """The plateau events of a block: every window of ``patience`` points of the
+        extended block that changes the plateau state (:meth:`PlateauTest.transitions`,
+        one compiled call), from window ``first`` (the block's first transition where
+        known: the windows before it change nothing). O(patience × windows)."""
         p = self._plateau.patience
         skip = max(0, prior - (p - 1))  # windows ending before this block were tested already
         ext_steps, ext_values, prior, n_before = ext_steps[skip:], ext_values[skip:], prior - skip, n_before
         if len(ext_values) < p:
             return []
-        result = self._plateau.test_sliding(ext_values)
+        found = self._plateau.transitions(ext_values, self.in_plateau, max(0, first - skip))
         # Window w ends at ext index w + p - 1, i.e. finite point n_before - prior + w + p - 1.
         first_end = n_before - prior + p - 1
-        starts = result.is_plateau
-        ends = (result.ci_low > result.bound) | (result.ci_high < -result.bound)
         tagged: list[tuple[int, int, Event]] = []
-        w = 0
-        while True:
-            candidates = ends if self.in_plateau else starts
-            hits = np.flatnonzero(candidates[w:])
-            if len(hits) == 0:
-                break
-            w += int(hits[0])
+        for window, is_plateau, slope, low, high, bound in found.T.tolist():
+            w = int(window)
             started = not self.in_plateau
             self.in_plateau = started
             step = int(ext_steps[w + p - 1])
             located = int(ext_steps[w]) if started else step
-            tagged.append((first_end + w, _PLATEAU, self._plateau_event(result[w], started, located, step)))
-            w += 1
+            result = PlateauResult(is_plateau > 0.0, slope, low, high, bound)
+            tagged.append((first_end + w, _PLATEAU, self._plateau_event(result, started, located, step)))
         return tagged
 
     def _plateau_event(self, result: PlateauResult, started: bool, located: int, step: int) -> Event:
@@ -687,6 +752,35 @@ def _from_version_1(state: dict) -> dict:
 
 
 _FastConsts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_EpisodeConsts = tuple[np.ndarray, np.ndarray, np.ndarray]
+# Per config object (kept in the entry, so its id is not reused): the engine shares one.
+_EPISODE_CONSTS: dict[int, tuple[SeriesConfig, _EpisodeConsts | None]] = {}
+
+
+def _episode_consts(config: SeriesConfig) -> _EpisodeConsts | None:
+    """The constants of :func:`_kernels.series_episodes` for ``config`` (entries ``EI_*``,
+    ``EF_*``, and :func:`_kernels.blas_ddot`'s address; shared, never written), or None
+    where BLAS's ddot cannot be called from compiled code (the look's confirm step is
+    then Python's). O(1) after the first call per config."""
+    entry = _EPISODE_CONSTS.get(id(config))
+    if entry is not None and entry[0] is config:
+        return entry[1]
+    dot = _k.blas_ddot()
+    consts = None
+    if dot is not None:
+        loc, c = config.localiser, config
+        ahead = c.lag + 2 * c.recheck_limit + 2  # as SeriesDetector._ahead
+        ei = np.array([loc.min_size, loc.shift_min_size, loc.curvature_penalty is not None, c.lag, c.recheck,
+                       c.recheck_limit, c.min_history, ahead], dtype=np.int64)
+        ef = np.array([loc.penalty, loc.noise_penalty,
+                       -1.0 if loc.shift_penalty is None else loc.shift_penalty,
+                       0.0 if loc.curvature_penalty is None else loc.curvature_penalty,
+                       c.recheck_evidence, c.trigger.threshold], dtype=float)
+        consts = (ei, ef, dot)
+    if len(_EPISODE_CONSTS) > 64:  # configs made and dropped (tests): forget them
+        _EPISODE_CONSTS.clear()
+    _EPISODE_CONSTS[id(config)] = (config, consts)
+    return consts
 _FAST_CONSTS: dict[tuple, _FastConsts] = {}  # per settings: a handful per process
 
 
