@@ -286,6 +286,54 @@ def test_cadences_agree_on_a_small_test_sets_plateau_and_its_collapse() -> None:
             assert abs(fine - coarse) <= every, (every, results)
 
 
+def _at_cadences(rows: dict[str, np.ndarray], n: int, cadences: tuple[int, ...]) -> dict[int, list]:
+    results = {}
+    for every in cadences:
+        det = RunDetector()
+        for s in range(0, n, every):
+            det.update(int(s), {name: float(values[s]) for name, values in rows.items()})
+        results[every] = _key_events(det)
+    return results
+
+
+def test_the_onset_is_measured_from_the_level_memorisation_drove_held_out_accuracy_to() -> None:
+    # Held-out accuracy starts at chance (0.1) and memorisation drives it to 0 by step
+    # 40; it rises slowly from step 1500. Logged every 50 steps, the first line that
+    # holds a fitted model is step 50, when only the chance level has been seen: the
+    # onset must still be measured from 0 (0.1 is reached ~80 steps before 0.2).
+    n = 3000
+    steps = np.arange(n)
+    train_acc = np.minimum(1.0, 0.1 + steps / 40)
+    train_loss = 2.3 * np.exp(-steps / 8) + 1e-3
+    test_acc = np.where(steps < 40, 0.1 * (1 - steps / 40), 0.0) + 1 / (1 + np.exp(-(steps - 2000) / 100))
+    rows = {"train_loss": train_loss, "train_acc": train_acc, "test_acc": test_acc}
+    results = _at_cadences(rows, n, (1, 50))
+    onsets = {every: [s for k, s in found if k == "GROKKING_ONSET"] for every, found in results.items()}
+    assert len(onsets[1]) == 1 and 1770 <= onsets[1][0] <= 1790, results
+    assert len(onsets[50]) == 1 and abs(onsets[50][0] - onsets[1][0]) <= 50, results
+
+
+def test_a_plateau_before_the_training_metric_has_fitted_is_not_stabilisation() -> None:
+    # Both accuracies jump to 0.35 in three steps and hold for thirteen, then rise on;
+    # held-out accuracy settles at 0.75 from step 150, the training one fits at 190.
+    # Logged every step the early plateau is long next to the three steps before it,
+    # but logged every 10 it is not even seen: the only stabilisation is the late one,
+    # at every cadence.
+    n = 800
+    steps = np.arange(n)
+    early = np.minimum(0.35, 0.08 + 0.09 * steps)
+    later = np.clip((steps - 16) / 134, 0.0, 1.0)
+    test_acc = np.round(2000 * (early + 0.4 * later)) / 2000
+    train_acc = np.minimum(1.0, early + 0.65 * np.clip((steps - 16) / 174, 0.0, 1.0))
+    train_loss = 2.3 * (1.02 - train_acc)
+    rows = {"train_loss": train_loss, "train_acc": train_acc, "test_acc": test_acc}
+    results = _at_cadences(rows, n, (1, 10))
+    assert [k for k, _ in results[1]] == ["PHASE_CHANGE", "PHASE_CHANGE"], results
+    assert results[1][1][1] >= 140, results
+    assert [k for k, _ in results[10]] == ["PHASE_CHANGE", "PHASE_CHANGE"], results
+    assert abs(results[10][1][1] - results[1][1][1]) <= 10, results
+
+
 def test_a_one_line_spike_on_a_coarsely_logged_falling_loss_is_seen_at_every_cadence() -> None:
     # A loss falling 0.05 decades every 50 steps with 1 % noise, and a 2x one-step
     # spike: logged every 50 steps, the fall between lines is not noise, and the

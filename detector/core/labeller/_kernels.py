@@ -42,6 +42,7 @@ import numpy as np
 
 from detector.core._kernels import _jit
 
+SQRT_PI = math.sqrt(math.pi)  # generalisation._SQRT_PI
 LOWS = 64  # suffix minima the stable stretch keeps (generalisation._LOWS)
 
 # --- small shared pieces --------------------------------------------------------
@@ -429,7 +430,8 @@ def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, ste
     for j in range(keep - 1, lowest - 1, -1):
         if lows_value[j] < threshold:
             # _remember_low set the old newest entry's next step to this step
-            return True, step if j == count - 1 else lows_next[j]
+            following = step if j == count - 1 else lows_next[j]
+            return True, lows_step[j] + (following - lows_step[j] + 1) // 2
     if dropped:
         return True, step if count == 1 else lows_next[0]
     if has_floor:
@@ -534,10 +536,10 @@ def _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, w
 def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, start, stop,
                          starts, sums, counts, recent, window, lows_step, lows_value, lows_next, bins, width,
                          has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step,
-                         has_above, above, best, lows_n, has_floor, floor, gate_first, has_onset, onset,
-                         has_complete, has_base, base, progressing, memorised_at, stable_best, onset_rise,
-                         grokked, min_intervals, stable_tolerance, stable_fraction, capacity, delay, min_bins,
-                         min_change, min_share):  # pragma: no cover - compiled
+                         val_fall, has_above, above, best, lows_n, has_floor, floor, gate_first, has_onset,
+                         onset, has_complete, has_base, base, progressing, memorised_at, has_memorised,
+                         stable_best, onset_rise, grokked, min_intervals, stable_tolerance, stable_fraction,
+                         capacity, delay, min_bins, min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
     adds to the hidden-progress history without a test that could find it (the
     Mann–Kendall test is left to the per-line path), a held-out accuracy past its
@@ -588,6 +590,11 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
             change = abs(value - window[window_n - 1])
             if change > 0 and (new_step == 0 or change < new_step):
                 new_step = change
+        new_fall = val_fall
+        if window_n > 0:
+            fall = window[window_n - 1] - value
+            if math.isfinite(fall):
+                new_fall += ((fall if fall > 0 else 0.0) - new_fall) / 10
         new_near, new_wide, new_noise = curv_near, curv_wide, noise
         if new_window_n == 7:
             off = 1 if window_n == 7 else 0
@@ -599,10 +606,16 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 new_wide += (wide * wide - new_wide) / 10
                 spread = 64 * new_near - new_wide
                 new_noise = math.sqrt((spread if spread > 0.0 else 0.0) / 1260)
+                falls = SQRT_PI * new_fall
+                new_noise = falls if falls < new_noise else new_noise
         hold = min_intervals * new_gap
         new_above, has_new_above = above, has_above
         new_best = best
         if not has_onset:
+            if has_base and new_recent_n == 3 and _median(recent, 3, scratch) < base:
+                recent[0], recent[1], recent[2] = r0, r1, r2
+                taken = i - start  # the early level falls
+                break
             if has_base and value >= base + onset_rise:
                 if not has_above:
                     new_above, has_new_above = step, True
@@ -639,8 +652,11 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                     if new_best >= grokked:
                         span = stable_fraction * (since - onset)
                     else:
-                        span = 4 * stable_fraction * (since - first_step)
-                    needed = span if span > hold else float(hold)
+                        fitted = (memorised_at if has_memorised else step) - first_step
+                        early = since - first_step
+                        span = 4 * stable_fraction * (early if early > fitted else fitted)
+                    lines = (min_intervals - 0.5) * new_gap
+                    needed = span if span > lines else lines
                     leaves = step - since >= needed
             if leaves:
                 recent[0], recent[1], recent[2] = r0, r1, r2
@@ -660,11 +676,11 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
         else:
             window[window_n] = value
         window_n = new_window_n
-        curv_near, curv_wide, noise, val_step = new_near, new_wide, new_noise, new_step
+        curv_near, curv_wide, noise, val_step, val_fall = new_near, new_wide, new_noise, new_step, new_fall
         has_above, above = has_new_above, new_above
         best = new_best
     return (taken, bins, width, has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
-            val_step, has_above, above, best, lows_n, has_floor, floor)
+            val_step, val_fall, has_above, above, best, lows_n, has_floor, floor)
 
 
 # --- LossOnlyPhases --------------------------------------------------------------------

@@ -65,7 +65,9 @@ class LabellerConfig:
       that creeps from 1e-7 to 1e-5 has not collapsed.
     * ``stable_fraction`` 0.25: a stable stretch must last a quarter of the time
       since generalisation began (before it has reached ``grokked_accuracy``, as
-      long as the run took to get there: a slow creep must stop for longer).
+      long as the run took to get there and as memorisation took: a slow creep
+      must stop for longer, and a dense log's plateaus of a few steps before the
+      training metric has fitted are not stabilisation).
     * ``progress_*``: hidden progress = after memorisation, the held-out loss
       falls by ``progress_min_change`` decades from its post-memorisation peak
       with a Mann–Kendall trend at ``progress_p_value``, over at least

@@ -23,6 +23,7 @@ from detector.core.trend import mann_kendall
 from detector.core.types import Event, EventKind, Phase, Role
 
 _LOWS = _k.LOWS  # suffix minima kept for the stable stretch's start
+_SQRT_PI = math.sqrt(math.pi)  # E[max(0, -(e2 - e1))] = σ / √π for white noise e of sd σ
 
 
 def _int(value: int | None) -> int:
@@ -233,7 +234,9 @@ class Generalisation(_Plain):
       a fit), or without accuracy the loss below ``fitted_loss_fraction`` of its
       first value;
     * onset: held-out accuracy ``onset_rise`` above its early level (median of
-      its first three values, or of the three before memorisation if lower) for
+      its first three values, or of the three before memorisation if lower; or
+      the lowest median of three consecutive values before the onset: a model
+      that memorises drives it below chance) for
       ``min_intervals`` of its intervals; abstraction starts at its first line;
     * ``GROKKING_ONSET``: the held-out accuracy reaches ``grokked_accuracy`` at
       least max(``grokking_min_delay_steps``, the steps memorisation took) after
@@ -249,17 +252,18 @@ class Generalisation(_Plain):
       a tolerance of its best (``stable_tolerance``; or five of its noise's
       standard deviations; or one and a half of its resolution, the smallest
       change between two of its values, up to twice ``stable_tolerance``), which
-      rises no more than that, for
+      rises no more than that (the stretch starts halfway between the last value
+      below it and the next line: the next step on a dense log), for
       ``stable_fraction`` of the steps since onset (before it reaches
-      ``grokked_accuracy``: as many steps as it took from the onset, and a
-      quarter of the run so far); a later
+      ``grokked_accuracy``: as long as the run took to get there, and not before
+      the training metric has fitted, for as long as that took); a later
       rise of twice the tolerance is abstraction again.
     """
 
-    _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "above_since", "onset_at",
+    _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "val_low", "above_since", "onset_at",
                "complete_at", "best", "stable_since", "stable_best",
-               "hidden_progress_at", "val_noise", "val_step", "val_window", "curv_near", "curv_wide", "lows",
-               "lows_floor")
+               "hidden_progress_at", "val_noise", "val_step", "val_fall", "val_window", "curv_near",
+               "curv_wide", "lows", "lows_floor")
     _NESTED = {"val_interval": Interval, "progress": StepHistory}
 
     def __init__(self, config: LabellerConfig) -> None:
@@ -268,6 +272,7 @@ class Generalisation(_Plain):
         self.val_first: list[float] = []
         self.val_recent: list[float] = []
         self.val_base: float | None = None
+        self.val_low: float | None = None  # the early level the onset is measured from
         self.above_since: int | None = None
         self.onset_at: int | None = None
         self.complete_at: int | None = None
@@ -283,6 +288,10 @@ class Generalisation(_Plain):
         # The smallest change between two held-out values: one example of a small
         # test set (1/96 = 0.0104 is more than the tolerance). 0: none seen yet.
         self.val_step = 0.0
+        # EW mean of the falls between consecutive values (rises count 0): on a level
+        # stretch √π times it is the noise's sd, on a rise it is near 0 however the
+        # rise bends between sparse lines (third differences read that as noise).
+        self.val_fall = 0.0
         self.lows: list[list] = []  # suffix minima since onset: [step, value, next step]
         self.lows_floor: int | None = None
         self.curv_near = 0.0
@@ -293,7 +302,18 @@ class Generalisation(_Plain):
     def load(self, state: dict) -> None:
         if "val_step" not in state:  # a checkpoint from before it was kept
             state = {**state, "val_step": 0.0}
+        if "val_low" not in state:  # from before it was kept: the early level as it was
+            state = {**state, "val_low": state["val_base"]}
+        if "val_fall" not in state:  # from before it was kept: the noise as it was measured then
+            state = {**state, "val_fall": math.inf}
         super().load(state)
+
+    def _early_level(self) -> float | None:
+        """The level the onset is measured from: the lowest of the early level and
+        the lowest three-value median before the onset (``val_low``)."""
+        if self.val_base is None:
+            return self.val_low
+        return self.val_base if self.val_low is None else min(self.val_low, self.val_base)
 
     @property
     def progressing(self) -> bool:
@@ -306,12 +326,15 @@ class Generalisation(_Plain):
         self.val_recent = [v * factor for v in self.val_recent]
         if self.val_base is not None:
             self.val_base *= factor
+        if self.val_low is not None:
+            self.val_low *= factor
         self.best *= factor
         self.stable_best *= factor
         self.lows = [[a, v * factor, b] for a, v, b in self.lows]
         self.val_noise *= factor
         self.val_window = [v * factor for v in self.val_window]
         self.val_step *= factor
+        self.val_fall *= factor
         self.curv_near *= factor * factor
         self.curv_wide *= factor * factor
 
@@ -370,10 +393,21 @@ class Generalisation(_Plain):
             self.val_base = min(first, _median(self.val_first)) if len(self.val_first) == 3 else \
                 first if self.val_base is None else min(self.val_base, first)
         self.val_recent = [*self.val_recent[-2:], val_acc]
+        low = self._early_level()
+        if (low is not None and self.onset_at is None and len(self.val_recent) == 3
+                and (self.memorised_at is not None or len(self.val_first) == 3)):
+            # The onset is measured from the lowest level held before it: a model that
+            # memorises drives held-out accuracy below chance, and a sparse log whose
+            # first line already memorised would otherwise keep chance as its level.
+            low = min(low, _median(self.val_recent))
+        self.val_low = low
         if self.val_window:
             change = abs(val_acc - self.val_window[-1])
             if change > 0 and (self.val_step == 0 or change < self.val_step):
                 self.val_step = change
+            fall = self.val_window[-1] - val_acc
+            if math.isfinite(fall):
+                self.val_fall += ((fall if fall > 0 else 0.0) - self.val_fall) / 10
         self.val_window = [*self.val_window[-6:], val_acc]
         if len(self.val_window) == 7:
             # Third differences ignore a steady rise and a steady bend. Over one
@@ -387,9 +421,10 @@ class Generalisation(_Plain):
             if math.isfinite(near * near + wide * wide):  # absurd values must not poison the sums
                 self.curv_near += (near * near - self.curv_near) / 10
                 self.curv_wide += (wide * wide - self.curv_wide) / 10
-                self.val_noise = math.sqrt(max(0.0, 64 * self.curv_near - self.curv_wide) / 1260)
+                self.val_noise = min(math.sqrt(max(0.0, 64 * self.curv_near - self.curv_wide) / 1260),
+                                     _SQRT_PI * self.val_fall)
         if self.onset_at is None:
-            if self.val_base is not None and val_acc >= self.val_base + c.onset_rise:
+            if self.val_low is not None and val_acc >= self.val_low + c.onset_rise:
                 if self.above_since is None:
                     self.above_since = step
                     self.lows, self.lows_floor = [], None
@@ -464,11 +499,13 @@ class Generalisation(_Plain):
             (starts, sums, counts, recent, window, lows_step, lows_value, lows_next),
             (bins, width, seen, last, gap, len(self.val_recent), len(self.val_window),
              float(self.curv_near), float(self.curv_wide), float(self.val_noise), float(self.val_step),
+             float(self.val_fall),
              self.above_since is not None, _int(self.above_since), float(self.best), count,
              self.lows_floor is not None, _int(self.lows_floor)),
             (len(self.val_first) < 3 and self.memorised_at is None,
              self.onset_at is not None, _int(self.onset_at), self.complete_at is not None,
-             self.val_base is not None, _float(self.val_base), progressing, _int(self.memorised_at),
+             self._early_level() is not None, _float(self._early_level()), progressing,
+             _int(self.memorised_at), self.memorised_at is not None,
              float(self.stable_best), float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals,
              float(c.stable_tolerance), float(c.stable_fraction), c.history_bins, c.grokking_min_delay_steps,
              c.progress_min_bins, float(c.progress_min_change), float(c.progress_min_share)),
@@ -478,7 +515,8 @@ class Generalisation(_Plain):
 
     def _unpack(self, arrays: tuple, state: tuple) -> None:
         starts, sums, counts, recent, window, lows_step, lows_value, lows_next = arrays
-        (bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step, has_above,
+        (bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step, val_fall,
+         has_above,
          above, best, count, has_floor, floor) = state
         progress = self.progress
         if self.progressing and progress is not None:
@@ -488,6 +526,7 @@ class Generalisation(_Plain):
         self.val_recent = recent[:recent_n].tolist()
         self.val_window = window[:window_n].tolist()
         self.curv_near, self.curv_wide, self.val_noise, self.val_step = curv_near, curv_wide, noise, val_step
+        self.val_fall = val_fall
         self.above_since = int(above) if has_above else None
         self.best = best
         self.lows = [[s, v, n] for s, v, n in zip(
@@ -506,7 +545,7 @@ class Generalisation(_Plain):
         if waited < max(c.grokking_min_delay_steps, took):
             return []
         located = self.onset_at if self.onset_at is not None else step
-        evidence = {"baseline": f"{self.val_base:.4g}", "value": f"{value:.4g}",
+        evidence = {"baseline": f"{_float(self.val_low):.4g}", "value": f"{value:.4g}",
                     "memorised_at_step": str(self.memorised_at), "grokked_at_step": str(step),
                     "delay_steps": str(waited), "memorisation_steps": str(took)}
         return [
@@ -548,8 +587,14 @@ class Generalisation(_Plain):
         if self.best >= c.grokked_accuracy and self.onset_at is not None:
             span = c.stable_fraction * (since - self.onset_at)
         else:
-            span = 4 * c.stable_fraction * (since - first_step)
-        needed = max(c.min_intervals * self.val_interval.gap, span)
+            # ... and at least as long as memorisation took: before the training
+            # metric has fitted, the time so far is no time scale (a dense log sees
+            # plateaus of a few steps early on that a sparse one never shows).
+            fitted = (self.memorised_at if self.memorised_at is not None else step) - first_step
+            span = 4 * c.stable_fraction * max(since - first_step, fitted)
+        # At least min_intervals lines in the stretch (it starts half an interval
+        # before its first line).
+        needed = max((c.min_intervals - 0.5) * self.val_interval.gap, span)
         if step - since >= needed:
             self.stable_since, self.stable_best = since, self.best
             return timeline.enter(Phase.STABILIZATION, since, step, 0.8, series)
@@ -571,9 +616,11 @@ class Generalisation(_Plain):
     def _stable_since(self, threshold: float) -> int | None:
         """The first step from which every value is at least ``threshold``; None if the
         newest is below it. O(entries)."""
-        for _, entry_value, next_step in reversed(self.lows):
+        for entry_step, entry_value, next_step in reversed(self.lows):
             if entry_value < threshold:
-                return next_step
+                # Halfway to the next line: a sparse log's stretch starts somewhere
+                # between the two, and a dense log's at the very next step.
+                return None if next_step is None else entry_step + (next_step - entry_step + 1) // 2
         return self.lows_floor if self.lows_floor is not None else self.lows[0][0]
 
     def _hidden_progress(self, step: int, val_loss: float, first_step: int,
