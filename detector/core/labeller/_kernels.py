@@ -462,24 +462,26 @@ def _remember_low(lows_step, lows_value, lows_next, count, has_floor, floor, ste
 def _history_add(starts, sums, counts, n, width, capacity, step, value):  # pragma: no cover - compiled
     """``StepHistory.add`` on arrays of ``capacity + 1`` (in place, ``n`` bins):
     returns whether a bin opened, the bins and the width after."""
-    if n > 0 and step < starts[n - 1] + width:
+    w = width if width > 0 else 1
+    if n > 0 and step < starts[n - 1] + w:
         sums[n - 1] += value
         counts[n - 1] += 1
         return False, n, width
-    starts[n], sums[n], counts[n] = step, value, 1
+    starts[n], sums[n], counts[n] = step - step % w, value, 1
     n += 1
-    if n > capacity:  # StepHistory._merge_pairs
-        span = starts[n - 1] - starts[0]
-        width = max(2 * width, int(math.ceil(span / (capacity // 2))), 1)
+    while starts[n - 1] - starts[0] >= capacity * w:  # StepHistory._regrid
+        w *= 2
         m = 0
-        for j in range(0, n - 1, 2):
-            starts[m], sums[m], counts[m] = starts[j], sums[j] + sums[j + 1], counts[j] + counts[j + 1]
-            m += 1
-        if n % 2:
-            starts[m], sums[m], counts[m] = starts[n - 1], sums[n - 1], counts[n - 1]
-            m += 1
+        for j in range(n):
+            cell = starts[j] - starts[j] % w
+            if m > 0 and starts[m - 1] == cell:
+                sums[m - 1] += sums[j]
+                counts[m - 1] += counts[j]
+            else:
+                starts[m], sums[m], counts[m] = cell, sums[j], counts[j]
+                m += 1
         n = m
-    return True, n, width
+    return True, n, w
 
 
 @_jit

@@ -3,8 +3,8 @@
 * :class:`Band`: the recent level of a series (median of its last values that
   were not part of an excursion) and its typical line-to-line change.
 * :class:`StepHistory`: the series' means over bins of steps, at most a fixed
-  number of bins since a start; bins widen as the run grows, so they cover equal
-  spans of steps whatever the logging cadence.
+  number of bins since a start; bins lie on a grid of steps that widens as the
+  run grows, the same whatever the logging cadence.
 
 Both are plain data (``state()`` / ``from_state()`` give and take dicts of
 numbers and lists).
@@ -136,51 +136,59 @@ class Band:
 class StepHistory:
     """Means of a series over bins of steps: at most ``capacity`` bins.
 
-    Until the first merge a bin holds one value; when ``capacity`` is exceeded,
-    neighbouring bins are merged in pairs and the bin width (in steps) becomes
-    what holds the span in half the bins, doubling at every later merge. So the
-    bins cover about equal step spans whether the series was logged every step
-    or every 100. O(1) amortised a value, O(capacity) memory.
+    Bins lie on a grid of steps: bin k of width w holds steps [k w, (k + 1) w).
+    The width starts at one step and doubles (neighbouring bins merge) whenever
+    the grid from the first bin to the newest would need more than ``capacity``
+    bins. So the width, and where every bin starts, depend on the steps alone:
+    a series logged every step, every 10 or every 50 has the same bins (a sparse
+    log leaves some empty), and opens them at the same steps to within its
+    interval. O(1) amortised a value (O(capacity) per doubling, O(log steps)
+    doublings a run), O(capacity) memory.
 
     >>> h = StepHistory(8)
     >>> for step in range(0, 100, 5):
     ...     _ = h.add(step, float(step))
-    >>> len(h.starts) <= 8, h.starts[0], round(float(h.means()[-1]), 1)
-    (True, 0, 87.5)
+    >>> len(h.starts) <= 8, h.width, h.starts[:3], round(float(h.means()[-1]), 1)
+    (True, 16, [0, 16, 32], 87.5)
     """
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        self.width = 0
+        self.width = 0  # 0: nothing added yet (one step from the first value on)
         self.starts: list[int] = []
         self.sums: list[float] = []
         self.counts: list[int] = []
 
     def add(self, step: int, value: float) -> bool:
         """Add a value; True when it opened a new bin."""
-        if self.starts and step < self.starts[-1] + self.width:
+        width = max(self.width, 1)
+        if self.starts and step < self.starts[-1] + width:
             self.sums[-1] += value
             self.counts[-1] += 1
             return False
-        self.starts.append(step)
+        self.starts.append(step - step % width)
         self.sums.append(value)
         self.counts.append(1)
-        if len(self.starts) > self.capacity:
-            self._merge_pairs()
+        while self.starts[-1] - self.starts[0] >= self.capacity * width:
+            width *= 2
+            self._regrid(width)
+        self.width = width
         return True
 
-    def _merge_pairs(self) -> None:
-        span = self.starts[-1] - self.starts[0]
-        self.width = max(2 * self.width, math.ceil(span / (self.capacity // 2)), 1)
-        starts, sums, counts = [], [], []
-        for i in range(0, len(self.starts) - 1, 2):
-            starts.append(self.starts[i])
-            sums.append(self.sums[i] + self.sums[i + 1])
-            counts.append(self.counts[i] + self.counts[i + 1])
-        if len(self.starts) % 2:
-            starts.append(self.starts[-1])
-            sums.append(self.sums[-1])
-            counts.append(self.counts[-1])
+    def _regrid(self, width: int) -> None:
+        """Merge the bins that share a bin of ``width`` steps (twice the old width)."""
+        starts: list[int] = []
+        sums: list[float] = []
+        counts: list[int] = []
+        for start, total, count in zip(self.starts, self.sums, self.counts, strict=True):
+            cell = start - start % width
+            if starts and starts[-1] == cell:
+                sums[-1] += total
+                counts[-1] += count
+            else:
+                starts.append(cell)
+                sums.append(total)
+                counts.append(count)
         self.starts, self.sums, self.counts = starts, sums, counts
 
     def __len__(self) -> int:
