@@ -3,6 +3,7 @@ and ``serve`` (``phasewatch serve``: store, alerts, /metrics, signals, shutdown)
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -292,6 +293,11 @@ def serve(
         points = warm_up(config)
         log.info("phasewatch detector warmed up (%d points in %.2f s)", points,
                  time.perf_counter() - started)
+        # What is loaded by now (modules, compiled kernels: most of the heap's objects)
+        # lives as long as the process: out of the collector's full passes, which
+        # otherwise stop every thread for 30-120 ms with it in the heap.
+        gc.collect()
+        gc.freeze()
         engine = Engine(config, store=store)
         bus = EventBus()
         if sinks:
