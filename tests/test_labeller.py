@@ -382,6 +382,29 @@ def test_a_loss_only_run_is_not_stable_while_its_loss_still_falls() -> None:
             assert val - 3.0 < 0.1, seg
 
 
+def test_a_state_from_before_the_early_level_and_the_falls_were_kept_resumes() -> None:
+    # A checkpoint written before ``val_low`` and ``val_fall`` existed: the onset is
+    # measured from the early level it had, the falls' mean starts at the noise it had
+    # measured (not at infinity, which would make it NaN), and grokking is still found.
+    rows = grokking_rows(mem_line=10, onset_line=150, n=400)
+    first = run(rows[:180])
+    state = json.loads(json.dumps(first.labeller.state()))
+    old = state["generalisation"]
+    noise = old["val_noise"]
+    del old["val_low"], old["val_fall"]
+    resumed = run(rows[:180])
+    resumed.labeller = PhaseLabeller.from_state(state)
+    resumed.labeller.set_specs(resumed.specs)
+    rule = resumed.labeller.generalisation
+    assert rule.val_low == rule.val_base
+    assert rule.val_fall * math.sqrt(math.pi) == pytest.approx(noise)
+    for i, row in enumerate(rows[180:], start=180):
+        resumed.update(i * 10, row)
+    assert math.isfinite(resumed.labeller.generalisation.val_fall)
+    found = [e for e in resumed.events_so_far if e.kind is EventKind.GROKKING_ONSET]
+    assert len(found) == 1 and found[0].detected_at >= 1800  # after the resume
+
+
 def test_streamed_phase_changes_rebuild_the_final_timeline() -> None:
     rng = np.random.default_rng(9)
     rows = lm_losses(1500, 10, rng)

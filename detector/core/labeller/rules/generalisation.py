@@ -304,8 +304,8 @@ class Generalisation(_Plain):
             state = {**state, "val_step": 0.0}
         if "val_low" not in state:  # from before it was kept: the early level as it was
             state = {**state, "val_low": state["val_base"]}
-        if "val_fall" not in state:  # from before it was kept: the noise as it was measured then
-            state = {**state, "val_fall": math.inf}
+        if "val_fall" not in state:  # from before it was kept: as if it had measured the same noise
+            state = {**state, "val_fall": state["val_noise"] / _SQRT_PI}
         super().load(state)
 
     def _early_level(self) -> float | None:
