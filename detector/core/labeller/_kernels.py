@@ -415,28 +415,53 @@ def memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, 
 
 
 @_jit
-def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, step, value,
-                  threshold):  # pragma: no cover - compiled
-    """``Generalisation._stable_since(threshold)`` on the suffix minima as
-    ``_remember_low(step, value)`` would leave them, without changing them.
-    Returns (found, since)."""
-    if value < threshold:
-        return False, 0  # the newest value is below: its next step is None
+def _stack_bound(steps_, next_, count, keep, dropped, has_floor, floor, step):  # pragma: no cover - compiled
+    """Where a suffix stack's remembered stretch begins once the newest line is in."""
+    if dropped:
+        return step if count == 1 else next_[0]
+    if has_floor:
+        return floor
+    return steps_[0] if keep > 0 else step
+
+
+@_jit
+def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, highs_step, highs_value,
+                  highs_next, h_count, h_has_floor, h_floor, step, value, level,
+                  tol):  # pragma: no cover - compiled
+    """``Generalisation._stable_since(tol)`` on the suffix minima and maxima as
+    ``_remember_low(step, value)`` and ``_remember_high(step, level)`` would leave
+    them, without changing them. Returns (found, since)."""
+    if level - value > tol:
+        return False, 0  # the newest line alone: its next step is None
     keep = count
     while keep > 0 and lows_value[keep - 1] >= value:
         keep -= 1
+    h_keep = h_count
+    while h_keep > 0 and highs_value[h_keep - 1] <= level:
+        h_keep -= 1
     dropped = keep + 1 > LOWS
+    h_dropped = h_keep + 1 > LOWS
     lowest = 1 if dropped else 0
-    for j in range(keep - 1, lowest - 1, -1):
-        if lows_value[j] < threshold:
+    h_lowest = 1 if h_dropped else 0
+    i, j = keep - 1, h_keep - 1
+    top, bottom = level, value
+    while i >= lowest or j >= h_lowest:
+        if j < h_lowest or (i >= lowest and lows_step[i] >= highs_step[j]):
+            at = lows_step[i]
             # _remember_low set the old newest entry's next step to this step
-            following = step if j == count - 1 else lows_next[j]
-            return True, lows_step[j] + (following - lows_step[j] + 1) // 2
-    if dropped:
-        return True, step if count == 1 else lows_next[0]
-    if has_floor:
-        return True, floor
-    return True, lows_step[0] if keep > 0 else step
+            following = step if i == count - 1 else lows_next[i]
+            bottom = lows_value[i] if lows_value[i] < bottom else bottom
+            i -= 1
+        else:
+            at = highs_step[j]
+            following = step if j == h_count - 1 else highs_next[j]
+            top = highs_value[j] if highs_value[j] > top else top
+            j -= 1
+        if top - bottom > tol:
+            return True, at + (following - at + 1) // 2
+    low_bound = _stack_bound(lows_step, lows_next, count, keep, dropped, has_floor, floor, step)
+    high_bound = _stack_bound(highs_step, highs_next, h_count, h_keep, h_dropped, h_has_floor, h_floor, step)
+    return True, low_bound if low_bound > high_bound else high_bound
 
 
 @_jit
@@ -454,6 +479,25 @@ def _remember_low(lows_step, lows_value, lows_next, count, has_floor, floor, ste
         has_floor, floor = True, lows_next[0]
         for j in range(count - 1):
             lows_step[j], lows_value[j], lows_next[j] = lows_step[j + 1], lows_value[j + 1], lows_next[j + 1]
+        count -= 1
+    return count, has_floor, floor
+
+
+@_jit
+def _remember_high(highs_step, highs_value, highs_next, count, has_floor, floor, step,
+                   value):  # pragma: no cover - compiled
+    """``Generalisation._remember_high``: :func:`_remember_low` for the suffix maxima."""
+    if count > 0:
+        highs_next[count - 1] = step
+    while count > 0 and highs_value[count - 1] <= value:
+        count -= 1
+    highs_step[count], highs_value[count], highs_next[count] = step, value, -1
+    count += 1
+    if count > LOWS:
+        has_floor, floor = True, highs_next[0]
+        for j in range(count - 1):
+            highs_step[j], highs_value[j] = highs_step[j + 1], highs_value[j + 1]
+            highs_next[j] = highs_next[j + 1]
         count -= 1
     return count, has_floor, floor
 
@@ -536,10 +580,12 @@ def _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, w
 
 @_jit
 def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, start, stop,
-                         starts, sums, counts, recent, window, lows_step, lows_value, lows_next, bins, width,
+                         starts, sums, counts, recent, window, lows_step, lows_value, lows_next, highs_step,
+                         highs_value, highs_next, bins, width,
                          has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step,
-                         val_fall, has_above, above, best, lows_n, has_floor, floor, gate_first, has_onset,
-                         onset, has_complete, has_base, base, progressing, memorised_at, has_memorised,
+                         val_fall, has_above, above, best, lows_n, has_floor, floor, highs_n, has_hfloor,
+                         hfloor, gate_first, has_onset, onset, has_complete, has_base, base, progressing,
+                         memorised_at, has_memorised,
                          stable_best, onset_rise, grokked, min_intervals, stable_tolerance, stable_fraction,
                          capacity, delay, min_bins, min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
@@ -627,8 +673,12 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                     break
                 if not has_above:  # a new candidate onset: the stable stretch starts no earlier
                     lows_n, has_floor, floor = 0, False, 0
+                    highs_n, has_hfloor, hfloor = 0, False, 0
                 lows_n, has_floor, floor = _remember_low(lows_step, lows_value, lows_next, lows_n, has_floor,
                                                          floor, step, value)
+                highs_n, has_hfloor, hfloor = _remember_high(highs_step, highs_value, highs_next, highs_n,
+                                                             has_hfloor, hfloor, step,
+                                                             _median(recent, new_recent_n, scratch))
             else:
                 has_new_above = False
         else:
@@ -647,8 +697,9 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
             if stabilised:
                 leaves = new_best > stable_best + 2 * tol
             else:
-                found, since = _stable_since(lows_step, lows_value, lows_next, lows_n, has_floor, floor, step,
-                                             value, new_best - tol)
+                found, since = _stable_since(lows_step, lows_value, lows_next, lows_n, has_floor, floor,
+                                             highs_step, highs_value, highs_next, highs_n, has_hfloor, hfloor,
+                                             step, value, level, tol)
                 leaves = False
                 if found:
                     if new_best >= grokked:
@@ -666,6 +717,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 break
             lows_n, has_floor, floor = _remember_low(lows_step, lows_value, lows_next, lows_n, has_floor,
                                                      floor, step, value)
+            highs_n, has_hfloor, hfloor = _remember_high(highs_step, highs_value, highs_next, highs_n,
+                                                         has_hfloor, hfloor, step, level)
         # The line is taken: write its state.
         bins, width = _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, width,
                                          opened, new_bins, new_width, add_loss, loss_ws[i])
@@ -682,7 +735,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
         has_above, above = has_new_above, new_above
         best = new_best
     return (taken, bins, width, has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
-            val_step, val_fall, has_above, above, best, lows_n, has_floor, floor)
+            val_step, val_fall, has_above, above, best, lows_n, has_floor, floor, highs_n, has_hfloor, hfloor)
 
 
 # --- LossOnlyPhases --------------------------------------------------------------------

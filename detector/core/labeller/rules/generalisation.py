@@ -26,6 +26,28 @@ _LOWS = _k.LOWS  # suffix minima kept for the stable stretch's start
 _SQRT_PI = math.sqrt(math.pi)  # E[max(0, -(e2 - e1))] = σ / √π for white noise e of sd σ
 
 
+def _stack_arrays(entries: list[list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A suffix stack ([step, value, next step] entries) as the compiled loop's arrays."""
+    count = len(entries)
+    steps = np.zeros(_LOWS + 1, dtype=np.int64)
+    values = np.zeros(_LOWS + 1)
+    following = np.full(_LOWS + 1, -1, dtype=np.int64)
+    if count:
+        steps[:count] = [entry[0] for entry in entries]
+        values[:count] = [entry[1] for entry in entries]
+        following[:count - 1] = [entry[2] for entry in entries[:-1]]
+    return steps, values, following
+
+
+def _stack_list(steps: np.ndarray, values: np.ndarray, following: np.ndarray, count: int) -> list[list]:
+    """:func:`_stack_arrays` back: the newest entry's next step is None."""
+    entries = [[s, v, n] for s, v, n in zip(
+        steps[:count].tolist(), values[:count].tolist(), following[:count].tolist(), strict=True)]
+    if count:
+        entries[-1][2] = None
+    return entries
+
+
 def _int(value: int | None) -> int:
     return 0 if value is None else value
 
@@ -263,7 +285,7 @@ class Generalisation(_Plain):
     _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "val_low", "above_since", "onset_at",
                "complete_at", "best", "stable_since", "stable_best",
                "hidden_progress_at", "val_noise", "val_step", "val_fall", "val_window", "curv_near",
-               "curv_wide", "lows", "lows_floor")
+               "curv_wide", "lows", "lows_floor", "highs", "highs_floor")
     _NESTED = {"val_interval": Interval, "progress": StepHistory}
 
     def __init__(self, config: LabellerConfig) -> None:
@@ -294,6 +316,10 @@ class Generalisation(_Plain):
         self.val_fall = 0.0
         self.lows: list[list] = []  # suffix minima since onset: [step, value, next step]
         self.lows_floor: int | None = None
+        # Suffix maxima of the three-value medians since onset, as ``lows``: the stable
+        # stretch is where the level stays within the tolerance of its own best.
+        self.highs: list[list] = []
+        self.highs_floor: int | None = None
         self.curv_near = 0.0
         self.curv_wide = 0.0
         self.val_interval = Interval()
@@ -302,6 +328,8 @@ class Generalisation(_Plain):
     def load(self, state: dict) -> None:
         if "val_step" not in state:  # a checkpoint from before it was kept
             state = {**state, "val_step": 0.0}
+        if "highs" not in state:  # from before they were kept: the stretch starts anew
+            state = {**state, "highs": [], "highs_floor": None}
         if "val_low" not in state:  # from before it was kept: the early level as it was
             state = {**state, "val_low": state["val_base"]}
         if "val_fall" not in state:  # from before it was kept: as if it had measured the same noise
@@ -331,6 +359,7 @@ class Generalisation(_Plain):
         self.best *= factor
         self.stable_best *= factor
         self.lows = [[a, v * factor, b] for a, v, b in self.lows]
+        self.highs = [[a, v * factor, b] for a, v, b in self.highs]
         self.val_noise *= factor
         self.val_window = [v * factor for v in self.val_window]
         self.val_step *= factor
@@ -428,6 +457,7 @@ class Generalisation(_Plain):
                 if self.above_since is None:
                     self.above_since = step
                     self.lows, self.lows_floor = [], None
+                    self.highs, self.highs_floor = [], None
                 if step - self.above_since >= c.min_intervals * self.val_interval.gap:
                     self.onset_at = self.above_since
                     events += timeline.enter(Phase.ABSTRACTION, self.onset_at, step, 0.8, series)
@@ -435,6 +465,7 @@ class Generalisation(_Plain):
                     # The stable stretch may start anywhere after the onset's first line:
                     # on a sparse log the onset is confirmed lines later, the stretch not.
                     self._remember_low(step, val_acc)
+                    self._remember_high(step, _median(self.val_recent))
             else:
                 self.above_since = None
             if self.onset_at is None:
@@ -486,22 +517,18 @@ class Generalisation(_Plain):
         recent[:len(self.val_recent)] = self.val_recent
         window = np.zeros(7)
         window[:len(self.val_window)] = self.val_window
-        count = len(self.lows)
-        lows_step = np.zeros(_LOWS + 1, dtype=np.int64)
-        lows_value = np.zeros(_LOWS + 1)
-        lows_next = np.full(_LOWS + 1, -1, dtype=np.int64)
-        if count:
-            lows_step[:count] = [low[0] for low in self.lows]
-            lows_value[:count] = [low[1] for low in self.lows]
-            lows_next[:count - 1] = [low[2] for low in self.lows[:-1]]
+        count, (lows_step, lows_value, lows_next) = len(self.lows), _stack_arrays(self.lows)
+        h_count, (highs_step, highs_value, highs_next) = len(self.highs), _stack_arrays(self.highs)
         quiet = Quiet(
             _k.generalisation_quiet,
-            (starts, sums, counts, recent, window, lows_step, lows_value, lows_next),
+            (starts, sums, counts, recent, window, lows_step, lows_value, lows_next, highs_step, highs_value,
+             highs_next),
             (bins, width, seen, last, gap, len(self.val_recent), len(self.val_window),
              float(self.curv_near), float(self.curv_wide), float(self.val_noise), float(self.val_step),
              float(self.val_fall),
              self.above_since is not None, _int(self.above_since), float(self.best), count,
-             self.lows_floor is not None, _int(self.lows_floor)),
+             self.lows_floor is not None, _int(self.lows_floor), h_count, self.highs_floor is not None,
+             _int(self.highs_floor)),
             (len(self.val_first) < 3 and self.memorised_at is None,
              self.onset_at is not None, _int(self.onset_at), self.complete_at is not None,
              self._early_level() is not None, _float(self._early_level()), progressing,
@@ -514,10 +541,10 @@ class Generalisation(_Plain):
         return quiet
 
     def _unpack(self, arrays: tuple, state: tuple) -> None:
-        starts, sums, counts, recent, window, lows_step, lows_value, lows_next = arrays
+        starts, sums, counts, recent, window, lows_step, lows_value, lows_next, highs_step, highs_value, \
+            highs_next = arrays
         (bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step, val_fall,
-         has_above,
-         above, best, count, has_floor, floor) = state
+         has_above, above, best, count, has_floor, floor, h_count, has_hfloor, hfloor) = state
         progress = self.progress
         if self.progressing and progress is not None:
             progress.starts, progress.sums = starts[:bins].tolist(), sums[:bins].tolist()
@@ -529,11 +556,10 @@ class Generalisation(_Plain):
         self.val_fall = val_fall
         self.above_since = int(above) if has_above else None
         self.best = best
-        self.lows = [[s, v, n] for s, v, n in zip(
-            lows_step[:count].tolist(), lows_value[:count].tolist(), lows_next[:count].tolist(), strict=True)]
-        if count:
-            self.lows[-1][2] = None
+        self.lows = _stack_list(lows_step, lows_value, lows_next, count)
         self.lows_floor = int(floor) if has_floor else None
+        self.highs = _stack_list(highs_step, highs_value, highs_next, h_count)
+        self.highs_floor = int(hfloor) if has_hfloor else None
 
     def _grokked(self, step: int, value: float, first_step: int, series: str) -> list[Event]:
         c = self.config
@@ -568,16 +594,19 @@ class Generalisation(_Plain):
         # change so far is the rise's, not the resolution).
         tol = max(c.stable_tolerance, 5 * self.val_noise, min(1.5 * self.val_step, 2 * c.stable_tolerance))
         self._remember_low(step, value)  # raw: a median of lines lags by a line, in steps by the cadence
-        self.best = max(self.best, _median(self.val_recent))  # the best of raw noisy values would creep up
+        level = _median(self.val_recent)  # the best of raw noisy values would creep up
+        self._remember_high(step, level)
+        self.best = max(self.best, level)
         if timeline.phase is Phase.STABILIZATION:
             if self.best > self.stable_best + 2 * tol:
                 self.stable_best = self.best
                 return timeline.enter(Phase.ABSTRACTION, step, step, 0.6, series)
             return []
         # The stable stretch starts after the last value more than ``tol`` below the
-        # best so far (the labels' rule, read online): where it starts does not
-        # depend on when the best last crept up, nor on the logging cadence.
-        since = self._stable_since(self.best - tol)
+        # best level since (the labels' rule, read online, for a level that may settle
+        # below an earlier peak): where it starts does not depend on when the best
+        # last crept up, nor on the logging cadence.
+        since = self._stable_since(tol)
         if since is None:
             return []
         # Relative to how long generalising took: a quarter of the time since the
@@ -613,15 +642,40 @@ class Generalisation(_Plain):
         if len(lows) > _LOWS:
             self.lows_floor = lows.pop(0)[2]
 
-    def _stable_since(self, threshold: float) -> int | None:
-        """The first step from which every value is at least ``threshold``; None if the
-        newest is below it. O(entries)."""
-        for entry_step, entry_value, next_step in reversed(self.lows):
-            if entry_value < threshold:
+    def _remember_high(self, step: int, value: float) -> None:
+        """:meth:`_remember_low` for the suffix maxima of the medians."""
+        highs = self.highs
+        if highs:
+            highs[-1][2] = step
+        while highs and highs[-1][1] <= value:
+            highs.pop()
+        highs.append([step, value, None])
+        if len(highs) > _LOWS:
+            self.highs_floor = highs.pop(0)[2]
+
+    def _stable_since(self, tol: float) -> int | None:
+        """The first step from which every value is within ``tol`` of the highest
+        median since (halfway to the line after the last one that is not); None if
+        the newest line alone is not. O(entries)."""
+        lows, highs = self.lows, self.highs
+        i, j = len(lows) - 1, len(highs) - 1
+        top, bottom = -math.inf, math.inf
+        while i >= 0 or j >= 0:
+            if j < 0 or (i >= 0 and lows[i][0] >= highs[j][0]):
+                at, value, following = lows[i]
+                bottom = min(bottom, value)
+                i -= 1
+            else:
+                at, value, following = highs[j]
+                top = max(top, value)
+                j -= 1
+            if top - bottom > tol:
                 # Halfway to the next line: a sparse log's stretch starts somewhere
                 # between the two, and a dense log's at the very next step.
-                return None if next_step is None else entry_step + (next_step - entry_step + 1) // 2
-        return self.lows_floor if self.lows_floor is not None else self.lows[0][0]
+                return None if following is None else at + (following - at + 1) // 2
+        low_bound = self.lows_floor if self.lows_floor is not None else lows[0][0]
+        high_bound = self.highs_floor if self.highs_floor is not None else highs[0][0]
+        return max(low_bound, high_bound)
 
     def _hidden_progress(self, step: int, val_loss: float, first_step: int,
                          series: str | None) -> list[Event]:
