@@ -429,8 +429,8 @@ def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, hig
                   highs_next, h_count, h_has_floor, h_floor, step, value, level,
                   tol):  # pragma: no cover - compiled
     """``Generalisation._stable_since(tol)`` on the suffix minima and maxima as
-    ``_remember_low(step, value)`` and ``_remember_high(step, level)`` would leave
-    them, without changing them. Returns (found, since)."""
+    ``Generalisation._remember(step, value, level)`` would leave them, without
+    changing them. Returns (found, since)."""
     if level - value > tol:
         return False, 0  # the newest line alone: its next step is None
     keep = count
@@ -448,7 +448,7 @@ def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, hig
     while i >= lowest or j >= h_lowest:
         if j < h_lowest or (i >= lowest and lows_step[i] >= highs_step[j]):
             at = lows_step[i]
-            # _remember_low set the old newest entry's next step to this step
+            # _remember set the old newest entry's next step to this step
             following = step if i == count - 1 else lows_next[i]
             bottom = lows_value[i] if lows_value[i] < bottom else bottom
             i -= 1
@@ -465,39 +465,20 @@ def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, hig
 
 
 @_jit
-def _remember_low(lows_step, lows_value, lows_next, count, has_floor, floor, step,
-                  value):  # pragma: no cover - compiled
-    """``Generalisation._remember_low`` on arrays of capacity LOWS + 1 (in place);
-    returns the count and the floor."""
+def _remember(steps_, values, next_, count, has_floor, floor, step, value,
+              lowest):  # pragma: no cover - compiled
+    """``generalisation._push_suffix`` on arrays of capacity LOWS + 1 (in place),
+    for minima (``lowest``) or maxima; returns the count and the floor."""
     if count > 0:
-        lows_next[count - 1] = step
-    while count > 0 and lows_value[count - 1] >= value:
+        next_[count - 1] = step
+    while count > 0 and (values[count - 1] >= value if lowest else values[count - 1] <= value):
         count -= 1
-    lows_step[count], lows_value[count], lows_next[count] = step, value, -1
+    steps_[count], values[count], next_[count] = step, value, -1
     count += 1
     if count > LOWS:
-        has_floor, floor = True, lows_next[0]
+        has_floor, floor = True, next_[0]
         for j in range(count - 1):
-            lows_step[j], lows_value[j], lows_next[j] = lows_step[j + 1], lows_value[j + 1], lows_next[j + 1]
-        count -= 1
-    return count, has_floor, floor
-
-
-@_jit
-def _remember_high(highs_step, highs_value, highs_next, count, has_floor, floor, step,
-                   value):  # pragma: no cover - compiled
-    """``Generalisation._remember_high``: :func:`_remember_low` for the suffix maxima."""
-    if count > 0:
-        highs_next[count - 1] = step
-    while count > 0 and highs_value[count - 1] <= value:
-        count -= 1
-    highs_step[count], highs_value[count], highs_next[count] = step, value, -1
-    count += 1
-    if count > LOWS:
-        has_floor, floor = True, highs_next[0]
-        for j in range(count - 1):
-            highs_step[j], highs_value[j] = highs_step[j + 1], highs_value[j + 1]
-            highs_next[j] = highs_next[j + 1]
+            steps_[j], values[j], next_[j] = steps_[j + 1], values[j + 1], next_[j + 1]
         count -= 1
     return count, has_floor, floor
 
@@ -633,13 +614,11 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
             recent[recent_n] = value
             new_recent_n = recent_n + 1
         new_window_n = window_n + 1 if window_n < 7 else 7
-        new_step = val_step
+        new_step, new_fall = val_step, val_fall
         if window_n > 0:
             change = abs(value - window[window_n - 1])
             if change > 0 and (new_step == 0 or change < new_step):
                 new_step = change
-        new_fall = val_fall
-        if window_n > 0:
             fall = window[window_n - 1] - value
             if math.isfinite(fall):
                 new_fall += ((fall if fall > 0 else 0.0) - new_fall) / 10
@@ -674,11 +653,11 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 if not has_above:  # a new candidate onset: the stable stretch starts no earlier
                     lows_n, has_floor, floor = 0, False, 0
                     highs_n, has_hfloor, hfloor = 0, False, 0
-                lows_n, has_floor, floor = _remember_low(lows_step, lows_value, lows_next, lows_n, has_floor,
-                                                         floor, step, value)
-                highs_n, has_hfloor, hfloor = _remember_high(highs_step, highs_value, highs_next, highs_n,
-                                                             has_hfloor, hfloor, step,
-                                                             _median(recent, new_recent_n, scratch))
+                lows_n, has_floor, floor = _remember(lows_step, lows_value, lows_next, lows_n, has_floor,
+                                                     floor, step, value, True)
+                highs_n, has_hfloor, hfloor = _remember(highs_step, highs_value, highs_next, highs_n,
+                                                        has_hfloor, hfloor, step,
+                                                        _median(recent, new_recent_n, scratch), False)
             else:
                 has_new_above = False
         else:
@@ -715,10 +694,10 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 recent[0], recent[1], recent[2] = r0, r1, r2
                 taken = i - start  # enters or leaves stabilisation
                 break
-            lows_n, has_floor, floor = _remember_low(lows_step, lows_value, lows_next, lows_n, has_floor,
-                                                     floor, step, value)
-            highs_n, has_hfloor, hfloor = _remember_high(highs_step, highs_value, highs_next, highs_n,
-                                                         has_hfloor, hfloor, step, level)
+            lows_n, has_floor, floor = _remember(lows_step, lows_value, lows_next, lows_n, has_floor,
+                                                 floor, step, value, True)
+            highs_n, has_hfloor, hfloor = _remember(highs_step, highs_value, highs_next, highs_n,
+                                                    has_hfloor, hfloor, step, level, False)
         # The line is taken: write its state.
         bins, width = _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, width,
                                          opened, new_bins, new_width, add_loss, loss_ws[i])

@@ -26,6 +26,18 @@ _LOWS = _k.LOWS  # suffix minima kept for the stable stretch's start
 _SQRT_PI = math.sqrt(math.pi)  # E[max(0, -(e2 - e1))] = σ / √π for white noise e of sd σ
 
 
+def _push_suffix(entries: list[list], step: int, value: float, lowest: bool) -> int | None:
+    """Push a line onto a suffix stack of minima (``lowest``) or maxima: the entries
+    it supersedes go; returns the next step of the oldest entry when the stack
+    outgrew ``_LOWS`` and dropped it, else None. O(1) amortised."""
+    if entries:
+        entries[-1][2] = step
+    while entries and (entries[-1][1] >= value if lowest else entries[-1][1] <= value):
+        entries.pop()
+    entries.append([step, value, None])
+    return entries.pop(0)[2] if len(entries) > _LOWS else None
+
+
 def _stack_arrays(entries: list[list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A suffix stack ([step, value, next step] entries) as the compiled loop's arrays."""
     count = len(entries)
@@ -464,8 +476,7 @@ class Generalisation(_Plain):
                 else:
                     # The stable stretch may start anywhere after the onset's first line:
                     # on a sparse log the onset is confirmed lines later, the stretch not.
-                    self._remember_low(step, val_acc)
-                    self._remember_high(step, _median(self.val_recent))
+                    self._remember(step, val_acc, _median(self.val_recent))
             else:
                 self.above_since = None
             if self.onset_at is None:
@@ -593,9 +604,10 @@ class Generalisation(_Plain):
         # of a test set of 50-150 is no change of level, two are; a larger smallest
         # change so far is the rise's, not the resolution).
         tol = max(c.stable_tolerance, 5 * self.val_noise, min(1.5 * self.val_step, 2 * c.stable_tolerance))
-        self._remember_low(step, value)  # raw: a median of lines lags by a line, in steps by the cadence
-        level = _median(self.val_recent)  # the best of raw noisy values would creep up
-        self._remember_high(step, level)
+        # Lows raw (a median of lines lags by a line, in steps by the cadence), highs
+        # of medians (the best of raw noisy values would creep up).
+        level = _median(self.val_recent)
+        self._remember(step, value, level)
         self.best = max(self.best, level)
         if timeline.phase is Phase.STABILIZATION:
             if self.best > self.stable_best + 2 * tol:
@@ -629,29 +641,17 @@ class Generalisation(_Plain):
             return timeline.enter(Phase.STABILIZATION, since, step, 0.8, series)
         return []
 
-    def _remember_low(self, step: int, value: float) -> None:
-        """Keep the suffix minima of the values since onset: entries [step, value,
-        next step] with values rising from the bottom, at most ``_LOWS`` (the
-        oldest, lowest dropped, their next step kept as a floor). O(1) amortised."""
-        lows = self.lows
-        if lows:
-            lows[-1][2] = step
-        while lows and lows[-1][1] >= value:
-            lows.pop()
-        lows.append([step, value, None])
-        if len(lows) > _LOWS:
-            self.lows_floor = lows.pop(0)[2]
-
-    def _remember_high(self, step: int, value: float) -> None:
-        """:meth:`_remember_low` for the suffix maxima of the medians."""
-        highs = self.highs
-        if highs:
-            highs[-1][2] = step
-        while highs and highs[-1][1] <= value:
-            highs.pop()
-        highs.append([step, value, None])
-        if len(highs) > _LOWS:
-            self.highs_floor = highs.pop(0)[2]
+    def _remember(self, step: int, value: float, level: float) -> None:
+        """Keep the suffix minima of the values and the suffix maxima of their
+        three-value medians (``level``) since onset: entries [step, value, next
+        step], at most ``_LOWS`` each (the oldest dropped, its next step kept as a
+        floor). O(1) amortised."""
+        floor = _push_suffix(self.lows, step, value, lowest=True)
+        if floor is not None:
+            self.lows_floor = floor
+        floor = _push_suffix(self.highs, step, level, lowest=False)
+        if floor is not None:
+            self.highs_floor = floor
 
     def _stable_since(self, tol: float) -> int | None:
         """The first step from which every value is within ``tol`` of the highest
