@@ -235,9 +235,9 @@ class MetricsExposition:
             elif sample_name in names and (chosen := [line for line in lines if line]):
                 parts.append(_header(name, doc, kind))  # as name[] does: no empty families
                 parts.extend(chosen)
-        # Encoded in slices of ~100 kB, not as one multi-MB str then its bytes: each
-        # fresh multi-MB buffer is mapped anew and faulted in page by page (10 000
-        # runs: 14 ms to join and 11 to encode on a first scrape, 2.5 and 2 later).
+        # Encoded in slices of ~100 kB, not as one multi-MB str then its bytes: no
+        # multi-MB str beside the body, and a scrape soon after the first one reuses
+        # heap pages instead of mapping fresh ones (10 000 runs: 38 -> 20-24 ms).
         body = b"".join("".join(parts[i:i + _SLICE]).encode("utf-8") for i in range(0, len(parts), _SLICE))
         engine_wide = _Fixed(list(self.collector.engine_families(snap)))
         others = [engine_wide] if self.registry is None else [engine_wide, self.registry]

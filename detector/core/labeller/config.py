@@ -30,7 +30,7 @@ class LabellerConfig:
       held-out accuracy reaches 0.95 at least max(500 steps, the steps
       memorisation took) after memorisation.
     * ``stable_tolerance`` 0.01: stabilised = held-out accuracy within 0.01 of
-      its best.
+      the best level it holds over the stretch.
     * ``generalisation_drop`` 0.05: generalisation collapse = held-out accuracy
       falls 0.05 below its recent level (the authors' 0.95 → 0.90), or more where
       the series' own noise asks for it.

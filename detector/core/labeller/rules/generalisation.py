@@ -283,11 +283,13 @@ class Generalisation(_Plain):
       while the held-out accuracy is flat;
     * stabilisation: after onset (the stretch may start at the onset's first
       line, however many lines confirmed it), the held-out accuracy stays within
-      a tolerance of its best (``stable_tolerance``; or five of its noise's
-      standard deviations; or one and a half of its resolution, the smallest
-      change between two of its values, up to twice ``stable_tolerance``), which
-      rises no more than that (the stretch starts halfway between the last value
-      below it and the next line: the next step on a dense log), for
+      a tolerance of the best level (three-value median) it holds in the
+      stretch (``stable_tolerance``; or five of its noise's standard deviations;
+      or one and a half of its resolution, the smallest change between two of
+      its values, up to twice ``stable_tolerance``): a level that settles a
+      little below an earlier peak is stable; the stretch starts halfway between
+      the last line that breaks it and the next line (the next step on a dense
+      log), and lasts
       ``stable_fraction`` of the steps since onset (before it reaches
       ``grokked_accuracy``: as long as the run took to get there, and not before
       the training metric has fitted, for as long as that took); a later
