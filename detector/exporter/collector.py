@@ -68,7 +68,6 @@ SCOPE_GENERALIZATION = "generalization"
 COLLAPSE_SCOPES = (SCOPE_TRAINING, SCOPE_GENERALIZATION)
 
 _UPDATED_AT = attrgetter("updated_at")
-_STATUS_UPDATED_AT = attrgetter("status.updated_at")
 
 
 def label_name(key: str) -> str:
@@ -187,14 +186,17 @@ class EngineCollector(Collector):
                 value.add_metric(key, series.last_value if math.isfinite(series.last_value) else math.nan)
         yield from (plateau, tau, p_value, value)
 
-    def engine_families(self, snap: EngineSnapshot) -> Iterator[Metric]:
-        """The engine-wide families (and the alert sinks'): O(kinds), not O(runs)."""
+    def engine_families(self, snap: EngineSnapshot, *, active: int | None = None) -> Iterator[Metric]:
+        """The engine-wide families (and the alert sinks'): O(kinds), plus O(runs) to
+        count the active runs unless ``active`` (their count) is given."""
         yield build_info()
-        active = GaugeMetricFamily(
+        if active is None:
+            active = sum(not run.ended for run in snap.runs)
+        family = GaugeMetricFamily(
             "phasewatch_active_runs", "Runs held in memory that have not ended."
         )
-        active.add_metric([], float(sum(not run.ended for run in snap.runs)))
-        yield active
+        family.add_metric([], float(active))
+        yield family
 
         events = CounterMetricFamily(
             "phasewatch_events", "Events emitted, by kind.", labels=["kind"]

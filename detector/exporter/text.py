@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import (
     generate_latest,
 )
@@ -29,7 +30,6 @@ from detector.exporter.collector import (
     _P_VALUE,
     _PHASE,
     _PLATEAU,
-    _STATUS_UPDATED_AT,
     _TAU,
     COLLAPSE_SCOPES,
     DEFAULT_RETENTION,
@@ -200,30 +200,36 @@ class MetricsExposition:
             with self._fresh_lock:
                 fresh, self._fresh = self._fresh, {}
             old, cache = self._cache, {}
-            texts: list[_RunText] = []
+            phase, collapse, last_step, info_lines = [], [], [], []  # the per-run families' lines
             live: list[_RunText] = []
-            for status in snap.runs:  # one pass: EngineCollector.shown and series_shown
+            updated: list[float] = []  # of the live runs, read while each status is at hand
+            # One pass over the runs (EngineCollector.shown, series_shown and the
+            # active count): with 10 000 runs every pass costs ~4 ms of cache misses.
+            for status in snap.runs:
                 if status.ended and status.updated_at < horizon:
                     continue
                 entry = fresh.get(status.run_id) or old.get(status.run_id)
                 if entry is None or entry.status is not status:
                     entry = _RunText(status, entry)
                 cache[status.run_id] = entry
-                texts.append(entry)
+                phase.append(entry.phase)
+                collapse.append(entry.collapse)
+                last_step.append(entry.last_step)
+                info_lines.append(entry.info)
                 if not status.ended:
                     live.append(entry)
+                    updated.append(status.updated_at)
             self._cache = cache
-            live.sort(key=_STATUS_UPDATED_AT, reverse=True)  # stable, as series_shown
-            in_budget = [entry.series() for entry in live[: self.collector.series_runs]]
+            in_budget = [live[i].series() for i in _latest(updated, self.collector.series_runs)]
 
         # In 0.0.4 an info family is a gauge named with its _info suffix; in
         # OpenMetrics it is of type info, named without it. Samples are the same.
         info = (_INFO, "info") if open_metrics else ((_INFO[0] + "_info", _INFO[1]), "gauge")
         families: list[tuple[tuple[str, str], str, str, list[str]]] = [
-            (_PHASE, "gauge", _PHASE[0], [t.phase for t in texts]),
-            (_COLLAPSE, "gauge", _COLLAPSE[0], [t.collapse for t in texts]),
-            (_LAST_STEP, "gauge", _LAST_STEP[0], [t.last_step for t in texts]),
-            (info[0], info[1], _INFO[0] + "_info", [t.info for t in texts]),
+            (_PHASE, "gauge", _PHASE[0], phase),
+            (_COLLAPSE, "gauge", _COLLAPSE[0], collapse),
+            (_LAST_STEP, "gauge", _LAST_STEP[0], last_step),
+            (info[0], info[1], _INFO[0] + "_info", info_lines),
         ]
         for i, family in enumerate((_PLATEAU, _TAU, _P_VALUE, _LAST_VALUE)):
             families.append((family, "gauge", family[0], [lines[i] for lines in in_budget]))
@@ -239,13 +245,25 @@ class MetricsExposition:
         # multi-MB str beside the body, and a scrape soon after the first one reuses
         # heap pages instead of mapping fresh ones (10 000 runs: 38 -> 20-24 ms).
         body = b"".join("".join(parts[i:i + _SLICE]).encode("utf-8") for i in range(0, len(parts), _SLICE))
-        engine_wide = _Fixed(list(self.collector.engine_families(snap)))
+        engine_wide = _Fixed(list(self.collector.engine_families(snap, active=len(live))))
         others = [engine_wide] if self.registry is None else [engine_wide, self.registry]
         for collector in others:
             if names is not None:
                 collector = _Restricted(collector, names)
             body += _encode(collector, open_metrics)
         return body + _EOF if open_metrics else body
+
+
+def _latest(updated: Sequence[float], count: int) -> list[int]:
+    """Indices of the ``count`` largest of ``updated``, largest first, ties in their
+    order: ``sorted(range(len(updated)), key=updated.__getitem__, reverse=True)[:count]``
+    (``EngineCollector.series_shown``'s order), by a stable argsort. O(n log n) in C.
+
+    >>> _latest([3.0, 5.0, 3.0, 1.0], 3)
+    [1, 0, 2]
+    """
+    order = np.argsort(-np.asarray(updated, dtype=np.float64), kind="stable")[:count]
+    return order.tolist()
 
 
 class _Fixed:
