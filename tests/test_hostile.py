@@ -453,6 +453,7 @@ def test_other_runs_are_answered_while_a_big_batch_is_detected(make_server):
 
 
 def test_shutdown_honours_the_grace_during_a_big_batch(tmp_path):
+    import gc
     import socket
     import threading
 
@@ -476,6 +477,9 @@ def test_shutdown_honours_the_grace_during_a_big_batch(tmp_path):
         stop.set()
         thread.join(timeout=30)  # the batch alone takes minutes at 256 points a block
         assert not thread.is_alive()
+        # serve's collection policy is the process's: it leaves with serve.
+        assert not [c for c in gc.callbacks if type(getattr(c, "__self__", None)).__name__
+                    == "FullCollections"]
         with pytest.raises(grpc.RpcError) as info:
             call.result()
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)

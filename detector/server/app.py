@@ -32,6 +32,7 @@ from detector.guard import (
     worker_threads,
 )
 from detector.server.bus import EventBus
+from detector.server.full_collections import FullCollections
 from detector.server.servicer import PhaseDetectorServicer
 
 log = logging.getLogger("phasewatch.server")
@@ -288,6 +289,7 @@ def serve(
     store = open_store(store_url)  # a bad store fails first, with one line
     metrics_server = None
     dispatcher = None
+    full_collections = FullCollections()
     try:
         started = time.perf_counter()
         points = warm_up(config)
@@ -298,6 +300,8 @@ def serve(
         # otherwise stop every thread for 30-120 ms with it in the heap.
         gc.collect()
         gc.freeze()
+        # And what runs keep from now on, likewise (see full_collections).
+        full_collections.install()
         engine = Engine(config, store=store)
         bus = EventBus()
         if sinks:
@@ -359,6 +363,7 @@ def serve(
         # (e.g. a run declared with no points since), under each run's lock.
         log.info("phasewatch checkpointed %d runs", engine.checkpoint_all())
     finally:
+        full_collections.uninstall()
         if dispatcher is not None:
             dispatcher.close(timeout=grace)  # one last delivery; resolves nothing
         if metrics_server is not None:
