@@ -22,7 +22,14 @@ Servers, each a separate process with ``OPENBLAS_NUM_THREADS=1``:
   that only parses each batch into numpy arrays and acknowledges it, on a gRPC
   server with the same options as ``phasewatch serve``;
 - ``full``: ``phasewatch serve`` with full detection and its default durability
-  (a checkpoint per batch into a fresh SQLite file; ``--store`` to change).
+  (a checkpoint per batch into a fresh SQLite file; ``--store`` to change);
+- ``bare-aio`` (only when asked for in ``--servers``): the bare servicer on
+  grpc.aio's server, one event loop instead of a thread a stream: what the sync
+  server's thread hand-offs cost. The ratio's reference stays ``bare``.
+
+``--bare-events N`` makes the bare servers answer every batch with N event
+messages before its ack, as the full server answers with one message an
+event: what the events cost the transport alone.
 
 Real-run workload (``--workload real``, :mod:`benchmarks.real_workload`): the
 labelled runs in ``<repo>/../shared/runs`` and ``<repo>/../shared/real_runs``
@@ -92,7 +99,22 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class BareServicer(pb_grpc.PhaseDetectorServicer):
-    """Parses each batch into numpy arrays and acknowledges it; nothing else."""
+    """Parses each batch into numpy arrays and acknowledges it; nothing else.
+
+    With ``events`` > 0 each batch is also answered with that many event
+    messages before its ack (a ``StreamResponse`` carries one event): what the
+    full server's events cost the transport alone.
+    """
+
+    def __init__(self, events: int = 0) -> None:
+        self.events = events
+
+    def _responses(self, through: int, accepted: int) -> list[pb.StreamResponse]:
+        event = pb.StreamResponse(event=pb.PhaseEvent(
+            run_id="bare", step=through, kind=pb.EVENT_KIND_CHANGE_POINT, series="val_acc",
+            message="a change of level in val_acc", evidence={"cost_gain": "12.5"}))
+        return [event] * (self.events if accepted else 0) + [
+            pb.StreamResponse(ack=pb.Ack(through_step=through, accepted=accepted))]
 
     @staticmethod
     def _parse(batch: pb.MetricBatch) -> tuple[int, int]:
@@ -116,24 +138,52 @@ class BareServicer(pb_grpc.PhaseDetectorServicer):
             if which == "batch":
                 accepted, last = self._parse(request.batch)
                 through = max(through, last)
-            yield pb.StreamResponse(ack=pb.Ack(through_step=through, accepted=accepted))
+            yield from self._responses(through, accepted)
 
     def Log(self, request: pb.LogRequest, context: Any) -> pb.LogResponse:
         accepted, through = self._parse(request.batch)
         return pb.LogResponse(ack=pb.Ack(through_step=through, accepted=accepted))
 
 
-def serve_bare(listen: str) -> None:
-    """The bare server, with ``phasewatch serve``'s thread pool and message options."""
+class AioBareServicer(BareServicer):
+    """:class:`BareServicer` on grpc.aio: one event loop instead of a thread a stream
+    (``--servers bare-aio``: what the transport costs without the sync server's
+    thread hand-offs; the ratio's reference stays the sync ``bare``)."""
+
+    async def Stream(self, request_iterator: Any, context: Any) -> Any:  # type: ignore[override]
+        through = -1
+        async for request in request_iterator:
+            accepted = 0
+            if request.WhichOneof("msg") == "batch":
+                accepted, last = self._parse(request.batch)
+                through = max(through, last)
+            for response in self._responses(through, accepted):
+                yield response
+
+
+def serve_bare(listen: str, events: int = 0, aio: bool = False) -> None:
+    """The bare server, with ``phasewatch serve``'s thread pool and message options
+    (``aio``: grpc.aio's server with the same message options)."""
     from detector.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WORKERS
 
+    options = [("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+    if aio:
+        async def run() -> None:
+            server = grpc.aio.server(options=options)
+            pb_grpc.add_PhaseDetectorServicer_to_server(AioBareServicer(events), server)
+            port = server.add_insecure_port(listen)
+            await server.start()
+            print(f"bare servicer (aio) listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+            await server.wait_for_termination()
+
+        asyncio.run(run())
+        return
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=DEFAULT_MAX_WORKERS),
-        options=[("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-                 ("grpc.so_reuseport", 0)],
+        options=options,
         maximum_concurrent_rpcs=DEFAULT_MAX_WORKERS,
     )
-    pb_grpc.add_PhaseDetectorServicer_to_server(BareServicer(), server)
+    pb_grpc.add_PhaseDetectorServicer_to_server(BareServicer(events), server)
     port = server.add_insecure_port(listen)
     server.start()
     print(f"bare servicer listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
@@ -150,19 +200,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server in its own process: ``kind`` "bare" or "full" (``phasewatch serve``)."""
+    """A server in its own process: ``kind`` "bare", "bare-aio" or "full" (``phasewatch serve``)."""
 
     def __init__(self, kind: str, store: str | None = None, metrics: bool = False,
                  args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 profile: str | None = None) -> None:
+                 profile: str | None = None, bare_events: int = 0) -> None:
         self.kind = kind
         self.tmp = tempfile.TemporaryDirectory(prefix="phasewatch-bench-")
         port = free_port()
         self.target = f"127.0.0.1:{port}"
         self.metrics_port = free_port() if metrics else None
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-        if kind == "bare":
-            cmd = [sys.executable, "-m", "benchmarks.ingest", "--serve-bare", self.target]
+        if kind.startswith("bare"):
+            cmd = [sys.executable, "-m", "benchmarks.ingest", "--serve-bare", self.target,
+                   "--bare-events", str(bare_events), *(["--serve-bare-aio"] if kind == "bare-aio" else [])]
         else:
             # profile: the same server under benchmarks.profile_serve (cProfile on every thread).
             entry = ["benchmarks.profile_serve", profile] if profile else ["detector"]
@@ -375,7 +426,7 @@ def run_cell(server: ServerProcess, runs: int, batch_points: int, seconds: float
     reset = server.reset_peak_rss()
     cpu0 = server.cpu_seconds()
     stats, elapsed = asyncio.run(_run_cell(server.target, runs, batch_points, seconds, window,
-                                           server.kind == "bare", tag))
+                                           server.kind.startswith("bare"), tag))
     cpu = server.cpu_seconds() - cpu0
     points = stats.points
     return {
@@ -581,7 +632,7 @@ def run_real_cell(server: ServerProcess, plan: Plan, lines: int, streams: int, s
 
 
 def real_table(cells: list[dict[str, Any]]) -> str:
-    head = (f"{'server':6} {'mode':6} {'lines':>5} {'runs':>4} {'points/s':>10} {'ratio':>6} "
+    head = (f"{'server':8} {'mode':6} {'lines':>5} {'runs':>4} {'points/s':>10} {'ratio':>6} "
             f"{'pts/cpu-s':>10} {'cpu ratio':>9} {'cpu-s/Mpt':>9} {'event p50':>9} {'p99 ms':>8} "
             f"{'ack p50':>8} {'p99 ms':>8} {'events':>6} {'peak MiB':>8}  load 1-min start->end")
     out = [head, "-" * len(head)]
@@ -589,7 +640,7 @@ def real_table(cells: list[dict[str, Any]]) -> str:
         load = (f"{c['load_start'][0]:.2f} -> {c['load_end'][0]:.2f}"
                 if c["load_start"] and c["load_end"] else "-")
         out.append(
-            f"{c['server']:6} {c['mode']:6} {c['lines']:>5} {c['streams']:>4} "
+            f"{c['server']:8} {c['mode']:6} {c['lines']:>5} {c['streams']:>4} "
             f"{c['points_per_second']:>10,.0f} {_fmt(c.get('ratio_wall'), '>6.3f')} "
             f"{_fmt(c['points_per_cpu_second'], '>10,.0f')} {_fmt(c.get('ratio_cpu'), '>9.3f')} "
             f"{_fmt(c['cpu_seconds_per_million_points'], '>9.2f')} "
@@ -626,7 +677,7 @@ def main_real(args: argparse.Namespace) -> int:
     kinds = args.servers.split(",")
     for kind in kinds:
         profile = args.profile_server if kind == "full" else None
-        with ServerProcess(kind, args.store, profile=profile) as server:
+        with ServerProcess(kind, args.store, profile=profile, bare_events=args.bare_events) as server:
             # Warm-up: imports, first allocations, the store's first writes.
             run_real_cell(server, plans[line_sizes[0]], line_sizes[0], 2, 1.0, args.window)
             for lines in line_sizes:
@@ -686,7 +737,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def table(cells: list[dict[str, Any]]) -> str:
-    head = (f"{'server':6} {'batch':>5} {'runs':>4} {'points/s':>11} {'pts/cpu-s':>11} {'ratio':>6} "
+    head = (f"{'server':8} {'batch':>5} {'runs':>4} {'points/s':>11} {'pts/cpu-s':>11} {'ratio':>6} "
             f"{'cpu-s/Mpt':>9} {'event p50':>9} {'p99 ms':>8} {'ack p50':>8} {'p99 ms':>8} "
             f"{'events':>6} {'peak MiB':>8}  load 1-min start->end")
     out = [head, "-" * len(head)]
@@ -694,7 +745,7 @@ def table(cells: list[dict[str, Any]]) -> str:
         load = (f"{c['load_start'][0]:.2f} -> {c['load_end'][0]:.2f}"
                 if c.get("load_start") and c.get("load_end") else "-")
         out.append(
-            f"{c['server']:6} {c['batch_points']:>5} {c['runs']:>4} {c['points_per_second']:>11,.0f} "
+            f"{c['server']:8} {c['batch_points']:>5} {c['runs']:>4} {c['points_per_second']:>11,.0f} "
             f"{_fmt(c['points_per_cpu_second'], '>11,.0f')} {_fmt(c.get('ratio'), '>6.3f')} "
             f"{_fmt(c['cpu_seconds_per_million_points'], '>9.3f')} "
             f"{_fmt(c['event_latency_p50_ms'], '>9.1f')} {_fmt(c['event_latency_p99_ms'], '>8.1f')} "
@@ -725,14 +776,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "to PATH and PATH.txt; PHASEWATCH_PROFILE_CLOCK=cpu times each thread's "
                              "CPU; the profiler slows it, so its numbers are not throughput")
     parser.add_argument("--window", type=int, default=2, help="batches in flight per stream")
-    parser.add_argument("--servers", default="bare,full", help="which servers: bare, full")
+    parser.add_argument("--servers", default="bare,full",
+                        help="which servers: bare, full, and bare-aio (the bare servicer on grpc.aio)")
+    parser.add_argument("--bare-events", type=int, default=0,
+                        help="event messages the bare servers send per batch before its ack "
+                             "(the full server sends one per event)")
     parser.add_argument("--store", help="store URL for the full server (default: a fresh SQLite file)")
     parser.add_argument("--quick", action="store_true", help="shorter cells (2 s synthetic, 4 s real)")
     parser.add_argument("--json", metavar="PATH", help="write the numbers here")
     parser.add_argument("--serve-bare", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare-aio", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare:
-        serve_bare(args.serve_bare)
+        serve_bare(args.serve_bare, args.bare_events, args.serve_bare_aio)
         return 0
     if args.streams < 1 or (args.rate is not None and args.rate <= 0):
         parser.error("--streams and --rate must be positive")
@@ -744,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     for kind in args.servers.split(","):
         profile = args.profile_server if kind == "full" else None
-        with ServerProcess(kind, args.store, profile=profile) as server:
+        with ServerProcess(kind, args.store, profile=profile, bare_events=args.bare_events) as server:
             # Warm-up: imports, first allocations, the store's first writes.
             run_cell(server, 1, batches[0], 0.5, args.window)
             for batch_points in batches:
