@@ -160,14 +160,14 @@ def test_every_render_matches_as_runs_change(engine: Engine) -> None:
     assert cache["r1"] is not before["r1"]
     assert "r2" not in cache and "new" in cache and "gone" not in cache
     assert 'phasewatch_run_last_step{run_id="r1"} 1.0000002e+07\n' in text
-    assert 'label_team="moved"' in cache["r3"].info
+    assert b'label_team="moved"' in cache["r3"].info
     assert cache["empty-run"].phase != before["empty-run"].phase
     assert cache["r1"].phase is before["r1"].phase  # same phase: the lines are kept
     collapsing = ODD_RUN + "/collapsing"
     assert cache[collapsing].status is not before[collapsing].status
     assert cache[collapsing].collapse is before[collapsing].collapse  # same scopes: kept too
-    assert 'run_id="closing",scope="generalization"} 1.0\n' in before["closing"].collapse
-    assert cache["closing"].collapse == ""  # ended: no sample
+    assert b'run_id="closing",scope="generalization"} 1.0\n' in before["closing"].collapse
+    assert cache["closing"].collapse == b""  # ended: no sample
 
 
 def test_the_endpoint(engine: Engine) -> None:
