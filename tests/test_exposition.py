@@ -223,6 +223,37 @@ def test_ten_thousand_runs_are_formatted_once_and_reused() -> None:
     assert _without_process_families(first) == _without_process_families(second)
 
 
+def test_a_scrape_rebuilds_only_the_groups_of_runs_that_changed_or_expired() -> None:
+    from detector.exporter.text import _GROUP
+
+    engine = Engine()
+    runs = 3 * _GROUP + 5
+    for i in range(runs):
+        engine.ingest(f"run-{i}", {"train_loss": ([0, 1], [1.0, 0.9])})
+    exposition = MetricsExposition(engine, retention=60.0)
+    exposition.render()
+    first = list(exposition._groups)
+    assert len(first) == 4
+    engine.ingest(f"run-{_GROUP + 3}", {"train_loss": ([2], [0.8])})  # a new status in group 1
+    engine.end_run(f"run-{3 * _GROUP + 1}")  # group 3: ended, shown for the retention
+    text = exposition.render().decode()
+    groups = list(exposition._groups)
+    assert [a is b for a, b in zip(first, groups, strict=True)] == [True, False, True, False]
+    assert f'phasewatch_run_last_step{{run_id="run-{_GROUP + 3}"}} 2.0' in text
+    assert _families(text) == _families(_old_text(engine, retention=60.0))
+    assert exposition.render() and all(a is b for a, b in zip(groups, exposition._groups, strict=True))
+    # Past the retention an ended run leaves: its group is rebuilt though no status changed.
+    short = MetricsExposition(engine, retention=0.5)
+    ended = f'run_id="run-{3 * _GROUP + 1}"'
+    assert ended in short.render().decode()
+    kept = list(short._groups)
+    time.sleep(0.6)
+    text = short.render().decode()
+    assert ended not in text and f'run_id="run-{3 * _GROUP + 2}"' in text
+    assert [a is b for a, b in zip(kept, short._groups, strict=True)] == [True, True, True, False]
+    assert _families(text) == _families(_old_text(engine, retention=0.5))
+
+
 def _without_process_families(body: bytes) -> list[bytes]:
     """The exposition minus what changes between two scrapes by itself (process, GC)."""
     return [line for line in body.splitlines()
