@@ -110,11 +110,13 @@ class BareServicer(pb_grpc.PhaseDetectorServicer):
         self.events = events
 
     def _responses(self, through: int, accepted: int) -> list[pb.StreamResponse]:
+        ack = pb.StreamResponse(ack=pb.Ack(through_step=through, accepted=accepted))
+        if not (self.events and accepted):
+            return [ack]  # the reference: nothing made that the plain ack does not need
         event = pb.StreamResponse(event=pb.PhaseEvent(
             run_id="bare", step=through, kind=pb.EVENT_KIND_CHANGE_POINT, series="val_acc",
             message="a change of level in val_acc", evidence={"cost_gain": "12.5"}))
-        return [event] * (self.events if accepted else 0) + [
-            pb.StreamResponse(ack=pb.Ack(through_step=through, accepted=accepted))]
+        return [event] * self.events + [ack]
 
     @staticmethod
     def _parse(batch: pb.MetricBatch) -> tuple[int, int]:
