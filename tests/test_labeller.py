@@ -351,6 +351,28 @@ def test_a_held_out_accuracy_that_settles_a_little_below_its_peak_stabilises() -
         assert 200 <= results[every][1][1] <= 300, results
 
 
+def test_a_stretch_after_a_falling_edge_starts_at_the_same_step_at_every_cadence() -> None:
+    # Held-out accuracy peaks at 0.785 near step 200 and falls 0.02 (twice the
+    # tolerance) over the next 100 steps, then holds. The stable stretch starts on the
+    # falling edge, where the level (a median of three lines) comes within the tolerance
+    # of the lows after it. That median is the level at its middle line: dated at its
+    # newest line it lags one line, which is 50 steps logged every 50 (the stretch
+    # started 72 steps late, and 12 late logged every 10).
+    n = 1500
+    steps = np.arange(n)
+    rise = 0.785 * (1 - np.exp(-steps / 20))
+    settle = 0.02 * np.clip((steps - 200) / 100, 0.0, 1.0)
+    test_acc = np.round(2000 * (rise - settle)) / 2000
+    train_acc = np.minimum(1.0, 0.05 + steps / 200)
+    rows = {"train_loss": 2.3 * (1.02 - train_acc), "train_acc": train_acc, "test_acc": test_acc}
+    results = _at_cadences(rows, n, (1, 10, 50))
+    for every in (1, 10, 50):
+        assert [k for k, _ in results[every]] == ["PHASE_CHANGE", "PHASE_CHANGE"], results
+    assert 220 <= results[1][1][1] <= 300, results
+    for every in (10, 50):
+        assert abs(results[every][1][1] - results[1][1][1]) <= every, results
+
+
 def test_a_one_line_spike_on_a_coarsely_logged_falling_loss_is_seen_at_every_cadence() -> None:
     # A loss falling 0.05 decades every 50 steps with 1 % noise, and a 2x one-step
     # spike: logged every 50 steps, the fall between lines is not noise, and the

@@ -273,6 +273,20 @@ def test_bulk_path_equals_per_line_path_on_a_bounce_while_settling() -> None:
 
 
 @pytest.mark.parametrize("every", [1, 10, 50])
+def test_bulk_path_equals_per_line_path_on_a_stretch_after_a_falling_edge(every: int) -> None:
+    """Held-out accuracy that peaks, falls twice the tolerance and holds: the stable
+    stretch's start is read off a level dated at its middle line, a line behind the
+    newest, on both paths (and a low and a high of one step meet in the same order)."""
+    t = np.arange(0, 1500, every)
+    test_acc = np.round(2000 * (0.785 * (1 - np.exp(-t / 20)) - 0.02 * np.clip((t - 200) / 100, 0, 1))) / 2000
+    train_acc = np.minimum(1.0, 0.05 + t / 200)
+    rows = [{"train_loss": 2.3 * (1.02 - a), "train_acc": a, "val_acc": v}
+            for a, v in zip(train_acc.tolist(), test_acc.tolist(), strict=True)]
+    for seed in range(3):
+        check_same(t.tolist(), rows, ["train_loss", "train_acc", "val_acc"], np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("every", [1, 10, 50])
 def test_bulk_path_equals_per_line_path_past_the_horizon_on_the_way_back(every: int) -> None:
     """An excursion out at the horizon but three quarters of the way home goes on
     (the recovery extension), one settled half-way is a collapse; per-step noise

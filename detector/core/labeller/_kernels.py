@@ -426,13 +426,12 @@ def _stack_bound(steps_, next_, count, keep, dropped, has_floor, floor, step):  
 
 @_jit
 def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, highs_step, highs_value,
-                  highs_next, h_count, h_has_floor, h_floor, step, value, level,
+                  highs_next, h_count, h_has_floor, h_floor, step, value, level, level_step,
                   tol):  # pragma: no cover - compiled
     """``Generalisation._stable_since(tol)`` on the suffix minima and maxima as
-    ``Generalisation._remember(step, value, level)`` would leave them, without
-    changing them. Returns (found, since)."""
-    if level - value > tol:
-        return False, 0  # the newest line alone: its next step is None
+    ``Generalisation._remember(step, value, level, level_step)`` would leave them,
+    without changing them: the same walk, newest first (a low before a high of the
+    same step). Returns (found, since)."""
     keep = count
     while keep > 0 and lows_value[keep - 1] >= value:
         keep -= 1
@@ -443,24 +442,37 @@ def _stable_since(lows_step, lows_value, lows_next, count, has_floor, floor, hig
     h_dropped = h_keep + 1 > LOWS
     lowest = 1 if dropped else 0
     h_lowest = 1 if h_dropped else 0
-    i, j = keep - 1, h_keep - 1
-    top, bottom = level, value
+    # Index keep (h_keep) is the line's own entry, pushed last: its next step is None (-1).
+    i, j = keep, h_keep
+    top, bottom = -math.inf, math.inf
     while i >= lowest or j >= h_lowest:
-        if j < h_lowest or (i >= lowest and lows_step[i] >= highs_step[j]):
-            at = lows_step[i]
-            # _remember set the old newest entry's next step to this step
-            following = step if i == count - 1 else lows_next[i]
-            bottom = lows_value[i] if lows_value[i] < bottom else bottom
+        low_at = step if i == keep else lows_step[i]
+        if j < h_lowest or (i >= lowest and low_at >= (level_step if j == h_keep else highs_step[j])):
+            at = low_at
+            if i == keep:
+                following, v = -1, value
+            else:
+                # _remember set the old newest entry's next step to this line's
+                following = step if i == count - 1 else lows_next[i]
+                v = lows_value[i]
+            bottom = v if v < bottom else bottom
             i -= 1
         else:
-            at = highs_step[j]
-            following = step if j == h_count - 1 else highs_next[j]
-            top = highs_value[j] if highs_value[j] > top else top
+            if j == h_keep:
+                at, following, v = level_step, -1, level
+            else:
+                at = highs_step[j]
+                following = level_step if j == h_count - 1 else highs_next[j]
+                v = highs_value[j]
+            top = v if v > top else top
             j -= 1
         if top - bottom > tol:
+            if following < 0:
+                return False, 0
             return True, at + (following - at + 1) // 2
     low_bound = _stack_bound(lows_step, lows_next, count, keep, dropped, has_floor, floor, step)
-    high_bound = _stack_bound(highs_step, highs_next, h_count, h_keep, h_dropped, h_has_floor, h_floor, step)
+    high_bound = _stack_bound(highs_step, highs_next, h_count, h_keep, h_dropped, h_has_floor, h_floor,
+                              level_step)
     return True, low_bound if low_bound > high_bound else high_bound
 
 
@@ -613,6 +625,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
         else:
             recent[recent_n] = value
             new_recent_n = recent_n + 1
+        # The three-line median is the level at the middle line (Generalisation.level_step).
+        level_step = last if new_recent_n == 3 and has_last else step
         new_window_n = window_n + 1 if window_n < 7 else 7
         new_step, new_fall = val_step, val_fall
         if window_n > 0:
@@ -656,7 +670,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 lows_n, has_floor, floor = _remember(lows_step, lows_value, lows_next, lows_n, has_floor,
                                                      floor, step, value, True)
                 highs_n, has_hfloor, hfloor = _remember(highs_step, highs_value, highs_next, highs_n,
-                                                        has_hfloor, hfloor, step,
+                                                        has_hfloor, hfloor, level_step,
                                                         _median(recent, new_recent_n, scratch), False)
             else:
                 has_new_above = False
@@ -678,7 +692,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
             else:
                 found, since = _stable_since(lows_step, lows_value, lows_next, lows_n, has_floor, floor,
                                              highs_step, highs_value, highs_next, highs_n, has_hfloor, hfloor,
-                                             step, value, level, tol)
+                                             step, value, level, level_step, tol)
                 leaves = False
                 if found:
                     if new_best >= grokked:
@@ -697,7 +711,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
             lows_n, has_floor, floor = _remember(lows_step, lows_value, lows_next, lows_n, has_floor,
                                                  floor, step, value, True)
             highs_n, has_hfloor, hfloor = _remember(highs_step, highs_value, highs_next, highs_n,
-                                                    has_hfloor, hfloor, step, level, False)
+                                                    has_hfloor, hfloor, level_step, level, False)
         # The line is taken: write its state.
         bins, width = _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, width,
                                          opened, new_bins, new_width, add_loss, loss_ws[i])

@@ -338,6 +338,7 @@ class Generalisation(_Plain):
         self.curv_wide = 0.0
         self.val_interval = Interval()
         self.progress: StepHistory | None = None
+        self.level_step = 0  # the step the newest three-line median stands for (set each line)
 
     def load(self, state: dict) -> None:
         if "val_step" not in state:  # a checkpoint from before it was kept
@@ -426,6 +427,7 @@ class Generalisation(_Plain):
         if val_acc is None or not math.isfinite(val_acc):
             return events
         c = self.config
+        previous = self.val_interval.last
         self.val_interval.see(step)
         if len(self.val_first) < 3 and self.memorised_at is None:
             # The first value is the untrained model's level whatever the cadence; the
@@ -436,6 +438,10 @@ class Generalisation(_Plain):
             self.val_base = min(first, _median(self.val_first)) if len(self.val_first) == 3 else \
                 first if self.val_base is None else min(self.val_base, first)
         self.val_recent = [*self.val_recent[-2:], val_acc]
+        # A median of three lines is the level at the middle one: dated at the newest,
+        # it would lag by a line, which is one step on a dense log and fifty on a
+        # sparse one (a stretch that starts after a falling edge would start late).
+        self.level_step = previous if len(self.val_recent) == 3 and previous is not None else step
         low = self._early_level()
         if (low is not None and self.onset_at is None and len(self.val_recent) == 3
                 and (self.memorised_at is not None or len(self.val_first) == 3)):
@@ -478,7 +484,7 @@ class Generalisation(_Plain):
                 else:
                     # The stable stretch may start anywhere after the onset's first line:
                     # on a sparse log the onset is confirmed lines later, the stretch not.
-                    self._remember(step, val_acc, _median(self.val_recent))
+                    self._remember(step, val_acc, _median(self.val_recent), self.level_step)
             else:
                 self.above_since = None
             if self.onset_at is None:
@@ -609,7 +615,7 @@ class Generalisation(_Plain):
         # Lows raw (a median of lines lags by a line, in steps by the cadence), highs
         # of medians (the best of raw noisy values would creep up).
         level = _median(self.val_recent)
-        self._remember(step, value, level)
+        self._remember(step, value, level, self.level_step)
         self.best = max(self.best, level)
         if timeline.phase is Phase.STABILIZATION:
             if self.best > self.stable_best + 2 * tol:
@@ -643,7 +649,7 @@ class Generalisation(_Plain):
             return timeline.enter(Phase.STABILIZATION, since, step, 0.8, series)
         return []
 
-    def _remember(self, step: int, value: float, level: float) -> None:
+    def _remember(self, step: int, value: float, level: float, level_step: int) -> None:
         """Keep the suffix minima of the values and the suffix maxima of their
         three-value medians (``level``) since onset: entries [step, value, next
         step], at most ``_LOWS`` each (the oldest dropped, its next step kept as a
@@ -651,7 +657,7 @@ class Generalisation(_Plain):
         floor = _push_suffix(self.lows, step, value, lowest=True)
         if floor is not None:
             self.lows_floor = floor
-        floor = _push_suffix(self.highs, step, level, lowest=False)
+        floor = _push_suffix(self.highs, level_step, level, lowest=False)
         if floor is not None:
             self.highs_floor = floor
 
