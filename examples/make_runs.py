@@ -704,7 +704,8 @@ def _check_parity(labels: Mapping[str, Any], records: Sequence[Record]) -> list[
         problems.append(f"loss drop not delayed (starts at {drop[0]})")
     chance = labels["chance_acc"]
     rise = next(
-        (r["step"] for r in records if (a := _num(r["test_acc"])) is not None and a >= chance + ONSET_MARGIN),
+        (r["step"] for r in records
+         if (a := _num(r.get("test_acc"))) is not None and a >= chance + ONSET_MARGIN),
         None,
     )
     grok = labels["grokking_step"]
@@ -882,7 +883,7 @@ def _check_lm(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]
 def count_loss_spikes(records: Sequence[Record], after: int = 0, factor: float = 10.0) -> int:
     """Loss spikes after step ``after``: lines whose training loss is ``factor`` x the
     minimum of the previous 10 lines, counted once per excursion (slingshots)."""
-    losses = [_num(r["train_loss"]) for r in records]
+    losses = [_num(r.get("train_loss")) for r in records]
     count, inside = 0, False
     for i, r in enumerate(records):
         x = losses[i]
@@ -904,7 +905,7 @@ def sudden_drop(
     loss); ``start`` is the last such line.
     """
     steps = [int(r["step"]) for r in records]
-    losses = [_num(r["train_loss"]) for r in records]
+    losses = [_num(r.get("train_loss")) for r in records]
     if not losses or losses[0] is None:
         return None
     init = losses[0]
