@@ -189,6 +189,36 @@ def test_grokking_onset_early_warning_and_phases() -> None:
     assert phases == [Phase.INSTABILITY, Phase.ABSTRACTION, Phase.STABILIZATION]
 
 
+def creeping_rows(creep_to: float, n: int = 400, rng_seed: int = 5) -> list[dict[str, float]]:
+    """Chance is 0.01 (the untrained line); memorised by line 5, which drives held-out
+    accuracy to 0.002; it then creeps back geometrically to ``creep_to`` by line 250
+    while the test loss climbs (confidently wrong), and rises to 1 from line 280
+    when ``creep_to`` is above chance."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for i in range(n):
+        creep = 0.002 * (creep_to / 0.002) ** min(1.0, max(0, i - 5) / 245)
+        rise = 1 / (1 + math.exp(-(i - 300) / 6)) if creep_to > 0.01 else 0.0
+        test_acc = 0.01 if i == 0 else (creep + (1 - creep) * rise) * math.exp(0.05 * rng.standard_normal())
+        rows.append({"train_loss": 4.0 if i == 0 else 1e-3, "train_acc": 0.01 if i == 0 else 1.0,
+                     "test_acc": min(1.0, test_acc), "test_loss": 5.0 if i == 0 else 20 + 0.05 * min(i, 280)})
+    return rows
+
+
+def test_held_out_accuracy_creeping_above_chance_is_hidden_progress_while_its_loss_climbs() -> None:
+    det = run(creeping_rows(creep_to=0.04))
+    [onset] = [e for e in det.events_so_far if e.kind is EventKind.GROKKING_ONSET]
+    [warning] = [e for e in det.events_so_far if e.kind is EventKind.HIDDEN_PROGRESS]
+    assert warning.series == "test_acc" and warning.evidence["measure"] == "accuracy"
+    assert 550 <= warning.detected_at < onset.step  # after grokking's delay, before the rise
+
+
+def test_held_out_accuracy_drifting_back_towards_chance_is_no_hidden_progress() -> None:
+    # The same creep, from a fifth of chance to just below it: un-memorising, not progress.
+    det = run(creeping_rows(creep_to=0.008))
+    assert kinds(det, EventKind.HIDDEN_PROGRESS, EventKind.GROKKING_ONSET) == []
+
+
 def test_generalising_soon_after_memorisation_is_not_grokking() -> None:
     # Memorised by step 50, test accuracy at 0.95 about 400 steps later: the bar
     # is max(500 steps, the 50 memorisation took), so this is not grokking.

@@ -250,6 +250,25 @@ def test_bulk_path_equals_per_line_path_on_hidden_progress(seed: int) -> None:
     check_same(steps, rows, ["train_loss", "train_acc", "val_loss", "val_acc"], rng)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_bulk_path_equals_per_line_path_on_hidden_progress_in_accuracy(seed: int) -> None:
+    """Memorised at once, held-out accuracy driven below chance creeps back up (past
+    chance on some seeds, with zeros on others) while the held-out loss climbs: the
+    accuracy's history opens, merges and is tested."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    t = np.arange(n, dtype=float)
+    top = 0.005 if seed % 2 else 0.05
+    val_acc = 0.002 * (top / 0.002) ** (t / n) * np.exp(0.1 * rng.standard_normal(n))
+    if seed % 3 == 0:
+        val_acc[rng.random(n) < 0.05] = 0.0
+    steps = np.cumsum(rng.choice([1, 1, 1, 5], n)).tolist()
+    rows = [{"train_loss": 0.01, "train_acc": 1.0, "val_loss": 20 + 10 * float(x) / n, "val_acc": float(v)}
+            for x, v in zip(t, val_acc, strict=True)]
+    rows[0].update(train_loss=3.0, train_acc=0.01, val_acc=0.01)
+    check_same(steps, rows, ["train_loss", "train_acc", "val_loss", "val_acc"], rng)
+
+
 def test_working_scale_list_is_working_scale_bit_for_bit() -> None:
     from detector.core.series import working_scale, working_scale_list
 

@@ -574,11 +574,11 @@ def _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, w
 @_jit
 def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, start, stop,
                          starts, sums, counts, recent, window, lows_step, lows_value, lows_next, highs_step,
-                         highs_value, highs_next, bins, width,
+                         highs_value, highs_next, a_starts, a_sums, a_counts, bins, width, a_bins, a_width,
                          has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step,
                          val_fall, has_above, above, best, lows_n, has_floor, floor, highs_n, has_hfloor,
                          hfloor, gate_first, has_onset, onset, has_complete, has_base, base, progressing,
-                         memorised_at, has_memorised,
+                         memorised_at, has_memorised, has_first, first_acc,
                          stable_best, onset_rise, grokked, min_intervals, stable_tolerance, stable_fraction,
                          capacity, delay, min_bins, min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
@@ -588,11 +588,13 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
     ``grokked_accuracy`` for the first time nor enters or leaves stabilisation.
     ``loss_ws``: the held-out loss on the working scale, NaN where not finite;
     ``starts``, ``sums``, ``counts``: the history's bins (``bins`` of them) in
-    arrays of ``capacity + 1``. The arrays ``starts`` … ``counts``, ``recent``,
+    arrays of ``capacity + 1``; ``a_*`` the held-out accuracy's history
+    (-log10 of it) alike, ``first_acc`` its first value. The arrays ``starts`` … ``counts``, ``recent``,
     ``window``, ``lows_*`` are updated in place (the caller passes copies).
     Returns the lines taken and the scalar state after them."""
     taken = stop - start
     t_starts, t_sums, t_counts = starts.copy(), sums.copy(), counts.copy()
+    ta_starts, ta_sums, ta_counts = a_starts.copy(), a_sums.copy(), a_counts.copy()
     scratch = np.empty(3)
     for i in range(start, stop):
         step = steps[i]
@@ -615,6 +617,20 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
         if gate_first:
             taken = i - start  # one of the first three values: the early level moves
             break
+        # The accuracy's hidden-progress history (Generalisation._hidden_progress_in_accuracy).
+        add_acc = progressing and value > 0
+        a_y = -math.log10(value) if add_acc else 0.0
+        a_opened, a_new_bins, a_new_width = False, a_bins, a_width
+        if add_acc and not (a_bins > 0 and step < a_starts[a_bins - 1] + a_width):
+            ta_starts[:a_bins], ta_sums[:a_bins], ta_counts[:a_bins] = (
+                a_starts[:a_bins], a_sums[:a_bins], a_counts[:a_bins])
+            a_opened, a_new_bins, a_new_width = _history_add(ta_starts, ta_sums, ta_counts, a_bins, a_width,
+                                                             capacity, step, a_y)
+            if (has_first and 10 ** -(ta_sums[a_new_bins - 1] / ta_counts[a_new_bins - 1]) > first_acc
+                    and not _no_hidden_progress(ta_starts, ta_sums, ta_counts, a_new_bins, step, memorised_at,
+                                                first_step, delay, min_bins, min_change, min_share)):
+                taken = i - start  # the hidden-progress test runs
+                break
         new_last, new_gap = step, (step - last if has_last and step > last else gap)
         # The line's values, before anything is written.
         r0, r1, r2 = recent[0], recent[1], recent[2]
@@ -715,6 +731,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
         # The line is taken: write its state.
         bins, width = _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, width,
                                          opened, new_bins, new_width, add_loss, loss_ws[i])
+        a_bins, a_width = _take_history_line(a_starts, a_sums, a_counts, ta_starts, ta_sums, ta_counts,
+                                             a_bins, a_width, a_opened, a_new_bins, a_new_width, add_acc, a_y)
         has_last, last, gap = True, new_last, new_gap
         recent_n = new_recent_n
         if window_n == 7:
@@ -727,8 +745,9 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
         curv_near, curv_wide, noise, val_step, val_fall = new_near, new_wide, new_noise, new_step, new_fall
         has_above, above = has_new_above, new_above
         best = new_best
-    return (taken, bins, width, has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
-            val_step, val_fall, has_above, above, best, lows_n, has_floor, floor, highs_n, has_hfloor, hfloor)
+    return (taken, bins, width, a_bins, a_width, has_last, last, gap, recent_n, window_n, curv_near,
+            curv_wide, noise, val_step, val_fall, has_above, above, best, lows_n, has_floor, floor, highs_n,
+            has_hfloor, hfloor)
 
 
 # --- LossOnlyPhases --------------------------------------------------------------------

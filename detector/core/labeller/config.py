@@ -69,7 +69,8 @@ class LabellerConfig:
       must stop for longer, and a dense log's plateaus of a few steps before the
       training metric has fitted are not stabilisation).
     * ``progress_*``: hidden progress = after memorisation, the held-out loss
-      falls by ``progress_min_change`` decades from its post-memorisation peak
+      (or the held-out accuracy, risen above its untrained level, in decades)
+      falls (rises) by ``progress_min_change`` decades from its post-memorisation peak
       with a Mann–Kendall trend at ``progress_p_value``, over at least
       ``progress_min_bins`` bins of the step history, while held-out accuracy
       is flat; ``progress_min_share`` 0.25: the fall has lasted at least a

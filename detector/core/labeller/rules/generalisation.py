@@ -280,7 +280,12 @@ class Generalisation(_Plain):
       (max(``grokking_min_delay_steps``, the steps memorisation took)), and before
       onset, the held-out loss's step history (:class:`StepHistory`, reset at memorisation) falls
       ``progress_min_change`` decades from its peak with a Mann–Kendall trend,
-      while the held-out accuracy is flat;
+      while the held-out accuracy is flat; or, the same test on the held-out
+      accuracy's own history (in decades: -log10), its newest bin above the
+      untrained model's level (its first value): a model that memorised drives
+      held-out accuracy below chance and often climbs back past it, a few
+      times chance, while its held-out loss still rises (real grokking runs);
+      its drift back towards chance is not progress;
     * stabilisation: after onset (the stretch may start at the onset's first
       line, however many lines confirmed it), the held-out accuracy stays within
       a tolerance of the best level (three-value median) it holds in the
@@ -300,7 +305,7 @@ class Generalisation(_Plain):
                "complete_at", "best", "stable_since", "stable_best",
                "hidden_progress_at", "val_noise", "val_step", "val_fall", "val_window", "curv_near",
                "curv_wide", "lows", "lows_floor", "highs", "highs_floor")
-    _NESTED = {"val_interval": Interval, "progress": StepHistory}
+    _NESTED = {"val_interval": Interval, "progress": StepHistory, "acc_progress": StepHistory}
 
     def __init__(self, config: LabellerConfig) -> None:
         self.config = config
@@ -338,6 +343,10 @@ class Generalisation(_Plain):
         self.curv_wide = 0.0
         self.val_interval = Interval()
         self.progress: StepHistory | None = None
+        # The held-out accuracy's step history in decades below 1 (-log10): a model
+        # on its way to grokking often lifts it from below chance to a few times
+        # chance while its loss still rises (confident wrong answers).
+        self.acc_progress: StepHistory | None = None
         self.level_step = 0  # the step the newest three-line median stands for (set each line)
 
     def load(self, state: dict) -> None:
@@ -349,6 +358,9 @@ class Generalisation(_Plain):
             state = {**state, "val_low": state["val_base"]}
         if "val_fall" not in state:  # from before it was kept: as if it had measured the same noise
             state = {**state, "val_fall": state["val_noise"] / _SQRT_PI}
+        if "acc_progress" not in state:  # from before it was kept: starts now
+            fresh = StepHistory(self.config.history_bins) if state.get("progress") is not None else None
+            state = {**state, "acc_progress": None if fresh is None else fresh.state()}
         super().load(state)
 
     def _early_level(self) -> float | None:
@@ -366,6 +378,10 @@ class Generalisation(_Plain):
     def scale(self, factor: float) -> None:
         self.release()
         self.val_first = [v * factor for v in self.val_first]
+        if self.acc_progress is not None and factor > 0:
+            shift = -math.log10(factor)  # its values are -log10 of the accuracy
+            self.acc_progress.sums = [total + shift * count for total, count in
+                                      zip(self.acc_progress.sums, self.acc_progress.counts, strict=True)]
         self.val_recent = [v * factor for v in self.val_recent]
         if self.val_base is not None:
             self.val_base *= factor
@@ -399,6 +415,7 @@ class Generalisation(_Plain):
         if fitted:
             self.memorised_at = step
             self.progress = StepHistory(c.history_bins)
+            self.acc_progress = StepHistory(c.history_bins)
             if self.val_recent:
                 base = _median(self.val_recent)
                 self.val_base = base if self.val_base is None else min(self.val_base, base)
@@ -442,6 +459,8 @@ class Generalisation(_Plain):
         # it would lag by a line, which is one step on a dense log and fifty on a
         # sparse one (a stretch that starts after a falling edge would start late).
         self.level_step = previous if len(self.val_recent) == 3 and previous is not None else step
+        if val_acc > 0 and self.acc_progress is not None and self.progressing:
+            events += self._hidden_progress_in_accuracy(step, val_acc, first_step, series)
         low = self._early_level()
         if (low is not None and self.onset_at is None and len(self.val_recent) == 3
                 and (self.memorised_at is not None or len(self.val_first) == 3)):
@@ -526,11 +545,17 @@ class Generalisation(_Plain):
         progress, progressing = self.progress, self.progressing
         size = c.history_bins + 1
         starts, sums, counts = np.zeros(size, dtype=np.int64), np.zeros(size), np.zeros(size, dtype=np.int64)
-        bins, width = 0, 0
+        a_starts, a_sums, a_counts = (np.zeros(size, dtype=np.int64), np.zeros(size),
+                                      np.zeros(size, dtype=np.int64))
+        bins, width, a_bins, a_width = 0, 0, 0, 0
+        accuracy = self.acc_progress
         if progressing:
-            assert progress is not None  # progressing: memorised
+            assert progress is not None and accuracy is not None  # progressing: memorised
             bins, width = len(progress), progress.width
             starts[:bins], sums[:bins], counts[:bins] = progress.starts, progress.sums, progress.counts
+            a_bins, a_width = len(accuracy), accuracy.width
+            a_starts[:a_bins], a_sums[:a_bins], a_counts[:a_bins] = (
+                accuracy.starts, accuracy.sums, accuracy.counts)
         seen, last, gap = self.val_interval.packed()
         recent = np.zeros(3)
         recent[:len(self.val_recent)] = self.val_recent
@@ -541,8 +566,8 @@ class Generalisation(_Plain):
         quiet = Quiet(
             _k.generalisation_quiet,
             (starts, sums, counts, recent, window, lows_step, lows_value, lows_next, highs_step, highs_value,
-             highs_next),
-            (bins, width, seen, last, gap, len(self.val_recent), len(self.val_window),
+             highs_next, a_starts, a_sums, a_counts),
+            (bins, width, a_bins, a_width, seen, last, gap, len(self.val_recent), len(self.val_window),
              float(self.curv_near), float(self.curv_wide), float(self.val_noise), float(self.val_step),
              float(self.val_fall),
              self.above_since is not None, _int(self.above_since), float(self.best), count,
@@ -552,6 +577,7 @@ class Generalisation(_Plain):
              self.onset_at is not None, _int(self.onset_at), self.complete_at is not None,
              self._early_level() is not None, _float(self._early_level()), progressing,
              _int(self.memorised_at), self.memorised_at is not None,
+             bool(self.val_first), float(self.val_first[0]) if self.val_first else 0.0,
              float(self.stable_best), float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals,
              float(c.stable_tolerance), float(c.stable_fraction), c.history_bins, c.grokking_min_delay_steps,
              c.progress_min_bins, float(c.progress_min_change), float(c.progress_min_share)),
@@ -561,13 +587,18 @@ class Generalisation(_Plain):
 
     def _unpack(self, arrays: tuple, state: tuple) -> None:
         starts, sums, counts, recent, window, lows_step, lows_value, lows_next, highs_step, highs_value, \
-            highs_next = arrays
-        (bins, width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step, val_fall,
-         has_above, above, best, count, has_floor, floor, h_count, has_hfloor, hfloor) = state
+            highs_next, a_starts, a_sums, a_counts = arrays
+        (bins, width, a_bins, a_width, seen, last, gap, recent_n, window_n, curv_near, curv_wide, noise,
+         val_step, val_fall, has_above, above, best, count, has_floor, floor, h_count, has_hfloor,
+         hfloor) = state
         progress = self.progress
         if self.progressing and progress is not None:
             progress.starts, progress.sums = starts[:bins].tolist(), sums[:bins].tolist()
             progress.counts, progress.width = counts[:bins].tolist(), int(width)
+            accuracy = self.acc_progress
+            assert accuracy is not None  # made with progress
+            accuracy.starts, accuracy.sums = a_starts[:a_bins].tolist(), a_sums[:a_bins].tolist()
+            accuracy.counts, accuracy.width = a_counts[:a_bins].tolist(), int(a_width)
         self.val_interval.unpack(seen, last, gap)
         self.val_recent = recent[:recent_n].tolist()
         self.val_window = window[:window_n].tolist()
@@ -687,46 +718,81 @@ class Generalisation(_Plain):
 
     def _hidden_progress(self, step: int, val_loss: float, first_step: int,
                          series: str | None) -> list[Event]:
-        c = self.config
-        assert self.progress is not None and self.memorised_at is not None  # set at memorisation
+        assert self.progress is not None  # set at memorisation
         if not self.progress.add(step, working_scale(Role.LOSS, val_loss)):
             return []
+        found = self._progress_trend(self.progress, step, first_step)
+        if found is None:
+            return []
+        trend, change, since = found
+        self.hidden_progress_at = step
+        return [make_event(
+            step, step, EventKind.HIDDEN_PROGRESS, series or "", min(1.0, 1 - trend.p_value),
+            f"{series} has fallen {-change:.2f} decades since step {since} while "
+            "held-out accuracy is flat: a transition may be coming",
+            {"test": trend.test, "tau": f"{trend.statistic:.4g}", "p_value": f"{trend.p_value:.3g}",
+             "change_decades": f"{change:.4g}", "since_step": str(since), "bins": str(len(self.progress))},
+        )]
+
+    def _hidden_progress_in_accuracy(self, step: int, val_acc: float, first_step: int,
+                                     series: str) -> list[Event]:
+        assert self.acc_progress is not None  # set at memorisation
+        history = self.acc_progress
+        if not history.add(step, -math.log10(val_acc)) or not self.val_first:
+            return []
+        # Progress is doing better than the untrained model (its first value, chance):
+        # a memorising model first drives held-out accuracy below chance, and its
+        # drift back up is not yet generalisation.
+        if 10 ** -(history.sums[-1] / history.counts[-1]) <= self.val_first[0]:
+            return []
+        found = self._progress_trend(history, step, first_step)
+        if found is None:
+            return []
+        trend, change, since = found
+        self.hidden_progress_at = step
+        return [make_event(
+            step, step, EventKind.HIDDEN_PROGRESS, series, min(1.0, 1 - trend.p_value),
+            f"{series} has risen {-change:.2f} decades since step {since} and is still near its early "
+            "level: a transition may be coming",
+            {"test": trend.test, "tau": f"{trend.statistic:.4g}", "p_value": f"{trend.p_value:.3g}",
+             "change_decades": f"{-change:.4g}", "since_step": str(since),
+             "bins": str(len(history)), "measure": "accuracy"},
+        )]
+
+    def _progress_trend(self, history: StepHistory, step: int, first_step: int):
+        """(trend, change in decades, step it started) where ``history``, a
+        quantity that falls with progress, shows hidden progress at the bin that
+        just opened, else None. O(bins)."""
+        c = self.config
+        assert self.memorised_at is not None  # histories start at memorisation
         # A warning of grokking, not of ordinary generalisation: only once a rise
         # now could still be grokking's (the labels' delay has passed).
         took = self.memorised_at - first_step
         if step - self.memorised_at < max(c.grokking_min_delay_steps, took):
-            return []
-        means = self.progress.means()  # the newest bin may be partial: it is one value at least
+            return None
+        means = history.means()  # the newest bin may be partial: it is one value at least
         if len(means) < c.progress_min_bins:
-            return []
+            return None
         peak = int(means.argmax())
         tail = means[peak:]
         change = float(tail[-1] - tail[0])
         if len(tail) < c.progress_min_bins or change > -c.progress_min_change:
-            return []
+            return None
         # A fall that has lasted a small share of the time since memorisation is the
         # down-stroke of an oscillation (a loss that climbs for long and drops back),
         # not the slow progress that precedes grokking.
-        if step - self.progress.starts[peak] < c.progress_min_share * (step - self.memorised_at):
-            return []
+        if step - history.starts[peak] < c.progress_min_share * (step - self.memorised_at):
+            return None
         # Still making progress: the newest bin is the tail's lowest, clearly below
         # everything before the tail's last quarter (a loss that oscillates back
         # to an old low is not progress).
         quarter = max(1, len(tail) // 4)
         if tail[-1] > tail.min() or float(tail[:-quarter].min() - tail[-1]) < c.progress_min_change / 4:
-            return []
+            return None
         trend = mann_kendall(tail)
         if trend.statistic >= 0 or trend.p_value >= c.progress_p_value:
-            return []
+            return None
         if self.val_base is not None and self.val_recent and \
                 self.val_recent[-1] >= self.val_base + c.onset_rise / 2:
-            return []
-        self.hidden_progress_at = step
-        return [make_event(
-            step, step, EventKind.HIDDEN_PROGRESS, series or "", min(1.0, 1 - trend.p_value),
-            f"{series} has fallen {-change:.2f} decades since step {self.progress.starts[peak]} while "
-            "held-out accuracy is flat: a transition may be coming",
-            {"test": trend.test, "tau": f"{trend.statistic:.4g}", "p_value": f"{trend.p_value:.3g}",
-             "change_decades": f"{change:.4g}", "since_step": str(self.progress.starts[peak]),
-             "bins": str(len(tail))},
-        )]
+            return None
+        return trend, change, history.starts[peak]
