@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from detector.core.labeller import PhaseLabeller
@@ -154,6 +154,7 @@ def constructed(seed: int, n: int) -> tuple[list[int], list[dict[str, float]], l
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 600))
+@example(seed=887, n=592)  # memorised after the onset, at a lower level: the level it measures from
 def test_bulk_path_equals_per_line_path_on_constructed_runs(seed: int, n: int) -> None:
     steps, rows, names = constructed(seed, n)
     check_same(steps, rows, names, np.random.default_rng(seed + 1))

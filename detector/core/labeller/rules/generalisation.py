@@ -599,7 +599,13 @@ class Generalisation(_Plain):
             assert accuracy is not None  # made with progress
             accuracy.starts, accuracy.sums = a_starts[:a_bins].tolist(), a_sums[:a_bins].tolist()
             accuracy.counts, accuracy.width = a_counts[:a_bins].tolist(), int(a_width)
+        previous = self.val_interval.last
         self.val_interval.unpack(seen, last, gap)
+        if self.val_interval.last != previous:
+            # update() sets the level it measured from on every held-out line; on a
+            # quiet one that is the early level (a memorisation after the onset may
+            # have lowered it since).
+            self.val_low = self._early_level()
         self.val_recent = recent[:recent_n].tolist()
         self.val_window = window[:window_n].tolist()
         self.curv_near, self.curv_wide, self.val_noise, self.val_step = curv_near, curv_wide, noise, val_step
