@@ -80,7 +80,10 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    HIDDEN_PROGRESS and PHASE_CHANGE, the same count, and the i-th events located
    within max(cadence_a, cadence_b) steps of each other; LOSS_SPIKEs at a
    labelled spike that the other member's labels lack (it fell between two of
-   its lines) are left out. Pass/fail per base and its worst mismatch (a count
+   its lines) are left out, and so is a LOSS_SPIKE whose excursion (its step
+   to step + its ``duration_steps``) holds no line of the other member's log
+   and that log has no LOSS_SPIKE within the tolerance (a spike the training
+   process made itself, unlabelled). Pass/fail per base and its worst mismatch (a count
    mismatch beats any step mismatch).
 9. Loss-only (``loss_only`` true): premature = a ``stabilization`` segment
    starting before ``settled_step`` - 2 L. Streamed vs final (every run with
@@ -101,6 +104,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -635,8 +639,30 @@ def compare_cadence(ref: Sequence[dict], other: Sequence[dict], tol: float,
     return worst <= 1.0, worst, text
 
 
-def score_cadence(runs: dict[str, tuple[RunScore, list[dict]]]) -> dict[str, dict]:
-    """Per base run: pass/fail of every cadence variant against the reference (criterion 8)."""
+def spikes_between_lines(events: Sequence[dict], lines: Sequence[int], other: Sequence[dict] = (),
+                         tol: float = 0) -> list[int]:
+    """Steps of the LOSS_SPIKEs in ``events`` whose excursion (step to step +
+    ``duration_steps``) holds none of the sorted ``lines`` of another log, which could
+    not see them, and that the other log's events (``other``) lack within ``tol``
+    (where it found one, it saw the spike's tail: they are compared)."""
+    theirs = [e["step"] for e in other if e["kind"] == "LOSS_SPIKE"]
+    out = []
+    for e in events:
+        if e["kind"] != "LOSS_SPIKE" or any(abs(e["step"] - x) <= tol for x in theirs):
+            continue
+        start, duration = e["step"], int(e.get("evidence", {}).get("duration_steps", 0) or 0)
+        i = bisect.bisect_left(lines, start)
+        if i == len(lines) or lines[i] >= start + max(duration, 1):
+            out.append(start)
+    return out
+
+
+def score_cadence(runs: dict[str, tuple[RunScore, list[dict]]],
+                  lines: dict[str, Sequence[int]] | None = None) -> dict[str, dict]:
+    """Per base run: pass/fail of every cadence variant against the reference (criterion 8).
+    ``lines``: each run's logged steps, sorted (where given, a spike between two lines
+    of the other log is left out)."""
+    lines = lines or {}
     groups: dict[str, list[str]] = {}
     for name, (score, _) in runs.items():
         if score.variant_of:
@@ -657,6 +683,9 @@ def score_cadence(runs: dict[str, tuple[RunScore, list[dict]]]) -> dict[str, dic
             mine, theirs = runs[ref][0].spike_steps, runs[name][0].spike_steps
             unseen = ([x for x in mine if all(abs(x - y) > tol for y in theirs)],
                       [y for y in theirs if all(abs(x - y) > tol for x in mine)])
+            if ref in lines and name in lines:
+                unseen[0].extend(spikes_between_lines(runs[ref][1], lines[name], runs[name][1], tol))
+                unseen[1].extend(spikes_between_lines(runs[name][1], lines[ref], runs[ref][1], tol))
             ok, bad, text = compare_cadence(runs[ref][1], runs[name][1], tol, unseen)
             if not ok:
                 result["passed"] = False
@@ -849,7 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = args.cmd.split()
 
-    def one(job: tuple[str, Path]) -> tuple[RunScore, list[dict]] | None:
+    def one(job: tuple[str, Path]) -> tuple[RunScore, list[dict], list[int]] | None:
         corpus, log = job
         try:
             doc, seconds = analyze(log, command)
@@ -858,7 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return None
         labels = json.loads(log.with_name(log.stem + ".labels.json").read_text())
         steps, points = read_run(log)
-        return score_run(log.stem, corpus, labels, doc, steps, points, seconds), doc.get("events", [])
+        return (score_run(log.stem, corpus, labels, doc, steps, points, seconds), doc.get("events", []),
+                sorted(set(steps)))
 
     with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, 2))) as pool:
         results = [r for r in pool.map(one, jobs) if r is not None]
@@ -870,8 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries: dict[str, dict] = {}
     cadences: dict[str, dict] = {}
     for corpus in dict.fromkeys(s.corpus for s in scores):
-        members = {s.name: (s, ev) for s, ev in results if s.corpus == corpus}
-        cadences[corpus] = score_cadence(members)
+        members = {s.name: (s, ev) for s, ev, _ in results if s.corpus == corpus}
+        cadences[corpus] = score_cadence(members, {s.name: steps for s, _, steps in results
+                                                   if s.corpus == corpus})
         summaries[corpus] = summarise([s for s, _ in members.values()], cadences[corpus])
     all_cadence = {f"{c}/{b}": r for c, rs in cadences.items() for b, r in rs.items()}
     summaries["TOTAL"] = summarise(scores, all_cadence)

@@ -222,6 +222,27 @@ def test_score_cadence_groups_by_base_and_uses_c1_reference():
     assert result["h"]["reference"] == "h_c10" and result["h"]["passed"]
 
 
+def test_a_spike_between_two_lines_of_the_other_log_is_not_compared():
+    def member(name: str, cadence: int, events: list[dict]) -> tuple:
+        labels = {"variant_of": "s", "cadence": cadence, "log_every": cadence}
+        return score(labels, events, name=name), events
+
+    dense = [ev("LOSS_SPIKE", 1214, duration_steps="24"), ev("COLLAPSE_ONSET", 1277, scope="training")]
+    sparse = [ev("COLLAPSE_ONSET", 1250, scope="training")]
+    runs = {"s_c1": member("s_c1", 1, dense), "s_c50": member("s_c50", 50, sparse)}
+    lines = {"s_c1": list(range(0, 2000)), "s_c50": list(range(0, 2000, 50))}
+    assert bench.spikes_between_lines(dense, lines["s_c50"]) == [1214]  # 1214..1237: no line of 50
+    assert bench.spikes_between_lines(dense, lines["s_c1"]) == []
+    # The sparse log saw its tail (a spike at its next line): both are compared.
+    assert bench.spikes_between_lines(dense, lines["s_c50"], [ev("LOSS_SPIKE", 1250)], 50) == []
+    assert bench.score_cadence(runs, lines)["s"]["passed"]
+    assert not bench.score_cadence(runs)["s"]["passed"]  # without the logs' lines: a count mismatch
+    # Seen by the sparse log (a line at 1200 inside a longer excursion), it must be found there too.
+    longer = [ev("LOSS_SPIKE", 1190, duration_steps="30"), ev("COLLAPSE_ONSET", 1277, scope="training")]
+    runs["s_c1"] = member("s_c1", 1, longer)
+    assert not bench.score_cadence(runs, lines)["s"]["passed"]
+
+
 # --- 9, 10 loss-only runs, streamed phases, agreement -------------------------------------------------
 
 
