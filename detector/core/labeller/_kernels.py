@@ -260,7 +260,8 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
                                              back_fraction, slack if has_back else 0.0):
                 has_back = False
             else:
-                since = back_at if has_back else step
+                late = (step - last if has_last and step > last else gap) // 2  # LossExcursions._back_since
+                since = back_at if has_back else step - late
                 if step - since >= horizon:
                     taken = i - start
                     break  # the collapse ends
@@ -292,7 +293,8 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
             if settle <= 0:
                 taken = i - start
                 break  # a spike at once
-            new_has_back, new_back_at = True, step
+            # LossExcursions._back_since: halfway from the line before.
+            new_has_back, new_back_at = True, step - (step - last if has_last and step > last else gap) // 2
         elif step - began >= horizon and not _recovering(y, new_peak, ref, thr, left, step, began, horizon,
                                                          extension):
             taken = i - start

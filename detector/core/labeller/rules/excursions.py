@@ -102,6 +102,14 @@ class LossExcursions(_Plain):
         left = 1.0 - self.config.recovering_fraction
         return math.isfinite(y) and math.isfinite(peak) and peak > top and y <= top + left * (peak - top)
 
+    def _back_since(self, step: int) -> int:
+        """Where a loss first seen back at ``step`` came back: halfway from the line
+        before (the step itself on a dense log). Dated at the line, it would settle
+        half an interval late, five steps on a log of every 10 and 25 on one of 50, and a
+        recovered spike followed by a relapse would be a spike on one log and a
+        collapse on the other."""
+        return step - self.interval.gap // 2
+
     def _material(self, ex: dict) -> bool:
         """An excursion costs at least ``collapse_material`` of the first loss (or is
         non-finite): a loss that creeps from 1e-7 to 1e-5 and stays is not a collapse."""
@@ -239,7 +247,7 @@ class LossExcursions(_Plain):
             else:
                 return []
         elif not math.isnan(ref) and self._back(value, y, ex):
-            ex["back_at"] = step
+            ex["back_at"] = self._back_since(step)
             if ex["settle"] <= 0:
                 return self._spike(step, y, series)
             return []
@@ -303,7 +311,7 @@ class LossExcursions(_Plain):
             col["back_since"] = None
             return []
         if col["back_since"] is None:
-            col["back_since"] = step
+            col["back_since"] = self._back_since(step)
         if step - col["back_since"] < col["horizon"]:
             return []
         self.collapse = None
