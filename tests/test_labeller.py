@@ -216,6 +216,24 @@ def test_held_out_accuracy_creeping_above_chance_is_hidden_progress_while_its_lo
     assert 550 <= warning.detected_at < onset.step  # after grokking's delay, before the rise
 
 
+def test_a_creep_halfway_to_the_onset_level_is_still_hidden_progress() -> None:
+    # Chance 0.01; memorising lifts held-out accuracy to 0.05 at once, and it creeps to
+    # 0.10 over 2 500 steps (still short of the onset, 0.11) before the rise: the
+    # model makes progress the whole time, more than half the onset's rise of it.
+    rng = np.random.default_rng(6)
+    rows = []
+    for i in range(400):
+        rise = 1 / (1 + math.exp(-(i - 300) / 6))
+        creep = 0.05 + 0.05 * min(1.0, max(0, i - 5) / 250)
+        test_acc = 0.01 if i == 0 else (creep + (1 - creep) * rise) * math.exp(0.02 * rng.standard_normal())
+        rows.append({"train_loss": 4.0 if i == 0 else 1e-3, "train_acc": 0.01 if i == 0 else 1.0,
+                     "test_acc": min(1.0, test_acc), "test_loss": 5.0 if i == 0 else 20 + 0.05 * min(i, 280)})
+    det = run(rows)
+    [onset] = [e for e in det.events_so_far if e.kind is EventKind.GROKKING_ONSET]
+    [warning] = [e for e in det.events_so_far if e.kind is EventKind.HIDDEN_PROGRESS]
+    assert warning.evidence["measure"] == "accuracy" and warning.detected_at < onset.step
+
+
 def test_held_out_accuracy_drifting_back_towards_chance_is_no_hidden_progress() -> None:
     # The same creep, from a fifth of chance to just below it: un-memorising, not progress.
     det = run(creeping_rows(creep_to=0.008))

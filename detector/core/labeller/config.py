@@ -73,7 +73,7 @@ class LabellerConfig:
       falls (rises) by ``progress_min_change`` decades from its post-memorisation peak
       with a Mann–Kendall trend at ``progress_p_value``, over at least
       ``progress_min_bins`` bins of the step history, while held-out accuracy
-      is flat; ``progress_min_share`` 0.25: the fall has lasted at least a
+      is short of the onset; ``progress_min_share`` 0.25: the fall has lasted at least a
       quarter of the time since memorisation (a held-out loss that climbs for
       18 000 steps and drops back for 3 000, again and again, is oscillating).
     * ``settle_*``: a loss-only run stabilises once its headline loss fell less

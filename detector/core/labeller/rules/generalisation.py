@@ -280,7 +280,9 @@ class Generalisation(_Plain):
       (max(``grokking_min_delay_steps``, the steps memorisation took)), and before
       onset, the held-out loss's step history (:class:`StepHistory`, reset at memorisation) falls
       ``progress_min_change`` decades from its peak with a Mann–Kendall trend,
-      while the held-out accuracy is flat; or, the same test on the held-out
+      while the held-out accuracy is still short of the onset (``onset_rise``
+      above its early level: a creep that has covered half of that is still the
+      hidden regime, not yet the rise); or, the same test on the held-out
       accuracy's own history (in decades: -log10), its newest bin above the
       untrained model's level (its first value): a model that memorised drives
       held-out accuracy below chance and often climbs back past it, a few
@@ -735,7 +737,7 @@ class Generalisation(_Plain):
         return [make_event(
             step, step, EventKind.HIDDEN_PROGRESS, series or "", min(1.0, 1 - trend.p_value),
             f"{series} has fallen {-change:.2f} decades since step {since} while "
-            "held-out accuracy is flat: a transition may be coming",
+            "held-out accuracy has not risen yet: a transition may be coming",
             {"test": trend.test, "tau": f"{trend.statistic:.4g}", "p_value": f"{trend.p_value:.3g}",
              "change_decades": f"{change:.4g}", "since_step": str(since), "bins": str(len(self.progress))},
         )]
@@ -799,6 +801,6 @@ class Generalisation(_Plain):
         if trend.statistic >= 0 or trend.p_value >= c.progress_p_value:
             return None
         if self.val_base is not None and self.val_recent and \
-                self.val_recent[-1] >= self.val_base + c.onset_rise / 2:
+                self.val_recent[-1] >= self.val_base + c.onset_rise:
             return None
         return trend, change, history.starts[peak]
