@@ -25,7 +25,9 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    labelled onset is under way (``ends_early`` with a ``grokking_onset_step``:
    the warning came true, whether it groks is past the log).
 3. Sustained collapse: the label step is ``collapse_step`` when
-   ``collapse_kind`` is ``sustained_collapse`` or ``divergence_nonfinite``, else,
+   ``collapse_kind`` is ``sustained_collapse`` (and began at least the labels'
+   ``RECOVER_WINDOW`` before the log's end: they could not see a later one
+   recover) or ``divergence_nonfinite``, else,
    when ``train_collapse_kind`` is ``sustained``, the first step of the last
    train-collapse episode, else, on a run that never memorised (no
    ``memorisation_step``: loss-only or never fitting), the first step of the last
@@ -233,6 +235,14 @@ def _spikes(labels: dict, key: str = "spikes") -> list[tuple[int, int, float, bo
 def sustained_step(labels: dict) -> int | None:
     """The step at which the training collapse that never recovers starts (criterion 3)."""
     if labels.get("collapse_kind") in SUSTAINED_KINDS and labels.get("collapse_step") is not None:
+        # A sustained_collapse that began less than the labels' recovery window before
+        # the log's end is one the labels could not see recover (their rule needs the
+        # whole window inside the log): undecided, not scored, as below.
+        window = labels.get("label_rules", {}).get("RECOVER_WINDOW", 0)
+        last = labels.get("last_step")
+        if labels["collapse_kind"] == "sustained_collapse" and last is not None \
+                and int(last) - int(labels["collapse_step"]) < window:
+            return None
         return int(labels["collapse_step"])
     if labels.get("train_collapse_kind") == "sustained":
         episodes = _episodes(labels, "train_collapse_episodes")

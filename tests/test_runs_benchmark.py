@@ -52,6 +52,15 @@ def test_sustained_collapse_found_within_tolerance_with_delay():
     assert score(labels, [ev("COLLAPSE_ONSET", 1220, scope="generalization")]).sustained_found is False
 
 
+def test_a_sustained_collapse_label_within_the_recovery_window_of_the_end_is_not_scored():
+    labels = {"log_every": 10, "collapse_kind": "sustained_collapse", "collapse_step": 2790,
+              "last_step": 2810, "label_rules": {"RECOVER_WINDOW": 200},
+              "train_collapse_kind": "transient", "train_collapse_episodes": [[2790, 2790, True]]}
+    assert bench.sustained_step(labels) is None  # two lines before the end: it may recover
+    assert bench.sustained_step(dict(labels, last_step=2990)) == 2790
+    assert bench.sustained_step(dict(labels, collapse_kind="divergence_nonfinite")) == 2790
+
+
 def test_sustained_label_from_train_collapse_episodes():
     labels = {"log_every": 10, "train_collapse_kind": "sustained",
               "train_collapse_episodes": [[300, 320, True], [4000, 5000, False]]}
