@@ -85,8 +85,10 @@ order, an end closing the newest open onset). The *tolerance* of a run is
    its lines) are left out, and so is a LOSS_SPIKE whose excursion (its step
    to step + its ``duration_steps``) holds no line of the other member's log
    and that log has no LOSS_SPIKE within the tolerance (a spike the training
-   process made itself, unlabelled). Pass/fail per base and its worst mismatch (a count
-   mismatch beats any step mismatch).
+   process made itself, unlabelled); likewise a collapse that ended within fewer
+   than 3 lines of the other log (criterion 6's shortest episode) that the
+   other lacks: its onset, end and the PHASE_CHANGEs at them. Pass/fail per
+   base and its worst mismatch (a count mismatch beats any step mismatch).
 9. Loss-only (``loss_only`` true): premature = a ``stabilization`` segment
    starting before ``settled_step`` - 2 L. Streamed vs final (every run with
    PHASE_CHANGE events): the streamed phase at a logged step is the ``to`` of
@@ -127,6 +129,7 @@ SUSTAINED_KINDS = ("sustained_collapse", "divergence_nonfinite")
 ECONOMY_KINDS = ("CHANGE_POINT", "PLATEAU_START", "PLATEAU_END")
 CADENCE_KINDS = ("GROKKING_ONSET", "COLLAPSE_ONSET", "COLLAPSE_END", "LOSS_SPIKE", "HIDDEN_PROGRESS",
                  "PHASE_CHANGE")
+GEN_MIN_LINES = 3  # criterion 6's shortest generalisation-collapse episode: last - first >= 2 L
 SPIKE_LINES = 2  # a spike/episode window is widened by this many logging intervals each side
 MIN_STATIONARY_LINES = 50
 ECONOMY_LIMIT = 1.0  # events per 100 lines per series
@@ -618,25 +621,49 @@ def _cadence_key(event: dict) -> str:
     return f"{event['kind']}/{scope(event)}" if event["kind"].startswith("COLLAPSE_") else event["kind"]
 
 
+def collapses_between_lines(events: Sequence[dict], lines: Sequence[int], other: Sequence[dict] = (),
+                            tol: float = 0, min_lines: int = GEN_MIN_LINES) -> list[tuple[int, int]]:
+    """(onset, end) steps of the collapses in ``events`` that ended within fewer than
+    ``min_lines`` of the sorted ``lines`` of another log (a seven-step dip of test
+    accuracy is one line of a log of every 10: no episode there) and that the other
+    log's events (``other``) lack (no COLLAPSE_ONSET of the scope within ``tol``)."""
+    theirs = [(scope(e), e["step"]) for e in other if e["kind"] == "COLLAPSE_ONSET"]
+    out = []
+    for on, end in collapse_pairs(events):
+        if end is None or any(sc == scope(on) and abs(st - on["step"]) <= tol for sc, st in theirs):
+            continue
+        if bisect.bisect_left(lines, end["step"]) - bisect.bisect_left(lines, on["step"]) < min_lines:
+            out.append((on["step"], end["step"]))
+    return out
+
+
 def compare_cadence(ref: Sequence[dict], other: Sequence[dict], tol: float,
-                    unseen: tuple[Sequence[int], Sequence[int]] = ((), ())) -> tuple[bool, float, str]:
+                    unseen: tuple[Sequence[int], Sequence[int]] = ((), ()),
+                    brief: tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]]] = ((), ()),
+                    ) -> tuple[bool, float, str]:
     """(pass, badness, worst mismatch) of ``other``'s events against ``ref``'s.
 
     ``unseen``: labelled spikes of ``ref`` and of ``other`` that the other log does
     not hold (a one-step spike between two lines of a sparse log): LOSS_SPIKE
-    events within ``tol`` of them are not compared.
+    events within ``tol`` of them are not compared. ``brief``: collapses of each
+    (onset, end steps) too short for the other log to hold: their COLLAPSE_ONSET,
+    COLLAPSE_END and the PHASE_CHANGEs into and out of them are not compared.
     Badness: inf for a count mismatch, else the worst located-step gap / tol (> 1 fails).
     """
-    def groups(events: Sequence[dict], hidden: Sequence[int]) -> dict[str, list[int]]:
+    def groups(events: Sequence[dict], hidden: Sequence[int],
+               episodes: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
+        ends = {step for episode in episodes for step in episode}
         out: dict[str, list[int]] = {}
         for e in events:
             if e["kind"] == "LOSS_SPIKE" and any(abs(e["step"] - h) <= tol for h in hidden):
+                continue
+            if e["kind"] in ("COLLAPSE_ONSET", "COLLAPSE_END", "PHASE_CHANGE") and e["step"] in ends:
                 continue
             if e["kind"] in CADENCE_KINDS:
                 out.setdefault(_cadence_key(e), []).append(e["step"])
         return {k: sorted(v) for k, v in out.items()}
 
-    a, b = groups(ref, unseen[0]), groups(other, unseen[1])
+    a, b = groups(ref, unseen[0], brief[0]), groups(other, unseen[1], brief[1])
     worst, text = 0.0, ""
     for key in sorted(set(a) | set(b)):
         xs, ys = a.get(key, []), b.get(key, [])
@@ -696,7 +723,10 @@ def score_cadence(runs: dict[str, tuple[RunScore, list[dict]]],
             if ref in lines and name in lines:
                 unseen[0].extend(spikes_between_lines(runs[ref][1], lines[name], runs[name][1], tol))
                 unseen[1].extend(spikes_between_lines(runs[name][1], lines[ref], runs[ref][1], tol))
-            ok, bad, text = compare_cadence(runs[ref][1], runs[name][1], tol, unseen)
+            brief = ((collapses_between_lines(runs[ref][1], lines[name], runs[name][1], tol),
+                      collapses_between_lines(runs[name][1], lines[ref], runs[ref][1], tol))
+                     if ref in lines and name in lines else ((), ()))
+            ok, bad, text = compare_cadence(runs[ref][1], runs[name][1], tol, unseen, brief)
             if not ok:
                 result["passed"] = False
                 result["failures"].append(name)

@@ -252,6 +252,29 @@ def test_a_spike_between_two_lines_of_the_other_log_is_not_compared():
     assert not bench.score_cadence(runs, lines)["s"]["passed"]
 
 
+def test_a_collapse_too_brief_for_the_other_log_is_not_compared():
+    def member(name: str, cadence: int, events: list[dict]) -> tuple:
+        labels = {"variant_of": "t", "cadence": cadence, "log_every": cadence}
+        return score(labels, events, name=name), events
+
+    dip = [ev("COLLAPSE_ONSET", 2779, scope="generalization"),
+           ev("PHASE_CHANGE", 2779, **{"from": "stabilization", "to": "collapse"}),
+           ev("COLLAPSE_END", 2786, scope="generalization"),
+           ev("PHASE_CHANGE", 2786, **{"from": "collapse", "to": "stabilization"})]
+    lines = {"t_c1": list(range(3000)), "t_c10": list(range(0, 3000, 10))}
+    assert bench.collapses_between_lines(dip, lines["t_c10"]) == [(2779, 2786)]  # one line of 10
+    assert bench.collapses_between_lines(dip, lines["t_c1"]) == []  # seven lines of 1
+    runs = {"t_c1": member("t_c1", 1, dip), "t_c10": member("t_c10", 10, [])}
+    assert bench.score_cadence(runs, lines)["t"]["passed"]
+    assert not bench.score_cadence(runs)["t"]["passed"]
+    # Where the sparse log called it too, both are compared (here 40 steps apart: a failure).
+    late = [ev("COLLAPSE_ONSET", 2820, scope="generalization"),
+            ev("COLLAPSE_END", 2850, scope="generalization")]
+    runs["t_c10"] = member("t_c10", 10, late)
+    assert bench.collapses_between_lines(dip, lines["t_c10"], late, 50) == []
+    assert not bench.score_cadence(runs, lines)["t"]["passed"]
+
+
 # --- 9, 10 loss-only runs, streamed phases, agreement -------------------------------------------------
 
 
