@@ -880,6 +880,23 @@ def _check_lm(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]
     return problems
 
 
+def _check_finetune(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    problems = []
+    if not labels["loss_only"]:
+        problems.append("logs an accuracy")
+    val = [v for v in (_num(r.get("val_loss")) for r in records if "val_loss" in r) if v is not None]
+    if not val:
+        return [*problems, "no validation loss"]
+    first, low = val[0], min(val)
+    if not 0.05 <= first - low <= 1.5:
+        problems.append(f"validation loss falls {first - low:.3f} nats, not 0.05-1.5 (pre-trained?)")
+    if val[-1] - low < 0.02:
+        problems.append(f"validation loss does not turn up (final {val[-1]:.3f}, lowest {low:.3f})")
+    if labels["collapse_step"] is not None or _spike_episodes(labels):
+        problems.append("a loss spike")
+    return problems
+
+
 def count_loss_spikes(records: Sequence[Record], after: int = 0, factor: float = 10.0) -> int:
     """Loss spikes after step ``after``: lines whose training loss is ``factor`` x the
     minimum of the previous 10 lines, counted once per excursion (slingshots)."""
@@ -1226,6 +1243,27 @@ SCENARIOS: dict[str, Scenario] = {
             _check_lm,
         ),
         Scenario(
+            "lm_finetune",
+            "the lm_cosine model pre-trained for 1500 unlogged steps on its text, then "
+            "fine-tuned on a related text (15% of its probabilities from another chain) "
+            "of 6 000 positions with a new AdamW, 30-step warm-up and cosine decay: "
+            "the loss starts near its floor, falls a little, and the validation loss "
+            "turns up as the small set is overfitted; logs train_loss, val_loss, lr only",
+            {
+                **_LM,
+                "text_seed": 0,
+                "shift_seed": 1,
+                "shift": 0.15,
+                "n_train": 6000,
+                "lr": 0.002,
+                "warmup": 30,
+                "max_steps": 1500,
+                "pretrain": {"steps": 1500, "shift_seed": None, "shift": 0.0, "n_train": 100000,
+                             "lr": 0.003, "sched": "const"},
+            },
+            _check_finetune,
+        ),
+        Scenario(
             "lm_cosine_spikes",
             "lm_cosine with Gaussian weight perturbations (scale 1.0, 0.8, 0.7 x each tensor's "
             "RMS) at steps 300, 700, 1100 inducing loss spikes of ~2.5x, ~5x, ~5x that recover "
@@ -1247,6 +1285,7 @@ CORPUS_SCENARIOS = (
     "warmup_divergence",
     "lm_cosine",
     "lm_cosine_spikes",
+    "lm_finetune",
 )
 """The scenarios of the benchmark corpus (``--corpus``), each with seeds 0, 1, 2."""
 
@@ -1582,14 +1621,21 @@ def _transformer_add(config: Mapping[str, Any], seed: int) -> Task:
     return _split_pairs(config, seed, model, x, y, p, lambda: model.tok[:p], model.hidden)
 
 
-def markov_text(vocab: int, order: int, length: int, alpha: float, seed: int) -> list[int]:
+def markov_text(vocab: int, order: int, length: int, alpha: float, seed: int,
+                shift_seed: int | None = None, shift: float = 0.0) -> list[int]:
     """``length`` symbols of a random order-``order`` Markov chain over ``vocab``
     symbols: every context gets next-symbol probabilities drawn from a symmetric
-    Dirichlet(``alpha``) (small ``alpha``: a peaked, learnable distribution)."""
+    Dirichlet(``alpha``) (small ``alpha``: a peaked, learnable distribution). With
+    ``shift_seed``, the chain's probabilities are ``1 - shift`` of those and
+    ``shift`` of another chain's drawn from ``shift_seed`` (a related domain: the
+    text a model is fine-tuned on); the symbols are drawn from ``shift_seed`` too."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.full(vocab, alpha), size=vocab**order)
+    if shift_seed is not None:
+        rng = np.random.default_rng(shift_seed)
+        probs = (1.0 - shift) * probs + shift * rng.dirichlet(np.full(vocab, alpha), size=vocab**order)
     cum = np.cumsum(probs, axis=1)
     u = rng.random(length)
     text = list(rng.integers(0, vocab, order))
@@ -1615,6 +1661,7 @@ def _char_lm(config: Mapping[str, Any], seed: int) -> Task:
 
     vocab, ctx, d, h = int(config["vocab"]), int(config["ctx"]), int(config["d"]), int(config["h"])
     n_train, n_val = int(config["n_train"]), int(config["n_val"])
+    shift_seed = config.get("shift_seed")
     text = torch.tensor(
         markov_text(
             vocab,
@@ -1622,6 +1669,8 @@ def _char_lm(config: Mapping[str, Any], seed: int) -> Task:
             n_train + n_val + 2 * ctx,
             float(config["alpha"]),
             int(config["text_seed"]),
+            None if shift_seed is None else int(shift_seed),
+            float(config.get("shift", 0.0)),
         )
     )
     windows = text.unfold(0, ctx + 1, 1)
@@ -1746,6 +1795,8 @@ def train(
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     task = TASKS[config["task"]](config, seed)
+    if "pretrain" in config:
+        _pretrain(task, config, seed)
     model = task.model
     params = [q for q in model.parameters() if q.requires_grad]
     loss_fn = _loss_fn(config["loss"], task.num_classes)
@@ -1824,6 +1875,30 @@ def train(
         "torch_threads": threads,
     }
     return records, meta
+
+
+def _pretrain(task: Task, config: Mapping[str, Any], seed: int) -> None:
+    """Fine-tuning: before the logged run, train ``task``'s model on another task for
+    ``pretrain["steps"]`` unlogged steps, the config with ``pretrain``'s keys over
+    it (another text, a larger training set, its own learning rate: a pre-trained
+    model), with its own AdamW, whose state the logged run does not keep (a new
+    optimiser, as a fine-tuning job starts with). O(steps)."""
+    import torch
+
+    pre = {**{k: v for k, v in config.items() if k != "pretrain"}, **config["pretrain"]}
+    source = TASKS[pre["task"]](pre, seed)
+    model = source.model
+    params = [q for q in model.parameters() if q.requires_grad]
+    loss_fn = _loss_fn(pre["loss"], source.num_classes)
+    opt = _optimizer(pre, params)
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    n = source.y_train.shape[0]
+    for _ in range(int(pre["steps"])):
+        idx = torch.randint(0, n, (int(pre["batch"]),), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(source.x_train[idx]), source.y_train[idx]).backward()
+        opt.step()
+    task.model.load_state_dict(model.state_dict())
 
 
 def _corrupt_labels(task: Task, fraction: float, seed: int) -> None:

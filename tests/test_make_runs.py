@@ -223,6 +223,22 @@ def test_spectral_metrics_match_an_svd() -> None:
     assert mr.squared_singular_values(np.array([[np.nan, 1.0]])) is None
 
 
+def test_a_fine_tuning_run_starts_from_a_pre_trained_model() -> None:
+    """``lm_finetune`` trains the model on the base text before its first logged line:
+    its first validation loss, on the related text, is well below an untrained
+    model's (about ln 24), and below that of the same run pre-trained for fewer steps."""
+    pytest.importorskip("torch", reason="torch is not installed: pip install -e '.[torch]'")
+    config = {**mr.SCENARIOS["lm_finetune"].config, "max_steps": 0}
+    first = {}
+    for steps in (0, 100, 300):
+        config["pretrain"] = {**config["pretrain"], "steps": steps}
+        records, _ = mr.train(config, 0)
+        first[steps] = records[0]["val_loss"]
+    assert first[0] == pytest.approx(math.log(24), abs=0.2)
+    assert first[300] < first[100] - 0.2 < first[0] - 0.4, first
+    assert set(records[0]) == set(mr.LM_FIELDS)  # losses and the learning rate only
+
+
 def test_training_reproduces_the_start_of_shared_runs() -> None:
     """The first lines of two scenarios retrace the shared runs (seed 0); training is
     deterministic and the seed matters. Needs torch (most of the time is its import)."""
