@@ -472,6 +472,29 @@ def test_a_loss_only_run_is_not_stable_while_its_loss_still_falls() -> None:
             assert val - 3.0 < 0.1, seg
 
 
+def finetune_losses(n: int, every: int, rng: np.random.Generator) -> list[dict[str, float]]:
+    """A fine-tuning run on a small set: the validation loss falls from 2.2 to 1.95 by
+    step 300, then turns up to 2.1 by the end (overfitting) while the training loss
+    falls from 2.2 to 1.0 all along."""
+    rows = []
+    for i in range(n):
+        s = i * every
+        val = 1.95 + 0.25 * math.exp(-s / 80) + 0.15 * max(0.0, s - 300) / (n * every - 300)
+        train = 1.0 + 1.2 * math.exp(-s / (0.4 * n * every))
+        rows.append({"train_loss": train * math.exp(0.02 * rng.standard_normal()), "val_loss": val})
+    return rows
+
+
+def test_a_validation_loss_that_turns_up_while_training_still_falls_is_not_stable() -> None:
+    rng = np.random.default_rng(9)
+    det = run(finetune_losses(150, 10, rng))
+    assert Phase.STABILIZATION not in [s.phase for s in det.segments()]
+    # Once the training loss has settled too (a longer run), the run stabilises.
+    det = run(finetune_losses(150, 10, rng) + [
+        {"train_loss": 1.0 * math.exp(0.02 * rng.standard_normal()), "val_loss": 2.1} for _ in range(600)])
+    assert Phase.STABILIZATION in [s.phase for s in det.segments()]
+
+
 def test_a_state_from_before_the_early_level_and_the_falls_were_kept_resumes() -> None:
     # A checkpoint written before ``val_low`` and ``val_fall`` existed: the onset is
     # measured from the early level it had, the falls' mean starts at the noise it had

@@ -270,6 +270,26 @@ def test_bulk_path_equals_per_line_path_on_hidden_progress_in_accuracy(seed: int
     check_same(steps, rows, ["train_loss", "train_acc", "val_loss", "val_acc"], rng)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_bulk_path_equals_per_line_path_on_a_loss_only_run_with_both_losses(seed: int) -> None:
+    """Training and validation loss only (the validation loss on every line, or every
+    fifth): the training loss's step history fills on quiet lines too, and its fall
+    decides beside the headline's when a bin opens."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    t = np.arange(n, dtype=float)
+    val = 1.95 + 0.25 * np.exp(-t / 200) + 0.1 * np.clip(t - 800, 0, None) / n * (seed % 2)
+    train = (1.0 + 1.2 * np.exp(-t / rng.uniform(300, 3000))) * np.exp(0.02 * rng.standard_normal(n))
+    steps = np.cumsum(rng.choice([1, 1, 1, 5], n)).tolist()
+    rows: list[dict[str, float]] = []
+    for i in range(n):
+        row = {"train_loss": float(train[i])}
+        if seed < 2 or i % 5 == 0:
+            row["val_loss"] = float(val[i])
+        rows.append(row)
+    check_same(steps, rows, ["train_loss", "val_loss"], rng)
+
+
 def test_working_scale_list_is_working_scale_bit_for_bit() -> None:
     from detector.core.series import working_scale, working_scale_list
 

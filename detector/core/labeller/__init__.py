@@ -209,10 +209,11 @@ class PhaseLabeller:
             events += gen.update(step, val_acc, val_loss, self.first_step, r.val_acc, r.val_loss, timeline)
         elif loss_name is not None and self.excursions.quiet:
             headline = val_loss if r.val_loss else train_loss
-            if headline is not None:
+            training = train_loss if r.val_loss else None
+            if headline is not None or training is not None:
                 events += self.loss_only.update(step, headline, self.first_step,
                                                 r.val_loss or r.train_loss or loss_name, timeline,
-                                                self.excursions.last_start)
+                                                self.excursions.last_start, training)
         return events
 
     def _training_holds(self) -> bool:
@@ -343,6 +344,8 @@ class PhaseLabeller:
                 steps, val_acc, cols.val_acc.present, holds, start, stop, commit=False)
         collapsed = self.timeline.collapsed
         gen, headline = self.generalisation, cols.val_loss if r.val_loss else cols.train_loss
+        # The training loss beside a validation headline (LossOnlyPhases.training).
+        train_ys = cols.train_loss.ws if r.val_loss and not r.val_acc else None
         stabilised = self.timeline.phase is Phase.STABILIZATION
         if not collapsed and stop > start:
             stop = start + gen.memorisation_quiet(train_acc, cols.train_acc.present, cols.train_loss.values,
@@ -355,7 +358,7 @@ class PhaseLabeller:
                                              commit=False)
             elif loss_name is not None and self.excursions.quiet:
                 stop = start + self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present,
-                                                        start, stop, commit=False)
+                                                        start, stop, commit=False, train_ys=train_ys)
         if stop <= start:
             return 0
         # Every part takes the same stretch.
@@ -375,7 +378,8 @@ class PhaseLabeller:
                 gen.quiet_run(steps, val_acc, cols.val_acc.present, val_ws, cols.val_loss.present,
                               self.first_step, stabilised, start, stop)
             elif loss_name is not None and self.excursions.quiet:
-                self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present, start, stop)
+                self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present, start, stop,
+                                         train_ys=train_ys)
         return stop - start
 
     def _train_recent(self, train_acc: np.ndarray, present: np.ndarray, start: int,

@@ -756,17 +756,24 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
 
 
 @_jit
-def loss_only_quiet(steps, values, ys, present, start, stop, bin_sum, bin_count, has_last, last, gap, bins,
-                    bin_start, width):  # pragma: no cover - compiled
+def loss_only_quiet(steps, values, ys, present, train_ys, start, stop, t_starts, t_sums, t_counts, bin_sum,
+                    bin_count, has_last, last, gap, t_bins, t_width, bins, bin_start, width,
+                    capacity):  # pragma: no cover - compiled
     """``LossOnlyPhases.update`` while the loss opens no step bin (where the phase is
-    decided). Returns the lines taken and the state after them."""
+    decided): ``train_ys`` the training loss's working scale (NaN where absent or
+    not finite) goes into its history ``t_*`` (``t_bins`` bins, in place). Returns
+    the lines taken and the state after them."""
     for i in range(start, stop):
-        if not present[i] or not math.isfinite(values[i]):
-            continue
         step = steps[i]
-        if not (bins > 0 and step < bin_start + width):
-            return i - start, bin_sum, bin_count, has_last, last, gap
+        headline = present[i] and math.isfinite(values[i])
+        if headline and not (bins > 0 and step < bin_start + width):
+            return (i - start, bin_sum, bin_count, has_last, last, gap, t_bins, t_width)
+        if not math.isnan(train_ys[i]):
+            _, t_bins, t_width = _history_add(t_starts, t_sums, t_counts, t_bins, t_width, capacity, step,
+                                              train_ys[i])
+        if not headline:
+            continue
         has_last, last, gap = _see(has_last, last, gap, step)
         bin_sum += ys[i]
         bin_count += 1
-    return stop - start, bin_sum, bin_count, has_last, last, gap
+    return stop - start, bin_sum, bin_count, has_last, last, gap, t_bins, t_width
