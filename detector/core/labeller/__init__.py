@@ -345,7 +345,7 @@ class PhaseLabeller:
         collapsed = self.timeline.collapsed
         gen, headline = self.generalisation, cols.val_loss if r.val_loss else cols.train_loss
         # The training loss beside a validation headline (LossOnlyPhases.training).
-        train_ys = cols.train_loss.ws if r.val_loss and not r.val_acc else None
+        train_ys = cols.train_loss.ws if r.val_loss and r.train_loss and not r.val_acc else None
         stabilised = self.timeline.phase is Phase.STABILIZATION
         if not collapsed and stop > start:
             stop = start + gen.memorisation_quiet(train_acc, cols.train_acc.present, cols.train_loss.values,

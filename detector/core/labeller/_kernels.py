@@ -232,6 +232,12 @@ def _recovering(y, peak, ref, thr, left, step, began, horizon, extension):  # pr
 
 
 @_jit
+def _back_since(has_last, last, gap, step):  # pragma: no cover - compiled
+    """``LossExcursions._back_since``: halfway from the line before ``step``."""
+    return step - _see(has_last, last, gap, step)[2] // 2
+
+
+@_jit
 def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_value, last_y, has_back,
                           back_at, has_last, last, gap, first, in_collapse, began, ref, ref_value, thr, bound,
                           horizon, settle, back_fraction, slack, left,
@@ -260,8 +266,7 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
                                              back_fraction, slack if has_back else 0.0):
                 has_back = False
             else:
-                late = (step - last if has_last and step > last else gap) // 2  # LossExcursions._back_since
-                since = back_at if has_back else step - late
+                since = back_at if has_back else _back_since(has_last, last, gap, step)
                 if step - since >= horizon:
                     taken = i - start
                     break  # the collapse ends
@@ -293,8 +298,7 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
             if settle <= 0:
                 taken = i - start
                 break  # a spike at once
-            # LossExcursions._back_since: halfway from the line before.
-            new_has_back, new_back_at = True, step - (step - last if has_last and step > last else gap) // 2
+            new_has_back, new_back_at = True, _back_since(has_last, last, gap, step)
         elif step - began >= horizon and not _recovering(y, new_peak, ref, thr, left, step, began, horizon,
                                                          extension):
             taken = i - start
@@ -756,19 +760,20 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
 
 
 @_jit
-def loss_only_quiet(steps, values, ys, present, train_ys, start, stop, t_starts, t_sums, t_counts, bin_sum,
-                    bin_count, has_last, last, gap, t_bins, t_width, bins, bin_start, width,
+def loss_only_quiet(steps, values, ys, present, train_ys, with_train, start, stop, t_starts, t_sums, t_counts,
+                    bin_sum, bin_count, has_last, last, gap, t_bins, t_width, bins, bin_start, width,
                     capacity):  # pragma: no cover - compiled
     """``LossOnlyPhases.update`` while the loss opens no step bin (where the phase is
-    decided): ``train_ys`` the training loss's working scale (NaN where absent or
-    not finite) goes into its history ``t_*`` (``t_bins`` bins, in place). Returns
-    the lines taken and the state after them."""
+    decided): with ``with_train``, ``train_ys`` the training loss's working scale
+    (NaN where absent or not finite) goes into its history ``t_*`` (``t_bins``
+    bins, in place; not read otherwise). Returns the lines taken and the state
+    after them."""
     for i in range(start, stop):
         step = steps[i]
         headline = present[i] and math.isfinite(values[i])
         if headline and not (bins > 0 and step < bin_start + width):
             return (i - start, bin_sum, bin_count, has_last, last, gap, t_bins, t_width)
-        if not math.isnan(train_ys[i]):
+        if with_train and not math.isnan(train_ys[i]):
             _, t_bins, t_width = _history_add(t_starts, t_sums, t_counts, t_bins, t_width, capacity, step,
                                               train_ys[i])
         if not headline:

@@ -19,7 +19,7 @@ from detector.core.labeller.rules._common import (
 )
 from detector.core.labeller.timeline import Timeline, make_event
 from detector.core.series import working_scale
-from detector.core.trend import mann_kendall
+from detector.core.trend import TrendResult, mann_kendall
 from detector.core.types import Event, EventKind, Phase, Role
 
 _LOWS = _k.LOWS  # suffix minima kept for the stable stretch's start
@@ -729,23 +729,14 @@ class Generalisation(_Plain):
         assert self.progress is not None  # set at memorisation
         if not self.progress.add(step, working_scale(Role.LOSS, val_loss)):
             return []
-        found = self._progress_trend(self.progress, step, first_step)
-        if found is None:
-            return []
-        trend, change, since = found
-        self.hidden_progress_at = step
-        return [make_event(
-            step, step, EventKind.HIDDEN_PROGRESS, series or "", min(1.0, 1 - trend.p_value),
-            f"{series} has fallen {-change:.2f} decades since step {since} while "
-            "held-out accuracy has not risen yet: a transition may be coming",
-            {"test": trend.test, "tau": f"{trend.statistic:.4g}", "p_value": f"{trend.p_value:.3g}",
-             "change_decades": f"{change:.4g}", "since_step": str(since), "bins": str(len(self.progress))},
-        )]
+        return self._warning(self.progress, step, first_step, series or "",
+                             "{series} has fallen {change:.2f} decades since step {since} while held-out "
+                             "accuracy has not risen yet: a transition may be coming", 1.0, {})
 
     def _hidden_progress_in_accuracy(self, step: int, val_acc: float, first_step: int,
                                      series: str) -> list[Event]:
-        assert self.acc_progress is not None  # set at memorisation
         history = self.acc_progress
+        assert history is not None  # set at memorisation
         if not history.add(step, -math.log10(val_acc)) or not self.val_first:
             return []
         # Progress is doing better than the untrained model (its first value, chance):
@@ -753,23 +744,34 @@ class Generalisation(_Plain):
         # drift back up is not yet generalisation.
         if 10 ** -(history.sums[-1] / history.counts[-1]) <= self.val_first[0]:
             return []
+        return self._warning(history, step, first_step, series,
+                             "{series} has risen {change:.2f} decades since step {since} and is still "
+                             "near its early level: a transition may be coming", -1.0,
+                             {"measure": "accuracy"})
+
+    def _warning(self, history: StepHistory, step: int, first_step: int, series: str, text: str,
+                 sign: float, evidence: dict[str, str]) -> list[Event]:
+        """The HIDDEN_PROGRESS event where ``history`` shows progress (see
+        :meth:`_progress_trend`; ``text`` formatted with the series, the size of the
+        change in decades and the step it started; the evidence's change is the
+        measure's own, ``sign`` times the history's), marked found; else none."""
         found = self._progress_trend(history, step, first_step)
         if found is None:
             return []
-        trend, change, since = found
+        trend, change, since, bins = found
         self.hidden_progress_at = step
         return [make_event(
             step, step, EventKind.HIDDEN_PROGRESS, series, min(1.0, 1 - trend.p_value),
-            f"{series} has risen {-change:.2f} decades since step {since} and is still near its early "
-            "level: a transition may be coming",
+            text.format(series=series, change=-change, since=since),
             {"test": trend.test, "tau": f"{trend.statistic:.4g}", "p_value": f"{trend.p_value:.3g}",
-             "change_decades": f"{-change:.4g}", "since_step": str(since),
-             "bins": str(len(history)), "measure": "accuracy"},
+             "change_decades": f"{sign * change:.4g}", "since_step": str(since), "bins": str(bins),
+             **evidence},
         )]
 
-    def _progress_trend(self, history: StepHistory, step: int, first_step: int):
-        """(trend, change in decades, step it started) where ``history``, a
-        quantity that falls with progress, shows hidden progress at the bin that
+    def _progress_trend(self, history: StepHistory, step: int,
+                        first_step: int) -> tuple[TrendResult, float, int, int] | None:
+        """(trend, change in decades, step it started, bins in it) where ``history``,
+        a quantity that falls with progress, shows hidden progress at the bin that
         just opened, else None. O(bins)."""
         c = self.config
         assert self.memorised_at is not None  # histories start at memorisation
@@ -803,4 +805,4 @@ class Generalisation(_Plain):
         if self.val_base is not None and self.val_recent and \
                 self.val_recent[-1] >= self.val_base + c.onset_rise:
             return None
-        return trend, change, history.starts[peak]
+        return trend, change, history.starts[peak], len(tail)

@@ -116,10 +116,9 @@ class LossOnlyPhases(_Plain):
         if stop <= start:
             return 0
         quiet = self._quiet if self._quiet is not None else self._make_quiet()
-        train = train_ys if train_ys is not None else _NO_TRAINING
-        if len(train) < len(steps):  # no training loss: NaN on every line
-            train = np.full(len(steps), np.nan)
-        return quiet.run((steps, values, ys, present, train), start, stop, commit)
+        # Without a training loss the kernel reads no train_ys: ys stands in for it.
+        train = (ys, False) if train_ys is None else (train_ys, True)
+        return quiet.run((steps, values, ys, present, *train), start, stop, commit)
 
     def _make_quiet(self) -> Quiet:
         """The compiled loop's state (:class:`Quiet`): the newest bin's sum and count
@@ -151,9 +150,6 @@ class LossOnlyPhases(_Plain):
         training = self.training
         training.starts, training.sums = t_starts[:t_bins].tolist(), t_sums[:t_bins].tolist()
         training.counts, training.width = t_counts[:t_bins].tolist(), int(t_width)
-
-
-_NO_TRAINING = np.empty(0)
 
 
 def _halves(history: StepHistory, step: int, look_back: float) -> tuple[float, np.ndarray, float] | None:
