@@ -204,9 +204,10 @@ class PhaseLabeller:
                 step, val_acc, self._training_holds(), r.val_acc, timeline)
         if timeline.collapsed:
             return events
-        gen.memorisation(step, train_acc, train_loss, self.excursions.first)
+        gen.memorisation(step, train_acc, train_loss, self.excursions.first, self.first_step)
         if r.val_acc:
-            events += gen.update(step, val_acc, val_loss, self.first_step, r.val_acc, r.val_loss, timeline)
+            events += gen.update(step, val_acc, val_loss, self.first_step, r.val_acc, r.val_loss, timeline,
+                                 steady=self.excursions.quiet)
         elif loss_name is not None and self.excursions.quiet:
             headline = val_loss if r.val_loss else train_loss
             training = train_loss if r.val_loss else None
@@ -347,15 +348,17 @@ class PhaseLabeller:
         # The training loss beside a validation headline (LossOnlyPhases.training).
         train_ys = cols.train_loss.ws if r.val_loss and r.train_loss and not r.val_acc else None
         stabilised = self.timeline.phase is Phase.STABILIZATION
+        steady = self.excursions.quiet  # the same on every line of the stretch (none opens or ends)
         if not collapsed and stop > start:
-            stop = start + gen.memorisation_quiet(train_acc, cols.train_acc.present, cols.train_loss.values,
-                                                  cols.train_loss.present, self.excursions.first, start, stop)
+            stop = start + gen.memorisation_quiet(steps, train_acc, cols.train_acc.present,
+                                                  cols.train_loss.values, cols.train_loss.present,
+                                                  self.excursions.first, start, stop)
             # The held-out loss's working scale is read only while hidden progress is looked for.
             val_ws = cols.val_loss.ws if gen.progressing else cols.val_loss.values
             if r.val_acc:
                 stop = start + gen.quiet_run(steps, val_acc, cols.val_acc.present, val_ws,
                                              cols.val_loss.present, self.first_step, stabilised, start, stop,
-                                             commit=False)
+                                             commit=False, steady=steady)
             elif loss_name is not None and self.excursions.quiet:
                 stop = start + self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present,
                                                         start, stop, commit=False, train_ys=train_ys)
@@ -374,9 +377,10 @@ class PhaseLabeller:
             assert holds is not None  # counted above: the held-out accuracy's stretch was scanned
             self.generalisation_collapse.quiet_run(steps, val_acc, cols.val_acc.present, holds, start, stop)
         if not collapsed:
+            gen.memorisation_take(train_acc, cols.train_acc.present, start, stop)
             if r.val_acc:
                 gen.quiet_run(steps, val_acc, cols.val_acc.present, val_ws, cols.val_loss.present,
-                              self.first_step, stabilised, start, stop)
+                              self.first_step, stabilised, start, stop, steady=steady)
             elif loss_name is not None and self.excursions.quiet:
                 self.loss_only.quiet_run(steps, headline.values, headline.ws, headline.present, start, stop,
                                          train_ys=train_ys)

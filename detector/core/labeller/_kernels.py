@@ -402,13 +402,18 @@ def generalisation_collapse_open_quiet(steps, values, present, start, stop, low,
 
 @_jit
 def memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop, first_loss,
-                       fitted_accuracy, fitted_loss_fraction):  # pragma: no cover - compiled
+                       fitted_accuracy, fitted_loss_fraction, steps,
+                       steps_opening):  # pragma: no cover - compiled
     """``Generalisation.memorisation`` before memorisation: the lines before the
-    first that fits (which changes state)."""
+    first that fits or, with a finite training accuracy at a step from
+    ``steps_opening`` on (−1: any), opens a bin of its history (either changes
+    more than the newest bin)."""
     for i in range(start, stop):
         loss = train_loss[i]
         if acc_present[i]:
             acc = train_acc[i]
+            if math.isfinite(acc) and (steps_opening < 0 or steps[i] >= steps_opening):
+                return i - start
             loss_ok = (not loss_present[i] or not math.isfinite(loss) or math.isnan(first_loss)
                        or loss <= 0.5 * first_loss)
             fitted = math.isfinite(acc) and acc >= fitted_accuracy and loss_ok
@@ -578,13 +583,14 @@ def _take_history_line(starts, sums, counts, t_starts, t_sums, t_counts, bins, w
 
 
 @_jit
-def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, start, stop,
+def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, steady,
+                         start, stop,
                          starts, sums, counts, recent, window, lows_step, lows_value, lows_next, highs_step,
                          highs_value, highs_next, a_starts, a_sums, a_counts, bins, width, a_bins, a_width,
                          has_last, last, gap, recent_n, window_n, curv_near, curv_wide, noise, val_step,
                          val_fall, has_above, above, best, lows_n, has_floor, floor, highs_n, has_hfloor,
                          hfloor, gate_first, has_onset, onset, has_complete, has_base, base, progressing,
-                         memorised_at, has_memorised, has_first, first_acc,
+                         memorised_at, has_memorised, has_level, level_at, has_first, first_acc,
                          stable_best, onset_rise, grokked, min_intervals, stable_tolerance, stable_fraction,
                          capacity, delay, min_bins, min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
@@ -649,9 +655,9 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
             new_recent_n = recent_n + 1
         # The three-line median is the level at the middle line (Generalisation.level_step).
         level_step = last if new_recent_n == 3 and has_last else step
-        new_window_n = window_n + 1 if window_n < 7 else 7
+        new_window_n = (window_n + 1 if window_n < 7 else 7) if steady else window_n
         new_step, new_fall = val_step, val_fall
-        if window_n > 0:
+        if window_n > 0 and steady:
             change = abs(value - window[window_n - 1])
             if change > 0 and (new_step == 0 or change < new_step):
                 new_step = change
@@ -659,7 +665,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
             if math.isfinite(fall):
                 new_fall += ((fall if fall > 0 else 0.0) - new_fall) / 10
         new_near, new_wide, new_noise = curv_near, curv_wide, noise
-        if new_window_n == 7:
+        if new_window_n == 7 and steady:
             off = 1 if window_n == 7 else 0
             v0, v2, v3 = window[off], window[off + 2], window[off + 3]
             v4, v5, v6 = window[off + 4], window[off + 5], value
@@ -720,7 +726,13 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                     if new_best >= grokked:
                         span = stable_fraction * (since - onset)
                     else:
-                        fitted = (memorised_at if has_memorised else step) - first_step
+                        # Generalisation._fitted
+                        if has_memorised:
+                            fitted = memorised_at - first_step
+                        elif has_level:
+                            fitted = level_at - first_step
+                        else:
+                            fitted = step - first_step
                         early = since - first_step
                         span = 4 * stable_fraction * (early if early > fitted else fitted)
                     lines = (min_intervals - 0.5) * new_gap
@@ -741,7 +753,9 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                                              a_bins, a_width, a_opened, a_new_bins, a_new_width, add_acc, a_y)
         has_last, last, gap = True, new_last, new_gap
         recent_n = new_recent_n
-        if window_n == 7:
+        if not steady:
+            pass  # a loss spike's line: not the held-out accuracy's noise (Generalisation.update)
+        elif window_n == 7:
             for j in range(6):
                 window[j] = window[j + 1]
             window[6] = value

@@ -67,7 +67,10 @@ class LabellerConfig:
       since generalisation began (before it has reached ``grokked_accuracy``, as
       long as the run took to get there and as memorisation took: a slow creep
       must stop for longer, and a dense log's plateaus of a few steps before the
-      training metric has fitted are not stabilisation).
+      training metric has fitted are not stabilisation); a training accuracy that
+      never fits (label noise) has fitted where it levelled off (it surely rose
+      less than ``stable_tolerance`` over the last ``settle_fraction`` of the run,
+      at least ``grokking_min_delay_steps``).
     * ``progress_*``: hidden progress = after memorisation, the held-out loss
       (or the held-out accuracy, risen above its untrained level, in decades)
       falls (rises) by ``progress_min_change`` decades from its post-memorisation peak

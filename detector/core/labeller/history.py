@@ -4,7 +4,8 @@
   were not part of an excursion) and its typical line-to-line change.
 * :class:`StepHistory`: the series' means over bins of steps, at most a fixed
   number of bins since a start; bins lie on a grid of steps that widens as the
-  run grows, the same whatever the logging cadence.
+  run grows, the same whatever the logging cadence;
+  :func:`halves` reads how far it fell over a look-back, and how surely.
 
 Both are plain data (``state()`` / ``from_state()`` give and take dicts of
 numbers and lists).
@@ -216,3 +217,22 @@ class StepHistory:
             list(state["starts"]), list(state["sums"]), list(state["counts"]))
         return history
 
+
+def halves(history: StepHistory, step: int, look_back: float) -> tuple[float, np.ndarray, float] | None:
+    """Twice the difference of the medians of ``history``'s bin means over the older
+    and the newer half of the ``look_back`` steps before ``step`` (its fall over the
+    look-back, in the history's units: decades for a loss), the newer half's means,
+    and the fall's standard error (each median's: 1.25 σ / √n, σ from the half's
+    median absolute deviation); None with fewer than two bins in either half (so
+    neither noise nor a spike flips the phase). O(bins)."""
+    starts = np.asarray(history.starts)
+    means = history.means()
+    older = (starts >= step - look_back) & (starts < step - look_back / 2)
+    newer = starts >= step - look_back / 2
+    if older.sum() < 2 or newer.sum() < 2:
+        return None
+    old, new = means[older], means[newer]
+    centre_old, centre_new = float(np.median(old)), float(np.median(new))
+    spread = sum((1.2533 * 1.4826 * float(np.median(np.abs(x - m)))) ** 2 / len(x)
+                 for x, m in ((old, centre_old), (new, centre_new)))
+    return 2 * (centre_old - centre_new), new, 2 * math.sqrt(spread)

@@ -8,7 +8,7 @@ import numpy as np
 
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
-from detector.core.labeller.history import Band, StepHistory
+from detector.core.labeller.history import Band, StepHistory, halves
 from detector.core.labeller.rules._common import (
     GENERALISATION,
     Interval,
@@ -299,15 +299,21 @@ class Generalisation(_Plain):
       log), and lasts
       ``stable_fraction`` of the steps since onset (before it reaches
       ``grokked_accuracy``: as long as the run took to get there, and not before
-      the training metric has fitted, for as long as that took); a later
-      rise of twice the tolerance is abstraction again.
+      the training metric has fitted, for as long as that took; a training
+      accuracy that never fits counts as fitted where it levelled off: over the
+      last ``settle_fraction`` of the run, at least ``grokking_min_delay_steps``,
+      its step history surely rose less than ``stable_tolerance``); a later
+      rise of twice the tolerance is abstraction again. The held-out accuracy's
+      noise is measured on lines without an open loss excursion (a spike drags
+      it down for a line or two: not noise).
     """
 
     _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "val_low", "above_since", "onset_at",
                "complete_at", "best", "stable_since", "stable_best",
                "hidden_progress_at", "val_noise", "val_step", "val_fall", "val_window", "curv_near",
-               "curv_wide", "lows", "lows_floor", "highs", "highs_floor")
-    _NESTED = {"val_interval": Interval, "progress": StepHistory, "acc_progress": StepHistory}
+               "curv_wide", "lows", "lows_floor", "highs", "highs_floor", "train_level_at")
+    _NESTED = {"val_interval": Interval, "progress": StepHistory, "acc_progress": StepHistory,
+               "train_history": StepHistory}
 
     def __init__(self, config: LabellerConfig) -> None:
         self.config = config
@@ -350,12 +356,22 @@ class Generalisation(_Plain):
         # chance while its loss still rises (confident wrong answers).
         self.acc_progress: StepHistory | None = None
         self.level_step = 0  # the step the newest three-line median stands for (set each line)
+        # Before memorisation, the training accuracy's step history (negated: its
+        # rises are the history's falls) and where it had levelled off (the start of
+        # a look-back over which it surely rose less than stable_tolerance; None while
+        # it has not): a training metric that never fits (label noise, a large data
+        # set) has fitted as far as it will.
+        self.train_history = StepHistory(config.history_bins)
+        self.train_level_at: int | None = None
 
     def load(self, state: dict) -> None:
         if "val_step" not in state:  # a checkpoint from before it was kept
             state = {**state, "val_step": 0.0}
         if "highs" not in state:  # from before they were kept: the stretch starts anew
             state = {**state, "highs": [], "highs_floor": None}
+        if "train_history" not in state:  # from before it was kept: it starts now
+            state = {**state, "train_history": StepHistory(self.config.history_bins).state(),
+                     "train_level_at": None}
         if "val_low" not in state:  # from before it was kept: the early level as it was
             state = {**state, "val_low": state["val_base"]}
         if "val_fall" not in state:  # from before it was kept: as if it had measured the same noise
@@ -380,6 +396,7 @@ class Generalisation(_Plain):
     def scale(self, factor: float) -> None:
         self.release()
         self.val_first = [v * factor for v in self.val_first]
+        self.train_history.sums = [total * factor for total in self.train_history.sums]
         if self.acc_progress is not None and factor > 0:
             shift = -math.log10(factor)  # its values are -log10 of the accuracy
             self.acc_progress.sums = [total + shift * count for total, count in
@@ -401,12 +418,14 @@ class Generalisation(_Plain):
         self.curv_wide *= factor * factor
 
     def memorisation(self, step: int, train_acc: float | None, train_loss: float | None,
-                     first_loss: float) -> None:
+                     first_loss: float, first_step: int = 0) -> None:
         if self.memorised_at is not None:
             return
         if self._quiet is not None:
             self.release()
         c = self.config
+        if train_acc is not None and math.isfinite(train_acc) and self.train_history.add(step, -train_acc):
+            self.train_level_at = self._levelled(step, first_step)
         if train_acc is not None:
             loss_ok = (train_loss is None or not math.isfinite(train_loss) or math.isnan(first_loss)
                        or train_loss <= 0.5 * first_loss)
@@ -422,21 +441,72 @@ class Generalisation(_Plain):
                 base = _median(self.val_recent)
                 self.val_base = base if self.val_base is None else min(self.val_base, base)
 
-    def memorisation_quiet(self, train_acc: np.ndarray, acc_present: np.ndarray, train_loss: np.ndarray,
-                           loss_present: np.ndarray, first_loss: float, start: int, stop: int) -> int:
-        """How many of lines ``start:stop`` :meth:`memorisation` takes without a change:
-        all once memorised, else those before the first line that fits (the
-        accuracy as a fraction, ``first_loss`` the headline loss's first value, the
-        same on all of them). Changes nothing. O(lines)."""
+    def memorisation_quiet(self, steps: np.ndarray, train_acc: np.ndarray, acc_present: np.ndarray,
+                           train_loss: np.ndarray, loss_present: np.ndarray, first_loss: float, start: int,
+                           stop: int) -> int:
+        """How many of lines ``start:stop`` :meth:`memorisation` takes without a change
+        but to the training accuracy's newest bin (:meth:`memorisation_take`): all
+        once memorised, else those before the first line that fits or opens a bin
+        of its history (the accuracy as a fraction, ``first_loss`` the headline
+        loss's first value, the same on all of them). Changes nothing. O(lines)."""
         if self.memorised_at is not None:
             return stop - start
         c = self.config
+        history = self.train_history
+        opens = history.starts[-1] + max(history.width, 1) if history.starts else -1
         return _k.memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop,
                                      float(first_loss), float(c.fitted_accuracy),
-                                     float(c.fitted_loss_fraction))
+                                     float(c.fitted_loss_fraction), steps, int(opens))
+
+    def memorisation_take(self, train_acc: np.ndarray, acc_present: np.ndarray, start: int,
+                          stop: int) -> None:
+        """Lines ``start:stop`` that :meth:`memorisation_quiet` took: their finite
+        training accuracies go into the history's newest bin. O(lines)."""
+        if self.memorised_at is not None or stop <= start:
+            return
+        values = train_acc[start:stop][acc_present[start:stop]]
+        values = values[np.isfinite(values)]
+        if len(values):
+            # Added one at a time, as the per-line path does (np.sum pairs them up
+            # and rounds differently).
+            history = self.train_history
+            history.sums[-1] = float(np.cumsum(np.concatenate(([history.sums[-1]], -values)))[-1])
+            history.counts[-1] += len(values)
+
+    def _levelled(self, step: int, first_step: int) -> int | None:
+        """Where the training accuracy had levelled off, judged at ``step``: the start of
+        a look-back of ``settle_fraction`` of the run (at least
+        ``grokking_min_delay_steps``, the labels' shortest time scale: logged every
+        step, an accuracy that jumps to 0.35 in three steps and holds for thirteen has
+        not levelled off) over which it surely rose less than ``stable_tolerance``
+        (its rise plus two standard errors, :func:`halves`); None if it has not.
+        O(history_bins)."""
+        c = self.config
+        look_back = c.settle_fraction * (step - first_step)
+        if look_back < c.grokking_min_delay_steps:
+            return None
+        found = halves(self.train_history, step, look_back)
+        if found is None:
+            return None
+        rise, _, error = found
+        return int(step - look_back) if rise + 2 * error < c.stable_tolerance else None
+
+    def _fitted(self, step: int, first_step: int) -> int:
+        """The steps the training metric took to fit (memorise), or to level off below
+        that (:meth:`_levelled`); until then the steps so far (no stretch before it
+        is long enough)."""
+        if self.memorised_at is not None:
+            return self.memorised_at - first_step
+        if self.train_level_at is not None:
+            return self.train_level_at - first_step
+        return step - first_step
 
     def update(self, step: int, val_acc: float | None, val_loss: float | None, first_step: int,
-               series: str, loss_series: str | None, timeline: Timeline) -> list[Event]:
+               series: str, loss_series: str | None, timeline: Timeline, steady: bool = True) -> list[Event]:
+        """One line. ``steady``: no excursion of the training loss is open (a loss spike
+        drags the held-out accuracy down for a line or two: not its noise, which a
+        log of every 50 steps, seeing one spiked line in six, would read as 0.1 and
+        call anything within 0.5 of the best stable)."""
         if self._quiet is not None:
             self.release()
         events: list[Event] = []
@@ -471,15 +541,16 @@ class Generalisation(_Plain):
             # first line already memorised would otherwise keep chance as its level.
             low = min(low, _median(self.val_recent))
         self.val_low = low
-        if self.val_window:
+        if self.val_window and steady:
             change = abs(val_acc - self.val_window[-1])
             if change > 0 and (self.val_step == 0 or change < self.val_step):
                 self.val_step = change
             fall = self.val_window[-1] - val_acc
             if math.isfinite(fall):
                 self.val_fall += ((fall if fall > 0 else 0.0) - self.val_fall) / 10
-        self.val_window = [*self.val_window[-6:], val_acc]
-        if len(self.val_window) == 7:
+        if steady:
+            self.val_window = [*self.val_window[-6:], val_acc]
+        if len(self.val_window) == 7 and steady:
             # Third differences ignore a steady rise and a steady bend. Over one
             # interval g they hold 20 σ² of noise plus (f''' g³)² of the curve's change
             # of bend; over 2 g the same noise and 64 times that: (64 near - wide) /
@@ -517,7 +588,7 @@ class Generalisation(_Plain):
 
     def quiet_run(self, steps: np.ndarray, acc: np.ndarray, acc_present: np.ndarray, loss_ws: np.ndarray,
                   loss_present: np.ndarray, first_step: int, stabilised: bool, start: int, stop: int,
-                  commit: bool = True) -> int:
+                  commit: bool = True, steady: bool = True) -> int:
         """:meth:`update` on lines ``start:stop`` while it only moves its state: the
         held-out loss adds to the hidden-progress history (or is not read) where
         no Mann–Kendall test could find progress (a bin that opens before
@@ -536,7 +607,7 @@ class Generalisation(_Plain):
         if stop <= start:
             return 0
         quiet = self._quiet if self._quiet is not None else self._make_quiet()
-        block = (steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised)
+        block = (steps, acc, acc_present, loss_ws, loss_present, first_step, stabilised, steady)
         return quiet.run(block, start, stop, commit)
 
     def _make_quiet(self) -> Quiet:
@@ -579,6 +650,7 @@ class Generalisation(_Plain):
              self.onset_at is not None, _int(self.onset_at), self.complete_at is not None,
              self._early_level() is not None, _float(self._early_level()), progressing,
              _int(self.memorised_at), self.memorised_at is not None,
+             self.train_level_at is not None, _int(self.train_level_at),
              bool(self.val_first), float(self.val_first[0]) if self.val_first else 0.0,
              float(self.stable_best), float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals,
              float(c.stable_tolerance), float(c.stable_fraction), c.history_bins, c.grokking_min_delay_steps,
@@ -678,8 +750,7 @@ class Generalisation(_Plain):
             # ... and at least as long as memorisation took: before the training
             # metric has fitted, the time so far is no time scale (a dense log sees
             # plateaus of a few steps early on that a sparse one never shows).
-            fitted = (self.memorised_at if self.memorised_at is not None else step) - first_step
-            span = 4 * c.stable_fraction * max(since - first_step, fitted)
+            span = 4 * c.stable_fraction * max(since - first_step, self._fitted(step, first_step))
         # At least min_intervals lines in the stretch (it starts half an interval
         # before its first line).
         needed = max((c.min_intervals - 0.5) * self.val_interval.gap, span)

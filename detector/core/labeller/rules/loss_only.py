@@ -9,6 +9,7 @@ import numpy as np
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import StepHistory
+from detector.core.labeller.history import halves as history_halves
 from detector.core.labeller.rules._common import Interval, Quiet, _Plain
 from detector.core.labeller.timeline import Timeline
 from detector.core.series import working_scale
@@ -79,7 +80,7 @@ class LossOnlyPhases(_Plain):
         # The fall over the look-back, from the medians of its two halves' bins
         # (many bins each, so neither noise nor a spike flips the phase): twice
         # their difference.
-        halves = _halves(self.history, step, look_back)
+        halves = history_halves(self.history, step, look_back)
         if halves is None:
             return []
         fall, newest, _ = halves
@@ -87,7 +88,7 @@ class LossOnlyPhases(_Plain):
         # fall plus two standard errors: a minibatch loss is noisy, and a look-back of
         # a few noisy bins proves nothing), falling again only where surely large
         # (less two standard errors); no say with too few bins.
-        training = _halves(self.training, step, look_back) if self.training.starts else None
+        training = history_halves(self.training, step, look_back) if self.training.starts else None
         train_low = train_high = 0.0
         if training is not None:
             train_low, train_high = training[0] - 2 * training[2], training[0] + 2 * training[2]
@@ -150,22 +151,3 @@ class LossOnlyPhases(_Plain):
         training = self.training
         training.starts, training.sums = t_starts[:t_bins].tolist(), t_sums[:t_bins].tolist()
         training.counts, training.width = t_counts[:t_bins].tolist(), int(t_width)
-
-
-def _halves(history: StepHistory, step: int, look_back: float) -> tuple[float, np.ndarray, float] | None:
-    """Twice the difference of the medians of ``history``'s bin means over the older
-    and the newer half of the ``look_back`` steps before ``step`` (its fall, in
-    decades), the newer half's means, and the fall's standard error (each median's:
-    1.25 σ / √n, σ from the half's median absolute deviation); None with fewer than
-    two bins in either half (so neither noise nor a spike flips the phase). O(bins)."""
-    starts = np.asarray(history.starts)
-    means = history.means()
-    older = (starts >= step - look_back) & (starts < step - look_back / 2)
-    newer = starts >= step - look_back / 2
-    if older.sum() < 2 or newer.sum() < 2:
-        return None
-    old, new = means[older], means[newer]
-    centre_old, centre_new = float(np.median(old)), float(np.median(new))
-    spread = sum((1.2533 * 1.4826 * float(np.median(np.abs(x - m)))) ** 2 / len(x)
-                 for x, m in ((old, centre_old), (new, centre_new)))
-    return 2 * (centre_old - centre_new), new, 2 * math.sqrt(spread)
