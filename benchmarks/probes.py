@@ -21,8 +21,11 @@ numbers.
 - ``never_fits``: a classifier whose training accuracy levels off at 0.90
   (label noise: it never reaches ``fitted_accuracy``) and whose validation
   accuracy rises to 0.80 by step ~6 000 and stays there (noise 0.004) to step
-  30 000, logged every 100 steps. Reported: the start of a ``stabilization``
-  segment, if any (``stable from``). A reader calls it stable from ~6 000-8 000.
+  30 000, logged every 100 steps; and the same run without its training
+  accuracy (a Hugging Face Trainer logs ``loss``, ``eval_loss`` and
+  ``eval_accuracy``: only the training loss says the model has stopped
+  fitting). Reported: the start of a ``stabilization`` segment, if any
+  (``stable from``). A reader calls it stable from ~6 000-8 000.
 
 Usage (from the repository root)::
 
@@ -103,8 +106,11 @@ def probe_bump(seed: int, every: int) -> dict:
             "loss_change_points": sum(e["kind"] == "CHANGE_POINT" and e["series"] == "loss" for e in events)}
 
 
-def probe_never_fits(seed: int) -> dict:
-    segments, _, _ = analyze_columns(never_fits(seed), run_id=f"never_fits-{seed}")
+def probe_never_fits(seed: int, train_acc: bool = True) -> dict:
+    columns = never_fits(seed)
+    if not train_acc:
+        del columns["train_acc"]
+    segments, _, _ = analyze_columns(columns, run_id=f"never_fits-{seed}")
     stable = [s["start_step"] for s in segments if s["phase"] == "stabilization"]
     return {"stable_from": stable[0] if stable else None}
 
@@ -131,11 +137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  found {sum(r['cp'] is not None for r in rows)}/{len(rows)}; "
           f"a plateau open through the drop {sum(r['plateau_through'] for r in rows)}/{len(rows)}")
     print("never_fits: stabilization segment (a reader: from ~6000-8000)")
+    print(f"  {'seed':>4s} {'with train_acc':>15s} {'loss only':>10s}")
     for seed in range(args.seeds):
-        row = {"seed": seed, **probe_never_fits(seed)}
+        row = {"seed": seed, **probe_never_fits(seed),
+               "stable_from_without_train_acc": probe_never_fits(seed, train_acc=False)["stable_from"]}
         out["never_fits"].append(row)
-        print(f"  {seed:4d} stable from {_fmt(row['stable_from'])}")
-    print(f"  stabilised {sum(r['stable_from'] is not None for r in out['never_fits'])}/{args.seeds}")
+        without = _fmt(row["stable_from_without_train_acc"])
+        print(f"  {seed:4d} {_fmt(row['stable_from']):>15s} {without:>10s}")
+    rows = out["never_fits"]
+    print(f"  stabilised {sum(r['stable_from'] is not None for r in rows)}/{args.seeds} with the training "
+          f"accuracy, {sum(r['stable_from_without_train_acc'] is not None for r in rows)}/{args.seeds} "
+          "without it")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -407,6 +407,22 @@ def test_a_run_whose_training_accuracy_never_fits_stabilises_once_both_have_leve
         assert len(stable) == 1 and 4000 <= stable[0] <= 8000, (every, results)
 
 
+def test_without_a_training_accuracy_the_training_loss_says_where_it_levelled_off() -> None:
+    # A Hugging Face Trainer's log: training loss, held-out accuracy, no training
+    # accuracy. The loss levels off at 0.35 (never 1 % of its first value: never
+    # "memorised") and held-out accuracy at 0.80: stable, as with the accuracy; while
+    # the loss still falls 5 % every 1 000 steps, not.
+    rng = np.random.default_rng(4)
+    n = 20000
+    steps = np.arange(n)
+    test_acc = np.clip(0.8 - 0.7 * np.exp(-steps / 1500) + 0.004 * rng.standard_normal(n), 0, 1)
+    flat = 0.35 + 1.9 * np.exp(-steps / 1500)
+    for train_loss, stabilises in ((flat, True), (flat * np.exp(-steps / 20000), False)):
+        results = _at_cadences({"train_loss": train_loss, "test_acc": test_acc}, n, (10,))
+        stable = [s for k, s in results[10] if k == "PHASE_CHANGE"][1:]
+        assert (len(stable) == 1 and 4000 <= stable[0] <= 8000) if stabilises else not stable, results
+
+
 def test_loss_spikes_do_not_pass_for_the_held_out_accuracy_s_noise() -> None:
     # A memorised run whose held-out accuracy creeps from 0.60 to 0.75 over 6 000 steps
     # (never stable: 0.15 is fifteen tolerances), with a loss spike every 350 steps

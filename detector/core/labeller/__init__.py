@@ -204,7 +204,8 @@ class PhaseLabeller:
                 step, val_acc, self._training_holds(), r.val_acc, timeline)
         if timeline.collapsed:
             return events
-        gen.memorisation(step, train_acc, train_loss, self.excursions.first, self.first_step)
+        gen.memorisation(step, train_acc, train_loss, self.excursions.first, self.first_step,
+                         by_loss=not r.train_acc)
         if r.val_acc:
             events += gen.update(step, val_acc, val_loss, self.first_step, r.val_acc, r.val_loss, timeline,
                                  steady=self.excursions.quiet)
@@ -352,7 +353,8 @@ class PhaseLabeller:
         if not collapsed and stop > start:
             stop = start + gen.memorisation_quiet(steps, train_acc, cols.train_acc.present,
                                                   cols.train_loss.values, cols.train_loss.present,
-                                                  self.excursions.first, start, stop)
+                                                  self.excursions.first, start, stop, by_loss=not r.train_acc,
+                                                  loss_ws=cols.train_loss.ws if not r.train_acc else None)
             # The held-out loss's working scale is read only while hidden progress is looked for.
             val_ws = cols.val_loss.ws if gen.progressing else cols.val_loss.values
             if r.val_acc:
@@ -377,7 +379,8 @@ class PhaseLabeller:
             assert holds is not None  # counted above: the held-out accuracy's stretch was scanned
             self.generalisation_collapse.quiet_run(steps, val_acc, cols.val_acc.present, holds, start, stop)
         if not collapsed:
-            gen.memorisation_take(train_acc, cols.train_acc.present, start, stop)
+            gen.memorisation_take(train_acc, cols.train_acc.present, start, stop, by_loss=not r.train_acc,
+                                  loss_ws=cols.train_loss.ws if not r.train_acc else None)
             if r.val_acc:
                 gen.quiet_run(steps, val_acc, cols.val_acc.present, val_ws, cols.val_loss.present,
                               self.first_step, stabilised, start, stop, steady=steady)

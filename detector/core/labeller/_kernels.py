@@ -402,18 +402,22 @@ def generalisation_collapse_open_quiet(steps, values, present, start, stop, low,
 
 @_jit
 def memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop, first_loss,
-                       fitted_accuracy, fitted_loss_fraction, steps,
-                       steps_opening):  # pragma: no cover - compiled
+                       fitted_accuracy, fitted_loss_fraction, steps, steps_opening, by_loss,
+                       loss_ws):  # pragma: no cover - compiled
     """``Generalisation.memorisation`` before memorisation: the lines before the
-    first that fits or, with a finite training accuracy at a step from
-    ``steps_opening`` on (−1: any), opens a bin of its history (either changes
-    more than the newest bin)."""
+    first that fits or, with a finite training accuracy (``by_loss``: a training
+    loss, ``loss_ws`` not NaN) at a step from ``steps_opening`` on (−1: any),
+    opens a bin of its history (either changes more than the newest bin)."""
     for i in range(start, stop):
         loss = train_loss[i]
+        if by_loss:
+            if not math.isnan(loss_ws[i]) and (steps_opening < 0 or steps[i] >= steps_opening):
+                return i - start
+        elif acc_present[i] and math.isfinite(train_acc[i]) and (
+                steps_opening < 0 or steps[i] >= steps_opening):
+            return i - start
         if acc_present[i]:
             acc = train_acc[i]
-            if math.isfinite(acc) and (steps_opening < 0 or steps[i] >= steps_opening):
-                return i - start
             loss_ok = (not loss_present[i] or not math.isfinite(loss) or math.isnan(first_loss)
                        or loss <= 0.5 * first_loss)
             fitted = math.isfinite(acc) and acc >= fitted_accuracy and loss_ok

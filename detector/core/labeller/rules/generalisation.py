@@ -311,7 +311,7 @@ class Generalisation(_Plain):
     _FIELDS = ("memorised_at", "val_first", "val_recent", "val_base", "val_low", "above_since", "onset_at",
                "complete_at", "best", "stable_since", "stable_best",
                "hidden_progress_at", "val_noise", "val_step", "val_fall", "val_window", "curv_near",
-               "curv_wide", "lows", "lows_floor", "highs", "highs_floor", "train_level_at")
+               "curv_wide", "lows", "lows_floor", "highs", "highs_floor", "train_level_at", "train_by_loss")
     _NESTED = {"val_interval": Interval, "progress": StepHistory, "acc_progress": StepHistory,
                "train_history": StepHistory}
 
@@ -363,6 +363,9 @@ class Generalisation(_Plain):
         # set) has fitted as far as it will.
         self.train_history = StepHistory(config.history_bins)
         self.train_level_at: int | None = None
+        # What it holds: the training loss (working scale) where the run logs no
+        # training accuracy; None until it holds anything.
+        self.train_by_loss: bool | None = None
 
     def load(self, state: dict) -> None:
         if "val_step" not in state:  # a checkpoint from before it was kept
@@ -371,7 +374,7 @@ class Generalisation(_Plain):
             state = {**state, "highs": [], "highs_floor": None}
         if "train_history" not in state:  # from before it was kept: it starts now
             state = {**state, "train_history": StepHistory(self.config.history_bins).state(),
-                     "train_level_at": None}
+                     "train_level_at": None, "train_by_loss": None}
         if "val_low" not in state:  # from before it was kept: the early level as it was
             state = {**state, "val_low": state["val_base"]}
         if "val_fall" not in state:  # from before it was kept: as if it had measured the same noise
@@ -396,7 +399,8 @@ class Generalisation(_Plain):
     def scale(self, factor: float) -> None:
         self.release()
         self.val_first = [v * factor for v in self.val_first]
-        self.train_history.sums = [total * factor for total in self.train_history.sums]
+        if not self.train_by_loss:
+            self.train_history.sums = [total * factor for total in self.train_history.sums]
         if self.acc_progress is not None and factor > 0:
             shift = -math.log10(factor)  # its values are -log10 of the accuracy
             self.acc_progress.sums = [total + shift * count for total, count in
@@ -418,14 +422,27 @@ class Generalisation(_Plain):
         self.curv_wide *= factor * factor
 
     def memorisation(self, step: int, train_acc: float | None, train_loss: float | None,
-                     first_loss: float, first_step: int = 0) -> None:
+                     first_loss: float, first_step: int = 0, by_loss: bool = False) -> None:
+        """One line's training metrics. ``by_loss``: the run logs no training
+        accuracy, so the training loss tells where it levelled off."""
         if self.memorised_at is not None:
             return
         if self._quiet is not None:
             self.release()
         c = self.config
-        if train_acc is not None and math.isfinite(train_acc) and self.train_history.add(step, -train_acc):
-            self.train_level_at = self._levelled(step, first_step)
+        value = None
+        if by_loss:
+            if train_loss is not None and math.isfinite(train_loss):
+                value = working_scale(Role.LOSS, train_loss)
+        elif train_acc is not None and math.isfinite(train_acc):
+            value = -train_acc  # its rises are the history's falls, as a loss's
+        if value is not None:
+            if self.train_by_loss is not by_loss:
+                if self.train_by_loss is not None:  # a training accuracy appeared: start again on it
+                    self.train_history, self.train_level_at = StepHistory(c.history_bins), None
+                self.train_by_loss = by_loss
+            if self.train_history.add(step, value):
+                self.train_level_at = self._levelled(step, first_step)
         if train_acc is not None:
             loss_ok = (train_loss is None or not math.isfinite(train_loss) or math.isnan(first_loss)
                        or train_loss <= 0.5 * first_loss)
@@ -443,34 +460,45 @@ class Generalisation(_Plain):
 
     def memorisation_quiet(self, steps: np.ndarray, train_acc: np.ndarray, acc_present: np.ndarray,
                            train_loss: np.ndarray, loss_present: np.ndarray, first_loss: float, start: int,
-                           stop: int) -> int:
+                           stop: int, by_loss: bool = False, loss_ws: np.ndarray | None = None) -> int:
         """How many of lines ``start:stop`` :meth:`memorisation` takes without a change
-        but to the training accuracy's newest bin (:meth:`memorisation_take`): all
+        but to the training metric's newest bin (:meth:`memorisation_take`): all
         once memorised, else those before the first line that fits or opens a bin
         of its history (the accuracy as a fraction, ``first_loss`` the headline
-        loss's first value, the same on all of them). Changes nothing. O(lines)."""
+        loss's first value, the same on all of them; ``loss_ws`` the training loss's
+        working scale, NaN where absent or not finite, read with ``by_loss``).
+        Changes nothing. O(lines)."""
         if self.memorised_at is not None:
             return stop - start
+        if self.train_by_loss is not None and self.train_by_loss is not by_loss:
+            return 0  # its history starts again on the per-line path
         c = self.config
         history = self.train_history
         opens = history.starts[-1] + max(history.width, 1) if history.starts else -1
         return _k.memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop,
                                      float(first_loss), float(c.fitted_accuracy),
-                                     float(c.fitted_loss_fraction), steps, int(opens))
+                                     float(c.fitted_loss_fraction), steps, int(opens), by_loss,
+                                     train_loss if loss_ws is None else loss_ws)
 
-    def memorisation_take(self, train_acc: np.ndarray, acc_present: np.ndarray, start: int,
-                          stop: int) -> None:
-        """Lines ``start:stop`` that :meth:`memorisation_quiet` took: their finite
-        training accuracies go into the history's newest bin. O(lines)."""
+    def memorisation_take(self, train_acc: np.ndarray, acc_present: np.ndarray, start: int, stop: int,
+                          by_loss: bool = False, loss_ws: np.ndarray | None = None) -> None:
+        """Lines ``start:stop`` that :meth:`memorisation_quiet` took: their training
+        metric's values (``by_loss``: ``loss_ws``, where not NaN) go into the
+        history's newest bin. O(lines)."""
         if self.memorised_at is not None or stop <= start:
             return
-        values = train_acc[start:stop][acc_present[start:stop]]
-        values = values[np.isfinite(values)]
+        if by_loss:
+            assert loss_ws is not None  # read by loss
+            values = loss_ws[start:stop]
+            values = values[~np.isnan(values)]
+        else:
+            values = train_acc[start:stop][acc_present[start:stop]]
+            values = -values[np.isfinite(values)]
         if len(values):
             # Added one at a time, as the per-line path does (np.sum pairs them up
             # and rounds differently).
             history = self.train_history
-            history.sums[-1] = float(np.cumsum(np.concatenate(([history.sums[-1]], -values)))[-1])
+            history.sums[-1] = float(np.cumsum(np.concatenate(([history.sums[-1]], values)))[-1])
             history.counts[-1] += len(values)
 
     def _levelled(self, step: int, first_step: int) -> int | None:
@@ -488,8 +516,9 @@ class Generalisation(_Plain):
         found = halves(self.train_history, step, look_back)
         if found is None:
             return None
-        rise, _, error = found
-        return int(step - look_back) if rise + 2 * error < c.stable_tolerance else None
+        gain, _, error = found  # in accuracy, or in decades of the loss (settle_change)
+        bound = c.settle_change if self.train_by_loss else c.stable_tolerance
+        return int(step - look_back) if gain + 2 * error < bound else None
 
     def _fitted(self, step: int, first_step: int) -> int:
         """The steps the training metric took to fit (memorise), or to level off below
