@@ -354,7 +354,8 @@ class PhaseLabeller:
             stop = start + gen.memorisation_quiet(steps, train_acc, cols.train_acc.present,
                                                   cols.train_loss.values, cols.train_loss.present,
                                                   self.excursions.first, start, stop, by_loss=not r.train_acc,
-                                                  loss_ws=cols.train_loss.ws if not r.train_acc else None)
+                                                  loss_ws=cols.train_loss.ws if not r.train_acc else None,
+                                                  first_step=self.first_step)
             # The held-out loss's working scale is read only while hidden progress is looked for.
             val_ws = cols.val_loss.ws if gen.progressing else cols.val_loss.values
             if r.val_acc:
@@ -379,7 +380,8 @@ class PhaseLabeller:
             assert holds is not None  # counted above: the held-out accuracy's stretch was scanned
             self.generalisation_collapse.quiet_run(steps, val_acc, cols.val_acc.present, holds, start, stop)
         if not collapsed:
-            gen.memorisation_take(train_acc, cols.train_acc.present, start, stop, by_loss=not r.train_acc,
+            gen.memorisation_take(steps, train_acc, cols.train_acc.present, start, stop,
+                                  by_loss=not r.train_acc,
                                   loss_ws=cols.train_loss.ws if not r.train_acc else None)
             if r.val_acc:
                 gen.quiet_run(steps, val_acc, cols.val_acc.present, val_ws, cols.val_loss.present,

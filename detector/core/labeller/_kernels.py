@@ -402,20 +402,26 @@ def generalisation_collapse_open_quiet(steps, values, present, start, stop, low,
 
 @_jit
 def memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop, first_loss,
-                       fitted_accuracy, fitted_loss_fraction, steps, steps_opening, by_loss,
-                       loss_ws):  # pragma: no cover - compiled
+                       fitted_accuracy, fitted_loss_fraction, steps, by_loss, loss_ws, first_step, settle,
+                       delay, starts, sums, counts, n, width, capacity):  # pragma: no cover - compiled
     """``Generalisation.memorisation`` before memorisation: the lines before the
-    first that fits or, with a finite training accuracy (``by_loss``: a training
-    loss, ``loss_ws`` not NaN) at a step from ``steps_opening`` on (−1: any),
-    opens a bin of its history (either changes more than the newest bin)."""
+    first that fits or whose training accuracy (``by_loss``: training loss,
+    ``loss_ws`` not NaN) opens a bin of the history (``starts``, ``sums``,
+    ``counts``: copies, ``n`` bins, written here) where ``Generalisation._levelled``
+    tests it (``settle`` × the steps since ``first_step`` ≥ ``delay``). Bins that
+    open before that only change the history (:func:`history_take`)."""
     for i in range(start, stop):
         loss = train_loss[i]
         if by_loss:
-            if not math.isnan(loss_ws[i]) and (steps_opening < 0 or steps[i] >= steps_opening):
+            usable = not math.isnan(loss_ws[i])
+            value = loss_ws[i]
+        else:
+            usable = acc_present[i] and math.isfinite(train_acc[i])
+            value = -train_acc[i]
+        if usable:
+            opened, n, width = _history_add(starts, sums, counts, n, width, capacity, steps[i], value)
+            if opened and settle * (steps[i] - first_step) >= delay:
                 return i - start
-        elif acc_present[i] and math.isfinite(train_acc[i]) and (
-                steps_opening < 0 or steps[i] >= steps_opening):
-            return i - start
         if acc_present[i]:
             acc = train_acc[i]
             loss_ok = (not loss_present[i] or not math.isfinite(loss) or math.isnan(first_loss)
@@ -534,6 +540,26 @@ def _history_add(starts, sums, counts, n, width, capacity, step, value):  # prag
                 m += 1
         n = m
     return True, n, w
+
+
+@_jit
+def history_take(steps, train_acc, acc_present, loss_ws, by_loss, start, stop, starts, sums, counts, n, width,
+                 capacity):  # pragma: no cover - compiled
+    """``Generalisation.memorisation_take``: every usable value of lines ``start:stop``
+    (``-train_acc`` where present and finite, or ``loss_ws`` where not NaN) into the
+    history (arrays of ``capacity + 1``, in place), as ``StepHistory.add`` one at a
+    time. Returns the bins and the width after."""
+    for i in range(start, stop):
+        if by_loss:
+            if math.isnan(loss_ws[i]):
+                continue
+            value = loss_ws[i]
+        else:
+            if not acc_present[i] or not math.isfinite(train_acc[i]):
+                continue
+            value = -train_acc[i]
+        _, n, width = _history_add(starts, sums, counts, n, width, capacity, steps[i], value)
+    return n, width
 
 
 @_jit

@@ -460,46 +460,61 @@ class Generalisation(_Plain):
 
     def memorisation_quiet(self, steps: np.ndarray, train_acc: np.ndarray, acc_present: np.ndarray,
                            train_loss: np.ndarray, loss_present: np.ndarray, first_loss: float, start: int,
-                           stop: int, by_loss: bool = False, loss_ws: np.ndarray | None = None) -> int:
+                           stop: int, by_loss: bool = False, loss_ws: np.ndarray | None = None,
+                           first_step: int = 0) -> int:
         """How many of lines ``start:stop`` :meth:`memorisation` takes without a change
-        but to the training metric's newest bin (:meth:`memorisation_take`): all
-        once memorised, else those before the first line that fits or opens a bin
-        of its history (the accuracy as a fraction, ``first_loss`` the headline
-        loss's first value, the same on all of them; ``loss_ws`` the training loss's
-        working scale, NaN where absent or not finite, read with ``by_loss``).
-        Changes nothing. O(lines)."""
+        but to the training metric's history (:meth:`memorisation_take`): all once
+        memorised, else those before the first line that fits or opens a bin of
+        the history where :meth:`_levelled` tests it (the accuracy as a fraction,
+        ``first_loss`` the headline loss's first value, the same on all of them;
+        ``loss_ws`` the training loss's working scale, NaN where absent or not
+        finite, read with ``by_loss``). Changes nothing. O(lines)."""
         if self.memorised_at is not None:
             return stop - start
         if self.train_by_loss is not None and self.train_by_loss is not by_loss:
             return 0  # its history starts again on the per-line path
         c = self.config
-        history = self.train_history
-        opens = history.starts[-1] + max(history.width, 1) if history.starts else -1
+        starts, sums, counts, n, width = self._history_arrays()
         return _k.memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop,
                                      float(first_loss), float(c.fitted_accuracy),
-                                     float(c.fitted_loss_fraction), steps, int(opens), by_loss,
-                                     train_loss if loss_ws is None else loss_ws)
+                                     float(c.fitted_loss_fraction), steps, by_loss,
+                                     train_loss if loss_ws is None else loss_ws, first_step,
+                                     float(c.settle_fraction), float(c.grokking_min_delay_steps),
+                                     starts, sums, counts, n, width, c.history_bins)
 
-    def memorisation_take(self, train_acc: np.ndarray, acc_present: np.ndarray, start: int, stop: int,
-                          by_loss: bool = False, loss_ws: np.ndarray | None = None) -> None:
+    def memorisation_take(self, steps: np.ndarray, train_acc: np.ndarray, acc_present: np.ndarray,
+                          start: int, stop: int, by_loss: bool = False,
+                          loss_ws: np.ndarray | None = None) -> None:
         """Lines ``start:stop`` that :meth:`memorisation_quiet` took: their training
-        metric's values (``by_loss``: ``loss_ws``, where not NaN) go into the
-        history's newest bin. O(lines)."""
+        metric's values (``by_loss``: ``loss_ws``, where not NaN) into the history,
+        one at a time as :meth:`memorisation` adds them (no bin they open is one
+        :meth:`_levelled` would test). O(lines)."""
         if self.memorised_at is not None or stop <= start:
             return
-        if by_loss:
+        if by_loss and self.train_by_loss is None:
             assert loss_ws is not None  # read by loss
-            values = loss_ws[start:stop]
-            values = values[~np.isnan(values)]
-        else:
-            values = train_acc[start:stop][acc_present[start:stop]]
-            values = -values[np.isfinite(values)]
-        if len(values):
-            # Added one at a time, as the per-line path does (np.sum pairs them up
-            # and rounds differently).
-            history = self.train_history
-            history.sums[-1] = float(np.cumsum(np.concatenate(([history.sums[-1]], values)))[-1])
-            history.counts[-1] += len(values)
+            if np.isnan(loss_ws[start:stop]).all():
+                return
+            self.train_by_loss = True
+        elif not by_loss and self.train_by_loss is None:
+            if not (acc_present[start:stop] & np.isfinite(train_acc[start:stop])).any():
+                return
+            self.train_by_loss = False
+        starts, sums, counts, n, width = self._history_arrays()
+        values = train_acc if loss_ws is None else loss_ws  # loss_ws is read only by loss
+        n, width = _k.history_take(steps, train_acc, acc_present, values, by_loss, start, stop, starts, sums,
+                                   counts, n, width, self.config.history_bins)
+        history = self.train_history
+        history.starts, history.sums = starts[:n].tolist(), sums[:n].tolist()
+        history.counts, history.width = counts[:n].tolist(), int(width)
+
+    def _history_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """The training metric's history in arrays of ``history_bins + 1`` (a compiled loop's copy)."""
+        history, size = self.train_history, self.config.history_bins + 1
+        n = len(history)
+        starts, sums, counts = np.zeros(size, dtype=np.int64), np.zeros(size), np.zeros(size, dtype=np.int64)
+        starts[:n], sums[:n], counts[:n] = history.starts, history.sums, history.counts
+        return starts, sums, counts, n, history.width
 
     def _levelled(self, step: int, first_step: int) -> int | None:
         """Where the training accuracy had levelled off, judged at ``step``: the start of
