@@ -205,7 +205,7 @@ class PhaseLabeller:
         if timeline.collapsed:
             return events
         gen.memorisation(step, train_acc, train_loss, self.excursions.first, self.first_step,
-                         by_loss=not r.train_acc)
+                         by_loss=not r.train_acc, levels=bool(r.val_acc))
         if r.val_acc:
             events += gen.update(step, val_acc, val_loss, self.first_step, r.val_acc, r.val_loss, timeline,
                                  steady=self.excursions.quiet)
@@ -355,7 +355,7 @@ class PhaseLabeller:
                                                   cols.train_loss.values, cols.train_loss.present,
                                                   self.excursions.first, start, stop, by_loss=not r.train_acc,
                                                   loss_ws=cols.train_loss.ws if not r.train_acc else None,
-                                                  first_step=self.first_step)
+                                                  first_step=self.first_step, levels=bool(r.val_acc))
             # The held-out loss's working scale is read only while hidden progress is looked for.
             val_ws = cols.val_loss.ws if gen.progressing else cols.val_loss.values
             if r.val_acc:
@@ -381,7 +381,7 @@ class PhaseLabeller:
             self.generalisation_collapse.quiet_run(steps, val_acc, cols.val_acc.present, holds, start, stop)
         if not collapsed:
             gen.memorisation_take(steps, train_acc, cols.train_acc.present, start, stop,
-                                  by_loss=not r.train_acc,
+                                  by_loss=not r.train_acc, levels=bool(r.val_acc),
                                   loss_ws=cols.train_loss.ws if not r.train_acc else None)
             if r.val_acc:
                 gen.quiet_run(steps, val_acc, cols.val_acc.present, val_ws, cols.val_loss.present,

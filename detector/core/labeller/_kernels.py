@@ -403,13 +403,15 @@ def generalisation_collapse_open_quiet(steps, values, present, start, stop, low,
 @_jit
 def memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop, first_loss,
                        fitted_accuracy, fitted_loss_fraction, steps, by_loss, loss_ws, first_step, settle,
-                       delay, starts, sums, counts, n, width, capacity):  # pragma: no cover - compiled
+                       delay, starts, sums, counts, n, width, capacity,
+                       levels):  # pragma: no cover - compiled
     """``Generalisation.memorisation`` before memorisation: the lines before the
     first that fits or whose training accuracy (``by_loss``: training loss,
     ``loss_ws`` not NaN) opens a bin of the history (``starts``, ``sums``,
     ``counts``: copies, ``n`` bins, written here) where ``Generalisation._levelled``
     tests it (``settle`` × the steps since ``first_step`` ≥ ``delay``). Bins that
-    open before that only change the history (:func:`history_take`)."""
+    open before that only change the history (:func:`history_take`). ``levels``
+    False: no history is kept."""
     for i in range(start, stop):
         loss = train_loss[i]
         if by_loss:
@@ -418,7 +420,7 @@ def memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, 
         else:
             usable = acc_present[i] and math.isfinite(train_acc[i])
             value = -train_acc[i]
-        if usable:
+        if usable and levels:
             opened, n, width = _history_add(starts, sums, counts, n, width, capacity, steps[i], value)
             if opened and settle * (steps[i] - first_step) >= delay:
                 return i - start

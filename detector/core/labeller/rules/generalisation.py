@@ -422,9 +422,11 @@ class Generalisation(_Plain):
         self.curv_wide *= factor * factor
 
     def memorisation(self, step: int, train_acc: float | None, train_loss: float | None,
-                     first_loss: float, first_step: int = 0, by_loss: bool = False) -> None:
+                     first_loss: float, first_step: int = 0, by_loss: bool = False,
+                     levels: bool = True) -> None:
         """One line's training metrics. ``by_loss``: the run logs no training
-        accuracy, so the training loss tells where it levelled off."""
+        accuracy, so the training loss tells where it levelled off; ``levels``
+        False: nobody asks (no held-out accuracy, no stable stretch)."""
         if self.memorised_at is not None:
             return
         if self._quiet is not None:
@@ -436,7 +438,7 @@ class Generalisation(_Plain):
                 value = working_scale(Role.LOSS, train_loss)
         elif train_acc is not None and math.isfinite(train_acc):
             value = -train_acc  # its rises are the history's falls, as a loss's
-        if value is not None:
+        if value is not None and levels:
             if self.train_by_loss is not by_loss:
                 if self.train_by_loss is not None:  # a training accuracy appeared: start again on it
                     self.train_history, self.train_level_at = StepHistory(c.history_bins), None
@@ -461,7 +463,7 @@ class Generalisation(_Plain):
     def memorisation_quiet(self, steps: np.ndarray, train_acc: np.ndarray, acc_present: np.ndarray,
                            train_loss: np.ndarray, loss_present: np.ndarray, first_loss: float, start: int,
                            stop: int, by_loss: bool = False, loss_ws: np.ndarray | None = None,
-                           first_step: int = 0) -> int:
+                           first_step: int = 0, levels: bool = True) -> int:
         """How many of lines ``start:stop`` :meth:`memorisation` takes without a change
         but to the training metric's history (:meth:`memorisation_take`): all once
         memorised, else those before the first line that fits or opens a bin of
@@ -471,7 +473,7 @@ class Generalisation(_Plain):
         finite, read with ``by_loss``). Changes nothing. O(lines)."""
         if self.memorised_at is not None:
             return stop - start
-        if self.train_by_loss is not None and self.train_by_loss is not by_loss:
+        if levels and self.train_by_loss is not None and self.train_by_loss is not by_loss:
             return 0  # its history starts again on the per-line path
         c = self.config
         starts, sums, counts, n, width = self._history_arrays()
@@ -480,16 +482,16 @@ class Generalisation(_Plain):
                                      float(c.fitted_loss_fraction), steps, by_loss,
                                      train_loss if loss_ws is None else loss_ws, first_step,
                                      float(c.settle_fraction), float(c.grokking_min_delay_steps),
-                                     starts, sums, counts, n, width, c.history_bins)
+                                     starts, sums, counts, n, width, c.history_bins, levels)
 
     def memorisation_take(self, steps: np.ndarray, train_acc: np.ndarray, acc_present: np.ndarray,
                           start: int, stop: int, by_loss: bool = False,
-                          loss_ws: np.ndarray | None = None) -> None:
+                          loss_ws: np.ndarray | None = None, levels: bool = True) -> None:
         """Lines ``start:stop`` that :meth:`memorisation_quiet` took: their training
         metric's values (``by_loss``: ``loss_ws``, where not NaN) into the history,
         one at a time as :meth:`memorisation` adds them (no bin they open is one
         :meth:`_levelled` would test). O(lines)."""
-        if self.memorised_at is not None or stop <= start:
+        if self.memorised_at is not None or stop <= start or not levels:
             return
         if by_loss and self.train_by_loss is None:
             assert loss_ws is not None  # read by loss
