@@ -572,6 +572,28 @@ def test_a_state_from_before_the_early_level_and_the_falls_were_kept_resumes() -
     assert len(found) == 1 and found[0].detected_at >= 1800  # after the resume
 
 
+def test_a_state_from_before_the_training_metric_s_history_was_kept_resumes() -> None:
+    # Checkpoints written before the training metric's history (it starts at the
+    # resume) and before it could hold a loss (a history with bins held the accuracy).
+    rows = grokking_rows(mem_line=10, onset_line=150, n=400)
+    whole = run(rows)
+    for missing in (("train_history", "train_level_at", "train_by_loss"), ("train_by_loss",)):
+        first = run(rows[:5])  # before memorisation: the history has bins
+        state = json.loads(json.dumps(first.labeller.state()))
+        old = state["generalisation"]
+        assert old["train_history"]["starts"] and old["train_by_loss"] is False
+        for name in missing:
+            del old[name]
+        resumed = run(rows[:5])
+        resumed.labeller = PhaseLabeller.from_state(state)
+        resumed.labeller.set_specs(resumed.specs)
+        rule = resumed.labeller.generalisation
+        assert rule.train_by_loss is (None if len(missing) == 3 else False)
+        for i, row in enumerate(rows[5:], start=5):
+            resumed.update(i * 10, row)
+        assert resumed.segments() == whole.segments()
+
+
 def test_streamed_phase_changes_rebuild_the_final_timeline() -> None:
     rng = np.random.default_rng(9)
     rows = lm_losses(1500, 10, rng)

@@ -375,6 +375,8 @@ class Generalisation(_Plain):
         if "train_history" not in state:  # from before it was kept: it starts now
             state = {**state, "train_history": StepHistory(self.config.history_bins).state(),
                      "train_level_at": None, "train_by_loss": None}
+        if "train_by_loss" not in state:  # kept before the loss could fill it: an accuracy's
+            state = {**state, "train_by_loss": False if state["train_history"]["starts"] else None}
         if "val_low" not in state:  # from before it was kept: the early level as it was
             state = {**state, "val_low": state["val_base"]}
         if "val_fall" not in state:  # from before it was kept: as if it had measured the same noise
