@@ -423,6 +423,22 @@ def test_without_a_training_accuracy_the_training_loss_says_where_it_levelled_of
         assert (len(stable) == 1 and 4000 <= stable[0] <= 8000) if stabilises else not stable, results
 
 
+def test_a_pre_trained_model_that_improves_from_a_high_level_generalises() -> None:
+    # Fine-tuning a pre-trained classifier: held-out accuracy 0.86 at the first
+    # evaluation, 0.91 by step ~2 000 (never 0.10 above where it started). It
+    # generalised further: abstraction once it is a quarter of the way to 1 above
+    # its early level (0.035), not "instability" for the whole run.
+    n = 6000
+    steps = np.arange(n)
+    test_acc = 0.91 - 0.05 * np.exp(-steps / 500)
+    train_loss = 0.25 + 0.45 * np.exp(-steps / 600)
+    results = _at_cadences({"train_loss": train_loss, "test_acc": test_acc}, n, (1, 10, 50))
+    for every, found in results.items():
+        changes = [s for k, s in found if k == "PHASE_CHANGE"]
+        # 0.86 + 0.035 is reached at step ~650.
+        assert changes and 600 <= changes[0] <= 700 + every, (every, results)
+
+
 def test_loss_spikes_do_not_pass_for_the_held_out_accuracy_s_noise() -> None:
     # A memorised run whose held-out accuracy creeps from 0.60 to 0.75 over 6 000 steps
     # (never stable: 0.15 is fifteen tolerances), with a loss spike every 350 steps

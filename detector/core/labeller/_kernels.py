@@ -545,6 +545,14 @@ def _history_add(starts, sums, counts, n, width, capacity, step, value):  # prag
 
 
 @_jit
+def onset_rise_of(low, rise, headroom, tolerance):  # pragma: no cover - compiled
+    """``Generalisation._onset_rise``."""
+    share = headroom * (1.0 - low)
+    share = share if share > 2 * tolerance else 2 * tolerance
+    return rise if rise < share else share
+
+
+@_jit
 def history_take(steps, train_acc, acc_present, loss_ws, by_loss, start, stop, starts, sums, counts, n, width,
                  capacity):  # pragma: no cover - compiled
     """``Generalisation.memorisation_take``: every usable value of lines ``start:stop``
@@ -623,7 +631,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                          val_fall, has_above, above, best, lows_n, has_floor, floor, highs_n, has_hfloor,
                          hfloor, gate_first, has_onset, onset, has_complete, has_base, base, progressing,
                          memorised_at, has_memorised, has_level, level_at, has_first, first_acc,
-                         stable_best, onset_rise, grokked, min_intervals, stable_tolerance, stable_fraction,
+                         stable_best, onset_rise, onset_headroom, grokked, min_intervals, stable_tolerance,
+                         stable_fraction,
                          capacity, delay, min_bins, min_change, min_share):  # pragma: no cover - compiled
     """``Generalisation.update`` while it only moves its state: a held-out loss that
     adds to the hidden-progress history without a test that could find it (the
@@ -717,7 +726,7 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 recent[0], recent[1], recent[2] = r0, r1, r2
                 taken = i - start  # the early level falls
                 break
-            if has_base and value >= base + onset_rise:
+            if has_base and value >= base + onset_rise_of(base, onset_rise, onset_headroom, stable_tolerance):
                 if not has_above:
                     new_above, has_new_above = step, True
                 if step - new_above >= hold:

@@ -267,7 +267,8 @@ class Generalisation(_Plain):
       logged, below half its first value: a percent accuracy's first line is not
       a fit), or without accuracy the loss below ``fitted_loss_fraction`` of its
       first value;
-    * onset: held-out accuracy ``onset_rise`` above its early level (median of
+    * onset: held-out accuracy ``onset_rise`` (or ``onset_headroom`` of the way to 1,
+      where less: a pre-trained model starts high) above its early level (median of
       its first three values, or of the three before memorisation if lower; or
       the lowest median of three consecutive values before the onset: a model
       that memorises drives it below chance) for
@@ -539,6 +540,13 @@ class Generalisation(_Plain):
         bound = c.settle_change if self.train_by_loss else c.stable_tolerance
         return int(step - look_back) if gain + 2 * error < bound else None
 
+    def _onset_rise(self, low: float) -> float:
+        """How far above its early level ``low`` the held-out accuracy rises at the
+        onset: ``onset_rise``, or ``onset_headroom`` of the way to 1 where less (at
+        least twice ``stable_tolerance``)."""
+        return _k.onset_rise_of(low, self.config.onset_rise, self.config.onset_headroom,
+                             self.config.stable_tolerance)
+
     def _fitted(self, step: int, first_step: int) -> int:
         """The steps the training metric took to fit (memorise), or to level off below
         that (:meth:`_levelled`); until then the steps so far (no stretch before it
@@ -613,7 +621,7 @@ class Generalisation(_Plain):
                 self.val_noise = min(math.sqrt(max(0.0, 64 * self.curv_near - self.curv_wide) / 1260),
                                      _SQRT_PI * self.val_fall)
         if self.onset_at is None:
-            if self.val_low is not None and val_acc >= self.val_low + c.onset_rise:
+            if self.val_low is not None and val_acc >= self.val_low + self._onset_rise(self.val_low):
                 if self.above_since is None:
                     self.above_since = step
                     self.lows, self.lows_floor = [], None
@@ -700,7 +708,8 @@ class Generalisation(_Plain):
              _int(self.memorised_at), self.memorised_at is not None,
              self.train_level_at is not None, _int(self.train_level_at),
              bool(self.val_first), float(self.val_first[0]) if self.val_first else 0.0,
-             float(self.stable_best), float(c.onset_rise), float(c.grokked_accuracy), c.min_intervals,
+             float(self.stable_best), float(c.onset_rise), float(c.onset_headroom),
+             float(c.grokked_accuracy), c.min_intervals,
              float(c.stable_tolerance), float(c.stable_fraction), c.history_bins, c.grokking_min_delay_steps,
              c.progress_min_bins, float(c.progress_min_change), float(c.progress_min_share)),
             self._unpack)
