@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from benchmarks.probes import BUMP_AT, lm_bump, never_fits
+from benchmarks.probes import BUMP_AT, finetune, lm_bump, never_fits
 
 
 def _mean_near(steps: np.ndarray, values: np.ndarray, lo: int, hi: int) -> float:
@@ -27,3 +27,12 @@ def test_never_fits_levels_off_below_fitted_and_is_flat_after_8000() -> None:
     assert train_acc.max() < 0.99
     late = val_acc[steps >= 8000]
     assert late.max() - late.min() < 0.04 and abs(late.mean() - 0.8) < 0.01
+
+
+def test_finetune_starts_high_and_gains_five_points() -> None:
+    columns = finetune(0)
+    steps, accuracy = columns["eval_accuracy"]
+    assert steps[0] == 200 and abs(accuracy[0] - 0.86) < 0.01
+    assert abs(float(np.mean(accuracy[steps >= 3000])) - 0.91) < 0.005
+    _, loss = columns["loss"]
+    assert loss[:5].mean() > 0.6 and abs(float(np.median(loss[-100:])) - 0.25) < 0.01
