@@ -414,12 +414,7 @@ def memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, 
     False: no history is kept."""
     for i in range(start, stop):
         loss = train_loss[i]
-        if by_loss:
-            usable = not math.isnan(loss_ws[i])
-            value = loss_ws[i]
-        else:
-            usable = acc_present[i] and math.isfinite(train_acc[i])
-            value = -train_acc[i]
+        usable, value = _training_value(train_acc, acc_present, loss_ws, by_loss, i)
         if usable and levels:
             opened, n, width = _history_add(starts, sums, counts, n, width, capacity, steps[i], value)
             if opened and settle * (steps[i] - first_step) >= delay:
@@ -560,16 +555,20 @@ def history_take(steps, train_acc, acc_present, loss_ws, by_loss, start, stop, s
     history (arrays of ``capacity + 1``, in place), as ``StepHistory.add`` one at a
     time. Returns the bins and the width after."""
     for i in range(start, stop):
-        if by_loss:
-            if math.isnan(loss_ws[i]):
-                continue
-            value = loss_ws[i]
-        else:
-            if not acc_present[i] or not math.isfinite(train_acc[i]):
-                continue
-            value = -train_acc[i]
-        _, n, width = _history_add(starts, sums, counts, n, width, capacity, steps[i], value)
+        usable, value = _training_value(train_acc, acc_present, loss_ws, by_loss, i)
+        if usable:
+            _, n, width = _history_add(starts, sums, counts, n, width, capacity, steps[i], value)
     return n, width
+
+
+@_jit
+def _training_value(train_acc, acc_present, loss_ws, by_loss, i):  # pragma: no cover - compiled
+    """Whether line ``i`` adds to the training metric's history, and what: its
+    accuracy negated where present and finite, or (``by_loss``) its loss's working
+    scale where not NaN (``Generalisation.memorisation``)."""
+    if by_loss:
+        return not math.isnan(loss_ws[i]), loss_ws[i]
+    return acc_present[i] and math.isfinite(train_acc[i]), -train_acc[i]
 
 
 @_jit
@@ -794,14 +793,13 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                                              a_bins, a_width, a_opened, a_new_bins, a_new_width, add_acc, a_y)
         has_last, last, gap = True, new_last, new_gap
         recent_n = new_recent_n
-        if not steady:
-            pass  # a loss spike's line: not the held-out accuracy's noise (Generalisation.update)
-        elif window_n == 7:
-            for j in range(6):
-                window[j] = window[j + 1]
-            window[6] = value
-        else:
-            window[window_n] = value
+        if steady:  # a loss spike's line is not the held-out accuracy's noise (Generalisation.update)
+            if window_n == 7:
+                for j in range(6):
+                    window[j] = window[j + 1]
+                window[6] = value
+            else:
+                window[window_n] = value
         window_n = new_window_n
         curv_near, curv_wide, noise, val_step, val_fall = new_near, new_wide, new_noise, new_step, new_fall
         has_above, above = has_new_above, new_above

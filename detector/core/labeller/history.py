@@ -5,7 +5,8 @@
 * :class:`StepHistory`: the series' means over bins of steps, at most a fixed
   number of bins since a start; bins lie on a grid of steps that widens as the
   run grows, the same whatever the logging cadence;
-  :func:`halves` reads how far it fell over a look-back, and how surely.
+  :func:`halves` reads how far it fell over a look-back, and how surely
+  (:func:`median` is the labeller's median of a few values).
 
 Both are plain data (``state()`` / ``from_state()`` give and take dicts of
 numbers and lists).
@@ -75,9 +76,7 @@ class Band:
     @property
     def level(self) -> float:
         if math.isnan(self._level) and self.values:
-            ordered = sorted(self.values)
-            n = len(ordered)
-            self._level = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+            self._level = median(list(self.values))
         return self._level
 
     def level_of_last(self, count: int) -> float:
@@ -91,8 +90,7 @@ class Band:
         """
         if count >= len(self.values):
             return self.level
-        ordered = sorted(list(self.values)[-count:])
-        return ordered[count // 2] if count % 2 else 0.5 * (ordered[count // 2 - 1] + ordered[count // 2])
+        return median(list(self.values)[-count:])
 
     def buffer(self) -> tuple[np.ndarray, int]:
         """The values, oldest first, in an array of ``size`` (for a compiled loop) and their count."""
@@ -237,14 +235,15 @@ def halves(history: StepHistory, step: int, look_back: float) -> tuple[float, np
             old.append(total / count)
     if len(old) < 2 or len(new) < 2:
         return None
-    centre_old, centre_new = _median(old), _median(new)
-    spread = sum((1.2533 * 1.4826 * _median([abs(v - m) for v in x])) ** 2 / len(x)
+    centre_old, centre_new = median(old), median(new)
+    spread = sum((1.2533 * 1.4826 * median([abs(v - m) for v in x])) ** 2 / len(x)
                  for x, m in ((old, centre_old), (new, centre_new)))
     return 2 * (centre_old - centre_new), np.asarray(new), 2 * math.sqrt(spread)
 
 
-def _median(values: list[float]) -> float:
-    """numpy's median of a list (the mean of the middle two, halved as numpy halves it)."""
+def median(values: list[float]) -> float:
+    """The median of a non-empty list, the same float as numpy's (the middle two
+    halved). O(n log n)."""
     ordered = sorted(values)
     n = len(ordered)
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])

@@ -145,8 +145,3 @@ def collapse_end(timeline: Timeline, scope: str, began: int, located: int, step:
     )
     return [event, *timeline.close_collapse(scope, located, step, series)]
 
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])

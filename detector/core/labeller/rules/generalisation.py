@@ -8,12 +8,11 @@ import numpy as np
 
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
-from detector.core.labeller.history import Band, StepHistory, halves
+from detector.core.labeller.history import Band, StepHistory, halves, median
 from detector.core.labeller.rules._common import (
     GENERALISATION,
     Interval,
     Quiet,
-    _median,
     _Plain,
     collapse_end,
 )
@@ -24,6 +23,8 @@ from detector.core.types import Event, EventKind, Phase, Role
 
 _LOWS = _k.LOWS  # suffix minima kept for the stable stretch's start
 _SQRT_PI = math.sqrt(math.pi)  # E[max(0, -(e2 - e1))] = σ / √π for white noise e of sd σ
+# memorisation_quiet's history arrays where none is kept (never read by the kernel).
+_NO_HISTORY = (np.zeros(1, dtype=np.int64), np.zeros(1), np.zeros(1, dtype=np.int64), 0, 0)
 
 
 def _push_suffix(entries: list[list], step: int, value: float, lowest: bool) -> int | None:
@@ -357,11 +358,12 @@ class Generalisation(_Plain):
         # chance while its loss still rises (confident wrong answers).
         self.acc_progress: StepHistory | None = None
         self.level_step = 0  # the step the newest three-line median stands for (set each line)
-        # Before memorisation, the training accuracy's step history (negated: its
-        # rises are the history's falls) and where it had levelled off (the start of
-        # a look-back over which it surely rose less than stable_tolerance; None while
-        # it has not): a training metric that never fits (label noise, a large data
-        # set) has fitted as far as it will.
+        # Before memorisation, the training metric's step history (its accuracy
+        # negated, so that its rises are the history's falls, or without one its
+        # loss's working scale) and where it had levelled off (the start of a
+        # look-back over which it surely improved less than the bound; None while it
+        # has not): a training metric that never fits (label noise, a large data set)
+        # has fitted as far as it will.
         self.train_history = StepHistory(config.history_bins)
         self.train_level_at: int | None = None
         # What it holds: the training loss (working scale) where the run logs no
@@ -460,7 +462,7 @@ class Generalisation(_Plain):
             self.progress = StepHistory(c.history_bins)
             self.acc_progress = StepHistory(c.history_bins)
             if self.val_recent:
-                base = _median(self.val_recent)
+                base = median(self.val_recent)
                 self.val_base = base if self.val_base is None else min(self.val_base, base)
 
     def memorisation_quiet(self, steps: np.ndarray, train_acc: np.ndarray, acc_present: np.ndarray,
@@ -479,7 +481,8 @@ class Generalisation(_Plain):
         if levels and self.train_by_loss is not None and self.train_by_loss is not by_loss:
             return 0  # its history starts again on the per-line path
         c = self.config
-        starts, sums, counts, n, width = self._history_arrays()
+        # Without levels no history is read: the kernel gets empty arrays.
+        starts, sums, counts, n, width = self._history_arrays() if levels else _NO_HISTORY
         return _k.memorisation_quiet(train_acc, acc_present, train_loss, loss_present, start, stop,
                                      float(first_loss), float(c.fitted_accuracy),
                                      float(c.fitted_loss_fraction), steps, by_loss,
@@ -522,12 +525,13 @@ class Generalisation(_Plain):
         return starts, sums, counts, n, history.width
 
     def _levelled(self, step: int, first_step: int) -> int | None:
-        """Where the training accuracy had levelled off, judged at ``step``: the start of
+        """Where the training metric had levelled off, judged at ``step``: the start of
         a look-back of ``settle_fraction`` of the run (at least
         ``grokking_min_delay_steps``, the labels' shortest time scale: logged every
         step, an accuracy that jumps to 0.35 in three steps and holds for thirteen has
-        not levelled off) over which it surely rose less than ``stable_tolerance``
-        (its rise plus two standard errors, :func:`halves`); None if it has not.
+        not levelled off) over which its accuracy surely rose less than
+        ``stable_tolerance`` (its loss fell less than ``settle_change`` decades; the
+        gain plus two standard errors, :func:`halves`); None if it has not.
         O(history_bins)."""
         c = self.config
         look_back = c.settle_fraction * (step - first_step)
@@ -580,7 +584,7 @@ class Generalisation(_Plain):
             # (Three lines of a sparse log may already be well into learning.)
             self.val_first.append(val_acc)
             first = self.val_first[0]
-            self.val_base = min(first, _median(self.val_first)) if len(self.val_first) == 3 else \
+            self.val_base = min(first, median(self.val_first)) if len(self.val_first) == 3 else \
                 first if self.val_base is None else min(self.val_base, first)
         self.val_recent = [*self.val_recent[-2:], val_acc]
         # A median of three lines is the level at the middle one: dated at the newest,
@@ -595,7 +599,7 @@ class Generalisation(_Plain):
             # The onset is measured from the lowest level held before it: a model that
             # memorises drives held-out accuracy below chance, and a sparse log whose
             # first line already memorised would otherwise keep chance as its level.
-            low = min(low, _median(self.val_recent))
+            low = min(low, median(self.val_recent))
         self.val_low = low
         if self.val_window and steady:
             change = abs(val_acc - self.val_window[-1])
@@ -632,7 +636,7 @@ class Generalisation(_Plain):
                 else:
                     # The stable stretch may start anywhere after the onset's first line:
                     # on a sparse log the onset is confirmed lines later, the stretch not.
-                    self._remember(step, val_acc, _median(self.val_recent), self.level_step)
+                    self._remember(step, val_acc, median(self.val_recent), self.level_step)
             else:
                 self.above_since = None
             if self.onset_at is None:
@@ -782,7 +786,7 @@ class Generalisation(_Plain):
         tol = max(c.stable_tolerance, 5 * self.val_noise, min(1.5 * self.val_step, 2 * c.stable_tolerance))
         # Lows raw (a median of lines lags by a line, in steps by the cadence), highs
         # of medians (the best of raw noisy values would creep up).
-        level = _median(self.val_recent)
+        level = median(self.val_recent)
         self._remember(step, value, level, self.level_step)
         self.best = max(self.best, level)
         if timeline.phase is Phase.STABILIZATION:

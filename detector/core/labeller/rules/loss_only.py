@@ -9,7 +9,7 @@ import numpy as np
 from detector.core.labeller import _kernels as _k
 from detector.core.labeller.config import LabellerConfig
 from detector.core.labeller.history import StepHistory
-from detector.core.labeller.history import halves as history_halves
+from detector.core.labeller.history import halves as history_halves  # `halves` names a local below
 from detector.core.labeller.rules._common import Interval, Quiet, _Plain
 from detector.core.labeller.timeline import Timeline
 from detector.core.series import working_scale
