@@ -21,10 +21,10 @@ default: six real runs; ``../shared/real_runs`` has thirty more) in-process,
 as ``phasewatch analyze`` does (``read_log`` then ``analyze_columns``: every
 series, the labeller, the end of the run), and reports µs per point, in all
 and by stage: reading the file, the series detectors' compiled block (a block
-with no alarm pending: the trigger's scan up to an alarm, the append, the
-plateau windows), the trigger's other scans, the localiser (with the alarm
-episodes' compiled call: its looks and the trigger's scans between them), the
-labeller, plateau tests (the trend is computed when read), the end of the run, and the rest
+with no alarm pending: the trigger's scan up to an alarm, the append), the
+trigger's other scans, the localiser (with the alarm episodes' compiled call:
+its looks and the trigger's scans between them), the labeller, the plateau
+test's step bins (the trend is computed when read), the end of the run, and the rest
 (engine, batching, timeline), with localisations per 1 000 points (calls of
 ``WindowLocaliser.look`` and the looks of the episodes' call). The stages are measured by wrapping
 those methods for the duration of the cell (:class:`StageTimer`; the core

@@ -14,8 +14,10 @@ numbers.
   over 20 000 steps; log-normal noise of 3 % a line, logged every 1, 10 and 50
   steps. Reported: a ``CHANGE_POINT`` on ``loss`` located within 300 steps of the
   drop's centre (``cp``), when it was raised (``delay``: detected_at − 3 000),
-  and whether a ``PLATEAU_START`` on ``loss`` is still open through the drop
-  (``plateau through``: a plateau that the drop did not end). A reader draws a
+  where the last ``PLATEAU_START`` on ``loss`` before it is located (``plateau
+  from``) and where a ``PLATEAU_END`` within -300..+600 steps of the drop is
+  (``ended``), and whether a plateau is still open through the drop (``plateau
+  through``: a plateau that the drop did not end). A reader draws a
   line at the drop and ends the plateau there (DESIGN.md: "a loss plateau ends
   in a sudden drop" is abstraction).
 - ``never_fits``: a classifier whose training accuracy levels off at 0.90
@@ -126,12 +128,15 @@ def probe_bump(seed: int, every: int) -> dict:
         if step > BUMP_AT + BUMP_NEAR:
             break
         open_at = step if kind == "PLATEAU_START" else None
-    through = open_at is not None and not any(
-        kind == "PLATEAU_END" and BUMP_AT - BUMP_NEAR <= step <= BUMP_AT + 2 * BUMP_NEAR
-        for step, kind in plateaus)
+    ends = [step for step, kind in plateaus
+            if kind == "PLATEAU_END" and BUMP_AT - BUMP_NEAR <= step <= BUMP_AT + 2 * BUMP_NEAR]
+    through = open_at is not None and not ends
     return {"cp": cps[0]["step"] if cps else None,
             "delay": int(cps[0]["evidence"]["detected_at_step"]) - BUMP_AT if cps else None,
             "plateau_through": through,
+            "plateau_open_from": max((step for step, kind in plateaus
+                                      if kind == "PLATEAU_START" and step <= BUMP_AT), default=None),
+            "plateau_ended": ends[0] if ends else None,
             "loss_change_points": sum(e["kind"] == "CHANGE_POINT" and e["series"] == "loss" for e in events)}
 
 
@@ -155,12 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out: dict[str, list[dict]] = {"lm_bump": [], "never_fits": [], "finetune": []}
     print(f"lm_bump: change point on loss within {BUMP_NEAR} steps of the drop at {BUMP_AT}")
-    print(f"  {'seed':>4s} {'every':>5s} {'cp':>6s} {'delay':>6s} {'plateau through':>16s} {'loss CPs':>9s}")
+    print(f"  {'seed':>4s} {'every':>5s} {'cp':>6s} {'delay':>6s} {'plateau from':>13s} {'ended':>6s} "
+          f"{'plateau through':>16s} {'loss CPs':>9s}")
     for seed in range(args.seeds):
         for every in (1, 10, 50):
             row = {"seed": seed, "every": every, **probe_bump(seed, every)}
             out["lm_bump"].append(row)
             print(f"  {seed:4d} {every:5d} {_fmt(row['cp']):>6s} {_fmt(row['delay']):>6s} "
+                  f"{_fmt(row['plateau_open_from']):>13s} {_fmt(row['plateau_ended']):>6s} "
                   f"{'yes' if row['plateau_through'] else 'no':>16s} {row['loss_change_points']:9d}")
     rows = out["lm_bump"]
     print(f"  found {sum(r['cp'] is not None for r in rows)}/{len(rows)}; "

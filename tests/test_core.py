@@ -527,3 +527,54 @@ def test_trigger_rejects_bad_gate_settings(kwargs: dict) -> None:
 
     with pytest.raises(InvalidArgument):
         CusumTrigger(**kwargs)
+
+
+def _loss_with_a_drop(every: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A loss-only run logged every ``every`` steps: a fast fall, a plateau from ~1 200,
+    a 1-nat drop around step 3 000, then a slow decline; 3 % noise a line."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(0, 8001, every)
+    t = steps.astype(float)
+    drop = 1.0 / (1 + np.exp(-(t - 3000) / 150))
+    loss = 6.5 * np.exp(-t / 300) + 4.2 - drop - 0.5 * (1 - np.exp(-t / 8000))
+    return steps, loss * np.exp(rng.normal(0, 0.03, len(t)))
+
+
+def _plateaus(steps: np.ndarray, values: np.ndarray) -> list[tuple[str, int, int]]:
+    det = SeriesDetector(infer_spec("loss"))
+    events = det.update_many(steps, values)
+    return [(e.kind.name, e.step, e.detected_at) for e in events
+            if e.kind in (EventKind.PLATEAU_START, EventKind.PLATEAU_END)]
+
+
+def test_plateaus_are_judged_over_steps_not_logged_lines() -> None:
+    # A loss that falls 10 % per 100 steps is not on a plateau because it is logged
+    # every step, and a plateau ends at the drop however the run is logged.
+    found = {every: _plateaus(*_loss_with_a_drop(every)) for every in (1, 10, 50)}
+    for every, events in found.items():
+        drop_ends = [e for e in events if e[0] == "PLATEAU_END" and 2850 <= e[2] <= 3500]
+        assert len(drop_ends) == 1, (every, events)
+        starts = [e for e in events if e[0] == "PLATEAU_START" and 500 <= e[1] < 2850]
+        assert len(starts) == 1 and 700 <= starts[0][1] <= 1300, (every, events)
+        # Nothing between the first fall's end and the drop but that one plateau.
+        assert not [e for e in events if 300 < e[2] < 2850 and e[0] == "PLATEAU_END"], (every, events)
+    # The same plateau at every cadence, within the bins' resolution there (~1/32 of the steps).
+    ends = [next(e[2] for e in found[every] if e[0] == "PLATEAU_END" and e[2] >= 2850)
+            for every in (1, 10, 50)]
+    assert max(ends) - min(ends) <= 3000 / 32 + 50, ends
+
+
+def test_plateau_bins_resume_from_a_checkpoint_and_from_one_written_before_them() -> None:
+    steps, values = _loss_with_a_drop(10)
+    whole = _plateaus(steps, values)
+    det = SeriesDetector(infer_spec("loss"))
+    det.update_many(steps[:250], values[:250])
+    resumed = SeriesDetector.from_state(pickle.loads(pickle.dumps(det.state())))
+    rest = [(e.kind.name, e.step, e.detected_at) for e in resumed.update_many(steps[250:], values[250:])
+            if e.kind in (EventKind.PLATEAU_START, EventKind.PLATEAU_END)]
+    assert [e for e in whole if e[2] > steps[249]] == rest
+    old = det.state()
+    del old["plateau_bins"]  # a checkpoint from before the step bins: they start afresh
+    older = SeriesDetector.from_state(old)
+    assert older.in_plateau == det.in_plateau
+    older.update_many(steps[250:], values[250:])  # resumes without error

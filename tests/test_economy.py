@@ -38,7 +38,10 @@ def test_a_long_stationary_stretch_gets_at_most_one_event_per_100_lines() -> Non
 def test_plateaus_come_one_at_a_time_change_points_in_a_burst() -> None:
     economy = EventEconomy(burst=8)
     flaps = [plateau(i, "weight_norm", start=i % 2 == 0) for i in range(6)]
-    assert len(economy.filter(flaps, [1] * 6)) == 1
+    # The first start, and its end (it resolves what was told); the next starts are
+    # held back, and so are their ends.
+    assert [(e.step, e.kind) for e in economy.filter(flaps, [1] * 6)] == [
+        (0, EventKind.PLATEAU_START), (1, EventKind.PLATEAU_END)]
     economy = EventEconomy(burst=8)
     assert len(economy.filter([cp(i, "test_loss") for i in range(6)], [1] * 6)) == 6
     # Change points do not use up the plateau's turn.
@@ -95,3 +98,14 @@ def test_a_series_first_heard_from_in_a_stable_stretch_waits_its_turn_too() -> N
                           [50, 80, 160])
     assert [e.step for e in kept if e.kind is EventKind.CHANGE_POINT] == [160]
     assert EventEconomy.from_state(json.loads(json.dumps(economy.state()))).settled_at == 50
+
+
+def test_a_plateau_end_goes_with_its_start() -> None:
+    economy = EventEconomy(burst=8)
+    assert len(economy.filter([plateau(1, "layer1.norm")], [1])) == 1
+    # A start of the group within the same 100 lines is held back; its end goes with it.
+    assert economy.filter([plateau(2, "layer2.norm"), plateau(3, "layer2.norm", start=False)], [2, 3]) == []
+    resumed = EventEconomy.from_state(json.loads(json.dumps(economy.state())))
+    # The first series' end resolves what was told, whatever the allowance.
+    assert len(resumed.filter([plateau(4, "layer1.norm", start=False)], [4])) == 1
+    assert resumed.open_plateaus == set()

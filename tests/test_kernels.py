@@ -257,40 +257,6 @@ def test_plateau_windows_equal_the_numpy_row_sums() -> None:
             assert np.array_equal(row, expected) and np.array_equal(np.signbit(row), np.signbit(expected))
 
 
-def test_plateau_transitions_walk_the_plateau_windows() -> None:
-    """plateau_transitions gives the windows where the state changes, and their rows, as
-    a walk over plateau_windows' rows from window ``lo`` (signs of zeros kept, one window
-    alone included); plateau_transition the first of them from window 0."""
-    rng = np.random.default_rng(14)
-    checked = 0
-    for i, y in enumerate(_arrays(15, 300, longest=400)):
-        n = int(rng.choice([3, 20, 30]))
-        if i % 7 == 0:
-            y = np.r_[np.full(n, -0.0), y]
-        if i % 5 == 0:
-            y = np.round(y, 1)  # flat stretches: plateaus start and end
-        if len(y) < n:
-            continue
-        relative, state = bool(i % 2), bool(i % 3 == 0)
-        rows = k.plateau_windows(y, n, 2.1, 0.05, relative)
-        lo = int(rng.integers(0, rows.shape[1]))
-        expected, in_plateau = [], state
-        for w in range(lo, rows.shape[1]):
-            hit = (rows[2, w] > rows[4, w] or rows[3, w] < -rows[4, w]) if in_plateau else rows[0, w] > 0.0
-            if hit:
-                in_plateau = not in_plateau
-                expected.append(np.r_[w, rows[:, w]])
-        got = k.plateau_transitions(y, n, 2.1, 0.05, relative, state, lo)
-        want = np.array(expected).T if expected else np.empty((6, 0))
-        assert got.shape == want.shape
-        assert np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want))
-        first = k.plateau_transitions(y, n, 2.1, 0.05, relative, state, 0)
-        expected_first = int(first[0, 0]) if first.shape[1] else -1
-        assert k.plateau_transition(y, n, 2.1, 0.05, relative, state) == expected_first
-        checked += got.shape[1]
-    assert checked > 50
-
-
 def test_mann_kendall_sums_equal_the_numpy_ones() -> None:
     from detector.core.trend import _median, _pairs
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from detector._proto.phasewatch.v1 import detector_pb2 as pb
@@ -131,6 +132,16 @@ def prometheus(workdir: Path, detector: Detector, alertmanager: Alertmanager) ->
 
 def rows(name: str) -> list[dict[str, Any]]:
     return read_rows(shared_dir("runs", f"{name}.jsonl"))
+
+
+def with_flat_loss(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``lines`` with a regularisation loss that sits on one level from the start
+    (``train_reg_loss``: loss-like, on a plateau that never ends), for tests that need
+    a ``TrainingPlateau`` alert to stay active: the runs' own losses keep falling on
+    the log scale or end their plateaus early. Sorted after ``train_loss``, so the
+    labeller's training loss stays ``train_loss``."""
+    rng = np.random.default_rng(0)
+    return [{**r, "train_reg_loss": 0.05 * float(np.exp(rng.normal(0, 0.01)))} for r in lines]
 
 
 def log_rows(stub: pb_grpc.PhaseDetectorStub, run_id: str, lines: list[dict[str, Any]]) -> None:
@@ -266,7 +277,7 @@ def test_shipped_collapse_rule_fires_for_a_collapsing_run(
     detector: Detector, prometheus: Prometheus, alertmanager: Alertmanager
 ):
     run_id = "collapse-prom"
-    log_rows(detector.stub, run_id, rows("collapse_lr_0"))  # left open: still collapsing
+    log_rows(detector.stub, run_id, with_flat_loss(rows("collapse_lr_0")))  # left open: still collapsing
 
     def firing() -> list[dict[str, Any]]:
         return [a for a in prometheus.api("alerts")["alerts"]
@@ -386,16 +397,16 @@ def test_collapse_scopes_route_and_inhibit_in_alertmanager(alertmanager: Alertma
 
 
 def test_alertmanager_outage_loses_no_alert(detector: Detector, alertmanager: Alertmanager):
-    lines = rows("grok_add_0")
+    lines = with_flat_loss(rows("grok_add_0"))
     run_id = "grok-outage"
     log_rows(detector.stub, run_id, [r for r in lines if r["step"] < 1800])
     before = wait_for(
         lambda: (a := alerts_by_name(alertmanager, run_id))
         and {"PhaseChange", "TrainingPlateau"} <= set(a)
-        and plateau_start(alertmanager, run_id, "train_loss") is not None and a,
+        and plateau_start(alertmanager, run_id, "train_reg_loss") is not None and a,
         20, "the first alerts in Alertmanager")
     assert before["PhaseChange"]["annotations"]["phase"] == "abstraction"
-    before_plateau = plateau_start(alertmanager, run_id, "train_loss")  # one per loss series
+    before_plateau = plateau_start(alertmanager, run_id, "train_reg_loss")  # one per loss series
     failures = detector.metric("phasewatch_alert_failures_total", sink="alertmanager") or 0.0
 
     alertmanager.stop()  # Alertmanager keeps alerts in memory only: they are gone
@@ -415,9 +426,9 @@ def test_alertmanager_outage_loses_no_alert(detector: Detector, alertmanager: Al
     # What changed during the outage arrived (grokking raised and resolved;
     # the run moved to stabilization), and what was sent before it came back.
     assert "GrokkingOnset" not in after
-    assert "train_loss" in {a["labels"]["series"] for a in alertmanager.alerts(
+    assert "train_reg_loss" in {a["labels"]["series"] for a in alertmanager.alerts(
         run_id=run_id, alertname="TrainingPlateau")}
-    assert plateau_start(alertmanager, run_id, "train_loss") == before_plateau  # re-sent as it was
+    assert plateau_start(alertmanager, run_id, "train_reg_loss") == before_plateau  # re-sent as it was
     wait_for(lambda: detector.metric("phasewatch_alerts_pending", sink="alertmanager") == 0, 20,
              "nothing pending")
     end_run(detector.stub, run_id)

@@ -542,7 +542,7 @@ def test_warm_up_loads_the_detection_kernels_before_the_first_batch():
         "from detector.core import _kernels as k\n"
         "names = ('series_block', 'scan_append', 'trigger_warm_up', 'trigger_absorb',\n"
         "         'series_episodes', 'localiser_look_confirm', 'mann_kendall_sums',\n"
-        "         'plateau_windows', 'plateau_transitions', 'blas_dot')\n"
+        "         'plateau_windows', 'plateau_bins', 'blas_dot')\n"
         "def loaded():\n"
         "    return sorted(n for n in names if getattr(k, n).signatures)\n"
         "print(loaded())\n"
@@ -558,8 +558,8 @@ def test_warm_up_loads_the_detection_kernels_before_the_first_batch():
     # CUSUMs run inside series_block, the warm-up and the absorb; an alarm's looks
     # and the scan to the next alarm run inside series_episodes (scan_append is only
     # called from compiled code now), the end of a run's look is one call, whose
-    # parabola fits call blas_dot; a block's plateau events are plateau_transitions'
-    # (plateau_windows is PlateauTest.test's and test_sliding's only now).
+    # parabola fits call blas_dot; a block's plateau events are plateau_bins'
+    # (plateau_windows is PlateauTest.test's and test_sliding's only).
     assert out[2] == str(sorted(("series_block", "trigger_warm_up", "trigger_absorb",
                                  "series_episodes", "localiser_look_confirm", "mann_kendall_sums",
-                                 "plateau_transitions", "blas_dot")))
+                                 "plateau_bins", "blas_dot")))

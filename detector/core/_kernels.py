@@ -33,7 +33,7 @@ Equality with the numpy code is checked by tests/test_kernels.py.
 
 One module of about 1 100 lines on purpose: the kernels call each other
 (``window_search`` runs ``cost_sums``, ``best_split`` and ``best_shift``;
-``series_block`` runs the trigger's, the plateau test's and the append's),
+``series_block`` runs the trigger's and the append's),
 numba caches per module file, and every function here is the compiled twin of
 a numpy one documented where it is used.
 """
@@ -1069,29 +1069,117 @@ def plateau_windows(y, n, q, min_delta, relative):  # pragma: no cover - compile
     return out
 
 
+# --- the plateau test on step bins ------------------------------------------------------
+#
+# State of a series' bins (SeriesDetector keeps the arrays; a checkpoint stores them):
+# integers PB_* and floats PF_* below, and three rings of ``patience`` closed bins
+# (their mean value, mean step and first step).
+PB_FIRST, PB_START, PB_END, PB_COUNT, PB_RING, PB_HEAD, PB_IN, PB_BIN_FIRST, PB_BIN_LAST = range(9)
+PB_SIZE = 9
+PF_SUM_Y, PF_SUM_X = 0, 1
+PF_SIZE = 2
+
+
 @_jit
-def plateau_transitions(y, n, q, min_delta, relative, in_plateau, lo):  # pragma: no cover - compiled
-    """Every window of ``n`` points of ``y`` from window ``lo`` on where the plateau test
-    changes state, ``in_plateau`` the state before window ``lo`` (a plateau starts: the
-    test passes; one ends: the change's interval leaves the margin), as
-    ``SeriesDetector._plateaus`` walked :func:`plateau_windows`' rows, each window's
-    result the same floats: rows window, is_plateau, slope, ci_low, ci_high, bound of
-    each transition, in order. Windows before ``lo`` are not computed. O(n × windows)."""
-    m = len(y) - n + 1
-    out = np.empty((6, m - lo if m > lo else 0))
+def plateau_bin_width(start, first, rho):  # pragma: no cover - compiled
+    """The width in steps of the bin opening at step ``start`` of a series whose first
+    point is at ``first``: ``rho`` of the steps elapsed, at least one. O(1)."""
+    width = int(math.floor(rho * float(start - first)))
+    return width if width > 1 else 1
+
+
+@_jit
+def plateau_bins(steps, y, st, sf, ring_y, ring_x, ring_first, patience, q, min_delta, relative,
+                 rho):  # pragma: no cover - compiled
+    """The plateau test on step bins: the finite working-scale points ``y`` at ``steps``
+    go into bins whose edges depend on steps alone (:func:`plateau_bin_width`); when a
+    point falls past the open bin, that bin closes (if it holds points) and its mean
+    joins the last ``patience`` closed bins, on which the slope-equivalence test runs
+    (ordinary least squares of bin means on bin mean steps; the change over the
+    window's span, its ``q`` confidence interval, inside ±``min_delta``, times the
+    mean level when ``relative``). A plateau starts where the interval lies inside
+    the margin and ends where it lies wholly outside. The state arrays are advanced
+    in place; returns the transitions, rows: index of the point that closed the bin,
+    started (1) or ended (0), slope per step, change low, high, bound, located step
+    (the window's first step for a start, the closed bin's last step for an end),
+    the window's span in steps. The same bins and floats however the points are
+    batched. O(points + patience per closed bin + log(gap) / rho per gap)."""
+    m = len(y)
+    out = np.empty((8, m))
     k = 0
-    stt, half, dof, span = _plateau_setup(n)
-    for w in range(lo, m):
-        is_plateau, slope, low, high, bound = _plateau_window(y, w, n, stt, half, dof, span, q, min_delta,
-                                                              relative, m == 1)
-        hit = (low > bound or high < -bound) if in_plateau else is_plateau
-        if hit:
-            in_plateau = not in_plateau
-            out[0, k] = w
-            out[1, k] = 1.0 if is_plateau else 0.0
-            out[2, k], out[3, k], out[4, k], out[5, k] = slope, low, high, bound
-            k += 1
+    for i in range(m):
+        s = steps[i]
+        if st[PB_FIRST] < 0:
+            st[PB_FIRST] = s
+            st[PB_START] = s
+            st[PB_END] = s + plateau_bin_width(s, s, rho)
+        if s >= st[PB_END]:
+            if st[PB_COUNT] > 0:
+                head = st[PB_HEAD]
+                ring_y[head] = sf[PF_SUM_Y] / st[PB_COUNT]
+                ring_x[head] = sf[PF_SUM_X] / st[PB_COUNT]
+                ring_first[head] = st[PB_BIN_FIRST]
+                st[PB_HEAD] = (head + 1) % patience
+                if st[PB_RING] < patience:
+                    st[PB_RING] += 1
+                if st[PB_RING] == patience:
+                    is_plateau, slope, low, high, bound, span = _plateau_ring(
+                        ring_y, ring_x, st[PB_HEAD], patience, q, min_delta, relative)
+                    inside = st[PB_IN] != 0
+                    if (low > bound or high < -bound) if inside else is_plateau:
+                        st[PB_IN] = 0 if inside else 1
+                        out[0, k] = i
+                        out[1, k] = 0.0 if inside else 1.0
+                        out[2, k], out[3, k], out[4, k], out[5, k] = slope, low, high, bound
+                        out[6, k] = st[PB_BIN_LAST] if inside else ring_first[st[PB_HEAD]]
+                        out[7, k] = span
+                        k += 1
+            st[PB_COUNT] = 0
+            sf[PF_SUM_Y] = 0.0
+            sf[PF_SUM_X] = 0.0
+            while s >= st[PB_END]:
+                st[PB_START] = st[PB_END]
+                st[PB_END] = st[PB_START] + plateau_bin_width(st[PB_START], st[PB_FIRST], rho)
+        if st[PB_COUNT] == 0:
+            st[PB_BIN_FIRST] = s
+        st[PB_COUNT] += 1
+        st[PB_BIN_LAST] = s
+        sf[PF_SUM_Y] += y[i]
+        sf[PF_SUM_X] += float(s - st[PB_FIRST])
     return out[:, :k]
+
+
+@_jit
+def _plateau_ring(ring_y, ring_x, head, n, q, min_delta, relative):  # pragma: no cover - compiled
+    """The slope-equivalence test of the ``n`` bins of a full ring, oldest at ``head``:
+    (is_plateau, slope per step, change low, high, bound, span in steps). O(n)."""
+    mean_x = 0.0
+    mean_y = 0.0
+    for j in range(n):
+        mean_x += ring_x[(head + j) % n]
+        mean_y += ring_y[(head + j) % n]
+    mean_x /= n
+    mean_y /= n
+    sxx = 0.0
+    sxy = 0.0
+    syy = 0.0
+    for j in range(n):
+        dx = ring_x[(head + j) % n] - mean_x
+        dy = ring_y[(head + j) % n] - mean_y
+        sxx += dx * dx
+        sxy += dx * dy
+        syy += dy * dy
+    span = ring_x[(head + n - 1) % n] - ring_x[head]
+    bound = min_delta * (abs(mean_y) if relative else 1.0)
+    if sxx <= 0.0:
+        return False, 0.0, 0.0, 0.0, bound, span
+    slope = sxy / sxx
+    rss = syy - slope * sxy
+    rss = rss if rss > 0.0 else 0.0
+    dof = n - 2 if n - 2 > 1 else 1
+    se = math.sqrt(rss / dof / sxx)
+    low, high = (slope - q * se) * span, (slope + q * se) * span
+    return (-bound <= low and high <= bound), slope, low, high, bound, span
 
 
 # --- the Mann–Kendall test -------------------------------------------------------------
@@ -1339,19 +1427,18 @@ def _libm_log_agrees(address: int) -> bool:
 # What SeriesDetector.update_many does on a block where nothing happens, in one
 # compiled call: the non-finite values counted and dropped, the minimum and
 # maximum, the working scale, the trigger's scan up to its first alarm, the
-# append into the held window, and the plateau windows up to the first
-# transition. Python runs only when something happens (an alarm: the
-# localiser; a plateau transition: its event), from where this call stopped.
+# append into the held window. Python runs only when something happens (an
+# alarm: the localiser), from where this call stopped; the plateau test's step
+# bins are a call of their own (plateau_bins).
 # The operations are those of the numpy path, in its order (the same kernels for
-# the trigger and the plateau windows, numpy's own loops for log, exp and log10).
+# the trigger, numpy's own loops for log, exp and log10).
 
 # Entries of the integer constants of scan_append and series_block (SeriesDetector._fast_consts).
 # CI_WARMUP: the trigger's warm-up points; CI_LIBM_LOG: libm's log (:func:`libm_log`), 0 for none.
-(CI_BANK_AFTER, CI_KQ, CI_HQ, CI_WINDOW, CI_PATIENCE, CI_RELATIVE, CI_LOG_ROLE, CI_WARMUP,
- CI_LIBM_LOG) = range(9)
-# Entries of the float constants: the line's discount, the plateau test's t quantile and
-# margin, then Holt's filter (b0, b1, b2, a1, a2), then the trigger's C_* constants.
-CF_LAM, CF_Q, CF_MIN_DELTA, CF_HOLT = 0, 1, 2, 3
+(CI_BANK_AFTER, CI_KQ, CI_HQ, CI_WINDOW, CI_LOG_ROLE, CI_WARMUP, CI_LIBM_LOG) = range(7)
+# Entries of the float constants: the line's discount, then Holt's filter (b0, b1, b2,
+# a1, a2), then the trigger's C_* constants.
+CF_LAM, CF_HOLT = 0, 1
 CF_C = CF_HOLT + 5
 _FIRST_CHUNK = 64  # as CusumTrigger.scan: chunks of 64 points, then 4 times more each time
 
@@ -1531,69 +1618,39 @@ def scan_append(steps, y, lo, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq,
 
 
 @_jit
-def plateau_transition(ext, patience, q, min_delta, relative, in_plateau):  # pragma: no cover
-    """The first window of ``patience`` points of ``ext`` where the plateau test changes
-    state (a plateau starts, or, ``in_plateau``, ends: the change's interval leaves the
-    margin), as ``SeriesDetector._plateaus`` finds it from :func:`plateau_windows`' rows
-    (each window the same floats, the windows after it not computed); −1 for none.
-    O(patience × windows up to it)."""
-    if len(ext) < patience:
-        return -1
-    m = len(ext) - patience + 1
-    stt, half, dof, span = _plateau_setup(patience)
-    for w in range(m):
-        is_plateau, _, low, high, bound = _plateau_window(ext, w, patience, stt, half, dof, span, q,
-                                                          min_delta, relative, m == 1)
-        if in_plateau:
-            if low > bound or high < -bound:
-                return w
-        elif is_plateau:
-            return w
-    return -1
-
-
-@_jit
 def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_hq, uf, held_steps,
-                 held_values, size, total, in_plateau, scan):  # pragma: no cover - compiled
+                 held_values, size, total, scan):  # pragma: no cover - compiled
     """:meth:`SeriesDetector.update_many`'s work on a block up to where Python is needed.
 
     Returns (non-finite count, finite count, their min and max, the alarm's index
     in the finite points or −1, the trigger's ``n``, the held size, the finite
-    count after the points consumed, the first plateau transition's window or −1,
-    the extended steps and working-scale values: the last ``prior`` held points
-    before the block, then the block's finite points, and ``prior``). With
-    ``scan`` (no alarm pending, the trigger past its warm-up) the trigger, the held
-    window and the state arrays are advanced in place up to the alarm (the whole
-    block without one); without, nothing is advanced and the alarm's index is −2
-    (Python takes the block's change points from its first point).
-    O(points + patience × points)."""
+    count after the points consumed, the block's finite steps and working-scale
+    values). With ``scan`` (no alarm pending, the trigger past its warm-up) the
+    trigger, the held window and the state arrays are advanced in place up to the
+    alarm (the whole block without one); without, nothing is advanced and the
+    alarm's index is −2 (Python takes the block's change points from its first
+    point). O(points)."""
     m = len(values)
     good = 0
     for i in range(m):
         if np.isfinite(values[i]):
             good += 1
-    history = ci[CI_PATIENCE] - 1
-    prior = history if history < size else size
-    ext_steps = np.empty(prior + good, dtype=np.int64)
-    ext = np.empty(prior + good)
-    for j in range(prior):
-        ext_steps[j] = held_steps[size - prior + j]
-        ext[j] = held_values[size - prior + j]
+    ext_steps = np.empty(good, dtype=np.int64)
+    y = np.empty(good)
     low, high = np.inf, -np.inf
-    p = prior
+    p = 0
     for i in range(m):
         v = values[i]
         if np.isfinite(v):
             ext_steps[p] = steps[i]
-            ext[p] = v
+            y[p] = v
             p += 1
             if v < low:
                 low = v
             if v > high:
                 high = v
     if good == 0:
-        return m, 0, low, high, -1, n, size, total, -1, ext_steps, ext, prior
-    y = ext[prior:]
+        return m, 0, low, high, -1, n, size, total, ext_steps, y
     if ci[CI_LOG_ROLE]:
         # working_scale_many: copysign(log10(1 + |v| / eps), v), log10 numpy's own.
         arg = np.empty(good)
@@ -1603,13 +1660,11 @@ def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_h
         numpy_ufunc(uf, UF_LOG10, arg, logs, good)
         for i in range(good):
             y[i] = math.copysign(logs[i], y[i])
-    transition = plateau_transition(ext, ci[CI_PATIENCE], cf[CF_Q], cf[CF_MIN_DELTA], ci[CI_RELATIVE] != 0,
-                                    in_plateau)
     if not scan:
-        return m - good, good, low, high, -2, n, size, total, transition, ext_steps, ext, prior
-    alarm, n, size, total = scan_append(ext_steps[prior:], y, 0, n, f, sums, gate, table, ci, cf, bank_kq,
+        return m - good, good, low, high, -2, n, size, total, ext_steps, y
+    alarm, n, size, total = scan_append(ext_steps, y, 0, n, f, sums, gate, table, ci, cf, bank_kq,
                                         bank_hq, uf, held_steps, held_values, size, total)
-    return m - good, good, low, high, alarm, n, size, total, transition, ext_steps, ext, prior
+    return m - good, good, low, high, alarm, n, size, total, ext_steps, y
 
 
 # --- a series detector's alarm episodes in one call -----------------------------------

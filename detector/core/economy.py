@@ -22,7 +22,10 @@ decides which of those reach the user:
   most one event per group per 100 lines however much its series wander (a
   stable run's series changes are rarely news, and a wandering norm would
   otherwise spend a fresh burst on every stretch). Leaving the phase (a
-  collapse, say) gives the burst back.
+  collapse, say) gives the burst back;
+* the ``PLATEAU_END`` of a series whose ``PLATEAU_START`` was let through always
+  goes through (it resolves what the user was told, the ``TrainingPlateau``
+  alert among it), and one whose start was held back is held back too.
 
 Run-level events (phases, spikes, collapses, grokking) are never held back.
 Why the defaults: ``burst`` 8 is about the most change points a TCPD series
@@ -77,6 +80,7 @@ class EventEconomy:
         # counted in lines (an event costs lines_per_event), so refills add up exactly.
         self.groups: dict[str, list[int]] = {}
         self.settled_at: int | None = None  # the line the run entered stabilization (no burst), if in it
+        self.open_plateaus: set[str] = set()  # series whose reported plateau has not ended
 
     def filter(self, events: Sequence[Event], lines: Sequence[int],
                specs: dict[str, SeriesSpec] | None = None) -> list[Event]:
@@ -89,6 +93,12 @@ class EventEconomy:
                 out.append(event)
                 continue
             if self._pinned(event, specs):
+                continue
+            if event.kind is EventKind.PLATEAU_END:
+                if event.series not in self.open_plateaus:
+                    continue  # its start was held back (or came before a restart)
+                self.open_plateaus.discard(event.series)
+                out.append(event)
                 continue
             cost = self.lines_per_event
             cap = cost * (1 if self.settled else self.burst)
@@ -112,6 +122,8 @@ class EventEconomy:
             if group[2]:
                 event = _with_evidence(event, {**event.evidence, "suppressed": str(int(group[2]))})
                 group[2] = 0
+            if plateau:
+                self.open_plateaus.add(event.series)
             out.append(event)
         return out
 
@@ -143,7 +155,8 @@ class EventEconomy:
     def state(self) -> dict:
         return {"version": 2, "burst": self.burst, "lines_per_event": self.lines_per_event,
                 "pinned_tolerance": self.pinned_tolerance, "settled_at": self.settled_at,
-                "groups": {k: list(v) for k, v in self.groups.items()}}
+                "groups": {k: list(v) for k, v in self.groups.items()},
+                "open_plateaus": sorted(self.open_plateaus)}
 
     @classmethod
     def from_state(cls, state: dict) -> EventEconomy:
@@ -155,4 +168,5 @@ class EventEconomy:
         else:
             economy.groups = {k: list(v) for k, v in state["groups"].items()}
         economy.settled_at = state.get("settled_at")
+        economy.open_plateaus = set(state.get("open_plateaus", ()))
         return economy

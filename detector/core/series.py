@@ -15,9 +15,13 @@ multiplicative) and feed:
   next points while nothing is confirmed (at most ``recheck_limit``), O(window)
   each, and once more by :meth:`SeriesDetector.finish` when the run ends (the
   points after the last alarm);
-* :class:`~detector.core.trend.PlateauTest` on every window of ``patience``
-  points (all windows of a block at once) and a Mann–Kendall trend test on the
-  last ``trend_window`` points every ``trend_every`` points.
+* the slope-equivalence plateau test (:class:`~detector.core.trend.PlateauTest`'s)
+  on the last ``patience`` step bins each time a bin closes, the bins
+  ``plateau_bin_fraction`` of the steps elapsed wide (a window of about the
+  last half of the series' steps whatever the logging cadence), compiled
+  (:func:`~detector.core._kernels.plateau_bins`), O(1) amortised; and a
+  Mann–Kendall trend test on the last ``trend_window`` points every
+  ``trend_every`` points.
 
 Memory per series is O(``window``), independent of run length.
 
@@ -106,9 +110,13 @@ class SeriesConfig:
     keeps adding evidence for about as long as the slow bank needs to see it,
     and ``recheck_evidence`` 0.5 ends the looks at once on noise (most alarms);
     ``min_history`` 100 points make the penalty's spread meaningful;
-    ``patience`` 20 and the plateau margins (0.05 decades for losses and norms,
-    0.01 of accuracy, 5 % otherwise) call a plateau what a reader of the plot
-    would; ``trend_window`` 30, ``trend_every`` 5 give the headline gauges a
+    ``patience`` 20 step bins, each ``plateau_bin_fraction`` 1/32 of the steps
+    elapsed wide (the window spans the last ~46 % of the series' steps, whatever
+    the cadence; a line-counted window called every slow fall logged each step a
+    plateau and kept a plateau open through a 1-nat drop), and the plateau
+    margins (0.05 decades for losses and norms, 0.01 of accuracy, 5 % otherwise)
+    call a plateau what a reader of the plot would: no change beyond the margin
+    over the recent half of the run; ``trend_window`` 30, ``trend_every`` 5 give the headline gauges a
     recent Mann–Kendall trend without a test on every point.
     """
 
@@ -121,6 +129,7 @@ class SeriesConfig:
     recheck_evidence: float = 0.5
     min_history: int = 100
     patience: int = 20
+    plateau_bin_fraction: float = 1 / 32
     min_delta_log: float = 0.05  # decades, for log-scale roles (abs mode)
     min_delta_accuracy: float = 0.01  # accuracy units (abs mode)
     min_delta_rel: float = 0.05  # other roles (rel mode)
@@ -137,6 +146,8 @@ class SeriesConfig:
                 "window must be even and hold at least "
                 "2 × max(patience, trend_window + trend_every, 2 × min_size + 1 + lag)"
             )
+        if not 0 < self.plateau_bin_fraction < 1:
+            raise InvalidArgument("plateau_bin_fraction must be in (0, 1)")
         if self.trend_every < 1 or self.lag < 0 or self.recheck < 0:
             raise InvalidArgument("trend_every must be at least 1, lag and recheck at least 0")
         if self.recheck_limit < self.recheck or self.min_history < 0 or self.recheck_evidence < 0:
@@ -205,10 +216,19 @@ class SeriesDetector:
         self.min_value: float = math.inf
         self.max_value: float = -math.inf
         self.in_plateau = False
+        # The plateau test's step bins (:func:`_kernels.plateau_bins`): their integer and
+        # float state, and the last ``patience`` closed bins' means, mean steps, first steps.
+        self._bins_i = np.zeros(_k.PB_SIZE, dtype=np.int64)
+        self._bins_i[_k.PB_FIRST] = -1
+        self._bins_f = np.zeros(_k.PF_SIZE)
+        p = self._plateau.patience
+        self._ring_y, self._ring_x = np.zeros(p), np.zeros(p)
+        self._ring_first = np.zeros(p, dtype=np.int64)
+        self._plateau_q = _t_quantile(0.5 + self._plateau.confidence / 2, max(p - 2, 1))
         self._trend_read: tuple[int, TrendResult | None] = (-1, None)  # (n_finite, trend) of the last read
         # The compiled block's constants (integers, floats, the trigger's line table,
         # numpy's loops), or None where numpy's loops cannot be called (numpy's path).
-        self._consts = _fast_consts(self.trigger, self._plateau, c.window, spec.role in _LOG_ROLES)
+        self._consts = _fast_consts(self.trigger, c.window, spec.role in _LOG_ROLES)
         # The trigger's warm-up compiled too, where libm's log (math.log's) was found.
         self._compiled_warm_up = self._consts is not None and bool(self._consts[0][_k.CI_LIBM_LOG])
         # The alarm episodes compiled too (:func:`_kernels.series_episodes`), where the
@@ -245,29 +265,25 @@ class SeriesDetector:
         self.min_value = min(self.min_value, float(values.min()))
         self.max_value = max(self.max_value, float(values.max()))
         y = working_scale_many(self.spec.role, values)
-        # Enough history for the plateau windows at every point of the block.
-        history = self._plateau.patience - 1
-        prior = min(history, self._size)
-        ext_values = np.concatenate([self._values[self._size - prior : self._size], y])
-        ext_steps = np.concatenate([self._steps[self._size - prior : self._size], steps])
         n_before = self.n_finite
 
+        plateaus = self._plateaus(steps, y, n_before)
         tagged = self._change_points(steps, y, n_before, 0)
-        tagged += self._plateaus(ext_steps, ext_values, prior, n_before)
+        tagged += plateaus
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [event for _, _, event in tagged]
 
     def _fast_block(self, steps: np.ndarray, values: np.ndarray) -> list[Event]:
         """The rest of :meth:`update_many`, compiled: one call (:func:`_kernels.series_block`)
-        filters, scales and finds the first plateau transition, and, when no alarm is
-        pending and the trigger is past its warm-up (most blocks), scans and appends
-        up to the trigger's first alarm; Python continues from the alarm (or the
-        block's start) and makes the plateau events only when there are some. The
-        same operations as the numpy path, so the same floats and events.
+        filters and scales, and, when no alarm is pending and the trigger is past its
+        warm-up (most blocks), scans and appends up to the trigger's first alarm; one
+        more (:meth:`_plateaus`) feeds the plateau test's step bins; Python continues
+        from the alarm (or the block's start) and makes events only when there are
+        some. The same operations as the numpy path, so the same floats and events.
         O(points) plus O(window) per alarm."""
         scan = self._pending_alarm is None and self.trigger.n >= self.trigger.warmup
-        (bad, good, low, high, alarm, self.trigger.n, size, total, transition, ext_steps, ext_values,
-         prior) = self._block(steps, values, scan)
+        (bad, good, low, high, alarm, self.trigger.n, size, total, finite_steps,
+         y) = self._block(steps, values, scan)
         if bad:
             self.n_nonfinite += bad
             if not good:
@@ -282,15 +298,15 @@ class SeriesDetector:
         self.min_value = min(self.min_value, low)
         self.max_value = max(self.max_value, high)
         self._size, self.n_finite = size, total
-        if alarm == -1 and transition < 0:
+        plateaus = self._plateaus(finite_steps, y, n_before)
+        if alarm == -1 and not plateaus:
             return []
         tagged: list[tuple[int, int, Event]] = []
         if alarm != -1:
             if alarm >= 0:
                 self._alarmed()
-            tagged = self._change_points(ext_steps[prior:], ext_values[prior:], n_before, max(alarm + 1, 0))
-        if transition >= 0:
-            tagged += self._plateaus(ext_steps, ext_values, prior, n_before, transition)
+            tagged = self._change_points(finite_steps, y, n_before, max(alarm + 1, 0))
+        tagged += plateaus
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [event for _, _, event in tagged]
 
@@ -459,7 +475,7 @@ class SeriesDetector:
         return _k.series_block(
             steps, values, trigger.n, trigger._f, trigger._sums,
             trigger.gate, table, ci, cf, trigger._bank_kq_flat, trigger._bank_hq_flat, uf, self._steps,
-            self._values, self._size, self.n_finite, self.in_plateau, scan)
+            self._values, self._size, self.n_finite, scan)
 
     def _alarmed(self) -> None:
         """Start an alarm's episode (the trigger has just alarmed)."""
@@ -606,32 +622,32 @@ class SeriesDetector:
 
     # --- plateaus and trends -------------------------------------------------------
 
-    def _plateaus(self, ext_steps: np.ndarray, ext_values: np.ndarray, prior: int,
-                  n_before: int, first: int = 0) -> list[tuple[int, int, Event]]:
-        """The plateau events of a block: every window of ``patience`` points of the
-        extended block that changes the plateau state (:meth:`PlateauTest.transitions`,
-        one compiled call), from window ``first`` (the block's first transition where
-        known: the windows before it change nothing). O(patience × windows)."""
-        p = self._plateau.patience
-        skip = max(0, prior - (p - 1))  # windows ending before this block were tested already
-        ext_steps, ext_values, prior, n_before = ext_steps[skip:], ext_values[skip:], prior - skip, n_before
-        if len(ext_values) < p:
+    def _plateaus(self, steps: np.ndarray, y: np.ndarray, n_before: int) -> list[tuple[int, int, Event]]:
+        """The plateau events of a block of finite working-scale points: the test on the
+        last ``patience`` step bins each time a bin closes (:func:`_kernels.plateau_bins`,
+        one compiled call). A bin opening at step b is ``plateau_bin_fraction`` of the
+        steps elapsed since the series' first point wide (at least one step), so the
+        window of ``patience`` bins spans about the last half of the series' steps (1 −
+        e^(−patience × fraction) of them) whatever the logging cadence: a loss that
+        falls 10 % per 200 steps is not on a plateau because it is logged every step,
+        and a plateau ends when its level moves, however slowly it is logged. Each bin
+        is its points' mean. O(points + patience per closed bin)."""
+        p = self._plateau
+        found = _k.plateau_bins(steps, y, self._bins_i, self._bins_f, self._ring_y, self._ring_x,
+                                self._ring_first, p.patience, self._plateau_q, p.min_delta,
+                                p.threshold_mode == "rel", self.config.plateau_bin_fraction)
+        if not found.shape[1]:
             return []
-        found = self._plateau.transitions(ext_values, self.in_plateau, max(0, first - skip))
-        # Window w ends at ext index w + p - 1, i.e. finite point n_before - prior + w + p - 1.
-        first_end = n_before - prior + p - 1
         tagged: list[tuple[int, int, Event]] = []
-        for window, is_plateau, slope, low, high, bound in found.T.tolist():
-            w = int(window)
-            started = not self.in_plateau
-            self.in_plateau = started
-            step = int(ext_steps[w + p - 1])
-            located = int(ext_steps[w]) if started else step
-            result = PlateauResult(is_plateau > 0.0, slope, low, high, bound)
-            tagged.append((first_end + w, _PLATEAU, self._plateau_event(result, started, located, step)))
+        for i, started, slope, low, high, bound, located, span in found.T.tolist():
+            self.in_plateau = started > 0.0
+            result = PlateauResult(self.in_plateau, slope, low, high, bound)
+            event = self._plateau_event(result, self.in_plateau, int(located), int(steps[int(i)]), span)
+            tagged.append((n_before + int(i), _PLATEAU, event))
         return tagged
 
-    def _plateau_event(self, result: PlateauResult, started: bool, located: int, step: int) -> Event:
+    def _plateau_event(self, result: PlateauResult, started: bool, located: int, step: int,
+                       span: float) -> Event:
         kind = EventKind.PLATEAU_START if started else EventKind.PLATEAU_END
         return Event(
             step=located,
@@ -648,6 +664,7 @@ class SeriesDetector:
                 "min_delta": f"{result.bound:.4g}",
                 "threshold_mode": self._plateau.threshold_mode,
                 "patience": str(self._plateau.patience),
+                "window_steps": f"{span:.0f}",
                 "detected_at_step": str(step),
             },
         )
@@ -687,7 +704,9 @@ class SeriesDetector:
 
     def state(self) -> dict:
         """Everything needed to resume, as versioned plain data (dicts, lists, numbers and
-        two numpy arrays): field names are part of the format, not attribute names."""
+        two numpy arrays): field names are part of the format, not attribute names. A
+        state without ``plateau_bins`` (written before the step bins) resumes with
+        empty bins."""
         return {
             "version": STATE_VERSION,
             "spec": asdict(self.spec),
@@ -696,6 +715,9 @@ class SeriesDetector:
             "values": self._values[: self._size].copy(),
             **{name: getattr(self, "_" + name) for name in self._SCALARS},
             **{name: getattr(self, name) for name in self._READOUTS},
+            "plateau_bins": {"ints": self._bins_i.tolist(), "floats": self._bins_f.tolist(),
+                             "means": self._ring_y.tolist(), "mean_steps": self._ring_x.tolist(),
+                             "first_steps": self._ring_first.tolist()},
         }
 
     @classmethod
@@ -730,6 +752,14 @@ class SeriesDetector:
         det.last_value, det.first_value = float(state["last_value"]), float(state["first_value"])
         det.min_value, det.max_value = float(state["min_value"]), float(state["max_value"])
         det.in_plateau = bool(state["in_plateau"])
+        bins = state.get("plateau_bins")
+        if bins is not None and len(bins["means"]) == len(det._ring_y):
+            det._bins_i[:] = bins["ints"]
+            det._bins_f[:] = bins["floats"]
+            det._ring_y[:], det._ring_x[:] = bins["means"], bins["mean_steps"]
+            det._ring_first[:] = bins["first_steps"]
+        else:  # a checkpoint from before the step bins (or another patience): bins start afresh
+            det._bins_i[_k.PB_IN] = int(det.in_plateau)
         return det
 
 
@@ -784,22 +814,19 @@ def _episode_consts(config: SeriesConfig) -> _EpisodeConsts | None:
 _FAST_CONSTS: dict[tuple, _FastConsts] = {}  # per settings: a handful per process
 
 
-def _fast_consts(trigger: CusumTrigger, plateau: PlateauTest, window: int,
-                 log_role: bool) -> _FastConsts | None:
+def _fast_consts(trigger: CusumTrigger, window: int, log_role: bool) -> _FastConsts | None:
     """The constants of :func:`_kernels.series_block` and :func:`_kernels.scan_append` for
     these settings (entries ``CI_*``, ``CF_*``; shared, never written), or None where
     numpy's loops cannot be called from compiled code (:func:`_kernels.numpy_loops`)."""
     uf = _k.numpy_loops()
     if uf is None:
         return None
-    key = (trigger.settings_key, plateau, window, log_role)
+    key = (trigger.settings_key, window, log_role)
     consts = _FAST_CONSTS.get(key)
     if consts is None:
-        ci = np.array([trigger._bank_after, trigger._kq, trigger._hq, window, plateau.patience,
-                       plateau.threshold_mode == "rel", log_role, trigger.warmup, _k.libm_log()],
-                      dtype=np.int64)
-        q = _t_quantile(0.5 + plateau.confidence / 2, max(plateau.patience - 2, 1))
-        cf = np.r_[trigger._lam, q, plateau.min_delta, trigger._holt, trigger._consts].astype(float)
+        ci = np.array([trigger._bank_after, trigger._kq, trigger._hq, window, log_role, trigger.warmup,
+                       _k.libm_log()], dtype=np.int64)
+        cf = np.r_[trigger._lam, trigger._holt, trigger._consts].astype(float)
         table = np.ascontiguousarray(np.vstack(trigger._table))
         consts = _FAST_CONSTS[key] = (ci, cf, table, uf)
     return consts

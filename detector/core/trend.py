@@ -151,18 +151,6 @@ class PlateauTest:
         """
         return _plateau_windows(np.asarray(y, dtype=float), self.patience, self)
 
-    def transitions(self, y: np.ndarray, in_plateau: bool, first: int = 0) -> np.ndarray:
-        """The windows of :meth:`test_sliding` from window ``first`` on where the state
-        changes, ``in_plateau`` the state before (a plateau starts where a window
-        passes, ends where the change's interval leaves the margin), with their
-        results: rows window, is_plateau, slope, ci_low, ci_high, bound, each the
-        float :meth:`test_sliding` gives, in one compiled call
-        (:func:`_kernels.plateau_transitions`; the windows before ``first`` not
-        computed). O(patience × windows from ``first``)."""
-        q = _t_quantile(0.5 + self.confidence / 2, max(self.patience - 2, 1))
-        return _k.plateau_transitions(np.ascontiguousarray(y, dtype=float), self.patience, q, self.min_delta,
-                                      self.threshold_mode == "rel", in_plateau, first)
-
 
 def _plateau_windows(y: np.ndarray, n: int, test: PlateauTest) -> PlateauArrays:
     # Compiled (detector.core._kernels.plateau_windows): each window's sums are taken
