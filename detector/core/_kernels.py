@@ -1090,7 +1090,7 @@ def plateau_bin_width(start, first, rho):  # pragma: no cover - compiled
 
 @_jit
 def plateau_bins(steps, y, st, sf, ring_y, ring_x, ring_first, patience, q, min_delta, relative,
-                 rho):  # pragma: no cover - compiled
+                 rho, recent):  # pragma: no cover - compiled
     """The plateau test on step bins: the finite working-scale points ``y`` at ``steps``
     go into bins whose edges depend on steps alone (:func:`plateau_bin_width`); when a
     point falls past the open bin, that bin closes (if it holds points) and its mean
@@ -1098,7 +1098,10 @@ def plateau_bins(steps, y, st, sf, ring_y, ring_x, ring_first, patience, q, min_
     (ordinary least squares of bin means on bin mean steps; the change over the
     window's span, its ``q`` confidence interval, inside ±``min_delta``, times the
     mean level when ``relative``). A plateau starts where the interval lies inside
-    the margin and ends where it lies wholly outside. The state arrays are advanced
+    the margin and ends where it lies wholly outside. The window is tested only
+    once it spans at most ``recent`` of the series' steps so far (early on the
+    bins are one step wide and 20 of them are the whole history: "flat so far"
+    is not a plateau). The state arrays are advanced
     in place; returns the transitions, rows: index of the point that closed the bin,
     started (1) or ended (0), slope per step, change low, high, bound, located step
     (the window's first step for a start, the closed bin's last step for an end),
@@ -1122,7 +1125,9 @@ def plateau_bins(steps, y, st, sf, ring_y, ring_x, ring_first, patience, q, min_
                 st[PB_HEAD] = (head + 1) % patience
                 if st[PB_RING] < patience:
                     st[PB_RING] += 1
-                if st[PB_RING] == patience:
+                oldest = ring_first[st[PB_HEAD]]
+                elapsed = float(st[PB_BIN_LAST] - st[PB_FIRST])
+                if st[PB_RING] == patience and float(st[PB_BIN_LAST] - oldest) <= recent * elapsed:
                     is_plateau, slope, low, high, bound, span = _plateau_ring(
                         ring_y, ring_x, st[PB_HEAD], patience, q, min_delta, relative)
                     inside = st[PB_IN] != 0
@@ -1131,7 +1136,7 @@ def plateau_bins(steps, y, st, sf, ring_y, ring_x, ring_first, patience, q, min_
                         out[0, k] = i
                         out[1, k] = 0.0 if inside else 1.0
                         out[2, k], out[3, k], out[4, k], out[5, k] = slope, low, high, bound
-                        out[6, k] = st[PB_BIN_LAST] if inside else ring_first[st[PB_HEAD]]
+                        out[6, k] = st[PB_BIN_LAST] if inside else oldest
                         out[7, k] = span
                         k += 1
             st[PB_COUNT] = 0

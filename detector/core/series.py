@@ -163,6 +163,11 @@ class SeriesConfig:
 
 
 _CP, _PLATEAU = 0, 1  # event order within one point: change points, then plateaus
+# The plateau window is tested once it is at most this share of the series' steps so
+# far (at least a third of the history before it): 20 bins are ~46 % of it once the
+# bins are as wide as the run's time scale, but early on, one step each at a dense
+# cadence, they are all of it, and a warm-up's first 20 steps look flat.
+_PLATEAU_RECENT = 2 / 3
 _NO_FLAGS = np.zeros(0, dtype=bool)  # an episode's alarm flags before any were absorbed (never written)
 
 
@@ -635,7 +640,8 @@ class SeriesDetector:
         p = self._plateau
         found = _k.plateau_bins(steps, y, self._bins_i, self._bins_f, self._ring_y, self._ring_x,
                                 self._ring_first, p.patience, self._plateau_q, p.min_delta,
-                                p.threshold_mode == "rel", self.config.plateau_bin_fraction)
+                                p.threshold_mode == "rel", self.config.plateau_bin_fraction,
+                                _PLATEAU_RECENT)
         if not found.shape[1]:
             return []
         tagged: list[tuple[int, int, Event]] = []
