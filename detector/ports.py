@@ -38,7 +38,7 @@ class SeriesStatus:
     role: Role
     split: Split
     in_plateau: bool
-    trend_tau: float | None  # Kendall's tau of the last trend window; None before one
+    trend_tau: float | None  # Kendall's tau over the last plateau bins (~half the steps); None before
     trend_p_value: float | None
     last_value: float  # raw, may be non-finite
 

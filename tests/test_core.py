@@ -293,7 +293,8 @@ def test_every_detector_class_documents_and_checks_its_settings() -> None:
     for make in (lambda: CusumTrigger(scale_rate=0), lambda: WindowLocaliser(penalty=0),
                  lambda: PlateauTest(threshold_mode="max"),
                  lambda: SeriesConfig(window=10), lambda: SeriesConfig(recheck=-1),
-                 lambda: SeriesConfig(window=60)):  # half of it cannot hold the trend's 30 + 5
+                 lambda: SeriesConfig(window=30),  # half of it cannot hold 20 plateau bins' worth
+                 lambda: SeriesConfig(plateau_bin_fraction=0.0), lambda: SeriesConfig(patience=2)):
         with pytest.raises(InvalidArgument):
             make()
     # Default settings are shared templates: a detector never mutates them.
@@ -338,7 +339,9 @@ def test_series_state_is_versioned_plain_data_and_converts_version_1() -> None:
         later = y[600:900]
         assert resumed.update_many(np.arange(600, 900), later) == \
             SeriesDetector.from_state(state).update_many(np.arange(600, 900), later)
-    assert asdict(SeriesDetector.from_state(old).trend) == asdict(det.trend)
+    assert asdict(SeriesDetector.from_state(state).trend) == asdict(det.trend)
+    # The trend is read from the plateau test's step bins, which an old state lacks.
+    assert SeriesDetector.from_state(old).trend is None
     with pytest.raises(InvalidArgument, match="version 9"):
         SeriesDetector.from_state({**state, "version": 9})
 

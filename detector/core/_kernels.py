@@ -1074,7 +1074,13 @@ def plateau_windows(y, n, q, min_delta, relative):  # pragma: no cover - compile
 # State of a series' bins (SeriesDetector keeps the arrays; a checkpoint stores them):
 # integers PB_* and floats PF_* below, and three rings of ``patience`` closed bins
 # (their mean value, mean step and first step).
-PB_FIRST, PB_START, PB_END, PB_COUNT, PB_RING, PB_HEAD, PB_IN, PB_BIN_FIRST, PB_BIN_LAST = range(9)
+# PB_FIRST: the series' first step (−1 before it); PB_START, PB_END: the open bin's
+# edges; PB_COUNT: its points; PB_HEAD: the ring's next slot (its oldest once full);
+# PB_IN: in a plateau; PB_BIN_FIRST, PB_BIN_LAST: the open bin's first and last step;
+# PB_CLOSED: bins closed so far. PF_SUM_Y, PF_SUM_X: the open bin's sums of values and
+# of steps after the first.
+(PB_FIRST, PB_START, PB_END, PB_COUNT, PB_HEAD, PB_IN, PB_BIN_FIRST, PB_BIN_LAST,
+ PB_CLOSED) = range(9)
 PB_SIZE = 9
 PF_SUM_Y, PF_SUM_X = 0, 1
 PF_SIZE = 2
@@ -1123,11 +1129,10 @@ def plateau_bins(steps, y, st, sf, ring_y, ring_x, ring_first, patience, q, min_
                 ring_x[head] = sf[PF_SUM_X] / st[PB_COUNT]
                 ring_first[head] = st[PB_BIN_FIRST]
                 st[PB_HEAD] = (head + 1) % patience
-                if st[PB_RING] < patience:
-                    st[PB_RING] += 1
+                st[PB_CLOSED] += 1
                 oldest = ring_first[st[PB_HEAD]]
                 elapsed = float(st[PB_BIN_LAST] - st[PB_FIRST])
-                if st[PB_RING] == patience and float(st[PB_BIN_LAST] - oldest) <= recent * elapsed:
+                if st[PB_CLOSED] >= patience and float(st[PB_BIN_LAST] - oldest) <= recent * elapsed:
                     is_plateau, slope, low, high, bound, span = _plateau_ring(
                         ring_y, ring_x, st[PB_HEAD], patience, q, min_delta, relative)
                     inside = st[PB_IN] != 0

@@ -20,8 +20,7 @@ multiplicative) and feed:
   ``plateau_bin_fraction`` of the steps elapsed wide (a window of about the
   last half of the series' steps whatever the logging cadence), compiled
   (:func:`~detector.core._kernels.plateau_bins`), O(1) amortised; and a
-  Mann–Kendall trend test on the last ``trend_window`` points every
-  ``trend_every`` points.
+  Mann–Kendall trend test on the same bins' means, when read.
 
 Memory per series is O(``window``), independent of run length.
 
@@ -116,8 +115,8 @@ class SeriesConfig:
     plateau and kept a plateau open through a 1-nat drop), and the plateau
     margins (0.05 decades for losses and norms, 0.01 of accuracy, 5 % otherwise)
     call a plateau what a reader of the plot would: no change beyond the margin
-    over the recent half of the run; ``trend_window`` 30, ``trend_every`` 5 give the headline gauges a
-    recent Mann–Kendall trend without a test on every point.
+    over the recent half of the run. The headline gauges' Mann–Kendall trend is
+    read from the same bins (their direction over that window).
     """
 
     window: int = 1024
@@ -133,23 +132,21 @@ class SeriesConfig:
     min_delta_log: float = 0.05  # decades, for log-scale roles (abs mode)
     min_delta_accuracy: float = 0.01  # accuracy units (abs mode)
     min_delta_rel: float = 0.05  # other roles (rel mode)
-    trend_window: int = 30
-    trend_every: int = 5
 
     def __post_init__(self) -> None:
-        # Half the window is what is held after a shift; the trend is read from it,
-        # up to trend_every points back.
-        needed = max(self.patience, self.trend_window + self.trend_every,
-                     2 * self.localiser.min_size + 1 + self.lag)
+        # Half the window is what is held after a shift.
+        needed = max(self.patience, 2 * self.localiser.min_size + 1 + self.lag)
         if self.window < 2 * needed or self.window % 2:
             raise InvalidArgument(
                 "window must be even and hold at least "
-                "2 × max(patience, trend_window + trend_every, 2 × min_size + 1 + lag)"
+                "2 × max(patience, 2 × min_size + 1 + lag)"
             )
         if not 0 < self.plateau_bin_fraction < 1:
             raise InvalidArgument("plateau_bin_fraction must be in (0, 1)")
-        if self.trend_every < 1 or self.lag < 0 or self.recheck < 0:
-            raise InvalidArgument("trend_every must be at least 1, lag and recheck at least 0")
+        if self.patience < 3:
+            raise InvalidArgument("patience must be at least 3 bins")
+        if self.lag < 0 or self.recheck < 0:
+            raise InvalidArgument("lag and recheck must be at least 0")
         if self.recheck_limit < self.recheck or self.min_history < 0 or self.recheck_evidence < 0:
             raise InvalidArgument("recheck_limit must be at least recheck, min_history and "
                                   "recheck_evidence at least 0")
@@ -230,7 +227,7 @@ class SeriesDetector:
         self._ring_y, self._ring_x = np.zeros(p), np.zeros(p)
         self._ring_first = np.zeros(p, dtype=np.int64)
         self._plateau_q = _t_quantile(0.5 + self._plateau.confidence / 2, max(p - 2, 1))
-        self._trend_read: tuple[int, TrendResult | None] = (-1, None)  # (n_finite, trend) of the last read
+        self._trend_read: tuple[int, TrendResult | None] = (-1, None)  # (bins closed, trend) of the last read
         # The compiled block's constants (integers, floats, the trigger's line table,
         # numpy's loops), or None where numpy's loops cannot be called (numpy's path).
         self._consts = _fast_consts(self.trigger, c.window, spec.role in _LOG_ROLES)
@@ -677,29 +674,25 @@ class SeriesDetector:
 
     @property
     def trend(self) -> TrendResult | None:
-        """Mann–Kendall on the last ``trend_window`` points as of the last multiple of
-        ``trend_every`` points (None before ``trend_window`` points). Computed when read
-        (O(trend_window²), once per point count), from the held window: only the
+        """Mann–Kendall on the means of the plateau test's last ``patience`` step bins
+        (about the last half of the series' steps; None before that many bins have
+        closed). Computed when read (O(patience²), once per closed bin): only the
         headline series' trends are ever read."""
-        last = (self.n_finite // self.config.trend_every) * self.config.trend_every
-        if last < self.config.trend_window:
+        closed = int(self._bins_i[_k.PB_CLOSED])
+        if closed < self._plateau.patience:
             return None
-        if self._trend_read[0] != last:
+        if self._trend_read[0] != closed:
             window = self.trend_window()
             assert window is not None
-            self._trend_read = (last, mann_kendall(window))
+            self._trend_read = (closed, mann_kendall(window))
         return self._trend_read[1]
 
     def trend_window(self) -> np.ndarray | None:
-        """A copy of the values :attr:`trend` tests now: the last ``trend_window``
-        finite points as of the last multiple of ``trend_every`` points, or None
-        before there are that many (a status holds it to test later). O(trend_window)."""
-        every, window = self.config.trend_every, self.config.trend_window
-        last = (self.n_finite // every) * every  # finite count at the last due point
-        if last < window:
+        """A copy of the bin means :attr:`trend` tests now, oldest first, or None
+        before ``patience`` bins have closed (a status holds it to test later). O(patience)."""
+        if self._bins_i[_k.PB_CLOSED] < self._plateau.patience:
             return None
-        end = self._size - (self.n_finite - last)  # held index just past that point
-        return self._values[end - window : end].copy()
+        return np.roll(self._ring_y, -int(self._bins_i[_k.PB_HEAD]))
 
     # --- checkpoints -------------------------------------------------------------
 
@@ -759,7 +752,7 @@ class SeriesDetector:
         det.min_value, det.max_value = float(state["min_value"]), float(state["max_value"])
         det.in_plateau = bool(state["in_plateau"])
         bins = state.get("plateau_bins")
-        if bins is not None and len(bins["means"]) == len(det._ring_y):
+        if bins is not None and len(bins["means"]) == len(det._ring_y) and len(bins["ints"]) == _k.PB_SIZE:
             det._bins_i[:] = bins["ints"]
             det._bins_f[:] = bins["floats"]
             det._ring_y[:], det._ring_x[:] = bins["means"], bins["mean_steps"]

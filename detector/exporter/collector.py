@@ -48,7 +48,8 @@ _INFO = ("phasewatch_run", "Labels of each run, as label_<key>.")  # exposed as 
 _PLATEAU = ("phasewatch_series_plateau",
             "1 while a headline series is on a plateau (slope equivalence test), else 0.")
 _TAU = ("phasewatch_series_trend_tau",
-        "Kendall's tau of a headline series over its last trend window (-1 to 1).")
+        "Kendall's tau of a headline series over its last 20 step bins "
+        "(about the last half of its steps; -1 to 1).")
 _P_VALUE = ("phasewatch_series_trend_p_value", "Mann-Kendall p-value of that trend.")
 _LAST_VALUE = ("phasewatch_series_last_value",
                "Last value received for a headline series (NaN when non-finite).")
