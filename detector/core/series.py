@@ -24,8 +24,8 @@ multiplicative) and feed:
 
 Memory per series is O(``window``), independent of run length.
 
-About 680 lines, one class: change points, plateaus and the trend read the
-same block and the same held window in one pass, and the state's format and
+About 700 lines, one class: change points and plateaus read the same block in
+one pass (the trend reads the plateau test's bins), and the state's format and
 its one converter sit beside the fields they save.
 """
 
@@ -172,12 +172,11 @@ class SeriesDetector:
     """Change points, plateaus and trends of one series, in blocks of points.
 
     ``update_many`` takes a block: non-finite values are counted and dropped
-    first; the trigger scans the block, the block is appended to the held
-    window and the plateau test is evaluated on every sliding window of the
-    block, all in one compiled call; an alarm's looks (localisation) run in a
-    second compiled call up to a confirmed break, and Python runs only for the
-    events of confirmed breaks and of plateau transitions; the trend is
-    computed when read.
+    first; the trigger scans the block and the block is appended to the held
+    window in one compiled call, the plateau test's step bins take it in
+    another; an alarm's looks (localisation) run in a third compiled call up to
+    a confirmed break, and Python runs only for the events of confirmed breaks
+    and of plateau transitions; the trend is computed when read.
     (Where numpy's loops cannot be called from compiled code, the same steps run
     in numpy, with the same results.)
     ``update`` is the one-point form and gives the same events and state.
