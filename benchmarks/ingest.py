@@ -25,7 +25,12 @@ Servers, each a separate process with ``OPENBLAS_NUM_THREADS=1``:
   (a checkpoint per batch into a fresh SQLite file; ``--store`` to change);
 - ``bare-aio`` (only when asked for in ``--servers``): the bare servicer on
   grpc.aio's server, one event loop instead of a thread a stream: what the sync
-  server's thread hand-offs cost. The ratio's reference stays ``bare``.
+  server's thread hand-offs cost. The ratio's reference stays ``bare``;
+- ``engine-aio`` and ``engine-aio-worker`` (only when asked for, real-run
+  workload): the detector's engine behind grpc.aio, Stream only, detecting on
+  the event loop itself or on one worker thread, the same SQLite durability,
+  none of ``serve``'s guard, auth, metrics, exporter or alerts: what porting
+  the Stream RPC to grpc.aio would buy (:class:`AioEngineServicer`).
 
 ``--bare-events N`` makes the bare servers answer every batch with N event
 messages before its ack, as the full server answers with one message an
@@ -163,6 +168,87 @@ class AioBareServicer(BareServicer):
                 yield response
 
 
+class AioEngineServicer(pb_grpc.PhaseDetectorServicer):
+    """The detector's :class:`~detector.engine.Engine` behind grpc.aio's server
+    (``--servers engine-aio`` and ``engine-aio-worker``, real-run workload): Stream
+    only, one message an event then the ack, as ``phasewatch serve`` answers. Each
+    start, batch and end runs on the event loop itself (``worker`` False: no thread
+    hands anything to another, and nothing else runs while a batch is detected) or
+    on one worker thread (``run_in_executor``: the loop keeps serving the transport
+    meanwhile, and takes the interpreter lock whenever detection lets it go). A
+    measurement of what porting the Stream RPC to grpc.aio would buy, not a
+    server: no guard, authentication, RPC metrics, exporter, alerts or claims
+    (``phasewatch serve`` runs them all), the same default durability (a
+    checkpoint a batch into SQLite)."""
+
+    def __init__(self, store_url: str, worker: bool = False) -> None:
+        from detector.engine import Engine
+        from detector.store import open_store
+
+        self.engine = Engine(store=open_store(store_url))
+        self.worker = futures.ThreadPoolExecutor(max_workers=1) if worker else None
+
+    def _batch(self, run_id: str, batch: pb.MetricBatch) -> list[pb.StreamResponse]:
+        from detector.convert import batch_to_columns, event_to_proto
+
+        result = self.engine.ingest(run_id, batch_to_columns(batch))
+        out = [pb.StreamResponse(event=event_to_proto(run_id, e)) for e in result.events]
+        out.append(pb.StreamResponse(ack=pb.Ack(through_step=result.through_step, accepted=result.accepted,
+                                                rejected=result.rejected)))
+        return out
+
+    def _end(self, run_id: str, final_step: int) -> list[pb.StreamResponse]:
+        from detector.convert import event_to_proto
+
+        events = self.engine.end_run(run_id, final_step or None)
+        out = [pb.StreamResponse(event=event_to_proto(run_id, e)) for e in events]
+        out.append(pb.StreamResponse(ack=pb.Ack(through_step=self.engine.status(run_id).last_step)))
+        return out
+
+    def _start(self, run_id: str, labels: dict[str, str]) -> list[pb.StreamResponse]:
+        status = self.engine.start_run(run_id, labels)
+        return [pb.StreamResponse(ack=pb.Ack(through_step=status.last_step))]
+
+    async def _call(self, fn: Any, *args: Any) -> list[pb.StreamResponse]:
+        if self.worker is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def Stream(self, request_iterator: Any, context: Any) -> Any:  # type: ignore[override]
+        run_id = ""
+        async for request in request_iterator:
+            which = request.WhichOneof("msg")
+            if which == "start":
+                run_id = request.start.run_id
+                responses = await self._call(self._start, run_id, dict(request.start.labels))
+            elif which == "batch":
+                responses = await self._call(self._batch, run_id, request.batch)
+            else:
+                responses = await self._call(self._end, run_id, request.end.final_step)
+            for response in responses:
+                yield response
+
+
+def serve_engine_aio(listen: str, store_url: str, worker: bool = False) -> None:
+    """:class:`AioEngineServicer` on grpc.aio's server, after ``phasewatch serve``'s
+    warm-up (the kernels loaded before the first batch)."""
+    from detector.server import DEFAULT_MAX_MESSAGE_BYTES
+    from detector.server.app import warm_up
+
+    warm_up()
+
+    async def run() -> None:
+        options = [("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_PhaseDetectorServicer_to_server(AioEngineServicer(store_url, worker), server)
+        port = server.add_insecure_port(listen)
+        await server.start()
+        print(f"engine (aio) listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
 def serve_bare(listen: str, events: int = 0, aio: bool = False) -> None:
     """The bare server, with ``phasewatch serve``'s thread pool and message options
     (``aio``: grpc.aio's server with the same message options)."""
@@ -202,7 +288,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server in its own process: ``kind`` "bare", "bare-aio" or "full" (``phasewatch serve``)."""
+    """A server in its own process: ``kind`` "bare", "bare-aio", "engine-aio" or "full"
+    (``phasewatch serve``)."""
 
     def __init__(self, kind: str, store: str | None = None, metrics: bool = False,
                  args: Sequence[str] = (), env: dict[str, str] | None = None,
@@ -216,6 +303,10 @@ class ServerProcess:
         if kind.startswith("bare"):
             cmd = [sys.executable, "-m", "benchmarks.ingest", "--serve-bare", self.target,
                    "--bare-events", str(bare_events), *(["--serve-bare-aio"] if kind == "bare-aio" else [])]
+        elif kind.startswith("engine-aio"):
+            cmd = [sys.executable, "-m", "benchmarks.ingest", "--serve-engine-aio", self.target,
+                   "--store", store or f"sqlite:///{self.tmp.name}/bench.db",
+                   *(["--serve-engine-worker"] if kind == "engine-aio-worker" else [])]
         else:
             # profile: the same server under benchmarks.profile_serve (cProfile on every thread).
             entry = ["benchmarks.profile_serve", profile] if profile else ["detector"]
@@ -687,23 +778,23 @@ def main_real(args: argparse.Namespace) -> int:
                 cells.append(cell)
                 print(f"  {kind} closed lines={lines} runs={args.streams}: "
                       f"{cell['points_per_second']:,.0f} points/s", file=sys.stderr, flush=True)
-            if kind != "full" or args.no_open_loop:
+            if kind.startswith("bare") or args.no_open_loop:
                 continue
             for lines in line_sizes:
-                closed = next(c for c in cells if c["server"] == "full" and c["lines"] == lines)
+                closed = next(c for c in cells if c["server"] == kind and c["lines"] == lines)
                 rate = args.rate if args.rate else 0.5 * closed["batches_per_second"]
                 if rate <= 0:
                     continue
                 cell = run_real_cell(server, plans[lines], lines, args.streams, open_seconds,
                                      args.window, rate=rate)
                 cells.append(cell)
-                print(f"  full open lines={lines} runs={args.streams} at {rate:.1f} batches/s: "
+                print(f"  {kind} open lines={lines} runs={args.streams} at {rate:.1f} batches/s: "
                       f"event p99 {cell['event_latency_p99_ms']} ms, ack p99 {cell['ack_latency_p99_ms']} ms",
                       file=sys.stderr, flush=True)
     bare = {c["lines"]: c for c in cells if c["server"] == "bare"}
     for c in cells:
         ceiling = bare.get(c["lines"])
-        if c["server"] == "full" and c["mode"] == "closed" and ceiling:
+        if not c["server"].startswith("bare") and c["mode"] == "closed" and ceiling:
             c["ratio_wall"] = c["points_per_second"] / ceiling["points_per_second"]
             if c["points_per_cpu_second"] and ceiling["points_per_cpu_second"]:
                 c["ratio_cpu"] = c["points_per_cpu_second"] / ceiling["points_per_cpu_second"]
@@ -779,7 +870,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "CPU; the profiler slows it, so its numbers are not throughput")
     parser.add_argument("--window", type=int, default=2, help="batches in flight per stream")
     parser.add_argument("--servers", default="bare,full",
-                        help="which servers: bare, full, and bare-aio (the bare servicer on grpc.aio)")
+                        help="which servers: bare, full, bare-aio (the bare servicer on grpc.aio) and, "
+                             "with --workload real, engine-aio and engine-aio-worker (the engine behind "
+                             "grpc.aio, detecting on the loop or on one worker thread)")
     parser.add_argument("--bare-events", type=int, default=0,
                         help="event messages the bare servers send per batch before its ack "
                              "(the full server sends one per event)")
@@ -788,7 +881,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write the numbers here")
     parser.add_argument("--serve-bare", metavar="HOST:PORT", help=argparse.SUPPRESS)
     parser.add_argument("--serve-bare-aio", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-engine-aio", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-engine-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_engine_aio:
+        serve_engine_aio(args.serve_engine_aio, args.store or "sqlite://:memory:", args.serve_engine_worker)
+        return 0
     if args.serve_bare:
         serve_bare(args.serve_bare, args.bare_events, args.serve_bare_aio)
         return 0

@@ -73,3 +73,38 @@ def test_run_paths_needs_labels_and_says_what_is_missing(tmp_path):
     paths, _ = real_workload.run_paths(repo)
     assert [p.name for p in paths] == ["a.jsonl", "g.jsonl"]
     assert np.array_equal(real_workload.load(paths)[1].steps, [0])
+
+
+@pytest.mark.parametrize("kind", ["engine-aio", "engine-aio-worker"])
+def test_the_engine_behind_grpc_aio_answers_as_the_engine_does(kind):
+    # The benchmark's aio prototype (a process of its own on loopback) streams a
+    # run's events, one message each, then the ack: the events an in-process engine
+    # finds on the same batches, and through_step as it reports it.
+    import grpc
+
+    from benchmarks.ingest import ServerProcess
+    from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
+    from detector.engine import Engine
+    from detector.replay import columns_to_batch
+    from tests.helpers import rows_to_columns
+
+    rng = np.random.default_rng(4)
+    steps = np.arange(0, 3000, 10)
+    loss = np.where(steps < 1500, 2.0, 0.5) * np.exp(rng.normal(0, 0.02, len(steps)))
+    rows = [{"step": int(s), "train_loss": float(v)} for s, v in zip(steps, loss, strict=True)]
+    chunks = [rows_to_columns(rows[i : i + 64]) for i in range(0, len(rows), 64)]
+    engine = Engine()
+    engine.start_run("r")
+    expected = [e for c in chunks for e in engine.ingest("r", c).events] + engine.end_run("r")
+    requests = ([pb.StreamRequest(start=pb.RunStart(run_id="r"))]
+                + [pb.StreamRequest(batch=columns_to_batch(c)) for c in chunks]
+                + [pb.StreamRequest(end=pb.RunEnd())])
+    with ServerProcess(kind) as server, grpc.insecure_channel(server.target) as channel:
+        responses = list(pb_grpc.PhaseDetectorStub(channel).Stream(iter(requests), timeout=60))
+    events = [r.event for r in responses if r.WhichOneof("msg") == "event"]
+    acks = [r.ack for r in responses if r.WhichOneof("msg") == "ack"]
+    assert [(e.kind, e.step, e.series) for e in events] == [
+        (pb.EventKind.Value(f"EVENT_KIND_{e.kind.value}"), e.step, e.series) for e in expected]
+    assert any(e.kind == pb.EVENT_KIND_CHANGE_POINT and abs(e.step - 1500) <= 20 for e in events)
+    assert len(acks) == len(requests) and acks[-1].through_step == 2990
+    assert sum(a.accepted for a in acks) == len(rows)
