@@ -236,6 +236,27 @@ def test_series_update_many_equals_update_on_random_blocks(spec: SeriesSpec, see
     assert np.array_equal(a["values"], b["values"]) and np.array_equal(a["steps"], b["steps"])
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_plateau_bins_do_not_depend_on_batching_with_irregular_steps(seed: int) -> None:
+    # Steps that start late, thin out, pause for long stretches and come back dense:
+    # the bins' edges and sums, hence the plateau events, are those of one point at a time.
+    rng = np.random.default_rng(seed)
+    gaps = np.concatenate([rng.integers(1, 4, 300), rng.integers(20, 200, 100), [50_000],
+                           rng.integers(1, 3, 400), [10**9], rng.integers(1, 50, 200)])
+    steps = 10**6 + np.cumsum(gaps)
+    t = (steps - steps[0]).astype(float)
+    y = (1.0 + 2.0 * np.exp(-t / 2000)) * np.exp(rng.normal(0, 0.02, len(steps)))
+    spec = infer_spec("train_loss")
+    one = SeriesDetector(spec)
+    by_point = [e for s, v in zip(steps, y, strict=True) for e in one.update(int(s), float(v))]
+    many = SeriesDetector(spec)
+    by_block = [e for lo, hi in _random_blocks(len(y), seed)
+                for e in many.update_many(steps[lo:hi], y[lo:hi])]
+    assert by_point == by_block
+    assert [e for e in by_point if e.kind is EventKind.PLATEAU_START]  # the tail is flat: tested
+    assert one.state()["plateau_bins"] == many.state()["plateau_bins"]
+
+
 def test_trigger_scan_equals_update_and_round_trips() -> None:
     # Long enough for the slow bank to watch (after bank_after points), with small and
     # large shifts so that both the fast CUSUM and the bank alarm.
