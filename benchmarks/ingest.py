@@ -94,6 +94,7 @@ import numpy as np  # noqa: E402
 from benchmarks.workload import SERIES, block  # noqa: E402
 from detector._proto.phasewatch.v1 import detector_pb2 as pb  # noqa: E402
 from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc  # noqa: E402
+from detector.convert import batch_to_columns, event_to_proto  # noqa: E402
 
 STREAM_METHOD = "/phasewatch.v1.PhaseDetector/Stream"
 LOG_METHOD = "/phasewatch.v1.PhaseDetector/Log"
@@ -189,8 +190,6 @@ class AioEngineServicer(pb_grpc.PhaseDetectorServicer):
         self.worker = futures.ThreadPoolExecutor(max_workers=1) if worker else None
 
     def _batch(self, run_id: str, batch: pb.MetricBatch) -> list[pb.StreamResponse]:
-        from detector.convert import batch_to_columns, event_to_proto
-
         result = self.engine.ingest(run_id, batch_to_columns(batch))
         out = [pb.StreamResponse(event=event_to_proto(run_id, e)) for e in result.events]
         out.append(pb.StreamResponse(ack=pb.Ack(through_step=result.through_step, accepted=result.accepted,
@@ -198,8 +197,6 @@ class AioEngineServicer(pb_grpc.PhaseDetectorServicer):
         return out
 
     def _end(self, run_id: str, final_step: int) -> list[pb.StreamResponse]:
-        from detector.convert import event_to_proto
-
         events = self.engine.end_run(run_id, final_step or None)
         out = [pb.StreamResponse(event=event_to_proto(run_id, e)) for e in events]
         out.append(pb.StreamResponse(ack=pb.Ack(through_step=self.engine.status(run_id).last_step)))

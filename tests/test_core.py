@@ -314,7 +314,7 @@ def test_every_detector_class_documents_and_checks_its_settings() -> None:
     for make in (lambda: CusumTrigger(scale_rate=0), lambda: WindowLocaliser(penalty=0),
                  lambda: PlateauTest(threshold_mode="max"),
                  lambda: SeriesConfig(window=10), lambda: SeriesConfig(recheck=-1),
-                 lambda: SeriesConfig(window=30),  # half of it cannot hold 20 plateau bins' worth
+                 lambda: SeriesConfig(window=13),  # odd
                  lambda: SeriesConfig(plateau_bin_fraction=0.0), lambda: SeriesConfig(patience=2)):
         with pytest.raises(InvalidArgument):
             make()

@@ -1645,14 +1645,14 @@ def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_h
     for i in range(m):
         if np.isfinite(values[i]):
             good += 1
-    ext_steps = np.empty(good, dtype=np.int64)
+    finite_steps = np.empty(good, dtype=np.int64)
     y = np.empty(good)
     low, high = np.inf, -np.inf
     p = 0
     for i in range(m):
         v = values[i]
         if np.isfinite(v):
-            ext_steps[p] = steps[i]
+            finite_steps[p] = steps[i]
             y[p] = v
             p += 1
             if v < low:
@@ -1660,7 +1660,7 @@ def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_h
             if v > high:
                 high = v
     if good == 0:
-        return m, 0, low, high, -1, n, size, total, ext_steps, y
+        return m, 0, low, high, -1, n, size, total, finite_steps, y
     if ci[CI_LOG_ROLE]:
         # working_scale_many: copysign(log10(1 + |v| / eps), v), log10 numpy's own.
         arg = np.empty(good)
@@ -1671,10 +1671,10 @@ def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_h
         for i in range(good):
             y[i] = math.copysign(logs[i], y[i])
     if not scan:
-        return m - good, good, low, high, -2, n, size, total, ext_steps, y
-    alarm, n, size, total = scan_append(ext_steps, y, 0, n, f, sums, gate, table, ci, cf, bank_kq,
+        return m - good, good, low, high, -2, n, size, total, finite_steps, y
+    alarm, n, size, total = scan_append(finite_steps, y, 0, n, f, sums, gate, table, ci, cf, bank_kq,
                                         bank_hq, uf, held_steps, held_values, size, total)
-    return m - good, good, low, high, alarm, n, size, total, ext_steps, y
+    return m - good, good, low, high, alarm, n, size, total, finite_steps, y
 
 
 # --- a series detector's alarm episodes in one call -----------------------------------

@@ -134,13 +134,10 @@ class SeriesConfig:
     min_delta_rel: float = 0.05  # other roles (rel mode)
 
     def __post_init__(self) -> None:
-        # Half the window is what is held after a shift.
-        needed = max(self.patience, 2 * self.localiser.min_size + 1 + self.lag)
+        # Half the window is what is held after a shift (the plateau test keeps bins of its own).
+        needed = 2 * self.localiser.min_size + 1 + self.lag
         if self.window < 2 * needed or self.window % 2:
-            raise InvalidArgument(
-                "window must be even and hold at least "
-                "2 × max(patience, 2 × min_size + 1 + lag)"
-            )
+            raise InvalidArgument("window must be even and hold at least 2 × (2 × min_size + 1 + lag)")
         if not 0 < self.plateau_bin_fraction < 1:
             raise InvalidArgument("plateau_bin_fraction must be in (0, 1)")
         if self.patience < 3:
@@ -216,7 +213,6 @@ class SeriesDetector:
         self.first_value: float = math.nan  # raw, first finite
         self.min_value: float = math.inf
         self.max_value: float = -math.inf
-        self.in_plateau = False
         # The plateau test's step bins (:func:`_kernels.plateau_bins`): their integer and
         # float state, and the last ``patience`` closed bins' means, mean steps, first steps.
         self._bins_i = np.zeros(_k.PB_SIZE, dtype=np.int64)
@@ -642,9 +638,8 @@ class SeriesDetector:
             return []
         tagged: list[tuple[int, int, Event]] = []
         for i, started, slope, low, high, bound, located, span in found.T.tolist():
-            self.in_plateau = started > 0.0
-            result = PlateauResult(self.in_plateau, slope, low, high, bound)
-            event = self._plateau_event(result, self.in_plateau, int(located), int(steps[int(i)]), span)
+            result = PlateauResult(started > 0.0, slope, low, high, bound)
+            event = self._plateau_event(result, started > 0.0, int(located), int(steps[int(i)]), span)
             tagged.append((n_before + int(i), _PLATEAU, event))
         return tagged
 
@@ -670,6 +665,11 @@ class SeriesDetector:
                 "detected_at_step": str(step),
             },
         )
+
+    @property
+    def in_plateau(self) -> bool:
+        """Whether the series is on a plateau (the step bins' state)."""
+        return bool(self._bins_i[_k.PB_IN])
 
     @property
     def trend(self) -> TrendResult | None:
@@ -749,7 +749,6 @@ class SeriesDetector:
         det.last_step = None if state["last_step"] is None else int(state["last_step"])
         det.last_value, det.first_value = float(state["last_value"]), float(state["first_value"])
         det.min_value, det.max_value = float(state["min_value"]), float(state["max_value"])
-        det.in_plateau = bool(state["in_plateau"])
         bins = state.get("plateau_bins")
         if bins is not None and len(bins["means"]) == len(det._ring_y) and len(bins["ints"]) == _k.PB_SIZE:
             det._bins_i[:] = bins["ints"]
@@ -757,7 +756,7 @@ class SeriesDetector:
             det._ring_y[:], det._ring_x[:] = bins["means"], bins["mean_steps"]
             det._ring_first[:] = bins["first_steps"]
         else:  # a checkpoint from before the step bins (or another patience): bins start afresh
-            det._bins_i[_k.PB_IN] = int(det.in_plateau)
+            det._bins_i[_k.PB_IN] = int(bool(state["in_plateau"]))
         return det
 
 
