@@ -165,6 +165,33 @@ def test_a_small_lasting_creep_at_a_tiny_loss_is_not_a_collapse() -> None:
     assert [k for k, _ in kinds(det, *SPIKES)] == []
 
 
+def creep_to_divergence(every: int) -> list[dict[str, float]]:
+    """A warm-up into divergence logged every ``every`` steps: the loss falls from 2.3 to
+    0.2 by step 70, then climbs 8 % a step (5x in 21 steps) to 1.2 and stays there."""
+    steps = np.arange(0, 400, every)
+    creep = np.minimum(0.2 * 1.08 ** (steps - 70), 1.2)
+    loss = np.where(steps < 70, 0.2 + 2.1 * np.exp(-steps / 12.0), creep)
+    return [{"train_loss": float(v)} for v in loss]
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_a_loss_that_creeps_up_a_few_percent_a_step_and_stays_is_a_collapse(every: int) -> None:
+    # Logged every step no line is log10(1.5) above the one before, yet the loss left
+    # its band: out is measured against the line the run's own time scale back.
+    det = run(creep_to_divergence(every), every=every)
+    [onset] = [e for e in det.events_so_far if e.kind is EventKind.COLLAPSE_ONSET]
+    assert 70 <= onset.step <= 95, onset.step
+    assert not [e for e in det.events_so_far if e.kind is EventKind.LOSS_SPIKE]
+
+
+def test_a_creep_of_nothing_at_a_tiny_loss_is_not_an_excursion() -> None:
+    # Adam's slingshot precursor: 3e-8 -> 1.4e-7 over 250 steps, on a loss that began at 4.
+    steps = np.arange(0, 3000)
+    loss = np.where(steps < 2500, 3e-8 + 4.0 * np.exp(-steps / 30.0), 3e-8 * 1.006 ** (steps - 2500))
+    det = run([{"train_loss": float(v)} for v in loss], every=1)
+    assert kinds(det, *SPIKES) == []
+
+
 def grokking_rows(mem_line: int, onset_line: int, n: int, every: int = 10,
                   settle: float = 1.0, rng_seed: int = 3) -> list[dict[str, float]]:
     """Training accuracy reaches 1 at ``mem_line``; test accuracy rises from chance at

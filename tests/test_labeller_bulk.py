@@ -375,3 +375,14 @@ def test_bulk_path_equals_per_line_path_on_held_out_dips(seed: int) -> None:
     assert events > 0
     events = check_same(steps, rows, ["train_loss", "val_acc", "train_acc"], rng, every_block=False)
     assert events > 0
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_bulk_path_equals_per_line_path_on_a_creep_into_divergence(every: int) -> None:
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        t = np.arange(0, 400, every)
+        loss = np.where(t < 70, 0.2 + 2.1 * np.exp(-t / 12.0), np.minimum(0.2 * 1.08 ** (t - 70), 1.2))
+        loss = loss * np.exp(0.02 * rng.standard_normal(len(t)))
+        rows = [{"train_loss": float(v)} for v in loss]
+        assert check_same(t.tolist(), rows, ["train_loss"], rng) > 0

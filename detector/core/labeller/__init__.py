@@ -193,7 +193,7 @@ class PhaseLabeller:
         loss_name = r.headline_loss
         loss = train_loss if r.train_loss else val_loss
         gen = self.generalisation
-        memorised = None if gen.memorised_at is None else gen.memorised_at - self.first_step
+        memorised = self._memorised_steps()
         if loss is not None and loss_name is not None:
             events += self.excursions.update(step, loss, loss_name, self.first_step, memorised, timeline)
         if train_acc is not None and math.isfinite(train_acc):
@@ -217,6 +217,11 @@ class PhaseLabeller:
                                                 r.val_loss or r.train_loss or loss_name, timeline,
                                                 self.excursions.last_start, training)
         return events
+
+    def _memorised_steps(self) -> int | None:
+        """The steps memorisation took, None before it."""
+        at = self.generalisation.memorised_at
+        return None if at is None else at - self.first_step
 
     def _training_holds(self) -> bool:
         """The training metric holds: its accuracy (median of its last three values)
@@ -337,7 +342,7 @@ class PhaseLabeller:
         val_acc = cols.val_acc.fraction(self.percent)
         if loss_name is not None:
             stop = start + self.excursions.quiet_run(steps, loss.values, loss.ws, loss.present, start, stop,
-                                                     commit=False)
+                                                     self.first_step, self._memorised_steps(), commit=False)
         holds, holds_stop, write_train = None, start, None
         if r.val_acc and stop > start:
             holds_stop = stop
@@ -371,7 +376,8 @@ class PhaseLabeller:
         assert self.last_step is not None  # the run has begun
         self.last_step, self.last_gap = _k.line_steps(steps, start, stop, self.last_step, self.last_gap)
         if loss_name is not None:
-            self.excursions.quiet_run(steps, loss.values, loss.ws, loss.present, start, stop)
+            self.excursions.quiet_run(steps, loss.values, loss.ws, loss.present, start, stop,
+                                      self.first_step, self._memorised_steps())
         if r.train_acc:
             if write_train is None or stop != holds_stop:
                 _, write_train = self._train_recent(train_acc, cols.train_acc.present, start, stop)

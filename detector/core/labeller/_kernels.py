@@ -176,18 +176,19 @@ def training_holds(values, present, start, stop, recent, count, best, with_accur
 
 @_jit
 def excursions_quiet(steps, values, ys, present, start, stop, band, run_min, n, first_noise, second_noise,
-                     diffs, has_last, last, gap, first, size, log_spike, spike_noise, collapse_factor,
-                     collapse_margin):  # pragma: no cover - compiled
+                     diffs, has_last, last, gap, calm, first, size, log_spike, spike_noise, collapse_factor,
+                     collapse_margin, collapse_material, first_step, memorised_steps, recovery_fraction,
+                     recovery_memorisation):  # pragma: no cover - compiled
     """``LossExcursions.update`` with no excursion or collapse open, while the loss
     stays in its band: finite, the first loss known, not out (``_threshold``,
-    ``_drift_bound``). Returns the lines taken and the state after them."""
-    scratch = np.empty(len(band))
+    ``_drift_bound``, ``_risen``; ``memorised_steps`` -1 for none). Returns the lines
+    taken and the state after them."""
     for i in range(start, stop):
         if not present[i]:
             continue
         value = values[i]
         if not math.isfinite(value) or math.isnan(first):
-            return i - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap
+            return i - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap, calm
         y = ys[i]
         noise = spike_noise * _band_noise(first_noise, second_noise, diffs)
         thr = noise if noise > log_spike else log_spike
@@ -198,16 +199,29 @@ def excursions_quiet(steps, values, ys, present, start, stop, band, run_min, n, 
             bound = margin if margin > slow else slow
         out = value > bound
         if not out and n >= 3:
-            level = _median(band, n, scratch)
-            previous = band[n - 1]
-            low = previous if previous < level else level
-            out = y > low + thr and y > previous + thr
+            out = y > band[n - 1] + thr
+            if not out:
+                # _risen's creep: the line the run's time scale back (steps[i] is seen first,
+                # as update's interval.see does)
+                seen_last, seen_gap = has_last, gap
+                _, _, seen_gap = _see(seen_last, last, seen_gap, steps[i])
+                scale = recovery_fraction * (steps[i] - first_step)
+                if memorised_steps > 0 and recovery_memorisation * memorised_steps < scale:
+                    scale = recovery_memorisation * memorised_steps
+                back = int(math.ceil(scale)) // seen_gap
+                back = min(back, n, calm)
+                if back >= 2 and y > band[n - back] + thr:
+                    old = band[n - back]
+                    old_value = math.copysign((10.0 ** min(abs(old), 300.0) - 1.0) * 1e-10, old)
+                    new_value = math.copysign((10.0 ** min(abs(y), 300.0) - 1.0) * 1e-10, y)
+                    out = new_value - old_value >= collapse_material * abs(first)
         if out:
-            return i - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap
+            return i - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap, calm
         has_last, last, gap = _see(has_last, last, gap, steps[i])
         n, first_noise, second_noise, diffs = _band_add(band, n, size, first_noise, second_noise, diffs, y)
+        calm += 1
         run_min = value if value < run_min else run_min
-    return stop - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap
+    return stop - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap, calm
 
 
 @_jit

@@ -18,8 +18,10 @@ from detector.core.types import Event, EventKind, Phase, Role
 class LossExcursions(_Plain):
     """Loss spikes and training collapse on the headline training loss.
 
-    A line is *out* when the loss is non-finite, above its band (the recent
-    level, on the log scale, plus ``max(log10 spike_factor, spike_noise ×
+    A line is *out* when the loss is non-finite, above its band (the line
+    before, or the line the run's own time scale back — ``recovery_fraction`` of
+    the steps so far — if the rise since costs ``collapse_material`` of the
+    first loss, on the log scale, plus ``max(log10 spike_factor, spike_noise ×
     noise)``), or above the slow-drift bound (``collapse_factor`` × its
     running minimum and its minimum + ``collapse_margin`` × its first value).
     An excursion that is back (halfway from its peak to the level, and under
@@ -37,7 +39,7 @@ class LossExcursions(_Plain):
     O(band_values) a line.
     """
 
-    _FIELDS = ("first", "run_min", "excursion", "collapse", "last_start")
+    _FIELDS = ("first", "run_min", "excursion", "collapse", "last_start", "calm")
     _NESTED = {"band": Band, "interval": Interval}
 
     def __init__(self, config: LabellerConfig) -> None:
@@ -49,6 +51,8 @@ class LossExcursions(_Plain):
         self.excursion: dict | None = None
         self.collapse: dict | None = None
         self.last_start: int | None = None  # where the last excursion began
+        self.calm = 0  # the band's values added since the last excursion ended (its newest ones)
+        self._quiet_memorised: int | None = None  # memorised_steps the cached quiet loop was made for
 
     @property
     def quiet(self) -> bool:
@@ -66,11 +70,37 @@ class LossExcursions(_Plain):
         return max(c.collapse_factor * self.run_min, self.run_min + c.collapse_margin * abs(self.first))
 
     def _horizon(self, start: int, first_step: int, memorised_steps: int | None) -> int:
+        return max(self._time_scale(start, first_step, memorised_steps),
+                   self.config.min_intervals * self.interval.gap)
+
+    def _time_scale(self, step: int, first_step: int, memorised_steps: int | None) -> int:
+        """The run's own time scale at ``step``: ``recovery_fraction`` of the steps so far,
+        at most ``recovery_memorisation`` × the steps memorisation took; the recovery
+        horizon before its floor of ``min_intervals`` lines."""
         c = self.config
-        horizon = c.recovery_fraction * (start - first_step)
+        scale = c.recovery_fraction * (step - first_step)
         if memorised_steps is not None and memorised_steps > 0:
-            horizon = min(horizon, c.recovery_memorisation * memorised_steps)
-        return max(int(math.ceil(horizon)), c.min_intervals * self.interval.gap)
+            scale = min(scale, c.recovery_memorisation * memorised_steps)
+        return int(math.ceil(scale))
+
+    def _risen(self, y: float, thr: float, step: int, first_step: int, memorised_steps: int | None) -> bool:
+        """Out of the band by a rise: ``thr`` above the line before (a jump) or above the
+        line the run's own time scale back (a creep: a loss logged every step that
+        climbs 5x in 80 steps moves less than ``thr`` from one line to the next, yet
+        logged every 10 steps it jumps); a creep must also cost ``collapse_material`` of
+        the first loss (Adam's slingshot precursors creep 3e-8 -> 6e-8, a rise of nothing
+        that the jump then reports). Only the band's values since the last
+        excursion count: the decaying tail of an excursion that is over stays above
+        the level before it and is not a new one. O(1)."""
+        values = self.band.values
+        if y > values[-1] + thr:
+            return True
+        scale = self._time_scale(step, first_step, memorised_steps)
+        back = min(len(values), self.calm, scale // self.interval.gap)
+        if back < 2 or y <= values[-back] + thr:
+            return False
+        return raw_scale(Role.LOSS, y) - raw_scale(Role.LOSS, values[-back]) >= \
+            self.config.collapse_material * abs(self.first)
 
     def _back(self, value: float, y: float, ex: dict, staying: bool = False) -> bool:
         """Back in the band, or back ``back_fraction`` of the way from the peak to the
@@ -130,11 +160,9 @@ class LossExcursions(_Plain):
             return self._in_collapse(step, value, y, series, timeline)
         if self.excursion is not None:
             return self._in_excursion(step, value, y, series, first_step, memorised_steps, timeline)
-        # Out of the band only by a jump from the line before: the decaying tail of
-        # an excursion that is over, or a slow creep, is not a new spike.
         thr = self._threshold()
         out = not finite or value > self._drift_bound() or (
-            self.band.ready and y > self.band.values[-1] + thr)
+            self.band.ready and self._risen(y, thr, step, first_step, memorised_steps))
         if out:
             # The level it left: on a falling loss the median of the last three lines,
             # not the band's median, which lags a decay by half the band (9 lines: 9
@@ -153,11 +181,13 @@ class LossExcursions(_Plain):
             }
             return []
         self.band.add(y)
+        self.calm += 1
         self.run_min = min(self.run_min, value)
         return []
 
     def quiet_run(self, steps: np.ndarray, values: np.ndarray, ys: np.ndarray, present: np.ndarray,
-                  start: int, stop: int, commit: bool = True) -> int:
+                  start: int, stop: int, first_step: int, memorised_steps: int | None,
+                  commit: bool = True) -> int:
         """:meth:`update` on lines ``start:stop`` while nothing can happen: with nothing
         open, each present loss finite, not the run's first, and inside its band
         (neither out of it nor above the drift bound); with an excursion open, it
@@ -173,22 +203,27 @@ class LossExcursions(_Plain):
         """
         if stop <= start:
             return 0
-        quiet = self._quiet if self._quiet is not None else self._make_quiet()
+        if self._quiet is not None and self.quiet and memorised_steps != self._quiet_memorised:
+            self.release()  # the time scale's constants changed
+        quiet = self._quiet if self._quiet is not None else self._make_quiet(first_step, memorised_steps)
         return quiet.run((steps, values, ys, present), start, stop, commit)
 
-    def _make_quiet(self) -> Quiet:
+    def _make_quiet(self, first_step: int, memorised_steps: int | None) -> Quiet:
         """The compiled loop's state (:class:`Quiet`): with nothing open, or with an
         excursion or a collapse open (what no quiet line changes stays in the fields)."""
         c = self.config
         if self.quiet:
             band, n = self.band.buffer()
             seen, last, gap = self.interval.packed()
+            self._quiet_memorised = memorised_steps
             quiet = Quiet(
                 _k.excursions_quiet, (band,),
                 (float(self.run_min), n, float(self.band.first_noise), float(self.band.second_noise),
-                 self.band.diffs, seen, last, gap),
+                 self.band.diffs, seen, last, gap, self.calm),
                 (float(self.first), self.band.size, math.log10(c.spike_factor), float(c.spike_noise),
-                 float(c.collapse_factor), float(c.collapse_margin)),
+                 float(c.collapse_factor), float(c.collapse_margin), float(c.collapse_material), first_step,
+                 -1 if memorised_steps is None else memorised_steps, float(c.recovery_fraction),
+                 float(c.recovery_memorisation)),
                 self._unpack_quiet)
         else:
             ex = self.collapse if self.collapse is not None else self.excursion
@@ -208,7 +243,8 @@ class LossExcursions(_Plain):
         return quiet
 
     def _unpack_quiet(self, arrays: tuple, state: tuple) -> None:
-        self.run_min, n, first_noise, second_noise, diffs, seen, last, gap = state
+        self.run_min, n, first_noise, second_noise, diffs, seen, last, gap, calm = state
+        self.calm = int(calm)
         self.band.take(arrays[0], n, first_noise, second_noise, diffs)
         self.interval.unpack(seen, last, gap)
 
@@ -260,6 +296,7 @@ class LossExcursions(_Plain):
             # A small lasting shift: the band starts again from here.
             self.band = Band(self.config.band_values)
             self.band.add(y)
+            self.calm = 1
             self.run_min = value
             return []
         self.collapse = {**ex, "back_since": None}
@@ -289,6 +326,7 @@ class LossExcursions(_Plain):
         assert ex is not None and ex["back_at"] is not None  # called once it is back
         self.excursion = None
         self.band.add(y)
+        self.calm = 1
         self.run_min = min(self.run_min, raw_scale(Role.LOSS, y))
         ref = ex["ref"]
         factor = 10 ** min(ex["peak"] - ref, 300) if math.isfinite(ex["peak"]) else math.inf
@@ -316,6 +354,7 @@ class LossExcursions(_Plain):
             return []
         self.collapse = None
         self.band.add(y)
+        self.calm = 1
         located = col["back_since"]
         return collapse_end(
             timeline, TRAINING, col["start"], located, step, series,
