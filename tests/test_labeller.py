@@ -60,6 +60,27 @@ def test_a_one_line_spike_is_one_loss_spike_with_its_evidence(height: float) -> 
     assert det.current_phase()[0] is not Phase.COLLAPSE
 
 
+def test_a_wobble_of_nothing_after_a_spike_leaves_it_one_line_long() -> None:
+    # A real slingshot: 1e-7 -> 0.56 for one line, back at 1.5e-5, 5e-8, then a wobble
+    # to 1e-6 (1.3 decades, but nothing against a first loss of 4) while it settles.
+    rng = np.random.default_rng(0)
+    base = fitted_losses(400, rng, floor=1e-7)
+    det = run(with_excursion(base, 300, [0.56, 1.5e-5, 5e-8, 1e-6, 6e-7, 8e-7]))
+    [spike] = [e for e in det.events_so_far if e.kind in SPIKES]
+    assert spike.kind is EventKind.LOSS_SPIKE and spike.step == 3000
+    assert spike.evidence["duration_steps"] == "5"
+
+
+def test_a_material_bounce_while_settling_keeps_the_excursion_open() -> None:
+    # Back at 0.1 after 1e-3 -> 3, then up to 0.8 (a fifth of the first loss): not over.
+    rng = np.random.default_rng(0)
+    base = fitted_losses(400, rng)
+    det = run(with_excursion(base, 300, [3.0, 0.1, 0.8, 0.1, 0.05]))
+    [spike] = [e for e in det.events_so_far if e.kind in SPIKES]
+    assert spike.kind is EventKind.LOSS_SPIKE and spike.step == 3000
+    assert int(spike.evidence["duration_steps"]) >= 25
+
+
 def test_a_jitter_of_the_size_of_the_series_noise_is_no_spike() -> None:
     rng = np.random.default_rng(1)
     # A mini-batch loss: each line 40% up or down at random around a slow fall.

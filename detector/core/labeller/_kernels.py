@@ -252,10 +252,10 @@ def _back_since(has_last, last, gap, step):  # pragma: no cover - compiled
 
 
 @_jit
-def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_value, last_y, has_back,
+def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_value, last_y, low_y, has_back,
                           back_at, has_last, last, gap, first, in_collapse, began, ref, ref_value, thr, bound,
-                          horizon, settle, back_fraction, slack, left,
-                          extension):  # pragma: no cover - compiled
+                          horizon, settle, back_fraction, slack, left, extension,
+                          material):  # pragma: no cover - compiled
     """``LossExcursions.update`` with an excursion open (``in_collapse`` False) while it
     neither ends (a spike, a collapse, a band that starts again) nor learns its
     level, or with a collapse open while it does not end: ``began`` the
@@ -290,7 +290,10 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
         if math.isnan(ref) and math.isfinite(y):
             taken = i - start
             break  # the level it left is learnt
-        jumped = not finite or y > last_y + thr
+        jumped = not finite
+        if has_back and not jumped and y > low_y + thr:  # LossExcursions._bounced
+            low_value = math.copysign((10.0 ** min(abs(low_y), 300.0) - 1.0) * 1e-10, low_y)
+            jumped = value - low_value >= material * abs(first)
         new_peak, new_peak_value = peak, peak_value
         if y > peak or not finite:
             new_peak = _max(peak, y)
@@ -308,11 +311,14 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
             elif step - back_at >= settle:
                 taken = i - start
                 break  # a spike
+            else:
+                low_y = _min(low_y, y)
         elif not math.isnan(ref) and back:
             if settle <= 0:
                 taken = i - start
                 break  # a spike at once
             new_has_back, new_back_at = True, _back_since(has_last, last, gap, step)
+            low_y = y
         elif step - began >= horizon and not _recovering(y, new_peak, ref, thr, left, step, began, horizon,
                                                          extension):
             taken = i - start
@@ -320,7 +326,7 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
         peak, peak_value, last_y = new_peak, new_peak_value, y
         has_back, back_at = new_has_back, new_back_at
         has_last, last, gap = _see(has_last, last, gap, step)
-    return taken, peak, peak_value, last_y, has_back, back_at, has_last, last, gap
+    return taken, peak, peak_value, last_y, low_y, has_back, back_at, has_last, last, gap
 
 
 # --- GeneralisationCollapse ----------------------------------------------------------

@@ -32,7 +32,8 @@ class LossExcursions(_Plain):
     height by then (it then has up to ``recovery_extension`` × the horizon to be
     back), ended by ``COLLAPSE_END`` once the loss is back the same way and stays
     back for the same horizon. An excursion is only over once it has stayed back
-    for a quarter of the horizon without jumping up again (a line already back
+    for a quarter of the horizon without bouncing (``thr`` and ``collapse_material``
+    of the first loss above the lowest it came back to; a line already back
     leaves only ``back_slack`` × the noise above the band): a loss that bounces
     between 1e-2 and 1 after a jump from 1e-6 is still out. The level it left is
     the smaller of the band's median and the median of its last three lines.
@@ -140,6 +141,15 @@ class LossExcursions(_Plain):
         collapse on the other."""
         return step - self.interval.gap // 2
 
+    def _bounced(self, value: float, y: float, ex: dict) -> bool:
+        """Settling, the loss rose again: ``thr`` above the lowest it came back to (not the
+        line before, so a rise logged every step is the jump it is logged every 10), by
+        ``collapse_material`` of the first loss (a loss back at 0.1 after 1.5e-6 -> 3.7
+        that bounces to 0.7 has not recovered; one at 1e-6 that wobbles to 5e-6 has)."""
+        low = ex.get("low_y", y)
+        return y > low + ex["thr"] and \
+            value - raw_scale(Role.LOSS, low) >= self.config.collapse_material * abs(self.first)
+
     def _material(self, ex: dict) -> bool:
         """An excursion costs at least ``collapse_material`` of the first loss (or is
         non-finite): a loss that creeps from 1e-7 to 1e-5 and stays is not a collapse."""
@@ -175,7 +185,7 @@ class LossExcursions(_Plain):
             self.last_start = step
             self.excursion = {
                 "start": step, "ref": ref, "ref_value": raw_scale(Role.LOSS, ref), "thr": thr, "peak": y,
-                "peak_value": value, "bound": self._drift_bound(), "last_y": y,
+                "peak_value": value, "bound": self._drift_bound(), "last_y": y, "low_y": y,
                 "horizon": horizon, "back_at": None,
                 "settle": horizon // 4, "slack": self.config.back_slack * self.band.noise,
             }
@@ -232,12 +242,13 @@ class LossExcursions(_Plain):
             seen, last, gap = self.interval.packed()
             quiet = Quiet(
                 _k.excursions_open_quiet, (),
-                (float(ex["peak"]), float(ex["peak_value"]), float(ex["last_y"]), back is not None,
+                (float(ex["peak"]), float(ex["peak_value"]), float(ex["last_y"]),
+                 float(ex.setdefault("low_y", ex["last_y"])), back is not None,
                  0 if back is None else back, seen, last, gap),
                 (float(self.first), self.collapse is not None, ex["start"], float(ex["ref"]),
                  float(ex["ref_value"]), float(ex["thr"]), float(ex["bound"]), ex["horizon"], ex["settle"],
                  float(c.back_fraction), float(ex.get("slack", 0.0)), 1.0 - c.recovering_fraction,
-                 float(c.recovery_extension)),
+                 float(c.recovery_extension), float(c.collapse_material)),
                 self._unpack_open)
         self._quiet = quiet
         return quiet
@@ -249,7 +260,7 @@ class LossExcursions(_Plain):
         self.interval.unpack(seen, last, gap)
 
     def _unpack_open(self, arrays: tuple, state: tuple) -> None:
-        peak, peak_value, last_y, has_back, back, seen, last, gap = state
+        peak, peak_value, last_y, low_y, has_back, back, seen, last, gap = state
         self.interval.unpack(seen, last, gap)
         if self.collapse is not None:
             self.collapse["back_since"] = int(back) if has_back else None
@@ -258,12 +269,13 @@ class LossExcursions(_Plain):
         assert ex is not None  # the loop ran with one open
         ex["peak"], ex["peak_value"], ex["last_y"] = peak, peak_value, last_y
         ex["back_at"] = int(back) if has_back else None
+        ex["low_y"] = low_y
 
     def _in_excursion(self, step: int, value: float, y: float, series: str, first_step: int,
                       memorised_steps: int | None, timeline: Timeline) -> list[Event]:
         ex = self.excursion
         assert ex is not None  # called only inside an excursion
-        jumped = not math.isfinite(value) or y > ex["last_y"] + ex["thr"]
+        jumped = not math.isfinite(value) or (ex["back_at"] is not None and self._bounced(value, y, ex))
         ex["last_y"] = y
         if y > ex["peak"] or not math.isfinite(value):
             ex["peak"] = max(ex["peak"], y)
@@ -281,9 +293,11 @@ class LossExcursions(_Plain):
             elif step - ex["back_at"] >= ex["settle"]:
                 return self._spike(step, y, series)
             else:
+                ex["low_y"] = min(ex.get("low_y", y), y)
                 return []
         elif not math.isnan(ref) and self._back(value, y, ex):
             ex["back_at"] = self._back_since(step)
+            ex["low_y"] = y
             if ex["settle"] <= 0:
                 return self._spike(step, y, series)
             return []
