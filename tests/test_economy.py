@@ -28,6 +28,18 @@ def test_per_layer_series_share_one_allowance_and_the_next_event_says_what_was_h
     assert group_of("blocks.11.attn.norm") == group_of("blocks.3.attn.norm") != group_of("val_loss")
 
 
+def test_the_norms_of_a_run_share_one_allowance_its_losses_their_own() -> None:
+    # A muon run's cycle moves the parameter, gradient and update norms at once: one
+    # allowance for all of them, so the losses still speak.
+    names = ("weight_norm", "grad_norm", "aux_grad_norm", "unembed_norm", "train_loss", "test_loss")
+    specs = {n: infer_spec(n) for n in names}
+    economy = EventEconomy(burst=2, lines_per_event=100)
+    kept = economy.filter([cp(10 * i, n) for i, n in enumerate(names)], [1] * len(names), specs)
+    assert [e.series for e in kept] == ["weight_norm", "grad_norm", "train_loss", "test_loss"]
+    # Without specs (roles unknown) each kind keeps its own.
+    assert len(EventEconomy(burst=2).filter([cp(10 * i, n) for i, n in enumerate(names)], [1] * 6)) == 6
+
+
 def test_a_long_stationary_stretch_gets_at_most_one_event_per_100_lines() -> None:
     economy = EventEconomy()
     lines = list(range(1, 5001, 5))  # an event every 5 lines for 5000 lines

@@ -8,7 +8,10 @@ decides which of those reach the user:
   within ``pinned_tolerance`` of 1, or of 100 for percent) says nothing;
 * parallel series of one kind (names equal once digits are blanked:
   ``layer3.weight_norm`` and ``layer17.weight_norm``) share one allowance, so
-  44 per-layer norms speak as one;
+  44 per-layer norms speak as one; so do all the norms of a run (role
+  ``norm``: parameter, gradient and update norms move together when a run
+  turns unstable, and a real muon run's three post-grokking cycles were marked
+  on each of its eight norms);
 * each such group may report ``burst`` (8) change points at once (a run of
   real changes: TCPD series hold up to about that many) but plateau starts and
   ends one at a time (a slope test on a slowly drifting series flips back and
@@ -102,7 +105,7 @@ class EventEconomy:
                 continue
             cost = self.lines_per_event
             cap = cost * (1 if self.settled else self.burst)
-            name = group_of(event.series)
+            name = self._group(event.series, specs)
             if name not in self.groups:
                 # A group first heard from in a stable stretch has refilled since it began.
                 start = cap if self.settled_at is None else min(cap, line - self.settled_at)
@@ -126,6 +129,16 @@ class EventEconomy:
                 self.open_plateaus.add(event.series)
             out.append(event)
         return out
+
+    @staticmethod
+    def _group(series: str, specs: dict[str, SeriesSpec] | None) -> str:
+        """The allowance ``series`` shares: every norm of the run (parameter, gradient
+        and update norms move together: a run's instability shows on all of them at
+        once), else the series' kind (:func:`group_of`)."""
+        spec = None if specs is None else specs.get(series)
+        if spec is not None and spec.role is Role.NORM:
+            return "role:norm"
+        return group_of(series)
 
     @property
     def settled(self) -> bool:
