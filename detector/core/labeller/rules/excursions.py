@@ -18,11 +18,11 @@ from detector.core.types import Event, EventKind, Phase, Role
 class LossExcursions(_Plain):
     """Loss spikes and training collapse on the headline training loss.
 
-    A line is *out* when the loss is non-finite, above its band (the line
-    before, or the line the run's own time scale back — ``recovery_fraction`` of
-    the steps so far — if the rise since costs ``collapse_material`` of the
-    first loss, on the log scale, plus ``max(log10 spike_factor, spike_noise ×
-    noise)``), or above the slow-drift bound (``collapse_factor`` × its
+    A line is *out* when the loss is non-finite, above its band (on the log
+    scale, ``max(log10 spike_factor, spike_noise × noise)`` above the line
+    before, or as far above the line the run's own time scale back —
+    ``recovery_fraction`` of the steps so far — by a rise of ``collapse_material``
+    of the first loss), or above the slow-drift bound (``collapse_factor`` × its
     running minimum and its minimum + ``collapse_margin`` × its first value).
     An excursion that is back (halfway from its peak to the level, and under
     the drift bound) before the recovery horizon is a ``LOSS_SPIKE`` located
@@ -208,7 +208,8 @@ class LossExcursions(_Plain):
 
         ``values``: the loss on every line of the block, ``ys`` its working-scale
         values (:func:`working_scale`, where finite), ``present`` where it is
-        logged. O(lines × band_values); the state stays the band's and the open
+        logged; ``first_step`` and ``memorised_steps`` as :meth:`update` takes
+        them. O(lines × band_values); the state stays the band's and the open
         excursion's.
         """
         if stop <= start:
