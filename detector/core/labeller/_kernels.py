@@ -44,8 +44,15 @@ from detector.core._kernels import _jit
 
 SQRT_PI = math.sqrt(math.pi)  # generalisation._SQRT_PI
 LOWS = 64  # suffix minima the stable stretch keeps (generalisation._LOWS)
+SYMLOG_EPS = 1e-10  # series._SYMLOG_EPS
 
 # --- small shared pieces --------------------------------------------------------
+
+
+@_jit
+def _raw_loss(y):  # pragma: no cover - compiled
+    """``series.raw_scale(Role.LOSS, y)``: a working-scale loss in its own units."""
+    return math.copysign((10.0 ** min(abs(y), 300.0) - 1.0) * SYMLOG_EPS, y)
 
 
 @_jit
@@ -201,20 +208,14 @@ def excursions_quiet(steps, values, ys, present, start, stop, band, run_min, n, 
         if not out and n >= 3:
             out = y > band[n - 1] + thr
             if not out:
-                # _risen's creep: the line the run's time scale back (steps[i] is seen first,
-                # as update's interval.see does)
-                seen_last, seen_gap = has_last, gap
-                _, _, seen_gap = _see(seen_last, last, seen_gap, steps[i])
+                # _risen's creep: the line the run's time scale back, in intervals counted
+                # with this line seen (as update's interval.see does first)
                 scale = recovery_fraction * (steps[i] - first_step)
                 if memorised_steps > 0 and recovery_memorisation * memorised_steps < scale:
                     scale = recovery_memorisation * memorised_steps
-                back = int(math.ceil(scale)) // seen_gap
-                back = min(back, n, calm)
+                back = min(int(math.ceil(scale)) // _see(has_last, last, gap, steps[i])[2], n, calm)
                 if back >= 2 and y > band[n - back] + thr:
-                    old = band[n - back]
-                    old_value = math.copysign((10.0 ** min(abs(old), 300.0) - 1.0) * 1e-10, old)
-                    new_value = math.copysign((10.0 ** min(abs(y), 300.0) - 1.0) * 1e-10, y)
-                    out = new_value - old_value >= collapse_material * abs(first)
+                    out = value - _raw_loss(band[n - back]) >= collapse_material * abs(first)
         if out:
             return i - start, run_min, n, first_noise, second_noise, diffs, has_last, last, gap, calm
         has_last, last, gap = _see(has_last, last, gap, steps[i])
@@ -292,8 +293,7 @@ def excursions_open_quiet(steps, values, ys, present, start, stop, peak, peak_va
             break  # the level it left is learnt
         jumped = not finite
         if has_back and not jumped and y > low_y + thr:  # LossExcursions._bounced
-            low_value = math.copysign((10.0 ** min(abs(low_y), 300.0) - 1.0) * 1e-10, low_y)
-            jumped = value - low_value >= material * abs(first)
+            jumped = value - _raw_loss(low_y) >= material * abs(first)
         new_peak, new_peak_value = peak, peak_value
         if y > peak or not finite:
             new_peak = _max(peak, y)

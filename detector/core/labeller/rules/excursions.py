@@ -84,7 +84,8 @@ class LossExcursions(_Plain):
             scale = min(scale, c.recovery_memorisation * memorised_steps)
         return int(math.ceil(scale))
 
-    def _risen(self, y: float, thr: float, step: int, first_step: int, memorised_steps: int | None) -> bool:
+    def _risen(self, value: float, y: float, thr: float, step: int, first_step: int,
+               memorised_steps: int | None) -> bool:
         """Out of the band by a rise: ``thr`` above the line before (a jump) or above the
         line the run's own time scale back (a creep: a loss logged every step that
         climbs 5x in 80 steps moves less than ``thr`` from one line to the next, yet
@@ -100,8 +101,7 @@ class LossExcursions(_Plain):
         back = min(len(values), self.calm, scale // self.interval.gap)
         if back < 2 or y <= values[-back] + thr:
             return False
-        return raw_scale(Role.LOSS, y) - raw_scale(Role.LOSS, values[-back]) >= \
-            self.config.collapse_material * abs(self.first)
+        return value - raw_scale(Role.LOSS, values[-back]) >= self.config.collapse_material * abs(self.first)
 
     def _back(self, value: float, y: float, ex: dict, staying: bool = False) -> bool:
         """Back in the band, or back ``back_fraction`` of the way from the peak to the
@@ -172,7 +172,7 @@ class LossExcursions(_Plain):
             return self._in_excursion(step, value, y, series, first_step, memorised_steps, timeline)
         thr = self._threshold()
         out = not finite or value > self._drift_bound() or (
-            self.band.ready and self._risen(y, thr, step, first_step, memorised_steps))
+            self.band.ready and self._risen(value, y, thr, step, first_step, memorised_steps))
         if out:
             # The level it left: on a falling loss the median of the last three lines,
             # not the band's median, which lags a decay by half the band (9 lines: 9
