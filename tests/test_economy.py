@@ -104,6 +104,23 @@ def test_a_stabilised_run_has_no_burst_until_it_leaves_stabilization() -> None:
     assert restored.state() == economy.state() and not restored.settled
 
 
+def test_a_grokked_run_that_never_stabilises_is_settled_outside_its_collapses() -> None:
+    economy = EventEconomy(burst=8, lines_per_event=100)
+    # Three changes before grokking leave five events of burst unspent ...
+    assert len(economy.filter([cp(i, "max_update") for i in range(3)], [1] * 3)) == 3
+    grokked = Event(step=300, kind=EventKind.GROKKING_COMPLETE, detected_at=300, series="test_acc")
+    wander = [grokked] + [cp(s, "max_update") for s in range(350, 950, 50)]
+    kept = economy.filter(wander, [300] + list(range(350, 950, 50)))
+    # ... which a wandering series does not spend after it: one per 100 lines.
+    assert [e.step for e in kept if e.kind is EventKind.CHANGE_POINT] == [400, 500, 600, 700, 800, 900]
+    # A collapse is not settled; its end (back to abstraction) settles the run again.
+    economy.filter([phase_change(1000, "collapse")], [1000])
+    assert not economy.settled
+    economy.filter([phase_change(1100, "abstraction")], [1100])
+    restored = EventEconomy.from_state(json.loads(json.dumps(economy.state())))
+    assert restored.settled_at == 1100 and restored.grokked
+
+
 def test_a_series_first_heard_from_in_a_stable_stretch_waits_its_turn_too() -> None:
     economy = EventEconomy(burst=8, lines_per_event=100)
     kept = economy.filter([phase_change(50, "stabilization"), cp(80, "top_sv"), cp(160, "top_sv")],

@@ -18,14 +18,18 @@ decides which of those reach the user:
   forth); then one event per ``lines_per_event`` logged lines in all (token
   buckets counted in lines of the run). The next event
   let through says how many were held back (evidence ``suppressed``);
-* once the run is in ``stabilization`` (a ``PHASE_CHANGE`` to it has passed
-  through the filter) there is no burst: every group (also one first heard
-  from later) starts the stretch with an empty allowance that refills to one
-  event per ``lines_per_event`` lines, so a long stable stretch reports at
-  most one event per group per 100 lines however much its series wander (a
-  stable run's series changes are rarely news, and a wandering norm would
-  otherwise spend a fresh burst on every stretch). Leaving the phase (a
-  collapse, say) gives the burst back;
+* once the run has settled there is no burst: every group (also one first
+  heard from later) starts the stretch with an empty allowance that refills to
+  one event per ``lines_per_event`` lines, so a long settled stretch reports
+  at most one event per group per 100 lines however much its series wander (a
+  settled run's series changes are rarely news, and a wandering norm would
+  otherwise spend a fresh burst, or what is left of the first one, on every
+  stretch). Settled: in ``stabilization`` (a ``PHASE_CHANGE`` to it has passed
+  through the filter), or generalised (``GROKKING_COMPLETE`` has passed) and
+  not in ``collapse`` or ``instability``: a grokked run that never stabilises
+  (its training loss cycling for 70 000 steps) is as settled for its series as
+  a stable one, its collapses being told by run-level events. Leaving a settled
+  stretch (a collapse, say) gives the burst back;
 * the ``PLATEAU_END`` of a series whose ``PLATEAU_START`` was let through always
   goes through (it resolves what the user was told, the ``TrainingPlateau``
   alert among it), and one whose start was held back is held back too.
@@ -82,7 +86,9 @@ class EventEconomy:
         # group -> [credit, line of last refill, held back, credit for weak events]; credit is
         # counted in lines (an event costs lines_per_event), so refills add up exactly.
         self.groups: dict[str, list[int]] = {}
-        self.settled_at: int | None = None  # the line the run entered stabilization (no burst), if in it
+        self.settled_at: int | None = None  # the line the run settled (no burst), if it is settled
+        self.phase: str | None = None  # the run's phase as last told by a PHASE_CHANGE
+        self.grokked = False  # GROKKING_COMPLETE has passed
         self.open_plateaus: set[str] = set()  # series whose reported plateau has not ended
 
     def filter(self, events: Sequence[Event], lines: Sequence[int],
@@ -92,7 +98,11 @@ class EventEconomy:
         for event, line in zip(events, lines, strict=True):
             if event.kind not in _SERIES_KINDS:
                 if event.kind is EventKind.PHASE_CHANGE:
-                    self._phase_changed(event.evidence.get("to") == Phase.STABILIZATION.value, line)
+                    self.phase = event.evidence.get("to")
+                    self._settle(line)
+                elif event.kind is EventKind.GROKKING_COMPLETE:
+                    self.grokked = True
+                    self._settle(line)
                 out.append(event)
                 continue
             if self._pinned(event, specs):
@@ -144,7 +154,10 @@ class EventEconomy:
     def settled(self) -> bool:
         return self.settled_at is not None
 
-    def _phase_changed(self, settled: bool, line: int) -> None:
+    def _settle(self, line: int) -> None:
+        """Enter or leave a settled stretch after a run-level event at ``line``."""
+        settled = self.phase == Phase.STABILIZATION.value or (
+            self.grokked and self.phase not in (Phase.COLLAPSE.value, Phase.INSTABILITY.value))
         if not settled:
             self.settled_at = None
         elif self.settled_at is None:  # a stable stretch begins: every allowance empty
@@ -168,6 +181,7 @@ class EventEconomy:
     def state(self) -> dict:
         return {"version": 2, "burst": self.burst, "lines_per_event": self.lines_per_event,
                 "pinned_tolerance": self.pinned_tolerance, "settled_at": self.settled_at,
+                "phase": self.phase, "grokked": self.grokked,
                 "groups": {k: list(v) for k, v in self.groups.items()},
                 "open_plateaus": sorted(self.open_plateaus)}
 
@@ -181,5 +195,7 @@ class EventEconomy:
         else:
             economy.groups = {k: list(v) for k, v in state["groups"].items()}
         economy.settled_at = state.get("settled_at")
+        economy.phase = state.get("phase")
+        economy.grokked = bool(state.get("grokked", False))
         economy.open_plateaus = set(state.get("open_plateaus", ()))
         return economy
