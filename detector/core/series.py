@@ -223,6 +223,7 @@ class SeriesDetector:
         self._ring_first = np.zeros(p, dtype=np.int64)
         self._plateau_q = _t_quantile(0.5 + self._plateau.confidence / 2, max(p - 2, 1))
         self._trend_read: tuple[int, TrendResult | None] = (-1, None)  # (bins closed, trend) of the last read
+        self._window_read: tuple[int, np.ndarray | None] = (-1, None)  # (bins closed, the trend window)
         # The compiled block's constants (integers, floats, the trigger's line table,
         # numpy's loops), or None where numpy's loops cannot be called (numpy's path).
         self._consts = _fast_consts(self.trigger, c.window, spec.role in _LOG_ROLES)
@@ -689,9 +690,18 @@ class SeriesDetector:
     def trend_window(self) -> np.ndarray | None:
         """A copy of the bin means :attr:`trend` tests now, oldest first, or None
         before ``patience`` bins have closed (a status holds it to test later). O(patience)."""
-        if self._bins_i[_k.PB_CLOSED] < self._plateau.patience:
+        closed = int(self._bins_i[_k.PB_CLOSED])
+        if closed < self._plateau.patience:
             return None
-        return np.roll(self._ring_y, -int(self._bins_i[_k.PB_HEAD]))
+        if self._window_read[0] != closed:
+            # The ring is written only when a bin closes: one copy per closed bin, shared
+            # read-only by every status made until the next (a status a batch made a copy
+            # each, ~20 us a headline series).
+            head = int(self._bins_i[_k.PB_HEAD])
+            window = np.concatenate((self._ring_y[head:], self._ring_y[:head]))
+            window.flags.writeable = False
+            self._window_read = (closed, window)
+        return self._window_read[1]
 
     # --- checkpoints -------------------------------------------------------------
 
