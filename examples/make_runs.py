@@ -880,6 +880,17 @@ def _check_lm(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]
     return problems
 
 
+def _check_lm_restarts(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
+    problems = []
+    if not labels["loss_only"]:
+        problems.append("logs an accuracy")
+    lr = [(r["step"], _num(r.get("lr"))) for r in records if r.get("lr") is not None]
+    rises = sum(b > 3 * a for (_, a), (_, b) in zip(lr, lr[1:], strict=False) if a and b)
+    if rises < 4:
+        problems.append(f"the learning rate restarts {rises} times, not >= 4")
+    return problems
+
+
 def _check_finetune(labels: Mapping[str, Any], records: Sequence[Record]) -> list[str]:
     problems = []
     if not labels["loss_only"]:
@@ -1273,6 +1284,14 @@ SCENARIOS: dict[str, Scenario] = {
             {**_LM, "perturb": [[300, 1.0], [700, 0.8], [1100, 0.7]]},
             _check_lm,
         ),
+        Scenario(
+            "lm_restarts",
+            "lm_cosine with warm restarts (SGDR): after the warm-up the learning rate decays "
+            "from 0.006 to a tenth of it over every 240 steps and jumps back, so the loss "
+            "steps up a little at every restart and falls again: a rhythm, not news",
+            {**_LM, "lr": 0.006, "sched": "warmup_cosine_restarts", "cycle": 240},
+            _check_lm_restarts,
+        ),
     )
 }
 
@@ -1286,6 +1305,7 @@ CORPUS_SCENARIOS = (
     "lm_cosine",
     "lm_cosine_spikes",
     "lm_finetune",
+    "lm_restarts",
 )
 """The scenarios of the benchmark corpus (``--corpus``), each with seeds 0, 1, 2."""
 
@@ -1316,7 +1336,9 @@ def lr_at(config: Mapping[str, Any], step: int, base: float | None = None) -> fl
     ``ramp``: ``base`` until ``T0``, then ``base * ramp_factor**(step - T0)`` capped at
     ``lr_max``. ``warmup``: linear from ``base / warmup`` to ``base`` over ``warmup``
     steps, then constant. ``warmup_cosine``: the same warm-up, then cosine decay to
-    ``min_lr_frac * base`` at ``max_steps``. Then, when the config has them, every
+    ``min_lr_frac * base`` at ``max_steps``. ``warmup_cosine_restarts``: the same
+    warm-up, then a cosine decay to ``min_lr_frac * base`` over every ``cycle``
+    steps, restarting at ``base`` (SGDR). Then, when the config has them, every
     ``[start, length, factor]`` of ``lr_bursts`` multiplies the rate by ``factor``
     for ``start <= step < start + length`` (induced loss spikes), and from
     ``jump_at`` on the rate is multiplied by ``jump_factor`` for good.
@@ -1325,12 +1347,15 @@ def lr_at(config: Mapping[str, Any], step: int, base: float | None = None) -> fl
     sched = config.get("sched", "const")
     if sched == "ramp" and step >= config["T0"]:
         lr = min(float(config["lr_max"]), lr * float(config["ramp_factor"]) ** (step - config["T0"]))
-    elif sched in ("warmup", "warmup_cosine"):
+    elif sched in ("warmup", "warmup_cosine", "warmup_cosine_restarts"):
         warm = int(config["warmup"])
         if step < warm:
             lr = lr * (step + 1) / warm
-        elif sched == "warmup_cosine":
-            frac = min(1.0, (step - warm) / max(1, int(config["max_steps"]) - warm))
+        elif sched in ("warmup_cosine", "warmup_cosine_restarts"):
+            restarts = sched == "warmup_cosine_restarts"
+            span = int(config["cycle"]) if restarts else int(config["max_steps"]) - warm
+            into = (step - warm) % span if restarts else step - warm
+            frac = min(1.0, into / max(1, span))
             floor = float(config.get("min_lr_frac", 0.0))
             lr = lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac)))
     for start, length, factor in config.get("lr_bursts", ()):

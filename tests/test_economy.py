@@ -121,6 +121,31 @@ def test_a_grokked_run_that_never_stabilises_is_settled_outside_its_collapses() 
     assert restored.settled_at == 1100 and restored.grokked
 
 
+def test_a_change_point_that_keeps_a_rhythm_is_held_after_three() -> None:
+    economy = EventEconomy(burst=20, lines_per_event=1)
+    # A sawtooth: up every ~30 steps (one tooth unseen at 140), with a down move between.
+    teeth = [cp(s, "balance", direction="up") for s in (20, 49, 80, 110, 171, 200)]
+    drop = cp(125, "balance", direction="down")
+    events = sorted([*teeth, drop], key=lambda e: e.step)
+    kept = economy.filter(events, [e.step for e in events])
+    assert [e.step for e in kept] == [20, 49, 80, 125]
+    assert kept[-1].evidence["suppressed"] == "1"  # the tooth at 110
+    # Off the rhythm is news again, and starts a new count.
+    later = [cp(290, "balance", direction="up"), cp(300, "balance", direction="up")]
+    kept = economy.filter(later, [290, 300])
+    assert [e.step for e in kept] == [290, 300]
+    assert kept[0].evidence["suppressed"] == "2"  # 171 (a tooth unseen at 140) and 200
+    restored = EventEconomy.from_state(json.loads(json.dumps(economy.state())))
+    assert restored.state() == economy.state()
+
+
+def test_changes_at_uneven_spacings_are_never_a_rhythm() -> None:
+    economy = EventEconomy(burst=20, lines_per_event=1)
+    steps = [10, 40, 55, 120, 130, 210, 290, 300, 330]  # a run of real changes, all one way
+    kept = economy.filter([cp(s, "level", direction="up") for s in steps], steps)
+    assert [e.step for e in kept] == steps
+
+
 def test_a_series_first_heard_from_in_a_stable_stretch_waits_its_turn_too() -> None:
     economy = EventEconomy(burst=8, lines_per_event=100)
     kept = economy.filter([phase_change(50, "stabilization"), cp(80, "top_sv"), cp(160, "top_sv")],

@@ -356,6 +356,9 @@ def test_lr_schedule_and_injected_spikes() -> None:
     assert mr.lr_at(cfg, 9) == pytest.approx(1.0)
     assert mr.lr_at(cfg, 60) == pytest.approx(0.55)
     assert mr.lr_at(cfg, 110) == pytest.approx(0.1)
+    cfg = {**cfg, "sched": "warmup_cosine_restarts", "cycle": 40}  # SGDR: back to the peak every 40 steps
+    assert [mr.lr_at(cfg, s) for s in (9, 10, 30, 49, 50, 70, 90)] == pytest.approx(
+        [1.0, 1.0, 0.55, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 39 / 40)), 1.0, 0.55, 1.0])
     cfg = {"lr": 1.0, "lr_bursts": [[5, 2, 10.0]], "jump_at": 20, "jump_factor": 3.0}
     assert [mr.lr_at(cfg, s) for s in (4, 5, 6, 7, 19, 20)] == [1.0, 10.0, 10.0, 1.0, 1.0, 3.0]
     assert mr.injected_spikes({"perturb": [[400, 0.1]], "lr_bursts": [[5, 2, 10.0]]}) == [[5, 6], [400, 400]]

@@ -30,6 +30,15 @@ decides which of those reach the user:
   (its training loss cycling for 70 000 steps) is as settled for its series as
   a stable one, its collapses being told by run-level events. Leaving a settled
   stretch (a collapse, say) gives the burst back;
+* a ``CHANGE_POINT`` that repeats a rhythm is a cycle, not news: once a series
+  has moved the same way ``cycle_repeats`` (3) times at even intervals (each
+  within ``cycle_tolerance``, a quarter, of the first, or of twice it: a tooth
+  may go unseen; counted in steps),
+  the next moves that keep the rhythm are held back. A balance paid in every
+  month and spent down, a loss restarted by every learning-rate restart, a
+  sawtooth: a reader marks none of its teeth after seeing three. Once is chance,
+  twice a coincidence (two changes at a similar spacing are common in a run of
+  real changes); a move off the rhythm starts over;
 * the ``PLATEAU_END`` of a series whose ``PLATEAU_START`` was let through always
   goes through (it resolves what the user was told, the ``TrainingPlateau``
   alert among it), and one whose start was held back is held back too.
@@ -79,10 +88,16 @@ def group_of(name: str) -> str:
 class EventEconomy:
     """Holds back series events beyond each group's allowance (see the module)."""
 
-    def __init__(self, burst: int = 8, lines_per_event: int = 100, pinned_tolerance: float = 0.01) -> None:
+    def __init__(self, burst: int = 8, lines_per_event: int = 100, pinned_tolerance: float = 0.01,
+                 cycle_repeats: int = 3, cycle_tolerance: float = 0.25) -> None:
         self.burst = burst
         self.lines_per_event = lines_per_event
         self.pinned_tolerance = pinned_tolerance
+        self.cycle_repeats = cycle_repeats
+        self.cycle_tolerance = cycle_tolerance
+        # (series, direction) -> [step of its last change point, the interval before it
+        # (0 for none), the moves so far at even intervals (1 for the first)]
+        self.rhythms: dict[str, list[int]] = {}
         # group -> [credit, line of last refill, held back, credit for weak events]; credit is
         # counted in lines (an event costs lines_per_event), so refills add up exactly.
         self.groups: dict[str, list[int]] = {}
@@ -106,6 +121,9 @@ class EventEconomy:
                 out.append(event)
                 continue
             if self._pinned(event, specs):
+                continue
+            if event.kind is EventKind.CHANGE_POINT and self._in_rhythm(event):
+                self.groups.setdefault(self._group(event.series, specs), [0, line, 0, 0])[2] += 1
                 continue
             if event.kind is EventKind.PLATEAU_END:
                 if event.series not in self.open_plateaus:
@@ -139,6 +157,29 @@ class EventEconomy:
                 self.open_plateaus.add(event.series)
             out.append(event)
         return out
+
+    def _in_rhythm(self, event: Event) -> bool:
+        """Whether the change point ``event`` keeps a rhythm its series has shown
+        ``cycle_repeats`` times (see the module); it joins the series' moves either way. O(1)."""
+        direction = event.evidence.get("direction")
+        if direction is None:
+            return False
+        key = f"{event.series}\x00{direction}"
+        rhythm = self.rhythms.get(key)
+        if rhythm is None:
+            self.rhythms[key] = [event.step, 0, 1]
+            return False
+        interval = event.step - rhythm[0]
+        if interval <= 0:
+            return False  # located at or before the last: not a next move
+        period = rhythm[1]
+        beats = round(interval / period) if period > 0 else 0  # one beat may go unseen
+        even = 1 <= beats <= 2 and abs(interval - beats * period) <= self.cycle_tolerance * period
+        if even:
+            self.rhythms[key] = [event.step, period, rhythm[2] + 1]
+            return rhythm[2] + 1 > self.cycle_repeats
+        self.rhythms[key] = [event.step, interval, 2]
+        return False
 
     @staticmethod
     def _group(series: str, specs: dict[str, SeriesSpec] | None) -> str:
@@ -180,14 +221,19 @@ class EventEconomy:
 
     def state(self) -> dict:
         return {"version": 2, "burst": self.burst, "lines_per_event": self.lines_per_event,
-                "pinned_tolerance": self.pinned_tolerance, "settled_at": self.settled_at,
+                "pinned_tolerance": self.pinned_tolerance, "cycle_repeats": self.cycle_repeats,
+                "cycle_tolerance": self.cycle_tolerance,
+                "rhythms": {k: list(v) for k, v in self.rhythms.items()},
+                "settled_at": self.settled_at,
                 "phase": self.phase, "grokked": self.grokked,
                 "groups": {k: list(v) for k, v in self.groups.items()},
                 "open_plateaus": sorted(self.open_plateaus)}
 
     @classmethod
     def from_state(cls, state: dict) -> EventEconomy:
-        economy = cls(state["burst"], state["lines_per_event"], state["pinned_tolerance"])
+        economy = cls(state["burst"], state["lines_per_event"], state["pinned_tolerance"],
+                      state.get("cycle_repeats", 3), state.get("cycle_tolerance", 0.25))
+        economy.rhythms = {k: [int(x) for x in v] for k, v in state.get("rhythms", {}).items()}
         if state.get("version", 1) < 2:  # tokens counted in events, the weak ones maybe absent
             cost = economy.lines_per_event
             economy.groups = {k: [round(v[0] * cost), int(v[1]), int(v[2]), round([*v, 1.0][3] * cost)]
