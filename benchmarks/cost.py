@@ -31,6 +31,15 @@ those methods for the duration of the cell (:class:`StageTimer`; the core
 keeps no timers). Best of ``--repeats`` for the times, after one warm-up
 analysis (a process's first kernel call loads numba's compiled code).
 
+Then the same runs through the engine as the server feeds it (the engine
+cell): cut into batches of 32 and 256 logged lines, 32 runs streamed at once
+(taking turns a batch at a time, each run ended after its last batch), without
+a store and with a SQLite file (a checkpoint a batch, ``serve``'s default
+durability): CPU µs a point, and by stage (the same stages, plus the run status
+made at each release and the store's commit). What a server spends on
+detection alone for the real-run workload of :mod:`benchmarks.ingest`, without
+gRPC, parsing and threads (``--no-engine`` skips it).
+
 The labeller's cost per ``update_block`` call on a real run and a shared run,
 in blocks of 8, 32, 64 and 256 lines, comes last (:mod:`benchmarks.labeller_cost`,
 under ``labeller`` in the JSON; ``--no-labeller`` skips it): a server calls it
@@ -47,7 +56,8 @@ these (the in-process analysis is mostly interpreter and small-call overhead).
 
 Usage (from the repository root)::
 
-    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--repeats 3] [--runs DIR] [--no-labeller]
+    python -m benchmarks.cost [--max-exp 6] [--batch 1024] [--repeats 3] [--runs DIR] [--no-engine]
+                              [--no-labeller]
                               [--json OUT]
 """
 
@@ -176,7 +186,7 @@ class StageTimer:
     a run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, extra: Sequence[tuple[type, str, str]] = ()) -> None:
         from detector.core.labeller import PhaseLabeller
         from detector.core.run import RunDetector
         from detector.core.series import SeriesDetector
@@ -191,8 +201,9 @@ class StageTimer:
             (PhaseLabeller, "update_block", "labeller"), (PhaseLabeller, "update", "labeller"),
             (SeriesDetector, "_plateaus", "plateaus_trend"),
             (RunDetector, "finish", "end_of_run"),
+            *extra,
         ]
-        self.seconds = dict.fromkeys(RUN_STAGES[1:-1], 0.0)
+        self.seconds = dict.fromkeys([*RUN_STAGES[1:-1], *(stage for _, _, stage in extra)], 0.0)
         self.localisations = 0
         self._originals: list[tuple[type, str, object]] = []
         self._depth = 0
@@ -293,6 +304,118 @@ def measure_runs(folder: Path, repeats: int = 3) -> list[dict]:
 
 STAGES = ("points", "read_s", "analyze_s", "localiser_s", "localisations")
 
+ENGINE_LINES = (32, 256)
+ENGINE_STREAMS = 32
+ENGINE_STAGES = ("block", "trigger", "localiser", "labeller", "plateaus_trend", "end_of_run", "status",
+                 "store", "other")
+
+
+def _engine_batches(folder: Path, lines: int) -> list[tuple[str, list[dict]]]:
+    """Every labelled run of ``folder`` cut into batches of ``lines`` logged lines (every
+    series' points at those lines, as ``benchmarks.real_workload`` cuts them for the server)."""
+    from detector.logfile import read_log
+
+    out = []
+    for log in sorted(folder.glob("*.jsonl")):
+        if not log.with_name(log.stem + ".labels.json").exists():
+            continue
+        columns = read_log(log)
+        steps = np.unique(np.concatenate([s for s, _ in columns.values()]))
+        batches = []
+        for lo in range(0, len(steps), lines):
+            first, last = steps[lo], steps[min(lo + lines, len(steps)) - 1]
+            batch = {}
+            for name, (s, v) in columns.items():
+                a, b = int(np.searchsorted(s, first, "left")), int(np.searchsorted(s, last, "right"))
+                if b > a:
+                    batch[name] = (s[a:b].copy(), v[a:b].copy())
+            batches.append(batch)
+        out.append((log.stem, batches))
+    return out
+
+
+def _feed_engine(runs: list[tuple[str, list[dict]]], tag: str, store_url: str | None) -> tuple[int, float]:
+    """Stream ``runs`` into a fresh :class:`~detector.engine.Engine` as ``ENGINE_STREAMS``
+    concurrent streams would (slot k takes runs k, k + streams, ...; the slots take
+    turns a batch at a time; each run ended after its last batch): (points, CPU s)."""
+    from detector.engine import Engine
+    from detector.store import open_store
+
+    engine = Engine(store=None if store_url is None else open_store(store_url))
+    slots = [runs[k::ENGINE_STREAMS] for k in range(ENGINE_STREAMS)]
+    cursors = [[0, 0] for _ in slots]
+    points, busy = 0, True
+    start = time.process_time()
+    while busy:
+        busy = False
+        for slot, cursor in zip(slots, cursors, strict=True):
+            if cursor[0] >= len(slot):
+                continue
+            busy = True
+            name, batches = slot[cursor[0]]
+            run_id = f"{name}-{tag}"
+            batch = batches[cursor[1]]
+            engine.ingest(run_id, batch)
+            points += sum(len(s) for s, _ in batch.values())
+            cursor[1] += 1
+            if cursor[1] == len(batches):
+                engine.end_run(run_id)
+                cursor[0], cursor[1] = cursor[0] + 1, 0
+    seconds = time.process_time() - start
+    if engine.store is not None:
+        engine.store.close()
+    return points, seconds
+
+
+def measure_engine(folder: Path, repeats: int = 3) -> list[dict]:
+    """The labelled runs of ``folder`` through the engine as the server feeds it (see
+    :func:`_feed_engine`), batches of each of ``ENGINE_LINES`` logged lines, without a
+    store and with a SQLite file (a checkpoint a batch, the server's default
+    durability): CPU µs a point, best of ``repeats``, and by stage from the best of
+    ``repeats`` more with :class:`StageTimer` (``status``: the run status made at each release;
+    ``store``: the commit a batch; ``other``: the reorder buffer, the engine's locks
+    and bookkeeping, the event economy)."""
+    import tempfile
+
+    from detector.engine import Engine
+    from detector.engine.run import _Run
+
+    rows = []
+    for lines in ENGINE_LINES:
+        runs = _engine_batches(folder, lines)
+        for durable in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                def url(tag: str, tmp: str = tmp, durable: bool = durable) -> str | None:
+                    return f"sqlite:///{tmp}/{tag}.db" if durable else None
+
+                _feed_engine(runs, "warm", url("warm"))
+                best = min(_feed_engine(runs, f"t{i}", url(f"t{i}"))[1] for i in range(max(1, repeats)))
+                extra = ((_Run, "_make_status", "status"), (Engine, "_commit", "store"))
+                staged = []
+                for i in range(max(1, repeats)):
+                    with StageTimer(extra) as timer:
+                        points, total = _feed_engine(runs, f"s{i}", url(f"s{i}"))
+                    staged.append((total, timer))
+                total, timer = min(staged, key=lambda t: t[0])
+            stages = {k: timer.seconds.get(k, 0.0) for k in ENGINE_STAGES}
+            stages["other"] = max(0.0, total - sum(timer.seconds.values()))
+            rows.append({"lines": lines, "store": "sqlite" if durable else "none", "points": points,
+                         "us_per_point": 1e6 * best / points,
+                         "us_per_point_by_stage": {k: 1e6 * v / points for k, v in stages.items()},
+                         "localisations_per_1000_points": 1000 * timer.localisations / points})
+    return rows
+
+
+def print_engine(folder: Path, rows: list[dict]) -> None:
+    print(f"engine in-process, the runs in {folder} as {ENGINE_STREAMS} streams, CPU µs a point"
+          " (total: best of the plain repeats; stages: best of the timed repeats, wrappers included)")
+    heads = " ".join(f"{k:>{max(7, len(k))}}" for k in ENGINE_STAGES)
+    print(f"  {'lines':>5} {'store':>6} {'points':>8} {'µs/point':>9} {heads} {'loc/1000':>9}")
+    for r in rows:
+        stages = " ".join(f"{r['us_per_point_by_stage'][k]:>{max(7, len(k))}.2f}" for k in ENGINE_STAGES)
+        print(f"  {r['lines']:>5} {r['store']:>6} {r['points']:>8} {r['us_per_point']:>9.2f} {stages}"
+              f" {r['localisations_per_1000_points']:>9.2f}")
+
 
 def _runs_line(name: str, r: dict) -> str:
     us = 1e6 / max(r["points"], 1)
@@ -332,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=SHARED_RUNS, metavar="DIR",
                         help=f"labelled runs to analyze in-process (default {SHARED_RUNS}; none: skipped)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write all numbers to OUT")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="skip the engine cell (the runs as the server feeds them)")
     parser.add_argument("--no-labeller", action="store_true",
                         help="skip the labeller's cost per call (benchmarks.labeller_cost)")
     args = parser.parse_args(argv)
@@ -372,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f" {r['us_per_point']:>9.3f} {r['change_points']:>5}")
     if args.runs.is_dir():
         doc["runs"] = print_runs(args.runs, measure_runs(args.runs, args.repeats))
+        if not args.no_engine:
+            doc["engine"] = measure_engine(args.runs, args.repeats)
+            print_engine(args.runs, doc["engine"])
     if not args.no_labeller:
         from benchmarks import labeller_cost
 
