@@ -487,6 +487,28 @@ def test_a_pre_trained_model_that_improves_from_a_high_level_generalises() -> No
         assert changes and 600 <= changes[0] <= 700 + every, (every, results)
 
 
+@pytest.mark.parametrize("every", [10, 1000])
+def test_a_run_logged_from_a_trained_model_is_stable_not_instability_nor_grokking(every: int) -> None:
+    # A converged checkpoint resumed: training accuracy 0.97 (never "fitted"),
+    # held-out 0.99 from the first line, every series flat. A reader calls it stable
+    # from the start; the labeller kept it in "instability" for good (no onset can
+    # rise 0.02 above 0.99), so nothing about it ever settled. Logged every 1 000
+    # steps, the onset's confirmation is more than grokking's 500-step delay after
+    # "memorisation": still no grokking.
+    rng = np.random.default_rng(3)
+    rows = [{"train_loss": 0.05 * math.exp(rng.normal(0, 0.05)),
+             "train_acc": float(rng.binomial(512, 0.97)) / 512,
+             "test_acc": float(rng.binomial(2048, 0.99)) / 2048} for _ in range(300)]
+    det = run(rows, every=every)
+    changes = [(e.evidence["to"], e.step) for e in det.events_so_far if e.kind is EventKind.PHASE_CHANGE]
+    assert changes[0] == ("abstraction", 0)
+    assert [to for to, _ in changes][-1] == "stabilization"
+    assert not kinds(det, EventKind.GROKKING_ONSET, EventKind.GROKKING_COMPLETE, EventKind.HIDDEN_PROGRESS)
+    # An early level below grokked accuracy still needs its rise (the fine-tune above).
+    low = [{**row, "test_acc": row["test_acc"] - 0.1} for row in rows]
+    assert not [e for e in run(low, every=every).events_so_far if e.kind is EventKind.PHASE_CHANGE]
+
+
 def test_loss_spikes_do_not_pass_for_the_held_out_accuracy_s_noise() -> None:
     # A memorised run whose held-out accuracy creeps from 0.60 to 0.75 over 6 000 steps
     # (never stable: 0.15 is fifteen tolerances), with a loss spike every 350 steps

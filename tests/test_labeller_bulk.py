@@ -386,3 +386,18 @@ def test_bulk_path_equals_per_line_path_on_a_creep_into_divergence(every: int) -
         loss = loss * np.exp(0.02 * rng.standard_normal(len(t)))
         rows = [{"train_loss": float(v)} for v in loss]
         assert check_same(t.tolist(), rows, ["train_loss"], rng) > 0
+
+
+@pytest.mark.parametrize("every", [1, 10, 50])
+def test_bulk_path_equals_per_line_path_on_a_run_logged_from_a_trained_model(every: int) -> None:
+    """Held-out accuracy at 0.99 from the first line (a converged checkpoint resumed):
+    its onset is holding that level, complete at once, and the run stabilises."""
+    rng = np.random.default_rng(7)
+    n = 400
+    steps = list(range(0, n * every, every))
+    rows = [{"train_loss": 0.05 * math.exp(rng.normal(0, 0.05)),
+             "train_acc": float(rng.binomial(512, 0.97)) / 512,
+             "val_acc": float(rng.binomial(2048, 0.99)) / 2048} for _ in range(n)]
+    names = ["train_loss", "train_acc", "val_acc"]
+    for seed in range(3):
+        assert check_same(steps, rows, names, np.random.default_rng(seed)) > 0

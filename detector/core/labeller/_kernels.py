@@ -560,8 +560,10 @@ def _history_add(starts, sums, counts, n, width, capacity, step, value):  # prag
 
 
 @_jit
-def onset_rise_of(low, rise, headroom, tolerance):  # pragma: no cover - compiled
+def onset_rise_of(low, rise, headroom, tolerance, grokked):  # pragma: no cover - compiled
     """``Generalisation._onset_rise``."""
+    if low >= grokked:
+        return -tolerance  # generalised when the log began: holding its level is the onset
     share = headroom * (1.0 - low)
     share = share if share > 2 * tolerance else 2 * tolerance
     return rise if rise < share else share
@@ -745,7 +747,9 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 recent[0], recent[1], recent[2] = r0, r1, r2
                 taken = i - start  # the early level falls
                 break
-            if has_base and value >= base + onset_rise_of(base, onset_rise, onset_headroom, stable_tolerance):
+            rise = (onset_rise_of(base, onset_rise, onset_headroom, stable_tolerance, grokked)
+                    if has_base else 0.0)
+            if has_base and value >= base + rise:
                 if not has_above:
                     new_above, has_new_above = step, True
                 if step - new_above >= hold:

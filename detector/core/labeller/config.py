@@ -28,7 +28,10 @@ class LabellerConfig:
       0.10 above its early (chance) level; ``onset_headroom`` 0.25: or a quarter
       of the way from its early level to 1, where that is less (at least twice
       ``stable_tolerance``): a pre-trained model fine-tuned from 0.86 to 0.91
-      has generalised further without ever rising 0.10.
+      has generalised further without ever rising 0.10. From an early level
+      already at ``grokked_accuracy`` (a run logged from a trained model) the
+      onset is holding it (within ``stable_tolerance``): it was generalised when
+      the log began, and is complete there (no grokking).
     * ``grokked_accuracy`` 0.95 and ``grokking_min_delay_steps`` 500: grokking =
       held-out accuracy reaches 0.95 at least max(500 steps, the steps
       memorisation took) after memorisation.

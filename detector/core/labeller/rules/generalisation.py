@@ -274,6 +274,10 @@ class Generalisation(_Plain):
       the lowest median of three consecutive values before the onset: a model
       that memorises drives it below chance) for
       ``min_intervals`` of its intervals; abstraction starts at its first line;
+      from an early level already at ``grokked_accuracy`` (a run logged from a
+      trained model), holding it within ``stable_tolerance`` is the onset, and
+      generalisation is complete there (never grokking: the labels' delay runs
+      to the first line at ``grokked_accuracy``, here the first line);
     * ``GROKKING_ONSET``: the held-out accuracy reaches ``grokked_accuracy`` at
       least max(``grokking_min_delay_steps``, the steps memorisation took) after
       memorisation (the labels' definition), located at the onset, with
@@ -547,9 +551,11 @@ class Generalisation(_Plain):
     def _onset_rise(self, low: float) -> float:
         """How far above its early level ``low`` the held-out accuracy rises at the
         onset: ``onset_rise``, or ``onset_headroom`` of the way to 1 where less (at
-        least twice ``stable_tolerance``)."""
+        least twice ``stable_tolerance``); from an early level already at
+        ``grokked_accuracy`` (a model logged from a trained checkpoint), minus
+        ``stable_tolerance``: holding that level is the onset."""
         return _k.onset_rise_of(low, self.config.onset_rise, self.config.onset_headroom,
-                             self.config.stable_tolerance)
+                                self.config.stable_tolerance, self.config.grokked_accuracy)
 
     def _fitted(self, step: int, first_step: int) -> int:
         """The steps the training metric took to fit (memorise), or to level off below
@@ -633,6 +639,11 @@ class Generalisation(_Plain):
                 if step - self.above_since >= c.min_intervals * self.val_interval.gap:
                     self.onset_at = self.above_since
                     events += timeline.enter(Phase.ABSTRACTION, self.onset_at, step, 0.8, series)
+                    if self.val_low >= c.grokked_accuracy:
+                        # Generalised when the log began: complete from the onset's first
+                        # line, and no grokking (the labels' delay is from memorisation to
+                        # the first line at grokked_accuracy, here the first line).
+                        self.complete_at = self.onset_at
                 else:
                     # The stable stretch may start anywhere after the onset's first line:
                     # on a sparse log the onset is confirmed lines later, the stretch not.
