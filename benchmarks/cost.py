@@ -406,13 +406,23 @@ def measure_engine(folder: Path, repeats: int = 3) -> list[dict]:
     return rows
 
 
+def _stage_heads(stages: Sequence[str]) -> str:
+    """The stage columns' heads of a table, each at least 7 wide."""
+    return " ".join(f"{k:>{max(7, len(k))}}" for k in stages)
+
+
+def _stage_cells(values: dict[str, float], stages: Sequence[str], scale: float = 1.0) -> str:
+    """The stage columns of one row: ``scale`` × each value, under :func:`_stage_heads`."""
+    return " ".join(f"{scale * values[k]:>{max(7, len(k))}.2f}" for k in stages)
+
+
 def print_engine(folder: Path, rows: list[dict]) -> None:
     print(f"engine in-process, the runs in {folder} as {ENGINE_STREAMS} streams, CPU µs a point"
           " (total: best of the plain repeats; stages: best of the timed repeats, wrappers included)")
-    heads = " ".join(f"{k:>{max(7, len(k))}}" for k in ENGINE_STAGES)
-    print(f"  {'lines':>5} {'store':>6} {'points':>8} {'µs/point':>9} {heads} {'loc/1000':>9}")
+    print(f"  {'lines':>5} {'store':>6} {'points':>8} {'µs/point':>9} {_stage_heads(ENGINE_STAGES)}"
+          f" {'loc/1000':>9}")
     for r in rows:
-        stages = " ".join(f"{r['us_per_point_by_stage'][k]:>{max(7, len(k))}.2f}" for k in ENGINE_STAGES)
+        stages = _stage_cells(r["us_per_point_by_stage"], ENGINE_STAGES)
         print(f"  {r['lines']:>5} {r['store']:>6} {r['points']:>8} {r['us_per_point']:>9.2f} {stages}"
               f" {r['localisations_per_1000_points']:>9.2f}")
 
@@ -420,7 +430,7 @@ def print_engine(folder: Path, rows: list[dict]) -> None:
 def _runs_line(name: str, r: dict) -> str:
     us = 1e6 / max(r["points"], 1)
     total = r["read_s"] + r["analyze_s"]
-    stages = " ".join(f"{us * r['stages_s'][k]:>{max(7, len(k))}.2f}" for k in RUN_STAGES)
+    stages = _stage_cells(r["stages_s"], RUN_STAGES, us)
     return (f"  {name[:34]:<34} {r['points']:>8} {us * total:>9.2f} {stages}"
             f" {r['localisations']:>6} {1000 * r['localisations'] / max(r['points'], 1):>9.2f}")
 
@@ -428,8 +438,8 @@ def _runs_line(name: str, r: dict) -> str:
 def print_runs(folder: Path, rows: list[dict]) -> dict:
     print(f"analyze in-process on the runs in {folder}: µs a point (total: best of the plain repeats;"
           " stages: best of the timed repeats), localisations")
-    heads = " ".join(f"{k:>{max(7, len(k))}}" for k in RUN_STAGES)
-    print(f"  {'run':<34} {'points':>8} {'µs/point':>9} {heads} {'#loc':>6} {'loc/1000':>9}")
+    print(f"  {'run':<34} {'points':>8} {'µs/point':>9} {_stage_heads(RUN_STAGES)} {'#loc':>6}"
+          f" {'loc/1000':>9}")
     for r in rows:
         print(_runs_line(r["run"], r))
     total = {k: sum(r[k] for r in rows) for k in STAGES}
