@@ -10,7 +10,9 @@ so that it also counts what later interceptors answer (``UNAUTHENTICATED``).
 An RPC's status code is read from its context when its handler ends (a
 handler that aborts or sets a code), ``OK`` when it returned normally,
 ``UNKNOWN`` when it raised without one; an RPC that terminates before its
-handler ended is ``CANCELLED`` or ``DEADLINE_EXCEEDED`` (the client left).
+handler ended, or whose handler ended after the client left (a Stream's
+request iterator raises on a cancel, and the handler returns), is
+``CANCELLED`` or ``DEADLINE_EXCEEDED``.
 Methods outside the server's services are counted as
 ``grpc_service="unknown", grpc_method="unknown"`` (their names come from
 clients: unbounded label values). O(1) per RPC.
@@ -46,6 +48,12 @@ class _Call:
 
     def finished(self, raised: bool) -> None:
         code = _context_code(self.context)  # what the handler set, or aborted with
+        if code is None and not _active(self.context):
+            # The client left and the handler ended because of it (a Stream's request
+            # iterator raises on a cancel): the RPC was cancelled, whichever of this
+            # and the termination callback runs first.
+            self.terminated()
+            return
         if code is None:
             code = grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
         self._record(code)
@@ -93,6 +101,15 @@ def _context_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     if isinstance(code, int):  # set_code with a number
         return next((c for c in grpc.StatusCode if c.value[0] == code), None)
     return code if isinstance(code, grpc.StatusCode) else None
+
+
+def _active(context: grpc.ServicerContext) -> bool:
+    """Whether the RPC is still on (a handler that ends normally ends before its status
+    is sent, so it is); True where the context cannot say."""
+    try:
+        return bool(context.is_active())
+    except Exception:
+        return True
 
 
 def _time_remaining(context: grpc.ServicerContext) -> float | None:
