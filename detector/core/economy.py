@@ -95,8 +95,8 @@ class EventEconomy:
         self.pinned_tolerance = pinned_tolerance
         self.cycle_repeats = cycle_repeats
         self.cycle_tolerance = cycle_tolerance
-        # (series, direction) -> [step of its last change point, the interval before it
-        # (0 for none), the moves so far at even intervals (1 for the first)]
+        # series and direction -> [step of its last change point, the rhythm's period (the
+        # first interval of the current run of even moves; 0 after one move), the moves in it]
         self.rhythms: dict[str, list[int]] = {}
         # group -> [credit, line of last refill, held back, credit for weak events]; credit is
         # counted in lines (an event costs lines_per_event), so refills add up exactly.
@@ -123,7 +123,7 @@ class EventEconomy:
             if self._pinned(event, specs):
                 continue
             if event.kind is EventKind.CHANGE_POINT and self._in_rhythm(event):
-                self.groups.setdefault(self._group(event.series, specs), [0, line, 0, 0])[2] += 1
+                self._allowance(self._group(event.series, specs), line)[2] += 1
                 continue
             if event.kind is EventKind.PLATEAU_END:
                 if event.series not in self.open_plateaus:
@@ -133,12 +133,7 @@ class EventEconomy:
                 continue
             cost = self.lines_per_event
             cap = cost * (1 if self.settled else self.burst)
-            name = self._group(event.series, specs)
-            if name not in self.groups:
-                # A group first heard from in a stable stretch has refilled since it began.
-                start = cap if self.settled_at is None else min(cap, line - self.settled_at)
-                self.groups[name] = [start, line, 0, min(cost, start)]
-            group = self.groups[name]
+            group = self._allowance(self._group(event.series, specs), line)
             refill = line - group[1]
             group[0] = min(cap, group[0] + refill)
             group[3] = min(cost, group[3] + refill)
@@ -157,6 +152,17 @@ class EventEconomy:
                 self.open_plateaus.add(event.series)
             out.append(event)
         return out
+
+    def _allowance(self, name: str, line: int) -> list[int]:
+        """Group ``name``'s allowance state, made full for a group first heard from at
+        ``line`` (or, in a settled stretch, refilled since the stretch began)."""
+        group = self.groups.get(name)
+        if group is None:
+            cost = self.lines_per_event
+            cap = cost * (1 if self.settled else self.burst)
+            start = cap if self.settled_at is None else min(cap, line - self.settled_at)
+            group = self.groups[name] = [start, line, 0, min(cost, start)]
+        return group
 
     def _in_rhythm(self, event: Event) -> bool:
         """Whether the change point ``event`` keeps a rhythm its series has shown

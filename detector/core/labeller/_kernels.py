@@ -747,9 +747,8 @@ def generalisation_quiet(steps, acc, acc_present, loss_ws, loss_present, first_s
                 recent[0], recent[1], recent[2] = r0, r1, r2
                 taken = i - start  # the early level falls
                 break
-            rise = (onset_rise_of(base, onset_rise, onset_headroom, stable_tolerance, grokked)
-                    if has_base else 0.0)
-            if has_base and value >= base + rise:
+            if has_base and value >= base + onset_rise_of(base, onset_rise, onset_headroom,
+                                                          stable_tolerance, grokked):
                 if not has_above:
                     new_above, has_new_above = step, True
                 if step - new_above >= hold:
