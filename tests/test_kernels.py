@@ -136,6 +136,20 @@ def _numpy_fit_sums(y: np.ndarray) -> np.ndarray:
     return s
 
 
+def test_cost_sums_and_best_split_past_the_tables_equal_the_numpy_code() -> None:
+    # Windows up to k._TABLE_LEN - 1 points read their closed forms from tables; a longer
+    # one (a whole TCPD series, locate() on any array) computes them: both the same floats.
+    rng = np.random.default_rng(11)
+    for n in (k._TABLE_LEN - 2, k._TABLE_LEN - 1, k._TABLE_LEN, k._TABLE_LEN + 37):
+        y = np.cumsum(rng.normal(size=n))
+        cost = CostPiecewiseLinear().fit(y)
+        assert np.array_equal(cost._s, _numpy_fit_sums(y))
+        for start, end in ((0, n), (n - k._TABLE_LEN + 1, n), (5, n - 3)):
+            candidates, gains = cost.split_gains(start, end, 4)
+            at = _last_argmax(gains)
+            assert k.best_split(cost._s, start, end, 4) == (int(candidates[at]), float(gains[at]))
+
+
 def test_cost_search_and_binseg_equal_the_numpy_and_ruptures_code() -> None:
     rng = np.random.default_rng(6)
     found = 0

@@ -525,6 +525,17 @@ def history_scale(history):  # pragma: no cover - compiled
 # --- the localiser's piecewise-linear cost -------------------------------------------------
 
 
+# Σ 1, Σ t and Σ t² over the first k points and a line's Σ(t − t̄)² over L consecutive
+# times, as the cost's closed forms give them, for k, L up to _TABLE_LEN - 1: each a few
+# divisions a candidate split otherwise (the loops' dearest operations), and the same
+# float as that expression (numpy applies each operation once, as the kernels do).
+_TABLE_LEN = 4097  # a series window (1 024) and any TCPD series fit
+_K = np.arange(_TABLE_LEN, dtype=np.float64)
+_CLOSED = np.vstack([_K, _K * (_K - 1.0) / 2.0, (_K - 1.0) * _K * (2.0 * _K - 1.0) / 6.0])
+_VTT = _K * (_K * _K - 1.0) / 12.0
+del _K
+
+
 @_jit
 def cost_sums(signal):  # pragma: no cover - compiled
     """:meth:`CostPiecewiseLinear.fit`'s prefix sums (rows n, Σt, Σt², Σy, Σty, Σy² over the
@@ -532,24 +543,32 @@ def cost_sums(signal):  # pragma: no cover - compiled
     n = len(signal)
     s = np.empty((6, n + 1))
     mean = np_sum(signal) / n if n else 0.0
-    for k in range(n + 1):
-        kf = float(k)
-        s[0, k] = kf
-        s[1, k] = kf * (kf - 1.0) / 2.0
-        s[2, k] = (kf - 1.0) * kf * (2.0 * kf - 1.0) / 6.0
-    s[3, 0] = 0.0
-    s[4, 0] = 0.0
-    s[5, 0] = 0.0
-    for i in range(n):
+    if n < _TABLE_LEN:
+        s[0:3, :] = _CLOSED[:, : n + 1]
+    else:
+        for k in range(n + 1):
+            kf = float(k)
+            s[0, k] = kf
+            s[1, k] = kf * (kf - 1.0) / 2.0
+            s[2, k] = (kf - 1.0) * kf * (2.0 * kf - 1.0) / 6.0
+    s3, s4, s5 = s[3], s[4], s[5]
+    s3[0] = 0.0
+    s4[0] = 0.0
+    s5[0] = 0.0
+    if n == 0:
+        return s
+    # numpy's cumsum starts from the first value, not from 0 + it
+    y = signal[0] - mean
+    a3, a4, a5 = y, 0.0 * y, y * y
+    s3[1], s4[1], s5[1] = a3, a4, a5
+    for i in range(1, n):
         y = signal[i] - mean
-        ty = float(i) * y
-        yy = y * y
-        if i == 0:  # numpy's cumsum starts from the first value, not from 0 + it
-            s[3, 1], s[4, 1], s[5, 1] = y, ty, yy
-        else:
-            s[3, i + 1] = s[3, i] + y
-            s[4, i + 1] = s[4, i] + ty
-            s[5, i + 1] = s[5, i] + yy
+        a3 += y
+        a4 += float(i) * y
+        a5 += y * y
+        s3[i + 1] = a3
+        s4[i + 1] = a4
+        s5[i + 1] = a5
     return s
 
 
@@ -581,10 +600,46 @@ def _line_sse(n, mean_t, sy, sty, syy):  # pragma: no cover - compiled
 @_jit
 def best_split(s, start, end, min_size):  # pragma: no cover - compiled
     """:meth:`CostPiecewiseLinear.split_gains` and its last argmax: the best split of
-    ``[start, end)`` into two lines and its gain, (−1, 0.0) when none fits. O(end − start)."""
+    ``[start, end)`` into two lines and its gain, (−1, 0.0) when none fits. O(end − start).
+
+    Each side's Σ(t − t̄)² comes from ``_VTT`` (the same float as :func:`_line_sse`
+    computes) where the segment fits the table."""
     lo, hi = start + min_size, end - min_size + 1
     if hi <= lo:
         return -1, 0.0
+    if end - start >= _TABLE_LEN:
+        return _best_split_direct(s, start, end, min_size)
+    whole = segment_error(s, start, end)
+    s3, s4, s5 = s[3], s[4], s[5]
+    a3, a4, a5 = s3[start], s4[start], s5[start]
+    e3, e4, e5 = s3[end], s4[end], s5[end]
+    best, gain, nan_at = -1, 0.0, -1
+    for c in range(lo, hi):
+        sp = float(c)
+        nl = sp - start
+        sy = s3[c] - a3
+        vty = (s4[c] - a4) - (start + sp - 1.0) / 2.0 * sy
+        left = (s5[c] - a5) - sy * sy / nl - vty * vty / _VTT[c - start]
+        left = left if (left > 0.0 or left != left) else 0.0
+        nr = end - sp
+        sy = e3 - s3[c]
+        vty = (e4 - s4[c]) - (sp + end - 1.0) / 2.0 * sy
+        right = (e5 - s5[c]) - sy * sy / nr - vty * vty / _VTT[end - c]
+        right = right if (right > 0.0 or right != right) else 0.0
+        g = whole - left - right
+        if g != g:
+            nan_at = c  # np.argmax takes NaN as the largest
+        elif best < 0 or g >= gain:  # ties to the later index
+            best, gain = c, g
+    if nan_at >= 0:
+        return nan_at, math.nan
+    return best, gain
+
+
+@_jit
+def _best_split_direct(s, start, end, min_size):  # pragma: no cover - compiled
+    """:func:`best_split` of a segment longer than the tables. O(end − start)."""
+    lo, hi = start + min_size, end - min_size + 1
     whole = segment_error(s, start, end)
     best, gain, nan_at = -1, 0.0, -1
     for c in range(lo, hi):
@@ -595,8 +650,8 @@ def best_split(s, start, end, min_size):  # pragma: no cover - compiled
                           s[4, end] - s[4, c], s[5, end] - s[5, c])
         g = whole - left - right
         if g != g:
-            nan_at = c  # np.argmax takes NaN as the largest
-        elif best < 0 or g >= gain:  # ties to the later index
+            nan_at = c
+        elif best < 0 or g >= gain:
             best, gain = c, g
     if nan_at >= 0:
         return nan_at, math.nan
