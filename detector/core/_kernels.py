@@ -61,6 +61,18 @@ def _jit(fn: Callable[..., Any]) -> Any:
         return numba.njit(cache=False, nogil=False)(fn)
 
 
+def _jit_vector(fn: Callable[..., Any]) -> Any:
+    """:func:`_jit` for a loop LLVM should vectorise: numpy's error model. Python's tests
+    every divisor for zero before it divides (to raise ZeroDivisionError), and that
+    branch keeps a loop scalar; with numpy's a division by zero gives IEEE's inf or
+    NaN, as the numpy code does, and every other division is the same operation.
+    Only for loops whose divisors are never zero."""
+    try:
+        return numba.njit(cache=True, nogil=False, error_model="numpy")(fn)
+    except RuntimeError:  # as in _jit
+        return numba.njit(cache=False, nogil=False, error_model="numpy")(fn)
+
+
 # The trigger's constants (detector.core.trigger imports them from here).
 Q = 1 << 16  # fixed-point grid of the CUSUM (1/65536 of an innovation scale)
 FAST_CLIP = 3.0  # |z| cap of the fast CUSUM's standardised innovations (winsorised CUSUM)
@@ -533,6 +545,7 @@ _TABLE_LEN = 4097  # a series window (1 024) and any TCPD series fit
 _K = np.arange(_TABLE_LEN, dtype=np.float64)
 _CLOSED = np.vstack([_K, _K * (_K - 1.0) / 2.0, (_K - 1.0) * _K * (2.0 * _K - 1.0) / 6.0])
 _VTT = _K * (_K * _K - 1.0) / 12.0
+_VTT_REVERSED = _VTT[::-1].copy()  # the right sides' lengths fall as the split moves on
 del _K
 
 
@@ -611,29 +624,55 @@ def best_split(s, start, end, min_size):  # pragma: no cover - compiled
         return _best_split_direct(s, start, end, min_size)
     whole = segment_error(s, start, end)
     s3, s4, s5 = s[3], s[4], s[5]
-    a3, a4, a5 = s3[start], s4[start], s5[start]
-    e3, e4, e5 = s3[end], s4[end], s5[end]
-    best, gain, nan_at = -1, 0.0, -1
-    for c in range(lo, hi):
-        sp = float(c)
-        nl = sp - start
-        sy = s3[c] - a3
-        vty = (s4[c] - a4) - (start + sp - 1.0) / 2.0 * sy
-        left = (s5[c] - a5) - sy * sy / nl - vty * vty / _VTT[c - start]
+    last = _TABLE_LEN - 1 - end
+    gains = np.empty(hi - lo)
+    _split_gains(s3[lo:hi], s4[lo:hi], s5[lo:hi], _VTT[min_size:min_size + hi - lo],
+                 _VTT_REVERSED[last + lo:last + hi], start, end, lo, s3[start], s4[start], s5[start],
+                 s3[end], s4[end], s5[end], whole, gains)
+    at, gain = _last_argmax(gains)
+    return lo + at, gain
+
+
+@_jit_vector
+def _split_gains(s3, s4, s5, vtt_left, vtt_right, start, end, lo, a3, a4, a5, e3, e4, e5, whole,
+                 out):  # pragma: no cover - compiled
+    """:func:`best_split`'s gain at each split ``lo + i`` into ``out[i]``: ``whole`` less
+    :func:`_line_sse` of each side (rows 3-5 of the sums from ``lo``, each side's
+    Σ(t − t̄)² from the tables), the same operations in the same order, in a loop
+    without branches that LLVM vectorises. O(len(out))."""
+    for i in range(len(out)):
+        sp = float(lo + i)
+        sy = s3[i] - a3
+        vty = (s4[i] - a4) - (start + sp - 1.0) / 2.0 * sy
+        left = (s5[i] - a5) - sy * sy / (sp - start) - vty * vty / vtt_left[i]
         left = left if (left > 0.0 or left != left) else 0.0
-        nr = end - sp
-        sy = e3 - s3[c]
-        vty = (e4 - s4[c]) - (sp + end - 1.0) / 2.0 * sy
-        right = (e5 - s5[c]) - sy * sy / nr - vty * vty / _VTT[end - c]
+        sy = e3 - s3[i]
+        vty = (e4 - s4[i]) - (sp + end - 1.0) / 2.0 * sy
+        right = (e5 - s5[i]) - sy * sy / (end - sp) - vty * vty / vtt_right[i]
         right = right if (right > 0.0 or right != right) else 0.0
-        g = whole - left - right
-        if g != g:
-            nan_at = c  # np.argmax takes NaN as the largest
-        elif best < 0 or g >= gain:  # ties to the later index
-            best, gain = c, g
-    if nan_at >= 0:
-        return nan_at, math.nan
-    return best, gain
+        out[i] = whole - left - right
+
+
+@_jit
+def _last_argmax(values):  # pragma: no cover - compiled
+    """The index and value of the largest of ``values`` (n ≥ 1), ties to the later one and
+    a NaN before anything (the last NaN), as the localiser's ``_last_argmax`` of np.argmax
+    and the kernels' running maximum pick it: the maximum in one pass without branches,
+    then the last value equal to it. O(n)."""
+    top = -np.inf
+    nan = False
+    for i in range(len(values)):
+        v = values[i]
+        nan |= v != v
+        top = v if v > top else top
+    if nan:
+        for i in range(len(values) - 1, -1, -1):
+            if values[i] != values[i]:
+                return i, math.nan
+    for i in range(len(values) - 1, -1, -1):
+        if values[i] == top:
+            return i, values[i]
+    return -1, 0.0  # not reached: the maximum is one of the values
 
 
 @_jit
@@ -674,20 +713,24 @@ def best_shift(s, start, end, min_size, last_min_size):  # pragma: no cover - co
     mean_t, mean_y = w1 / n, w3 / n
     stt = w2 - n * mean_t * mean_t
     slope = (w4 - n * mean_t * mean_y) / stt
-    best, gain, nan_at = -1, 0.0, -1
-    for c in range(lo, hi):
-        m = s[0, end] - s[0, c]
-        tail_t = (s[1, end] - s[1, c]) - m * mean_t
-        tail_e = (s[3, end] - s[3, c]) - m * mean_y - slope * tail_t
+    gains = np.empty(hi - lo)
+    _shift_gains(s[0, lo:hi], s[1, lo:hi], s[3, lo:hi], s[0, end], s[1, end], s[3, end], float(n), mean_t,
+                 mean_y, slope, stt, gains)
+    at, gain = _last_argmax(gains)
+    return lo + at, gain
+
+
+@_jit_vector
+def _shift_gains(s0, s1, s3, e0, e1, e3, n, mean_t, mean_y, slope, stt, out):  # pragma: no cover
+    """:func:`best_shift`'s gain at each index ``lo + i`` into ``out[i]`` (rows 0, 1 and 3
+    of the sums from ``lo``; ``e*`` the rows at the end; ``n`` the segment's length),
+    the same operations in the same order, in a loop LLVM vectorises. O(len(out))."""
+    for i in range(len(out)):
+        m = e0 - s0[i]
+        tail_t = (e1 - s1[i]) - m * mean_t
+        tail_e = (e3 - s3[i]) - m * mean_y - slope * tail_t
         norm = m - m * m / n - tail_t * tail_t / stt
-        g = tail_e * tail_e / (norm if norm > 1e-9 else 1e-9) if norm > 1e-9 else 0.0
-        if g != g:
-            nan_at = c
-        elif best < 0 or g >= gain:
-            best, gain = c, g
-    if nan_at >= 0:
-        return nan_at, math.nan
-    return best, gain
+        out[i] = tail_e * tail_e / norm if norm > 1e-9 else 0.0
 
 
 @_jit
