@@ -120,10 +120,13 @@ class Store(Protocol):
 
     ``shared`` is True when other processes may write the same runs (PostgreSQL):
     then claims exclude other replicas and the engine keeps a run in memory only
-    while it holds a claim on it.
+    while it holds a claim on it. ``local_commits`` is True when a commit is work
+    in this process, with no round trip or fsync to wait on (SQLite in WAL mode):
+    the engine then commits before it lets another run detect.
     """
 
     shared: bool
+    local_commits: bool
 
     def upsert_run(self, status: RunStatus) -> None: ...
     def add_events(self, run_id: str, events: Sequence[Event]) -> None: ...

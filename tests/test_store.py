@@ -517,6 +517,9 @@ def test_a_failed_store_write_drops_the_run_and_the_replay_repairs_it(backend: B
                 engine.ingest("grok", batch)
             assert engine.snapshot().runs == ()  # ahead of its checkpoint: dropped
             assert store.load_checkpoint("grok")[1] == acked
+            # The commit failed with the detection lock held (SQLite) or after it went
+            # (PostgreSQL): either way it is free, or every later batch would hang.
+            assert not engine._detecting.locked()
         result = engine.ingest("grok", batch)  # restored from the checkpoint, then resent
         assert result.rejected == 0
         acked = result.through_step

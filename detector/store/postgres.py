@@ -113,6 +113,7 @@ class PostgresStore:
     """
 
     shared = True
+    local_commits = False  # a round trip, and the server's WAL flush
 
     def __init__(
         self,

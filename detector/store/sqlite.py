@@ -135,6 +135,7 @@ class SqliteStore:
     """
 
     shared = False  # one process: claims always succeed
+    local_commits = True  # WAL with synchronous=NORMAL: a commit appends to the log, no fsync
 
     def __init__(self, path: str | Path, *, recent_events: int = 20,
                  create_directory: bool = False, checkpoint_seconds: float = 1.0) -> None:
