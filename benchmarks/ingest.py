@@ -721,8 +721,27 @@ def run_real_cell(server: ServerProcess, plan: Plan, lines: int, streams: int, s
     }
 
 
+def _matched_bare_cells(cells: list[dict[str, Any]], plans: dict[int, Plan], streams: int, seconds: float,
+                        window: int) -> list[dict[str, Any]]:
+    """``--matched-bare``: per batch size, the bare server answering each batch with as
+    many event messages as the full server sent a batch on average in its closed-loop
+    cell (rounded), then its ack: the transport's ceiling for the full server's
+    response traffic, since the API sends one message per event."""
+    out = []
+    for full in [c for c in cells if c["server"] == "full" and c["mode"] == "closed"]:
+        events = round(full["events"] / full["batches"]) if full["batches"] else 0
+        with ServerProcess("bare", bare_events=events) as server:
+            run_real_cell(server, plans[full["lines"]], full["lines"], 2, 1.0, window)
+            cell = run_real_cell(server, plans[full["lines"]], full["lines"], streams, seconds, window)
+        cell["server"], cell["bare_events"] = "bare-matched", events
+        print(f"  bare-matched closed lines={full['lines']} runs={streams} ({events} events a batch): "
+              f"{cell['points_per_second']:,.0f} points/s", file=sys.stderr, flush=True)
+        out.append(cell)
+    return out
+
+
 def real_table(cells: list[dict[str, Any]]) -> str:
-    head = (f"{'server':8} {'mode':6} {'lines':>5} {'runs':>4} {'points/s':>10} {'ratio':>6} "
+    head = (f"{'server':12} {'mode':6} {'lines':>5} {'runs':>4} {'points/s':>10} {'ratio':>6} "
             f"{'pts/cpu-s':>10} {'cpu ratio':>9} {'cpu-s/Mpt':>9} {'event p50':>9} {'p99 ms':>8} "
             f"{'ack p50':>8} {'p99 ms':>8} {'events':>6} {'peak MiB':>8}  load 1-min start->end")
     out = [head, "-" * len(head)]
@@ -730,7 +749,7 @@ def real_table(cells: list[dict[str, Any]]) -> str:
         load = (f"{c['load_start'][0]:.2f} -> {c['load_end'][0]:.2f}"
                 if c["load_start"] and c["load_end"] else "-")
         out.append(
-            f"{c['server']:8} {c['mode']:6} {c['lines']:>5} {c['streams']:>4} "
+            f"{c['server']:12} {c['mode']:6} {c['lines']:>5} {c['streams']:>4} "
             f"{c['points_per_second']:>10,.0f} {_fmt(c.get('ratio_wall'), '>6.3f')} "
             f"{_fmt(c['points_per_cpu_second'], '>10,.0f')} {_fmt(c.get('ratio_cpu'), '>9.3f')} "
             f"{_fmt(c['cpu_seconds_per_million_points'], '>9.2f')} "
@@ -788,13 +807,19 @@ def main_real(args: argparse.Namespace) -> int:
                 print(f"  {kind} open lines={lines} runs={args.streams} at {rate:.1f} batches/s: "
                       f"event p99 {cell['event_latency_p99_ms']} ms, ack p99 {cell['ack_latency_p99_ms']} ms",
                       file=sys.stderr, flush=True)
+    if args.matched_bare:
+        cells += _matched_bare_cells(cells, plans, args.streams, seconds, args.window)
     bare = {c["lines"]: c for c in cells if c["server"] == "bare"}
+    matched = {c["lines"]: c for c in cells if c["server"] == "bare-matched"}
     for c in cells:
         ceiling = bare.get(c["lines"])
         if not c["server"].startswith("bare") and c["mode"] == "closed" and ceiling:
             c["ratio_wall"] = c["points_per_second"] / ceiling["points_per_second"]
             if c["points_per_cpu_second"] and ceiling["points_per_cpu_second"]:
                 c["ratio_cpu"] = c["points_per_cpu_second"] / ceiling["points_per_cpu_second"]
+        same = matched.get(c["lines"])
+        if c["server"] == "full" and c["mode"] == "closed" and same:
+            c["ratio_wall_matched"] = c["points_per_second"] / same["points_per_second"]
     print(f"phasewatch ingest benchmark, real runs: {real_workload.describe(runs)}; "
           f"{seconds:g} s a closed-loop cell, {open_seconds:g} s an open-loop one, window {args.window}, "
           f"{os.cpu_count()} CPUs")
@@ -802,6 +827,12 @@ def main_real(args: argparse.Namespace) -> int:
     print("ratio: full / bare points per second (wall clock); cpu ratio: full / bare points per server "
           "CPU-second; open: batches sent on a fixed schedule (rate in the JSON), latencies from the "
           "scheduled time; latencies in ms (event: batch -> first event it caused; ack: batch -> its Ack)")
+    for c in cells:
+        if "ratio_wall_matched" in c:
+            same = matched[c["lines"]]
+            print(f"full / bare-matched at {c['lines']} lines (the bare server sending "
+                  f"{same['bare_events']} event messages a batch, the full one's mean): "
+                  f"{c['ratio_wall_matched']:.3f} of its points per second")
     if args.json:
         document = {
             "machine": {"python": platform.python_version(), "platform": platform.platform(),
@@ -873,6 +904,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bare-events", type=int, default=0,
                         help="event messages the bare servers send per batch before its ack "
                              "(the full server sends one per event)")
+    parser.add_argument("--matched-bare", action="store_true",
+                        help="real: also the bare server sending, per batch, the full server's mean "
+                             "number of event messages (its ceiling for the same response traffic)")
     parser.add_argument("--store", help="store URL for the full server (default: a fresh SQLite file)")
     parser.add_argument("--quick", action="store_true", help="shorter cells (2 s synthetic, 4 s real)")
     parser.add_argument("--json", metavar="PATH", help="write the numbers here")

@@ -108,3 +108,20 @@ def test_the_engine_behind_grpc_aio_answers_as_the_engine_does(kind):
     assert any(e.kind == pb.EVENT_KIND_CHANGE_POINT and abs(e.step - 1500) <= 20 for e in events)
     assert len(acks) == len(requests) and acks[-1].through_step == 2990
     assert sum(a.accepted for a in acks) == len(rows)
+
+
+def test_matched_bare_cell_sends_the_full_servers_mean_events_a_batch(tmp_path):
+    # --matched-bare: a bare server started to answer every batch with the full
+    # server's mean number of event messages (7 over 2 batches: 4, Python's round),
+    # measured on the same plan; the client receives that many before each ack.
+    from benchmarks.ingest import _matched_bare_cells
+
+    path = tmp_path / "run.jsonl"
+    write_jsonl(path, [{"step": s, "loss": 1.0 / (1 + s), "acc": s / 400} for s in range(400)])
+    runs = real_workload.load([path])
+    plans = {16: [(r.name, real_workload.batches(r, 16)) for r in runs]}
+    full = {"server": "full", "mode": "closed", "lines": 16, "events": 7, "batches": 2}
+    (cell,) = _matched_bare_cells([full], plans, streams=2, seconds=0.5, window=1)
+    assert cell["server"] == "bare-matched" and cell["bare_events"] == 4 and cell["lines"] == 16
+    # Each acknowledged batch came after its 4 events; a stream's last batch may be cut off.
+    assert cell["batches"] > 0 and cell["events"] >= 4 * cell["batches"] - 4 * 2
