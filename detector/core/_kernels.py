@@ -66,7 +66,8 @@ def _jit_vector(fn: Callable[..., Any]) -> Any:
     every divisor for zero before it divides (to raise ZeroDivisionError), and that
     branch keeps a loop scalar; with numpy's a division by zero gives IEEE's inf or
     NaN, as the numpy code does, and every other division is the same operation.
-    Only for loops whose divisors are never zero."""
+    Only for loops that never divide by zero or discard what such a division gives
+    (a select after it), so that no exception was ever expected."""
     try:
         return numba.njit(cache=True, nogil=False, error_model="numpy")(fn)
     except RuntimeError:  # as in _jit
@@ -655,10 +656,10 @@ def _split_gains(s3, s4, s5, vtt_left, vtt_right, start, end, lo, a3, a4, a5, e3
 
 @_jit
 def _last_argmax(values):  # pragma: no cover - compiled
-    """The index and value of the largest of ``values`` (n ≥ 1), ties to the later one and
-    a NaN before anything (the last NaN), as the localiser's ``_last_argmax`` of np.argmax
-    and the kernels' running maximum pick it: the maximum in one pass without branches,
-    then the last value equal to it. O(n)."""
+    """The index and value of the largest of ``values`` (n ≥ 1): the last NaN if there is
+    one (np.argmax takes NaN as the largest), else the last of equal maxima (ties to the
+    later index, as the localiser's ``_last_argmax`` and a running ``>=`` comparison pick
+    it). The maximum in one pass without branches, then a backward search for it. O(n)."""
     top = -np.inf
     nan = False
     for i in range(len(values)):
@@ -689,8 +690,8 @@ def _best_split_direct(s, start, end, min_size):  # pragma: no cover - compiled
                           s[4, end] - s[4, c], s[5, end] - s[5, c])
         g = whole - left - right
         if g != g:
-            nan_at = c
-        elif best < 0 or g >= gain:
+            nan_at = c  # np.argmax takes NaN as the largest
+        elif best < 0 or g >= gain:  # ties to the later index
             best, gain = c, g
     if nan_at >= 0:
         return nan_at, math.nan
