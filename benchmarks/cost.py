@@ -38,7 +38,9 @@ a store and with a SQLite file (a checkpoint a batch, ``serve``'s default
 durability): CPU µs a point, and by stage (the same stages, plus the run status
 made at each release and the store's commit). What a server spends on
 detection alone for the real-run workload of :mod:`benchmarks.ingest`, without
-gRPC, parsing and threads (``--no-engine`` skips it).
+gRPC and parsing (``--no-engine`` skips it); a last row per batch size feeds the
+same streams from 32 threads at once into SQLite, one a stream as the sync
+server's handlers (total only): what threads taking turns on the engine add.
 
 The labeller's cost per ``update_block`` call on a real run and a shared run,
 in blocks of 8, 32, 64 and 256 lines, comes last (:mod:`benchmarks.labeller_cost`,
@@ -334,33 +336,47 @@ def _engine_batches(folder: Path, lines: int) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def _feed_engine(runs: list[tuple[str, list[dict]]], tag: str, store_url: str | None) -> tuple[int, float]:
+def _feed_engine(runs: list[tuple[str, list[dict]]], tag: str, store_url: str | None,
+                 threads: int = 1) -> tuple[int, float]:
     """Stream ``runs`` into a fresh :class:`~detector.engine.Engine` as ``ENGINE_STREAMS``
     concurrent streams would (slot k takes runs k, k + streams, ...; the slots take
-    turns a batch at a time; each run ended after its last batch): (points, CPU s)."""
+    turns a batch at a time; each run ended after its last batch): (points, CPU s).
+    With ``threads`` > 1, thread t feeds slots t, t + threads, ... the same way, all
+    at once, as a threaded server's handlers would (CPU: the whole process's)."""
     from detector.engine import Engine
     from detector.store import open_store
 
     engine = Engine(store=None if store_url is None else open_store(store_url))
     slots = [runs[k::ENGINE_STREAMS] for k in range(ENGINE_STREAMS)]
-    cursors = [[0, 0] for _ in slots]
-    points, busy = 0, True
+
+    def feed(mine: list[list[tuple[str, list[dict]]]]) -> int:
+        cursors = [[0, 0] for _ in mine]
+        points, busy = 0, True
+        while busy:
+            busy = False
+            for slot, cursor in zip(mine, cursors, strict=True):
+                if cursor[0] >= len(slot):
+                    continue
+                busy = True
+                name, batches = slot[cursor[0]]
+                run_id = f"{name}-{tag}"
+                batch = batches[cursor[1]]
+                engine.ingest(run_id, batch)
+                points += sum(len(s) for s, _ in batch.values())
+                cursor[1] += 1
+                if cursor[1] == len(batches):
+                    engine.end_run(run_id)
+                    cursor[0], cursor[1] = cursor[0] + 1, 0
+        return points
+
     start = time.process_time()
-    while busy:
-        busy = False
-        for slot, cursor in zip(slots, cursors, strict=True):
-            if cursor[0] >= len(slot):
-                continue
-            busy = True
-            name, batches = slot[cursor[0]]
-            run_id = f"{name}-{tag}"
-            batch = batches[cursor[1]]
-            engine.ingest(run_id, batch)
-            points += sum(len(s) for s, _ in batch.values())
-            cursor[1] += 1
-            if cursor[1] == len(batches):
-                engine.end_run(run_id)
-                cursor[0], cursor[1] = cursor[0] + 1, 0
+    if threads <= 1:
+        points = feed(slots)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            points = sum(pool.map(feed, [slots[t::threads] for t in range(threads)]))
     seconds = time.process_time() - start
     if engine.store is not None:
         engine.store.close()
@@ -399,10 +415,21 @@ def measure_engine(folder: Path, repeats: int = 3) -> list[dict]:
                 total, timer = min(staged, key=lambda t: t[0])
             stages = {k: timer.seconds.get(k, 0.0) for k in ENGINE_STAGES}
             stages["other"] = max(0.0, total - sum(timer.seconds.values()))
-            rows.append({"lines": lines, "store": "sqlite" if durable else "none", "points": points,
-                         "us_per_point": 1e6 * best / points,
+            rows.append({"lines": lines, "store": "sqlite" if durable else "none", "threads": 1,
+                         "points": points, "us_per_point": 1e6 * best / points,
                          "us_per_point_by_stage": {k: 1e6 * v / points for k, v in stages.items()},
                          "localisations_per_1000_points": 1000 * timer.localisations / points})
+        # The same with SQLite, one thread a stream as the sync server has them: what
+        # threads taking turns on the engine cost beyond the work (no stages: the
+        # timers are not thread-safe).
+        with tempfile.TemporaryDirectory() as tmp:
+            _feed_engine(runs, "warm", f"sqlite:///{tmp}/warm.db", ENGINE_STREAMS)
+            timed = [_feed_engine(runs, f"m{i}", f"sqlite:///{tmp}/m{i}.db", ENGINE_STREAMS)
+                     for i in range(max(1, repeats))]
+        points = timed[0][0]
+        rows.append({"lines": lines, "store": "sqlite", "threads": ENGINE_STREAMS, "points": points,
+                     "us_per_point": 1e6 * min(cpu for _, cpu in timed) / points,
+                     "us_per_point_by_stage": None, "localisations_per_1000_points": None})
     return rows
 
 
@@ -419,12 +446,17 @@ def _stage_cells(values: dict[str, float], stages: Sequence[str], scale: float =
 def print_engine(folder: Path, rows: list[dict]) -> None:
     print(f"engine in-process, the runs in {folder} as {ENGINE_STREAMS} streams, CPU µs a point"
           " (total: best of the plain repeats; stages: best of the timed repeats, wrappers included)")
-    print(f"  {'lines':>5} {'store':>6} {'points':>8} {'µs/point':>9} {_stage_heads(ENGINE_STAGES)}"
-          f" {'loc/1000':>9}")
+    print(f"  {'lines':>5} {'store':>6} {'threads':>7} {'points':>8} {'µs/point':>9}"
+          f" {_stage_heads(ENGINE_STAGES)} {'loc/1000':>9}")
     for r in rows:
-        stages = _stage_cells(r["us_per_point_by_stage"], ENGINE_STAGES)
-        print(f"  {r['lines']:>5} {r['store']:>6} {r['points']:>8} {r['us_per_point']:>9.2f} {stages}"
-              f" {r['localisations_per_1000_points']:>9.2f}")
+        if r["us_per_point_by_stage"] is None:  # the threaded row: the total only
+            stages = " ".join(f"{'-':>{max(7, len(k))}}" for k in ENGINE_STAGES)
+            located = f"{'-':>9}"
+        else:
+            stages = _stage_cells(r["us_per_point_by_stage"], ENGINE_STAGES)
+            located = f"{r['localisations_per_1000_points']:>9.2f}"
+        print(f"  {r['lines']:>5} {r['store']:>6} {r['threads']:>7} {r['points']:>8}"
+              f" {r['us_per_point']:>9.2f} {stages} {located}")
 
 
 def _runs_line(name: str, r: dict) -> str:

@@ -24,7 +24,12 @@ def test_the_engine_cell_streams_every_point_and_its_stages_add_up(monkeypatch: 
             values = [v for k, v in record.items() if k != "step"]
             expected += sum(1 for v in values if v is None or isinstance(v, float | int))
     rows = cost.measure_engine(RUNS, repeats=1)
-    assert [(r["lines"], r["store"]) for r in rows] == [(64, "none"), (64, "sqlite")]
+    assert [(r["lines"], r["store"], r["threads"]) for r in rows] == [
+        (64, "none", 1), (64, "sqlite", 1), (64, "sqlite", cost.ENGINE_STREAMS)]
+    threaded = rows.pop()
+    # Every point, once, fed from 32 threads at once.
+    assert threaded["points"] == expected and threaded["us_per_point"] > 0
+    assert threaded["us_per_point_by_stage"] is None
     for row in rows:
         assert row["points"] == expected
         stages = row["us_per_point_by_stage"]
