@@ -56,13 +56,7 @@ def fingerprints(runs: Sequence[real_workload.RealRun]) -> dict[str, str]:
         engine = Engine()
         for run in runs:
             keys: list[str] = []
-            for lo in range(0, len(run.steps), lines):
-                first, last = run.steps[lo], run.steps[min(lo + lines, len(run.steps)) - 1]
-                batch = {}
-                for name, (steps, values) in run.columns.items():
-                    a, b = steps.searchsorted(first, "left"), steps.searchsorted(last, "right")
-                    if b > a:
-                        batch[name] = (steps[a:b], values[a:b])
+            for batch in real_workload.column_batches(run, lines):
                 keys += [_event_key(e) for e in engine.ingest(run.name, batch).events]
             keys += [_event_key(e) for e in engine.end_run(run.name)]
             out[f"{run.name}@{lines}"] = _digest(keys)
@@ -87,11 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--write", metavar="PATH", help="write the fingerprints here")
     group.add_argument("--compare", metavar="PATH", help="compare with fingerprints written before")
     args = parser.parse_args(argv)
-    repo = Path(__file__).resolve().parents[1]
-    paths, notes = real_workload.run_paths(repo)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    runs = real_workload.load(paths, warn=lambda message: None)
+    runs, _ = real_workload.load_repo(Path(__file__).resolve().parents[1])
     if not runs:
         print("error: no runs to fingerprint", file=sys.stderr)
         return 2

@@ -766,10 +766,7 @@ def main_real(args: argparse.Namespace) -> int:
     from benchmarks import real_workload
 
     repo = Path(__file__).resolve().parents[1]
-    paths, notes = real_workload.run_paths(repo)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    runs = real_workload.load(paths, warn=lambda message: None)
+    runs, notes = real_workload.load_repo(repo)
     if not runs:
         print(f"error: no real runs to stream (looked in {repo.parent / 'shared'}/{{"
               f"{','.join(real_workload.SHARED_SUBDIRS)}}} and benchmarks/generated)", file=sys.stderr)

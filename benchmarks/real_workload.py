@@ -15,6 +15,7 @@ Load O(total points); :func:`batches` O(points × log points) for one run.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,27 +82,45 @@ def load(paths: Sequence[Path], warn: Callable[[str], None] | None = None) -> li
     return runs
 
 
-def batches(run: RealRun, lines: int) -> list[tuple[bytes, int]]:
-    """``run`` as serialised ``StreamRequest`` batches of ``lines`` logged lines
-    each (the last may be shorter), in order, with each batch's point count."""
+def column_batches(run: RealRun, lines: int) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``run`` cut into batches of ``lines`` logged lines (the last may be shorter), in
+    order: each every series' points at the steps of those lines, name -> (steps,
+    values) views of the run's columns."""
     if lines < 1:
         raise ValueError(f"lines must be >= 1, not {lines}")
     out = []
     for lo in range(0, len(run.steps), lines):
         first = run.steps[lo]
         last = run.steps[min(lo + lines, len(run.steps)) - 1]
-        series = []
-        points = 0
+        batch = {}
         for name, (steps, values) in run.columns.items():
             a = int(np.searchsorted(steps, first, "left"))
             b = int(np.searchsorted(steps, last, "right"))
             if b > a:
-                series.append(pb.Series(name=name, steps=steps[a:b].tolist(),
-                                        values=values[a:b].tolist()))
-                points += b - a
-        request = pb.StreamRequest(batch=pb.MetricBatch(series=series))
-        out.append((request.SerializeToString(), points))
+                batch[name] = (steps[a:b], values[a:b])
+        out.append(batch)
     return out
+
+
+def batches(run: RealRun, lines: int) -> list[tuple[bytes, int]]:
+    """``run`` as serialised ``StreamRequest`` batches of ``lines`` logged lines
+    each (:func:`column_batches`), in order, with each batch's point count."""
+    out = []
+    for columns in column_batches(run, lines):
+        series = [pb.Series(name=name, steps=steps.tolist(), values=values.tolist())
+                  for name, (steps, values) in columns.items()]
+        request = pb.StreamRequest(batch=pb.MetricBatch(series=series))
+        out.append((request.SerializeToString(), sum(len(steps) for steps, _ in columns.values())))
+    return out
+
+
+def load_repo(repo: Path) -> tuple[list[RealRun], list[str]]:
+    """The runs of :func:`run_paths` for the checkout at ``repo``, loaded, and its
+    notes, each also printed on standard error."""
+    paths, notes = run_paths(repo)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return load(paths, warn=lambda message: None), notes
 
 
 def describe(runs: Sequence[RealRun]) -> str:

@@ -46,19 +46,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numba
 import numpy as np
 from numba.extending import intrinsic
 
 
-def _jit(fn: Callable[..., Any]) -> Any:
+def _jit(fn: Callable[..., Any], error_model: Literal["python", "numpy"] = "python") -> Any:
     """``numba.njit(cache=True)``, without the cache where numba has nowhere to write it."""
     try:
-        return numba.njit(cache=True, nogil=False)(fn)
+        return numba.njit(cache=True, nogil=False, error_model=error_model)(fn)
     except RuntimeError:  # "no locator available": a read-only install and no writable cache dir
-        return numba.njit(cache=False, nogil=False)(fn)
+        return numba.njit(cache=False, nogil=False, error_model=error_model)(fn)
 
 
 def _jit_vector(fn: Callable[..., Any]) -> Any:
@@ -68,10 +68,7 @@ def _jit_vector(fn: Callable[..., Any]) -> Any:
     NaN, as the numpy code does, and every other division is the same operation.
     Only for loops that never divide by zero or discard what such a division gives
     (a select after it), so that no exception was ever expected."""
-    try:
-        return numba.njit(cache=True, nogil=False, error_model="numpy")(fn)
-    except RuntimeError:  # as in _jit
-        return numba.njit(cache=False, nogil=False, error_model="numpy")(fn)
+    return _jit(fn, error_model="numpy")
 
 
 # The trigger's constants (detector.core.trigger imports them from here).

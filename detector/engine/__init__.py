@@ -288,15 +288,7 @@ class Engine:
         run = self._acquire(run_id)
         started = time.perf_counter()
         try:
-            self._detecting.acquire()
-            try:
-                events = run.end()
-                status = run.status
-                segments = run.detector.segments()
-            except BaseException:
-                self._detecting.release()
-                raise
-            self._commit_detected(run, events, segments)
+            events, status = self._detect_and_commit(run, run.end)
         finally:
             run.lock.release()
         self._record(0, {}, events, time.perf_counter() - started)
@@ -310,14 +302,7 @@ class Engine:
         """Release every held point of a run without ending it."""
         run = self._acquire(run_id)
         try:
-            self._detecting.acquire()
-            try:
-                events = run.flush()
-                segments = run.detector.segments()
-            except BaseException:
-                self._detecting.release()
-                raise
-            self._commit_detected(run, events, segments)
+            events, _ = self._detect_and_commit(run, run.flush)
         finally:
             run.lock.release()
         self._record(0, {}, events, 0.0)
@@ -505,6 +490,22 @@ class Engine:
         run.from_empty = False
         run.status = run._make_status()
         return run
+
+    def _detect_and_commit(
+        self, run: _Run, detect: Callable[[], list[Event]]
+    ) -> tuple[list[Event], RunStatus]:
+        """``detect()`` (the run's end or flush) under the detection lock, then
+        :meth:`_commit_detected` (run lock held): its events and the run's status."""
+        self._detecting.acquire()
+        try:
+            events = detect()
+            status = run.status
+            segments = run.detector.segments()
+        except BaseException:
+            self._detecting.release()
+            raise
+        self._commit_detected(run, events, segments)
+        return events, status
 
     def _commit_detected(
         self, run: _Run, events: Sequence[Event], segments: Sequence[Segment] | None
