@@ -733,3 +733,37 @@ def test_point_noise_selection_is_the_partition_median() -> None:
             got = k._median_inplace(d)
             assert got == expected or (np.isnan(got) and np.isnan(expected))
             assert np.array_equal(np.sort(d), np.sort(np.diff(y)), equal_nan=True)  # reordered only
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_a_look_skips_the_noise_only_where_it_is_weak_whatever_the_noise(
+        monkeypatch: pytest.MonkeyPatch, blas: bool) -> None:
+    """With ``weak_below``, a look that does not measure the point noise finds no break
+    and says so with an evidence bound at or above the true evidence, below
+    ``weak_below``; every other look is the look that measures it first."""
+    if not blas:
+        monkeypatch.setattr(k, "blas_ddot", lambda: None)
+    rng = np.random.default_rng(23)
+    loc = WindowLocaliser()
+    looks = skipped = confirmed = 0
+    for i, y in enumerate(_arrays(24, 200, longest=1100)):
+        if i % 3 == 0:  # a shift, for looks that confirm
+            y = y + (np.arange(len(y)) >= rng.integers(0, len(y) + 1)) * 5 * float(np.std(y) + 1e-3)
+        if i % 4 == 1:  # a smooth trend, for looks whose spread dwarfs their gains
+            y = y + 50.0 * float(np.std(y) + 1e-3) * np.linspace(0.0, 1.0, len(y))
+        for start in {0, int(rng.integers(0, len(y))), max(0, len(y) - 9)}:
+            for weak_below in (0.5, 1.0):
+                final = bool(rng.integers(0, 2))
+                full = loc.look(y, start, None, final)
+                splits, evidence, noise = loc.look(y, start, None, final, weak_below)
+                looks += 1
+                if noise is None:
+                    skipped += 1
+                    assert splits == full[0] == [] and full[1] <= evidence < weak_below
+                else:
+                    assert (splits, evidence, noise) == full
+                    confirmed += bool(splits)
+                # A noise given is never skipped, and weak_below 0 never skips.
+                assert loc.look(y, start, 0.5, final, weak_below) == loc.look(y, start, 0.5, final)
+                assert loc.look(y, start, None, final, 0.0) == full
+    assert looks > 800 and skipped > 100 and confirmed > 50 and looks - skipped > 300

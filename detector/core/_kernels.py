@@ -749,7 +749,7 @@ def window_search(y, min_size, shift_min_size):  # pragma: no cover - compiled
 
 @_jit
 def localiser_look(held, start, need_noise, noise, min_size, shift_min_size, penalty_w, noise_w,
-                   shift_w, log_n):  # pragma: no cover - compiled
+                   shift_w, log_n, weak_below):  # pragma: no cover - compiled
     """:meth:`WindowLocaliser.look`'s compiled part: a series detector's look at its
     segment ``held[start:]`` up to the point where Python is needed.
 
@@ -761,37 +761,62 @@ def localiser_look(held, start, need_noise, noise, min_size, shift_min_size, pen
     operations of ``WindowLocaliser.locate_with_evidence`` in its order (Python's
     ``max`` keeps the first of equals and a NaN it starts with; so do these
     comparisons). ``shift_w``: the shift penalty's factor, negative for none.
-    Returns (done, noise, scale, penalty, evidence, sums, split_gain, shift_index,
-    shift_gain): ``done`` when nothing can pass (no break beats the penalty, no
-    level shift beats its own): the look's result is then no break and
-    ``evidence``; otherwise Python confirms from the sums and gains. O(n)."""
-    if need_noise:
-        noise = point_noise(held)
+    Returns (done, measured, noise, scale, penalty, evidence, sums, split_gain,
+    shift_index, shift_gain): ``done`` when nothing can pass (no break beats the
+    penalty, no level shift beats its own): the look's result is then no break and
+    ``evidence``; otherwise Python confirms from the sums and gains.
+
+    The point noise is a look's dearest part (two selections) and only raises the
+    penalty. When it is to be measured and ``weak_below`` (at most 1) is positive,
+    the evidence is first taken against the penalty without the noise term, which
+    bounds the true evidence from above (a larger positive divisor, and IEEE
+    rounding is monotone): if that is already below ``weak_below``, the look is
+    done and weak whatever the noise, and the noise is not measured
+    (``measured`` False, ``noise`` unchanged, ``evidence`` that bound; the caller
+    ends the episode, so neither is read again). Only where the spread is below
+    1e150: then no first difference overflows and the noise is finite, so the
+    true penalty is at least the bound's. The same breaks and the same decisions
+    as measuring it first. O(n)."""
     scale = history_scale(held)
     y = held[start:]
     n = len(y)
     if n < 2 * min_size + 1:
-        return True, noise, scale, 0.0, 0.0, np.empty((6, 0)), 0.0, -1, 0.0
+        if need_noise:
+            noise = point_noise(held)
+        return True, need_noise, noise, scale, 0.0, 0.0, np.empty((6, 0)), 0.0, -1, 0.0
     s, split_gain, shift_index, shift_gain, peak = window_search(y, min_size, shift_min_size)
     floor = 1e-12 * (peak if peak > 1.0 else 1.0)
     if floor > scale:
         scale = floor
     if scale < TINY:
         scale = TINY
+    if need_noise:
+        if weak_below > 0.0 and scale < 1e150:
+            bound = (penalty_w * scale * scale) * log_n
+            weak = split_gain / bound
+            if shift_w >= 0.0 and shift_index >= 0:
+                shift_weak = shift_gain / (shift_w * bound)
+                if not shift_weak < weak_below:
+                    weak = shift_weak  # not below: measure
+                elif shift_weak > weak:
+                    weak = shift_weak
+            if weak < weak_below:
+                return True, False, noise, scale, bound, weak, s, split_gain, shift_index, shift_gain
+        noise = point_noise(held)
     penalty = (penalty_w * scale * scale + noise_w * noise * noise) * log_n
     evidence = split_gain / penalty
     if evidence > 1.0:
-        return False, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
+        return False, need_noise, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
     if shift_w >= 0.0:
         if shift_index < 0:
             best = 0.0 / (shift_w * penalty)
         elif shift_gain <= shift_w * penalty:
             best = shift_gain / (shift_w * penalty)
         else:
-            return False, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
+            return False, need_noise, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
         if best > evidence:
             evidence = best
-    return True, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
+    return True, need_noise, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain
 
 
 @_jit
@@ -1037,18 +1062,20 @@ def localiser_confirm(y, s, split_gain, shift_index, shift_gain, scale, penalty,
 
 @_jit
 def localiser_look_confirm(held, start, need_noise, noise, min_size, shift_min_size, penalty_w, noise_w,
-                           shift_w, log_n, curv_on, curv_w, final, fn):  # pragma: no cover - compiled
+                           shift_w, log_n, curv_on, curv_w, final, weak_below, fn):  # pragma: no cover
     """:meth:`WindowLocaliser.look` in one call: :func:`localiser_look`, then, when a
-    break may pass, :func:`localiser_confirm` on ``held[start:]``. Returns (noise,
-    scale, evidence, the breaks' indices, gains and penalties). O(n)."""
-    done, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain = localiser_look(
-        held, start, need_noise, noise, min_size, shift_min_size, penalty_w, noise_w, shift_w, log_n)
+    break may pass, :func:`localiser_confirm` on ``held[start:]``. Returns (measured,
+    noise, scale, evidence, the breaks' indices, gains and penalties): ``measured``
+    whether the noise was (see :func:`localiser_look`). O(n)."""
+    done, measured, noise, scale, penalty, evidence, s, split_gain, shift_index, shift_gain = localiser_look(
+        held, start, need_noise, noise, min_size, shift_min_size, penalty_w, noise_w, shift_w, log_n,
+        weak_below)
     if done:
-        return noise, scale, evidence, np.empty(0, dtype=np.int64), np.empty(0), np.empty(0)
+        return measured, noise, scale, evidence, np.empty(0, dtype=np.int64), np.empty(0), np.empty(0)
     evidence, indices, gains, penalties = localiser_confirm(
         held[start:], s, split_gain, shift_index, shift_gain, scale, penalty, final, min_size,
         shift_min_size, curv_on, curv_w, shift_w, fn)
-    return noise, scale, evidence, indices, gains, penalties
+    return measured, noise, scale, evidence, indices, gains, penalties
 
 
 _BLAS_DDOT: list = []  # [array or None], filled on the first call of blas_ddot
@@ -1792,7 +1819,7 @@ def series_block(steps, values, n, f, sums, gate, table, ci, cf, bank_kq, bank_h
 # Entries of the episode constants (SeriesDetector._episode_consts): integers, then floats.
 (EI_MIN_SIZE, EI_SHIFT_MIN_SIZE, EI_CURV_ON, EI_LAG, EI_RECHECK, EI_RECHECK_LIMIT, EI_MIN_HISTORY,
  EI_AHEAD) = range(8)
-EF_PENALTY, EF_NOISE_PENALTY, EF_SHIFT, EF_CURV, EF_RECHECK_EVIDENCE, EF_THRESHOLD = range(6)
+EF_PENALTY, EF_NOISE_PENALTY, EF_SHIFT, EF_CURV, EF_RECHECK_EVIDENCE, EF_THRESHOLD, EF_WEAK_BELOW = range(7)
 # Why series_episodes returned: the block is done, a look confirmed breaks (Python makes
 # their events and restarts the trigger), or an alarm's statistic is Python's to compute.
 EP_DONE, EP_FOUND, EP_ALARM = 0, 1, 2
@@ -1885,11 +1912,11 @@ def series_episodes(steps, y, i, n, f, sums, gate, table, ci, cf, bank_kq, bank_
                 start = segment_start - oldest if segment_start - oldest > 0 else 0
                 count = size - start
                 log_n = math_log(ci[CI_LIBM_LOG], float(count)) if count >= 2 * min_size + 1 else 0.0
-                noise, scale, evidence, indices, gains, penalties = localiser_look_confirm(
+                measured, noise, scale, evidence, indices, gains, penalties = localiser_look_confirm(
                     held_values[:size], start, not has_noise, noise if has_noise else 0.0, min_size,
                     shift_min_size, ef[EF_PENALTY], ef[EF_NOISE_PENALTY], ef[EF_SHIFT], log_n,
-                    ei[EI_CURV_ON] != 0, ef[EF_CURV], False, fn)
-                has_noise = True
+                    ei[EI_CURV_ON] != 0, ef[EF_CURV], False, ef[EF_WEAK_BELOW], fn)
+                has_noise = has_noise or measured
                 looks += 1
                 k = len(indices)
                 if k:

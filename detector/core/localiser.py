@@ -147,6 +147,11 @@ class CostPiecewiseLinear(BaseCost):
         return np.arange(lo, hi), gains
 
 
+def _noise_used(given: float | None, measured: bool, noise: float) -> float | None:
+    """The point noise a look used: the one given, the one it measured, or None."""
+    return given if given is not None else (noise if measured else None)
+
+
 def _last_argmax(values: np.ndarray) -> int:
     """Index of the largest value, ties to the later one (as ruptures' Binseg). O(n)."""
     return len(values) - 1 - int(np.argmax(values[::-1]))
@@ -304,11 +309,18 @@ class WindowLocaliser:
             return _splits(indices, gains, penalties, scale), evidence
         return self._confirm(y, sums, split_gain, shift_index, shift_gain, scale, penalty, final)
 
-    def look(self, held: np.ndarray, start: int, noise: float | None,
-             final: bool) -> tuple[list[Split], float, float]:
+    def look(self, held: np.ndarray, start: int, noise: float | None, final: bool,
+             weak_below: float = 0.0) -> tuple[list[Split], float, float | None]:
         """A series detector's look at its current segment: ``locate_with_evidence(held[start:],
         history_scale(held), noise, final)``, ``noise`` being ``point_noise(held)`` when
         None; returns the splits, the evidence and the noise used.
+
+        With ``weak_below`` (in (0, 1]) and no ``noise`` given, a look whose evidence
+        is below ``weak_below`` even without the noise's term in the penalty does not
+        measure the noise: it returns no splits, that evidence (an upper bound of
+        the true one) and None for the noise (:func:`_kernels.localiser_look`). A
+        caller that ends the alarm's episode below ``weak_below`` makes the same
+        decisions either way; on real runs most first looks end so.
 
         The same result as that call, in one compiled call
         (:func:`_kernels.localiser_look_confirm`: the look, then the confirm step
@@ -320,18 +332,21 @@ class WindowLocaliser:
         n = len(held) - start
         log_n = math.log(n) if n >= 2 * self.min_size + 1 else 0.0
         shift_w = -1.0 if self.shift_penalty is None else float(self.shift_penalty)
+        weak_below = min(float(weak_below), 1.0)
         dot = _k.blas_ddot()
         if dot is not None:
             curvature = self.curvature_penalty
-            noise, scale, evidence, indices, gains, penalties = _k.localiser_look_confirm(
+            measured, used, scale, evidence, indices, gains, penalties = _k.localiser_look_confirm(
                 held, start, noise is None, 0.0 if noise is None else float(noise), self.min_size,
                 self.shift_min_size, float(self.penalty), float(self.noise_penalty), shift_w, log_n,
-                curvature is not None, 0.0 if curvature is None else float(curvature), final, dot)
-            return _splits(indices, gains, penalties, scale), evidence, noise
-        done, noise, scale, penalty, evidence, sums, split_gain, shift_index, shift_gain = \
+                curvature is not None, 0.0 if curvature is None else float(curvature), final, weak_below,
+                dot)
+            return _splits(indices, gains, penalties, scale), evidence, _noise_used(noise, measured, used)
+        done, measured, used, scale, penalty, evidence, sums, split_gain, shift_index, shift_gain = \
             _k.localiser_look(held, start, noise is None, 0.0 if noise is None else float(noise),
                               self.min_size, self.shift_min_size, float(self.penalty),
-                              float(self.noise_penalty), shift_w, log_n)
+                              float(self.noise_penalty), shift_w, log_n, weak_below)
+        noise = _noise_used(noise, measured, used)
         if done:
             return [], evidence, noise
         splits, evidence = self._confirm(held[start:], sums, split_gain, shift_index, shift_gain, scale,

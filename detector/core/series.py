@@ -573,7 +573,7 @@ class SeriesDetector:
         start = max(0, self._segment_start - oldest)
         # The point noise once per alarm (a median; rechecks reuse it), the spread on every look.
         splits, self._evidence, self._alarm_noise = self.config.localiser.look(
-            self._values[: self._size], start, self._alarm_noise, final)
+            self._values[: self._size], start, self._alarm_noise, final, _weak_below(self.config))
         if not splits:
             return []
         return self._confirmed(step, start, splits)
@@ -812,7 +812,7 @@ def _episode_consts(config: SeriesConfig) -> _EpisodeConsts | None:
         ef = np.array([loc.penalty, loc.noise_penalty,
                        -1.0 if loc.shift_penalty is None else loc.shift_penalty,
                        0.0 if loc.curvature_penalty is None else loc.curvature_penalty,
-                       c.recheck_evidence, c.trigger.threshold], dtype=float)
+                       c.recheck_evidence, c.trigger.threshold, _weak_below(c)], dtype=float)
         consts = (ei, ef, dot)
     if len(_EPISODE_CONSTS) > 64:  # configs made and dropped (tests): forget them
         _EPISODE_CONSTS.clear()
@@ -837,6 +837,13 @@ def _fast_consts(trigger: CusumTrigger, window: int, log_role: bool) -> _FastCon
         table = np.ascontiguousarray(np.vstack(trigger._table))
         consts = _FAST_CONSTS[key] = (ci, cf, table, uf)
     return consts
+
+
+def _weak_below(config: SeriesConfig) -> float:
+    """The evidence below which a look ends its alarm's episode whatever the point noise
+    (so a first look may skip measuring it, :func:`_kernels.localiser_look`): the
+    recheck evidence, at most 1 (above 1 a break might still pass)."""
+    return min(config.recheck_evidence, 1.0)
 
 
 def _median(values: np.ndarray) -> float:
