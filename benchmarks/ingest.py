@@ -30,7 +30,12 @@ Servers, each a separate process with ``OPENBLAS_NUM_THREADS=1``:
   workload): the detector's engine behind grpc.aio, Stream only, detecting on
   the event loop itself or on one worker thread, the same SQLite durability,
   none of ``serve``'s guard, auth, metrics, exporter or alerts: what porting
-  the Stream RPC to grpc.aio would buy (:class:`AioEngineServicer`).
+  the Stream RPC to grpc.aio would buy (:class:`AioEngineServicer`);
+- ``full-nodetect`` (only when asked for): ``phasewatch serve`` as ``full``
+  with every run's detection replaced by nothing (:mod:`benchmarks.nodetect_serve`:
+  the engine, store, guard and handlers as they are, no series detector or
+  labeller run, no event sent): how far the service around detection alone
+  is from the bare transport. Closed-loop cells only.
 
 ``--bare-events N`` makes the bare servers answer every batch with N event
 messages before its ack, as the full server answers with one message an
@@ -285,8 +290,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A server in its own process: ``kind`` "bare", "bare-aio", "engine-aio" or "full"
-    (``phasewatch serve``)."""
+    """A server in its own process: ``kind`` "bare", "bare-aio", "engine-aio", "full"
+    (``phasewatch serve``) or "full-nodetect" (the same, detecting nothing)."""
 
     def __init__(self, kind: str, store: str | None = None, metrics: bool = False,
                  args: Sequence[str] = (), env: dict[str, str] | None = None,
@@ -305,8 +310,10 @@ class ServerProcess:
                    "--store", store or f"sqlite:///{self.tmp.name}/bench.db",
                    *(["--serve-engine-worker"] if kind == "engine-aio-worker" else [])]
         else:
-            # profile: the same server under benchmarks.profile_serve (cProfile on every thread).
-            entry = ["benchmarks.profile_serve", profile] if profile else ["detector"]
+            # profile: the same server under benchmarks.profile_serve (cProfile on every thread);
+            # full-nodetect: the same server with no detection (benchmarks.nodetect_serve).
+            entry = (["benchmarks.profile_serve", profile] if profile
+                     else ["benchmarks.nodetect_serve"] if kind == "full-nodetect" else ["detector"])
             cmd = [sys.executable, "-m", *entry, "serve", "--listen", self.target,
                    "--metrics-listen",
                    f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "",
@@ -791,8 +798,8 @@ def main_real(args: argparse.Namespace) -> int:
                 cells.append(cell)
                 print(f"  {kind} closed lines={lines} runs={args.streams}: "
                       f"{cell['points_per_second']:,.0f} points/s", file=sys.stderr, flush=True)
-            if kind.startswith("bare") or args.no_open_loop:
-                continue
+            if kind.startswith("bare") or kind == "full-nodetect" or args.no_open_loop:
+                continue  # no events to time (full-nodetect sends none)
             for lines in line_sizes:
                 closed = next(c for c in cells if c["server"] == kind and c["lines"] == lines)
                 rate = args.rate if args.rate else 0.5 * closed["batches_per_second"]
@@ -895,9 +902,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "CPU; the profiler slows it, so its numbers are not throughput")
     parser.add_argument("--window", type=int, default=2, help="batches in flight per stream")
     parser.add_argument("--servers", default="bare,full",
-                        help="which servers: bare, full, bare-aio (the bare servicer on grpc.aio) and, "
-                             "with --workload real, engine-aio and engine-aio-worker (the engine behind "
-                             "grpc.aio, detecting on the loop or on one worker thread)")
+                        help="which servers: bare, full, bare-aio (the bare servicer on grpc.aio), "
+                             "full-nodetect (phasewatch serve detecting nothing: the service around "
+                             "detection) and, with --workload real, engine-aio and engine-aio-worker "
+                             "(the engine behind grpc.aio, detecting on the loop or on one worker thread)")
     parser.add_argument("--bare-events", type=int, default=0,
                         help="event messages the bare servers send per batch before its ack "
                              "(the full server sends one per event)")
@@ -940,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare = {(c["batch_points"], c["runs"]): c for c in cells if c["server"] == "bare"}
     for c in cells:
         ceiling = bare.get((c["batch_points"], c["runs"]))
-        if (c["server"] == "full" and ceiling and ceiling["points_per_cpu_second"]
+        if (c["server"].startswith("full") and ceiling and ceiling["points_per_cpu_second"]
                 and c["points_per_cpu_second"]):
             c["ratio"] = c["points_per_cpu_second"] / ceiling["points_per_cpu_second"]
     load = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -125,3 +125,35 @@ def test_matched_bare_cell_sends_the_full_servers_mean_events_a_batch(tmp_path):
     assert cell["server"] == "bare-matched" and cell["bare_events"] == 4 and cell["lines"] == 16
     # Each acknowledged batch came after its 4 events; a stream's last batch may be cut off.
     assert cell["batches"] > 0 and cell["events"] >= 4 * cell["batches"] - 4 * 2
+
+
+def test_the_server_without_detection_acks_every_point_and_finds_nothing():
+    # full-nodetect: phasewatch serve whose runs detect nothing (benchmarks.nodetect_serve):
+    # every batch is taken and acknowledged through its last step, the run is
+    # stored and ended, and not one event is sent, where the real server finds the shift.
+    import grpc
+
+    from benchmarks.ingest import ServerProcess
+    from detector._proto.phasewatch.v1 import detector_pb2_grpc as pb_grpc
+    from detector.replay import columns_to_batch
+    from tests.helpers import rows_to_columns
+
+    steps = np.arange(0, 3000, 10)
+    loss = np.where(steps < 1500, 2.0, 0.5) * np.exp(np.random.default_rng(5).normal(0, 0.02, len(steps)))
+    rows = [{"step": int(s), "train_loss": float(v)} for s, v in zip(steps, loss, strict=True)]
+    chunks = [rows_to_columns(rows[i : i + 64]) for i in range(0, len(rows), 64)]
+    requests = ([pb.StreamRequest(start=pb.RunStart(run_id="r"))]
+                + [pb.StreamRequest(batch=columns_to_batch(c)) for c in chunks]
+                + [pb.StreamRequest(end=pb.RunEnd())])
+    answers = {}
+    for kind in ("full-nodetect", "full"):
+        with ServerProcess(kind) as server, grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.PhaseDetectorStub(channel)
+            responses = list(stub.Stream(iter(requests), timeout=60))
+            status = stub.GetPhase(pb.GetPhaseRequest(run_id="r"), timeout=10)
+        acks = [r.ack for r in responses if r.WhichOneof("msg") == "ack"]
+        assert len(acks) == len(requests) and acks[-1].through_step == 2990 == status.last_step
+        assert sum(a.accepted for a in acks) == len(rows)
+        answers[kind] = [r.event for r in responses if r.WhichOneof("msg") == "event"]
+    assert answers["full-nodetect"] == []
+    assert any(e.kind == pb.EVENT_KIND_CHANGE_POINT for e in answers["full"])
