@@ -38,9 +38,12 @@ a store and with a SQLite file (a checkpoint a batch, ``serve``'s default
 durability): CPU µs a point, and by stage (the same stages, plus the run status
 made at each release and the store's commit). What a server spends on
 detection alone for the real-run workload of :mod:`benchmarks.ingest`, without
-gRPC and parsing (``--no-engine`` skips it); a last row per batch size feeds the
+gRPC and parsing (``--no-engine`` skips it); a row per batch size feeds the
 same streams from 32 threads at once into SQLite, one a stream as the sync
-server's handlers (total only): what threads taking turns on the engine add.
+server's handlers (total only): what threads taking turns on the engine add;
+and a last one the single-thread SQLite cell again with no detection
+(:func:`benchmarks.nodetect_serve.no_detection`: run detectors that find nothing;
+total only): what the engine costs around detection.
 
 The labeller's cost per ``update_block`` call on a real run and a shared run,
 in blocks of 8, 32, 64 and 256 lines, comes last (:mod:`benchmarks.labeller_cost`,
@@ -76,6 +79,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.nodetect_serve import no_detection
 from detector.core.changepoint import CusumTrigger, WindowLocaliser
 from detector.core.series import SeriesDetector
 from detector.core.types import Direction, EventKind, Role, SeriesSpec, Split
@@ -430,6 +434,15 @@ def measure_engine(folder: Path, repeats: int = 3) -> list[dict]:
         rows.append({"lines": lines, "store": "sqlite", "threads": ENGINE_STREAMS, "points": points,
                      "us_per_point": 1e6 * min(cpu for _, cpu in timed) / points,
                      "us_per_point_by_stage": None, "localisations_per_1000_points": None})
+        # The same single-thread SQLite cell with no detection (benchmarks.nodetect_serve):
+        # what the engine costs around the run detector (reorder buffer, status, commit,
+        # the run's start and end), the in-process part of ingest's full-nodetect server.
+        with tempfile.TemporaryDirectory() as tmp, no_detection():
+            _feed_engine(runs, "warm", f"sqlite:///{tmp}/warm.db")
+            timed = [_feed_engine(runs, f"n{i}", f"sqlite:///{tmp}/n{i}.db") for i in range(max(1, repeats))]
+        rows.append({"lines": lines, "store": "sqlite", "threads": 1, "detect": False, "points": timed[0][0],
+                     "us_per_point": 1e6 * min(cpu for _, cpu in timed) / timed[0][0],
+                     "us_per_point_by_stage": None, "localisations_per_1000_points": None})
     return rows
 
 
@@ -449,6 +462,10 @@ def print_engine(folder: Path, rows: list[dict]) -> None:
     print(f"  {'lines':>5} {'store':>6} {'threads':>7} {'points':>8} {'µs/point':>9}"
           f" {_stage_heads(ENGINE_STAGES)} {'loc/1000':>9}")
     for r in rows:
+        if r.get("detect") is False:
+            print(f"  {r['lines']:>5} {r['store']:>6} {r['threads']:>7} {r['points']:>8}"
+                  f" {r['us_per_point']:>9.2f}  (no detection: the engine around the run detector)")
+            continue
         if r["us_per_point_by_stage"] is None:  # the threaded row: the total only
             stages = " ".join(f"{'-':>{max(7, len(k))}}" for k in ENGINE_STAGES)
             located = f"{'-':>9}"

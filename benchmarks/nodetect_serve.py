@@ -16,15 +16,18 @@ Usage: ``python -m benchmarks.nodetect_serve serve --listen ... [serve args]``
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 
-def _no_detection() -> None:
-    """RunDetector without detection: it counts the lines it is given (the
-    economy's clock, as the real one does), and finds nothing."""
+@contextlib.contextmanager
+def no_detection() -> Iterator[None]:
+    """While active, RunDetector detects nothing: it counts the lines it is given (the
+    economy's clock, as the real one does) and finds no event (``benchmarks.cost``'s
+    engine cell uses it in-process too)."""
     from detector.core.run import RunDetector, distinct_steps
 
     def update_many(self: RunDetector, columns, lines: np.ndarray | None = None) -> list:  # noqa: ANN001
@@ -33,15 +36,24 @@ def _no_detection() -> None:
             self.lines += len(lines) if lines is not None else len(distinct_steps(np.concatenate(steps)))
         return []
 
+    saved = RunDetector.update_many, RunDetector.finish
     RunDetector.update_many = update_many  # type: ignore[method-assign]
     RunDetector.finish = lambda self: []  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RunDetector.update_many, RunDetector.finish = saved  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _no_detection()
+    patch = no_detection()
+    patch.__enter__()  # for the server's whole life (held here: a dropped one would undo itself)
     from detector.cli import main as cli_main
 
-    return int(cli_main(list(sys.argv[1:] if argv is None else argv)) or 0)
+    try:
+        return int(cli_main(list(sys.argv[1:] if argv is None else argv)) or 0)
+    finally:
+        patch.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,12 @@ def test_the_engine_cell_streams_every_point_and_its_stages_add_up(monkeypatch: 
             values = [v for k, v in record.items() if k != "step"]
             expected += sum(1 for v in values if v is None or isinstance(v, float | int))
     rows = cost.measure_engine(RUNS, repeats=1)
-    assert [(r["lines"], r["store"], r["threads"]) for r in rows] == [
-        (64, "none", 1), (64, "sqlite", 1), (64, "sqlite", cost.ENGINE_STREAMS)]
+    assert [(r["lines"], r["store"], r["threads"], r.get("detect", True)) for r in rows] == [
+        (64, "none", 1, True), (64, "sqlite", 1, True), (64, "sqlite", cost.ENGINE_STREAMS, True),
+        (64, "sqlite", 1, False)]
+    bare = rows.pop()
+    # The engine with run detectors that find nothing: every point, and cheaper.
+    assert bare["points"] == expected and 0 < bare["us_per_point"] < rows[1]["us_per_point"]
     threaded = rows.pop()
     # Every point, once, fed from 32 threads at once.
     assert threaded["points"] == expected and threaded["us_per_point"] > 0
