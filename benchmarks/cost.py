@@ -426,24 +426,32 @@ def measure_engine(folder: Path, repeats: int = 3) -> list[dict]:
         # The same with SQLite, one thread a stream as the sync server has them: what
         # threads taking turns on the engine cost beyond the work (no stages: the
         # timers are not thread-safe).
-        with tempfile.TemporaryDirectory() as tmp:
-            _feed_engine(runs, "warm", f"sqlite:///{tmp}/warm.db", ENGINE_STREAMS)
-            timed = [_feed_engine(runs, f"m{i}", f"sqlite:///{tmp}/m{i}.db", ENGINE_STREAMS)
-                     for i in range(max(1, repeats))]
-        points = timed[0][0]
+        points, us = _sqlite_total(runs, repeats, ENGINE_STREAMS)
         rows.append({"lines": lines, "store": "sqlite", "threads": ENGINE_STREAMS, "points": points,
-                     "us_per_point": 1e6 * min(cpu for _, cpu in timed) / points,
-                     "us_per_point_by_stage": None, "localisations_per_1000_points": None})
+                     "us_per_point": us, "us_per_point_by_stage": None,
+                     "localisations_per_1000_points": None})
         # The same single-thread SQLite cell with no detection (benchmarks.nodetect_serve):
         # what the engine costs around the run detector (reorder buffer, status, commit,
         # the run's start and end), the in-process part of ingest's full-nodetect server.
-        with tempfile.TemporaryDirectory() as tmp, no_detection():
-            _feed_engine(runs, "warm", f"sqlite:///{tmp}/warm.db")
-            timed = [_feed_engine(runs, f"n{i}", f"sqlite:///{tmp}/n{i}.db") for i in range(max(1, repeats))]
-        rows.append({"lines": lines, "store": "sqlite", "threads": 1, "detect": False, "points": timed[0][0],
-                     "us_per_point": 1e6 * min(cpu for _, cpu in timed) / timed[0][0],
-                     "us_per_point_by_stage": None, "localisations_per_1000_points": None})
+        with no_detection():
+            points, us = _sqlite_total(runs, repeats)
+        rows.append({"lines": lines, "store": "sqlite", "threads": 1, "detect": False, "points": points,
+                     "us_per_point": us, "us_per_point_by_stage": None,
+                     "localisations_per_1000_points": None})
     return rows
+
+
+def _sqlite_total(runs: list[tuple[str, list[dict]]], repeats: int, threads: int = 1) -> tuple[int, float]:
+    """:func:`_feed_engine` into fresh SQLite files from ``threads`` threads, after a
+    warm-up: (points, CPU µs a point, best of ``repeats``)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _feed_engine(runs, "warm", f"sqlite:///{tmp}/warm.db", threads)
+        timed = [_feed_engine(runs, f"t{i}", f"sqlite:///{tmp}/t{i}.db", threads)
+                 for i in range(max(1, repeats))]
+    points = timed[0][0]
+    return points, 1e6 * min(cpu for _, cpu in timed) / points
 
 
 def _stage_heads(stages: Sequence[str]) -> str:

@@ -8,9 +8,11 @@ costs the localiser a look. This measures, per corpus, each series' lag-1
 autocorrelation of the trigger's standardised innovations (``last_z`` after
 each point past the warm-up, on the series' working scale) and the alarms per
 1 000 points (the sums cleared at each alarm, as a look that finds nothing
-leaves them): the labelled runs of ``../shared/real_runs`` and ``../shared/runs``,
-``benchmarks/generated``, the univariate TCPD series (``../shared/tcpd``) and
-seeded white noise. Any corpus that is absent is skipped and said so.
+leaves them): the runs :mod:`benchmarks.ingest` streams (the labelled runs of
+``../shared/real_runs`` and ``../shared/runs``, ``benchmarks/generated``;
+:func:`benchmarks.real_workload.run_paths`), the univariate TCPD series
+(``../shared/tcpd``) and seeded white noise. A corpus that is absent is
+skipped and said so.
 
 It is the baseline for a calibration of the fast trigger to each series' own
 innovations (the issue-15 notes): a rule that cuts the real runs' alarms by
@@ -39,12 +41,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from benchmarks import real_workload  # noqa: E402
 from detector.core.series import working_scale_many  # noqa: E402
 from detector.core.trigger import CusumTrigger  # noqa: E402
 from detector.core.types import infer_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 MIN_POINTS = 50  # shorter series say little about their innovations
 WHITE_SERIES, WHITE_POINTS = 5, 5000
 
@@ -92,14 +94,11 @@ def summary(name: str, series: Iterable[np.ndarray]) -> dict:
             "rho_q75": q75, "alarms_per_1000": 1000 * alarms / points}
 
 
-def log_series(folder: Path) -> Iterator[np.ndarray]:
-    """Every series of the labelled runs in ``folder`` with enough finite points, on its
-    working scale."""
+def log_series(paths: Sequence[Path]) -> Iterator[np.ndarray]:
+    """Every series of the runs at ``paths`` with enough finite points, on its working scale."""
     from detector.logfile import read_log
 
-    for path in sorted(folder.glob("*.jsonl")):
-        if not path.with_name(path.stem + ".labels.json").exists() and folder.name != "generated":
-            continue
+    for path in paths:
         for name, (_, values) in read_log(path).items():
             values = values[np.isfinite(values)]
             if len(values) >= MIN_POINTS:
@@ -124,17 +123,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
-    corpora: list[tuple[str, Path | None]] = [
-        ("real_runs", SHARED / "real_runs"), ("runs", SHARED / "runs"),
-        ("generated", REPO / "benchmarks" / "generated"), ("tcpd", SHARED / "tcpd"), ("white noise", None)]
+    # The runs benchmarks.ingest streams (labelled shared runs, generated ones), by folder.
+    paths, notes = real_workload.run_paths(REPO)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     rows = []
-    for name, folder in corpora:
-        if folder is not None and not folder.is_dir():
-            print(f"{name}: {folder} is absent, skipped", file=sys.stderr)
-            continue
-        series = (white_series() if folder is None else tcpd_series(folder) if name == "tcpd"
-                  else log_series(folder))
-        rows.append(summary(name, series))
+    for name in (*real_workload.SHARED_SUBDIRS, "generated"):
+        mine = [p for p in paths if p.parent.name == name]
+        if mine:
+            rows.append(summary(name, log_series(mine)))
+    tcpd = REPO.parent / "shared" / "tcpd"
+    if tcpd.is_dir():
+        rows.append(summary("tcpd", tcpd_series(tcpd)))
+    else:
+        print(f"note: {tcpd} is absent, TCPD skipped", file=sys.stderr)
+    rows.append(summary("white noise", white_series()))
     print("the fast trigger's standardised innovations: lag-1 autocorrelation per series, "
           "alarms per 1 000 points")
     print(f"  {'corpus':<12} {'series':>6} {'points':>8} {'rho q25':>8} {'median':>7} {'q75':>6}"

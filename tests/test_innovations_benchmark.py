@@ -20,8 +20,7 @@ def test_white_noise_is_white_and_a_smooth_curve_is_not() -> None:
 
 
 def test_a_corpus_that_is_absent_is_said_and_skipped(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(innovations, "SHARED", tmp_path / "nothing")
-    monkeypatch.setattr(innovations, "REPO", tmp_path)
+    monkeypatch.setattr(innovations, "REPO", tmp_path / "repo")  # no ../shared, no generated runs
     assert innovations.main([]) == 0
     out, err = capsys.readouterr()
     assert "real_runs" in err and "absent" in err and "white noise" in out
